@@ -1,0 +1,390 @@
+//! [`Store`]: one replica of one volume, a directory of layered sparse files.
+//!
+//! ```text
+//! dir/
+//!   volume.meta          chain, size, epoch, clean flag   (meta.rs)
+//!   volume.lock          flock: one process per replica directory
+//!   layer-000001.data    oldest snapshot: data at volume offsets (sparse)
+//!   layer-000001.map     its block map: crc32 + kind per 4 KiB block (layer.rs)
+//!   ...
+//!   layer-00000N.data    the head: the only layer that takes writes
+//! ```
+//!
+//! In memory the store keeps, per layer, the extents it holds
+//! ([`RangeMap<BlockKind>`]), and one merged read index mapping every
+//! written range to the newest layer holding it. Both grow with extents
+//! written, not with volume size.
+//!
+//! Concurrency: data operations (read, write, trim, flush) take the state
+//! lock shared and may run in parallel; chain changes (snapshot, revert,
+//! delete, expand, epoch) are serialised by a control mutex and take the
+//! state lock exclusively only for their short critical sections. Callers
+//! must not issue overlapping writes concurrently (the controller's range
+//! lock guarantees it); a read racing a write of the same blocks returns
+//! either version.
+//!
+//! The code is split by concern: `data.rs` (read, write, trim, flush),
+//! `chain.rs` (snapshots, revert, delete, expand, views, changed ranges).
+
+mod chain;
+mod data;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::engine::IoEngine;
+use crate::error::{Result, StoreError};
+use crate::extent::RangeMap;
+use crate::failpoint::FailPoints;
+use crate::layer::{self, BlockKind, LayerFiles};
+use crate::meta::{self, LayerMeta, VolumeMeta};
+use crate::BLOCK_SIZE;
+
+pub use chain::{SnapshotInfo, View};
+pub use data::{Allocation, AllocationExtent};
+
+const LOCK_FILE: &str = "volume.lock";
+
+/// Where the merged read index says a block's current contents live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// In the data file of the layer at this position of the chain.
+    Layer(usize),
+    /// Zeros (a tombstone hides lower layers).
+    Zero,
+}
+
+/// What [`Store::create`] needs.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub volume_id: String,
+    /// Bytes; a multiple of 4096.
+    pub size: u64,
+}
+
+/// What [`Store::open`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenReport {
+    /// False if the previous process did not close the store (crash, kill):
+    /// writes since its last flush may be lost or torn.
+    pub was_clean: bool,
+}
+
+/// A summary of the store for status calls.
+#[derive(Debug, Clone)]
+pub struct StoreInfo {
+    pub volume_id: String,
+    pub lineage: String,
+    pub size: u64,
+    pub epoch: u64,
+    pub engine: &'static str,
+    /// Snapshot names, oldest first.
+    pub chain: Vec<String>,
+}
+
+pub(crate) struct State {
+    pub meta: VolumeMeta,
+    /// Parallel to `meta.layers`: oldest first, head last.
+    pub layers: Vec<LayerFiles>,
+    pub maps: Mutex<Maps>,
+}
+
+pub(crate) struct Maps {
+    /// Parallel to `State::layers`.
+    pub extents: Vec<RangeMap<BlockKind>>,
+    /// Head view: newest layer holding each range.
+    pub index: RangeMap<Source>,
+}
+
+impl Maps {
+    fn rebuild(extents: Vec<RangeMap<BlockKind>>) -> Self {
+        let mut index = RangeMap::new();
+        for (pos, layer) in extents.iter().enumerate() {
+            for (s, e, kind) in layer.iter() {
+                let src = match kind {
+                    BlockKind::Data => Source::Layer(pos),
+                    BlockKind::Zero => Source::Zero,
+                };
+                index.set(s, e, src);
+            }
+        }
+        Maps { extents, index }
+    }
+}
+
+impl State {
+    pub fn head_pos(&self) -> usize {
+        self.layers.len() - 1
+    }
+}
+
+/// One replica of one volume. See the module docs for the layout.
+pub struct Store {
+    dir: PathBuf,
+    engine: Arc<dyn IoEngine>,
+    state: RwLock<State>,
+    control: Mutex<()>,
+    head_dirty: AtomicBool,
+    poisoned: Mutex<Option<&'static str>>,
+    failpoints: FailPoints,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError::io("open", &path, 0, e))?;
+    // SAFETY: flock only reads its integer arguments; the fd is owned by `f`.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StoreError::Locked(dir.to_path_buf()));
+    }
+    Ok(f)
+}
+
+fn new_lineage() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Store {
+    /// Creates an empty volume in `dir` (created if missing). Fails if `dir`
+    /// already holds one.
+    pub fn create(dir: &Path, opts: &CreateOptions, engine: Arc<dyn IoEngine>) -> Result<Store> {
+        if opts.size % BLOCK_SIZE != 0 {
+            return Err(StoreError::BadSize {
+                current: 0,
+                requested: opts.size,
+                reason: "the size must be a multiple of 4096",
+            });
+        }
+        fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, 0, e))?;
+        let lock = lock_dir(dir)?;
+        if dir.join(meta::META_FILE).exists() {
+            return Err(StoreError::AlreadyExists(dir.to_path_buf()));
+        }
+        remove_orphans(dir, &[])?;
+        let meta = VolumeMeta {
+            volume_id: opts.volume_id.clone(),
+            lineage: new_lineage(),
+            size: opts.size,
+            block_size: BLOCK_SIZE as u32,
+            epoch: 0,
+            clean: false,
+            next_layer_id: 2,
+            layers: vec![LayerMeta { id: 1, snapshot: None }],
+        };
+        let head = LayerFiles::open(dir, 1, true)?;
+        meta::sync_dir(dir)?;
+        let failpoints = FailPoints::default();
+        meta::write(dir, &meta, &failpoints)?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            engine,
+            state: RwLock::new(State {
+                meta,
+                layers: vec![head],
+                maps: Mutex::new(Maps::rebuild(vec![RangeMap::new()])),
+            }),
+            control: Mutex::new(()),
+            head_dirty: AtomicBool::new(false),
+            poisoned: Mutex::new(None),
+            failpoints,
+            _lock: lock,
+        })
+    }
+
+    /// Opens the volume in `dir`, rebuilding the in-memory index from the
+    /// block maps, removing files a crash left behind, and marking the store
+    /// open (not clean) until [`Store::close`].
+    pub fn open(dir: &Path, engine: Arc<dyn IoEngine>) -> Result<(Store, OpenReport)> {
+        let lock = lock_dir(dir)?;
+        let mut meta = meta::read(dir)?;
+        let tmp = dir.join(meta::META_TMP);
+        if tmp.exists() {
+            fs::remove_file(&tmp).map_err(|e| StoreError::io("remove", &tmp, 0, e))?;
+        }
+        let ids: Vec<u64> = meta.layers.iter().map(|l| l.id).collect();
+        remove_orphans(dir, &ids)?;
+        let blocks = meta.size / BLOCK_SIZE;
+        let mut layers = Vec::with_capacity(ids.len());
+        let mut extents = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            let files = LayerFiles::open(dir, id, false)?;
+            extents.push(files.scan_extents(blocks)?);
+            layers.push(files);
+        }
+        let report = OpenReport { was_clean: meta.clean };
+        let failpoints = FailPoints::default();
+        if meta.clean {
+            meta.clean = false;
+            meta::write(dir, &meta, &failpoints)?;
+        }
+        let store = Store {
+            dir: dir.to_path_buf(),
+            engine,
+            state: RwLock::new(State {
+                meta,
+                layers,
+                maps: Mutex::new(Maps::rebuild(extents)),
+            }),
+            control: Mutex::new(()),
+            head_dirty: AtomicBool::new(false),
+            poisoned: Mutex::new(None),
+            failpoints,
+            _lock: lock,
+        };
+        Ok((store, report))
+    }
+
+    /// Flushes everything and marks the store clean. Dropping a store without
+    /// calling this is a crash as far as the next open can tell.
+    pub fn close(self) -> Result<()> {
+        self.flush()?;
+        let _control = self.control.lock();
+        let mut st = self.state.write();
+        let mut meta = st.meta.clone();
+        meta.clean = true;
+        meta::write(&self.dir, &meta, &self.failpoints)?;
+        st.meta = meta;
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn size(&self) -> u64 {
+        self.state.read().meta.size
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.state.read().meta.epoch
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    pub fn info(&self) -> StoreInfo {
+        let st = self.state.read();
+        StoreInfo {
+            volume_id: st.meta.volume_id.clone(),
+            lineage: st.meta.lineage.clone(),
+            size: st.meta.size,
+            epoch: st.meta.epoch,
+            engine: self.engine.name(),
+            chain: st
+                .meta
+                .layers
+                .iter()
+                .filter_map(|l| l.snapshot.as_ref().map(|s| s.name.clone()))
+                .collect(),
+        }
+    }
+
+    /// Persists a new fencing epoch.
+    pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+        self.check_usable()?;
+        let _control = self.control.lock();
+        let mut st = self.state.write();
+        let mut meta = st.meta.clone();
+        meta.epoch = epoch;
+        self.commit_meta(&mut st, meta, "set epoch")
+    }
+
+    /// Heap bytes held by the in-memory extent maps and read index.
+    pub fn index_heap_bytes(&self) -> usize {
+        let st = self.state.read();
+        let maps = st.maps.lock();
+        maps.index.heap_bytes() + maps.extents.iter().map(|m| m.heap_bytes()).sum::<usize>()
+    }
+
+    /// Number of extents in the merged read index.
+    pub fn index_extents(&self) -> usize {
+        self.state.read().maps.lock().index.len()
+    }
+
+    /// Fail points, for crash tests.
+    pub fn failpoints(&self) -> &FailPoints {
+        &self.failpoints
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match *self.poisoned.lock() {
+            Some(op) => Err(StoreError::Poisoned(op)),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, op: &'static str) {
+        self.poisoned.lock().get_or_insert(op);
+    }
+
+    /// Writes `meta` durably and installs it; a failure poisons the store
+    /// because the file on disk may now hold either version.
+    fn commit_meta(&self, st: &mut State, meta: VolumeMeta, op: &'static str) -> Result<()> {
+        if let Err(e) = meta::write(&self.dir, &meta, &self.failpoints) {
+            self.poison(op);
+            return Err(e);
+        }
+        st.meta = meta;
+        Ok(())
+    }
+
+    fn check_range(&self, size: u64, offset: u64, len: u64) -> Result<(u64, u64)> {
+        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return Err(StoreError::Unaligned {
+                offset,
+                len,
+                block: BLOCK_SIZE,
+            });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok((offset / BLOCK_SIZE, end / BLOCK_SIZE)),
+            _ => Err(StoreError::OutOfRange { offset, len, size }),
+        }
+    }
+}
+
+/// Deletes layer files whose id is not in `keep`: leftovers of an operation
+/// a crash interrupted before or after its metadata commit.
+fn remove_orphans(dir: &Path, keep: &[u64]) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| StoreError::io("read directory", dir, 0, e))?;
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("read directory", dir, 0, e))?;
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(layer::parse_file_name) else {
+            continue;
+        };
+        if !keep.contains(&id) {
+            tracing::info!(file = ?entry.path(), "removing a layer file no metadata refers to");
+            fs::remove_file(entry.path()).map_err(|e| StoreError::io("remove", entry.path(), 0, e))?;
+            removed = true;
+        }
+    }
+    if removed {
+        meta::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn mark(flag: &AtomicBool) {
+    flag.store(true, Ordering::Release);
+}
