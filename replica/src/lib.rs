@@ -13,15 +13,21 @@
 //! - [`extent`]: the in-memory index (memory O(extents));
 //! - [`engine`]: pread/pwrite and io_uring behind one trait.
 
+pub mod client;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod extent;
 pub mod failpoint;
+pub mod host;
 pub mod layer;
 pub mod meta;
+pub mod node;
+pub mod server;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod wire;
 
 pub use error::{Result, StoreError};
 pub use store::{Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo, Store, StoreInfo, View};

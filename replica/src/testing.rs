@@ -78,7 +78,7 @@ impl CrashSimEngine {
         }
     }
 
-    fn page_of<'a>(cached: &'a mut Cached, page: u64) -> io::Result<&'a mut Box<[u8]>> {
+    fn page_of(cached: &mut Cached, page: u64) -> io::Result<&mut Box<[u8]>> {
         let file = &cached.file;
         let entry = cached.pages.entry(page).or_insert_with(|| {
             let mut buf = vec![0u8; PAGE as usize].into_boxed_slice();

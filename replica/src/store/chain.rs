@@ -364,7 +364,8 @@ impl Store {
 /// segments.
 fn view_segments(maps: &Maps, top: usize, b0: u64, b1: u64) -> Vec<Segment> {
     let mut resolved: Vec<Segment> = Vec::new();
-    let mut unresolved = vec![b0..b1];
+    let mut unresolved: Vec<Range<u64>> = Vec::with_capacity(4);
+    unresolved.push(b0..b1);
     for pos in (0..=top).rev() {
         if unresolved.is_empty() {
             break;

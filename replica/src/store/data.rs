@@ -226,7 +226,6 @@ impl Store {
                 maps.extents[head_pos].clear(r.start, r.end);
                 maps.index.clear(r.start, r.end);
             }
-            let _: &mut Maps = &mut maps;
             (covered, uncovered)
         };
         let head = &st.layers[head_pos];

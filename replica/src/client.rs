@@ -1,0 +1,431 @@
+//! [`ReplicaClient`]: the controller's end of the data wire to one replica.
+//!
+//! One TCP connection carries many requests at once. A caller's task builds
+//! the request header (computing the payload crc itself, so crcs run in
+//! parallel), registers a oneshot under the request id and hands header and
+//! payload to the connection task's writer through a bounded channel; the
+//! writer batches whatever is queued into one vectored write, without
+//! copying big payloads. The reader decodes replies (verifying their crc),
+//! in whatever order they come, and completes the waiting oneshots by id.
+//!
+//! Failure is all or nothing: a request that passes its deadline, a broken
+//! or closed connection, or a reply that cannot be framed kills the client.
+//! Every pending request then fails (`Timeout` for the one that timed out,
+//! `Disconnected` for the others), as does every later call; the controller
+//! reconnects with a new client.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::server::outbound::{OutBatch, BATCH_BYTES};
+use crate::wire::{
+    self, Command, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
+};
+use crate::AllocationExtent;
+
+/// Requests queued for the writer before callers wait.
+const QUEUE: usize = 1024;
+
+/// Everything a [`ReplicaClient`] call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("Connecting to replica {addr} failed")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("Replica request timed out; the connection is closed")]
+    Timeout,
+
+    #[error("The connection to the replica is closed")]
+    Disconnected,
+
+    /// The replica answered with an error status.
+    #[error("Replica replied {status}: {message}")]
+    Replica {
+        status: Status,
+        message: String,
+        /// The replica's epoch when it replied.
+        epoch: u64,
+    },
+
+    /// A reply that was framed correctly but is wrong (payload crc mismatch,
+    /// wrong length, bad extents). Only this request fails.
+    #[error("Malformed reply from the replica: {0}")]
+    BadReply(String),
+
+    /// The request cannot be sent (too long a payload or name).
+    #[error("Invalid request: {0}")]
+    Invalid(&'static str),
+}
+
+impl ClientError {
+    /// The status of a replica error reply.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ClientError::Replica { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
+
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, Waiter>,
+    closed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    closed: AtomicBool,
+    replica_epoch: AtomicU64,
+    task: OnceLock<AbortHandle>,
+}
+
+impl Shared {
+    /// Marks the client dead, fails every pending request with
+    /// `Disconnected` and stops the connection task.
+    fn kill(&self) {
+        self.closed.store(true, Ordering::Release);
+        let waiters = {
+            let mut p = self.pending.lock();
+            p.closed = true;
+            std::mem::take(&mut p.waiters)
+        };
+        for (_, w) in waiters {
+            let _ = w.send(Err(ClientError::Disconnected));
+        }
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+
+    fn complete(&self, id: u64, result: Result<Reply, ClientError>) -> bool {
+        let waiter = self.pending.lock().waiters.remove(&id);
+        match waiter {
+            Some(w) => {
+                let _ = w.send(result);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct OutFrame {
+    header: [u8; REQUEST_HEADER_LEN],
+    payload: Bytes,
+}
+
+/// A pipelined data connection to one replica, bound to one volume. Share
+/// it between tasks behind an `Arc`; dropping it closes the connection.
+pub struct ReplicaClient {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<OutFrame>,
+    next_id: AtomicU64,
+    epoch: AtomicU64,
+    timeout: Duration,
+    addr: SocketAddr,
+    volume: String,
+}
+
+impl std::fmt::Debug for ReplicaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaClient")
+            .field("addr", &self.addr)
+            .field("volume", &self.volume)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ReplicaClient {
+    fn drop(&mut self) {
+        self.shared.kill();
+    }
+}
+
+impl ReplicaClient {
+    /// Connects to the replica at `addr` and binds the connection to
+    /// `volume` (HELLO). `epoch` is sent with every request; `timeout` is the
+    /// deadline of the connect and of every request.
+    pub async fn connect(
+        addr: SocketAddr,
+        volume: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<ReplicaClient, ClientError> {
+        if volume.len() > MAX_NAME_LEN {
+            return Err(ClientError::Invalid("volume name longer than 255 bytes"));
+        }
+        let sock = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = sock.set_nodelay(true);
+        let (rd, wr) = sock.into_split();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            closed: AtomicBool::new(false),
+            replica_epoch: AtomicU64::new(0),
+            task: OnceLock::new(),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                tokio::join!(read_loop(&shared, rd), write_loop(&shared, rx, wr));
+            }
+        });
+        let _ = shared.task.set(task.abort_handle());
+        let client = ReplicaClient {
+            shared,
+            tx,
+            next_id: AtomicU64::new(1),
+            epoch: AtomicU64::new(epoch),
+            timeout,
+            addr,
+            volume: volume.to_string(),
+        };
+        client
+            .call(Command::Hello {
+                volume: volume.to_string(),
+            })
+            .await?;
+        Ok(client)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// True once the client is dead (timeout, disconnect); every call fails.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// The epoch sent with requests.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Changes the epoch sent with later requests (after the controller set
+    /// a new one on the replica through the control API).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// The replica's epoch as of the latest reply.
+    pub fn replica_epoch(&self) -> u64 {
+        self.shared.replica_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Reads `len` bytes at `offset` (both multiples of 4096; `len` at most
+    /// 32 MiB). The reply's payload crc is verified.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        if len > MAX_PAYLOAD {
+            return Err(ClientError::Invalid("READ longer than 32 MiB"));
+        }
+        let reply = self.call(Command::Read { offset, len }).await?;
+        if reply.payload.len() != len as usize {
+            return Err(ClientError::BadReply(format!(
+                "READ of {len} bytes at offset {offset} returned {} bytes",
+                reply.payload.len()
+            )));
+        }
+        Ok(reply.payload)
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable before the reply.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        if data.len() > MAX_PAYLOAD as usize {
+            return Err(ClientError::Invalid("WRITE longer than 32 MiB"));
+        }
+        self.call(Command::Write { offset, data, fua })
+            .await
+            .map(drop)
+    }
+
+    /// Makes every write acknowledged before the call durable.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.call(Command::Flush).await.map(drop)
+    }
+
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), ClientError> {
+        self.call(Command::Trim { offset, len }).await.map(drop)
+    }
+
+    /// Zeroes a range; with `no_hole` it stays allocated.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> Result<(), ClientError> {
+        self.call(Command::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Data and hole extents covering `[offset, offset + len)`.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<AllocationExtent>, ClientError> {
+        let reply = self.call(Command::BlockStatus { offset, len }).await?;
+        wire::decode_extents(&reply.payload).ok_or_else(|| {
+            ClientError::BadReply(format!(
+                "malformed BLOCK_STATUS payload of {} bytes",
+                reply.payload.len()
+            ))
+        })
+    }
+
+    pub async fn snapshot(&self, name: &str) -> Result<(), ClientError> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(ClientError::Invalid("snapshot name longer than 255 bytes"));
+        }
+        self.call(Command::Snapshot {
+            name: name.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.call(Command::Ping).await.map(drop)
+    }
+
+    /// Sends one request and waits for its reply; an error status becomes
+    /// [`ClientError::Replica`].
+    async fn call(&self, command: Command) -> Result<Reply, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Request {
+            id,
+            epoch: self.epoch(),
+            command,
+        };
+        let header = request.header().encode();
+        let payload = match request.command {
+            Command::Write { data, .. } => data,
+            Command::Hello { volume: name } | Command::Snapshot { name } => Bytes::from(name),
+            _ => Bytes::new(),
+        };
+        let (waiter, done) = oneshot::channel();
+        {
+            let mut p = self.shared.pending.lock();
+            if p.closed {
+                return Err(ClientError::Disconnected);
+            }
+            p.waiters.insert(id, waiter);
+        }
+        let exchange = async {
+            self.tx
+                .send(OutFrame { header, payload })
+                .await
+                .map_err(|_| ClientError::Disconnected)?;
+            done.await.map_err(|_| ClientError::Disconnected)?
+        };
+        let reply = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(reply) => reply?,
+            Err(_) => {
+                self.shared.pending.lock().waiters.remove(&id);
+                tracing::warn!(addr = %self.addr, volume = %self.volume, request = id, "replica request timed out; closing the connection");
+                self.shared.kill();
+                return Err(ClientError::Timeout);
+            }
+        };
+        if reply.status == Status::Ok {
+            Ok(reply)
+        } else {
+            Err(ClientError::Replica {
+                status: reply.status,
+                message: reply.message(),
+                epoch: reply.epoch,
+            })
+        }
+    }
+}
+
+async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<OutFrame>, mut wr: OwnedWriteHalf) {
+    let mut batch = OutBatch::new();
+    while let Some(frame) = rx.recv().await {
+        batch.push(&frame.header, frame.payload);
+        while batch.len() < BATCH_BYTES {
+            let Ok(frame) = rx.try_recv() else { break };
+            batch.push(&frame.header, frame.payload);
+        }
+        if let Err(e) = batch.write_to(&mut wr).await {
+            tracing::debug!(error = %e, "replica connection: write failed");
+            shared.kill();
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop(shared: &Shared, mut rd: OwnedReadHalf) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        loop {
+            match Reply::decode_from(&mut buf) {
+                Ok(Some(reply)) => {
+                    shared.replica_epoch.store(reply.epoch, Ordering::Relaxed);
+                    let id = reply.id;
+                    if !shared.complete(id, Ok(reply)) {
+                        tracing::warn!(
+                            request = id,
+                            "reply to no pending request; closing the connection"
+                        );
+                        return shared.kill();
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if e.frame_len().is_some() => {
+                    let id = e.request_id().unwrap_or(0);
+                    shared.complete(id, Err(ClientError::BadReply(e.to_string())));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "unframeable reply; closing the connection");
+                    return shared.kill();
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return shared.kill(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "replica connection: read failed");
+                return shared.kill();
+            }
+        }
+    }
+}

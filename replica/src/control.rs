@@ -1,0 +1,157 @@
+//! The replica server's gRPC control API (`strata.replica.v1`): thin
+//! handlers over [`ReplicaHost`], errors mapped to `tonic::Status` in one
+//! place.
+
+use std::sync::Arc;
+
+use strata_proto::replica::replica_control_server::ReplicaControl;
+use strata_proto::replica::{CreateReplicaRequest, Empty, ReplicaList, ReplicaRef, ReplicaStatus, SetEpochRequest};
+use tonic::{Request, Response, Status};
+
+use crate::host::{HostError, ReplicaHost};
+use crate::{Store, StoreError};
+
+pub struct ReplicaControlService {
+    host: Arc<ReplicaHost>,
+}
+
+impl ReplicaControlService {
+    pub fn new(host: Arc<ReplicaHost>) -> Self {
+        ReplicaControlService { host }
+    }
+}
+
+fn status_of(name: &str, store: &Store, was_clean: bool) -> ReplicaStatus {
+    let info = store.info();
+    ReplicaStatus {
+        volume: name.to_string(),
+        lineage: info.lineage,
+        size: info.size,
+        epoch: info.epoch,
+        was_clean,
+        snapshots: info.chain,
+        engine: info.engine.to_string(),
+        open: true,
+    }
+}
+
+fn to_status(e: HostError) -> Status {
+    let msg = e.to_string();
+    match &e {
+        HostError::Store { source, .. } => match source {
+            StoreError::NotFound(_) => Status::not_found(msg),
+            StoreError::AlreadyExists(_) => Status::already_exists(msg),
+            StoreError::Locked(_) => Status::unavailable(msg),
+            StoreError::BadSize { .. } | StoreError::InvalidName(_) => Status::invalid_argument(msg),
+            e if e.is_corruption() => Status::data_loss(msg),
+            _ => Status::internal(msg),
+        },
+        HostError::InvalidName(_) => Status::invalid_argument(msg),
+        HostError::NotOpen(_) => Status::failed_precondition(msg),
+        #[allow(unreachable_patterns)]
+        _ => Status::internal(msg),
+    }
+}
+
+/// Runs a blocking host call off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, HostError> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("replica task failed: {e}")))?
+        .map_err(to_status)
+}
+
+#[tonic::async_trait]
+impl ReplicaControl for ReplicaControlService {
+    async fn create_replica(&self, req: Request<CreateReplicaRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        let req = req.into_inner();
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let store = host.create(&req.volume, req.size)?;
+            Ok(status_of(&req.volume, &store, true))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn open_replica(&self, req: Request<ReplicaRef>) -> Result<Response<ReplicaStatus>, Status> {
+        let name = req.into_inner().volume;
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let (store, was_clean) = host.open_with_report(&name)?;
+            Ok(status_of(&name, &store, was_clean))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn close_replica(&self, req: Request<ReplicaRef>) -> Result<Response<ReplicaStatus>, Status> {
+        let name = req.into_inner().volume;
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let (store, was_clean) = host.open_with_report(&name)?;
+            let mut s = status_of(&name, &store, was_clean);
+            drop(store);
+            host.close(&name)?;
+            s.open = false;
+            Ok(s)
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn delete_replica(&self, req: Request<ReplicaRef>) -> Result<Response<Empty>, Status> {
+        let name = req.into_inner().volume;
+        let host = self.host.clone();
+        blocking(move || host.delete(&name)).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn status(&self, req: Request<ReplicaRef>) -> Result<Response<ReplicaStatus>, Status> {
+        let name = req.into_inner().volume;
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let (store, was_clean) = host.open_with_report(&name)?;
+            Ok(status_of(&name, &store, was_clean))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn list(&self, _req: Request<Empty>) -> Result<Response<ReplicaList>, Status> {
+        let host = self.host.clone();
+        let replicas = blocking(move || {
+            let mut out = Vec::new();
+            for name in host.list()? {
+                let (store, was_clean) = host.open_with_report(&name)?;
+                out.push(status_of(&name, &store, was_clean));
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(ReplicaList { replicas }))
+    }
+
+    async fn set_epoch(&self, req: Request<SetEpochRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        let req = req.into_inner();
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let (store, was_clean) = host.open_with_report(&req.volume)?;
+            let current = store.epoch();
+            if req.epoch < current {
+                return Err(HostError::EpochBackwards {
+                    volume: req.volume.clone(),
+                    current,
+                    requested: req.epoch,
+                });
+            }
+            store.set_epoch(req.epoch).map_err(|source| HostError::Store {
+                volume: req.volume.clone(),
+                source,
+            })?;
+            Ok(status_of(&req.volume, &store, was_clean))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+}

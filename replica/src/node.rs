@@ -1,0 +1,88 @@
+//! A replica node: one TCP port that carries both the binary data wire
+//! and the gRPC control API. The first bytes of a connection decide: an
+//! HTTP/2 preface (`PRI * HTTP/2.0`) goes to gRPC, anything else to the
+//! data server, which checks the data-wire magic itself.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::replica::replica_control_server::ReplicaControlServer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::control::ReplicaControlService;
+use crate::host::ReplicaHost;
+
+const PREFACE: &[u8; 4] = b"PRI ";
+
+/// Serves every replica under `dir` on `listener` until `shutdown` turns
+/// true, then closes every replica cleanly (flushed, clean flag set).
+pub async fn serve_node(dir: &Path, listener: TcpListener, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let host = Arc::new(ReplicaHost::new(dir, crate::engine::detect()));
+    let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<TcpStream>>(16);
+    let (data_tx, data_rx) = mpsc::channel::<TcpStream>(16);
+
+    let grpc = {
+        let svc = ReplicaControlService::new(host.clone());
+        let mut rx = shutdown.clone();
+        let incoming = futures::stream::unfold(grpc_rx, |mut r| async move { r.recv().await.map(|s| (s, r)) });
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ReplicaControlServer::new(svc))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await
+        })
+    };
+    let data = tokio::spawn(crate::server::serve_streams(data_rx, host.clone(), shutdown.clone()));
+
+    let mut rx = shutdown.clone();
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = rx.wait_for(|v| *v) => break,
+        };
+        let _ = sock.set_nodelay(true);
+        let (grpc_tx, data_tx) = (grpc_tx.clone(), data_tx.clone());
+        tokio::spawn(async move {
+            let mut first = [0u8; 4];
+            // A client that sends nothing for 10 s is dropped.
+            let peeked = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let n = sock.peek(&mut first).await?;
+                    if n == 0 || n >= 4 {
+                        return Ok::<usize, std::io::Error>(n);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            match peeked {
+                Ok(Ok(4)) if &first == PREFACE => {
+                    let _ = grpc_tx.send(Ok(sock)).await;
+                }
+                Ok(Ok(4)) => {
+                    let _ = data_tx.send(sock).await;
+                }
+                _ => tracing::debug!(%peer, "connection closed before saying anything"),
+            }
+        });
+    }
+    drop(grpc_tx);
+    drop(data_tx);
+    let _ = data.await;
+    let _ = grpc.await;
+    host.close_all();
+    tracing::info!(dir = %dir.display(), "replica server stopped; replicas closed cleanly");
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! One data connection: a reader that decodes requests and starts them, the
+//! requests running on the blocking pool, and a writer that sends replies in
+//! completion order.
+//!
+//! Every request holds a permit of the connection's semaphore from the moment
+//! it is decoded until its reply has been written to the socket, so a
+//! connection never has more than [`MAX_IN_FLIGHT`] requests or replies in
+//! memory: when the permits run out the reader stops reading and TCP pushes
+//! back on the client.
+
+use std::error::Error;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::outbound::{OutBatch, BATCH_BYTES};
+use super::wait_shutdown;
+use crate::host::{HostError, ReplicaHost};
+use crate::wire::{self, Command, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
+use crate::{Store, StoreError};
+
+/// Requests per connection decoded but not yet answered on the socket.
+pub const MAX_IN_FLIGHT: u32 = 64;
+
+/// A reply ready for the writer: its header (crc computed by whoever built
+/// it, off the writer's task), its payload, and the request's permit.
+struct OutFrame {
+    header: [u8; REPLY_HEADER_LEN],
+    payload: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl OutFrame {
+    fn new(reply: Reply, permit: Option<OwnedSemaphorePermit>) -> Self {
+        OutFrame {
+            header: reply.header().encode(),
+            payload: reply.payload,
+            _permit: permit,
+        }
+    }
+}
+
+struct Conn {
+    host: Arc<ReplicaHost>,
+    peer: String,
+    tx: mpsc::UnboundedSender<OutFrame>,
+    permits: Arc<Semaphore>,
+    /// The volume bound by HELLO.
+    store: Option<Arc<Store>>,
+}
+
+/// Serves one connection until the peer closes it, it breaks the framing,
+/// or shutdown is signalled; then lets the requests in flight finish.
+pub(super) async fn handle(
+    sock: TcpStream,
+    host: Arc<ReplicaHost>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = sock.set_nodelay(true);
+    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (rd, wr) = sock.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let conn = Conn {
+        host,
+        peer,
+        tx,
+        permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+        store: None,
+    };
+    tokio::join!(conn.run(rd, &mut shutdown), write_loop(rx, wr));
+}
+
+async fn write_loop(mut rx: mpsc::UnboundedReceiver<OutFrame>, mut wr: OwnedWriteHalf) {
+    let mut batch = OutBatch::new();
+    let mut held = Vec::with_capacity(MAX_IN_FLIGHT as usize);
+    while let Some(frame) = rx.recv().await {
+        batch.push(&frame.header, frame.payload);
+        held.push(frame._permit);
+        while batch.len() < BATCH_BYTES {
+            let Ok(frame) = rx.try_recv() else { break };
+            batch.push(&frame.header, frame.payload);
+            held.push(frame._permit);
+        }
+        if let Err(e) = batch.write_to(&mut wr).await {
+            tracing::debug!(error = %e, "replica data connection: write failed");
+            return; // dropping `rx` stops the reader
+        }
+        held.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+impl Conn {
+    async fn run(mut self, mut rd: OwnedReadHalf, shutdown: &mut watch::Receiver<bool>) {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        'conn: loop {
+            loop {
+                // A permit before decoding: a full pipeline stops the reading.
+                let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                    break 'conn;
+                };
+                match Request::decode_from(&mut buf) {
+                    Ok(Some(req)) => self.dispatch(req, permit).await,
+                    Ok(None) => break,
+                    Err(e) if e.frame_len().is_some() => {
+                        tracing::debug!(peer = %self.peer, error = %e, "refusing a malformed request");
+                        let status = match e {
+                            WireError::BadPayloadCrc { .. } => Status::BadPayload,
+                            _ => Status::Invalid,
+                        };
+                        self.reply_error(
+                            e.request_id().unwrap_or(0),
+                            status,
+                            &e.to_string(),
+                            permit,
+                        );
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %self.peer, error = %e, "closing a data connection that broke the framing");
+                        if let Some(id) = e.request_id() {
+                            self.reply_error(id, Status::Invalid, &e.to_string(), permit);
+                        }
+                        break 'conn;
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(64 * 1024);
+            }
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) => {
+                        if !buf.is_empty() {
+                            tracing::info!(peer = %self.peer, bytes = buf.len(), "data connection closed inside a frame");
+                        }
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "data connection read failed");
+                        break;
+                    }
+                },
+                _ = wait_shutdown(shutdown) => break,
+                _ = self.tx.closed() => break,
+            }
+        }
+        // Returning drops `self.tx`; the requests in flight hold the other
+        // senders, so the writer ends only after their replies went out.
+    }
+
+    fn epoch(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| s.epoch())
+    }
+
+    fn reply_error(&self, id: u64, status: Status, message: &str, permit: OwnedSemaphorePermit) {
+        let reply = Reply::error(id, self.epoch(), status, message);
+        let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
+    }
+
+    async fn dispatch(&mut self, req: Request, permit: OwnedSemaphorePermit) {
+        let Request { id, epoch, command } = req;
+        match command {
+            Command::Hello { volume } => self.hello(id, volume, permit).await,
+            // PING needs no volume and does no IO: it is answered at any time
+            // and not fenced; the reply carries the replica's epoch (0 before
+            // HELLO).
+            Command::Ping => {
+                let _ = self
+                    .tx
+                    .send(OutFrame::new(Reply::ok(id, self.epoch()), Some(permit)));
+            }
+            command => {
+                let Some(store) = self.store.clone() else {
+                    return self.reply_error(
+                        id,
+                        Status::NotBound,
+                        "Send HELLO before data requests",
+                        permit,
+                    );
+                };
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        execute(&store, id, epoch, command)
+                    }))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(request = id, "replica request panicked");
+                        Reply::error(
+                            id,
+                            store.epoch(),
+                            Status::IoError,
+                            "Internal error: the request panicked",
+                        )
+                    });
+                    let _ = tx.send(OutFrame::new(reply, Some(permit)));
+                });
+            }
+        }
+    }
+
+    /// Binds the connection to a volume. HELLO is not fenced: it binds at
+    /// any epoch and its reply tells the controller the replica's epoch;
+    /// every later data request is fenced.
+    async fn hello(&mut self, id: u64, volume: String, permit: OwnedSemaphorePermit) {
+        if self.store.is_some() {
+            return self.reply_error(
+                id,
+                Status::Invalid,
+                "The connection is already bound to a volume",
+                permit,
+            );
+        }
+        let host = self.host.clone();
+        let opened = tokio::task::spawn_blocking(move || host.open(&volume)).await;
+        let reply = match opened {
+            Ok(Ok(store)) => {
+                let reply = Reply::ok(id, store.epoch());
+                self.store = Some(store);
+                reply
+            }
+            Ok(Err(e)) => {
+                let status = match &e {
+                    e if e.is_not_found() => Status::NoVolume,
+                    HostError::InvalidName(_) => Status::Invalid,
+                    HostError::Store { source, .. } => store_status(source),
+                    _ => Status::IoError,
+                };
+                Reply::error(id, 0, status, &message(&e))
+            }
+            Err(_) => Reply::error(
+                id,
+                0,
+                Status::IoError,
+                "Internal error: opening the volume panicked",
+            ),
+        };
+        let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
+    }
+}
+
+/// Runs one data request against the bound store (on a blocking thread).
+fn execute(store: &Store, id: u64, epoch: u64, command: Command) -> Reply {
+    let current = store.epoch();
+    if epoch < current {
+        let msg = format!("Request epoch {epoch} is older than the replica's epoch {current}");
+        return Reply::error(id, current, Status::StaleEpoch, &msg);
+    }
+    if epoch > current {
+        let msg = format!(
+            "Request epoch {epoch} is newer than the replica's epoch {current}; set it first"
+        );
+        return Reply::error(id, current, Status::EpochAhead, &msg);
+    }
+    let result: Result<Bytes, StoreError> = match command {
+        Command::Read { offset, len } => {
+            let mut data = vec![0u8; len as usize];
+            store.read(offset, &mut data).map(|()| Bytes::from(data))
+        }
+        Command::Write { offset, data, fua } => store
+            .write(offset, &data)
+            .and_then(|()| if fua { store.flush() } else { Ok(()) })
+            .map(|()| Bytes::new()),
+        Command::Flush => store.flush().map(|()| Bytes::new()),
+        Command::Trim { offset, len } => store.trim(offset, len.into()).map(|()| Bytes::new()),
+        Command::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+        } => store
+            .write_zeroes(offset, len.into(), !no_hole)
+            .map(|()| Bytes::new()),
+        Command::BlockStatus { offset, len } => store
+            .allocation(offset, len.into())
+            .map(|e| wire::encode_extents(&e)),
+        Command::Snapshot { name } => store.snapshot(&name).map(|()| Bytes::new()),
+        Command::Hello { .. } | Command::Ping => unreachable!("answered by the reader"),
+    };
+    match result {
+        Ok(payload) => Reply::with_payload(id, store.epoch(), Status::Ok, payload),
+        Err(e) => {
+            let status = store_status(&e);
+            if matches!(status, Status::IoError | Status::Corrupt) {
+                tracing::warn!(dir = ?store.dir(), error = %message(&e), "replica request failed");
+            }
+            Reply::error(id, store.epoch(), status, &message(&e))
+        }
+    }
+}
+
+/// How a store error is reported on the wire. Request-shaped errors
+/// (range, alignment, snapshot names, sizes) are INVALID so the controller
+/// does not fault a healthy replica for them.
+pub(crate) fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::Unaligned { .. }
+        | StoreError::OutOfRange { .. }
+        | StoreError::InvalidName(_)
+        | StoreError::SnapshotExists(_)
+        | StoreError::NoSuchSnapshot(_)
+        | StoreError::NewerSnapshots { .. }
+        | StoreError::BadSize { .. } => Status::Invalid,
+        StoreError::Checksum { .. } | StoreError::CorruptMap { .. } => Status::Corrupt,
+        _ => Status::IoError,
+    }
+}
+
+/// The error and its sources, joined with ": ".
+fn message(e: &dyn Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
