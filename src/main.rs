@@ -1,1 +1,39 @@
-fn main(){}
+//! `strata`: one binary for every role of the replicated block store.
+//!
+//! - `strata up`: a whole replicated volume on this machine (the embedded
+//!   default: replicas and a controller in one process);
+//! - `strata replica serve`: a replica server hosting many volumes' replicas;
+//! - `strata controller serve`: one volume's controller (NBD frontend +
+//!   replicator + management API);
+//! - `strata volume status`: ask a controller how its volume is.
+//!
+//! The roles themselves live in the member crates; this file only parses
+//! the command line (see `cli/`).
+
+mod cli;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

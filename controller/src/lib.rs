@@ -1,1 +1,21 @@
-//! placeholder
+//! `strata-controller`: one volume's controller.
+//!
+//! Data comes in from the application through a [`frontend`] (NBD; iSCSI
+//! later), becomes a typed request, and goes to the [`replicator`], which
+//! fans writes out to every healthy replica over the data wire
+//! (`strata_replica::client`) and reads from one. [`assemble`] brings a
+//! volume up at start (majority check, epoch fencing); [`mgmt`] exposes
+//! status over gRPC and Prometheus `/metrics`; [`run`] wires it together.
+
+pub mod assemble;
+pub mod backend;
+pub mod mgmt;
+pub mod frontend;
+pub mod replicator;
+pub mod run;
+
+/// Resolves once `shutdown` holds `true` (or its sender is gone). Holds no
+/// lock across an await, so it can sit in a `select!` of a spawned task.
+pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
+}

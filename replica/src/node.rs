@@ -32,7 +32,7 @@ pub async fn serve_node(dir: &Path, listener: TcpListener, shutdown: watch::Rece
             tonic::transport::Server::builder()
                 .add_service(ReplicaControlServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.wait_for(|v| *v).await;
+                    crate::server::wait_shutdown(&mut rx).await;
                 })
                 .await
         })
@@ -50,7 +50,7 @@ pub async fn serve_node(dir: &Path, listener: TcpListener, shutdown: watch::Rece
                     continue;
                 }
             },
-            _ = rx.wait_for(|v| *v) => break,
+            _ = crate::server::wait_shutdown(&mut rx) => break,
         };
         let _ = sock.set_nodelay(true);
         let (grpc_tx, data_tx) = (grpc_tx.clone(), data_tx.clone());

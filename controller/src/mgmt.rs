@@ -1,0 +1,186 @@
+//! The controller's management surface: the `VolumeControl` gRPC service
+//! (what `strata volume status` calls) and Prometheus text on `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use strata_proto::controller::volume_control_server::VolumeControl;
+use strata_proto::controller::{IoCounters, ReplicaInfo, StatusRequest, VolumeStatus};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::replicator::{Health, Volume};
+
+/// gRPC handlers: thin, converting the volume's state to messages.
+pub struct VolumeService {
+    pub volume: Arc<Volume>,
+    pub nbd_address: String,
+}
+
+pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
+    let io = &volume.io;
+    VolumeStatus {
+        volume: volume.name.clone(),
+        size: volume.size,
+        epoch: volume.epoch,
+        state: volume.state().to_string(),
+        replicas_configured: volume.slots.len() as u32,
+        write_quorum: volume.quorum as u32,
+        replicas: volume
+            .slots
+            .iter()
+            .map(|s| {
+                let (state, fault_reason) = match s.health() {
+                    Health::Healthy(_) => ("healthy".to_string(), String::new()),
+                    Health::Faulted { reason } => ("faulted".to_string(), reason),
+                };
+                ReplicaInfo {
+                    address: s.addr.to_string(),
+                    state,
+                    fault_reason,
+                    in_flight: s.in_flight.load(Ordering::Relaxed),
+                    ops_ok: s.ops_ok.load(Ordering::Relaxed),
+                    ops_failed: s.ops_failed.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+        io: Some(IoCounters {
+            reads: io.reads.load(Ordering::Relaxed),
+            writes: io.writes.load(Ordering::Relaxed),
+            flushes: io.flushes.load(Ordering::Relaxed),
+            trims: io.trims.load(Ordering::Relaxed),
+            errors: io.errors.load(Ordering::Relaxed),
+            bytes_read: io.bytes_read.load(Ordering::Relaxed),
+            bytes_written: io.bytes_written.load(Ordering::Relaxed),
+        }),
+        nbd_address: nbd_address.to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeControl for VolumeService {
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<VolumeStatus>, Status> {
+        Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+    }
+}
+
+/// Prometheus text exposition of one volume.
+pub fn metrics_text(volume: &Volume) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let v = &volume.name;
+    let io = &volume.io;
+    let counters = [
+        ("strata_volume_reads_total", "Client reads served.", io.reads.load(Ordering::Relaxed)),
+        ("strata_volume_writes_total", "Client writes acknowledged.", io.writes.load(Ordering::Relaxed)),
+        ("strata_volume_flushes_total", "Client flushes acknowledged.", io.flushes.load(Ordering::Relaxed)),
+        ("strata_volume_trims_total", "Client trims acknowledged.", io.trims.load(Ordering::Relaxed)),
+        ("strata_volume_errors_total", "Client requests that failed.", io.errors.load(Ordering::Relaxed)),
+        ("strata_volume_read_bytes_total", "Bytes read by clients.", io.bytes_read.load(Ordering::Relaxed)),
+        ("strata_volume_written_bytes_total", "Bytes written by clients.", io.bytes_written.load(Ordering::Relaxed)),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{volume=\"{v}\"}} {value}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_volume_size_bytes Volume size.\n# TYPE strata_volume_size_bytes gauge\nstrata_volume_size_bytes{{volume=\"{v}\"}} {}",
+        volume.size
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_volume_epoch Fencing epoch of this controller.\n# TYPE strata_volume_epoch gauge\nstrata_volume_epoch{{volume=\"{v}\"}} {}",
+        volume.epoch
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_volume_healthy_replicas Replicas receiving writes.\n# TYPE strata_volume_healthy_replicas gauge\nstrata_volume_healthy_replicas{{volume=\"{v}\"}} {}",
+        volume.healthy()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP strata_volume_write_quorum Healthy replicas needed to accept writes.\n# TYPE strata_volume_write_quorum gauge\nstrata_volume_write_quorum{{volume=\"{v}\"}} {}",
+        volume.quorum
+    );
+    let _ = writeln!(out, "# HELP strata_replica_healthy 1 if the replica is healthy, 0 if faulted.\n# TYPE strata_replica_healthy gauge");
+    for s in &volume.slots {
+        let _ = writeln!(out, "strata_replica_healthy{{volume=\"{v}\",replica=\"{}\"}} {}", s.addr, s.is_healthy() as u8);
+    }
+    let _ = writeln!(out, "# HELP strata_replica_ops_total Replica requests by result.\n# TYPE strata_replica_ops_total counter");
+    for s in &volume.slots {
+        let _ = writeln!(
+            out,
+            "strata_replica_ops_total{{volume=\"{v}\",replica=\"{}\",result=\"ok\"}} {}",
+            s.addr,
+            s.ops_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "strata_replica_ops_total{{volume=\"{v}\",replica=\"{}\",result=\"failed\"}} {}",
+            s.addr,
+            s.ops_failed.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP strata_replica_in_flight Requests in flight to the replica.\n# TYPE strata_replica_in_flight gauge");
+    for s in &volume.slots {
+        let _ = writeln!(
+            out,
+            "strata_replica_in_flight{{volume=\"{v}\",replica=\"{}\"}} {}",
+            s.addr,
+            s.in_flight.load(Ordering::Relaxed)
+        );
+    }
+    out
+}
+
+/// A minimal HTTP/1.1 server: `GET /metrics` returns [`metrics_text`],
+/// anything else 404. One request per connection.
+pub async fn serve_metrics(listener: TcpListener, volume: Arc<Volume>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let (mut sock, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("metrics accept failed: {e}");
+                    continue;
+                }
+            },
+            _ = crate::stopped(&mut shutdown) => return,
+        };
+        let volume = volume.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (bounded), with a deadline.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while n < buf.len() {
+                    let m = sock.read(&mut buf[n..]).await?;
+                    if m == 0 {
+                        break;
+                    }
+                    n += m;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                ("200 OK", metrics_text(&volume))
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

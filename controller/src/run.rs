@@ -1,0 +1,128 @@
+//! Running a controller: assemble the volume, then serve NBD, the gRPC
+//! management API and `/metrics` until shutdown, then flush every replica.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use strata_proto::controller::volume_control_server::VolumeControlServer;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::assemble::{assemble, AssembleError, AssembleOptions};
+use crate::mgmt::{serve_metrics, VolumeService};
+use crate::replicator::Volume;
+
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    pub assemble: AssembleOptions,
+    pub nbd: SocketAddr,
+    pub control: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Sent once the controller serves.
+#[derive(Debug, Clone)]
+pub struct RunningInfo {
+    pub nbd: SocketAddr,
+    pub size: u64,
+    pub volume: Arc<Volume>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    #[error("Cannot listen on {addr} for {what}")]
+    Listen {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The NBD server failed")]
+    Nbd(#[source] std::io::Error),
+    #[error("Volume {volume}: the final flush failed: {reason}")]
+    FinalFlush { volume: String, reason: String },
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Listen { addr, what, source })
+}
+
+/// Serves until `shutdown` turns true; see the module docs.
+pub async fn run_controller(
+    opts: ControllerOptions,
+    shutdown: watch::Receiver<bool>,
+    ready: Option<oneshot::Sender<RunningInfo>>,
+) -> Result<(), RunError> {
+    let nbd_listener = bind(opts.nbd, "NBD").await?;
+    let control_listener = match opts.control {
+        Some(a) => Some(bind(a, "the management API").await?),
+        None => None,
+    };
+    let metrics_listener = match opts.metrics {
+        Some(a) => Some(bind(a, "metrics").await?),
+        None => None,
+    };
+    let volume = Arc::new(assemble(&opts.assemble).await?);
+    let nbd_addr = nbd_listener.local_addr().map_err(RunError::Nbd)?;
+
+    if let Some(listener) = control_listener {
+        let svc = VolumeService {
+            volume: volume.clone(),
+            nbd_address: nbd_addr.to_string(),
+        };
+        let mut rx = shutdown.clone();
+        tokio::spawn(async move {
+            let incoming = tokio_incoming(listener);
+            let result = tonic::transport::Server::builder()
+                .add_service(VolumeControlServer::new(svc))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    crate::stopped(&mut rx).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!("management API stopped: {e}");
+            }
+        });
+    }
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(serve_metrics(listener, volume.clone(), shutdown.clone()));
+    }
+    if let Some(ready) = ready {
+        let _ = ready.send(RunningInfo {
+            nbd: nbd_addr,
+            size: volume.size,
+            volume: volume.clone(),
+        });
+    }
+    tracing::info!(volume = %volume.name, nbd = %nbd_addr, "serving");
+    let backend = Arc::new(crate::backend::VolumeBackend::new(volume.clone()));
+    let served = crate::frontend::nbd::serve(nbd_listener, backend, shutdown).await;
+    // Clean stop: make everything acknowledged durable on every replica.
+    let flushed = volume.flush().await;
+    served.map_err(RunError::Nbd)?;
+    if let Err(e) = flushed {
+        if volume.healthy() > 0 {
+            return Err(RunError::FinalFlush {
+                volume: volume.name.clone(),
+                reason: e.to_string(),
+            });
+        }
+    }
+    tracing::info!(volume = %volume.name, "stopped cleanly");
+    Ok(())
+}
+
+/// Accepted TCP connections as the stream tonic wants.
+pub fn tokio_incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}

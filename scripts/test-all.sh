@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine with only Rust on it:
+# installs the real clients the tests use, then runs formatting, lints,
+# every test (unit, property, crash, real-client end to end) and a smoke run
+# of the end-to-end benchmark. Usage: bash scripts/test-all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbdkit:nbdkit \
+            nbd-server:nbd-server fusermount3:fuse3 qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "== installing: ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build (release binary for the end-to-end tests)"
+cargo build --release --quiet --bin strata
+echo "== cargo test"
+STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+if [ -x scripts/bench-e2e.sh ]; then
+    echo "== end-to-end benchmark smoke run"
+    bash scripts/bench-e2e.sh --smoke
+fi
+echo "== all checks passed"

@@ -1,0 +1,137 @@
+//! Command-line definitions (clap) and dispatch to the roles.
+
+mod size;
+mod up;
+mod volume;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+pub use size::parse_size;
+
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about = "Replicated block storage for small Kubernetes clusters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a replicated volume on this machine: replicas and a controller
+    /// in one process, NBD on 127.0.0.1:10809. Ctrl-C stops it cleanly.
+    Up(up::UpArgs),
+    /// Replica server commands.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+    /// Controller commands.
+    #[command(subcommand)]
+    Controller(ControllerCommand),
+    /// Ask a volume's controller about the volume.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Serve the replicas stored under a directory (data wire and gRPC
+    /// control on one port).
+    Serve {
+        /// Directory holding one sub-directory per volume.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:10900")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControllerCommand {
+    /// Serve one volume over NBD, replicating to the given replicas.
+    Serve(ControllerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Volume name.
+    #[arg(long)]
+    pub volume: String,
+    /// A replica server address; repeat for each replica (1 to 5).
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<SocketAddr>,
+    /// NBD listen address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd: SocketAddr,
+    /// gRPC management address (`strata volume status` talks to it).
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    pub control: SocketAddr,
+    /// Prometheus `/metrics` address.
+    #[arg(long, default_value = "127.0.0.1:10811")]
+    pub metrics: SocketAddr,
+    /// Create missing replicas with this size (e.g. 10G).
+    #[arg(long, value_parser = parse_size)]
+    pub create_size: Option<u64>,
+    /// Seconds before a replica request is declared failed (and the replica faulted).
+    #[arg(long, default_value_t = 10)]
+    pub io_timeout_secs: u64,
+}
+
+impl ControllerArgs {
+    pub fn options(&self) -> strata_controller::run::ControllerOptions {
+        strata_controller::run::ControllerOptions {
+            assemble: strata_controller::assemble::AssembleOptions {
+                volume: self.volume.clone(),
+                replicas: self.replicas.clone(),
+                create_size: self.create_size,
+                io_timeout: Duration::from_secs(self.io_timeout_secs.max(1)),
+                connect_timeout: Duration::from_secs(5),
+            },
+            nbd: self.nbd,
+            control: Some(self.control),
+            metrics: Some(self.metrics),
+        }
+    }
+}
+
+/// Resolves when Ctrl-C or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Replica(ReplicaCommand::Serve { dir, listen }) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = tx.send(true);
+            });
+            tracing::info!(dir = %dir.display(), %listen, "replica server starting");
+            strata_replica::node::serve_node(&dir, listener, rx).await?;
+            Ok(())
+        }
+        Command::Controller(ControllerCommand::Serve(args)) => {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = tx.send(true);
+            });
+            strata_controller::run::run_controller(args.options(), rx, None).await?;
+            Ok(())
+        }
+        Command::Volume(cmd) => volume::run(cmd).await,
+    }
+}

@@ -1,0 +1,117 @@
+//! `strata up`: the embedded default. Replica servers and a controller in
+//! one process, data under `./strata-data`, NBD on 127.0.0.1:10809.
+//! Running it again reopens the same data; Ctrl-C flushes and closes every
+//! replica cleanly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::parse_size;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Volume size for a new volume (e.g. 10G). An existing volume keeps its size.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub size: u64,
+    /// Number of replicas (1 to 5). 3 survives the loss of any one.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Where the replicas keep their data (one sub-directory each).
+    #[arg(long, default_value = "./strata-data")]
+    pub data_dir: PathBuf,
+    /// Volume (and NBD export) name.
+    #[arg(long, default_value = "strata")]
+    pub volume: String,
+    /// NBD listen address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd: SocketAddr,
+    /// gRPC management address.
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    pub control: SocketAddr,
+    /// Prometheus `/metrics` address.
+    #[arg(long, default_value = "127.0.0.1:10811")]
+    pub metrics: SocketAddr,
+    /// First replica server port on 127.0.0.1 (replica i listens on base + i); 0 picks free ports.
+    #[arg(long, default_value_t = 0)]
+    pub replica_port_base: u16,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if !(1..=5).contains(&args.replicas) {
+        anyhow::bail!("--replicas must be between 1 and 5, not {}", args.replicas);
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut replica_tasks = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..args.replicas {
+        let dir = args.data_dir.join(format!("replica-{i}"));
+        let port = if args.replica_port_base == 0 {
+            0
+        } else {
+            args.replica_port_base + i as u16
+        };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("cannot listen for replica {i} on 127.0.0.1:{port}"))?;
+        addrs.push(listener.local_addr()?);
+        let rx = rx.clone();
+        replica_tasks.push(tokio::spawn(async move { strata_replica::node::serve_node(&dir, listener, rx).await }));
+    }
+    let opts = strata_controller::run::ControllerOptions {
+        assemble: strata_controller::assemble::AssembleOptions {
+            volume: args.volume.clone(),
+            replicas: addrs,
+            create_size: Some(args.size),
+            io_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        },
+        nbd: args.nbd,
+        control: Some(args.control),
+        metrics: Some(args.metrics),
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let controller = tokio::spawn(strata_controller::run::run_controller(opts, rx.clone(), Some(ready_tx)));
+    let signal_tx = tx.clone();
+    tokio::spawn(async move {
+        super::shutdown_signal().await;
+        eprintln!("\nstopping: flushing and closing every replica...");
+        let _ = signal_tx.send(true);
+    });
+    if let Ok(info) = ready_rx.await {
+        let uri = format!("nbd://{}/{}", info.nbd, args.volume);
+        println!(
+            "strata is up: volume {:?}, {} GiB, {} replica(s) under {}",
+            args.volume,
+            info.size as f64 / (1u64 << 30) as f64,
+            args.replicas,
+            args.data_dir.display()
+        );
+        println!();
+        println!("  NBD URI      {uri}");
+        println!("  inspect      nbdinfo {uri}");
+        println!("  write+read   qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+        println!("  as a file    mkdir -p /tmp/strata && nbdfuse /tmp/strata/disk {uri} &");
+        println!("  status       strata volume status --controller {}", args.control);
+        println!("  metrics      curl http://{}/metrics", args.metrics);
+        println!();
+        println!("Ctrl-C stops it cleanly; running `strata up` again reopens the same data.");
+    }
+    let result = controller.await.context("the controller task panicked")?;
+    // Whatever ended the controller, stop the replicas cleanly too.
+    let _ = tx.send(true);
+    for t in replica_tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("replica server stopped with an error: {e}"),
+            Err(e) => tracing::error!("replica server task failed: {e}"),
+        }
+    }
+    result?;
+    Ok(())
+}

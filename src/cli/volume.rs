@@ -1,0 +1,80 @@
+//! `strata volume ...`: operator commands that talk to a controller's gRPC
+//! management API.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Subcommand;
+use strata_proto::controller::volume_control_client::VolumeControlClient;
+use strata_proto::controller::StatusRequest;
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Health, replicas and IO counters of the volume a controller serves.
+    Status {
+        /// The controller's management address.
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: SocketAddr,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCommand::Status { controller, json } => {
+            let mut client = VolumeControlClient::connect(format!("http://{controller}"))
+                .await
+                .with_context(|| format!("cannot reach the controller at {controller}"))?;
+            let s = client
+                .status(StatusRequest {})
+                .await
+                .with_context(|| format!("status call to {controller} failed"))?
+                .into_inner();
+            if json {
+                let io = s.io.clone().unwrap_or_default();
+                let v = serde_json::json!({
+                    "volume": s.volume, "size": s.size, "epoch": s.epoch, "state": s.state,
+                    "replicas_configured": s.replicas_configured, "write_quorum": s.write_quorum,
+                    "nbd_address": s.nbd_address,
+                    "replicas": s.replicas.iter().map(|r| serde_json::json!({
+                        "address": r.address, "state": r.state, "fault_reason": r.fault_reason,
+                        "in_flight": r.in_flight, "ops_ok": r.ops_ok, "ops_failed": r.ops_failed,
+                    })).collect::<Vec<_>>(),
+                    "io": {"reads": io.reads, "writes": io.writes, "flushes": io.flushes, "trims": io.trims,
+                           "errors": io.errors, "bytes_read": io.bytes_read, "bytes_written": io.bytes_written},
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("volume   {}", s.volume);
+                println!("size     {} bytes ({:.1} GiB)", s.size, s.size as f64 / (1u64 << 30) as f64);
+                println!("state    {} (write quorum {} of {})", s.state, s.write_quorum, s.replicas_configured);
+                println!("epoch    {}", s.epoch);
+                println!("nbd      nbd://{}/{}", s.nbd_address, s.volume);
+                println!();
+                println!("{:<22} {:<8} {:>9} {:>12} {:>10}  reason", "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED");
+                for r in &s.replicas {
+                    println!(
+                        "{:<22} {:<8} {:>9} {:>12} {:>10}  {}",
+                        r.address, r.state, r.in_flight, r.ops_ok, r.ops_failed, r.fault_reason
+                    );
+                }
+                if let Some(io) = s.io {
+                    println!();
+                    println!(
+                        "io       reads {}  writes {}  flushes {}  trims {}  errors {}  read {} MiB  written {} MiB",
+                        io.reads,
+                        io.writes,
+                        io.flushes,
+                        io.trims,
+                        io.errors,
+                        io.bytes_read >> 20,
+                        io.bytes_written >> 20
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Test harness for end-to-end tests: real `strata` processes on loopback
+//! ports, real clients (nbdinfo, qemu-io, nbdcopy, fio) run with deadlines.
+//! Every process is killed when its handle drops, so a failing test leaves
+//! nothing running.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The strata binary: `STRATA_BIN` (the release build, set by
+/// scripts/test-all.sh) or the one cargo built for these tests.
+pub fn strata_bin() -> PathBuf {
+    std::env::var_os("STRATA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_strata")))
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Fails loudly when a client the tests need is not installed.
+pub fn require(tool: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed: run scripts/test-all.sh, which installs the test clients");
+}
+
+/// Runs `prog args` with a deadline; returns its output.
+pub fn run(prog: &str, args: &[&str], timeout_secs: u64) -> Output {
+    Command::new("timeout")
+        .arg("-k")
+        .arg("5")
+        .arg(timeout_secs.to_string())
+        .arg(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+/// Runs and asserts success, returning stdout.
+pub fn run_ok(prog: &str, args: &[&str], timeout_secs: u64) -> String {
+    let out = run(prog, args, timeout_secs);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(strata_bin())
+            .args(args)
+            .env("STRATA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start strata {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `secs` for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self, secs: u64) -> bool {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `addr` accepts connections (or the process dies).
+pub fn wait_listening(addr: SocketAddr, proc_: &mut Proc, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if !proc_.is_running() {
+            panic!("{} exited before listening on {addr}:\n{}", proc_.name, proc_.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} did not listen on {addr} within {secs}s:\n{}", proc_.name, proc_.log_text());
+}
+
+/// Replica servers and a controller, as separate processes.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub volume: String,
+    pub replicas: Vec<Proc>,
+    pub replica_addrs: Vec<SocketAddr>,
+    pub controller: Option<Proc>,
+    pub nbd: SocketAddr,
+    pub control: SocketAddr,
+    pub metrics: SocketAddr,
+    pub size: u64,
+}
+
+impl Cluster {
+    pub fn start(replicas: usize, size: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            volume: "vol".into(),
+            replicas: Vec::new(),
+            replica_addrs: Vec::new(),
+            controller: None,
+            nbd: free_addr(),
+            control: free_addr(),
+            metrics: free_addr(),
+            size,
+            dir,
+        };
+        for i in 0..replicas {
+            let addr = free_addr();
+            c.replica_addrs.push(addr);
+            c.replicas.push(c.spawn_replica(i, addr));
+        }
+        c.start_controller();
+        c
+    }
+
+    pub fn replica_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("replica-{i}"))
+    }
+
+    pub fn spawn_replica(&self, i: usize, addr: SocketAddr) -> Proc {
+        let mut p = Proc::spawn(
+            &format!("replica-{i}"),
+            &[
+                "replica".into(),
+                "serve".into(),
+                "--dir".into(),
+                self.replica_dir(i).display().to_string(),
+                "--listen".into(),
+                addr.to_string(),
+            ],
+            self.dir.path(),
+        );
+        wait_listening(addr, &mut p, 20);
+        p
+    }
+
+    pub fn start_controller(&mut self) {
+        let mut args: Vec<String> = vec![
+            "controller".into(),
+            "serve".into(),
+            "--volume".into(),
+            self.volume.clone(),
+            "--nbd".into(),
+            self.nbd.to_string(),
+            "--control".into(),
+            self.control.to_string(),
+            "--metrics".into(),
+            self.metrics.to_string(),
+            "--create-size".into(),
+            self.size.to_string(),
+            "--io-timeout-secs".into(),
+            "5".into(),
+        ];
+        for a in &self.replica_addrs {
+            args.push("--replica".into());
+            args.push(a.to_string());
+        }
+        let mut p = Proc::spawn("controller", &args, self.dir.path());
+        wait_listening(self.nbd, &mut p, 30);
+        self.controller = Some(p);
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd://{}/{}", self.nbd, self.volume)
+    }
+
+    /// Stops the controller and replicas with SIGTERM (clean shutdown).
+    pub fn stop_clean(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            assert!(c.terminate(30), "controller did not stop cleanly:\n{}", c.log_text());
+        }
+        for r in &mut self.replicas {
+            if r.is_running() {
+                assert!(r.terminate(30), "{} did not stop cleanly:\n{}", r.name, r.log_text());
+            }
+        }
+    }
+
+    /// Opens replica `i`'s store directly (its server must be stopped).
+    pub fn open_store(&self, i: usize) -> strata_replica::Store {
+        let dir = self.replica_dir(i).join(&self.volume);
+        strata_replica::Store::open(&dir, std::sync::Arc::new(strata_replica::engine::PortableEngine))
+            .unwrap_or_else(|e| panic!("cannot open replica {i} at {}: {e}", dir.display()))
+            .0
+    }
+}
