@@ -135,8 +135,9 @@ fn fio_verified_random_writes_pass_with_three_replicas() {
     let c = Cluster::start(3, 64 * MIB);
     let out = fio_job(&c.uri(), &[], 180);
     assert!(out.status.success(), "fio failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::fio_json(&out.stdout);
     assert_eq!(v["jobs"][0]["error"], 0);
+    assert!(v["jobs"][0]["write"]["io_bytes"].as_u64().unwrap() >= 32 * MIB, "fio wrote less than asked");
 }
 
 #[test]
@@ -172,7 +173,7 @@ fn losing_one_replica_is_invisible_and_losing_two_stops_writes_cleanly() {
     assert_eq!(v["replicas"][0]["state"], "faulted", "{status}");
     // The second of three: writes must now fail, and nothing panics.
     c.replicas[1].kill9();
-    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 0xee 0 1M", "-c", "flush", &uri], 60);
+    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 0xee 32M 1M", "-c", "flush", &uri], 60);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success() || text.contains("error") || text.contains("failed"), "a write below quorum succeeded: {text}");
     assert!(c.controller.as_mut().unwrap().is_running(), "controller died");

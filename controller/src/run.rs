@@ -105,12 +105,10 @@ pub async fn run_controller(
     let flushed = volume.flush().await;
     served.map_err(RunError::Nbd)?;
     if let Err(e) = flushed {
-        if volume.healthy() > 0 {
-            return Err(RunError::FinalFlush {
-                volume: volume.name.clone(),
-                reason: e.to_string(),
-            });
-        }
+        return Err(RunError::FinalFlush {
+            volume: volume.name.clone(),
+            reason: e.to_string(),
+        });
     }
     tracing::info!(volume = %volume.name, "stopped cleanly");
     Ok(())

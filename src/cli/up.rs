@@ -46,7 +46,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    // Two stop signals: the controller stops (and flushes) first, the
+    // replicas only after it, so the final flush still reaches them.
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let (replicas_tx, replicas_rx) = tokio::sync::watch::channel(false);
     let mut replica_tasks = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..args.replicas {
@@ -60,7 +63,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen for replica {i} on 127.0.0.1:{port}"))?;
         addrs.push(listener.local_addr()?);
-        let rx = rx.clone();
+        let rx = replicas_rx.clone();
         replica_tasks.push(tokio::spawn(async move { strata_replica::node::serve_node(&dir, listener, rx).await }));
     }
     let opts = strata_controller::run::ControllerOptions {
@@ -104,7 +107,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let result = controller.await.context("the controller task panicked")?;
     // Whatever ended the controller, stop the replicas cleanly too.
-    let _ = tx.send(true);
+    let _ = replicas_tx.send(true);
     for t in replica_tasks {
         match t.await {
             Ok(Ok(())) => {}

@@ -246,3 +246,10 @@ impl Cluster {
             .0
     }
 }
+
+/// fio's JSON output, skipping the lines its nbd engine prints first.
+pub fn fio_json(stdout: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(stdout);
+    let start = text.find('{').unwrap_or_else(|| panic!("no JSON in fio output: {text}"));
+    serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("bad fio JSON ({e}): {text}"))
+}
