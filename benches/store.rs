@@ -15,7 +15,8 @@ const VOLUME: u64 = 1 << 30;
 const BLOCKS: u64 = VOLUME / BLOCK_SIZE;
 
 fn engines() -> Vec<(&'static str, Arc<dyn IoEngine>)> {
-    let mut v: Vec<(&'static str, Arc<dyn IoEngine>)> = vec![("portable", Arc::new(PortableEngine))];
+    let mut v: Vec<(&'static str, Arc<dyn IoEngine>)> =
+        vec![("portable", Arc::new(PortableEngine))];
     if let Ok(u) = UringEngine::probe() {
         v.push(("io_uring", Arc::new(u)));
     }
@@ -68,7 +69,9 @@ fn random_read_10_layers(c: &mut Criterion) {
         // Ten layers, each holding a random tenth of the blocks.
         for layer in 0..10 {
             for _ in 0..blocks / 10 {
-                store.write(rng.gen_range(0..blocks) * BLOCK_SIZE, &buf).unwrap();
+                store
+                    .write(rng.gen_range(0..blocks) * BLOCK_SIZE, &buf)
+                    .unwrap();
             }
             if layer < 9 {
                 store.snapshot(&format!("s{layer}")).unwrap();

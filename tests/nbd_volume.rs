@@ -19,7 +19,13 @@ fn nbdinfo_shows_size_and_flags() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let export = &v["exports"][0];
     assert_eq!(export["export-size"], 64 * MIB, "{out}");
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
         assert_eq!(export[flag], true, "{flag} in {out}");
     }
     assert_eq!(export["block_size_minimum"], 4096, "{out}");
@@ -31,7 +37,14 @@ fn qemu_io_patterns_at_many_offsets_read_back() {
     let c = Cluster::start(3, 64 * MIB);
     let mut writes = Vec::new();
     let mut reads = Vec::new();
-    let cases: &[(u64, u64)] = &[(0, 4096), (4096, 65536), (MIB, MIB), (7 * MIB + 512, 1024), (63 * MIB, MIB), (33 * MIB - 4096, 8192)];
+    let cases: &[(u64, u64)] = &[
+        (0, 4096),
+        (4096, 65536),
+        (MIB, MIB),
+        (7 * MIB + 512, 1024),
+        (63 * MIB, MIB),
+        (33 * MIB - 4096, 8192),
+    ];
     for (i, (off, len)) in cases.iter().enumerate() {
         let pat = 0x11 * (i as u64 + 1) % 256;
         writes.push("-c".to_string());
@@ -51,8 +64,32 @@ fn qemu_io_patterns_at_many_offsets_read_back() {
     let out = run_ok("qemu-io", &args, 60);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // Zeroes and discard read back as zeros.
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -z 0 4096", "-c", "discard 1M 1M", &uri], 60);
-    let out = run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0 0 4096", "-c", "read -P 0 1M 1M", &uri], 60);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -z 0 4096",
+            "-c",
+            "discard 1M 1M",
+            &uri,
+        ],
+        60,
+    );
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 4096",
+            "-c",
+            "read -P 0 1M 1M",
+            &uri,
+        ],
+        60,
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
@@ -84,11 +121,23 @@ fn nbdcopy_round_trips_256_mib_and_holes_are_reported() {
     run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], 300);
     let mut a = Vec::new();
     let mut b = Vec::new();
-    std::fs::File::open(&src).unwrap().read_to_end(&mut a).unwrap();
-    std::fs::File::open(&back).unwrap().read_to_end(&mut b).unwrap();
+    std::fs::File::open(&src)
+        .unwrap()
+        .read_to_end(&mut a)
+        .unwrap();
+    std::fs::File::open(&back)
+        .unwrap()
+        .read_to_end(&mut b)
+        .unwrap();
     assert_eq!(b.len() as u64, 512 * MIB);
-    assert!(a[..] == b[..a.len()], "data copied out differs from data copied in");
-    assert!(b[a.len()..].iter().all(|&x| x == 0), "never-written range is not zero");
+    assert!(
+        a[..] == b[..a.len()],
+        "data copied out differs from data copied in"
+    );
+    assert!(
+        b[a.len()..].iter().all(|&x| x == 0),
+        "never-written range is not zero"
+    );
     // Block status: the second half was never written and is a hole.
     let map = run_ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri], 60);
     let extents: serde_json::Value = serde_json::from_str(&map).unwrap();
@@ -103,7 +152,10 @@ fn nbdcopy_round_trips_256_mib_and_holes_are_reported() {
             saw_hole_after = true;
         }
         if e["data"] == true {
-            assert!(start < 256 * MIB, "data reported past what was written: {e}");
+            assert!(
+                start < 256 * MIB,
+                "data reported past what was written: {e}"
+            );
         }
     }
     assert!(saw_data && saw_hole_after, "qemu-img map: {map}");
@@ -134,10 +186,18 @@ fn fio_verified_random_writes_pass_with_three_replicas() {
     require("fio");
     let c = Cluster::start(3, 64 * MIB);
     let out = fio_job(&c.uri(), &[], 180);
-    assert!(out.status.success(), "fio failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = common::fio_json(&out.stdout);
     assert_eq!(v["jobs"][0]["error"], 0);
-    assert!(v["jobs"][0]["write"]["io_bytes"].as_u64().unwrap() >= 32 * MIB, "fio wrote less than asked");
+    assert!(
+        v["jobs"][0]["write"]["io_bytes"].as_u64().unwrap() >= 32 * MIB,
+        "fio wrote less than asked"
+    );
 }
 
 #[test]
@@ -149,7 +209,9 @@ fn losing_one_replica_is_invisible_and_losing_two_stops_writes_cleanly() {
     // fio writes and verifies while replica 0 is killed.
     let fio = {
         let uri = uri.clone();
-        std::thread::spawn(move || fio_job(&uri, &["--time_based", "--runtime=8", "--do_verify=1"], 120))
+        std::thread::spawn(move || {
+            fio_job(&uri, &["--time_based", "--runtime=8", "--do_verify=1"], 120)
+        })
     };
     std::thread::sleep(Duration::from_secs(3));
     c.replicas[0].kill9();
@@ -164,21 +226,72 @@ fn losing_one_replica_is_invisible_and_losing_two_stops_writes_cleanly() {
     let mut acked = Vec::new();
     for i in 0..8u64 {
         let (off, pat) = (i * MIB, 0x40 + i);
-        run_ok("qemu-io", &["-f", "raw", "-c", &format!("write -P {pat} {off} 1M"), "-c", "flush", &uri], 60);
+        run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pat} {off} 1M"),
+                "-c",
+                "flush",
+                &uri,
+            ],
+            60,
+        );
         acked.push((off, pat));
     }
-    let status = run_ok(common::strata_bin().to_str().unwrap(), &["volume", "status", "--json", "--controller", &c.control.to_string()], 30);
+    let status = run_ok(
+        common::strata_bin().to_str().unwrap(),
+        &[
+            "volume",
+            "status",
+            "--json",
+            "--controller",
+            &c.control.to_string(),
+        ],
+        30,
+    );
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["state"], "degraded", "{status}");
     assert_eq!(v["replicas"][0]["state"], "faulted", "{status}");
     // The second of three: writes must now fail, and nothing panics.
     c.replicas[1].kill9();
-    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 0xee 32M 1M", "-c", "flush", &uri], 60);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() || text.contains("error") || text.contains("failed"), "a write below quorum succeeded: {text}");
-    assert!(c.controller.as_mut().unwrap().is_running(), "controller died");
-    let metrics = run_ok("curl", &["-s", &format!("http://{}/metrics", c.metrics)], 10);
-    assert!(metrics.contains("strata_volume_healthy_replicas{volume=\"vol\"} 1"), "{metrics}");
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xee 32M 1M",
+            "-c",
+            "flush",
+            &uri,
+        ],
+        60,
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() || text.contains("error") || text.contains("failed"),
+        "a write below quorum succeeded: {text}"
+    );
+    assert!(
+        c.controller.as_mut().unwrap().is_running(),
+        "controller died"
+    );
+    let metrics = run_ok(
+        "curl",
+        &["-s", &format!("http://{}/metrics", c.metrics)],
+        10,
+    );
+    assert!(
+        metrics.contains("strata_volume_healthy_replicas{volume=\"vol\"} 1"),
+        "{metrics}"
+    );
     let log = c.controller.as_ref().unwrap().log_text();
     assert!(!log.contains("panicked"), "{log}");
     // Every acknowledged byte is in the surviving replica's files.
@@ -188,7 +301,10 @@ fn losing_one_replica_is_invisible_and_losing_two_stops_writes_cleanly() {
     let mut buf = vec![0u8; MIB as usize];
     for (off, pat) in acked {
         store.read(off, &mut buf).unwrap();
-        assert!(buf.iter().all(|&b| b as u64 == pat), "acknowledged write at {off} lost");
+        assert!(
+            buf.iter().all(|&b| b as u64 == pat),
+            "acknowledged write at {off} lost"
+        );
     }
 }
 
@@ -199,7 +315,21 @@ fn after_a_clean_shutdown_the_replicas_are_identical() {
     let uri = c.uri();
     run_ok(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 1 0 3M", "-c", "write -P 2 5M 64k", "-c", "discard 1M 1M", "-c", "write -z 9M 1M", "-c", "write -P 3 15M 1M", &uri],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 3M",
+            "-c",
+            "write -P 2 5M 64k",
+            "-c",
+            "discard 1M 1M",
+            "-c",
+            "write -z 9M 1M",
+            "-c",
+            "write -P 3 15M 1M",
+            &uri,
+        ],
         60,
     );
     c.stop_clean();
@@ -221,8 +351,11 @@ fn garbage_on_the_nbd_and_replica_ports_does_not_hurt_other_clients() {
     let mut seed = 12345u64;
     for target in [c.nbd, c.replica_addrs[0]] {
         for round in 0..20 {
-            let Ok(mut s) = TcpStream::connect(target) else { continue };
-            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let Ok(mut s) = TcpStream::connect(target) else {
+                continue;
+            };
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
             let mut junk = vec![0u8; 64 + round * 97];
             for b in junk.iter_mut() {
                 seed ^= seed << 13;
@@ -242,5 +375,17 @@ fn garbage_on_the_nbd_and_replica_ports_does_not_hurt_other_clients() {
     }
     // Still serving, with the data path intact.
     run_ok("nbdinfo", &[&c.uri()], 30);
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64k", "-c", "read -P 7 0 64k", &c.uri()], 30);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 0 64k",
+            "-c",
+            "read -P 7 0 64k",
+            &c.uri(),
+        ],
+        30,
+    );
 }

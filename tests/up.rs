@@ -36,12 +36,19 @@ fn interrupt(p: &mut Proc) {
     }
     for _ in 0..300 {
         if let Ok(Some(status)) = p.child.try_wait() {
-            assert!(status.success(), "strata up exited with {status}:\n{}", p.log_text());
+            assert!(
+                status.success(),
+                "strata up exited with {status}:\n{}",
+                p.log_text()
+            );
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    panic!("strata up did not stop within 30 s of Ctrl-C:\n{}", p.log_text());
+    panic!(
+        "strata up did not stop within 30 s of Ctrl-C:\n{}",
+        p.log_text()
+    );
 }
 
 #[test]
@@ -56,12 +63,22 @@ fn up_serves_stops_cleanly_and_reopens_the_same_data() {
         p.log_text().contains("nbdinfo nbd://")
     });
     assert!(printed, "up must print how to connect:\n{}", p.log_text());
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5c 4096 1M", &uri], 60);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5c 4096 1M", &uri],
+        60,
+    );
     interrupt(&mut p);
     // Every replica was closed cleanly: the flag is set and the data is there.
     for i in 0..3 {
-        let replica = dir.path().join("data").join(format!("replica-{i}")).join("strata");
-        let (store, report) = strata_replica::Store::open(&replica, Arc::new(strata_replica::engine::PortableEngine)).unwrap();
+        let replica = dir
+            .path()
+            .join("data")
+            .join(format!("replica-{i}"))
+            .join("strata");
+        let (store, report) =
+            strata_replica::Store::open(&replica, Arc::new(strata_replica::engine::PortableEngine))
+                .unwrap();
         assert!(report.was_clean, "replica {i} was not closed cleanly");
         let mut buf = vec![0u8; 1 << 20];
         store.read(4096, &mut buf).unwrap();
@@ -69,7 +86,11 @@ fn up_serves_stops_cleanly_and_reopens_the_same_data() {
         store.close().unwrap();
     }
     let mut p = up(dir.path(), nbd);
-    let out = run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x5c 4096 1M", &uri], 60);
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x5c 4096 1M", &uri],
+        60,
+    );
     assert!(!out.contains("verification failed"), "{out}");
     interrupt(&mut p);
 }

@@ -42,12 +42,18 @@ pub enum AssembleError {
     SizeMismatch { volume: String, sizes: String },
 }
 
-async fn control(addr: SocketAddr, timeout: Duration) -> Result<ReplicaControlClient<tonic::transport::Channel>, String> {
+async fn control(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<ReplicaControlClient<tonic::transport::Channel>, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(timeout)
         .timeout(timeout);
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {e}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
     Ok(ReplicaControlClient::new(channel))
 }
 
@@ -68,7 +74,11 @@ async fn open_replica(addr: SocketAddr, opts: &AssembleOptions) -> Result<Replic
                 .await
                 .map(|s| s.into_inner())
                 .map_err(|s| format!("create failed: {}", s.message())),
-            None => Err(format!("no replica of {} there: {}", opts.volume, s.message())),
+            None => Err(format!(
+                "no replica of {} there: {}",
+                opts.volume,
+                s.message()
+            )),
         },
         Err(s) => Err(format!("open failed: {}", s.message())),
     }
@@ -95,7 +105,8 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
         });
     }
     let quorum = configured / 2 + 1;
-    let statuses = futures::future::join_all(opts.replicas.iter().map(|&a| open_replica(a, opts))).await;
+    let statuses =
+        futures::future::join_all(opts.replicas.iter().map(|&a| open_replica(a, opts))).await;
     let reachable: Vec<(usize, &ReplicaStatus)> = statuses
         .iter()
         .enumerate()
@@ -140,12 +151,14 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
             },
             Ok(_) => match set_epoch(addr, opts, epoch).await {
                 Err(e) => Health::Faulted { reason: e },
-                Ok(()) => match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout).await {
-                    Ok(c) => Health::Healthy(std::sync::Arc::new(c)),
-                    Err(e) => Health::Faulted {
-                        reason: format!("data connection failed: {e}"),
-                    },
-                },
+                Ok(()) => {
+                    match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout).await {
+                        Ok(c) => Health::Healthy(std::sync::Arc::new(c)),
+                        Err(e) => Health::Faulted {
+                            reason: format!("data connection failed: {e}"),
+                        },
+                    }
+                }
             },
         };
         slots.push(Slot::new(addr, health));

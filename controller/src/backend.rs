@@ -1,7 +1,6 @@
 //! [`VolumeBackend`]: the NBD frontend's [`Backend`] trait implemented by
 //! the replicator, mapping replicator errors to protocol errors.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,7 +23,9 @@ fn map_err(e: VolumeError) -> BackendError {
     tracing::debug!("request failed: {e}");
     match e {
         VolumeError::Invalid { .. } => BackendError::Invalid(e.to_string()),
-        VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => BackendError::Io(e.to_string()),
+        VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => {
+            BackendError::Io(e.to_string())
+        }
     }
 }
 
@@ -37,33 +38,40 @@ impl Backend for VolumeBackend {
         &self.volume.name
     }
 
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, BackendError>> + Send {
-        async move { self.volume.read(offset, len).await.map_err(map_err) }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
+        self.volume.read(offset, len).await.map_err(map_err)
     }
 
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<(), BackendError>> + Send {
-        async move { self.volume.write(offset, data, fua).await.map_err(map_err) }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
+        self.volume.write(offset, data, fua).await.map_err(map_err)
     }
 
-    fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
-        async move { self.volume.flush().await.map_err(map_err) }
+    async fn flush(&self) -> Result<(), BackendError> {
+        self.volume.flush().await.map_err(map_err)
     }
 
-    fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), BackendError>> + Send {
-        async move { self.volume.trim(offset, len).await.map_err(map_err) }
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), BackendError> {
+        self.volume.trim(offset, len).await.map_err(map_err)
     }
 
-    fn write_zeroes(
+    async fn write_zeroes(
         &self,
         offset: u64,
         len: u32,
         may_punch: bool,
         fua: bool,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        async move { self.volume.write_zeroes(offset, len, may_punch, fua).await.map_err(map_err) }
+    ) -> Result<(), BackendError> {
+        self.volume
+            .write_zeroes(offset, len, may_punch, fua)
+            .await
+            .map_err(map_err)
     }
 
-    fn block_status(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<AllocationExtent>, BackendError>> + Send {
-        async move { self.volume.block_status(offset, len).await.map_err(map_err) }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<AllocationExtent>, BackendError> {
+        self.volume.block_status(offset, len).await.map_err(map_err)
     }
 }

@@ -9,8 +9,8 @@
 
 pub mod assemble;
 pub mod backend;
-pub mod mgmt;
 pub mod frontend;
+pub mod mgmt;
 pub mod replicator;
 pub mod run;
 

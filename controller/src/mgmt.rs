@@ -72,16 +72,47 @@ pub fn metrics_text(volume: &Volume) -> String {
     let v = &volume.name;
     let io = &volume.io;
     let counters = [
-        ("strata_volume_reads_total", "Client reads served.", io.reads.load(Ordering::Relaxed)),
-        ("strata_volume_writes_total", "Client writes acknowledged.", io.writes.load(Ordering::Relaxed)),
-        ("strata_volume_flushes_total", "Client flushes acknowledged.", io.flushes.load(Ordering::Relaxed)),
-        ("strata_volume_trims_total", "Client trims acknowledged.", io.trims.load(Ordering::Relaxed)),
-        ("strata_volume_errors_total", "Client requests that failed.", io.errors.load(Ordering::Relaxed)),
-        ("strata_volume_read_bytes_total", "Bytes read by clients.", io.bytes_read.load(Ordering::Relaxed)),
-        ("strata_volume_written_bytes_total", "Bytes written by clients.", io.bytes_written.load(Ordering::Relaxed)),
+        (
+            "strata_volume_reads_total",
+            "Client reads served.",
+            io.reads.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_writes_total",
+            "Client writes acknowledged.",
+            io.writes.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_flushes_total",
+            "Client flushes acknowledged.",
+            io.flushes.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_trims_total",
+            "Client trims acknowledged.",
+            io.trims.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_errors_total",
+            "Client requests that failed.",
+            io.errors.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_read_bytes_total",
+            "Bytes read by clients.",
+            io.bytes_read.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_written_bytes_total",
+            "Bytes written by clients.",
+            io.bytes_written.load(Ordering::Relaxed),
+        ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{volume=\"{v}\"}} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{volume=\"{v}\"}} {value}"
+        );
     }
     let _ = writeln!(
         out,
@@ -105,7 +136,12 @@ pub fn metrics_text(volume: &Volume) -> String {
     );
     let _ = writeln!(out, "# HELP strata_replica_healthy 1 if the replica is healthy, 0 if faulted.\n# TYPE strata_replica_healthy gauge");
     for s in &volume.slots {
-        let _ = writeln!(out, "strata_replica_healthy{{volume=\"{v}\",replica=\"{}\"}} {}", s.addr, s.is_healthy() as u8);
+        let _ = writeln!(
+            out,
+            "strata_replica_healthy{{volume=\"{v}\",replica=\"{}\"}} {}",
+            s.addr,
+            s.is_healthy() as u8
+        );
     }
     let _ = writeln!(out, "# HELP strata_replica_ops_total Replica requests by result.\n# TYPE strata_replica_ops_total counter");
     for s in &volume.slots {
@@ -136,7 +172,11 @@ pub fn metrics_text(volume: &Volume) -> String {
 
 /// A minimal HTTP/1.1 server: `GET /metrics` returns [`metrics_text`],
 /// anything else 404. One request per connection.
-pub async fn serve_metrics(listener: TcpListener, volume: Arc<Volume>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    volume: Arc<Volume>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let (mut sock, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -171,11 +211,12 @@ pub async fn serve_metrics(listener: TcpListener, volume: Arc<Volume>, mut shutd
                 return;
             }
             let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                ("200 OK", metrics_text(&volume))
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
+            let (status, body) =
+                if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                    ("200 OK", metrics_text(&volume))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string())
+                };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -115,7 +115,9 @@ pub async fn run_controller(
 }
 
 /// Accepted TCP connections as the stream tonic wants.
-pub fn tokio_incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+pub fn tokio_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     futures::stream::unfold(listener, |l| async move {
         let r = l.accept().await.map(|(s, _)| {
             let _ = s.set_nodelay(true);

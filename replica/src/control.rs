@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use strata_proto::replica::replica_control_server::ReplicaControl;
-use strata_proto::replica::{CreateReplicaRequest, Empty, ReplicaList, ReplicaRef, ReplicaStatus, SetEpochRequest};
+use strata_proto::replica::{
+    CreateReplicaRequest, Empty, ReplicaList, ReplicaRef, ReplicaStatus, SetEpochRequest,
+};
 use tonic::{Request, Response, Status};
 
 use crate::host::{HostError, ReplicaHost};
@@ -42,7 +44,9 @@ fn to_status(e: HostError) -> Status {
             StoreError::NotFound(_) => Status::not_found(msg),
             StoreError::AlreadyExists(_) => Status::already_exists(msg),
             StoreError::Locked(_) => Status::unavailable(msg),
-            StoreError::BadSize { .. } | StoreError::InvalidName(_) => Status::invalid_argument(msg),
+            StoreError::BadSize { .. } | StoreError::InvalidName(_) => {
+                Status::invalid_argument(msg)
+            }
             e if e.is_corruption() => Status::data_loss(msg),
             _ => Status::internal(msg),
         },
@@ -54,7 +58,9 @@ fn to_status(e: HostError) -> Status {
 }
 
 /// Runs a blocking host call off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, HostError> + Send + 'static) -> Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, HostError> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("replica task failed: {e}")))?
@@ -63,7 +69,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, HostError> + 
 
 #[tonic::async_trait]
 impl ReplicaControl for ReplicaControlService {
-    async fn create_replica(&self, req: Request<CreateReplicaRequest>) -> Result<Response<ReplicaStatus>, Status> {
+    async fn create_replica(
+        &self,
+        req: Request<CreateReplicaRequest>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
         let req = req.into_inner();
         let host = self.host.clone();
         let status = blocking(move || {
@@ -74,7 +83,10 @@ impl ReplicaControl for ReplicaControlService {
         Ok(Response::new(status))
     }
 
-    async fn open_replica(&self, req: Request<ReplicaRef>) -> Result<Response<ReplicaStatus>, Status> {
+    async fn open_replica(
+        &self,
+        req: Request<ReplicaRef>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
         let name = req.into_inner().volume;
         let host = self.host.clone();
         let status = blocking(move || {
@@ -85,7 +97,10 @@ impl ReplicaControl for ReplicaControlService {
         Ok(Response::new(status))
     }
 
-    async fn close_replica(&self, req: Request<ReplicaRef>) -> Result<Response<ReplicaStatus>, Status> {
+    async fn close_replica(
+        &self,
+        req: Request<ReplicaRef>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
         let name = req.into_inner().volume;
         let host = self.host.clone();
         let status = blocking(move || {
@@ -132,7 +147,10 @@ impl ReplicaControl for ReplicaControlService {
         Ok(Response::new(ReplicaList { replicas }))
     }
 
-    async fn set_epoch(&self, req: Request<SetEpochRequest>) -> Result<Response<ReplicaStatus>, Status> {
+    async fn set_epoch(
+        &self,
+        req: Request<SetEpochRequest>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
         let req = req.into_inner();
         let host = self.host.clone();
         let status = blocking(move || {
@@ -145,10 +163,12 @@ impl ReplicaControl for ReplicaControlService {
                     requested: req.epoch,
                 });
             }
-            store.set_epoch(req.epoch).map_err(|source| HostError::Store {
-                volume: req.volume.clone(),
-                source,
-            })?;
+            store
+                .set_epoch(req.epoch)
+                .map_err(|source| HostError::Store {
+                    volume: req.volume.clone(),
+                    source,
+                })?;
             Ok(status_of(&req.volume, &store, was_clean))
         })
         .await?;

@@ -77,7 +77,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, offset: u64, source: io::Error) -> Self {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        offset: u64,
+        source: io::Error,
+    ) -> Self {
         StoreError::Io {
             op,
             path: path.into(),
@@ -91,7 +96,9 @@ impl StoreError {
     pub fn is_corruption(&self) -> bool {
         matches!(
             self,
-            StoreError::Checksum { .. } | StoreError::CorruptMap { .. } | StoreError::CorruptMeta { .. }
+            StoreError::Checksum { .. }
+                | StoreError::CorruptMap { .. }
+                | StoreError::CorruptMeta { .. }
         )
     }
 }

@@ -15,7 +15,9 @@ pub struct RangeMap<V> {
 
 impl<V> Default for RangeMap<V> {
     fn default() -> Self {
-        RangeMap { map: BTreeMap::new() }
+        RangeMap {
+            map: BTreeMap::new(),
+        }
     }
 }
 

@@ -164,18 +164,23 @@ impl LayerFiles {
                     if block >= blocks {
                         break;
                     }
-                    let entry = MapEntry::decode(MapEntry::from_bytes(chunk)).map_err(|reason| StoreError::CorruptMap {
-                        path: self.map_path.clone(),
-                        block,
-                        reason,
-                    })?;
+                    let entry =
+                        MapEntry::decode(MapEntry::from_bytes(chunk)).map_err(|reason| {
+                            StoreError::CorruptMap {
+                                path: self.map_path.clone(),
+                                block,
+                                reason,
+                            }
+                        })?;
                     let kind = match entry {
                         MapEntry::Absent => None,
                         MapEntry::Data { .. } => Some(BlockKind::Data),
                         MapEntry::Zero => Some(BlockKind::Zero),
                     };
                     match (run, kind) {
-                        (Some((s, e, k)), Some(kind)) if e == block && k == kind => run = Some((s, e + 1, k)),
+                        (Some((s, e, k)), Some(kind)) if e == block && k == kind => {
+                            run = Some((s, e + 1, k))
+                        }
                         (prev, kind) => {
                             if let Some((s, e, k)) = prev {
                                 extents.set(s, e, k);
@@ -214,7 +219,11 @@ fn next_data_region(file: &File, pos: u64, limit: u64) -> Option<(u64, u64)> {
     }
     // SAFETY: as above.
     let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
-    let end = if end < 0 { limit } else { (end as u64).min(limit) };
+    let end = if end < 0 {
+        limit
+    } else {
+        (end as u64).min(limit)
+    };
     Some((start, end.max(start + 1).min(limit)))
 }
 
@@ -224,7 +233,12 @@ mod tests {
 
     #[test]
     fn entries_round_trip_and_garbage_is_refused() {
-        for e in [MapEntry::Absent, MapEntry::Zero, MapEntry::Data { crc: 0 }, MapEntry::Data { crc: u32::MAX }] {
+        for e in [
+            MapEntry::Absent,
+            MapEntry::Zero,
+            MapEntry::Data { crc: 0 },
+            MapEntry::Data { crc: u32::MAX },
+        ] {
             assert_eq!(MapEntry::decode(e.encode()).unwrap(), e);
         }
         assert!(MapEntry::decode(0x1234).is_err());

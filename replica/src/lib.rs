@@ -30,7 +30,9 @@ pub mod testing;
 pub mod wire;
 
 pub use error::{Result, StoreError};
-pub use store::{Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo, Store, StoreInfo, View};
+pub use store::{
+    Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo, Store, StoreInfo, View,
+};
 
 /// The block size of every volume: the unit of checksums, alignment and
 /// extent maps.

@@ -91,7 +91,10 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<VolumeMeta> {
         reason,
     };
     if bytes.len() < HEADER_LEN {
-        return Err(corrupt(format!("file is {} bytes, shorter than the header", bytes.len())));
+        return Err(corrupt(format!(
+            "file is {} bytes, shorter than the header",
+            bytes.len()
+        )));
     }
     if &bytes[..8] != MAGIC {
         return Err(corrupt("bad magic (not a strata metadata file)".into()));
@@ -102,7 +105,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<VolumeMeta> {
     }
     let version = u32_at(8);
     if version != VERSION {
-        return Err(corrupt(format!("unsupported format version {version} (this build reads {VERSION})")));
+        return Err(corrupt(format!(
+            "unsupported format version {version} (this build reads {VERSION})"
+        )));
     }
     let len = u32_at(12) as usize;
     if len > MAX_BODY || bytes.len() != HEADER_LEN + len {
@@ -115,17 +120,25 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<VolumeMeta> {
     if crc32fast::hash(body) != u32_at(16) {
         return Err(corrupt("body checksum mismatch".into()));
     }
-    let meta: VolumeMeta = serde_json::from_slice(body).map_err(|e| corrupt(format!("body does not parse: {e}")))?;
+    let meta: VolumeMeta =
+        serde_json::from_slice(body).map_err(|e| corrupt(format!("body does not parse: {e}")))?;
     validate(&meta).map_err(corrupt)?;
     Ok(meta)
 }
 
 fn validate(meta: &VolumeMeta) -> std::result::Result<(), String> {
     if meta.block_size != crate::BLOCK_SIZE as u32 {
-        return Err(format!("block size {} is not {}", meta.block_size, crate::BLOCK_SIZE));
+        return Err(format!(
+            "block size {} is not {}",
+            meta.block_size,
+            crate::BLOCK_SIZE
+        ));
     }
     if meta.size % crate::BLOCK_SIZE != 0 {
-        return Err(format!("size {} is not a multiple of the block size", meta.size));
+        return Err(format!(
+            "size {} is not a multiple of the block size",
+            meta.size
+        ));
     }
     let Some(head) = meta.layers.last() else {
         return Err("the layer chain is empty".into());
@@ -137,7 +150,10 @@ fn validate(meta: &VolumeMeta) -> std::result::Result<(), String> {
     let mut names = std::collections::HashSet::new();
     for layer in &meta.layers {
         if layer.id >= meta.next_layer_id || !ids.insert(layer.id) {
-            return Err(format!("layer id {} is duplicated or not below next_layer_id", layer.id));
+            return Err(format!(
+                "layer id {} is duplicated or not below next_layer_id",
+                layer.id
+            ));
         }
         if let Some(snap) = &layer.snapshot {
             if !names.insert(snap.name.clone()) {
@@ -153,7 +169,9 @@ pub fn read(dir: &Path) -> Result<VolumeMeta> {
     let path = dir.join(META_FILE);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound(dir.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::NotFound(dir.to_path_buf()))
+        }
         Err(e) => return Err(StoreError::io("read", path, 0, e)),
     };
     decode(&bytes, &path)
@@ -170,9 +188,11 @@ pub fn write(dir: &Path, meta: &VolumeMeta, fail: &FailPoints) -> Result<()> {
         .truncate(true)
         .open(&tmp)
         .map_err(|e| StoreError::io("create", &tmp, 0, e))?;
-    f.write_all(&bytes).map_err(|e| StoreError::io("write", &tmp, 0, e))?;
+    f.write_all(&bytes)
+        .map_err(|e| StoreError::io("write", &tmp, 0, e))?;
     fail.check("meta.tmp_written")?;
-    f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, 0, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("fsync", &tmp, 0, e))?;
     drop(f);
     fail.check("meta.tmp_synced")?;
     fs::rename(&tmp, &path).map_err(|e| StoreError::io("rename", &tmp, 0, e))?;
@@ -208,7 +228,10 @@ mod tests {
                         created: 1,
                     }),
                 },
-                LayerMeta { id: 2, snapshot: None },
+                LayerMeta {
+                    id: 2,
+                    snapshot: None,
+                },
             ],
         }
     }
@@ -226,7 +249,10 @@ mod tests {
             let mut b = bytes.clone();
             b[i] ^= 0x40;
             let err = decode(&b, Path::new("x")).expect_err("a flipped byte must not decode");
-            assert!(matches!(err, StoreError::CorruptMeta { .. }), "byte {i}: {err}");
+            assert!(
+                matches!(err, StoreError::CorruptMeta { .. }),
+                "byte {i}: {err}"
+            );
         }
     }
 
@@ -234,7 +260,10 @@ mod tests {
     fn every_truncation_is_caught() {
         let bytes = encode(&sample());
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len], Path::new("x")).is_err(), "truncated to {len}");
+            assert!(
+                decode(&bytes[..len], Path::new("x")).is_err(),
+                "truncated to {len}"
+            );
         }
     }
 

@@ -18,7 +18,11 @@ const PREFACE: &[u8; 4] = b"PRI ";
 
 /// Serves every replica under `dir` on `listener` until `shutdown` turns
 /// true, then closes every replica cleanly (flushed, clean flag set).
-pub async fn serve_node(dir: &Path, listener: TcpListener, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve_node(
+    dir: &Path,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let host = Arc::new(ReplicaHost::new(dir, crate::engine::detect()));
     let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<TcpStream>>(16);
@@ -27,7 +31,11 @@ pub async fn serve_node(dir: &Path, listener: TcpListener, shutdown: watch::Rece
     let grpc = {
         let svc = ReplicaControlService::new(host.clone());
         let mut rx = shutdown.clone();
-        let incoming = futures::stream::unfold(grpc_rx, |mut r| async move { r.recv().await.map(|s| (s, r)) });
+        let incoming =
+            futures::stream::unfold(
+                grpc_rx,
+                |mut r| async move { r.recv().await.map(|s| (s, r)) },
+            );
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(ReplicaControlServer::new(svc))
@@ -37,7 +45,11 @@ pub async fn serve_node(dir: &Path, listener: TcpListener, shutdown: watch::Rece
                 .await
         })
     };
-    let data = tokio::spawn(crate::server::serve_streams(data_rx, host.clone(), shutdown.clone()));
+    let data = tokio::spawn(crate::server::serve_streams(
+        data_rx,
+        host.clone(),
+        shutdown.clone(),
+    ));
 
     let mut rx = shutdown.clone();
     loop {

@@ -106,7 +106,9 @@ impl CrashSimEngine {
                         let (s, e) = (ps.max(*offset), pe.min(end));
                         let dst = &mut buf[(s - *offset) as usize..(e - *offset) as usize];
                         match content {
-                            Page::Bytes(b) => dst.copy_from_slice(&b[(s - ps) as usize..(e - ps) as usize]),
+                            Page::Bytes(b) => {
+                                dst.copy_from_slice(&b[(s - ps) as usize..(e - ps) as usize])
+                            }
                             Page::Hole => dst.fill(0),
                         }
                     }
@@ -174,7 +176,8 @@ impl IoEngine for CrashSimEngine {
 
     fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<(), BatchError> {
         for (index, op) in ops.iter_mut().enumerate() {
-            self.run(op).map_err(|source| BatchError { index, source })?;
+            self.run(op)
+                .map_err(|source| BatchError { index, source })?;
         }
         Ok(())
     }

@@ -22,13 +22,19 @@ fn make(dir: &Path) {
     )
     .unwrap();
     for b in 0..BLOCKS {
-        store.write(b * BLOCK_SIZE, &vec![b as u8 + 1; BLOCK_SIZE as usize]).unwrap();
+        store
+            .write(b * BLOCK_SIZE, &vec![b as u8 + 1; BLOCK_SIZE as usize])
+            .unwrap();
     }
     store.close().unwrap();
 }
 
 fn flip(path: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x10;
@@ -43,7 +49,11 @@ fn a_flipped_data_byte_fails_that_block_only() {
     let (store, _) = Store::open(dir.path(), Arc::new(PortableEngine)).unwrap();
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     match store.read(5 * BLOCK_SIZE, &mut buf) {
-        Err(e @ StoreError::Checksum { layer: 1, offset, .. }) => {
+        Err(
+            e @ StoreError::Checksum {
+                layer: 1, offset, ..
+            },
+        ) => {
             assert_eq!(offset, 5 * BLOCK_SIZE);
             assert!(e.is_corruption());
             assert!(e.to_string().contains("offset 20480"), "{e}");
@@ -69,11 +79,15 @@ fn a_flipped_map_byte_is_caught_at_open_or_read() {
         make(dir.path());
         flip(&dir.path().join("layer-000001.map"), 3 * 8 + byte_in_entry);
         match Store::open(dir.path(), Arc::new(PortableEngine)) {
-            Err(e @ StoreError::CorruptMap { block: 3, .. }) => assert!(e.to_string().contains("layer-000001.map")),
+            Err(e @ StoreError::CorruptMap { block: 3, .. }) => {
+                assert!(e.to_string().contains("layer-000001.map"))
+            }
             Err(e) => panic!("byte {byte_in_entry}: unexpected error {e}"),
             Ok((store, _)) => {
                 let mut buf = vec![0u8; BLOCK_SIZE as usize];
-                let err = store.read(3 * BLOCK_SIZE, &mut buf).expect_err("a damaged checksum must not pass");
+                let err = store
+                    .read(3 * BLOCK_SIZE, &mut buf)
+                    .expect_err("a damaged checksum must not pass");
                 assert!(err.is_corruption(), "byte {byte_in_entry}: {err}");
             }
         }
@@ -85,14 +99,18 @@ fn damaged_metadata_refuses_to_open_with_the_reason() {
     let len = {
         let dir = tempfile::tempdir().unwrap();
         make(dir.path());
-        std::fs::metadata(dir.path().join("volume.meta")).unwrap().len()
+        std::fs::metadata(dir.path().join("volume.meta"))
+            .unwrap()
+            .len()
     };
     for offset in [0, 9, 14, 18, 22, 30, len - 2] {
         let dir = tempfile::tempdir().unwrap();
         make(dir.path());
         flip(&dir.path().join("volume.meta"), offset);
         match Store::open(dir.path(), Arc::new(PortableEngine)) {
-            Err(e @ StoreError::CorruptMeta { .. }) => assert!(e.to_string().contains("volume.meta"), "{e}"),
+            Err(e @ StoreError::CorruptMeta { .. }) => {
+                assert!(e.to_string().contains("volume.meta"), "{e}")
+            }
             Err(e) => panic!("offset {offset}: unexpected error {e}"),
             Ok(_) => panic!("offset {offset}: damaged metadata opened"),
         }
@@ -106,10 +124,16 @@ fn damaged_metadata_refuses_to_open_with_the_reason() {
         .unwrap()
         .set_len(10)
         .unwrap();
-    assert!(matches!(Store::open(dir.path(), Arc::new(PortableEngine)), Err(StoreError::CorruptMeta { .. })));
+    assert!(matches!(
+        Store::open(dir.path(), Arc::new(PortableEngine)),
+        Err(StoreError::CorruptMeta { .. })
+    ));
     std::fs::remove_file(dir.path().join("layer-000001.map")).unwrap();
     std::fs::remove_file(dir.path().join("volume.meta")).unwrap();
-    assert!(matches!(Store::open(dir.path(), Arc::new(PortableEngine)), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        Store::open(dir.path(), Arc::new(PortableEngine)),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 #[test]

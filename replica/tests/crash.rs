@@ -16,7 +16,9 @@ const BS: usize = BLOCK_SIZE as usize;
 const BLOCKS: u64 = 32;
 
 fn block_pattern(seed: u32) -> Vec<u8> {
-    (0..BS).map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(seed) as u8).collect()
+    (0..BS)
+        .map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(seed) as u8)
+        .collect()
 }
 
 fn create(dir: &Path, engine: Arc<CrashSimEngine>) -> Store {
@@ -100,16 +102,31 @@ fn crash_and_check(ops: Vec<Op>, mode: CrashMode) -> Result<(), TestCaseError> {
                 let ok = buf == durable[b] || since[b].contains(&buf);
                 prop_assert!(ok, "block {} holds data that was never written there", b);
                 if since[b].is_empty() {
-                    prop_assert!(buf == durable[b], "flushed block {} did not survive the crash", b);
+                    prop_assert!(
+                        buf == durable[b],
+                        "flushed block {} did not survive the crash",
+                        b
+                    );
                 }
                 if matches!(mode, CrashMode::DropAll) {
-                    prop_assert!(buf == durable[b], "block {} is not its last flushed contents", b);
+                    prop_assert!(
+                        buf == durable[b],
+                        "block {} is not its last flushed contents",
+                        b
+                    );
                 }
             }
             Err(StoreError::Checksum { .. }) => {
                 // A torn, never-flushed write: allowed only where a write was in flight.
-                prop_assert!(!since[b].is_empty(), "flushed block {} reads with a checksum error", b);
-                prop_assert!(matches!(mode, CrashMode::TornRandom { .. }), "checksum error after a clean drop");
+                prop_assert!(
+                    !since[b].is_empty(),
+                    "flushed block {} reads with a checksum error",
+                    b
+                );
+                prop_assert!(
+                    matches!(mode, CrashMode::TornRandom { .. }),
+                    "checksum error after a clean drop"
+                );
             }
             Err(e) => return Err(TestCaseError::fail(format!("block {b}: {e}"))),
         }
@@ -140,7 +157,9 @@ fn views(store: &Store) -> Vec<(String, Vec<u8>)> {
     out.push(("<head>".to_string(), head));
     for s in store.snapshots().unwrap() {
         let mut buf = vec![0u8; size];
-        store.read_view(View::Snapshot(&s.name), 0, &mut buf).unwrap();
+        store
+            .read_view(View::Snapshot(&s.name), 0, &mut buf)
+            .unwrap();
         out.push((s.name, buf));
     }
     out
@@ -152,10 +171,14 @@ fn populated(dir: &Path, engine: Arc<CrashSimEngine>) -> Store {
     for layer in 0..4u32 {
         for b in 0..BLOCKS {
             if (b + layer as u64) % 3 == 0 {
-                store.write(b * BLOCK_SIZE, &block_pattern(layer * 100 + b as u32)).unwrap();
+                store
+                    .write(b * BLOCK_SIZE, &block_pattern(layer * 100 + b as u32))
+                    .unwrap();
             }
         }
-        store.trim((layer as u64 * 5) * BLOCK_SIZE, 2 * BLOCK_SIZE).unwrap();
+        store
+            .trim((layer as u64 * 5) * BLOCK_SIZE, 2 * BLOCK_SIZE)
+            .unwrap();
         if layer < 3 {
             store.snapshot(&format!("s{layer}")).unwrap();
         }
@@ -203,7 +226,10 @@ fn every_fail_point_of_every_chain_operation_leaves_the_old_or_new_state() {
                     Err(e) => panic!("{name} at {point}: unexpected error {e}"),
                 }
                 // A poisoned store refuses further changes.
-                assert!(store.write(0, &[0u8; BS]).is_err(), "{name}/{point}: store not poisoned");
+                assert!(
+                    store.write(0, &[0u8; BS]).is_err(),
+                    "{name}/{point}: store not poisoned"
+                );
                 drop(store);
                 engine.crash(CrashMode::DropAll);
                 let tmp = dir.path().join("volume.meta.tmp");
@@ -224,7 +250,11 @@ fn every_fail_point_of_every_chain_operation_leaves_the_old_or_new_state() {
                 // Orphan layer files are gone: every layer file belongs to the chain.
                 let files = std::fs::read_dir(dir.path()).unwrap().count();
                 let layers = store.snapshots().unwrap().len() + 1;
-                assert_eq!(files, layers * 2 + 2, "{name}/{point}: stray files left behind");
+                assert_eq!(
+                    files,
+                    layers * 2 + 2,
+                    "{name}/{point}: stray files left behind"
+                );
                 // A deletion interrupted before its commit can be run again.
                 if name.starts_with("delete") && got == before {
                     op(&store).unwrap();
@@ -233,5 +263,8 @@ fn every_fail_point_of_every_chain_operation_leaves_the_old_or_new_state() {
             }
         }
     }
-    assert!(fired >= 20, "only {fired} fail points fired; the test is not exercising the operations");
+    assert!(
+        fired >= 20,
+        "only {fired} fail points fired; the test is not exercising the operations"
+    );
 }

@@ -53,7 +53,9 @@ fn a_sparse_tebibyte_costs_kilobytes_per_thousand_extents() {
     // Scattered and never adjacent: every write is its own extent.
     let stride = blocks / EXTENTS;
     for i in 0..EXTENTS {
-        store.write(i * stride * BLOCK_SIZE + (i % 7) * BLOCK_SIZE, &block).unwrap();
+        store
+            .write(i * stride * BLOCK_SIZE + (i % 7) * BLOCK_SIZE, &block)
+            .unwrap();
     }
     store.close().unwrap();
 
@@ -75,9 +77,14 @@ fn a_sparse_tebibyte_costs_kilobytes_per_thousand_extents() {
         blocks / (1 << 20)
     );
     // Two maps (the head's extents and the merged index) of 10,000 entries.
-    assert!(retained < 2 << 20, "index retains {retained} bytes for {EXTENTS} extents");
+    assert!(
+        retained < 2 << 20,
+        "index retains {retained} bytes for {EXTENTS} extents"
+    );
     assert!(peak < 4 << 20, "opening peaks at {peak} bytes");
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    store.read(stride * BLOCK_SIZE + BLOCK_SIZE, &mut buf).unwrap();
+    store
+        .read(stride * BLOCK_SIZE + BLOCK_SIZE, &mut buf)
+        .unwrap();
     assert_eq!(buf, block);
 }

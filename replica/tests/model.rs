@@ -14,15 +14,34 @@ const START_BLOCKS: u64 = 48;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { block: u64, blocks: u64, seed: u8 },
-    Trim { block: u64, blocks: u64 },
-    WriteZeroes { block: u64, blocks: u64, punch: bool },
+    Write {
+        block: u64,
+        blocks: u64,
+        seed: u8,
+    },
+    Trim {
+        block: u64,
+        blocks: u64,
+    },
+    WriteZeroes {
+        block: u64,
+        blocks: u64,
+        punch: bool,
+    },
     Flush,
     Snapshot,
-    Revert { pick: usize },
-    Delete { pick: usize },
-    Expand { blocks: u64 },
-    Reopen { clean: bool },
+    Revert {
+        pick: usize,
+    },
+    Delete {
+        pick: usize,
+    },
+    Expand {
+        blocks: u64,
+    },
+    Reopen {
+        clean: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -46,7 +65,9 @@ struct Model {
 }
 
 fn pattern(block: u64, seed: u8) -> Vec<u8> {
-    (0..BS).map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (block as u8)).collect()
+    (0..BS)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (block as u8))
+        .collect()
 }
 
 /// Clamps a random range into the current volume; None if it is empty.
@@ -60,9 +81,16 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     let size = model.head.len();
     prop_assert_eq!(store.size() as usize, size);
     let mut buf = vec![0u8; size];
-    store.read(0, &mut buf).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    store
+        .read(0, &mut buf)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert!(buf == model.head, "head differs from the model");
-    let names: Vec<String> = store.snapshots().unwrap().into_iter().map(|s| s.name).collect();
+    let names: Vec<String> = store
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     let model_names: Vec<String> = model.snapshots.iter().map(|(n, _)| n.clone()).collect();
     prop_assert_eq!(names, model_names);
     for (name, data) in &model.snapshots {
@@ -70,25 +98,39 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
         store
             .read_view(View::Snapshot(name), 0, &mut buf)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(buf[..] == data[..buf.len()], "snapshot {} differs from the model", name);
+        prop_assert!(
+            buf[..] == data[..buf.len()],
+            "snapshot {} differs from the model",
+            name
+        );
     }
     // Holes reported by block status must read as zeros.
     for ext in store.allocation(0, size as u64).unwrap() {
         if ext.kind == Allocation::Hole {
             let r = ext.offset as usize..(ext.offset + ext.len) as usize;
-            prop_assert!(model.head[r].iter().all(|&b| b == 0), "a hole at {} holds data", ext.offset);
+            prop_assert!(
+                model.head[r].iter().all(|&b| b == 0),
+                "a hole at {} holds data",
+                ext.offset
+            );
         }
     }
     // Changed ranges between consecutive snapshots cover every changed byte.
     for pair in model.snapshots.windows(2) {
-        let ranges = store.changed_ranges(Some(&pair[0].0), View::Snapshot(&pair[1].0)).unwrap();
+        let ranges = store
+            .changed_ranges(Some(&pair[0].0), View::Snapshot(&pair[1].0))
+            .unwrap();
         for block in 0..(pair[1].1.len() / BS) {
             let r = block * BS..(block + 1) * BS;
             let zeros = [0u8; BS];
             let old = pair[0].1.get(r.clone()).unwrap_or(&zeros);
             if old != &pair[1].1[r.clone()] {
                 let off = r.start as u64;
-                prop_assert!(ranges.iter().any(|c| c.contains(&off)), "changed block {} not reported", block);
+                prop_assert!(
+                    ranges.iter().any(|c| c.contains(&off)),
+                    "changed block {} not reported",
+                    block
+                );
             }
         }
     }
@@ -110,7 +152,11 @@ fn run(engine: Arc<dyn IoEngine>, dir: &Path, ops: Vec<Op>) -> Result<(), TestCa
         let s = store.as_ref().unwrap();
         let size_blocks = model.head.len() as u64 / BLOCK_SIZE;
         match op {
-            Op::Write { block, blocks, seed } => {
+            Op::Write {
+                block,
+                blocks,
+                seed,
+            } => {
                 if let Some((b, n)) = clamp(size_blocks, block, blocks) {
                     let data: Vec<u8> = (b..b + n).flat_map(|x| pattern(x, seed)).collect();
                     s.write(b * BLOCK_SIZE, &data).unwrap();
@@ -120,7 +166,9 @@ fn run(engine: Arc<dyn IoEngine>, dir: &Path, ops: Vec<Op>) -> Result<(), TestCa
             Op::Trim { block, blocks } | Op::WriteZeroes { block, blocks, .. } => {
                 if let Some((b, n)) = clamp(size_blocks, block, blocks) {
                     match op {
-                        Op::WriteZeroes { punch, .. } => s.write_zeroes(b * BLOCK_SIZE, n * BLOCK_SIZE, punch).unwrap(),
+                        Op::WriteZeroes { punch, .. } => s
+                            .write_zeroes(b * BLOCK_SIZE, n * BLOCK_SIZE, punch)
+                            .unwrap(),
                         _ => s.trim(b * BLOCK_SIZE, n * BLOCK_SIZE).unwrap(),
                     }
                     model.head[(b as usize) * BS..((b + n) as usize) * BS].fill(0);
@@ -138,7 +186,10 @@ fn run(engine: Arc<dyn IoEngine>, dir: &Path, ops: Vec<Op>) -> Result<(), TestCa
                     let i = pick % model.snapshots.len();
                     let name = model.snapshots[i].0.clone();
                     if i + 1 < model.snapshots.len() {
-                        assert!(s.revert(&name, false).is_err(), "revert must refuse to drop newer snapshots");
+                        assert!(
+                            s.revert(&name, false).is_err(),
+                            "revert must refuse to drop newer snapshots"
+                        );
                     }
                     s.revert(&name, true).unwrap();
                     let mut data = model.snapshots[i].1.clone();
@@ -209,13 +260,34 @@ fn bad_requests_get_typed_errors() {
     )
     .unwrap();
     let mut buf = vec![0u8; 4096];
-    assert!(matches!(s.read(1, &mut buf), Err(strata_replica::StoreError::Unaligned { .. })));
-    assert!(matches!(s.write(0, &buf[..100]), Err(strata_replica::StoreError::Unaligned { .. })));
-    assert!(matches!(s.read(1 << 20, &mut buf), Err(strata_replica::StoreError::OutOfRange { .. })));
-    assert!(matches!(s.trim(u64::MAX - 4095, 4096), Err(strata_replica::StoreError::OutOfRange { .. })));
-    assert!(matches!(s.snapshot("bad/name"), Err(strata_replica::StoreError::InvalidName(_))));
-    assert!(matches!(s.expand(4096), Err(strata_replica::StoreError::BadSize { .. })));
-    assert!(matches!(s.delete_snapshot("nope"), Err(strata_replica::StoreError::NoSuchSnapshot(_))));
+    assert!(matches!(
+        s.read(1, &mut buf),
+        Err(strata_replica::StoreError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        s.write(0, &buf[..100]),
+        Err(strata_replica::StoreError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        s.read(1 << 20, &mut buf),
+        Err(strata_replica::StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.trim(u64::MAX - 4095, 4096),
+        Err(strata_replica::StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.snapshot("bad/name"),
+        Err(strata_replica::StoreError::InvalidName(_))
+    ));
+    assert!(matches!(
+        s.expand(4096),
+        Err(strata_replica::StoreError::BadSize { .. })
+    ));
+    assert!(matches!(
+        s.delete_snapshot("nope"),
+        Err(strata_replica::StoreError::NoSuchSnapshot(_))
+    ));
     // A second process (here: a second open) is refused while the first holds it.
     assert!(matches!(
         Store::open(dir.path(), Arc::new(PortableEngine)),

@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand};
 pub use size::parse_size;
 
 #[derive(Debug, Parser)]
-#[command(name = "strata", version, about = "Replicated block storage for small Kubernetes clusters")]
+#[command(
+    name = "strata",
+    version,
+    about = "Replicated block storage for small Kubernetes clusters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -44,8 +44,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if !(1..=5).contains(&args.replicas) {
         anyhow::bail!("--replicas must be between 1 and 5, not {}", args.replicas);
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
     // Two stop signals: the controller stops (and flushes) first, the
     // replicas only after it, so the final flush still reaches them.
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -64,7 +68,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen for replica {i} on 127.0.0.1:{port}"))?;
         addrs.push(listener.local_addr()?);
         let rx = replicas_rx.clone();
-        replica_tasks.push(tokio::spawn(async move { strata_replica::node::serve_node(&dir, listener, rx).await }));
+        replica_tasks.push(tokio::spawn(async move {
+            strata_replica::node::serve_node(&dir, listener, rx).await
+        }));
     }
     let opts = strata_controller::run::ControllerOptions {
         assemble: strata_controller::assemble::AssembleOptions {
@@ -79,7 +85,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         metrics: Some(args.metrics),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let controller = tokio::spawn(strata_controller::run::run_controller(opts, rx.clone(), Some(ready_tx)));
+    let controller = tokio::spawn(strata_controller::run::run_controller(
+        opts,
+        rx.clone(),
+        Some(ready_tx),
+    ));
     let signal_tx = tx.clone();
     tokio::spawn(async move {
         super::shutdown_signal().await;
@@ -98,9 +108,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         println!();
         println!("  NBD URI      {uri}");
         println!("  inspect      nbdinfo {uri}");
-        println!("  write+read   qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+        println!(
+            "  write+read   qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}"
+        );
         println!("  as a file    mkdir -p /tmp/strata && nbdfuse /tmp/strata/disk {uri} &");
-        println!("  status       strata volume status --controller {}", args.control);
+        println!(
+            "  status       strata volume status --controller {}",
+            args.control
+        );
         println!("  metrics      curl http://{}/metrics", args.metrics);
         println!();
         println!("Ctrl-C stops it cleanly; running `strata up` again reopens the same data.");

@@ -33,7 +33,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("status call to {controller} failed"))?
                 .into_inner();
             if json {
-                let io = s.io.clone().unwrap_or_default();
+                let io = s.io.unwrap_or_default();
                 let v = serde_json::json!({
                     "volume": s.volume, "size": s.size, "epoch": s.epoch, "state": s.state,
                     "replicas_configured": s.replicas_configured, "write_quorum": s.write_quorum,
@@ -48,12 +48,22 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("volume   {}", s.volume);
-                println!("size     {} bytes ({:.1} GiB)", s.size, s.size as f64 / (1u64 << 30) as f64);
-                println!("state    {} (write quorum {} of {})", s.state, s.write_quorum, s.replicas_configured);
+                println!(
+                    "size     {} bytes ({:.1} GiB)",
+                    s.size,
+                    s.size as f64 / (1u64 << 30) as f64
+                );
+                println!(
+                    "state    {} (write quorum {} of {})",
+                    s.state, s.write_quorum, s.replicas_configured
+                );
                 println!("epoch    {}", s.epoch);
                 println!("nbd      nbd://{}/{}", s.nbd_address, s.volume);
                 println!();
-                println!("{:<22} {:<8} {:>9} {:>12} {:>10}  reason", "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED");
+                println!(
+                    "{:<22} {:<8} {:>9} {:>12} {:>10}  reason",
+                    "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED"
+                );
                 for r in &s.replicas {
                     println!(
                         "{:<22} {:<8} {:>9} {:>12} {:>10}  {}",

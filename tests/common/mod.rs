@@ -31,7 +31,10 @@ pub fn require(tool: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed: run scripts/test-all.sh, which installs the test clients");
+    assert!(
+        found,
+        "{tool} is not installed: run scripts/test-all.sh, which installs the test clients"
+    );
 }
 
 /// Runs `prog args` with a deadline; returns its output.
@@ -132,11 +135,19 @@ pub fn wait_listening(addr: SocketAddr, proc_: &mut Proc, secs: u64) {
             return;
         }
         if !proc_.is_running() {
-            panic!("{} exited before listening on {addr}:\n{}", proc_.name, proc_.log_text());
+            panic!(
+                "{} exited before listening on {addr}:\n{}",
+                proc_.name,
+                proc_.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("{} did not listen on {addr} within {secs}s:\n{}", proc_.name, proc_.log_text());
+    panic!(
+        "{} did not listen on {addr} within {secs}s:\n{}",
+        proc_.name,
+        proc_.log_text()
+    );
 }
 
 /// Replica servers and a controller, as separate processes.
@@ -229,11 +240,20 @@ impl Cluster {
     /// Stops the controller and replicas with SIGTERM (clean shutdown).
     pub fn stop_clean(&mut self) {
         if let Some(mut c) = self.controller.take() {
-            assert!(c.terminate(30), "controller did not stop cleanly:\n{}", c.log_text());
+            assert!(
+                c.terminate(30),
+                "controller did not stop cleanly:\n{}",
+                c.log_text()
+            );
         }
         for r in &mut self.replicas {
             if r.is_running() {
-                assert!(r.terminate(30), "{} did not stop cleanly:\n{}", r.name, r.log_text());
+                assert!(
+                    r.terminate(30),
+                    "{} did not stop cleanly:\n{}",
+                    r.name,
+                    r.log_text()
+                );
             }
         }
     }
@@ -241,15 +261,20 @@ impl Cluster {
     /// Opens replica `i`'s store directly (its server must be stopped).
     pub fn open_store(&self, i: usize) -> strata_replica::Store {
         let dir = self.replica_dir(i).join(&self.volume);
-        strata_replica::Store::open(&dir, std::sync::Arc::new(strata_replica::engine::PortableEngine))
-            .unwrap_or_else(|e| panic!("cannot open replica {i} at {}: {e}", dir.display()))
-            .0
+        strata_replica::Store::open(
+            &dir,
+            std::sync::Arc::new(strata_replica::engine::PortableEngine),
+        )
+        .unwrap_or_else(|e| panic!("cannot open replica {i} at {}: {e}", dir.display()))
+        .0
     }
 }
 
 /// fio's JSON output, skipping the lines its nbd engine prints first.
 pub fn fio_json(stdout: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(stdout);
-    let start = text.find('{').unwrap_or_else(|| panic!("no JSON in fio output: {text}"));
+    let start = text
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON in fio output: {text}"));
     serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("bad fio JSON ({e}): {text}"))
 }

@@ -30,8 +30,17 @@ pub trait Backend: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// The export name clients ask for.
     fn export_name(&self) -> &str;
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, BackendError>> + Send;
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, BackendError>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
     fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Advisory: may discard less than asked (whole blocks only).
     fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), BackendError>> + Send;
@@ -42,5 +51,9 @@ pub trait Backend: Send + Sync + 'static {
         may_punch: bool,
         fua: bool,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
-    fn block_status(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<AllocationExtent>, BackendError>> + Send;
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Vec<AllocationExtent>, BackendError>> + Send;
 }

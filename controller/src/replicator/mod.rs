@@ -83,17 +83,29 @@ const BLOCK: u64 = strata_replica::BLOCK_SIZE;
 
 /// The smallest block-aligned range covering `[offset, offset + len)`.
 fn align_out(offset: u64, len: u64) -> (u64, u64) {
-    (offset / BLOCK * BLOCK, (offset + len).div_ceil(BLOCK) * BLOCK)
+    (
+        offset / BLOCK * BLOCK,
+        (offset + len).div_ceil(BLOCK) * BLOCK,
+    )
 }
 
 /// The largest block-aligned range inside `[offset, offset + len)` (empty
 /// when `start >= end`).
 fn align_in(offset: u64, len: u64) -> (u64, u64) {
-    (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK)
+    (
+        offset.div_ceil(BLOCK) * BLOCK,
+        (offset + len) / BLOCK * BLOCK,
+    )
 }
 
 fn is_request_error(e: &ClientError) -> bool {
-    matches!(e, ClientError::Replica { status: Status::Invalid, .. })
+    matches!(
+        e,
+        ClientError::Replica {
+            status: Status::Invalid,
+            ..
+        }
+    )
 }
 
 impl Volume {
@@ -145,7 +157,13 @@ impl Volume {
 
     /// Runs `f` on every healthy replica in parallel; faults those that
     /// fail; succeeds if at least a quorum acknowledged.
-    async fn fan_out<F, Fut>(&self, op: &'static str, offset: u64, len: u64, f: F) -> Result<(), VolumeError>
+    async fn fan_out<F, Fut>(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        f: F,
+    ) -> Result<(), VolumeError>
     where
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: Future<Output = Result<(), ClientError>>,
@@ -201,7 +219,12 @@ impl Volume {
     }
 
     /// Runs `f` on one healthy replica, moving to the next one if it fails.
-    async fn read_one<T, F, Fut>(&self, op: &'static str, offset: u64, f: F) -> Result<T, VolumeError>
+    async fn read_one<T, F, Fut>(
+        &self,
+        op: &'static str,
+        offset: u64,
+        f: F,
+    ) -> Result<T, VolumeError>
     where
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -211,7 +234,9 @@ impl Volume {
         let mut last = String::from("no healthy replica");
         for k in 0..n {
             let slot = &self.slots[(start + k) % n];
-            let Some(client) = slot.client() else { continue };
+            let Some(client) = slot.client() else {
+                continue;
+            };
             slot.in_flight.fetch_add(1, Ordering::Relaxed);
             let r = f(client).await;
             slot.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -255,7 +280,9 @@ impl Volume {
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
         let (start, end) = align_out(offset, len as u64);
         let data = self
-            .read_one("read", start, |c| async move { c.read(start, (end - start) as u32).await })
+            .read_one("read", start, |c| async move {
+                c.read(start, (end - start) as u32).await
+            })
             .await?;
         self.io.reads.fetch_add(1, Ordering::Relaxed);
         self.io.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
@@ -278,7 +305,9 @@ impl Volume {
             data
         } else {
             let old = self
-                .read_one("read-modify-write", start, |c| async move { c.read(start, (end - start) as u32).await })
+                .read_one("read-modify-write", start, |c| async move {
+                    c.read(start, (end - start) as u32).await
+                })
                 .await?;
             let mut buf = bytes::BytesMut::from(&old[..]);
             let at = (offset - start) as usize;
@@ -296,7 +325,8 @@ impl Volume {
     }
 
     pub async fn flush(&self) -> Result<(), VolumeError> {
-        self.fan_out("flush", 0, 0, |c| async move { c.flush().await }).await?;
+        self.fan_out("flush", 0, 0, |c| async move { c.flush().await })
+            .await?;
         self.io.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -308,8 +338,10 @@ impl Volume {
         if start < end {
             let _range = self.range_lock.lock(start, end).await;
             let n = (end - start) as u32;
-            self.fan_out("trim", start, end - start, |c| async move { c.trim(start, n).await })
-                .await?;
+            self.fan_out("trim", start, end - start, |c| async move {
+                c.trim(start, n).await
+            })
+            .await?;
         }
         self.io.trims.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -318,17 +350,31 @@ impl Volume {
     /// Makes `[offset, offset + len)` read as zeros: whole blocks through the
     /// replicas' zeroing (punching holes if `may_punch`), partial edge blocks
     /// by writing zeros into them.
-    pub async fn write_zeroes(&self, offset: u64, len: u32, may_punch: bool, fua: bool) -> Result<(), VolumeError> {
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
         let end_req = offset + len as u64;
         let (start, end) = align_in(offset, len as u64);
         if start >= end {
-            return self.write(offset, Bytes::from(vec![0u8; len as usize]), fua).await;
+            return self
+                .write(offset, Bytes::from(vec![0u8; len as usize]), fua)
+                .await;
         }
         if offset < start {
-            self.write(offset, Bytes::from(vec![0u8; (start - offset) as usize]), false).await?;
+            self.write(
+                offset,
+                Bytes::from(vec![0u8; (start - offset) as usize]),
+                false,
+            )
+            .await?;
         }
         if end < end_req {
-            self.write(end, Bytes::from(vec![0u8; (end_req - end) as usize]), false).await?;
+            self.write(end, Bytes::from(vec![0u8; (end_req - end) as usize]), false)
+                .await?;
         }
         {
             let _range = self.range_lock.lock(start, end).await;
@@ -349,10 +395,16 @@ impl Volume {
         Ok(())
     }
 
-    pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<AllocationExtent>, VolumeError> {
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<AllocationExtent>, VolumeError> {
         let (start, end) = align_out(offset, len as u64);
         let n = (end - start).min(u32::MAX as u64 / BLOCK * BLOCK) as u32;
-        self.read_one("block status", start, |c| async move { c.block_status(start, n).await })
-            .await
+        self.read_one("block status", start, |c| async move {
+            c.block_status(start, n).await
+        })
+        .await
     }
 }

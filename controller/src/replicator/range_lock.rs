@@ -93,7 +93,10 @@ mod tests {
             let _g = l2.lock(50, 60).await;
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiter.is_finished(), "an overlapping range was granted while held");
+        assert!(
+            !waiter.is_finished(),
+            "an overlapping range was granted while held"
+        );
         drop(g1);
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
@@ -116,7 +119,10 @@ mod tests {
                 let _g = lock.lock(start, end).await;
                 {
                     let mut a = active.lock();
-                    assert!(a.iter().all(|&(s, e)| !(s < end && start < e)), "overlap granted");
+                    assert!(
+                        a.iter().all(|&(s, e)| !(s < end && start < e)),
+                        "overlap granted"
+                    );
                     a.push((start, end));
                 }
                 tokio::task::yield_now().await;
@@ -124,7 +130,10 @@ mod tests {
             }));
         }
         for t in tasks {
-            tokio::time::timeout(Duration::from_secs(5), t).await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .unwrap()
+                .unwrap();
         }
     }
 }

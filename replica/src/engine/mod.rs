@@ -24,8 +24,8 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
-pub use portable::PortableEngine;
 pub(crate) use portable::read_full_at;
+pub use portable::PortableEngine;
 pub use uring::UringEngine;
 
 /// One IO on an open file. Ops in one batch may run in any order and
@@ -48,13 +48,19 @@ pub enum IoOp<'a> {
     SyncData { file: &'a File },
     /// Deallocate `len` bytes at `offset`, keeping the file size; the range
     /// reads back as zeros.
-    PunchHole { file: &'a File, offset: u64, len: u64 },
+    PunchHole {
+        file: &'a File,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl IoOp<'_> {
     pub fn offset(&self) -> u64 {
         match self {
-            IoOp::Read { offset, .. } | IoOp::Write { offset, .. } | IoOp::PunchHole { offset, .. } => *offset,
+            IoOp::Read { offset, .. }
+            | IoOp::Write { offset, .. }
+            | IoOp::PunchHole { offset, .. } => *offset,
             IoOp::SyncData { .. } => 0,
         }
     }
@@ -93,7 +99,9 @@ pub fn detect() -> Arc<dyn IoEngine> {
             let wanted = std::env::var("STRATA_IO_ENGINE").unwrap_or_default();
             if wanted != "io_uring" && wanted != "auto" {
                 if !wanted.is_empty() && wanted != "portable" {
-                    tracing::warn!("unknown STRATA_IO_ENGINE={wanted:?}; using the portable engine");
+                    tracing::warn!(
+                        "unknown STRATA_IO_ENGINE={wanted:?}; using the portable engine"
+                    );
                 }
                 return Arc::new(PortableEngine);
             }
@@ -101,9 +109,13 @@ pub fn detect() -> Arc<dyn IoEngine> {
                 Ok(engine) => Arc::new(engine),
                 Err(e) => {
                     if wanted == "io_uring" {
-                        tracing::warn!("STRATA_IO_ENGINE=io_uring requested but io_uring is unavailable: {e}");
+                        tracing::warn!(
+                            "STRATA_IO_ENGINE=io_uring requested but io_uring is unavailable: {e}"
+                        );
                     } else {
-                        tracing::info!("io_uring unavailable ({e}); using the portable pread/pwrite engine");
+                        tracing::info!(
+                            "io_uring unavailable ({e}); using the portable pread/pwrite engine"
+                        );
                     }
                     Arc::new(PortableEngine)
                 }

@@ -22,7 +22,9 @@ pub struct UringEngine {
 
 impl std::fmt::Debug for UringEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringEngine").field("pooled_rings", &self.rings.lock().len()).finish()
+        f.debug_struct("UringEngine")
+            .field("pooled_rings", &self.rings.lock().len())
+            .finish()
     }
 }
 
@@ -53,8 +55,12 @@ impl UringEngine {
         // A real round trip: some sandboxes create rings but refuse to run them.
         let mut nop_ring = engine.take_ring()?;
         // SAFETY: a NOP references no memory.
-        unsafe { nop_ring.submission().push(&opcode::Nop::new().build().user_data(0)) }
-            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        unsafe {
+            nop_ring
+                .submission()
+                .push(&opcode::Nop::new().build().user_data(0))
+        }
+        .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         nop_ring.submit_and_wait(1)?;
         nop_ring.completion().for_each(drop);
         engine.rings.lock().push(nop_ring);
@@ -68,15 +74,22 @@ impl UringEngine {
         IoUring::new(RING_ENTRIES)
     }
 
-    fn run_chunk(&self, ring: &mut IoUring, ops: &mut [IoOp<'_>], base: usize) -> Result<(), BatchError> {
+    fn run_chunk(
+        &self,
+        ring: &mut IoUring,
+        ops: &mut [IoOp<'_>],
+        base: usize,
+    ) -> Result<(), BatchError> {
         let mut pushed = 0usize;
         for (i, op) in ops.iter_mut().enumerate() {
             let entry = match op {
-                IoOp::Read { file, offset, buf } => {
-                    opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32)
-                        .offset(*offset)
-                        .build()
-                }
+                IoOp::Read { file, offset, buf } => opcode::Read::new(
+                    types::Fd(file.as_raw_fd()),
+                    buf.as_mut_ptr(),
+                    buf.len() as u32,
+                )
+                .offset(*offset)
+                .build(),
                 IoOp::Write { file, offset, buf } => {
                     opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), buf.len() as u32)
                         .offset(*offset)
@@ -85,10 +98,12 @@ impl UringEngine {
                 IoOp::SyncData { file } => opcode::Fsync::new(types::Fd(file.as_raw_fd()))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),
-                IoOp::PunchHole { file, offset, len } => opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
-                    .offset(*offset)
-                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                    .build(),
+                IoOp::PunchHole { file, offset, len } => {
+                    opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
+                        .offset(*offset)
+                        .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                        .build()
+                }
             };
             // SAFETY: every buffer and fd referenced by the entry is borrowed
             // by `ops` for the whole call, and this function does not return
@@ -111,7 +126,10 @@ impl UringEngine {
                     // The kernel may still own submitted entries whose buffers
                     // we borrow: wait for them rather than return early.
                     tracing::error!("io_uring_enter failed: {e}; draining");
-                    first_error.get_or_insert(BatchError { index: base, source: e });
+                    first_error.get_or_insert(BatchError {
+                        index: base,
+                        source: e,
+                    });
                     std::thread::yield_now();
                 }
             }
@@ -151,7 +169,10 @@ impl UringEngine {
                 _ => None,
             };
             if let Some(mut rest) = rest {
-                run_one(&mut rest).map_err(|source| BatchError { index: base + i, source })?;
+                run_one(&mut rest).map_err(|source| BatchError {
+                    index: base + i,
+                    source,
+                })?;
             }
         }
         // Ops that did not fit in the submission queue: run them next round.
@@ -175,7 +196,9 @@ impl IoEngine for UringEngine {
             // One op gains nothing from a ring round trip.
             return run_one(&mut ops[0]).map_err(|source| BatchError { index: 0, source });
         }
-        let mut ring = self.take_ring().map_err(|source| BatchError { index: 0, source })?;
+        let mut ring = self
+            .take_ring()
+            .map_err(|source| BatchError { index: 0, source })?;
         let result = self.run_chunk(&mut ring, ops, 0);
         self.rings.lock().push(ring);
         result

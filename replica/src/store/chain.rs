@@ -81,11 +81,15 @@ impl Store {
 
     fn snapshot_locked(&self, st: &mut State, name: &str) -> Result<()> {
         let head = &st.layers[st.head_pos()];
-        let mut ops = [IoOp::SyncData { file: &head.data }, IoOp::SyncData { file: &head.map }];
+        let mut ops = [
+            IoOp::SyncData { file: &head.data },
+            IoOp::SyncData { file: &head.map },
+        ];
         self.engine
             .submit(&mut ops)
             .map_err(|e| StoreError::io("fdatasync", &head.data_path, 0, e.source))?;
-        self.head_dirty.store(false, std::sync::atomic::Ordering::Release);
+        self.head_dirty
+            .store(false, std::sync::atomic::Ordering::Release);
         self.failpoints.check("snapshot.head_flushed")?;
         let new_id = st.meta.next_layer_id;
         let files = LayerFiles::open(&self.dir, new_id, true)?;
@@ -96,7 +100,10 @@ impl Store {
             name: name.to_string(),
             created: now(),
         });
-        meta.layers.push(LayerMeta { id: new_id, snapshot: None });
+        meta.layers.push(LayerMeta {
+            id: new_id,
+            snapshot: None,
+        });
         meta.next_layer_id += 1;
         self.commit_meta(st, meta, "snapshot")?;
         st.layers.push(files);
@@ -151,7 +158,10 @@ impl Store {
         self.failpoints.check("revert.files_created")?;
         let mut meta = st.meta.clone();
         meta.layers.truncate(pos + 1);
-        meta.layers.push(LayerMeta { id: new_id, snapshot: None });
+        meta.layers.push(LayerMeta {
+            id: new_id,
+            snapshot: None,
+        });
         meta.next_layer_id += 1;
         self.commit_meta(st, meta, "revert")?;
         self.failpoints.check("revert.meta_written")?;
@@ -163,7 +173,8 @@ impl Store {
         extents.truncate(pos + 1);
         extents.push(RangeMap::new());
         *st.maps.get_mut() = Maps::rebuild(extents);
-        self.head_dirty.store(false, std::sync::atomic::Ordering::Release);
+        self.head_dirty
+            .store(false, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -212,7 +223,10 @@ impl Store {
         let mut st = self.state.write();
         {
             let c = &st.layers[child];
-            let mut ops = [IoOp::SyncData { file: &c.data }, IoOp::SyncData { file: &c.map }];
+            let mut ops = [
+                IoOp::SyncData { file: &c.data },
+                IoOp::SyncData { file: &c.map },
+            ];
             self.engine
                 .submit(&mut ops)
                 .map_err(|e| StoreError::io("fdatasync", &c.data_path, 0, e.source))?;
@@ -233,21 +247,34 @@ impl Store {
 
     /// Copies blocks `[b0, b1)` of layer `from` (all of `kind`) into layer
     /// `to`, data and checksums alike.
-    fn merge_range(&self, st: &State, from: usize, to: usize, b0: u64, b1: u64, kind: BlockKind) -> Result<()> {
+    fn merge_range(
+        &self,
+        st: &State,
+        from: usize,
+        to: usize,
+        b0: u64,
+        b1: u64,
+        kind: BlockKind,
+    ) -> Result<()> {
         let dst = &st.layers[to];
         let is_head = to == st.head_pos();
         match kind {
             BlockKind::Zero => {
                 let raw = MapEntry::Zero.encode().to_le_bytes();
-                let entries: Vec<u8> = raw.iter().copied().cycle().take(((b1 - b0) * ENTRY_LEN) as usize).collect();
+                let entries: Vec<u8> = raw
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(((b1 - b0) * ENTRY_LEN) as usize)
+                    .collect();
                 let mut ops = [IoOp::Write {
                     file: &dst.map,
                     offset: b0 * ENTRY_LEN,
                     buf: &entries,
                 }];
-                self.engine
-                    .submit(&mut ops)
-                    .map_err(|e| StoreError::io("write", &dst.map_path, b0 * ENTRY_LEN, e.source))?;
+                self.engine.submit(&mut ops).map_err(|e| {
+                    StoreError::io("write", &dst.map_path, b0 * ENTRY_LEN, e.source)
+                })?;
             }
             BlockKind::Data => {
                 // Read through the checksum check: never spread bad data.
@@ -275,9 +302,9 @@ impl Store {
                         buf: &entries,
                     },
                 ];
-                self.engine
-                    .submit(&mut ops)
-                    .map_err(|e| StoreError::io("write", &dst.data_path, b0 * BLOCK_SIZE, e.source))?;
+                self.engine.submit(&mut ops).map_err(|e| {
+                    StoreError::io("write", &dst.data_path, b0 * BLOCK_SIZE, e.source)
+                })?;
             }
         }
         let mut maps = st.maps.lock();
@@ -344,7 +371,9 @@ impl Store {
             Some(name) => {
                 let p = position(&st, name)?;
                 if p > top {
-                    return Err(StoreError::NoSuchSnapshot(format!("{name} (it is newer than the target view)")));
+                    return Err(StoreError::NoSuchSnapshot(format!(
+                        "{name} (it is newer than the target view)"
+                    )));
                 }
                 p + 1
             }
@@ -356,7 +385,10 @@ impl Store {
                 union.set(s, e, ());
             }
         }
-        Ok(union.iter().map(|(s, e, _)| s * BLOCK_SIZE..e * BLOCK_SIZE).collect())
+        Ok(union
+            .iter()
+            .map(|(s, e, _)| s * BLOCK_SIZE..e * BLOCK_SIZE)
+            .collect())
     }
 }
 

@@ -57,7 +57,13 @@ impl Store {
 
     /// Reads `segments` (covering `[b0, b0 + buf.len()/4096)` in order) into
     /// `buf`, verifying checksums.
-    pub(crate) fn read_segments(&self, st: &State, segments: &[Segment], b0: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_segments(
+        &self,
+        st: &State,
+        segments: &[Segment],
+        b0: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let data_blocks: u64 = segments
             .iter()
             .filter(|s| matches!(s.2, Some(Source::Layer(_))))
@@ -77,7 +83,8 @@ impl Store {
                 match src {
                     Some(Source::Layer(pos)) => {
                         let layer = &st.layers[pos];
-                        let (ents, tail) = rest_entries.split_at_mut(((e - s) * ENTRY_LEN) as usize);
+                        let (ents, tail) =
+                            rest_entries.split_at_mut(((e - s) * ENTRY_LEN) as usize);
                         rest_entries = tail;
                         ops.push(IoOp::Read {
                             file: &layer.data,
@@ -101,7 +108,9 @@ impl Store {
         }
         let mut ent_off = 0usize;
         for &(s, e, src) in segments {
-            let Some(Source::Layer(pos)) = src else { continue };
+            let Some(Source::Layer(pos)) = src else {
+                continue;
+            };
             for block in s..e {
                 let raw = MapEntry::from_bytes(&entries[ent_off..ent_off + 8]);
                 ent_off += 8;
@@ -229,7 +238,9 @@ impl Store {
             (covered, uncovered)
         };
         let head = &st.layers[head_pos];
-        let io_err = |op: &'static str, path: &std::path::Path, off: u64, e| StoreError::io(op, path, off, e);
+        let io_err = |op: &'static str, path: &std::path::Path, off: u64, e| {
+            StoreError::io(op, path, off, e)
+        };
         for &(s, e) in &covered {
             self.fill_map(&st, s, e, MapEntry::Zero)?;
         }
@@ -253,7 +264,12 @@ impl Store {
         let head = &st.layers[st.head_pos()];
         let raw = entry.encode().to_le_bytes();
         let chunk_entries = (b1 - b0).min(FILL_CHUNK_ENTRIES);
-        let buf: Vec<u8> = raw.iter().copied().cycle().take((chunk_entries * ENTRY_LEN) as usize).collect();
+        let buf: Vec<u8> = raw
+            .iter()
+            .copied()
+            .cycle()
+            .take((chunk_entries * ENTRY_LEN) as usize)
+            .collect();
         let mut b = b0;
         while b < b1 {
             let n = (b1 - b).min(chunk_entries);
@@ -307,7 +323,10 @@ impl Store {
             return Ok(());
         }
         let head = &st.layers[st.head_pos()];
-        let mut ops = [IoOp::SyncData { file: &head.data }, IoOp::SyncData { file: &head.map }];
+        let mut ops = [
+            IoOp::SyncData { file: &head.data },
+            IoOp::SyncData { file: &head.map },
+        ];
         if let Err(e) = self.engine.submit(&mut ops) {
             // After a failed fsync the kernel may have dropped the dirty
             // pages; a retry could report success for lost data. Refuse all
@@ -364,9 +383,10 @@ pub(crate) fn head_segments(maps: &Maps, b0: u64, b1: u64) -> Vec<Segment> {
 fn path_of(st: &State, op: &IoOp<'_>) -> std::path::PathBuf {
     use std::os::fd::AsRawFd;
     let fd = match op {
-        IoOp::Read { file, .. } | IoOp::Write { file, .. } | IoOp::SyncData { file } | IoOp::PunchHole { file, .. } => {
-            file.as_raw_fd()
-        }
+        IoOp::Read { file, .. }
+        | IoOp::Write { file, .. }
+        | IoOp::SyncData { file }
+        | IoOp::PunchHole { file, .. } => file.as_raw_fd(),
     };
     for l in &st.layers {
         if l.data.as_raw_fd() == fd {

@@ -137,7 +137,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -187,7 +189,10 @@ impl Store {
             epoch: 0,
             clean: false,
             next_layer_id: 2,
-            layers: vec![LayerMeta { id: 1, snapshot: None }],
+            layers: vec![LayerMeta {
+                id: 1,
+                snapshot: None,
+            }],
         };
         let head = LayerFiles::open(dir, 1, true)?;
         meta::sync_dir(dir)?;
@@ -229,7 +234,9 @@ impl Store {
             extents.push(files.scan_extents(blocks)?);
             layers.push(files);
         }
-        let report = OpenReport { was_clean: meta.clean };
+        let report = OpenReport {
+            was_clean: meta.clean,
+        };
         let failpoints = FailPoints::default();
         if meta.clean {
             meta.clean = false;
@@ -375,7 +382,8 @@ fn remove_orphans(dir: &Path, keep: &[u64]) -> Result<()> {
         };
         if !keep.contains(&id) {
             tracing::info!(file = ?entry.path(), "removing a layer file no metadata refers to");
-            fs::remove_file(entry.path()).map_err(|e| StoreError::io("remove", entry.path(), 0, e))?;
+            fs::remove_file(entry.path())
+                .map_err(|e| StoreError::io("remove", entry.path(), 0, e))?;
             removed = true;
         }
     }

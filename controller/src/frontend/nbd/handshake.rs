@@ -21,8 +21,13 @@ pub struct Session {
 /// Transmission flags every export advertises. CAN_MULTI_CONN holds because
 /// all connections share one replicator: a FLUSH on any connection makes
 /// every write completed on any connection durable.
-pub const TRANSMISSION_FLAGS: u16 =
-    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN | TF_SEND_FAST_ZERO;
+pub const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
+    | TF_SEND_FLUSH
+    | TF_SEND_FUA
+    | TF_SEND_TRIM
+    | TF_SEND_WRITE_ZEROES
+    | TF_CAN_MULTI_CONN
+    | TF_SEND_FAST_ZERO;
 
 pub const MIN_BLOCK: u32 = 4096;
 pub const PREFERRED_BLOCK: u32 = 4096;
@@ -47,7 +52,9 @@ where
         return Err(protocol_error("client does not speak fixed newstyle"));
     }
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
+        return Err(protocol_error(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let mut session = Session::default();
@@ -64,7 +71,12 @@ where
                 if !export_matches(backend, &name) {
                     return Err(protocol_error(format!("unknown export {name:?}")));
                 }
-                sock.write_all(&export_name_reply(backend.size(), TRANSMISSION_FLAGS, no_zeroes)).await?;
+                sock.write_all(&export_name_reply(
+                    backend.size(),
+                    TRANSMISSION_FLAGS,
+                    no_zeroes,
+                ))
+                .await?;
                 return Ok(Some(session));
             }
             OPT_ABORT => {
@@ -73,7 +85,8 @@ where
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    sock.write_all(&reply(REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")).await?;
+                    sock.write_all(&reply(REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))
+                        .await?;
                     continue;
                 }
                 let name = backend.export_name().as_bytes();
@@ -87,17 +100,26 @@ where
                 let req = match parse_info_request(h.option, &data) {
                     Ok(r) => r,
                     Err(e) => {
-                        sock.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes())).await?;
+                        sock.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
+                            .await?;
                         continue;
                     }
                 };
                 if !export_matches(backend, &req.name) {
-                    let msg = format!("no export named {:?}; this server exports {:?}", req.name, backend.export_name());
-                    sock.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes())).await?;
+                    let msg = format!(
+                        "no export named {:?}; this server exports {:?}",
+                        req.name,
+                        backend.export_name()
+                    );
+                    sock.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
+                        .await?;
                     continue;
                 }
                 let mut out = reply(REP_INFO, &info_export(backend.size(), TRANSMISSION_FLAGS));
-                out.extend(reply(REP_INFO, &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_REQUEST_LEN)));
+                out.extend(reply(
+                    REP_INFO,
+                    &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_REQUEST_LEN),
+                ));
                 if req.requests.contains(&INFO_NAME) {
                     out.extend(reply(REP_INFO, &info_name(backend.export_name())));
                 }
@@ -109,7 +131,11 @@ where
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    sock.write_all(&reply(REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")).await?;
+                    sock.write_all(&reply(
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    ))
+                    .await?;
                 } else {
                     session.structured_replies = true;
                     sock.write_all(&reply(REP_ACK, &[])).await?;
@@ -118,25 +144,33 @@ where
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = h.option == OPT_SET_META_CONTEXT;
                 if !session.structured_replies {
-                    sock.write_all(&reply(REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first")).await?;
+                    sock.write_all(&reply(
+                        REP_ERR_INVALID,
+                        b"negotiate NBD_OPT_STRUCTURED_REPLY first",
+                    ))
+                    .await?;
                     continue;
                 }
                 let req = match parse_meta_context_request(h.option, &data) {
                     Ok(r) => r,
                     Err(e) => {
-                        sock.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes())).await?;
+                        sock.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
+                            .await?;
                         continue;
                     }
                 };
                 if !export_matches(backend, &req.export) {
-                    sock.write_all(&reply(REP_ERR_UNKNOWN, b"unknown export")).await?;
+                    sock.write_all(&reply(REP_ERR_UNKNOWN, b"unknown export"))
+                        .await?;
                     continue;
                 }
                 // LIST with no queries lists everything; "base:" matches our one context.
                 let wanted = if req.queries.is_empty() {
                     !set
                 } else {
-                    req.queries.iter().any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+                    req.queries
+                        .iter()
+                        .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
                 };
                 if set {
                     session.block_status = wanted;
@@ -152,11 +186,13 @@ where
                 sock.write_all(&out).await?;
             }
             OPT_STARTTLS => {
-                sock.write_all(&reply(REP_ERR_POLICY, b"TLS is not offered on this port")).await?;
+                sock.write_all(&reply(REP_ERR_POLICY, b"TLS is not offered on this port"))
+                    .await?;
             }
             other => {
                 let msg = format!("option {other} is not supported");
-                sock.write_all(&reply(REP_ERR_UNSUP, msg.as_bytes())).await?;
+                sock.write_all(&reply(REP_ERR_UNSUP, msg.as_bytes()))
+                    .await?;
             }
         }
     }

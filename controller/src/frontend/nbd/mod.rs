@@ -30,7 +30,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves `backend` to every client of `listener` until `shutdown` turns
 /// true; then stops accepting and waits for connections to finish their
 /// in-flight requests.
-pub async fn serve<B: Backend>(listener: TcpListener, backend: Arc<B>, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
+pub async fn serve<B: Backend>(
+    listener: TcpListener,
+    backend: Arc<B>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
     loop {
@@ -53,7 +57,12 @@ pub async fn serve<B: Backend>(listener: TcpListener, backend: Arc<B>, mut shutd
         let _ = sock.set_nodelay(true);
         let (backend, rx) = (backend.clone(), shutdown.clone());
         conns.spawn(async move {
-            let session = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(&mut sock, &*backend)).await {
+            let session = match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake::handshake(&mut sock, &*backend),
+            )
+            .await
+            {
                 Ok(Ok(Some(s))) => s,
                 Ok(Ok(None)) => return,
                 Ok(Err(e)) => {
@@ -74,6 +83,9 @@ pub async fn serve<B: Backend>(listener: TcpListener, backend: Arc<B>, mut shutd
     }
     drop(listener);
     // In-flight requests finish; a stuck client does not hold shutdown forever.
-    let _ = tokio::time::timeout(Duration::from_secs(30), async { while conns.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     Ok(())
 }

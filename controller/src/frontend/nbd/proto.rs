@@ -153,14 +153,18 @@ pub struct InfoRequest {
 pub fn parse_info_request(option: u32, b: &[u8]) -> Result<InfoRequest, ProtoError> {
     let bad = |reason| ProtoError::BadOption { option, reason };
     let name_len = be32(b, 0).map_err(|_| bad("too short for the name length"))? as usize;
-    let name = b.get(4..4 + name_len).ok_or_else(|| bad("name runs past the payload"))?;
+    let name = b
+        .get(4..4 + name_len)
+        .ok_or_else(|| bad("name runs past the payload"))?;
     let name = String::from_utf8(name.to_vec()).map_err(|_| bad("name is not UTF-8"))?;
     let at = 4 + name_len;
     let n = be16(b, at).map_err(|_| bad("missing the information request count"))? as usize;
     if b.len() != at + 2 + 2 * n {
         return Err(bad("information request count does not match the payload"));
     }
-    let requests = (0..n).map(|i| be16(b, at + 2 + 2 * i).expect("length checked")).collect();
+    let requests = (0..n)
+        .map(|i| be16(b, at + 2 + 2 * i).expect("length checked"))
+        .collect();
     Ok(InfoRequest { name, requests })
 }
 
@@ -174,7 +178,9 @@ pub struct MetaContextRequest {
 pub fn parse_meta_context_request(option: u32, b: &[u8]) -> Result<MetaContextRequest, ProtoError> {
     let bad = |reason| ProtoError::BadOption { option, reason };
     let name_len = be32(b, 0).map_err(|_| bad("too short for the export name length"))? as usize;
-    let export = b.get(4..4 + name_len).ok_or_else(|| bad("export name runs past the payload"))?;
+    let export = b
+        .get(4..4 + name_len)
+        .ok_or_else(|| bad("export name runs past the payload"))?;
     let export = String::from_utf8(export.to_vec()).map_err(|_| bad("export name is not UTF-8"))?;
     let mut at = 4 + name_len;
     let count = be32(b, at).map_err(|_| bad("missing the query count"))? as usize;
@@ -182,7 +188,9 @@ pub fn parse_meta_context_request(option: u32, b: &[u8]) -> Result<MetaContextRe
     let mut queries = Vec::new();
     for _ in 0..count {
         let len = be32(b, at).map_err(|_| bad("query length runs past the payload"))? as usize;
-        let q = b.get(at + 4..at + 4 + len).ok_or_else(|| bad("query runs past the payload"))?;
+        let q = b
+            .get(at + 4..at + 4 + len)
+            .ok_or_else(|| bad("query runs past the payload"))?;
         queries.push(String::from_utf8(q.to_vec()).map_err(|_| bad("query is not UTF-8"))?);
         at += 4 + len;
     }
@@ -352,7 +360,12 @@ pub fn structured_header(handle: u64, flags: u16, kind: u16, len: u32) -> [u8; 2
 pub fn structured_error(handle: u64, error: u32, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..message.len().min(4096)];
     let mut out = Vec::with_capacity(26 + msg.len());
-    out.extend_from_slice(&structured_header(handle, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32));
+    out.extend_from_slice(&structured_header(
+        handle,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        6 + msg.len() as u32,
+    ));
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -363,7 +376,12 @@ pub fn structured_error(handle: u64, error: u32, message: &str) -> Vec<u8> {
 pub fn block_status_reply(handle: u64, descriptors: &[(u32, u32)]) -> Vec<u8> {
     let len = 4 + 8 * descriptors.len() as u32;
     let mut out = Vec::with_capacity(20 + len as usize);
-    out.extend_from_slice(&structured_header(handle, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len));
+    out.extend_from_slice(&structured_header(
+        handle,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        len,
+    ));
     out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
     for (l, f) in descriptors {
         out.extend_from_slice(&l.to_be_bytes());
@@ -413,7 +431,10 @@ mod tests {
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&OPT_GO.to_be_bytes());
         b.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(parse_option_header(&b), Err(ProtoError::OptionTooLong { .. })));
+        assert!(matches!(
+            parse_option_header(&b),
+            Err(ProtoError::OptionTooLong { .. })
+        ));
         assert_eq!(parse_option_header(&b[..15]), Err(ProtoError::Incomplete));
     }
 

@@ -45,7 +45,10 @@ fn validate(req: &Request, size: u64, session: Session) -> Result<(), (u32, Stri
             _ => {
                 return Err((
                     EINVAL,
-                    format!("offset {} + length {} is beyond the export size {size}", req.offset, req.len),
+                    format!(
+                        "offset {} + length {} is beyond the export size {size}",
+                        req.offset, req.len
+                    ),
                 ))
             }
         }
@@ -54,12 +57,20 @@ fn validate(req: &Request, size: u64, session: Session) -> Result<(), (u32, Stri
         }
     }
     match req.cmd {
-        Cmd::Read | Cmd::Write if req.len > MAX_REQUEST_LEN => {
-            Err((EOVERFLOW, format!("length {} exceeds the maximum {MAX_REQUEST_LEN}", req.len)))
+        Cmd::Read | Cmd::Write if req.len > MAX_REQUEST_LEN => Err((
+            EOVERFLOW,
+            format!("length {} exceeds the maximum {MAX_REQUEST_LEN}", req.len),
+        )),
+        Cmd::BlockStatus if !session.block_status => {
+            Err((EINVAL, "base:allocation was not negotiated".into()))
         }
-        Cmd::BlockStatus if !session.block_status => Err((EINVAL, "base:allocation was not negotiated".into())),
-        Cmd::WriteZeroes if req.flags & CMD_FLAG_FAST_ZERO != 0 && req.flags & CMD_FLAG_NO_HOLE != 0 => {
-            Err((ENOTSUP, "zeroing without holes writes data: not fast".into()))
+        Cmd::WriteZeroes
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 && req.flags & CMD_FLAG_NO_HOLE != 0 =>
+        {
+            Err((
+                ENOTSUP,
+                "zeroing without holes writes data: not fast".into(),
+            ))
         }
         Cmd::Unknown(c) => Err((EINVAL, format!("unknown command {c}"))),
         _ => Ok(()),
@@ -83,7 +94,12 @@ fn ok_reply(handle: u64) -> Reply {
     }
 }
 
-async fn handle<B: Backend>(backend: &B, req: Request, payload: Option<Bytes>, session: Session) -> Reply {
+async fn handle<B: Backend>(
+    backend: &B,
+    req: Request,
+    payload: Option<Bytes>,
+    session: Session,
+) -> Reply {
     if let Err((e, msg)) = validate(&req, backend.size(), session) {
         tracing::debug!(handle = req.handle, ?req.cmd, "refused: {msg}");
         return error_reply(&req, session, e, &msg);
@@ -93,17 +109,30 @@ async fn handle<B: Backend>(backend: &B, req: Request, payload: Option<Bytes>, s
         Cmd::Read => match backend.read(req.offset, req.len).await {
             Ok(data) => {
                 let head = if session.structured_replies {
-                    let mut h = structured_header(req.handle, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + req.len).to_vec();
+                    let mut h = structured_header(
+                        req.handle,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        8 + req.len,
+                    )
+                    .to_vec();
                     h.extend_from_slice(&req.offset.to_be_bytes());
                     h
                 } else {
                     simple_reply_header(req.handle, 0).to_vec()
                 };
-                return Reply { head, data: Some(data) };
+                return Reply {
+                    head,
+                    data: Some(data),
+                };
             }
             Err(e) => Err(e),
         },
-        Cmd::Write => backend.write(req.offset, payload.unwrap_or_default(), fua).await,
+        Cmd::Write => {
+            backend
+                .write(req.offset, payload.unwrap_or_default(), fua)
+                .await
+        }
         Cmd::Flush => backend.flush().await,
         Cmd::Trim => {
             let r = backend.trim(req.offset, req.len).await;
@@ -158,7 +187,10 @@ async fn handle<B: Backend>(backend: &B, req: Request, payload: Option<Bytes>, s
     }
 }
 
-async fn write_replies(wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) -> io::Result<()> {
+async fn write_replies(
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Reply>,
+) -> io::Result<()> {
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     while let Some(r) = rx.recv().await {
         let mut next = Some(r);
@@ -211,8 +243,13 @@ pub async fn transmission<B: Backend>(
         if req.cmd == Cmd::Write {
             if req.len > MAX_REQUEST_LEN {
                 // The stream cannot be trusted to carry that much: refuse and close.
-                let _ = tx.send(error_reply(&req, session, EOVERFLOW, "write too large")).await;
-                break Err(io::Error::new(io::ErrorKind::InvalidData, "write payload too large"));
+                let _ = tx
+                    .send(error_reply(&req, session, EOVERFLOW, "write too large"))
+                    .await;
+                break Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "write payload too large",
+                ));
             }
             let mut buf = BytesMut::zeroed(req.len as usize);
             if let Err(e) = rd.read_exact(&mut buf).await {
@@ -220,7 +257,11 @@ pub async fn transmission<B: Backend>(
             }
             payload = Some(buf.freeze());
         }
-        let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let (backend, tx) = (backend.clone(), tx.clone());
         tokio::spawn(async move {
             let reply = handle(&*backend, req, payload, session).await;
@@ -256,18 +297,55 @@ mod tests {
             block_status: false,
         };
         assert!(validate(&req(Cmd::Read, 0, 4096, 0), 8192, s).is_ok());
-        assert_eq!(validate(&req(Cmd::Read, 8192, 1, 0), 8192, s).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&req(Cmd::Write, u64::MAX, 4096, 0), 8192, s).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&req(Cmd::Read, 0, 0, 0), 8192, s).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&req(Cmd::BlockStatus, 0, 4096, 0), 8192, s).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&req(Cmd::Unknown(99), 0, 0, 0), 8192, s).unwrap_err().0, EINVAL);
         assert_eq!(
-            validate(&req(Cmd::WriteZeroes, 0, 4096, CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE), 8192, s)
+            validate(&req(Cmd::Read, 8192, 1, 0), 8192, s)
                 .unwrap_err()
                 .0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&req(Cmd::Write, u64::MAX, 4096, 0), 8192, s)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&req(Cmd::Read, 0, 0, 0), 8192, s).unwrap_err().0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&req(Cmd::BlockStatus, 0, 4096, 0), 8192, s)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&req(Cmd::Unknown(99), 0, 0, 0), 8192, s)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(
+                &req(
+                    Cmd::WriteZeroes,
+                    0,
+                    4096,
+                    CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE
+                ),
+                8192,
+                s
+            )
+            .unwrap_err()
+            .0,
             ENOTSUP
         );
-        assert_eq!(validate(&req(Cmd::Read, 0, MAX_REQUEST_LEN + 1, 0), u64::MAX, s).unwrap_err().0, EOVERFLOW);
+        assert_eq!(
+            validate(&req(Cmd::Read, 0, MAX_REQUEST_LEN + 1, 0), u64::MAX, s)
+                .unwrap_err()
+                .0,
+            EOVERFLOW
+        );
         assert!(validate(&req(Cmd::Flush, 0, 0, 0), 8192, s).is_ok());
     }
 }
