@@ -1,17 +1,25 @@
-//! Assembling a volume at controller start: ask every replica server for
-//! its replica's persisted state over gRPC (creating it if asked to), check
-//! that a majority is reachable, fence off any older controller by bumping
-//! the epoch on every reachable replica, then open the data connections.
+//! Assembling a volume at controller start.
+//!
+//! 1. Ask every replica server for its replica's persisted state over gRPC
+//!    (creating missing replicas when asked to).
+//! 2. Refuse to start with fewer than a majority reachable, unless the
+//!    operator forces it.
+//! 3. Choose the up-to-date set deterministically: reachable replicas not
+//!    marked incomplete, with the highest persisted epoch. Because the
+//!    epoch is bumped on the remaining replicas before any write a departed
+//!    replica missed is acknowledged, this set holds every acknowledged
+//!    write. Everything else is faulted and will be rebuilt by the recovery
+//!    loop, never trusted.
+//! 4. Fence off any older controller: set an epoch above every epoch seen
+//!    on the up-to-date replicas, then open the data connections with it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use strata_proto::replica::replica_control_client::ReplicaControlClient;
-use strata_proto::replica::{CreateReplicaRequest, ReplicaRef, ReplicaStatus, SetEpochRequest};
+use strata_proto::replica::ReplicaStatus;
 use strata_replica::client::ReplicaClient;
-use tonic::Code;
 
-use crate::replicator::{Health, Slot, Volume};
+use crate::replicator::{control, Departure, Health, Slot, Volume, VolumeOptions};
 
 /// What the controller is asked to serve.
 #[derive(Debug, Clone)]
@@ -24,13 +32,17 @@ pub struct AssembleOptions {
     pub io_timeout: Duration,
     /// Deadline for connecting and control calls.
     pub connect_timeout: Duration,
+    /// Start even without a majority of replicas reachable.
+    pub force_degraded: bool,
+    /// Resync bandwidth cap, bytes per second.
+    pub sync_rate: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
     #[error("Volume {volume}: between 1 and 5 replicas are supported, {count} were given")]
     ReplicaCount { volume: String, count: usize },
-    #[error("Volume {volume}: only {reachable} of {configured} replicas are reachable, {quorum} are needed to start safely:\n{details}")]
+    #[error("Volume {volume}: only {reachable} of {configured} replicas are reachable and up to date, {quorum} are needed to start safely (a missing replica may hold the newest writes). Bring them back, or start with --force-degraded if they are lost for good:\n{details}")]
     NoQuorum {
         volume: String,
         reachable: usize,
@@ -38,61 +50,10 @@ pub enum AssembleError {
         quorum: usize,
         details: String,
     },
-    #[error("Volume {volume}: replicas disagree on the size ({sizes}); refusing to start")]
-    SizeMismatch { volume: String, sizes: String },
-}
-
-async fn control(
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<ReplicaControlClient<tonic::transport::Channel>, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    Ok(ReplicaControlClient::new(channel))
-}
-
-/// Opens (or creates) the replica at `addr` and returns its status.
-async fn open_replica(addr: SocketAddr, opts: &AssembleOptions) -> Result<ReplicaStatus, String> {
-    let mut c = control(addr, opts.connect_timeout).await?;
-    let r = ReplicaRef {
-        volume: opts.volume.clone(),
-    };
-    match c.open_replica(r).await {
-        Ok(s) => Ok(s.into_inner()),
-        Err(s) if s.code() == Code::NotFound => match opts.create_size {
-            Some(size) => c
-                .create_replica(CreateReplicaRequest {
-                    volume: opts.volume.clone(),
-                    size,
-                })
-                .await
-                .map(|s| s.into_inner())
-                .map_err(|s| format!("create failed: {}", s.message())),
-            None => Err(format!(
-                "no replica of {} there: {}",
-                opts.volume,
-                s.message()
-            )),
-        },
-        Err(s) => Err(format!("open failed: {}", s.message())),
-    }
-}
-
-async fn set_epoch(addr: SocketAddr, opts: &AssembleOptions, epoch: u64) -> Result<(), String> {
-    let mut c = control(addr, opts.connect_timeout).await?;
-    c.set_epoch(SetEpochRequest {
-        volume: opts.volume.clone(),
-        epoch,
-    })
-    .await
-    .map(|_| ())
-    .map_err(|s| format!("set epoch failed: {}", s.message()))
+    #[error("Volume {volume}: no reachable replica is complete (all are marked as being resynced):\n{details}")]
+    NoSource { volume: String, details: String },
+    #[error("Volume {volume}: replicas disagree on the size; refusing to start:\n{details}")]
+    SizeMismatch { volume: String, details: String },
 }
 
 /// Brings the volume up; see the module docs.
@@ -105,79 +66,153 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
         });
     }
     let quorum = configured / 2 + 1;
-    let statuses =
-        futures::future::join_all(opts.replicas.iter().map(|&a| open_replica(a, opts))).await;
-    let reachable: Vec<(usize, &ReplicaStatus)> = statuses
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.as_ref().ok().map(|s| (i, s)))
-        .collect();
+    let statuses: Vec<Result<ReplicaStatus, String>> =
+        futures::future::join_all(opts.replicas.iter().map(|&a| async move {
+            control::open_or_create(a, &opts.volume, opts.create_size, opts.connect_timeout)
+                .await
+                .map(|r| r.0)
+        }))
+        .await;
     let details = || {
         opts.replicas
             .iter()
             .zip(&statuses)
             .map(|(a, s)| match s {
-                Ok(s) => format!("  {a}: ok (epoch {}, lineage {})", s.epoch, s.lineage),
+                Ok(s) => format!(
+                    "  {a}: epoch {}, lineage {}{}{}",
+                    s.epoch,
+                    s.lineage,
+                    if s.incomplete {
+                        ", incomplete (was being resynced)"
+                    } else {
+                        ""
+                    },
+                    if s.was_clean {
+                        ""
+                    } else {
+                        ", not closed cleanly"
+                    }
+                ),
                 Err(e) => format!("  {a}: {e}"),
             })
             .collect::<Vec<_>>()
             .join("\n")
     };
-    if reachable.len() < quorum {
+    let reachable = statuses.iter().filter(|s| s.is_ok()).count();
+    if reachable < quorum && !opts.force_degraded {
         return Err(AssembleError::NoQuorum {
             volume: opts.volume.clone(),
-            reachable: reachable.len(),
+            reachable,
             configured,
             quorum,
             details: details(),
         });
     }
-    let mut sizes: Vec<u64> = reachable.iter().map(|(_, s)| s.size).collect();
+    let complete: Vec<&ReplicaStatus> = statuses
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .filter(|s| !s.incomplete)
+        .collect();
+    let Some(max_epoch) = complete.iter().map(|s| s.epoch).max() else {
+        return Err(AssembleError::NoSource {
+            volume: opts.volume.clone(),
+            details: details(),
+        });
+    };
+    let mut sizes: Vec<u64> = complete
+        .iter()
+        .filter(|s| s.epoch == max_epoch)
+        .map(|s| s.size)
+        .collect();
+    sizes.sort_unstable();
     sizes.dedup();
     if sizes.len() > 1 {
         return Err(AssembleError::SizeMismatch {
             volume: opts.volume.clone(),
-            sizes: details(),
+            details: details(),
         });
     }
     let size = sizes[0];
-    // A new epoch above every one seen fences any older controller.
-    let epoch = reachable.iter().map(|(_, s)| s.epoch).max().unwrap_or(0) + 1;
+    if reachable < quorum {
+        tracing::warn!(
+            volume = %opts.volume,
+            "starting with only {reachable} of {configured} replicas reachable (--force-degraded): writes acknowledged by the missing ones only may be lost"
+        );
+    }
+    let epoch = max_epoch + 1;
     let mut slots = Vec::with_capacity(configured);
     for (i, &addr) in opts.replicas.iter().enumerate() {
-        let health = match &statuses[i] {
-            Err(e) => Health::Faulted {
-                reason: format!("unreachable at start: {e}"),
-            },
-            Ok(_) => match set_epoch(addr, opts, epoch).await {
-                Err(e) => Health::Faulted { reason: e },
-                Ok(()) => {
-                    match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout).await {
-                        Ok(c) => Health::Healthy(std::sync::Arc::new(c)),
-                        Err(e) => Health::Faulted {
-                            reason: format!("data connection failed: {e}"),
-                        },
+        let slot = match &statuses[i] {
+            Err(e) => Slot::new(
+                addr,
+                Health::Faulted {
+                    reason: format!("unreachable at start: {e}"),
+                },
+                None,
+            ),
+            Ok(s) if s.incomplete || s.epoch < max_epoch || s.size != size => Slot::new(
+                addr,
+                Health::Faulted {
+                    reason: format!(
+                        "out of date at start (epoch {} < {max_epoch}{}): rebuilding",
+                        s.epoch,
+                        if s.incomplete { ", incomplete" } else { "" }
+                    ),
+                },
+                None,
+            ),
+            Ok(s) => {
+                let departure = Some(Departure {
+                    lineage: s.lineage.clone(),
+                    epoch,
+                });
+                let health = match control::set_epoch(
+                    addr,
+                    &opts.volume,
+                    epoch,
+                    false,
+                    opts.connect_timeout,
+                )
+                .await
+                {
+                    Err(e) => Health::Faulted { reason: e },
+                    Ok(()) => {
+                        match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout)
+                            .await
+                        {
+                            Ok(c) => Health::Healthy(std::sync::Arc::new(c)),
+                            Err(e) => Health::Faulted {
+                                reason: format!("data connection failed: {e}"),
+                            },
+                        }
                     }
-                }
-            },
+                };
+                Slot::new(addr, health, departure)
+            }
         };
-        slots.push(Slot::new(addr, health));
+        slots.push(slot);
     }
-    let volume = Volume::new(opts.volume.clone(), size, epoch, slots);
-    if volume.healthy() < quorum {
+    let options = VolumeOptions {
+        io_timeout: opts.io_timeout,
+        control_timeout: opts.connect_timeout,
+        sync_rate: opts.sync_rate,
+    };
+    let volume = Volume::new(opts.volume.clone(), size, epoch, slots, options);
+    let healthy = volume.healthy();
+    if healthy == 0 || (healthy < quorum && !opts.force_degraded) {
         return Err(AssembleError::NoQuorum {
             volume: opts.volume.clone(),
-            reachable: volume.healthy(),
+            reachable: healthy,
             configured,
             quorum,
             details: volume
-                .slots
+                .slots()
                 .iter()
                 .map(|s| format!("  {}: {:?}", s.addr, s.health()))
                 .collect::<Vec<_>>()
                 .join("\n"),
         });
     }
-    tracing::info!(volume = %opts.volume, epoch, size, healthy = volume.healthy(), configured, "volume assembled");
+    tracing::info!(volume = %opts.volume, epoch, size, healthy, configured, "volume assembled");
     Ok(volume)
 }

@@ -11,6 +11,7 @@ pub mod assemble;
 pub mod backend;
 pub mod frontend;
 pub mod mgmt;
+pub mod nbd;
 pub mod replicator;
 pub mod run;
 

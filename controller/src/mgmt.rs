@@ -4,13 +4,17 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use std::net::SocketAddr;
 use strata_proto::controller::volume_control_server::VolumeControl;
-use strata_proto::controller::{IoCounters, ReplicaInfo, StatusRequest, VolumeStatus};
+
+use strata_proto::controller::{
+    IoCounters, ReplicaAddress, ReplicaInfo, StatusRequest, VolumeStatus,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::replicator::{Health, Volume};
+use crate::replicator::{Health, Slot, Volume};
 
 /// gRPC handlers: thin, converting the volume's state to messages.
 pub struct VolumeService {
@@ -23,18 +27,21 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
     VolumeStatus {
         volume: volume.name.clone(),
         size: volume.size,
-        epoch: volume.epoch,
+        epoch: volume.epoch(),
         state: volume.state().to_string(),
-        replicas_configured: volume.slots.len() as u32,
-        write_quorum: volume.quorum as u32,
+        replicas_configured: volume.slots().len() as u32,
+        write_quorum: volume.quorum() as u32,
         replicas: volume
-            .slots
+            .slots()
             .iter()
             .map(|s| {
                 let (state, fault_reason) = match s.health() {
                     Health::Healthy(_) => ("healthy".to_string(), String::new()),
+                    Health::Syncing(_) => ("syncing".to_string(), String::new()),
                     Health::Faulted { reason } => ("faulted".to_string(), reason),
                 };
+                let p = s.progress.lock().clone();
+                let syncing = state == "syncing";
                 ReplicaInfo {
                     address: s.addr.to_string(),
                     state,
@@ -42,6 +49,15 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
                     in_flight: s.in_flight.load(Ordering::Relaxed),
                     ops_ok: s.ops_ok.load(Ordering::Relaxed),
                     ops_failed: s.ops_failed.load(Ordering::Relaxed),
+                    sync_done_bytes: if syncing { p.done_bytes } else { 0 },
+                    sync_total_bytes: if syncing { p.total_bytes } else { 0 },
+                    sync_rate_mib: if syncing { p.rate_mib() } else { 0.0 },
+                    sync_eta_secs: if syncing { p.eta_secs() } else { 0 },
+                    sync_kind: match (syncing, p.full) {
+                        (false, _) => String::new(),
+                        (true, true) => "full".into(),
+                        (true, false) => "delta".into(),
+                    },
                 }
             })
             .collect(),
@@ -61,6 +77,56 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
 #[tonic::async_trait]
 impl VolumeControl for VolumeService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<VolumeStatus>, Status> {
+        Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+    }
+
+    async fn add_replica(
+        &self,
+        req: Request<ReplicaAddress>,
+    ) -> Result<Response<VolumeStatus>, Status> {
+        let addr: SocketAddr = req
+            .into_inner()
+            .address
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("not an address: {e}")))?;
+        if self.volume.slots().iter().any(|s| s.addr == addr) {
+            return Err(Status::already_exists(format!(
+                "{addr} is already a replica of {}",
+                self.volume.name
+            )));
+        }
+        if self.volume.slots().len() >= 5 {
+            return Err(Status::failed_precondition(
+                "a volume has at most 5 replicas",
+            ));
+        }
+        // A new slot is faulted with no history: the recovery loop creates
+        // the replica there and rebuilds it fully while IO continues.
+        self.volume.push_slot(Slot::new(
+            addr,
+            Health::Faulted {
+                reason: "added; waiting to be rebuilt".into(),
+            },
+            None,
+        ));
+        tracing::info!(volume = %self.volume.name, replica = %addr, "replica added");
+        Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+    }
+
+    async fn remove_replica(
+        &self,
+        req: Request<ReplicaAddress>,
+    ) -> Result<Response<VolumeStatus>, Status> {
+        let addr: SocketAddr = req
+            .into_inner()
+            .address
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("not an address: {e}")))?;
+        self.volume
+            .remove_slot(addr)
+            .await
+            .map_err(Status::failed_precondition)?;
+        tracing::info!(volume = %self.volume.name, replica = %addr, "replica removed");
         Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
     }
 }
@@ -122,7 +188,7 @@ pub fn metrics_text(volume: &Volume) -> String {
     let _ = writeln!(
         out,
         "# HELP strata_volume_epoch Fencing epoch of this controller.\n# TYPE strata_volume_epoch gauge\nstrata_volume_epoch{{volume=\"{v}\"}} {}",
-        volume.epoch
+        volume.epoch()
     );
     let _ = writeln!(
         out,
@@ -132,10 +198,10 @@ pub fn metrics_text(volume: &Volume) -> String {
     let _ = writeln!(
         out,
         "# HELP strata_volume_write_quorum Healthy replicas needed to accept writes.\n# TYPE strata_volume_write_quorum gauge\nstrata_volume_write_quorum{{volume=\"{v}\"}} {}",
-        volume.quorum
+        volume.quorum()
     );
     let _ = writeln!(out, "# HELP strata_replica_healthy 1 if the replica is healthy, 0 if faulted.\n# TYPE strata_replica_healthy gauge");
-    for s in &volume.slots {
+    for s in &volume.slots() {
         let _ = writeln!(
             out,
             "strata_replica_healthy{{volume=\"{v}\",replica=\"{}\"}} {}",
@@ -144,7 +210,7 @@ pub fn metrics_text(volume: &Volume) -> String {
         );
     }
     let _ = writeln!(out, "# HELP strata_replica_ops_total Replica requests by result.\n# TYPE strata_replica_ops_total counter");
-    for s in &volume.slots {
+    for s in &volume.slots() {
         let _ = writeln!(
             out,
             "strata_replica_ops_total{{volume=\"{v}\",replica=\"{}\",result=\"ok\"}} {}",
@@ -158,8 +224,27 @@ pub fn metrics_text(volume: &Volume) -> String {
             s.ops_failed.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP strata_replica_sync_bytes Resync/rebuild progress of a syncing replica.\n# TYPE strata_replica_sync_bytes gauge"
+    );
+    for s in &volume.slots() {
+        if let Health::Syncing(_) = s.health() {
+            let p = s.progress.lock().clone();
+            let _ = writeln!(
+                out,
+                "strata_replica_sync_bytes{{volume=\"{v}\",replica=\"{}\",kind=\"done\"}} {}",
+                s.addr, p.done_bytes
+            );
+            let _ = writeln!(
+                out,
+                "strata_replica_sync_bytes{{volume=\"{v}\",replica=\"{}\",kind=\"total\"}} {}",
+                s.addr, p.total_bytes
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP strata_replica_in_flight Requests in flight to the replica.\n# TYPE strata_replica_in_flight gauge");
-    for s in &volume.slots {
+    for s in &volume.slots() {
         let _ = writeln!(
             out,
             "strata_replica_in_flight{{volume=\"{v}\",replica=\"{}\"}} {}",

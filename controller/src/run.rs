@@ -98,6 +98,10 @@ pub async fn run_controller(
             volume: volume.clone(),
         });
     }
+    tokio::spawn(crate::replicator::recovery::recovery_loop(
+        volume.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(volume = %volume.name, nbd = %nbd_addr, "serving");
     let backend = Arc::new(crate::backend::VolumeBackend::new(volume.clone()));
     let served = crate::frontend::nbd::serve(nbd_listener, backend, shutdown).await;

@@ -34,6 +34,7 @@ fn status_of(name: &str, store: &Store, was_clean: bool) -> ReplicaStatus {
         snapshots: info.chain,
         engine: info.engine.to_string(),
         open: true,
+        incomplete: info.incomplete,
     }
 }
 
@@ -164,7 +165,7 @@ impl ReplicaControl for ReplicaControlService {
                 });
             }
             store
-                .set_epoch(req.epoch)
+                .set_epoch_and_sync_state(req.epoch, req.incomplete)
                 .map_err(|source| HostError::Store {
                     volume: req.volume.clone(),
                     source,

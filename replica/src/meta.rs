@@ -50,6 +50,10 @@ pub struct VolumeMeta {
     pub epoch: u64,
     /// True only after a clean close (everything flushed).
     pub clean: bool,
+    /// Set by a controller while this replica is being resynced or rebuilt:
+    /// its data is not complete, so it must never be chosen as a source.
+    #[serde(default)]
+    pub incomplete: bool,
     pub next_layer_id: u64,
     /// Oldest first; the last entry is the writable head.
     pub layers: Vec<LayerMeta>,
@@ -219,6 +223,7 @@ mod tests {
             block_size: 4096,
             epoch: 7,
             clean: true,
+            incomplete: false,
             next_layer_id: 3,
             layers: vec![
                 LayerMeta {

@@ -42,6 +42,22 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ReplicaCommand {
+    /// Add a replica server to a running volume: the replica is created
+    /// there and rebuilt in the background while IO continues.
+    Add {
+        volume: String,
+        address: SocketAddr,
+        /// The volume's controller (management address).
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: SocketAddr,
+    },
+    /// Remove a replica from a running volume (refused below write quorum).
+    Rm {
+        volume: String,
+        address: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: SocketAddr,
+    },
     /// Serve the replicas stored under a directory (data wire and gRPC
     /// control on one port).
     Serve {
@@ -83,6 +99,14 @@ pub struct ControllerArgs {
     /// Seconds before a replica request is declared failed (and the replica faulted).
     #[arg(long, default_value_t = 10)]
     pub io_timeout_secs: u64,
+    /// Start even if fewer than a majority of replicas are reachable. Writes
+    /// acknowledged only by the missing replicas may be lost: use only when
+    /// they are gone for good.
+    #[arg(long)]
+    pub force_degraded: bool,
+    /// Cap on resync/rebuild bandwidth in MiB/s (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub sync_rate_mib: u64,
 }
 
 impl ControllerArgs {
@@ -94,6 +118,8 @@ impl ControllerArgs {
                 create_size: self.create_size,
                 io_timeout: Duration::from_secs(self.io_timeout_secs.max(1)),
                 connect_timeout: Duration::from_secs(5),
+                force_degraded: self.force_degraded,
+                sync_rate: (self.sync_rate_mib > 0).then_some(self.sync_rate_mib << 20),
             },
             nbd: self.nbd,
             control: Some(self.control),
@@ -127,6 +153,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             strata_replica::node::serve_node(&dir, listener, rx).await?;
             Ok(())
         }
+        Command::Replica(ReplicaCommand::Add {
+            volume,
+            address,
+            controller,
+        }) => volume::change_replicas(&volume, address, controller, true).await,
+        Command::Replica(ReplicaCommand::Rm {
+            volume,
+            address,
+            controller,
+        }) => volume::change_replicas(&volume, address, controller, false).await,
         Command::Controller(ControllerCommand::Serve(args)) => {
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {

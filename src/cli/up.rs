@@ -79,6 +79,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             create_size: Some(args.size),
             io_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            force_degraded: false,
+            sync_rate: None,
         },
         nbd: args.nbd,
         control: Some(args.control),

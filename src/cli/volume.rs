@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Subcommand;
 use strata_proto::controller::volume_control_client::VolumeControlClient;
-use strata_proto::controller::StatusRequest;
+use strata_proto::controller::{ReplicaAddress, StatusRequest, VolumeStatus};
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
@@ -41,6 +41,8 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     "replicas": s.replicas.iter().map(|r| serde_json::json!({
                         "address": r.address, "state": r.state, "fault_reason": r.fault_reason,
                         "in_flight": r.in_flight, "ops_ok": r.ops_ok, "ops_failed": r.ops_failed,
+                        "sync": {"kind": r.sync_kind, "done_bytes": r.sync_done_bytes, "total_bytes": r.sync_total_bytes,
+                                 "rate_mib_s": r.sync_rate_mib, "eta_secs": r.sync_eta_secs},
                     })).collect::<Vec<_>>(),
                     "io": {"reads": io.reads, "writes": io.writes, "flushes": io.flushes, "trims": io.trims,
                            "errors": io.errors, "bytes_read": io.bytes_read, "bytes_written": io.bytes_written},
@@ -87,4 +89,70 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_replicas(s: &VolumeStatus) {
+    println!(
+        "{:<22} {:<8} {:>9} {:>12} {:>10}  detail",
+        "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED"
+    );
+    for r in &s.replicas {
+        let detail = if r.state == "syncing" {
+            format!(
+                "{} resync {}/{} MiB, {:.1} MiB/s, ETA {}s",
+                r.sync_kind,
+                r.sync_done_bytes >> 20,
+                r.sync_total_bytes >> 20,
+                r.sync_rate_mib,
+                r.sync_eta_secs
+            )
+        } else {
+            r.fault_reason.clone()
+        };
+        println!(
+            "{:<22} {:<8} {:>9} {:>12} {:>10}  {}",
+            r.address, r.state, r.in_flight, r.ops_ok, r.ops_failed, detail
+        );
+    }
+}
+
+/// `strata replica add|rm VOLUME ADDR`: asks the volume's controller.
+pub async fn change_replicas(
+    volume: &str,
+    address: SocketAddr,
+    controller: SocketAddr,
+    add: bool,
+) -> anyhow::Result<()> {
+    let mut client = VolumeControlClient::connect(format!("http://{controller}"))
+        .await
+        .with_context(|| format!("cannot reach the controller at {controller}"))?;
+    let current = client.status(StatusRequest {}).await?.into_inner();
+    if current.volume != volume {
+        anyhow::bail!(
+            "the controller at {controller} serves volume {:?}, not {volume:?}",
+            current.volume
+        );
+    }
+    let req = ReplicaAddress {
+        address: address.to_string(),
+    };
+    let s = if add {
+        client.add_replica(req).await
+    } else {
+        client.remove_replica(req).await
+    }
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "volume {volume}: {} {address} refused: {}",
+            if add { "adding" } else { "removing" },
+            e.message()
+        )
+    })?
+    .into_inner();
+    println!(
+        "volume {volume}: {} {address}",
+        if add { "added" } else { "removed" }
+    );
+    print_replicas(&s);
+    Ok(())
 }

@@ -173,9 +173,14 @@ pub enum Opt {
     ListMetaContext(MetaContextRequest),
     SetMetaContext(MetaContextRequest),
     /// A known option whose payload is malformed: answer `NBD_REP_ERR_INVALID`.
-    Invalid { code: u32, reason: &'static str },
+    Invalid {
+        code: u32,
+        reason: &'static str,
+    },
     /// An option this server does not know: answer `NBD_REP_ERR_UNSUP`.
-    Unknown { code: u32 },
+    Unknown {
+        code: u32,
+    },
 }
 
 impl Opt {
@@ -314,7 +319,10 @@ impl<'a> Cursor<'a> {
             return Err("string longer than 4096 bytes");
         }
         let end = self.at.checked_add(len).ok_or("length overflows")?;
-        let s = self.b.get(self.at..end).ok_or("string runs past the option")?;
+        let s = self
+            .b
+            .get(self.at..end)
+            .ok_or("string runs past the option")?;
         let s = std::str::from_utf8(s).map_err(|_| "string is not UTF-8")?;
         if s.contains('\0') {
             return Err("string contains NUL");
@@ -347,13 +355,19 @@ pub fn parse_option(b: &[u8]) -> Result<Option<(Opt, usize)>, ProtoError> {
         // Check the magic as soon as 8 bytes are in, so garbage fails fast.
         if let Some(magic) = be64(b, 0) {
             if magic != IHAVEOPT {
-                return Err(ProtoError::BadMagic { expected: IHAVEOPT, got: magic });
+                return Err(ProtoError::BadMagic {
+                    expected: IHAVEOPT,
+                    got: magic,
+                });
             }
         }
         return Ok(None);
     };
     if magic != IHAVEOPT {
-        return Err(ProtoError::BadMagic { expected: IHAVEOPT, got: magic });
+        return Err(ProtoError::BadMagic {
+            expected: IHAVEOPT,
+            got: magic,
+        });
     }
     if len > MAX_OPTION_LEN {
         return Err(ProtoError::OptionTooLong { option: code, len });
@@ -368,7 +382,13 @@ pub fn parse_option(b: &[u8]) -> Result<Option<(Opt, usize)>, ProtoError> {
 /// Interprets the payload of option `code`.
 pub fn parse_option_data(code: u32, data: &[u8]) -> Opt {
     let invalid = |reason| Opt::Invalid { code, reason };
-    let empty = |opt: Opt| if data.is_empty() { opt } else { invalid("option takes no data") };
+    let empty = |opt: Opt| {
+        if data.is_empty() {
+            opt
+        } else {
+            invalid("option takes no data")
+        }
+    };
     match code {
         NBD_OPT_EXPORT_NAME => {
             let mut c = Cursor { b: data, at: 0 };
@@ -434,14 +454,23 @@ pub fn parse_request(b: &[u8]) -> Result<Option<(Request, usize)>, ProtoError> {
         return Ok(None);
     };
     if magic != REQUEST_MAGIC {
-        return Err(ProtoError::BadMagic { expected: REQUEST_MAGIC as u64, got: magic as u64 });
+        return Err(ProtoError::BadMagic {
+            expected: REQUEST_MAGIC as u64,
+            got: magic as u64,
+        });
     }
     let (Some(flags), Some(cmd), Some(handle), Some(offset), Some(len)) =
         (be16(b, 4), be16(b, 6), be64(b, 8), be64(b, 16), be32(b, 24))
     else {
         return Ok(None);
     };
-    let req = Request { handle, cmd: Cmd::from_u16(cmd), flags, offset, len };
+    let req = Request {
+        handle,
+        cmd: Cmd::from_u16(cmd),
+        flags,
+        offset,
+        len,
+    };
     Ok(Some((req, REQUEST_HEADER_LEN)))
 }
 
@@ -612,7 +641,13 @@ pub fn encode_block_status(
     extents: &[BlockDescriptor],
 ) {
     let len = 4 + 8 * extents.len() as u32;
-    encode_structured_header(out, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, handle, len);
+    encode_structured_header(
+        out,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_BLOCK_STATUS,
+        handle,
+        len,
+    );
     out.extend_from_slice(&context_id.to_be_bytes());
     for e in extents {
         out.extend_from_slice(&e.len.to_be_bytes());

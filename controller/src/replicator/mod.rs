@@ -7,14 +7,27 @@
 //! Ordering: writes, trims and zeroings take a [`RangeLock`] on their byte
 //! range for the whole fan-out, so overlapping writes reach every replica
 //! in one order; disjoint writes run in parallel.
+//!
+//! Membership: a replica that faults is remembered with the regions it
+//! misses from then on (`slot.rs`). Before any write it missed is
+//! acknowledged, the epoch is bumped on the replicas still in the volume
+//! ([`Volume::bump_epoch`]), so a replica that missed acknowledged writes
+//! always has an older persisted epoch than one that did not: that is how a
+//! restarted controller tells them apart (`assemble.rs`). Recovery (rejoin,
+//! delta resync, full rebuild) is in `recovery.rs`.
 
+pub mod control;
 mod range_lock;
+pub mod recovery;
 mod slot;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
 
 use bytes::Bytes;
 use strata_replica::client::{ClientError, ReplicaClient};
@@ -22,7 +35,7 @@ use strata_replica::wire::Status;
 use strata_replica::AllocationExtent;
 
 pub use range_lock::{RangeGuard, RangeLock};
-pub use slot::{Health, Slot};
+pub use slot::{Departure, Health, Slot, SyncProgress, REGION};
 
 /// Why the replicator refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -65,17 +78,40 @@ pub struct IoCounters {
     pub bytes_written: AtomicU64,
 }
 
+/// Timeouts and limits of a volume's replicator.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    pub io_timeout: Duration,
+    pub control_timeout: Duration,
+    /// Resync/rebuild bandwidth cap in bytes per second (None: unlimited).
+    pub sync_rate: Option<u64>,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            io_timeout: Duration::from_secs(10),
+            control_timeout: Duration::from_secs(5),
+            sync_rate: None,
+        }
+    }
+}
+
 /// One volume as the controller sees it.
 #[derive(Debug)]
 pub struct Volume {
     pub name: String,
     pub size: u64,
-    pub epoch: u64,
-    pub slots: Vec<Slot>,
-    /// Healthy replicas needed to accept writes: a majority of `slots`.
-    pub quorum: usize,
+    epoch: AtomicU64,
+    slots: RwLock<Vec<Arc<Slot>>>,
     range_lock: RangeLock,
+    /// IO holds it shared; epoch changes and joins hold it exclusively, so
+    /// no request is in flight with an epoch that is being replaced.
+    gate: tokio::sync::RwLock<()>,
+    /// A replica left since the last epoch bump.
+    needs_bump: AtomicBool,
     next_read: AtomicUsize,
+    pub options: VolumeOptions,
     pub io: IoCounters,
 }
 
@@ -109,31 +145,52 @@ fn is_request_error(e: &ClientError) -> bool {
 }
 
 impl Volume {
-    /// A volume over already-connected slots.
-    pub fn new(name: String, size: u64, epoch: u64, slots: Vec<Slot>) -> Volume {
-        let quorum = slots.len() / 2 + 1;
+    /// A volume over already-connected slots, at `epoch`.
+    pub fn new(
+        name: String,
+        size: u64,
+        epoch: u64,
+        slots: Vec<Slot>,
+        options: VolumeOptions,
+    ) -> Volume {
         Volume {
             name,
             size,
-            epoch,
-            slots,
-            quorum,
+            epoch: AtomicU64::new(epoch),
+            slots: RwLock::new(slots.into_iter().map(Arc::new).collect()),
             range_lock: RangeLock::new(),
+            gate: tokio::sync::RwLock::new(()),
+            needs_bump: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
+            options,
             io: IoCounters::default(),
         }
     }
 
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().clone()
+    }
+
+    /// Healthy replicas needed to accept writes: a majority of the slots.
+    pub fn quorum(&self) -> usize {
+        self.slots.read().len() / 2 + 1
+    }
+
     pub fn healthy(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_healthy()).count()
+        self.slots.read().iter().filter(|s| s.is_healthy()).count()
     }
 
     /// "healthy", "degraded" or "read-only".
     pub fn state(&self) -> &'static str {
-        let h = self.healthy();
-        if h == self.slots.len() {
+        let slots = self.slots.read();
+        let h = slots.iter().filter(|s| s.is_healthy()).count();
+        if h == slots.len() {
             "healthy"
-        } else if h >= self.quorum {
+        } else if h >= slots.len() / 2 + 1 {
             "degraded"
         } else {
             "read-only"
@@ -141,7 +198,7 @@ impl Volume {
     }
 
     pub fn replica_addrs(&self) -> Vec<SocketAddr> {
-        self.slots.iter().map(|s| s.addr).collect()
+        self.slots.read().iter().map(|s| s.addr).collect()
     }
 
     fn below_quorum(&self, op: &'static str, offset: u64) -> VolumeError {
@@ -150,13 +207,65 @@ impl Volume {
             op,
             offset,
             healthy: self.healthy(),
-            configured: self.slots.len(),
-            quorum: self.quorum,
+            configured: self.slots.read().len(),
+            quorum: self.quorum(),
         }
     }
 
-    /// Runs `f` on every healthy replica in parallel; faults those that
-    /// fail; succeeds if at least a quorum acknowledged.
+    /// Takes `slot` out of the volume, remembering what it was so a return
+    /// can be told from a replacement, and schedules an epoch bump.
+    pub fn fault(&self, slot: &Slot, reason: String) {
+        let lineage = slot.departure().map(|d| d.lineage).unwrap_or_default();
+        if slot.fault(&self.name, reason) {
+            slot.set_departure(Some(Departure {
+                lineage,
+                epoch: self.epoch(),
+            }));
+            self.needs_bump.store(true, Ordering::Release);
+        }
+    }
+
+    /// Bumps the epoch on every replica still in the volume if one left
+    /// since the last bump. Waits for requests in flight to finish first.
+    pub async fn bump_epoch_if_needed(&self) {
+        if !self.needs_bump.load(Ordering::Acquire) {
+            return;
+        }
+        let _exclusive = self.gate.write().await;
+        self.bump_epoch_locked().await;
+    }
+
+    /// The bump itself; the caller holds the gate exclusively.
+    pub(crate) async fn bump_epoch_locked(&self) {
+        while self.needs_bump.swap(false, Ordering::AcqRel) {
+            let new = self.epoch() + 1;
+            for slot in self.slots() {
+                let Some((client, healthy)) = slot.write_target() else {
+                    continue;
+                };
+                match control::set_epoch(
+                    slot.addr,
+                    &self.name,
+                    new,
+                    !healthy,
+                    self.options.control_timeout,
+                )
+                .await
+                {
+                    Ok(()) => client.set_epoch(new),
+                    Err(e) => self.fault(&slot, format!("could not move it to epoch {new}: {e}")),
+                }
+            }
+            self.epoch.store(new, Ordering::Release);
+            tracing::info!(volume = %self.name, epoch = new, healthy = self.healthy(), "epoch bumped after a membership change");
+        }
+    }
+
+    /// Runs `f` on every replica that takes writes (healthy and syncing),
+    /// in parallel. Replicas that are out get the range marked as missed
+    /// before anything is sent; those that fail are faulted (and get it
+    /// marked too). Succeeds if at least a quorum of healthy replicas
+    /// acknowledged. The caller holds the gate shared.
     async fn fan_out<F, Fut>(
         &self,
         op: &'static str,
@@ -168,36 +277,43 @@ impl Volume {
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: Future<Output = Result<(), ClientError>>,
     {
-        let targets: Vec<(usize, Arc<ReplicaClient>)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.client().map(|c| (i, c)))
-            .collect();
-        if targets.len() < self.quorum {
+        let slots = self.slots();
+        let quorum = slots.len() / 2 + 1;
+        let mut targets = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            match slot.write_target() {
+                Some((client, healthy)) => targets.push((slot.clone(), client, healthy)),
+                None if len > 0 => slot.mark_pending(offset, len),
+                None => {}
+            }
+        }
+        if targets.iter().filter(|t| t.2).count() < quorum {
             self.io.errors.fetch_add(1, Ordering::Relaxed);
             return Err(self.below_quorum(op, offset));
         }
-        let results = futures::future::join_all(targets.into_iter().map(|(i, client)| {
-            let slot = &self.slots[i];
-            slot.in_flight.fetch_add(1, Ordering::Relaxed);
-            let fut = f(client);
-            async move {
-                let r = fut.await;
-                slot.in_flight.fetch_sub(1, Ordering::Relaxed);
-                slot.record(r.is_ok());
-                (i, r)
-            }
-        }))
-        .await;
+        let results =
+            futures::future::join_all(targets.into_iter().map(|(slot, client, healthy)| {
+                slot.in_flight.fetch_add(1, Ordering::Relaxed);
+                let fut = f(client);
+                async move {
+                    let r = fut.await;
+                    slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    slot.record(r.is_ok());
+                    (slot, healthy, r)
+                }
+            }))
+            .await;
         let mut acked = 0;
         let mut invalid = None;
-        for (i, r) in results {
+        for (slot, healthy, r) in results {
             match r {
-                Ok(()) => acked += 1,
+                Ok(()) => acked += healthy as usize,
                 Err(e) if is_request_error(&e) => invalid = Some(e.to_string()),
                 Err(e) => {
-                    self.slots[i].fault(&self.name, format!("{op} at offset {offset} failed: {e}"));
+                    if len > 0 {
+                        slot.mark_pending(offset, len);
+                    }
+                    self.fault(&slot, format!("{op} at offset {offset} failed: {e}"));
                 }
             }
         }
@@ -211,7 +327,7 @@ impl Volume {
                 reason,
             });
         }
-        if acked < self.quorum {
+        if acked < quorum {
             self.io.errors.fetch_add(1, Ordering::Relaxed);
             return Err(self.below_quorum(op, offset));
         }
@@ -229,12 +345,13 @@ impl Volume {
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let n = self.slots.len();
+        let slots = self.slots();
+        let n = slots.len();
         let start = self.next_read.fetch_add(1, Ordering::Relaxed);
         let mut last = String::from("no healthy replica");
         for k in 0..n {
-            let slot = &self.slots[(start + k) % n];
-            let Some(client) = slot.client() else {
+            let slot = &slots[(start + k) % n];
+            let Some(client) = slot.healthy_client() else {
                 continue;
             };
             slot.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -257,14 +374,13 @@ impl Volume {
                     message,
                     ..
                 }) => {
-                    // Damaged data on that replica only: try a peer. Repair
-                    // from the peer is part of recovery (not done here).
+                    // Damaged data on that replica only: try a peer.
                     tracing::error!(volume = %self.name, replica = %slot.addr, "corrupt data: {message}");
                     last = message;
                 }
                 Err(e) => {
                     last = e.to_string();
-                    slot.fault(&self.name, format!("{op} at offset {offset} failed: {e}"));
+                    self.fault(slot, format!("{op} at offset {offset} failed: {e}"));
                 }
             }
         }
@@ -277,7 +393,7 @@ impl Volume {
         })
     }
 
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
+    async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
         let (start, end) = align_out(offset, len as u64);
         let data = self
             .read_one("read", start, |c| async move {
@@ -297,7 +413,7 @@ impl Volume {
     /// Writes `data` at `offset`. A write that does not cover whole blocks
     /// becomes a read-modify-write of the blocks it touches, under the range
     /// lock of those blocks so no other write can interleave.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+    async fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         let (start, end) = align_out(offset, len);
         let _range = self.range_lock.lock(start, end).await;
@@ -324,7 +440,7 @@ impl Volume {
         Ok(())
     }
 
-    pub async fn flush(&self) -> Result<(), VolumeError> {
+    async fn flush_inner(&self) -> Result<(), VolumeError> {
         self.fan_out("flush", 0, 0, |c| async move { c.flush().await })
             .await?;
         self.io.flushes.fetch_add(1, Ordering::Relaxed);
@@ -333,7 +449,7 @@ impl Volume {
 
     /// Discards the whole blocks inside `[offset, offset + len)`; partial
     /// blocks at the edges are left alone (a trim is advisory).
-    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+    async fn trim_inner(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
         let (start, end) = align_in(offset, len as u64);
         if start < end {
             let _range = self.range_lock.lock(start, end).await;
@@ -350,7 +466,7 @@ impl Volume {
     /// Makes `[offset, offset + len)` read as zeros: whole blocks through the
     /// replicas' zeroing (punching holes if `may_punch`), partial edge blocks
     /// by writing zeros into them.
-    pub async fn write_zeroes(
+    async fn write_zeroes_inner(
         &self,
         offset: u64,
         len: u32,
@@ -389,13 +505,13 @@ impl Volume {
             .await?;
         }
         if fua && (offset < start || end < end_req) {
-            self.flush().await?;
+            self.flush_inner().await?;
         }
         self.io.writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    pub async fn block_status(
+    async fn block_status_inner(
         &self,
         offset: u64,
         len: u32,
@@ -406,5 +522,121 @@ impl Volume {
             c.block_status(start, n).await
         })
         .await
+    }
+
+    // The public data operations: each holds the gate shared for its
+    // duration and, if a replica left meanwhile, bumps the epoch before the
+    // client hears back.
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
+        let r = {
+            let _gate = self.gate.read().await;
+            self.read_inner(offset, len).await
+        };
+        self.bump_epoch_if_needed().await;
+        r
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+        let r = {
+            let _gate = self.gate.read().await;
+            self.write_inner(offset, data, fua).await
+        };
+        self.bump_epoch_if_needed().await;
+        r
+    }
+
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        let r = {
+            let _gate = self.gate.read().await;
+            self.flush_inner().await
+        };
+        self.bump_epoch_if_needed().await;
+        r
+    }
+
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+        let r = {
+            let _gate = self.gate.read().await;
+            self.trim_inner(offset, len).await
+        };
+        self.bump_epoch_if_needed().await;
+        r
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let r = {
+            let _gate = self.gate.read().await;
+            self.write_zeroes_inner(offset, len, may_punch, fua).await
+        };
+        self.bump_epoch_if_needed().await;
+        r
+    }
+
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<AllocationExtent>, VolumeError> {
+        let r = {
+            let _gate = self.gate.read().await;
+            self.block_status_inner(offset, len).await
+        };
+        self.bump_epoch_if_needed().await;
+        r
+    }
+
+    /// Adds a slot (a new replica, rebuilt by the recovery loop).
+    pub fn push_slot(&self, slot: Slot) -> Arc<Slot> {
+        let slot = Arc::new(slot);
+        self.slots.write().push(slot.clone());
+        slot
+    }
+
+    /// Removes the slot at `addr`; refused if the volume would fall below
+    /// its write quorum.
+    pub async fn remove_slot(&self, addr: SocketAddr) -> Result<(), String> {
+        let _exclusive = self.gate.write().await;
+        {
+            let mut slots = self.slots.write();
+            let Some(i) = slots.iter().position(|s| s.addr == addr) else {
+                return Err(format!("{addr} is not a replica of volume {}", self.name));
+            };
+            let healthy_after = slots
+                .iter()
+                .enumerate()
+                .filter(|(j, s)| *j != i && s.is_healthy())
+                .count();
+            let quorum_after = (slots.len() - 1) / 2 + 1;
+            if slots.len() == 1 || healthy_after < quorum_after {
+                return Err(format!(
+                    "removing {addr} would leave {healthy_after} healthy of {} replicas, below the write quorum of {quorum_after}",
+                    slots.len() - 1
+                ));
+            }
+            slots.remove(i);
+        }
+        // The removed replica keeps the old epoch: fenced from now on.
+        self.needs_bump.store(true, Ordering::Release);
+        self.bump_epoch_locked().await;
+        Ok(())
+    }
+
+    pub(crate) fn range_lock(&self) -> &RangeLock {
+        &self.range_lock
+    }
+
+    pub(crate) fn gate(&self) -> &tokio::sync::RwLock<()> {
+        &self.gate
+    }
+
+    pub(crate) fn request_bump(&self) {
+        self.needs_bump.store(true, Ordering::Release);
     }
 }

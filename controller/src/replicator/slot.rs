@@ -1,18 +1,29 @@
-//! [`Slot`]: one configured replica of a volume, its health and counters.
+//! [`Slot`]: one configured replica of a volume: its health (with the
+//! reason when it is out), the regions it still needs copied, what it was
+//! when it left (to tell a returning replica from a replaced one), and its
+//! counters.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use strata_replica::client::ReplicaClient;
+use strata_replica::extent::RangeMap;
 
-/// Health of one replica, with the reason when it is out.
+/// Size of a region in the dirty map: resync copies whole regions.
+pub const REGION: u64 = 1 << 20;
+
+/// Health of one replica.
 #[derive(Clone)]
 pub enum Health {
-    /// Receives every write and may serve reads.
+    /// Up to date: receives every write, serves reads, counts for quorum.
     Healthy(Arc<ReplicaClient>),
-    /// Out of the volume until recovered: never read from, never written.
+    /// Write-only while the regions it missed are copied to it: receives
+    /// every write, never serves reads, does not count for quorum.
+    Syncing(Arc<ReplicaClient>),
+    /// Out of the volume until it rejoins: never read from, never written.
     Faulted { reason: String },
 }
 
@@ -20,26 +31,74 @@ impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Health::Healthy(_) => f.write_str("Healthy"),
+            Health::Syncing(_) => f.write_str("Syncing"),
             Health::Faulted { reason } => write!(f, "Faulted({reason})"),
         }
     }
 }
 
-/// One replica slot: where it is, how it is, and what went through it.
+/// What a replica was when it left the volume. A returning replica with
+/// the same lineage and epoch only needs the regions it missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departure {
+    pub lineage: String,
+    pub epoch: u64,
+}
+
+/// Progress of a resync or rebuild, for status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct SyncProgress {
+    pub full: bool,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub started: Option<Instant>,
+}
+
+impl SyncProgress {
+    pub fn rate_mib(&self) -> f64 {
+        match self.started {
+            Some(t) if t.elapsed().as_secs_f64() > 0.0 => {
+                self.done_bytes as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    pub fn eta_secs(&self) -> u64 {
+        let rate = self.rate_mib() * (1 << 20) as f64;
+        if rate <= 0.0 {
+            return 0;
+        }
+        (self.total_bytes.saturating_sub(self.done_bytes) as f64 / rate) as u64
+    }
+}
+
+/// One replica slot.
 #[derive(Debug)]
 pub struct Slot {
     pub addr: SocketAddr,
     health: RwLock<Health>,
+    /// Regions (in units of [`REGION`]) this replica must get copied before
+    /// it is healthy again. Grows while it is faulted; O(regions written).
+    pending: Mutex<RangeMap<()>>,
+    departure: Mutex<Option<Departure>>,
+    pub progress: Mutex<SyncProgress>,
+    /// Reconnect backoff: next attempt not before this, and the current delay.
+    pub retry: Mutex<(Instant, std::time::Duration)>,
     pub in_flight: AtomicU64,
     pub ops_ok: AtomicU64,
     pub ops_failed: AtomicU64,
 }
 
 impl Slot {
-    pub fn new(addr: SocketAddr, health: Health) -> Self {
+    pub fn new(addr: SocketAddr, health: Health, departure: Option<Departure>) -> Self {
         Slot {
             addr,
             health: RwLock::new(health),
+            pending: Mutex::new(RangeMap::new()),
+            departure: Mutex::new(departure),
+            progress: Mutex::new(SyncProgress::default()),
+            retry: Mutex::new((Instant::now(), std::time::Duration::from_millis(250))),
             in_flight: AtomicU64::new(0),
             ops_ok: AtomicU64::new(0),
             ops_failed: AtomicU64::new(0),
@@ -50,10 +109,24 @@ impl Slot {
         self.health.read().clone()
     }
 
-    /// The client if healthy.
-    pub fn client(&self) -> Option<Arc<ReplicaClient>> {
+    pub fn set_health(&self, h: Health) {
+        *self.health.write() = h;
+    }
+
+    /// The client if healthy (readable, counts for quorum).
+    pub fn healthy_client(&self) -> Option<Arc<ReplicaClient>> {
         match &*self.health.read() {
             Health::Healthy(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// The client if the replica receives writes (healthy or syncing), and
+    /// whether it is healthy.
+    pub fn write_target(&self) -> Option<(Arc<ReplicaClient>, bool)> {
+        match &*self.health.read() {
+            Health::Healthy(c) => Some((c.clone(), true)),
+            Health::Syncing(c) => Some((c.clone(), false)),
             Health::Faulted { .. } => None,
         }
     }
@@ -62,7 +135,12 @@ impl Slot {
         matches!(*self.health.read(), Health::Healthy(_))
     }
 
-    /// Takes the replica out of the volume. Returns false if it already was.
+    pub fn is_faulted(&self) -> bool {
+        matches!(*self.health.read(), Health::Faulted { .. })
+    }
+
+    /// Takes the replica out. `departure` records what it was (lineage,
+    /// epoch) if known. Returns false if it already was out.
     pub fn fault(&self, volume: &str, reason: String) -> bool {
         let mut h = self.health.write();
         if let Health::Faulted { .. } = *h {
@@ -71,6 +149,42 @@ impl Slot {
         tracing::warn!(volume, replica = %self.addr, %reason, "replica faulted");
         *h = Health::Faulted { reason };
         true
+    }
+
+    pub fn departure(&self) -> Option<Departure> {
+        self.departure.lock().clone()
+    }
+
+    pub fn set_departure(&self, d: Option<Departure>) {
+        *self.departure.lock() = d;
+    }
+
+    /// Marks the regions overlapping `[offset, offset + len)` as missed.
+    pub fn mark_pending(&self, offset: u64, len: u64) {
+        let first = offset / REGION;
+        let last = (offset + len.max(1)).div_ceil(REGION);
+        self.pending.lock().set(first, last, ());
+    }
+
+    /// Marks every region of a volume of `size` bytes (a full rebuild).
+    pub fn mark_all_pending(&self, size: u64) {
+        self.pending.lock().set(0, size.div_ceil(REGION), ());
+    }
+
+    /// The first region still to copy, removed from the set.
+    pub fn take_pending(&self) -> Option<u64> {
+        let mut p = self.pending.lock();
+        let (s, _, _) = p.iter().next()?;
+        p.clear(s, s + 1);
+        Some(s)
+    }
+
+    pub fn pending_regions(&self) -> u64 {
+        self.pending.lock().iter().map(|(s, e, _)| e - s).sum()
+    }
+
+    pub fn pending_heap_bytes(&self) -> usize {
+        self.pending.lock().heap_bytes()
     }
 
     pub(crate) fn record(&self, ok: bool) {

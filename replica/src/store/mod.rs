@@ -82,6 +82,8 @@ pub struct StoreInfo {
     pub lineage: String,
     pub size: u64,
     pub epoch: u64,
+    /// A controller marked the replica as being resynced (not a valid source).
+    pub incomplete: bool,
     pub engine: &'static str,
     /// Snapshot names, oldest first.
     pub chain: Vec<String>,
@@ -188,6 +190,7 @@ impl Store {
             block_size: BLOCK_SIZE as u32,
             epoch: 0,
             clean: false,
+            incomplete: false,
             next_layer_id: 2,
             layers: vec![LayerMeta {
                 id: 1,
@@ -295,6 +298,7 @@ impl Store {
             lineage: st.meta.lineage.clone(),
             size: st.meta.size,
             epoch: st.meta.epoch,
+            incomplete: st.meta.incomplete,
             engine: self.engine.name(),
             chain: st
                 .meta
@@ -307,11 +311,20 @@ impl Store {
 
     /// Persists a new fencing epoch.
     pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+        let incomplete = self.state.read().meta.incomplete;
+        self.set_epoch_and_sync_state(epoch, incomplete)
+    }
+
+    /// Persists a new fencing epoch and whether the replica's data is
+    /// complete (false while a controller resyncs or rebuilds it), in one
+    /// metadata update.
+    pub fn set_epoch_and_sync_state(&self, epoch: u64, incomplete: bool) -> Result<()> {
         self.check_usable()?;
         let _control = self.control.lock();
         let mut st = self.state.write();
         let mut meta = st.meta.clone();
         meta.epoch = epoch;
+        meta.incomplete = incomplete;
         self.commit_meta(&mut st, meta, "set epoch")
     }
 

@@ -1,0 +1,279 @@
+//! Bringing replicas back: the recovery loop retries every faulted replica
+//! with backoff; one that answers joins write-only ([`Health::Syncing`]) and
+//! a sync job copies it the regions it still needs, then it is healthy
+//! again. A replica that returns with the lineage and epoch it left with
+//! needs only the regions written while it was out (delta resync); any
+//! other (wiped, replaced, stale from before a restart) needs every region
+//! (full rebuild). Either way, only allocated ranges are copied; holes are
+//! trimmed on the target.
+//!
+//! A job is resumable by construction: its work is the slot's set of
+//! pending regions. A region is taken out of the set when it is copied and
+//! put back if the copy fails, so a job interrupted by the source or the
+//! target dying continues from where it got to.
+//!
+//! Each region is copied under the gate (shared) and the region's range
+//! lock, so no client write to it can interleave with the copy; client
+//! writes to other regions reach the target directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_replica::client::ReplicaClient;
+use strata_replica::Allocation;
+use tokio::sync::watch;
+
+use super::{control, Health, Slot, Volume, REGION};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Retries faulted replicas until `shutdown`.
+pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = crate::stopped(&mut shutdown) => return,
+        }
+        for slot in volume.slots() {
+            if !slot.is_faulted() {
+                continue;
+            }
+            let due = slot.retry.lock().0 <= Instant::now();
+            if !due {
+                continue;
+            }
+            match rejoin(&volume, &slot).await {
+                Ok(()) => {
+                    *slot.retry.lock() = (Instant::now(), MIN_BACKOFF);
+                    let (volume, slot) = (volume.clone(), slot.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = sync(&volume, &slot).await {
+                            tracing::warn!(volume = %volume.name, replica = %slot.addr, "sync stopped: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    let mut r = slot.retry.lock();
+                    tracing::debug!(volume = %volume.name, replica = %slot.addr, "rejoin failed: {e}; retry in {:?}", r.1);
+                    *r = (Instant::now() + r.1, (r.1 * 2).min(MAX_BACKOFF));
+                }
+            }
+        }
+    }
+}
+
+/// Opens the replica again and lets it join write-only.
+async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
+    let timeout = volume.options.control_timeout;
+    let (status, created) =
+        control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
+    if status.size != volume.size {
+        return Err(format!(
+            "its size {} differs from the volume's {}",
+            status.size, volume.size
+        ));
+    }
+    let departure = slot.departure();
+    let delta = !created
+        && departure.as_ref().is_some_and(|d| {
+            !d.lineage.is_empty() && d.lineage == status.lineage && d.epoch == status.epoch
+        });
+    let _exclusive = volume.gate().write().await;
+    let epoch = volume.epoch();
+    if status.epoch > epoch {
+        return Err(format!(
+            "it has epoch {} above ours ({epoch}): another controller owns this volume",
+            status.epoch
+        ));
+    }
+    control::set_epoch(slot.addr, &volume.name, epoch, true, timeout).await?;
+    let client = ReplicaClient::connect(slot.addr, &volume.name, epoch, volume.options.io_timeout)
+        .await
+        .map_err(|e| format!("data connection failed: {e}"))?;
+    if !delta {
+        slot.mark_all_pending(volume.size);
+    }
+    {
+        let mut p = slot.progress.lock();
+        *p = super::SyncProgress {
+            full: !delta,
+            total_bytes: slot.pending_regions() * REGION,
+            done_bytes: 0,
+            started: Some(Instant::now()),
+        };
+    }
+    slot.set_departure(Some(super::Departure {
+        lineage: status.lineage.clone(),
+        epoch,
+    }));
+    slot.set_health(Health::Syncing(Arc::new(client)));
+    tracing::info!(
+        volume = %volume.name,
+        replica = %slot.addr,
+        kind = if delta { "delta resync" } else { "full rebuild" },
+        regions = slot.pending_regions(),
+        "replica rejoined write-only"
+    );
+    Ok(())
+}
+
+enum CopyError {
+    Source(String),
+    Target(String),
+}
+
+/// Copies `[start, end)` from a healthy replica to `target`: data where the
+/// source has data, a trim where it has holes. Returns bytes transferred.
+async fn copy_range(
+    volume: &Volume,
+    target: &ReplicaClient,
+    start: u64,
+    end: u64,
+) -> Result<u64, CopyError> {
+    let source_slot = volume
+        .slots()
+        .into_iter()
+        .find(|s| s.is_healthy())
+        .ok_or_else(|| CopyError::Source("no healthy replica to copy from".into()))?;
+    let source = source_slot
+        .healthy_client()
+        .ok_or_else(|| CopyError::Source("source left".into()))?;
+    let len = (end - start) as u32;
+    let extents = match source.block_status(start, len).await {
+        Ok(e) => e,
+        Err(e) => {
+            volume.fault(
+                &source_slot,
+                format!("block status for a resync failed: {e}"),
+            );
+            return Err(CopyError::Source(e.to_string()));
+        }
+    };
+    let mut copied = 0;
+    let mut cursor = start;
+    for ext in extents {
+        let s = ext.offset.max(start);
+        let e = (ext.offset + ext.len).min(end);
+        if s >= e {
+            continue;
+        }
+        if s > cursor {
+            target
+                .trim(cursor, (s - cursor) as u32)
+                .await
+                .map_err(|e| CopyError::Target(e.to_string()))?;
+        }
+        match ext.kind {
+            Allocation::Data => {
+                let data = match source.read(s, (e - s) as u32).await {
+                    Ok(d) => d,
+                    Err(err) => {
+                        volume.fault(&source_slot, format!("read for a resync failed: {err}"));
+                        return Err(CopyError::Source(err.to_string()));
+                    }
+                };
+                target
+                    .write(s, data, false)
+                    .await
+                    .map_err(|e| CopyError::Target(e.to_string()))?;
+                copied += e - s;
+            }
+            Allocation::Hole => target
+                .trim(s, (e - s) as u32)
+                .await
+                .map_err(|e| CopyError::Target(e.to_string()))?,
+        }
+        cursor = e;
+    }
+    if cursor < end {
+        target
+            .trim(cursor, (end - cursor) as u32)
+            .await
+            .map_err(|e| CopyError::Target(e.to_string()))?;
+    }
+    Ok(copied)
+}
+
+/// Copies every pending region to a syncing replica, then makes it healthy.
+pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
+    let started = Instant::now();
+    let mut transferred = 0u64;
+    loop {
+        let Some(region) = slot.take_pending() else {
+            break;
+        };
+        let start = region * REGION;
+        let end = (start + REGION).min(volume.size);
+        let result = {
+            let _gate = volume.gate().read().await;
+            let _range = volume.range_lock().lock(start, end).await;
+            match slot.health() {
+                Health::Syncing(target) => copy_range(volume, &target, start, end).await,
+                other => Err(CopyError::Target(format!(
+                    "the replica is no longer syncing ({other:?})"
+                ))),
+            }
+        };
+        match result {
+            Ok(bytes) => {
+                transferred += bytes;
+                slot.progress.lock().done_bytes += end - start;
+            }
+            Err(CopyError::Source(e)) => {
+                slot.mark_pending(start, end - start);
+                volume.bump_epoch_if_needed().await;
+                if volume.healthy() == 0 {
+                    return Err(format!("no healthy source left: {e}"));
+                }
+            }
+            Err(CopyError::Target(e)) => {
+                slot.mark_pending(start, end - start);
+                volume.fault(slot, format!("resync write failed: {e}"));
+                volume.bump_epoch_if_needed().await;
+                return Err(e);
+            }
+        }
+        if let Some(rate) = volume.options.sync_rate {
+            // Throttle: never ahead of `rate` bytes per second on average.
+            let due = Duration::from_secs_f64(
+                slot.progress.lock().done_bytes as f64 / rate.max(1) as f64,
+            );
+            let since = slot
+                .progress
+                .lock()
+                .started
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            if due > since {
+                tokio::time::sleep(due - since).await;
+            }
+        }
+    }
+    // Durable on the target, then healthy at a new epoch.
+    let _exclusive = volume.gate().write().await;
+    let Health::Syncing(target) = slot.health() else {
+        return Err("the replica left before the sync finished".into());
+    };
+    if slot.pending_regions() > 0 {
+        return Err("regions were added during promotion".into());
+    }
+    if let Err(e) = target.flush().await {
+        drop(_exclusive);
+        volume.fault(slot, format!("flush after resync failed: {e}"));
+        volume.bump_epoch_if_needed().await;
+        return Err(e.to_string());
+    }
+    slot.set_health(Health::Healthy(target));
+    volume.request_bump();
+    volume.bump_epoch_locked().await;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        volume = %volume.name,
+        replica = %slot.addr,
+        seconds = format!("{secs:.2}"),
+        mib_copied = transferred >> 20,
+        "replica in sync and healthy again"
+    );
+    Ok(())
+}
