@@ -139,7 +139,9 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
             "starting with only {reachable} of {configured} replicas reachable (--force-degraded): writes acknowledged by the missing ones only may be lost"
         );
     }
+    tracing::info!(volume = %opts.volume, "replicas at start (up-to-date epoch {max_epoch}):\n{}", details());
     let epoch = max_epoch + 1;
+    let owner = format!("{:032x}", rand::random::<u128>());
     let mut slots = Vec::with_capacity(configured);
     for (i, &addr) in opts.replicas.iter().enumerate() {
         let slot = match &statuses[i] {
@@ -170,6 +172,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                     addr,
                     &opts.volume,
                     epoch,
+                    &owner,
                     false,
                     opts.connect_timeout,
                 )
@@ -197,7 +200,12 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
         control_timeout: opts.connect_timeout,
         sync_rate: opts.sync_rate,
     };
-    let volume = Volume::new(opts.volume.clone(), size, epoch, slots, options);
+    for slot in &slots {
+        if let Health::Faulted { reason } = slot.health() {
+            tracing::warn!(volume = %opts.volume, replica = %slot.addr, "not trusted at start: {reason}");
+        }
+    }
+    let volume = Volume::new(opts.volume.clone(), size, epoch, owner, slots, options);
     let healthy = volume.healthy();
     if healthy == 0 || (healthy < quorum && !opts.force_degraded) {
         return Err(AssembleError::NoQuorum {

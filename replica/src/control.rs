@@ -35,6 +35,7 @@ fn status_of(name: &str, store: &Store, was_clean: bool) -> ReplicaStatus {
         engine: info.engine.to_string(),
         open: true,
         incomplete: info.incomplete,
+        epoch_owner: info.epoch_owner.clone(),
     }
 }
 
@@ -156,8 +157,10 @@ impl ReplicaControl for ReplicaControlService {
         let host = self.host.clone();
         let status = blocking(move || {
             let (store, was_clean) = host.open_with_report(&req.volume)?;
-            let current = store.epoch();
-            if req.epoch < current {
+            let info = store.info();
+            let current = info.epoch;
+            let same_owner = !req.owner.is_empty() && req.owner == info.epoch_owner;
+            if req.epoch < current || (req.epoch == current && !same_owner && current > 0) {
                 return Err(HostError::EpochBackwards {
                     volume: req.volume.clone(),
                     current,
@@ -165,7 +168,7 @@ impl ReplicaControl for ReplicaControlService {
                 });
             }
             store
-                .set_epoch_and_sync_state(req.epoch, req.incomplete)
+                .set_epoch_and_sync_state(req.epoch, req.incomplete, &req.owner)
                 .map_err(|source| HostError::Store {
                     volume: req.volume.clone(),
                     source,

@@ -47,7 +47,7 @@ pub enum HostError {
     #[error("Volume {volume:?} is in use ({users} other references, e.g. bound data connections)")]
     Busy { volume: String, users: usize },
 
-    #[error("Refusing to move the epoch of volume {volume:?} back from {current} to {requested}")]
+    #[error("Refusing epoch {requested} for volume {volume:?}: it is at epoch {current}, set by another controller or newer")]
     EpochBackwards {
         volume: String,
         current: u64,

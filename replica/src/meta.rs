@@ -54,6 +54,10 @@ pub struct VolumeMeta {
     /// its data is not complete, so it must never be chosen as a source.
     #[serde(default)]
     pub incomplete: bool,
+    /// The controller instance that set `epoch`: an epoch value belongs to
+    /// one controller, so two controllers can never share one.
+    #[serde(default)]
+    pub epoch_owner: String,
     pub next_layer_id: u64,
     /// Oldest first; the last entry is the writable head.
     pub layers: Vec<LayerMeta>,
@@ -224,6 +228,7 @@ mod tests {
             epoch: 7,
             clean: true,
             incomplete: false,
+            epoch_owner: String::new(),
             next_layer_id: 3,
             layers: vec![
                 LayerMeta {

@@ -161,6 +161,8 @@ pub struct Cluster {
     pub control: SocketAddr,
     pub metrics: SocketAddr,
     pub size: u64,
+    /// Extra `controller serve` arguments.
+    pub controller_args: Vec<String>,
 }
 
 impl Cluster {
@@ -176,6 +178,7 @@ impl Cluster {
             metrics: free_addr(),
             size,
             dir,
+            controller_args: Vec::new(),
         };
         for i in 0..replicas {
             let addr = free_addr();
@@ -228,6 +231,7 @@ impl Cluster {
             args.push("--replica".into());
             args.push(a.to_string());
         }
+        args.extend(self.controller_args.iter().cloned());
         let mut p = Proc::spawn("controller", &args, self.dir.path());
         wait_listening(self.nbd, &mut p, 30);
         self.controller = Some(p);
@@ -277,4 +281,73 @@ pub fn fio_json(stdout: &[u8]) -> serde_json::Value {
         .find('{')
         .unwrap_or_else(|| panic!("no JSON in fio output: {text}"));
     serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("bad fio JSON ({e}): {text}"))
+}
+
+impl Cluster {
+    /// `strata volume status --json` of this cluster's controller.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run(
+            strata_bin().to_str().unwrap(),
+            &[
+                "volume",
+                "status",
+                "--json",
+                "--controller",
+                &self.control.to_string(),
+            ],
+            30,
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits until every replica is healthy; returns the last status.
+    pub fn wait_all_healthy(&self, secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status();
+            if s["state"] == "healthy" {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "volume not healthy after {secs}s: {s}\ncontroller log:\n{}",
+                    self.controller
+                        .as_ref()
+                        .map(|c| c.log_text())
+                        .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Restarts replica `i` on its old address and directory.
+    pub fn restart_replica(&mut self, i: usize) {
+        let p = self.spawn_replica(i, self.replica_addrs[i]);
+        self.replicas[i] = p;
+    }
+
+    /// Stops everything cleanly and asserts that every replica reads the
+    /// same over the whole volume.
+    pub fn stop_and_compare(&mut self) {
+        self.stop_clean();
+        let n = self.replicas.len();
+        let stores: Vec<_> = (0..n).map(|i| self.open_store(i)).collect();
+        let chunk = 16 << 20;
+        let mut a = vec![0u8; chunk];
+        let mut b = vec![0u8; chunk];
+        let mut off = 0;
+        while off < self.size {
+            let len = chunk.min((self.size - off) as usize);
+            stores[0].read(off, &mut a[..len]).unwrap();
+            for (i, s) in stores.iter().enumerate().skip(1) {
+                s.read(off, &mut b[..len]).unwrap();
+                assert!(
+                    a[..len] == b[..len],
+                    "replica {i} differs from replica 0 in the 16 MiB at {off}"
+                );
+            }
+            off += len as u64;
+        }
+    }
 }

@@ -61,6 +61,7 @@ pub async fn set_epoch(
     addr: SocketAddr,
     volume: &str,
     epoch: u64,
+    owner: &str,
     incomplete: bool,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -69,6 +70,7 @@ pub async fn set_epoch(
         volume: volume.to_string(),
         epoch,
         incomplete,
+        owner: owner.to_string(),
     })
     .await
     .map(|_| ())

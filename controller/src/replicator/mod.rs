@@ -112,6 +112,8 @@ pub struct Volume {
     needs_bump: AtomicBool,
     next_read: AtomicUsize,
     pub options: VolumeOptions,
+    /// This controller instance: the owner of the epochs it sets.
+    pub owner: String,
     pub io: IoCounters,
 }
 
@@ -150,6 +152,7 @@ impl Volume {
         name: String,
         size: u64,
         epoch: u64,
+        owner: String,
         slots: Vec<Slot>,
         options: VolumeOptions,
     ) -> Volume {
@@ -163,6 +166,7 @@ impl Volume {
             needs_bump: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
             options,
+            owner,
             io: IoCounters::default(),
         }
     }
@@ -190,7 +194,7 @@ impl Volume {
         let h = slots.iter().filter(|s| s.is_healthy()).count();
         if h == slots.len() {
             "healthy"
-        } else if h >= slots.len() / 2 + 1 {
+        } else if h > slots.len() / 2 {
             "degraded"
         } else {
             "read-only"
@@ -247,6 +251,7 @@ impl Volume {
                     slot.addr,
                     &self.name,
                     new,
+                    &self.owner,
                     !healthy,
                     self.options.control_timeout,
                 )

@@ -36,9 +36,16 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
             _ = crate::stopped(&mut shutdown) => return,
         }
         for slot in volume.slots() {
-            if !slot.is_faulted() {
+            // A replica whose connection dropped while the volume was idle
+            // is found here rather than by the next request.
+            if let Some((client, _)) = slot.write_target() {
+                if client.is_closed() {
+                    let _gate = volume.gate().read().await;
+                    volume.fault(&slot, "the data connection closed".into());
+                }
                 continue;
             }
+            volume.bump_epoch_if_needed().await;
             let due = slot.retry.lock().0 <= Instant::now();
             if !due {
                 continue;
@@ -87,7 +94,14 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
             status.epoch
         ));
     }
-    control::set_epoch(slot.addr, &volume.name, epoch, true, timeout).await?;
+    if let Err(e) =
+        control::set_epoch(slot.addr, &volume.name, epoch, &volume.owner, true, timeout).await
+    {
+        // Its epoch may equal ours in number but belong to someone else:
+        // move to a fresh epoch before the next try.
+        volume.request_bump();
+        return Err(e);
+    }
     let client = ReplicaClient::connect(slot.addr, &volume.name, epoch, volume.options.io_timeout)
         .await
         .map_err(|e| format!("data connection failed: {e}"))?;
@@ -199,10 +213,7 @@ async fn copy_range(
 pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
     let started = Instant::now();
     let mut transferred = 0u64;
-    loop {
-        let Some(region) = slot.take_pending() else {
-            break;
-        };
+    while let Some(region) = slot.take_pending() {
         let start = region * REGION;
         let end = (start + REGION).min(volume.size);
         let result = {

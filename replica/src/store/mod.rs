@@ -84,6 +84,8 @@ pub struct StoreInfo {
     pub epoch: u64,
     /// A controller marked the replica as being resynced (not a valid source).
     pub incomplete: bool,
+    /// Which controller set the epoch.
+    pub epoch_owner: String,
     pub engine: &'static str,
     /// Snapshot names, oldest first.
     pub chain: Vec<String>,
@@ -191,6 +193,7 @@ impl Store {
             epoch: 0,
             clean: false,
             incomplete: false,
+            epoch_owner: String::new(),
             next_layer_id: 2,
             layers: vec![LayerMeta {
                 id: 1,
@@ -299,6 +302,7 @@ impl Store {
             size: st.meta.size,
             epoch: st.meta.epoch,
             incomplete: st.meta.incomplete,
+            epoch_owner: st.meta.epoch_owner.clone(),
             engine: self.engine.name(),
             chain: st
                 .meta
@@ -311,20 +315,29 @@ impl Store {
 
     /// Persists a new fencing epoch.
     pub fn set_epoch(&self, epoch: u64) -> Result<()> {
-        let incomplete = self.state.read().meta.incomplete;
-        self.set_epoch_and_sync_state(epoch, incomplete)
+        let (incomplete, owner) = {
+            let st = self.state.read();
+            (st.meta.incomplete, st.meta.epoch_owner.clone())
+        };
+        self.set_epoch_and_sync_state(epoch, incomplete, &owner)
     }
 
     /// Persists a new fencing epoch and whether the replica's data is
     /// complete (false while a controller resyncs or rebuilds it), in one
     /// metadata update.
-    pub fn set_epoch_and_sync_state(&self, epoch: u64, incomplete: bool) -> Result<()> {
+    pub fn set_epoch_and_sync_state(
+        &self,
+        epoch: u64,
+        incomplete: bool,
+        owner: &str,
+    ) -> Result<()> {
         self.check_usable()?;
         let _control = self.control.lock();
         let mut st = self.state.write();
         let mut meta = st.meta.clone();
         meta.epoch = epoch;
         meta.incomplete = incomplete;
+        meta.epoch_owner = owner.to_string();
         self.commit_meta(&mut st, meta, "set epoch")
     }
 
