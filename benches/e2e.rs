@@ -131,12 +131,7 @@ fn parse_opts() -> Result<Opts> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_strata")));
     let jobs = if smoke {
         JOBS.iter()
-            .filter(|j| {
-                matches!(
-                    j.key,
-                    "randwrite_4k_qd32" | "randrw70_4k_qd16" | "randread_4k_qd32"
-                )
-            })
+            .filter(|j| matches!(j.key, "randwrite_4k_qd32" | "randrw70_4k_qd16"))
             .collect()
     } else {
         JOBS.iter().collect()
@@ -514,17 +509,41 @@ impl Server {
 
     fn stop(&mut self) {
         // The controller first (it flushes to its replicas), then the rest.
-        for (_, child, _) in &mut self.children {
+        for (name, child, _) in &mut self.children {
+            if let Ok(Some(_)) = child.try_wait() {
+                continue; // already gone: check_alive reports that
+            }
+            let t = Instant::now();
             kill(child.id() as i32, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = t + STOP_TIMEOUT;
+            let mut status = None;
             while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    status = Some(st);
                     break;
                 }
                 thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            let secs = t.elapsed().as_secs_f64();
+            match status {
+                None => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    warn(format!(
+                        "{} {name}: no exit within {} s of SIGTERM, killed",
+                        self.label,
+                        STOP_TIMEOUT.as_secs()
+                    ));
+                }
+                Some(st) if !st.success() && st.code().is_some() => {
+                    warn(format!("{} {name}: exited {st} after SIGTERM", self.label))
+                }
+                Some(_) if secs > 5.0 => warn(format!(
+                    "{} {name}: took {secs:.1} s to stop after SIGTERM",
+                    self.label
+                )),
+                Some(_) => {}
+            }
         }
         self.children.clear();
         if let Some(pid) = self.daemon.take() {
@@ -543,6 +562,21 @@ impl Server {
             }
         }
     }
+}
+
+/// A server process that had to be killed, or stopped slowly: reported, not
+/// a failure.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn warn(msg: String) {
+    say!("!! warning: {msg}");
+    WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).push(msg);
+}
+
+fn warnings() -> Vec<String> {
+    WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 impl Drop for Server {
@@ -944,6 +978,8 @@ struct TargetOutcome {
     prefill_mib_s: Option<f64>,
     idle: Option<(Vec<ProcStat>, bool)>,
     jobs: BTreeMap<&'static str, JobOutcome>,
+    /// fio errors of single jobs (the run fails, the other jobs still ran).
+    errors: Vec<String>,
 }
 
 fn bench_target(kind: Kind, opts: &Opts, work: &Path, out: &mut TargetOutcome) -> Result<()> {
@@ -991,15 +1027,23 @@ fn bench_target(kind: Kind, opts: &Opts, work: &Path, out: &mut TargetOutcome) -
         sync_all();
         let dropped = job.reads() && drop_caches();
         let settle = t.elapsed().as_secs_f64();
-        let (result, procs) = fio(
+        let run = fio(
             &server.uri,
             job.key,
             &job_args(job, opts),
             &server.watch,
             Duration::from_secs(opts.runtime + opts.ramp + 120),
             &dir,
-        )
-        .with_context(|| format!("{label}: {}", job.label))?;
+        );
+        let (result, procs) = match run {
+            Ok(r) => r,
+            Err(e) => {
+                // Record it and go on with the next job while the server lives.
+                say!("!! {label}: {}: {e:#}", job.label);
+                out.errors.push(format!("{}: {e:#}", job.label));
+                continue;
+            }
+        };
         say!(
             "   {:<22} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>8.0} us  (sync{} {settle:.1} s)  {}",
             job.label,
@@ -1024,7 +1068,9 @@ fn bench_target(kind: Kind, opts: &Opts, work: &Path, out: &mut TargetOutcome) -
     }
     server.check_alive()?;
     server.stop();
-    let _ = fs::remove_dir_all(&dir);
+    if out.errors.is_empty() {
+        let _ = fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
@@ -1052,7 +1098,7 @@ fn memory_probe(size: u64, opts: &Opts, work: &Path) -> Result<Probe> {
     phases.push((
         "idle",
         ProbePhase {
-            procs: sample_for(&server.watch, Duration::from_secs(2)),
+            procs: sample_for(&server.watch, Duration::from_secs(opts.probe_secs.min(2))),
             note: "no client".into(),
         },
     ));
@@ -1096,10 +1142,17 @@ fn memory_probe(size: u64, opts: &Opts, work: &Path) -> Result<Probe> {
     phases.push((
         "after_10k_scattered",
         ProbePhase {
-            procs: sample_for(&server.watch, Duration::from_secs(2)),
+            procs: sample_for(&server.watch, Duration::from_secs(opts.probe_secs.min(2))),
             note: "idle, after the 10,000 writes".into(),
         },
     ));
+    if opts.smoke {
+        // The main jobs already ran QD32; keep the smoke run short.
+        server.stop();
+        let _ = fs::remove_dir_all(&dir);
+        return Ok(phases);
+    }
+    say!("   randwrite QD32");
     let job = JOBS.iter().find(|j| j.key == "randwrite_4k_qd32").unwrap();
     let mut args = job_args(job, opts);
     args.retain(|a| !a.starts_with("--runtime") && !a.starts_with("--ramp"));
@@ -1173,6 +1226,7 @@ fn machine(work: &Path) -> Value {
         "qemu_nbd": cmd_out("qemu-nbd", &["--version"]).lines().next().unwrap_or("").to_string(),
         "nbd_server": cmd_out("sh", &["-c", "nbd-server -V 2>&1 | head -1"]),
         "strata_git": git,
+        "loadavg_at_start": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     })
 }
 
@@ -1238,11 +1292,13 @@ fn run() -> Result<bool> {
             prefill_mib_s: None,
             idle: None,
             jobs: BTreeMap::new(),
+            errors: Vec::new(),
         };
         if let Err(e) = bench_target(kind, &opts, work.path(), &mut o) {
             eprintln!("!! {}: {e:#}", kind.label());
             errors.push(format!("{}: {e:#}", kind.label()));
         }
+        errors.extend(o.errors.iter().map(|e| format!("{}: {e}", kind.label())));
         outcomes.push(o);
     }
     let mut probes: Vec<(u64, Probe)> = Vec::new();
@@ -1263,16 +1319,34 @@ fn run() -> Result<bool> {
         probes: &probes,
     };
     let targets = report.targets();
-    let tables = report.tables(&targets);
+    let mut tables = report.tables(&targets);
+    let warns = warnings();
+    if !warns.is_empty() {
+        let _ = writeln!(tables, "\nWarnings (not failures):\n");
+        for w in &warns {
+            let _ = writeln!(tables, "- {w}");
+        }
+    }
+    if !errors.is_empty() {
+        let _ = writeln!(tables, "\nErrors (the run fails):\n");
+        for e in &errors {
+            let _ = writeln!(tables, "- {}", e.lines().next().unwrap_or(""));
+        }
+    }
     println!("{tables}");
     fs::write(opts.out.join("results.md"), &tables)?;
     let mut v = report.json(&targets, machine);
     v["errors"] = json!(errors);
+    v["warnings"] = json!(warns);
+    v["machine"]["loadavg_at_end"] = json!(fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim());
     v["elapsed_secs"] = json!(started.elapsed().as_secs());
     fs::write(
         opts.out.join("results.json"),
         serde_json::to_string_pretty(&v)?,
     )?;
+    say!("== chart");
     let chart = opts.out.join("chart.png");
     match draw_chart(&chart, &report, &targets, &v["machine"]) {
         Ok(()) => eprintln!("bench-e2e: chart {}", chart.display()),
@@ -1787,6 +1861,7 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
         .x_labels(0)
         .x_label_formatter(&|_| String::new())
         .y_desc(format!("x {REFERENCE}"))
+        .light_line_style(RGBColor(235, 235, 235))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 16))
         .draw()
@@ -1897,7 +1972,16 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
         .x_labels(0)
         .x_label_formatter(&|_| String::new())
         .y_desc("p99 us")
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| {
+            // Only 1, 2 and 5 times a power of ten, so labels do not collide.
+            let lead = *v / 10f64.powf(v.log10().floor());
+            if [1.0, 2.0, 5.0].iter().any(|d| (lead - d).abs() < 0.01) {
+                format!("{v:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .light_line_style(RGBColor(235, 235, 235))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 16))
         .draw()

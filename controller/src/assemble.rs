@@ -207,7 +207,11 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
     }
     let volume = Volume::new(opts.volume.clone(), size, epoch, owner, slots, options);
     let healthy = volume.healthy();
-    if healthy == 0 || (healthy < quorum && !opts.force_degraded) {
+    // A majority was reachable (checked above), so the highest complete
+    // epoch among them holds every acknowledged write even when few
+    // replicas carry it: start, serve reads, and rebuild the rest (writes
+    // wait for a healthy majority).
+    if healthy == 0 {
         return Err(AssembleError::NoQuorum {
             volume: opts.volume.clone(),
             reachable: healthy,

@@ -46,6 +46,13 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
                 continue;
             }
             volume.bump_epoch_if_needed().await;
+            if volume.healthy() == 0 {
+                // Nothing to copy from. Joining now would mark the replica
+                // incomplete with no way to complete it; the volume waits
+                // for a controller restart, which assembles it from the
+                // replicas' persisted epochs.
+                continue;
+            }
             let due = slot.retry.lock().0 <= Instant::now();
             if !due {
                 continue;
@@ -57,6 +64,13 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
                     tokio::spawn(async move {
                         if let Err(e) = sync(&volume, &slot).await {
                             tracing::warn!(volume = %volume.name, replica = %slot.addr, "sync stopped: {e}");
+                            // Never leave a replica syncing with no job: out
+                            // it goes, and the loop brings it back (its
+                            // pending regions are kept, so nothing is redone).
+                            if !slot.is_faulted() {
+                                volume.fault(&slot, format!("sync stopped: {e}"));
+                                volume.bump_epoch_if_needed().await;
+                            }
                         }
                     });
                 }
