@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use strata_controller::frontend::nbd::proto::{
-    encode_request, parse_request, simple_reply_header, structured_header, Cmd, Request,
-    REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, REQUEST_HEADER_LEN,
+    encode_request, encode_simple_reply, encode_structured_header, parse_request, Cmd, Request,
+    NBD_REPLY_FLAG_DONE as REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA as REPLY_TYPE_OFFSET_DATA,
+    REQUEST_HEADER_LEN,
 };
 
 fn request() -> Request {
@@ -26,27 +27,43 @@ fn request_header(c: &mut Criterion) {
     let mut g = c.benchmark_group("nbd_request_header");
     g.throughput(Throughput::Bytes(REQUEST_HEADER_LEN as u64));
     let req = request();
-    let bytes = encode_request(&req);
+    let mut bytes = Vec::with_capacity(REQUEST_HEADER_LEN);
+    encode_request(&mut bytes, &req);
     g.bench_function("parse", |b| {
         b.iter(|| parse_request(black_box(&bytes[..])).unwrap())
     });
-    g.bench_function("encode", |b| b.iter(|| encode_request(black_box(&req))));
+    let mut out = Vec::with_capacity(64);
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_request(&mut out, black_box(&req));
+            out.len()
+        })
+    });
     g.finish();
 }
 
 fn reply_header(c: &mut Criterion) {
     let mut g = c.benchmark_group("nbd_reply_header");
+    let mut out = Vec::with_capacity(64);
     g.bench_function("simple", |b| {
-        b.iter(|| simple_reply_header(black_box(0x1234_5678_9abc_def0), black_box(0)))
+        b.iter(|| {
+            out.clear();
+            encode_simple_reply(&mut out, black_box(0x1234_5678_9abc_def0), black_box(0));
+            out.len()
+        })
     });
     g.bench_function("structured_offset_data", |b| {
         b.iter(|| {
-            structured_header(
-                black_box(0x1234_5678_9abc_def0),
+            out.clear();
+            encode_structured_header(
+                &mut out,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
+                black_box(0x1234_5678_9abc_def0),
                 black_box(4096 + 8),
-            )
+            );
+            out.len()
         })
     });
     g.finish();

@@ -11,7 +11,6 @@ pub mod assemble;
 pub mod backend;
 pub mod frontend;
 pub mod mgmt;
-pub mod nbd;
 pub mod replicator;
 pub mod run;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use strata_controller::nbd::{serve, MemBackend};
+use strata_controller::frontend::nbd::{serve, MemBackend};
 use tokio::sync::watch;
 
 const SIZE: u64 = 64 << 20;

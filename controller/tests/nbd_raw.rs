@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use strata_controller::nbd::proto::*;
-use strata_controller::nbd::{serve, BackendError, FailOn, MemBackend};
+use strata_controller::frontend::nbd::proto::*;
+use strata_controller::frontend::nbd::{serve, BackendError, FailOn, MemBackend};
 use tokio::sync::watch;
 
 const SIZE: u64 = 16 << 20;

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_controller::nbd::handshake::{answer, ExportFacts, Negotiation, Next};
-use strata_controller::nbd::proto::{parse_client_flags, parse_option};
+use strata_controller::frontend::nbd::handshake::{answer, ExportFacts, Negotiation, Next};
+use strata_controller::frontend::nbd::proto::{parse_client_flags, parse_option};
 
 fuzz_target!(|data: &[u8]| {
     let mut rest = match parse_client_flags(data) {

@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_controller::nbd::handshake::Session;
-use strata_controller::nbd::proto::{parse_request, Cmd};
-use strata_controller::nbd::transmission::validate;
+use strata_controller::frontend::nbd::handshake::Session;
+use strata_controller::frontend::nbd::proto::{parse_request, Cmd};
+use strata_controller::frontend::nbd::transmission::validate;
 
 fuzz_target!(|data: &[u8]| {
     let session = Session {

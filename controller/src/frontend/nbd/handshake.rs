@@ -1,199 +1,490 @@
-//! The fixed-newstyle handshake: greeting, client flags, then options until
-//! NBD_OPT_GO or NBD_OPT_EXPORT_NAME moves the connection to transmission.
-//! A client that breaks the protocol gets its connection closed; an option
-//! we do not serve gets NBD_REP_ERR_UNSUP and the handshake goes on.
+//! The fixed newstyle handshake of one connection: greeting, client flags,
+//! then options until the client enters transmission (`NBD_OPT_GO`,
+//! `NBD_OPT_EXPORT_NAME`) or leaves (`NBD_OPT_ABORT`, EOF).
+//!
+//! [`answer`] decides the reply to one option without IO (table-tested
+//! below); [`handshake`] moves bytes. Bytes the client sent after its
+//! final option stay in the buffer for the transmission phase.
 
-use std::io;
-
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::error::ConnError;
 use super::proto::*;
-use crate::frontend::Backend;
 
-/// What the client negotiated.
+/// Minimum and preferred block size advertised (`NBD_INFO_BLOCK_SIZE`).
+pub const ADVERTISED_MIN_BLOCK: u32 = 4096;
+/// Largest READ or WRITE accepted, advertised as the maximum block size.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Options one client may send before the server gives up on it.
+pub const MAX_OPTIONS: usize = 256;
+/// Id of `base:allocation` in block status replies.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What the export looks like to clients.
+#[derive(Debug, Clone)]
+pub struct ExportFacts {
+    pub name: String,
+    /// Bytes, a multiple of 4096.
+    pub size: u64,
+}
+
+impl ExportFacts {
+    fn matches(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+}
+
+/// What the handshake agreed on, for the transmission phase.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Session {
-    pub structured_replies: bool,
-    /// base:allocation was selected: BLOCK_STATUS is allowed.
-    pub block_status: bool,
+    pub structured: bool,
+    /// `base:allocation` was selected: `NBD_CMD_BLOCK_STATUS` is allowed.
+    pub base_allocation: bool,
+    pub flags: u16,
 }
 
-/// Transmission flags every export advertises. CAN_MULTI_CONN holds because
-/// all connections share one replicator: a FLUSH on any connection makes
-/// every write completed on any connection durable.
-pub const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
-    | TF_SEND_FLUSH
-    | TF_SEND_FUA
-    | TF_SEND_TRIM
-    | TF_SEND_WRITE_ZEROES
-    | TF_CAN_MULTI_CONN
-    | TF_SEND_FAST_ZERO;
-
-pub const MIN_BLOCK: u32 = 4096;
-pub const PREFERRED_BLOCK: u32 = 4096;
-
-fn protocol_error(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+/// Negotiation state while options go back and forth.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Negotiation {
+    pub no_zeroes: bool,
+    pub structured: bool,
+    pub base_allocation: bool,
 }
 
-fn export_matches<B: Backend>(backend: &B, name: &str) -> bool {
-    name.is_empty() || name == backend.export_name()
+/// What to do after an option's reply is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// Enter transmission.
+    Transmit(Session),
+    /// The client aborted: close cleanly.
+    Close,
+    /// The client must be disconnected.
+    Fail(String),
 }
 
-/// Runs the handshake. `Ok(None)`: the client aborted or went away.
-pub async fn handshake<S, B>(sock: &mut S, backend: &B) -> io::Result<Option<Session>>
+/// Transmission flags for a session (`SEND_DF` only with structured
+/// replies: reads are always answered in one data chunk).
+pub fn transmission_flags(structured: bool) -> u16 {
+    let mut f = NBD_FLAG_HAS_FLAGS
+        | NBD_FLAG_SEND_FLUSH
+        | NBD_FLAG_SEND_FUA
+        | NBD_FLAG_SEND_TRIM
+        | NBD_FLAG_SEND_WRITE_ZEROES
+        | NBD_FLAG_SEND_FAST_ZERO
+        | NBD_FLAG_CAN_MULTI_CONN;
+    if structured {
+        f |= NBD_FLAG_SEND_DF;
+    }
+    f
+}
+
+fn error(out: &mut Vec<u8>, option: u32, kind: u32, msg: &str) -> Next {
+    encode_option_reply(out, option, kind, msg.as_bytes());
+    Next::Continue
+}
+
+fn session(n: &Negotiation) -> Session {
+    Session {
+        structured: n.structured,
+        base_allocation: n.structured && n.base_allocation,
+        flags: transmission_flags(n.structured),
+    }
+}
+
+/// Appends the reply to `opt` to `out` and says what comes next.
+pub fn answer(opt: &Opt, n: &mut Negotiation, export: &ExportFacts, out: &mut Vec<u8>) -> Next {
+    let code = opt.code();
+    match opt {
+        Opt::ExportName(name) => {
+            if !export.matches(name) {
+                return Next::Fail(name.clone());
+            }
+            let s = session(n);
+            encode_export_name_reply(out, export.size, s.flags, n.no_zeroes);
+            Next::Transmit(s)
+        }
+        Opt::Abort => {
+            encode_option_reply(out, code, NBD_REP_ACK, &[]);
+            Next::Close
+        }
+        Opt::List => {
+            encode_rep_server(out, code, &export.name);
+            encode_option_reply(out, code, NBD_REP_ACK, &[]);
+            Next::Continue
+        }
+        Opt::StartTls => error(
+            out,
+            code,
+            NBD_REP_ERR_POLICY,
+            "TLS is not offered by this server",
+        ),
+        Opt::Info(req) | Opt::Go(req) => {
+            if !export.matches(&req.name) {
+                let msg = format!("No export named {:?}", req.name);
+                return error(out, code, NBD_REP_ERR_UNKNOWN, &msg);
+            }
+            let s = session(n);
+            encode_info_export(out, code, export.size, s.flags);
+            let (min, max) = (ADVERTISED_MIN_BLOCK, MAX_PAYLOAD);
+            encode_info_block_size(out, code, min, min, max);
+            if req.infos.contains(&NBD_INFO_NAME) {
+                encode_info_name(out, code, &export.name);
+            }
+            encode_option_reply(out, code, NBD_REP_ACK, &[]);
+            if matches!(opt, Opt::Go(_)) {
+                Next::Transmit(s)
+            } else {
+                Next::Continue
+            }
+        }
+        Opt::StructuredReply => {
+            n.structured = true;
+            encode_option_reply(out, code, NBD_REP_ACK, &[]);
+            Next::Continue
+        }
+        Opt::ListMetaContext(req) | Opt::SetMetaContext(req) => {
+            let set = matches!(opt, Opt::SetMetaContext(_));
+            if set {
+                // SET replaces the selection, even when it fails.
+                n.base_allocation = false;
+            }
+            if !n.structured {
+                let msg = "Structured replies must be negotiated first";
+                return error(out, code, NBD_REP_ERR_INVALID, msg);
+            }
+            if !export.matches(&req.export) {
+                let msg = format!("No export named {:?}", req.export);
+                return error(out, code, NBD_REP_ERR_UNKNOWN, &msg);
+            }
+            let wanted = |q: &String| q == BASE_ALLOCATION || (!set && q == "base:");
+            let hit = if set {
+                req.queries.iter().any(wanted)
+            } else {
+                req.queries.is_empty() || req.queries.iter().any(wanted)
+            };
+            if hit {
+                let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                encode_rep_meta_context(out, code, id, BASE_ALLOCATION);
+                n.base_allocation |= set;
+            }
+            encode_option_reply(out, code, NBD_REP_ACK, &[]);
+            Next::Continue
+        }
+        Opt::Invalid { reason, .. } => error(out, code, NBD_REP_ERR_INVALID, reason),
+        Opt::Unknown { .. } => error(out, code, NBD_REP_ERR_UNSUP, "Option not supported"),
+    }
+}
+
+/// Reads more bytes into `buf`; `false` on EOF.
+pub(crate) async fn fill<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Result<bool, ConnError> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
+    }
+    Ok(rd.read_buf(buf).await? > 0)
+}
+
+/// Runs the handshake on `stream`. `Ok(None)`: the client left before
+/// transmission (abort or EOF), nothing more to do.
+pub async fn handshake<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    export: &ExportFacts,
+) -> Result<Option<Session>, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    B: Backend,
 {
-    sock.write_all(&server_greeting()).await?;
-    let client_flags = sock.read_u32().await?;
-    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
-        return Err(protocol_error("client does not speak fixed newstyle"));
-    }
-    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(protocol_error(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
-    }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
-    let mut session = Session::default();
-    let mut head = [0u8; 16];
-    loop {
-        sock.read_exact(&mut head).await?;
-        let h = parse_option_header(&head).map_err(|e| protocol_error(e.to_string()))?;
-        let mut data = vec![0u8; h.len as usize];
-        sock.read_exact(&mut data).await?;
-        let reply = |kind: u32, d: &[u8]| option_reply(h.option, kind, d);
-        match h.option {
-            OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
-                if !export_matches(backend, &name) {
-                    return Err(protocol_error(format!("unknown export {name:?}")));
-                }
-                sock.write_all(&export_name_reply(
-                    backend.size(),
-                    TRANSMISSION_FLAGS,
-                    no_zeroes,
-                ))
-                .await?;
-                return Ok(Some(session));
+    let mut out = Vec::with_capacity(256);
+    encode_greeting(&mut out, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+
+    let flags = loop {
+        if let Some((flags, used)) = parse_client_flags(buf)? {
+            buf.advance(used);
+            break flags;
+        }
+        if !fill(stream, buf).await? {
+            return Ok(None);
+        }
+    };
+    let mut n = Negotiation {
+        no_zeroes: flags & NBD_FLAG_C_NO_ZEROES != 0,
+        ..Negotiation::default()
+    };
+    for _ in 0..MAX_OPTIONS {
+        let opt = loop {
+            if let Some((opt, used)) = parse_option(buf)? {
+                buf.advance(used);
+                break opt;
             }
-            OPT_ABORT => {
-                let _ = sock.write_all(&reply(REP_ACK, &[])).await;
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    sock.write_all(&reply(REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))
-                        .await?;
-                    continue;
-                }
-                let name = backend.export_name().as_bytes();
-                let mut d = Vec::with_capacity(4 + name.len());
-                d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                d.extend_from_slice(name);
-                sock.write_all(&reply(REP_SERVER, &d)).await?;
-                sock.write_all(&reply(REP_ACK, &[])).await?;
-            }
-            OPT_INFO | OPT_GO => {
-                let req = match parse_info_request(h.option, &data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        sock.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
-                            .await?;
-                        continue;
-                    }
-                };
-                if !export_matches(backend, &req.name) {
-                    let msg = format!(
-                        "no export named {:?}; this server exports {:?}",
-                        req.name,
-                        backend.export_name()
-                    );
-                    sock.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
-                        .await?;
-                    continue;
-                }
-                let mut out = reply(REP_INFO, &info_export(backend.size(), TRANSMISSION_FLAGS));
-                out.extend(reply(
-                    REP_INFO,
-                    &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_REQUEST_LEN),
-                ));
-                if req.requests.contains(&INFO_NAME) {
-                    out.extend(reply(REP_INFO, &info_name(backend.export_name())));
-                }
-                out.extend(reply(REP_ACK, &[]));
-                sock.write_all(&out).await?;
-                if h.option == OPT_GO {
-                    return Ok(Some(session));
-                }
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    sock.write_all(&reply(
-                        REP_ERR_INVALID,
-                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
-                    ))
-                    .await?;
+            if !fill(stream, buf).await? {
+                return if buf.is_empty() {
+                    Ok(None)
                 } else {
-                    session.structured_replies = true;
-                    sock.write_all(&reply(REP_ACK, &[])).await?;
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = h.option == OPT_SET_META_CONTEXT;
-                if !session.structured_replies {
-                    sock.write_all(&reply(
-                        REP_ERR_INVALID,
-                        b"negotiate NBD_OPT_STRUCTURED_REPLY first",
-                    ))
-                    .await?;
-                    continue;
-                }
-                let req = match parse_meta_context_request(h.option, &data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        sock.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
-                            .await?;
-                        continue;
-                    }
+                    Err(ConnError::Truncated)
                 };
-                if !export_matches(backend, &req.export) {
-                    sock.write_all(&reply(REP_ERR_UNKNOWN, b"unknown export"))
-                        .await?;
-                    continue;
-                }
-                // LIST with no queries lists everything; "base:" matches our one context.
-                let wanted = if req.queries.is_empty() {
-                    !set
-                } else {
-                    req.queries
-                        .iter()
-                        .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
-                };
-                if set {
-                    session.block_status = wanted;
-                }
-                let mut out = Vec::new();
-                if wanted {
-                    let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
-                    d.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
-                    out.extend(reply(REP_META_CONTEXT, &d));
-                }
-                out.extend(reply(REP_ACK, &[]));
-                sock.write_all(&out).await?;
             }
-            OPT_STARTTLS => {
-                sock.write_all(&reply(REP_ERR_POLICY, b"TLS is not offered on this port"))
-                    .await?;
+        };
+        out.clear();
+        let next = answer(&opt, &mut n, export, &mut out);
+        if !out.is_empty() {
+            // A client that hangs up right after NBD_OPT_ABORT is fine.
+            let sent = stream.write_all(&out).await.and(stream.flush().await);
+            if next != Next::Close {
+                sent?;
             }
-            other => {
-                let msg = format!("option {other} is not supported");
-                sock.write_all(&reply(REP_ERR_UNSUP, msg.as_bytes()))
-                    .await?;
-            }
+        }
+        match next {
+            Next::Continue => {}
+            Next::Transmit(s) => return Ok(Some(s)),
+            Next::Close => return Ok(None),
+            Next::Fail(name) => return Err(ConnError::UnknownExport(name)),
+        }
+    }
+    Err(ConnError::TooManyOptions(MAX_OPTIONS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> ExportFacts {
+        ExportFacts {
+            name: "test".into(),
+            size: 1 << 20,
+        }
+    }
+
+    /// Splits option replies into (option, type, data).
+    fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            assert_eq!(&b[..8], &OPT_REPLY_MAGIC.to_be_bytes());
+            let opt = u32::from_be_bytes(b[8..12].try_into().unwrap());
+            let kind = u32::from_be_bytes(b[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+            v.push((opt, kind, b[20..20 + len].to_vec()));
+            b = &b[20 + len..];
+        }
+        v
+    }
+
+    fn meta(export: &str, queries: &[&str]) -> MetaContextRequest {
+        MetaContextRequest {
+            export: export.into(),
+            queries: queries.iter().map(|q| q.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn go_sends_export_block_size_name_ack() {
+        let mut n = Negotiation::default();
+        let mut out = Vec::new();
+        let go = Opt::Go(InfoRequest {
+            name: "".into(),
+            infos: vec![NBD_INFO_NAME],
+        });
+        let next = answer(&go, &mut n, &facts(), &mut out);
+        let flags = transmission_flags(false);
+        assert_eq!(
+            next,
+            Next::Transmit(Session {
+                structured: false,
+                base_allocation: false,
+                flags
+            })
+        );
+        let r = replies(&out);
+        let kinds: Vec<u32> = r.iter().map(|x| x.1).collect();
+        assert_eq!(
+            kinds,
+            [NBD_REP_INFO, NBD_REP_INFO, NBD_REP_INFO, NBD_REP_ACK]
+        );
+        let mut export = vec![0, 0];
+        export.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        export.extend_from_slice(&flags.to_be_bytes());
+        assert_eq!(r[0].2, export);
+        assert_eq!(r[1].2, [0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 2, 0, 0, 0]);
+        assert_eq!(r[2].2, b"\0\x01test");
+        assert!(r.iter().all(|x| x.0 == NBD_OPT_GO));
+    }
+
+    #[test]
+    fn flags_advertise_multi_conn_and_zeroes() {
+        let f = transmission_flags(false);
+        for bit in [
+            NBD_FLAG_HAS_FLAGS,
+            NBD_FLAG_SEND_FLUSH,
+            NBD_FLAG_SEND_FUA,
+            NBD_FLAG_SEND_TRIM,
+            NBD_FLAG_SEND_WRITE_ZEROES,
+            NBD_FLAG_SEND_FAST_ZERO,
+            NBD_FLAG_CAN_MULTI_CONN,
+        ] {
+            assert_ne!(f & bit, 0, "bit {bit:#x}");
+        }
+        assert_eq!(f & (NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_DF), 0);
+        assert_ne!(transmission_flags(true) & NBD_FLAG_SEND_DF, 0);
+    }
+
+    #[test]
+    fn unknown_export_is_an_error_reply_for_go_and_a_close_for_export_name() {
+        let mut n = Negotiation::default();
+        let mut out = Vec::new();
+        let info = Opt::Info(InfoRequest {
+            name: "nope".into(),
+            infos: vec![],
+        });
+        assert_eq!(answer(&info, &mut n, &facts(), &mut out), Next::Continue);
+        assert_eq!(replies(&out)[0].1, NBD_REP_ERR_UNKNOWN);
+        out.clear();
+        let next = answer(&Opt::ExportName("nope".into()), &mut n, &facts(), &mut out);
+        assert_eq!(next, Next::Fail("nope".into()));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn export_name_reply_honours_no_zeroes() {
+        for (no_zeroes, len) in [(true, 10), (false, 134)] {
+            let mut n = Negotiation {
+                no_zeroes,
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            let next = answer(&Opt::ExportName("test".into()), &mut n, &facts(), &mut out);
+            assert!(matches!(next, Next::Transmit(_)));
+            assert_eq!(out.len(), len);
+        }
+    }
+
+    #[test]
+    fn meta_context_needs_structured_replies_and_selects_base_allocation() {
+        let mut n = Negotiation::default();
+        let mut out = Vec::new();
+        let set = Opt::SetMetaContext(meta("test", &[BASE_ALLOCATION]));
+        answer(&set, &mut n, &facts(), &mut out);
+        assert_eq!(replies(&out)[0].1, NBD_REP_ERR_INVALID);
+        assert!(!n.base_allocation);
+
+        out.clear();
+        answer(&Opt::StructuredReply, &mut n, &facts(), &mut out);
+        assert_eq!(
+            replies(&out),
+            [(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, vec![])]
+        );
+
+        out.clear();
+        answer(&set, &mut n, &facts(), &mut out);
+        let r = replies(&out);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].1, NBD_REP_META_CONTEXT);
+        assert_eq!(&r[0].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
+        assert_eq!(&r[0].2[4..], BASE_ALLOCATION.as_bytes());
+        assert_eq!(r[1].1, NBD_REP_ACK);
+        assert!(n.base_allocation);
+
+        // A later SET without base:allocation deselects it.
+        out.clear();
+        answer(
+            &Opt::SetMetaContext(meta("", &["qemu:dirty-bitmap:x"])),
+            &mut n,
+            &facts(),
+            &mut out,
+        );
+        assert_eq!(replies(&out).len(), 1);
+        assert!(!n.base_allocation);
+
+        // LIST with no query lists everything; with a foreign one, nothing.
+        for (queries, count) in [(&[][..], 2), (&["base:"][..], 2), (&["x-foo:"][..], 1)] {
+            out.clear();
+            answer(
+                &Opt::ListMetaContext(meta("test", queries)),
+                &mut n,
+                &facts(),
+                &mut out,
+            );
+            assert_eq!(replies(&out).len(), count, "{queries:?}");
+        }
+        assert!(!n.base_allocation, "LIST selects nothing");
+    }
+
+    #[test]
+    fn other_options() {
+        let mut n = Negotiation::default();
+        let cases = [
+            (Opt::List, vec![NBD_REP_SERVER, NBD_REP_ACK], Next::Continue),
+            (Opt::Abort, vec![NBD_REP_ACK], Next::Close),
+            (Opt::StartTls, vec![NBD_REP_ERR_POLICY], Next::Continue),
+            (
+                Opt::Unknown { code: 42 },
+                vec![NBD_REP_ERR_UNSUP],
+                Next::Continue,
+            ),
+            (
+                Opt::Invalid {
+                    code: 3,
+                    reason: "x",
+                },
+                vec![NBD_REP_ERR_INVALID],
+                Next::Continue,
+            ),
+        ];
+        for (opt, kinds, next) in cases {
+            let mut out = Vec::new();
+            assert_eq!(answer(&opt, &mut n, &facts(), &mut out), next);
+            let r = replies(&out);
+            assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), kinds, "{opt:?}");
+            assert!(r.iter().all(|x| x.0 == opt.code()));
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_over_a_pipe_leaves_trailing_bytes() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut wire = vec![0, 0, 0, 3];
+        encode_option(&mut wire, NBD_OPT_STRUCTURED_REPLY, &[]);
+        let mut go = Vec::new();
+        encode_info_request(
+            &mut go,
+            &InfoRequest {
+                name: "test".into(),
+                infos: vec![],
+            },
+        );
+        encode_option(&mut wire, NBD_OPT_GO, &go);
+        wire.extend_from_slice(b"next");
+        client.write_all(&wire).await.unwrap();
+        let mut buf = BytesMut::new();
+        let s = handshake(&mut server, &mut buf, &facts())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(s.structured && !s.base_allocation);
+        assert_eq!(&buf[..], b"next");
+        let mut greeting = [0u8; GREETING_LEN];
+        client.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_bad_flags_and_garbage() {
+        for wire in [
+            vec![0, 0, 0, 8],
+            [0, 0, 0, 1]
+                .into_iter()
+                .chain(*b"GARBAGE!GARBAGE!")
+                .collect(),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+            client.write_all(&wire).await.unwrap();
+            let mut buf = BytesMut::new();
+            let r = handshake(&mut server, &mut buf, &facts()).await;
+            assert!(matches!(r, Err(ConnError::Proto(_))), "{r:?}");
         }
     }
 }

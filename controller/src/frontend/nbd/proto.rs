@@ -1,206 +1,207 @@
-//! The NBD wire format (NetworkBlockDevice/nbd `doc/proto.md`): constants,
-//! pure parsers for what clients send, and encoders for what we send. No
-//! IO here: everything takes `&[u8]` and returns typed values, `Incomplete`
-//! when more bytes are needed, or an error; nothing panics on any input.
+//! The NBD wire format (NetworkBlockDevice/nbd `doc/proto.md`), pure: no IO.
+//!
+//! Parsers take the bytes received so far and return `Ok(None)` when more
+//! are needed (Incomplete), `Ok(Some((value, consumed)))` when a message is
+//! complete, or a typed [`ProtoError`] when the stream cannot be in sync any
+//! more (bad magic, an option longer than [`MAX_OPTION_LEN`], unknown client
+//! flags). A well-framed option whose payload is malformed is not an error
+//! of the stream: it parses to [`Opt::Invalid`] so the server can answer
+//! `NBD_REP_ERR_INVALID` and carry on. Nothing here panics on any input.
+//!
+//! Encoders append to a `Vec<u8>`; read data is not copied into them (the
+//! server writes the header, then the data).
 
+/// `NBDMAGIC`, first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`, in the greeting and at the start of every option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+/// Magic of every option reply.
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
-// Handshake flags (server) and client flags.
-pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
-pub const FLAG_NO_ZEROES: u16 = 2;
-pub const CLIENT_FIXED_NEWSTYLE: u32 = 1;
-pub const CLIENT_NO_ZEROES: u32 = 2;
+// Handshake flags (server, 16 bits) and client flags (32 bits).
+pub const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const NBD_FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-// Options.
-pub const OPT_EXPORT_NAME: u32 = 1;
-pub const OPT_ABORT: u32 = 2;
-pub const OPT_LIST: u32 = 3;
-pub const OPT_STARTTLS: u32 = 5;
-pub const OPT_INFO: u32 = 6;
-pub const OPT_GO: u32 = 7;
-pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_LIST_META_CONTEXT: u32 = 9;
-pub const OPT_SET_META_CONTEXT: u32 = 10;
+// Option codes.
+pub const NBD_OPT_EXPORT_NAME: u32 = 1;
+pub const NBD_OPT_ABORT: u32 = 2;
+pub const NBD_OPT_LIST: u32 = 3;
+pub const NBD_OPT_STARTTLS: u32 = 5;
+pub const NBD_OPT_INFO: u32 = 6;
+pub const NBD_OPT_GO: u32 = 7;
+pub const NBD_OPT_STRUCTURED_REPLY: u32 = 8;
+pub const NBD_OPT_LIST_META_CONTEXT: u32 = 9;
+pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
+pub const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
-pub const REP_ACK: u32 = 1;
-pub const REP_SERVER: u32 = 2;
-pub const REP_INFO: u32 = 3;
-pub const REP_META_CONTEXT: u32 = 4;
-pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
-pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
-pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub const NBD_REP_ACK: u32 = 1;
+pub const NBD_REP_SERVER: u32 = 2;
+pub const NBD_REP_INFO: u32 = 3;
+pub const NBD_REP_META_CONTEXT: u32 = 4;
+pub const NBD_REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+pub const NBD_REP_ERR_POLICY: u32 = (1 << 31) + 2;
+pub const NBD_REP_ERR_INVALID: u32 = (1 << 31) + 3;
+pub const NBD_REP_ERR_PLATFORM: u32 = (1 << 31) + 4;
+pub const NBD_REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+pub const NBD_REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const NBD_REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+pub const NBD_REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
+pub const NBD_REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
-// Info types.
-pub const INFO_EXPORT: u16 = 0;
-pub const INFO_NAME: u16 = 1;
-pub const INFO_DESCRIPTION: u16 = 2;
-pub const INFO_BLOCK_SIZE: u16 = 3;
+// Info types (NBD_OPT_INFO / NBD_OPT_GO).
+pub const NBD_INFO_EXPORT: u16 = 0;
+pub const NBD_INFO_NAME: u16 = 1;
+pub const NBD_INFO_DESCRIPTION: u16 = 2;
+pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
 
 // Transmission flags.
-pub const TF_HAS_FLAGS: u16 = 1;
-pub const TF_READ_ONLY: u16 = 1 << 1;
-pub const TF_SEND_FLUSH: u16 = 1 << 2;
-pub const TF_SEND_FUA: u16 = 1 << 3;
-pub const TF_SEND_TRIM: u16 = 1 << 5;
-pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
-pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
-pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+pub const NBD_FLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+pub const NBD_FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const NBD_FLAG_SEND_FUA: u16 = 1 << 3;
+pub const NBD_FLAG_ROTATIONAL: u16 = 1 << 4;
+pub const NBD_FLAG_SEND_TRIM: u16 = 1 << 5;
+pub const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const NBD_FLAG_SEND_DF: u16 = 1 << 7;
+pub const NBD_FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const NBD_FLAG_SEND_RESIZE: u16 = 1 << 9;
+pub const NBD_FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const NBD_FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+
+// Commands.
+pub const NBD_CMD_READ: u16 = 0;
+pub const NBD_CMD_WRITE: u16 = 1;
+pub const NBD_CMD_DISC: u16 = 2;
+pub const NBD_CMD_FLUSH: u16 = 3;
+pub const NBD_CMD_TRIM: u16 = 4;
+pub const NBD_CMD_CACHE: u16 = 5;
+pub const NBD_CMD_WRITE_ZEROES: u16 = 6;
+pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
+pub const NBD_CMD_RESIZE: u16 = 8;
 
 // Command flags.
-pub const CMD_FLAG_FUA: u16 = 1;
-pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
-pub const CMD_FLAG_DF: u16 = 1 << 2;
-pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
-pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
+pub const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const NBD_CMD_FLAG_DF: u16 = 1 << 2;
+pub const NBD_CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const NBD_CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
-// Structured reply.
-pub const REPLY_FLAG_DONE: u16 = 1;
-pub const REPLY_TYPE_NONE: u16 = 0;
-pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+// Errors (sent in replies; values fixed by the protocol, not the host).
+pub const NBD_EPERM: u32 = 1;
+pub const NBD_EIO: u32 = 5;
+pub const NBD_ENOMEM: u32 = 12;
+pub const NBD_EINVAL: u32 = 22;
+pub const NBD_ENOSPC: u32 = 28;
+pub const NBD_EOVERFLOW: u32 = 75;
+pub const NBD_ENOTSUP: u32 = 95;
+pub const NBD_ESHUTDOWN: u32 = 108;
 
-// Block status flags of base:allocation.
-pub const STATE_HOLE: u32 = 1;
-pub const STATE_ZERO: u32 = 2;
+// Structured replies.
+pub const NBD_REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const NBD_REPLY_TYPE_NONE: u16 = 0;
+pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+pub const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
-// Errors.
-pub const EPERM: u32 = 1;
-pub const EIO: u32 = 5;
-pub const EINVAL: u32 = 22;
-pub const ENOSPC: u32 = 28;
-pub const EOVERFLOW: u32 = 75;
-pub const ENOTSUP: u32 = 95;
-pub const ESHUTDOWN: u32 = 108;
+// base:allocation flags.
+pub const NBD_STATE_HOLE: u32 = 1 << 0;
+pub const NBD_STATE_ZERO: u32 = 1 << 1;
 
-/// The only meta context we serve, and its id.
+/// The one metadata context served.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-pub const BASE_ALLOCATION_ID: u32 = 1;
 
-/// Largest option payload we accept; longer ones close the connection.
-pub const MAX_OPTION_LEN: u32 = 64 * 1024;
-/// Largest READ/WRITE we accept (also advertised as the maximum block size).
-pub const MAX_REQUEST_LEN: u32 = 32 << 20;
+/// Bytes of the server greeting.
+pub const GREETING_LEN: usize = 18;
+/// Bytes of an option header (magic, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Bytes of a transmission request header.
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// Bytes of a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Bytes of a structured reply chunk header.
+pub const STRUCTURED_HEADER_LEN: usize = 20;
+/// Largest option payload accepted: a hostile client cannot make the
+/// server allocate more than this during the handshake.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Longest string (export name, query) the protocol allows.
+pub const MAX_STRING_LEN: usize = 4096;
 
+/// The byte stream is out of sync or hostile; the connection must close.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtoError {
-    #[error("Need more bytes")]
-    Incomplete,
-    #[error("Bad magic {0:#x}")]
-    BadMagic(u64),
-    #[error("Option {option} carries {len} bytes, more than the {MAX_OPTION_LEN} allowed")]
+    #[error("Bad magic {got:#x}, expected {expected:#x}")]
+    BadMagic { expected: u64, got: u64 },
+    #[error("Option {option} carries {len} bytes, more than the {MAX_OPTION_LEN} accepted")]
     OptionTooLong { option: u32, len: u32 },
-    #[error("Malformed payload of option {option}: {reason}")]
-    BadOption { option: u32, reason: &'static str },
+    #[error("Unknown client flags {0:#x}")]
+    UnknownClientFlags(u32),
 }
 
-fn be16(b: &[u8], at: usize) -> Result<u16, ProtoError> {
-    b.get(at..at + 2)
-        .map(|s| u16::from_be_bytes([s[0], s[1]]))
-        .ok_or(ProtoError::Incomplete)
-}
-
-fn be32(b: &[u8], at: usize) -> Result<u32, ProtoError> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or(ProtoError::Incomplete)
-}
-
-fn be64(b: &[u8], at: usize) -> Result<u64, ProtoError> {
-    b.get(at..at + 8)
-        .map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
-        .ok_or(ProtoError::Incomplete)
-}
-
-/// An option header: `IHAVEOPT`, option code, payload length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OptionHeader {
-    pub option: u32,
-    pub len: u32,
-}
-
-/// Parses the 16-byte option header. An absurd length is an error before
-/// anything is allocated for it.
-pub fn parse_option_header(b: &[u8]) -> Result<OptionHeader, ProtoError> {
-    let magic = be64(b, 0)?;
-    if magic != IHAVEOPT {
-        return Err(ProtoError::BadMagic(magic));
-    }
-    let option = be32(b, 8)?;
-    let len = be32(b, 12)?;
-    if len > MAX_OPTION_LEN {
-        return Err(ProtoError::OptionTooLong { option, len });
-    }
-    Ok(OptionHeader { option, len })
-}
-
-/// Payload of NBD_OPT_INFO and NBD_OPT_GO.
+/// What `NBD_OPT_INFO` / `NBD_OPT_GO` ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfoRequest {
     pub name: String,
-    pub requests: Vec<u16>,
+    /// Requested `NBD_INFO_*` types, in order.
+    pub infos: Vec<u16>,
 }
 
-pub fn parse_info_request(option: u32, b: &[u8]) -> Result<InfoRequest, ProtoError> {
-    let bad = |reason| ProtoError::BadOption { option, reason };
-    let name_len = be32(b, 0).map_err(|_| bad("too short for the name length"))? as usize;
-    let name = b
-        .get(4..4 + name_len)
-        .ok_or_else(|| bad("name runs past the payload"))?;
-    let name = String::from_utf8(name.to_vec()).map_err(|_| bad("name is not UTF-8"))?;
-    let at = 4 + name_len;
-    let n = be16(b, at).map_err(|_| bad("missing the information request count"))? as usize;
-    if b.len() != at + 2 + 2 * n {
-        return Err(bad("information request count does not match the payload"));
-    }
-    let requests = (0..n)
-        .map(|i| be16(b, at + 2 + 2 * i).expect("length checked"))
-        .collect();
-    Ok(InfoRequest { name, requests })
-}
-
-/// Payload of NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT.
+/// The payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaContextRequest {
     pub export: String,
     pub queries: Vec<String>,
 }
 
-pub fn parse_meta_context_request(option: u32, b: &[u8]) -> Result<MetaContextRequest, ProtoError> {
-    let bad = |reason| ProtoError::BadOption { option, reason };
-    let name_len = be32(b, 0).map_err(|_| bad("too short for the export name length"))? as usize;
-    let export = b
-        .get(4..4 + name_len)
-        .ok_or_else(|| bad("export name runs past the payload"))?;
-    let export = String::from_utf8(export.to_vec()).map_err(|_| bad("export name is not UTF-8"))?;
-    let mut at = 4 + name_len;
-    let count = be32(b, at).map_err(|_| bad("missing the query count"))? as usize;
-    at += 4;
-    let mut queries = Vec::new();
-    for _ in 0..count {
-        let len = be32(b, at).map_err(|_| bad("query length runs past the payload"))? as usize;
-        let q = b
-            .get(at + 4..at + 4 + len)
-            .ok_or_else(|| bad("query runs past the payload"))?;
-        queries.push(String::from_utf8(q.to_vec()).map_err(|_| bad("query is not UTF-8"))?);
-        at += 4 + len;
-    }
-    if at != b.len() {
-        return Err(bad("trailing bytes after the queries"));
-    }
-    Ok(MetaContextRequest { export, queries })
+/// One handshake option, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opt {
+    ExportName(String),
+    Abort,
+    List,
+    StartTls,
+    Info(InfoRequest),
+    Go(InfoRequest),
+    StructuredReply,
+    ListMetaContext(MetaContextRequest),
+    SetMetaContext(MetaContextRequest),
+    /// A known option whose payload is malformed: answer `NBD_REP_ERR_INVALID`.
+    Invalid {
+        code: u32,
+        reason: &'static str,
+    },
+    /// An option this server does not know: answer `NBD_REP_ERR_UNSUP`.
+    Unknown {
+        code: u32,
+    },
 }
 
-/// A transmission-phase command.
+impl Opt {
+    /// The option code to echo in replies.
+    pub fn code(&self) -> u32 {
+        match self {
+            Opt::ExportName(_) => NBD_OPT_EXPORT_NAME,
+            Opt::Abort => NBD_OPT_ABORT,
+            Opt::List => NBD_OPT_LIST,
+            Opt::StartTls => NBD_OPT_STARTTLS,
+            Opt::Info(_) => NBD_OPT_INFO,
+            Opt::Go(_) => NBD_OPT_GO,
+            Opt::StructuredReply => NBD_OPT_STRUCTURED_REPLY,
+            Opt::ListMetaContext(_) => NBD_OPT_LIST_META_CONTEXT,
+            Opt::SetMetaContext(_) => NBD_OPT_SET_META_CONTEXT,
+            Opt::Invalid { code, .. } | Opt::Unknown { code } => *code,
+        }
+    }
+}
+
+/// A transmission command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cmd {
     Read,
@@ -211,289 +212,270 @@ pub enum Cmd {
     Cache,
     WriteZeroes,
     BlockStatus,
+    Resize,
     Unknown(u16),
 }
 
 impl Cmd {
     pub fn from_u16(v: u16) -> Cmd {
         match v {
-            0 => Cmd::Read,
-            1 => Cmd::Write,
-            2 => Cmd::Disc,
-            3 => Cmd::Flush,
-            4 => Cmd::Trim,
-            5 => Cmd::Cache,
-            6 => Cmd::WriteZeroes,
-            7 => Cmd::BlockStatus,
+            NBD_CMD_READ => Cmd::Read,
+            NBD_CMD_WRITE => Cmd::Write,
+            NBD_CMD_DISC => Cmd::Disc,
+            NBD_CMD_FLUSH => Cmd::Flush,
+            NBD_CMD_TRIM => Cmd::Trim,
+            NBD_CMD_CACHE => Cmd::Cache,
+            NBD_CMD_WRITE_ZEROES => Cmd::WriteZeroes,
+            NBD_CMD_BLOCK_STATUS => Cmd::BlockStatus,
+            NBD_CMD_RESIZE => Cmd::Resize,
             other => Cmd::Unknown(other),
         }
     }
 
     pub fn to_u16(self) -> u16 {
         match self {
-            Cmd::Read => 0,
-            Cmd::Write => 1,
-            Cmd::Disc => 2,
-            Cmd::Flush => 3,
-            Cmd::Trim => 4,
-            Cmd::Cache => 5,
-            Cmd::WriteZeroes => 6,
-            Cmd::BlockStatus => 7,
+            Cmd::Read => NBD_CMD_READ,
+            Cmd::Write => NBD_CMD_WRITE,
+            Cmd::Disc => NBD_CMD_DISC,
+            Cmd::Flush => NBD_CMD_FLUSH,
+            Cmd::Trim => NBD_CMD_TRIM,
+            Cmd::Cache => NBD_CMD_CACHE,
+            Cmd::WriteZeroes => NBD_CMD_WRITE_ZEROES,
+            Cmd::BlockStatus => NBD_CMD_BLOCK_STATUS,
+            Cmd::Resize => NBD_CMD_RESIZE,
             Cmd::Unknown(v) => v,
         }
     }
 }
 
-/// A 28-byte request header. A WRITE's payload (`len` bytes) follows it.
+/// A transmission request header. For `Write`, `len` payload bytes follow
+/// the header on the wire; the parser does not consume them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
-    pub flags: u16,
-    pub cmd: Cmd,
     pub handle: u64,
+    pub cmd: Cmd,
+    /// Raw `NBD_CMD_FLAG_*` bits.
+    pub flags: u16,
     pub offset: u64,
     pub len: u32,
 }
 
-pub fn parse_request(b: &[u8]) -> Result<Request, ProtoError> {
-    if b.len() < REQUEST_HEADER_LEN {
-        return Err(ProtoError::Incomplete);
+impl Request {
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
     }
-    let magic = be32(b, 0)?;
+}
+
+/// One `base:allocation` extent descriptor of a block status reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDescriptor {
+    pub len: u32,
+    /// `NBD_STATE_*` bits.
+    pub flags: u32,
+}
+
+// ---------------------------------------------------------------- readers
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    let s = b.get(at..at.checked_add(2)?)?;
+    Some(u16::from_be_bytes([s[0], s[1]]))
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at.checked_add(8)?)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_be_bytes(a))
+}
+
+/// A bounds-checked cursor over one option payload.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn u16(&mut self) -> Option<u16> {
+        let v = be16(self.b, self.at)?;
+        self.at += 2;
+        Some(v)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        let v = be32(self.b, self.at)?;
+        self.at += 4;
+        Some(v)
+    }
+
+    /// A string of `len` bytes: valid UTF-8, no NUL, at most [`MAX_STRING_LEN`].
+    fn string(&mut self, len: u32) -> Result<String, &'static str> {
+        let len = len as usize;
+        if len > MAX_STRING_LEN {
+            return Err("string longer than 4096 bytes");
+        }
+        let end = self.at.checked_add(len).ok_or("length overflows")?;
+        let s = self
+            .b
+            .get(self.at..end)
+            .ok_or("string runs past the option")?;
+        let s = std::str::from_utf8(s).map_err(|_| "string is not UTF-8")?;
+        if s.contains('\0') {
+            return Err("string contains NUL");
+        }
+        self.at = end;
+        Ok(s.to_owned())
+    }
+
+    fn done(&self) -> bool {
+        self.at == self.b.len()
+    }
+}
+
+/// Parses the 4-byte client flags that follow the greeting. Flags the
+/// server did not offer close the connection, as the protocol requires.
+pub fn parse_client_flags(b: &[u8]) -> Result<Option<(u32, usize)>, ProtoError> {
+    let Some(flags) = be32(b, 0) else {
+        return Ok(None);
+    };
+    if flags & !(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) != 0 {
+        return Err(ProtoError::UnknownClientFlags(flags));
+    }
+    Ok(Some((flags, 4)))
+}
+
+/// Parses one option (header and payload). The payload length is checked
+/// against [`MAX_OPTION_LEN`] from the header alone, before waiting for it.
+pub fn parse_option(b: &[u8]) -> Result<Option<(Opt, usize)>, ProtoError> {
+    let (Some(magic), Some(code), Some(len)) = (be64(b, 0), be32(b, 8), be32(b, 12)) else {
+        // Check the magic as soon as 8 bytes are in, so garbage fails fast.
+        if let Some(magic) = be64(b, 0) {
+            if magic != IHAVEOPT {
+                return Err(ProtoError::BadMagic {
+                    expected: IHAVEOPT,
+                    got: magic,
+                });
+            }
+        }
+        return Ok(None);
+    };
+    if magic != IHAVEOPT {
+        return Err(ProtoError::BadMagic {
+            expected: IHAVEOPT,
+            got: magic,
+        });
+    }
+    if len > MAX_OPTION_LEN {
+        return Err(ProtoError::OptionTooLong { option: code, len });
+    }
+    let total = OPTION_HEADER_LEN + len as usize;
+    let Some(data) = b.get(OPTION_HEADER_LEN..total) else {
+        return Ok(None);
+    };
+    Ok(Some((parse_option_data(code, data), total)))
+}
+
+/// Interprets the payload of option `code`.
+pub fn parse_option_data(code: u32, data: &[u8]) -> Opt {
+    let invalid = |reason| Opt::Invalid { code, reason };
+    let empty = |opt: Opt| {
+        if data.is_empty() {
+            opt
+        } else {
+            invalid("option takes no data")
+        }
+    };
+    match code {
+        NBD_OPT_EXPORT_NAME => {
+            let mut c = Cursor { b: data, at: 0 };
+            match c.string(data.len().min(u32::MAX as usize) as u32) {
+                Ok(name) => Opt::ExportName(name),
+                Err(reason) => invalid(reason),
+            }
+        }
+        // Abort is honoured whatever it carries.
+        NBD_OPT_ABORT => Opt::Abort,
+        NBD_OPT_LIST => empty(Opt::List),
+        NBD_OPT_STARTTLS => empty(Opt::StartTls),
+        NBD_OPT_STRUCTURED_REPLY => empty(Opt::StructuredReply),
+        NBD_OPT_INFO | NBD_OPT_GO => match parse_info_request(data) {
+            Ok(r) if code == NBD_OPT_GO => Opt::Go(r),
+            Ok(r) => Opt::Info(r),
+            Err(reason) => invalid(reason),
+        },
+        NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => match parse_meta_request(data) {
+            Ok(r) if code == NBD_OPT_SET_META_CONTEXT => Opt::SetMetaContext(r),
+            Ok(r) => Opt::ListMetaContext(r),
+            Err(reason) => invalid(reason),
+        },
+        _ => Opt::Unknown { code },
+    }
+}
+
+fn parse_info_request(data: &[u8]) -> Result<InfoRequest, &'static str> {
+    let mut c = Cursor { b: data, at: 0 };
+    let name_len = c.u32().ok_or("truncated name length")?;
+    let name = c.string(name_len)?;
+    let n = c.u16().ok_or("truncated info request count")?;
+    let mut infos = Vec::with_capacity((n as usize).min(data.len() / 2));
+    for _ in 0..n {
+        infos.push(c.u16().ok_or("truncated info request")?);
+    }
+    if !c.done() {
+        return Err("trailing bytes after info requests");
+    }
+    Ok(InfoRequest { name, infos })
+}
+
+fn parse_meta_request(data: &[u8]) -> Result<MetaContextRequest, &'static str> {
+    let mut c = Cursor { b: data, at: 0 };
+    let name_len = c.u32().ok_or("truncated name length")?;
+    let export = c.string(name_len)?;
+    let n = c.u32().ok_or("truncated query count")?;
+    let mut queries = Vec::with_capacity((n as usize).min(data.len() / 4));
+    for _ in 0..n {
+        let len = c.u32().ok_or("truncated query length")?;
+        queries.push(c.string(len)?);
+    }
+    if !c.done() {
+        return Err("trailing bytes after queries");
+    }
+    Ok(MetaContextRequest { export, queries })
+}
+
+/// Parses a 28-byte request header. Any magic but `NBD_REQUEST_MAGIC` is
+/// an error (the stream is out of sync).
+pub fn parse_request(b: &[u8]) -> Result<Option<(Request, usize)>, ProtoError> {
+    let Some(magic) = be32(b, 0) else {
+        return Ok(None);
+    };
     if magic != REQUEST_MAGIC {
-        return Err(ProtoError::BadMagic(magic as u64));
+        return Err(ProtoError::BadMagic {
+            expected: REQUEST_MAGIC as u64,
+            got: magic as u64,
+        });
     }
-    Ok(Request {
-        flags: be16(b, 4)?,
-        cmd: Cmd::from_u16(be16(b, 6)?),
-        handle: be64(b, 8)?,
-        offset: be64(b, 16)?,
-        len: be32(b, 24)?,
-    })
-}
-
-pub fn encode_request(r: &Request) -> [u8; REQUEST_HEADER_LEN] {
-    let mut out = [0u8; REQUEST_HEADER_LEN];
-    out[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
-    out[6..8].copy_from_slice(&r.cmd.to_u16().to_be_bytes());
-    out[8..16].copy_from_slice(&r.handle.to_be_bytes());
-    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
-    out[24..28].copy_from_slice(&r.len.to_be_bytes());
-    out
-}
-
-/// The server's first 18 bytes.
-pub fn server_greeting() -> Vec<u8> {
-    let mut out = Vec::with_capacity(18);
-    out.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    out
-}
-
-/// An option reply with `data`.
-pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(20 + data.len());
-    out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&reply.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
-    let mut d = Vec::with_capacity(12);
-    d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-    d.extend_from_slice(&size.to_be_bytes());
-    d.extend_from_slice(&flags.to_be_bytes());
-    d
-}
-
-pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
-    let mut d = Vec::with_capacity(14);
-    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    d.extend_from_slice(&min.to_be_bytes());
-    d.extend_from_slice(&preferred.to_be_bytes());
-    d.extend_from_slice(&max.to_be_bytes());
-    d
-}
-
-pub fn info_name(name: &str) -> Vec<u8> {
-    let mut d = Vec::with_capacity(2 + name.len());
-    d.extend_from_slice(&INFO_NAME.to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d
-}
-
-/// The old-style reply to NBD_OPT_EXPORT_NAME: size, flags (no zero padding
-/// when the client agreed to NO_ZEROES).
-pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(134);
-    out.extend_from_slice(&size.to_be_bytes());
-    out.extend_from_slice(&flags.to_be_bytes());
-    if !no_zeroes {
-        out.extend_from_slice(&[0u8; 124]);
-    }
-    out
-}
-
-pub fn simple_reply_header(handle: u64, error: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out[4..8].copy_from_slice(&error.to_be_bytes());
-    out[8..16].copy_from_slice(&handle.to_be_bytes());
-    out
-}
-
-pub fn structured_header(handle: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
-    let mut out = [0u8; 20];
-    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&flags.to_be_bytes());
-    out[6..8].copy_from_slice(&kind.to_be_bytes());
-    out[8..16].copy_from_slice(&handle.to_be_bytes());
-    out[16..20].copy_from_slice(&len.to_be_bytes());
-    out
-}
-
-/// A structured error chunk (final) with a message.
-pub fn structured_error(handle: u64, error: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(4096)];
-    let mut out = Vec::with_capacity(26 + msg.len());
-    out.extend_from_slice(&structured_header(
+    let (Some(flags), Some(cmd), Some(handle), Some(offset), Some(len)) =
+        (be16(b, 4), be16(b, 6), be64(b, 8), be64(b, 16), be32(b, 24))
+    else {
+        return Ok(None);
+    };
+    let req = Request {
         handle,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        6 + msg.len() as u32,
-    ));
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    out.extend_from_slice(msg);
-    out
-}
-
-/// A final block-status chunk for base:allocation: (length, flags) pairs.
-pub fn block_status_reply(handle: u64, descriptors: &[(u32, u32)]) -> Vec<u8> {
-    let len = 4 + 8 * descriptors.len() as u32;
-    let mut out = Vec::with_capacity(20 + len as usize);
-    out.extend_from_slice(&structured_header(
-        handle,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
+        cmd: Cmd::from_u16(cmd),
+        flags,
+        offset,
         len,
-    ));
-    out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-    for (l, f) in descriptors {
-        out.extend_from_slice(&l.to_be_bytes());
-        out.extend_from_slice(&f.to_be_bytes());
-    }
-    out
+    };
+    Ok(Some((req, REQUEST_HEADER_LEN)))
 }
+
+mod encode;
+pub use encode::*;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn request_header_byte_layout() {
-        let bytes: [u8; 28] = [
-            0x25, 0x60, 0x95, 0x13, // magic
-            0x00, 0x01, // flags: FUA
-            0x00, 0x01, // WRITE
-            1, 2, 3, 4, 5, 6, 7, 8, // handle
-            0, 0, 0, 0, 0, 0, 0x10, 0x00, // offset 4096
-            0, 0, 0x02, 0x00, // length 512
-        ];
-        let r = parse_request(&bytes).unwrap();
-        assert_eq!(
-            r,
-            Request {
-                flags: CMD_FLAG_FUA,
-                cmd: Cmd::Write,
-                handle: 0x0102030405060708,
-                offset: 4096,
-                len: 512
-            }
-        );
-        assert_eq!(encode_request(&r), bytes);
-        for cut in 0..28 {
-            assert_eq!(parse_request(&bytes[..cut]), Err(ProtoError::Incomplete));
-        }
-        let mut bad = bytes;
-        bad[0] = 0;
-        assert!(matches!(parse_request(&bad), Err(ProtoError::BadMagic(_))));
-    }
-
-    #[test]
-    fn option_header_refuses_huge_lengths() {
-        let mut b = Vec::new();
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&OPT_GO.to_be_bytes());
-        b.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            parse_option_header(&b),
-            Err(ProtoError::OptionTooLong { .. })
-        ));
-        assert_eq!(parse_option_header(&b[..15]), Err(ProtoError::Incomplete));
-    }
-
-    #[test]
-    fn info_request_parses_and_rejects_mismatched_counts() {
-        let mut b = Vec::new();
-        b.extend_from_slice(&4u32.to_be_bytes());
-        b.extend_from_slice(b"test");
-        b.extend_from_slice(&2u16.to_be_bytes());
-        b.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        b.extend_from_slice(&INFO_NAME.to_be_bytes());
-        let r = parse_info_request(OPT_GO, &b).unwrap();
-        assert_eq!(r.name, "test");
-        assert_eq!(r.requests, vec![INFO_BLOCK_SIZE, INFO_NAME]);
-        assert!(parse_info_request(OPT_GO, &b[..b.len() - 1]).is_err());
-        let mut long = b.clone();
-        long[3] = 200;
-        assert!(parse_info_request(OPT_GO, &long).is_err());
-    }
-
-    #[test]
-    fn meta_context_request_parses() {
-        let mut b = Vec::new();
-        b.extend_from_slice(&0u32.to_be_bytes());
-        b.extend_from_slice(&1u32.to_be_bytes());
-        b.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
-        b.extend_from_slice(BASE_ALLOCATION.as_bytes());
-        let r = parse_meta_context_request(OPT_SET_META_CONTEXT, &b).unwrap();
-        assert_eq!(r.queries, vec![BASE_ALLOCATION.to_string()]);
-        assert!(parse_meta_context_request(OPT_SET_META_CONTEXT, &b[..b.len() - 2]).is_err());
-    }
-
-    #[test]
-    fn replies_have_the_documented_layout() {
-        let r = simple_reply_header(7, EIO);
-        assert_eq!(&r[0..4], &[0x67, 0x44, 0x66, 0x98]);
-        assert_eq!(&r[4..8], &[0, 0, 0, 5]);
-        let e = structured_error(9, EINVAL, "bad");
-        assert_eq!(&e[0..4], &[0x66, 0x8e, 0x33, 0xef]);
-        assert_eq!(u16::from_be_bytes([e[6], e[7]]), REPLY_TYPE_ERROR);
-        assert_eq!(u32::from_be_bytes([e[16], e[17], e[18], e[19]]), 9);
-        let o = option_reply(OPT_GO, REP_ACK, &[]);
-        assert_eq!(o.len(), 20);
-        assert_eq!(&o[0..8], &OPT_REPLY_MAGIC.to_be_bytes());
-    }
-
-    proptest! {
-        #[test]
-        fn requests_round_trip(flags in any::<u16>(), cmd in any::<u16>(), handle in any::<u64>(), offset in any::<u64>(), len in any::<u32>()) {
-            let r = Request { flags, cmd: Cmd::from_u16(cmd), handle, offset, len };
-            prop_assert_eq!(parse_request(&encode_request(&r)).unwrap(), r);
-        }
-
-        #[test]
-        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200), opt in any::<u32>()) {
-            let _ = parse_request(&b);
-            let _ = parse_option_header(&b);
-            let _ = parse_info_request(opt, &b);
-            let _ = parse_meta_context_request(opt, &b);
-        }
-    }
-}
+mod tests;

@@ -1,351 +1,450 @@
-//! The transmission phase of one connection: requests are read in order,
-//! validated, and handled concurrently (at most [`MAX_IN_FLIGHT`] at once);
-//! replies go out through one writer in completion order.
+//! The transmission phase of one connection.
+//!
+//! One reader parses request headers in order, [`validate`]s each before
+//! any IO, reads a WRITE's payload, and spawns the request; up to
+//! [`MAX_IN_FLIGHT`] requests and [`MAX_IN_FLIGHT_BYTES`] of READ/WRITE
+//! data run at once per connection (the reader waits for room, so a client
+//! cannot make the server buffer without bound). Replies go through one
+//! writer task in completion order, which may differ from request order.
+//! Every request gets exactly one reply, except after `NBD_CMD_DISC` (in
+//! flight requests finish, then the connection closes) and after a stream
+//! error (bad magic, a WRITE larger than the server will ever read), which
+//! close the connection.
 
-use std::io;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use strata_replica::Allocation;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Semaphore};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
-use super::handshake::Session;
+use super::backend::{Backend, BackendError};
+use super::error::ConnError;
+use super::handshake::{fill, Session, BASE_ALLOCATION_ID, MAX_PAYLOAD};
+use super::ops::Export;
 use super::proto::*;
-use crate::frontend::{Backend, BackendError};
+use super::server::stopped;
 
-/// Requests handled at once per connection.
+/// Requests handled at once on one connection.
 pub const MAX_IN_FLIGHT: usize = 128;
+/// READ/WRITE data held at once on one connection (requests and replies).
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+/// Unit of the byte budget.
+const BUDGET_UNIT: usize = 4096;
 
-/// One reply: a header and, for reads, the data (not copied).
+/// One reply: header bytes and, for reads, the data (not copied). The
+/// permits are released once the writer has taken the reply.
 struct Reply {
     head: Vec<u8>,
     data: Option<Bytes>,
+    _permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
 }
 
-fn errno(e: &BackendError) -> u32 {
-    match e {
-        BackendError::Io(_) => EIO,
-        BackendError::Invalid(_) => EINVAL,
-        BackendError::NoSpace(_) => ENOSPC,
-    }
-}
-
-/// Checks a request against the export before any IO; returns the NBD
-/// error and a message if it must be refused.
-fn validate(req: &Request, size: u64, session: Session) -> Result<(), (u32, String)> {
-    let ranged = matches!(
-        req.cmd,
-        Cmd::Read | Cmd::Write | Cmd::Trim | Cmd::WriteZeroes | Cmd::BlockStatus | Cmd::Cache
-    );
+/// Checks a request against the export and the session; `Err` carries
+/// the NBD error and a message for the client.
+pub fn validate(req: &Request, size: u64, session: &Session) -> Result<(), (u32, String)> {
+    let ranged = match req.cmd {
+        Cmd::Read | Cmd::Write => {
+            if req.len > MAX_PAYLOAD {
+                let msg = format!(
+                    "Length {} is larger than the maximum {MAX_PAYLOAD}",
+                    req.len
+                );
+                return Err((NBD_EINVAL, msg));
+            }
+            true
+        }
+        Cmd::Trim | Cmd::WriteZeroes => true,
+        Cmd::BlockStatus => {
+            if !session.base_allocation {
+                return Err((NBD_EINVAL, "base:allocation was not negotiated".into()));
+            }
+            true
+        }
+        Cmd::Flush | Cmd::Disc => false,
+        Cmd::Cache | Cmd::Resize | Cmd::Unknown(_) => {
+            let msg = format!("Command {} is not supported", req.cmd.to_u16());
+            return Err((NBD_EINVAL, msg));
+        }
+    };
     if ranged {
+        if req.len == 0 {
+            return Err((NBD_EINVAL, "Zero-length request".into()));
+        }
         match req.offset.checked_add(req.len as u64) {
             Some(end) if end <= size => {}
             _ => {
-                return Err((
-                    EINVAL,
-                    format!(
-                        "offset {} + length {} is beyond the export size {size}",
-                        req.offset, req.len
-                    ),
-                ))
+                let msg = format!(
+                    "Offset {} + length {} is beyond the export size {size}",
+                    req.offset, req.len
+                );
+                return Err((NBD_EINVAL, msg));
             }
         }
-        if req.len == 0 {
-            return Err((EINVAL, "zero-length request".into()));
-        }
     }
-    match req.cmd {
-        Cmd::Read | Cmd::Write if req.len > MAX_REQUEST_LEN => Err((
-            EOVERFLOW,
-            format!("length {} exceeds the maximum {MAX_REQUEST_LEN}", req.len),
-        )),
-        Cmd::BlockStatus if !session.block_status => {
-            Err((EINVAL, "base:allocation was not negotiated".into()))
-        }
-        Cmd::WriteZeroes
-            if req.flags & CMD_FLAG_FAST_ZERO != 0 && req.flags & CMD_FLAG_NO_HOLE != 0 =>
-        {
-            Err((
-                ENOTSUP,
-                "zeroing without holes writes data: not fast".into(),
-            ))
-        }
-        Cmd::Unknown(c) => Err((EINVAL, format!("unknown command {c}"))),
-        _ => Ok(()),
+    if req.cmd == Cmd::WriteZeroes
+        && req.has(NBD_CMD_FLAG_FAST_ZERO)
+        && req.has(NBD_CMD_FLAG_NO_HOLE)
+    {
+        // Allocating zeros writes data: not faster than a write.
+        return Err((NBD_ENOTSUP, "Fast zero without holes is not fast".into()));
     }
+    Ok(())
 }
 
-fn error_reply(req: &Request, session: Session, error: u32, msg: &str) -> Reply {
-    let structured_only = matches!(req.cmd, Cmd::Read | Cmd::BlockStatus);
-    let head = if session.structured_replies && structured_only {
-        structured_error(req.handle, error, msg)
+fn error_reply(req: &Request, session: &Session, errno: u32, msg: &str) -> Reply {
+    let mut head = Vec::with_capacity(32 + msg.len());
+    if session.structured {
+        encode_structured_error(&mut head, req.handle, errno, msg);
     } else {
-        simple_reply_header(req.handle, error).to_vec()
-    };
-    Reply { head, data: None }
+        encode_simple_reply(&mut head, req.handle, errno);
+    }
+    Reply {
+        head,
+        data: None,
+        _permits: None,
+    }
 }
 
 fn ok_reply(handle: u64) -> Reply {
+    let mut head = Vec::with_capacity(SIMPLE_REPLY_LEN);
+    encode_simple_reply(&mut head, handle, 0);
     Reply {
-        head: simple_reply_header(handle, 0).to_vec(),
+        head,
         data: None,
+        _permits: None,
     }
 }
 
-async fn handle<B: Backend>(
-    backend: &B,
+/// Runs one validated request and builds its reply.
+async fn execute<B: Backend>(
+    export: &Export<B>,
     req: Request,
     payload: Option<Bytes>,
-    session: Session,
+    session: &Session,
 ) -> Reply {
-    if let Err((e, msg)) = validate(&req, backend.size(), session) {
-        tracing::debug!(handle = req.handle, ?req.cmd, "refused: {msg}");
-        return error_reply(&req, session, e, &msg);
-    }
-    let fua = req.flags & CMD_FLAG_FUA != 0;
-    let result = match req.cmd {
-        Cmd::Read => match backend.read(req.offset, req.len).await {
-            Ok(data) => {
-                let head = if session.structured_replies {
-                    let mut h = structured_header(
-                        req.handle,
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_DATA,
-                        8 + req.len,
-                    )
-                    .to_vec();
-                    h.extend_from_slice(&req.offset.to_be_bytes());
-                    h
-                } else {
-                    simple_reply_header(req.handle, 0).to_vec()
-                };
-                return Reply {
-                    head,
-                    data: Some(data),
-                };
+    let fua = req.has(NBD_CMD_FLAG_FUA);
+    let done: Result<Reply, BackendError> = match req.cmd {
+        Cmd::Read => export.read(req.offset, req.len).await.map(|data| {
+            let mut head = Vec::with_capacity(STRUCTURED_HEADER_LEN + 8);
+            if session.structured {
+                // One chunk for the whole read: NBD_CMD_FLAG_DF always holds.
+                encode_offset_data_header(&mut head, req.handle, req.offset, req.len, true);
+            } else {
+                encode_simple_reply(&mut head, req.handle, 0);
             }
-            Err(e) => Err(e),
-        },
+            Reply {
+                head,
+                data: Some(data),
+                _permits: None,
+            }
+        }),
         Cmd::Write => {
-            backend
-                .write(req.offset, payload.unwrap_or_default(), fua)
+            let data = payload.unwrap_or_default();
+            export
+                .write(req.offset, data, fua)
                 .await
+                .map(|()| ok_reply(req.handle))
         }
-        Cmd::Flush => backend.flush().await,
-        Cmd::Trim => {
-            let r = backend.trim(req.offset, req.len).await;
-            match r {
-                Ok(()) if fua => backend.flush().await,
-                other => other,
-            }
-        }
+        Cmd::Flush => export.flush().await.map(|()| ok_reply(req.handle)),
+        Cmd::Trim => export
+            .trim(req.offset, req.len, fua)
+            .await
+            .map(|()| ok_reply(req.handle)),
         Cmd::WriteZeroes => {
-            backend
-                .write_zeroes(req.offset, req.len, req.flags & CMD_FLAG_NO_HOLE == 0, fua)
+            let may_punch = !req.has(NBD_CMD_FLAG_NO_HOLE);
+            let r = export
+                .write_zeroes(req.offset, req.len, may_punch, fua)
+                .await;
+            r.map(|()| ok_reply(req.handle))
+        }
+        Cmd::BlockStatus => {
+            let one = req.has(NBD_CMD_FLAG_REQ_ONE);
+            export
+                .block_status(req.offset, req.len, one)
                 .await
+                .map(|d| {
+                    let mut head = Vec::with_capacity(STRUCTURED_HEADER_LEN + 4 + 8 * d.len());
+                    encode_block_status(&mut head, req.handle, BASE_ALLOCATION_ID, &d);
+                    Reply {
+                        head,
+                        data: None,
+                        _permits: None,
+                    }
+                })
         }
-        Cmd::Cache => Ok(()),
-        Cmd::BlockStatus => match backend.block_status(req.offset, req.len).await {
-            Ok(extents) => {
-                let mut desc: Vec<(u32, u32)> = Vec::new();
-                let end = req.offset + req.len as u64;
-                for ext in extents {
-                    let s = ext.offset.max(req.offset);
-                    let e = (ext.offset + ext.len).min(end);
-                    if s >= e {
-                        continue;
-                    }
-                    let flags = match ext.kind {
-                        Allocation::Data => 0,
-                        Allocation::Hole => STATE_HOLE | STATE_ZERO,
-                    };
-                    desc.push(((e - s) as u32, flags));
-                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                        break;
-                    }
-                }
-                if desc.is_empty() {
-                    desc.push((req.len, STATE_HOLE | STATE_ZERO));
-                }
-                return Reply {
-                    head: block_status_reply(req.handle, &desc),
-                    data: None,
-                };
-            }
-            Err(e) => Err(e),
-        },
-        Cmd::Disc | Cmd::Unknown(_) => Ok(()),
+        Cmd::Disc | Cmd::Cache | Cmd::Resize | Cmd::Unknown(_) => {
+            Err(BackendError::Invalid("Command not supported".into()))
+        }
     };
-    match result {
-        Ok(()) => ok_reply(req.handle),
+    match done {
+        Ok(reply) => reply,
         Err(e) => {
-            tracing::warn!(handle = req.handle, cmd = ?req.cmd, offset = req.offset, len = req.len, "request failed: {e}");
-            error_reply(&req, session, errno(&e), &e.to_string())
+            tracing::debug!(handle = req.handle, cmd = ?req.cmd, offset = req.offset, len = req.len, "NBD request failed: {e}");
+            error_reply(&req, session, e.nbd_errno(), &e.to_string())
         }
     }
 }
 
-async fn write_replies(
-    wr: tokio::net::tcp::OwnedWriteHalf,
+/// Writes replies as they come; flushes when no more are queued.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
     mut rx: mpsc::Receiver<Reply>,
-) -> io::Result<()> {
-    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, wr);
     while let Some(r) = rx.recv().await {
-        let mut next = Some(r);
-        // Write everything already queued, then flush once.
-        while let Some(r) = next {
-            wr.write_all(&r.head).await?;
-            if let Some(d) = r.data {
-                wr.write_all(&d).await?;
-            }
-            next = rx.try_recv().ok();
+        w.write_all(&r.head).await?;
+        if let Some(d) = &r.data {
+            w.write_all(d).await?;
         }
-        wr.flush().await?;
+        drop(r);
+        if rx.is_empty() {
+            w.flush().await?;
+        }
     }
-    wr.shutdown().await
+    w.flush().await?;
+    w.shutdown().await
 }
 
-/// Serves requests on a connection that finished its handshake, until the
-/// client disconnects, sends NBD_CMD_DISC, breaks the protocol, or
-/// `shutdown` turns true. In-flight requests always get their replies.
-pub async fn transmission<B: Backend>(
-    sock: TcpStream,
-    backend: Arc<B>,
+/// Reads the next request header; `Ok(None)` on a clean EOF or shutdown.
+async fn next_request<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Request>, ConnError> {
+    loop {
+        if let Some((req, used)) = parse_request(buf)? {
+            buf.advance(used);
+            return Ok(Some(req));
+        }
+        let more = tokio::select! {
+            r = fill(rd, buf) => r?,
+            _ = stopped(shutdown) => return Ok(None),
+        };
+        if !more {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ConnError::Truncated)
+            };
+        }
+    }
+}
+
+/// Takes `len` payload bytes from `buf` and the socket.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<Bytes, ConnError> {
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        if !fill(rd, buf).await? {
+            return Err(ConnError::Truncated);
+        }
+    }
+    Ok(buf.split_to(len).freeze())
+}
+
+/// Drops `len` payload bytes of a refused write.
+async fn discard_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    mut len: usize,
+) -> Result<(), ConnError> {
+    loop {
+        let n = len.min(buf.len());
+        buf.advance(n);
+        len -= n;
+        if len == 0 {
+            return Ok(());
+        }
+        if !fill(rd, buf).await? {
+            return Err(ConnError::Truncated);
+        }
+    }
+}
+
+/// Serves requests on an established session until DISC, EOF, shutdown or
+/// an error; waits for in-flight requests and their replies before
+/// returning. `buf` holds bytes already read past the handshake.
+pub async fn transmission<R, W, B>(
+    mut rd: R,
+    wr: W,
+    mut buf: BytesMut,
+    export: Arc<Export<B>>,
     session: Session,
     mut shutdown: watch::Receiver<bool>,
-) -> io::Result<()> {
-    let (rd, wr) = sock.into_split();
-    let mut rd = BufReader::with_capacity(256 * 1024, rd);
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+    B: Backend,
+{
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_replies(wr, rx));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut head = [0u8; REQUEST_HEADER_LEN];
-    let result: io::Result<()> = loop {
-        let read = tokio::select! {
-            r = rd.read_exact(&mut head) => r,
-            _ = crate::stopped(&mut shutdown) => break Ok(()),
-        };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
-            Err(e) => break Err(e),
+    let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT));
+    let size = export.facts().size;
+    let mut tasks = JoinSet::new();
+
+    let result = loop {
+        if tx.is_closed() {
+            break Ok(()); // The writer failed: the client is gone.
         }
-        let req = match parse_request(&head) {
-            Ok(r) => r,
-            Err(e) => break Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        let req = match next_request(&mut rd, &mut buf, &mut shutdown).await {
+            Ok(Some(req)) => req,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         };
+        while tasks.try_join_next().is_some() {}
         if req.cmd == Cmd::Disc {
             break Ok(());
         }
-        let mut payload = None;
-        if req.cmd == Cmd::Write {
-            if req.len > MAX_REQUEST_LEN {
-                // The stream cannot be trusted to carry that much: refuse and close.
-                let _ = tx
-                    .send(error_reply(&req, session, EOVERFLOW, "write too large"))
-                    .await;
-                break Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "write payload too large",
-                ));
-            }
-            let mut buf = BytesMut::zeroed(req.len as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break Err(e);
-            }
-            payload = Some(buf.freeze());
-        }
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let (backend, tx) = (backend.clone(), tx.clone());
-        tokio::spawn(async move {
-            let reply = handle(&*backend, req, payload, session).await;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        if let Err((errno, msg)) = validate(&req, size, &session) {
+            let mut reply = error_reply(&req, &session, errno, &msg);
+            reply._permits = Some((slot, None));
             let _ = tx.send(reply).await;
-            drop(permit);
+            if req.cmd == Cmd::Write {
+                if req.len > MAX_PAYLOAD {
+                    // We will not read that much: the stream cannot be resynced.
+                    break Err(ConnError::PayloadTooLarge {
+                        len: req.len,
+                        max: MAX_PAYLOAD,
+                    });
+                }
+                if let Err(e) = discard_payload(&mut rd, &mut buf, req.len as usize).await {
+                    break Err(e);
+                }
+            }
+            continue;
+        }
+        let budget = if matches!(req.cmd, Cmd::Read | Cmd::Write) {
+            let units = (req.len as usize).div_ceil(BUDGET_UNIT) as u32;
+            match bytes.clone().acquire_many_owned(units).await {
+                Ok(p) => Some(p),
+                Err(_) => break Ok(()),
+            }
+        } else {
+            None
+        };
+        let payload = if req.cmd == Cmd::Write {
+            match read_payload(&mut rd, &mut buf, req.len as usize).await {
+                Ok(p) => Some(p),
+                Err(e) => break Err(e),
+            }
+        } else {
+            None
+        };
+        let (export, tx) = (export.clone(), tx.clone());
+        tasks.spawn(async move {
+            let mut reply = execute(&export, req, payload, &session).await;
+            reply._permits = Some((slot, budget));
+            let _ = tx.send(reply).await;
         });
     };
-    // Let every request in flight finish and reply before closing.
-    let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+
+    while tasks.join_next().await.is_some() {}
     drop(tx);
-    let _ = writer.await;
-    result
+    let written = writer.await;
+    result?;
+    match written {
+        Ok(r) => r.map_err(ConnError::Io),
+        Err(e) => Err(ConnError::Io(std::io::Error::other(e))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn req(cmd: Cmd, offset: u64, len: u32, flags: u16) -> Request {
+    fn req(cmd: Cmd, flags: u16, offset: u64, len: u32) -> Request {
         Request {
-            flags,
-            cmd,
             handle: 1,
+            cmd,
+            flags,
             offset,
             len,
         }
     }
 
     #[test]
-    fn validation_refuses_before_io() {
-        let s = Session {
-            structured_replies: true,
-            block_status: false,
+    fn validation_table() {
+        let plain = Session {
+            structured: false,
+            base_allocation: false,
+            flags: 0,
         };
-        assert!(validate(&req(Cmd::Read, 0, 4096, 0), 8192, s).is_ok());
-        assert_eq!(
-            validate(&req(Cmd::Read, 8192, 1, 0), 8192, s)
-                .unwrap_err()
-                .0,
-            EINVAL
-        );
-        assert_eq!(
-            validate(&req(Cmd::Write, u64::MAX, 4096, 0), 8192, s)
-                .unwrap_err()
-                .0,
-            EINVAL
-        );
-        assert_eq!(
-            validate(&req(Cmd::Read, 0, 0, 0), 8192, s).unwrap_err().0,
-            EINVAL
-        );
-        assert_eq!(
-            validate(&req(Cmd::BlockStatus, 0, 4096, 0), 8192, s)
-                .unwrap_err()
-                .0,
-            EINVAL
-        );
-        assert_eq!(
-            validate(&req(Cmd::Unknown(99), 0, 0, 0), 8192, s)
-                .unwrap_err()
-                .0,
-            EINVAL
-        );
-        assert_eq!(
-            validate(
-                &req(
-                    Cmd::WriteZeroes,
+        let meta = Session {
+            structured: true,
+            base_allocation: true,
+            flags: 0,
+        };
+        let size = 1 << 20;
+        let ok = |r: Request, s: &Session| validate(&r, size, s).map_err(|e| e.0);
+        use Cmd::*;
+        let table = [
+            (req(Read, 0, 0, 4096), &plain, Ok(())),
+            (req(Read, 0, 1, 511), &plain, Ok(())),
+            (req(Read, 0, 0, 0), &plain, Err(NBD_EINVAL)),
+            (req(Read, 0, size - 4096, 4097), &plain, Err(NBD_EINVAL)),
+            (req(Read, 0, u64::MAX, 2), &plain, Err(NBD_EINVAL)),
+            (req(Read, 0, 0, MAX_PAYLOAD + 1), &plain, Err(NBD_EINVAL)),
+            (
+                req(Write, NBD_CMD_FLAG_FUA, size - 512, 512),
+                &plain,
+                Ok(()),
+            ),
+            (req(Write, 0, size, 1), &plain, Err(NBD_EINVAL)),
+            (req(Trim, 0, 0, size as u32), &plain, Ok(())),
+            (req(Trim, 0, 0, 0), &plain, Err(NBD_EINVAL)),
+            (req(WriteZeroes, 0, 4096, u32::MAX), &plain, Err(NBD_EINVAL)),
+            (
+                req(WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, 4096),
+                &plain,
+                Ok(()),
+            ),
+            (
+                req(
+                    WriteZeroes,
+                    NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_NO_HOLE,
                     0,
                     4096,
-                    CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE
                 ),
-                8192,
-                s
-            )
-            .unwrap_err()
-            .0,
-            ENOTSUP
-        );
+                &plain,
+                Err(NBD_ENOTSUP),
+            ),
+            (req(Flush, 0, 0, 0), &plain, Ok(())),
+            (req(BlockStatus, 0, 0, 4096), &plain, Err(NBD_EINVAL)),
+            (req(BlockStatus, 0, 0, 4096), &meta, Ok(())),
+            (req(BlockStatus, 0, 0, 0), &meta, Err(NBD_EINVAL)),
+            (req(Cache, 0, 0, 4096), &plain, Err(NBD_EINVAL)),
+            (req(Unknown(77), 0, 0, 4096), &plain, Err(NBD_EINVAL)),
+        ];
+        for (r, s, want) in table {
+            assert_eq!(ok(r, s), want, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn error_replies_follow_the_session() {
+        let r = req(Cmd::Read, 0, 0, 1);
+        let simple = error_reply(&r, &Session::default(), NBD_EIO, "x");
         assert_eq!(
-            validate(&req(Cmd::Read, 0, MAX_REQUEST_LEN + 1, 0), u64::MAX, s)
-                .unwrap_err()
-                .0,
-            EOVERFLOW
+            simple.head,
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1]
         );
-        assert!(validate(&req(Cmd::Flush, 0, 0, 0), 8192, s).is_ok());
+        let s = Session {
+            structured: true,
+            ..Default::default()
+        };
+        let structured = error_reply(&r, &s, NBD_EIO, "x");
+        assert_eq!(
+            &structured.head[..8],
+            &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]
+        );
     }
 }

@@ -281,7 +281,7 @@ pub fn descriptors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::mem::MemBackend;
+    use crate::frontend::nbd::mem::MemBackend;
 
     const HZ: u32 = NBD_STATE_HOLE | NBD_STATE_ZERO;
 
