@@ -38,6 +38,10 @@ impl Backend for VolumeBackend {
         &self.volume.name
     }
 
+    fn handles_unaligned(&self) -> bool {
+        true
+    }
+
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {
         self.volume.read(offset, len).await.map_err(map_err)
     }

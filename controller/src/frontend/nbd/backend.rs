@@ -29,6 +29,14 @@ pub trait Backend: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Export name clients must ask for (empty name "" is also accepted as the default export).
     fn export_name(&self) -> &str;
+    /// True if the backend itself accepts writes and zeroing that are not
+    /// block-aligned, ordering them against every other write (the
+    /// replicator does, under its range lock). The frontend then passes
+    /// them through instead of doing its own read-modify-write, whose edge
+    /// locks do not cover aligned writes from other connections.
+    fn handles_unaligned(&self) -> bool {
+        false
+    }
     /// Reads `len` bytes at `offset` (both aligned).
     fn read(
         &self,

@@ -114,7 +114,7 @@ impl<B: Backend> Export<B> {
     /// Writes `data` at `offset` (validated), read-modify-write at unaligned edges.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
         let end = offset + data.len() as u64;
-        if aligned(offset) && aligned(end) {
+        if (aligned(offset) && aligned(end)) || self.backend.handles_unaligned() {
             return self.backend.write(offset, data, fua).await;
         }
         self.patch(offset, Some(&data), end - offset, fua).await
@@ -188,6 +188,9 @@ impl<B: Backend> Export<B> {
         fua: bool,
     ) -> Result<(), BackendError> {
         let end = offset + len as u64;
+        if self.backend.handles_unaligned() {
+            return self.backend.write_zeroes(offset, len, may_punch, fua).await;
+        }
         let (b0, b1) = (align_up(offset), align_down(end));
         if b1 <= b0 && !(aligned(offset) && aligned(end)) {
             // Within one block, or two partial blocks with nothing between.
