@@ -226,22 +226,7 @@ fn refuses_to_start_without_a_majority_unless_forced() {
     c.controller.take().unwrap().terminate(30);
     c.replicas[0].kill9();
     c.replicas[1].kill9();
-    let mut args: Vec<String> = vec![
-        "controller".into(),
-        "serve".into(),
-        "--volume".into(),
-        c.volume.clone(),
-        "--nbd".into(),
-        free_addr().to_string(),
-        "--control".into(),
-        free_addr().to_string(),
-        "--metrics".into(),
-        free_addr().to_string(),
-    ];
-    for a in &c.replica_addrs {
-        args.push("--replica".into());
-        args.push(a.to_string());
-    }
+    let args = c.controller_command(free_addr());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run(common::strata_bin().to_str().unwrap(), &refs, 60);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -275,22 +260,7 @@ fn a_second_controller_fences_the_first() {
     );
     // A second controller on the same replicas (a duplicate pod).
     let nbd_b = free_addr();
-    let mut args: Vec<String> = vec![
-        "controller".into(),
-        "serve".into(),
-        "--volume".into(),
-        a.volume.clone(),
-        "--nbd".into(),
-        nbd_b.to_string(),
-        "--control".into(),
-        free_addr().to_string(),
-        "--metrics".into(),
-        free_addr().to_string(),
-    ];
-    for r in &a.replica_addrs {
-        args.push("--replica".into());
-        args.push(r.to_string());
-    }
+    let args = a.controller_command(nbd_b);
     let mut b = common::Proc::spawn("controller-b", &args, a.dir.path());
     common::wait_listening(nbd_b, &mut b, 30);
     let uri_b = format!("nbd://{nbd_b}/{}", a.volume);

@@ -321,6 +321,29 @@ impl Cluster {
         }
     }
 
+    /// The arguments of a second `controller serve` for this cluster's
+    /// replicas, listening for NBD on `nbd` (management and metrics on free
+    /// ports).
+    pub fn controller_command(&self, nbd: SocketAddr) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "controller".into(),
+            "serve".into(),
+            "--volume".into(),
+            self.volume.clone(),
+            "--nbd".into(),
+            nbd.to_string(),
+            "--control".into(),
+            free_addr().to_string(),
+            "--metrics".into(),
+            free_addr().to_string(),
+        ];
+        for a in &self.replica_addrs {
+            args.push("--replica".into());
+            args.push(a.to_string());
+        }
+        args
+    }
+
     /// Restarts replica `i` on its old address and directory.
     pub fn restart_replica(&mut self, i: usize) {
         let p = self.spawn_replica(i, self.replica_addrs[i]);
