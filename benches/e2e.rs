@@ -126,6 +126,8 @@ fn parse_opts() -> Result<Opts> {
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
             .join("bench-e2e")
     });
+    // A smoke run (CI, scripts/test-all.sh) must not overwrite a full run's results.
+    let out = if smoke { out.join("smoke") } else { out };
     let strata = std::env::var_os("STRATA_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_strata")));
@@ -336,7 +338,7 @@ fn descendants(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
 
 struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<ProcStat>>,
+    handle: JoinHandle<(Vec<ProcStat>, f64)>,
 }
 
 impl Sampler {
@@ -348,18 +350,43 @@ impl Sampler {
     }
 
     fn finish(self) -> Vec<ProcStat> {
+        self.finish_with_machine().0
+    }
+
+    /// Also an `other` entry: the machine's busy CPU not spent in the
+    /// watched processes (other work on the machine, the kernel's IO threads).
+    fn finish_with_machine(self) -> (Vec<ProcStat>, f64) {
         self.stop.store(true, Ordering::SeqCst);
         self.handle.join().unwrap_or_default()
     }
 }
 
-fn sample_loop(watch: &[Watch], stop: &AtomicBool) -> Vec<ProcStat> {
+/// Busy and total jiffies of all CPUs together, from /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle.min(total), total)
+}
+
+/// The processes' stats, and the whole machine's busy CPU over the window
+/// (% of one core, all cores summed).
+fn sample_loop(watch: &[Watch], stop: &AtomicBool) -> (Vec<ProcStat>, f64) {
     struct Track {
         base: HashMap<i32, u64>,
         last: HashMap<i32, u64>,
         peak_rss: u64,
     }
     let started = Instant::now();
+    let machine0 = machine_ticks();
     let any_tree = watch.iter().any(|w| w.tree);
     let mut tracks: Vec<Track> = Vec::new();
     let pids_of = |w: &Watch, parents: &HashMap<i32, i32>| {
@@ -421,7 +448,14 @@ fn sample_loop(watch: &[Watch], stop: &AtomicBool) -> Vec<ProcStat> {
     }
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     let hz = clk_tck();
-    watch
+    let machine1 = machine_ticks();
+    let busy = machine1.0.saturating_sub(machine0.0) as f64;
+    let total = machine1.1.saturating_sub(machine0.1).max(1) as f64;
+    let ncpu = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let machine_busy = busy / total * ncpu * 100.0;
+    let stats = watch
         .iter()
         .zip(tracks)
         .map(|(w, t)| {
@@ -436,7 +470,8 @@ fn sample_loop(watch: &[Watch], stop: &AtomicBool) -> Vec<ProcStat> {
                 cpu_pct: ticks as f64 / hz / secs * 100.0,
             }
         })
-        .collect()
+        .collect();
+    (stats, machine_busy)
 }
 
 fn sample_for(watch: &[Watch], d: Duration) -> Vec<ProcStat> {
@@ -459,6 +494,11 @@ fn stats_json(stats: &[ProcStat]) -> Value {
     )
 }
 
+/// A strata or reference server process (not fio, not `other`).
+fn is_server(p: &ProcStat) -> bool {
+    p.name != "fio" && p.name != "other"
+}
+
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
@@ -478,9 +518,28 @@ fn kill(pid: i32, sig: i32) {
 }
 
 fn tail(path: &Path) -> String {
-    let s = fs::read_to_string(path).unwrap_or_default();
+    tail_n(path, 15)
+}
+
+/// The last `n` lines of a log, without terminal colour codes.
+fn tail_n(path: &Path, n: usize) -> String {
+    let raw = fs::read_to_string(path).unwrap_or_default();
+    let mut s = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            s.push(c);
+        }
+    }
     let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A running target: its child processes (killed on drop) or a daemon pid.
@@ -509,7 +568,7 @@ impl Server {
 
     fn stop(&mut self) {
         // The controller first (it flushes to its replicas), then the rest.
-        for (name, child, _) in &mut self.children {
+        for (name, child, log) in &mut self.children {
             if let Ok(Some(_)) = child.try_wait() {
                 continue; // already gone: check_alive reports that
             }
@@ -535,9 +594,11 @@ impl Server {
                         STOP_TIMEOUT.as_secs()
                     ));
                 }
-                Some(st) if !st.success() && st.code().is_some() => {
-                    warn(format!("{} {name}: exited {st} after SIGTERM", self.label))
-                }
+                Some(st) if !st.success() && st.code().is_some() => warn(format!(
+                    "{} {name}: exited {st} after SIGTERM; log tail: {}",
+                    self.label,
+                    tail_n(log, 3).replace('\n', " / ")
+                )),
                 Some(_) if secs > 5.0 => warn(format!(
                     "{} {name}: took {secs:.1} s to stop after SIGTERM",
                     self.label
@@ -886,7 +947,13 @@ fn fio(
         }
         thread::sleep(Duration::from_millis(20));
     };
-    let stats = sampler.finish();
+    let (mut stats, busy) = sampler.finish_with_machine();
+    let watched: f64 = stats.iter().map(|p| p.cpu_pct).sum();
+    stats.push(ProcStat {
+        name: "other".into(),
+        peak_rss_mib: 0.0,
+        cpu_pct: (busy - watched).max(0.0),
+    });
     let text = fs::read_to_string(&out_path).unwrap_or_default();
     if !status.success() {
         bail!(
@@ -1440,7 +1507,7 @@ impl Report<'_> {
             let mut peak: BTreeMap<String, f64> = BTreeMap::new();
             for job in ["randwrite_4k_qd32", "randread_4k_qd32"] {
                 if let Some(j) = self.job(&kind, job) {
-                    for p in j.procs.iter().filter(|p| p.name != "fio") {
+                    for p in j.procs.iter().filter(|p| is_server(p)) {
                         let e = peak.entry(p.name.clone()).or_insert(0.0);
                         *e = e.max(p.peak_rss_mib);
                     }
@@ -1465,7 +1532,7 @@ impl Report<'_> {
             let max = p
                 .procs
                 .iter()
-                .filter(|p| p.name != "fio")
+                .filter(|p| is_server(p))
                 .map(|p| p.peak_rss_mib)
                 .fold(0.0, f64::max);
             rows.push(TargetRow {
@@ -1473,7 +1540,7 @@ impl Report<'_> {
                 value: p
                     .procs
                     .iter()
-                    .filter(|p| p.name != "fio")
+                    .filter(|p| is_server(p))
                     .map(|p| format!("{} {:.1}", p.name, p.peak_rss_mib))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -1605,7 +1672,10 @@ impl Report<'_> {
         );
         let _ = writeln!(
             s,
-            "### Where the CPU goes: % of one core (peak RSS MiB) per process during each job\n"
+            "### Where the CPU goes: % of one core (peak RSS MiB) per process during each job\n\n\
+             `fio` is the client (its job process included); `other` is the rest of the \
+             machine's busy CPU in the window: kernel threads (block IO, page cache \
+             writeback) and anything else that ran.\n"
         );
         let _ = writeln!(s, "| job | target | processes |");
         let _ = writeln!(s, "|---|---|---|");

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Measures recovery on this machine: a 4 GiB volume with 3 replicas, 1 GiB
+# written while replica 0 is out; then the delta resync time, a full rebuild
+# (replica 0 wiped) with its MiB/s against the disk's own sequential write
+# rate, and client 4 KiB randwrite IOPS during the rebuild as a fraction of
+# IOPS without one. Usage: bash scripts/measure-recovery.sh (needs fio).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --bin strata
+BIN=$PWD/target/release/strata
+W=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+R=($(port) $(port) $(port)); NBD=$(port); CTL=$(port); MET=$(port)
+declare -a PIDS
+start_replica() { "$BIN" replica serve --dir "$W/r$1" --listen 127.0.0.1:${R[$1]} 2>>"$W/r$1.log" & PIDS[$1]=$!; sleep 0.5; }
+for i in 0 1 2; do start_replica $i; done
+"$BIN" controller serve --volume vol --create-size 4G --nbd 127.0.0.1:$NBD --control 127.0.0.1:$CTL --metrics 127.0.0.1:$MET \
+  --replica 127.0.0.1:${R[0]} --replica 127.0.0.1:${R[1]} --replica 127.0.0.1:${R[2]} 2>"$W/ctl.log" &
+sleep 1
+URI=nbd://127.0.0.1:$NBD/vol
+state() { "$BIN" volume status --json --controller 127.0.0.1:$CTL | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+wait_healthy() { local t0=$(date +%s.%N); while [ "$(state)" != healthy ]; do sleep 0.1; done; python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')"; }
+iops() { fio --name=m --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --iodepth=16 --size=4G --time_based --runtime=$1 --output-format=json 2>/dev/null \
+  | sed -n '/^{/,$p' | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))'; }
+
+disk=$(fio --name=disk --filename="$W/disk.raw" --rw=write --bs=1M --size=1G --end_fsync=1 --output-format=json 2>/dev/null \
+  | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["bw"]/1024))')
+rm -f "$W/disk.raw"
+base=$(iops 5)
+kill -9 ${PIDS[0]} 2>/dev/null; wait ${PIDS[0]} 2>/dev/null || true; sleep 0.5
+fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1M --iodepth=8 --size=1G --output-format=terse >/dev/null 2>&1
+start_replica 0
+delta=$(wait_healthy)
+kill -9 ${PIDS[0]}; wait ${PIDS[0]} 2>/dev/null || true; rm -rf "$W/r0"; sleep 0.5
+start_replica 0
+t0=$(date +%s.%N)
+during=$(iops 5)
+wait_healthy >/dev/null
+full=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')")
+echo "disk sequential write (fio, 1 MiB, end_fsync): ${disk} MiB/s"
+echo "delta resync after 1 GiB written while out: ${delta} s"
+echo "full rebuild of 1 GiB allocated in a 4 GiB volume: ${full} s ($(python3 -c "print(round(1024/$full))") MiB/s, $(python3 -c "print(round(1024/$full/$disk*100))")% of the disk's rate)"
+echo "client 4K randwrite QD16: ${base} IOPS without a rebuild, ${during} IOPS during it ($(python3 -c "print(round($during/$base*100))")%)"
