@@ -27,6 +27,8 @@ use super::{control, Health, Slot, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
+/// Regions a sync job copies at once.
+pub const SYNC_PARALLEL: usize = 4;
 
 /// Retries faulted replicas until `shutdown`.
 pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bool>) {
@@ -224,55 +226,94 @@ async fn copy_range(
 }
 
 /// Copies every pending region to a syncing replica, then makes it healthy.
+/// Copies one region under the gate (shared) and the region's range lock.
+async fn copy_region(
+    volume: &Volume,
+    slot: &Slot,
+    region: u64,
+) -> (u64, u64, Result<u64, CopyError>) {
+    let start = region * REGION;
+    let end = (start + REGION).min(volume.size);
+    let _gate = volume.gate().read().await;
+    let _range = volume.range_lock().lock(start, end).await;
+    let result = match slot.health() {
+        Health::Syncing(target) => copy_range(volume, &target, start, end).await,
+        other => Err(CopyError::Target(format!(
+            "the replica is no longer syncing ({other:?})"
+        ))),
+    };
+    (start, end, result)
+}
+
+/// True while the job is ahead of the bandwidth cap; the time to wait.
+fn ahead_of_cap(volume: &Volume, slot: &Slot) -> Option<Duration> {
+    let rate = volume.options.sync_rate?;
+    let p = slot.progress.lock();
+    let due = Duration::from_secs_f64(p.done_bytes as f64 / rate.max(1) as f64);
+    let since = p.started.map(|t| t.elapsed()).unwrap_or_default();
+    (due > since).then(|| due - since)
+}
+
+/// Copies every pending region to a syncing replica ([`SYNC_PARALLEL`]
+/// regions at a time), then makes it healthy.
 pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let started = Instant::now();
     let mut transferred = 0u64;
-    while let Some(region) = slot.take_pending() {
-        let start = region * REGION;
-        let end = (start + REGION).min(volume.size);
-        let result = {
-            let _gate = volume.gate().read().await;
-            let _range = volume.range_lock().lock(start, end).await;
-            match slot.health() {
-                Health::Syncing(target) => copy_range(volume, &target, start, end).await,
-                other => Err(CopyError::Target(format!(
-                    "the replica is no longer syncing ({other:?})"
-                ))),
+    loop {
+        let mut in_flight = FuturesUnordered::new();
+        let mut source_trouble = None;
+        let mut target_trouble = None;
+        loop {
+            while source_trouble.is_none()
+                && target_trouble.is_none()
+                && in_flight.len() < SYNC_PARALLEL
+            {
+                if let Some(wait) = ahead_of_cap(volume, slot) {
+                    if in_flight.is_empty() {
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        break;
+                    }
+                }
+                let Some(region) = slot.take_pending() else {
+                    break;
+                };
+                in_flight.push(copy_region(volume, slot, region));
             }
-        };
-        match result {
-            Ok(bytes) => {
-                transferred += bytes;
-                slot.progress.lock().done_bytes += end - start;
+            // Other copies hold the gate shared: nothing here may wait for
+            // it exclusively until they are all done.
+            let Some((start, end, result)) = in_flight.next().await else {
+                break;
+            };
+            match result {
+                Ok(bytes) => {
+                    transferred += bytes;
+                    slot.progress.lock().done_bytes += end - start;
+                }
+                Err(CopyError::Source(e)) => {
+                    slot.mark_pending(start, end - start);
+                    source_trouble = Some(e);
+                }
+                Err(CopyError::Target(e)) => {
+                    slot.mark_pending(start, end - start);
+                    target_trouble = Some(e);
+                }
             }
-            Err(CopyError::Source(e)) => {
-                slot.mark_pending(start, end - start);
+        }
+        if let Some(e) = target_trouble {
+            volume.fault(slot, format!("resync write failed: {e}"));
+            volume.bump_epoch_if_needed().await;
+            return Err(e);
+        }
+        match source_trouble {
+            Some(e) => {
                 volume.bump_epoch_if_needed().await;
                 if volume.healthy() == 0 {
                     return Err(format!("no healthy source left: {e}"));
                 }
             }
-            Err(CopyError::Target(e)) => {
-                slot.mark_pending(start, end - start);
-                volume.fault(slot, format!("resync write failed: {e}"));
-                volume.bump_epoch_if_needed().await;
-                return Err(e);
-            }
-        }
-        if let Some(rate) = volume.options.sync_rate {
-            // Throttle: never ahead of `rate` bytes per second on average.
-            let due = Duration::from_secs_f64(
-                slot.progress.lock().done_bytes as f64 / rate.max(1) as f64,
-            );
-            let since = slot
-                .progress
-                .lock()
-                .started
-                .map(|t| t.elapsed())
-                .unwrap_or_default();
-            if due > since {
-                tokio::time::sleep(due - since).await;
-            }
+            None => break,
         }
     }
     // Durable on the target, then healthy at a new epoch.
