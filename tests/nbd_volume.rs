@@ -173,6 +173,7 @@ fn fio_job(uri: &str, extra: &[&str], secs: u64) -> std::process::Output {
         "--iodepth=16".to_string(),
         "--size=32M".to_string(),
         "--verify=crc32c".to_string(),
+        "--verify_state_save=0".to_string(),
         "--verify_fatal=1".to_string(),
         "--output-format=json".to_string(),
     ];

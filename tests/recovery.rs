@@ -32,6 +32,7 @@ fn fio_background(
                 &format!("--runtime={secs}"),
                 "--fsync=64",
                 "--verify=crc32c",
+                "--verify_state_save=0",
                 "--verify_fatal=1",
                 "--verify_backlog=256",
                 "--output-format=json",
