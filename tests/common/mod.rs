@@ -72,9 +72,23 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
+        Proc::spawn_with(name, &[], args, log_dir)
+    }
+
+    /// Like [`Proc::spawn`], with `prefix` (e.g. `ip netns exec NS`) before
+    /// the strata binary.
+    pub fn spawn_with(name: &str, prefix: &[&str], args: &[String], log_dir: &Path) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(strata_bin())
+        let mut cmd = match prefix.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(strata_bin());
+                c
+            }
+            None => Command::new(strata_bin()),
+        };
+        let child = cmd
             .args(args)
             .env("STRATA_LOG", "info")
             .stdin(Stdio::null())
@@ -167,8 +181,20 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(replicas: usize, size: u64) -> Cluster {
+        let mut c = Cluster::without_processes(size);
+        for i in 0..replicas {
+            let addr = free_addr();
+            c.replica_addrs.push(addr);
+            c.replicas.push(c.spawn_replica(i, addr));
+        }
+        c.start_controller();
+        c
+    }
+
+    /// A cluster description with no process started yet.
+    pub fn without_processes(size: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cluster {
+        Cluster {
             volume: "vol".into(),
             replicas: Vec::new(),
             replica_addrs: Vec::new(),
@@ -179,14 +205,7 @@ impl Cluster {
             size,
             dir,
             controller_args: Vec::new(),
-        };
-        for i in 0..replicas {
-            let addr = free_addr();
-            c.replica_addrs.push(addr);
-            c.replicas.push(c.spawn_replica(i, addr));
         }
-        c.start_controller();
-        c
     }
 
     pub fn replica_dir(&self, i: usize) -> PathBuf {
