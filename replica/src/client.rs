@@ -133,6 +133,10 @@ struct OutFrame {
     payload: Bytes,
 }
 
+/// Flushes, FUA writes and snapshots get this many times the request
+/// timeout (see `call`).
+pub const DURABLE_TIMEOUT_FACTOR: u32 = 6;
+
 /// A pipelined data connection to one replica, bound to one volume. Share
 /// it between tasks behind an `Arc`; dropping it closes the connection.
 pub struct ReplicaClient {
@@ -330,6 +334,19 @@ impl ReplicaClient {
             epoch: self.epoch(),
             command,
         };
+        // A flush (or a FUA write, or a snapshot, which flushes) waits for
+        // the replica's fdatasync of everything written since the last
+        // one: under a heavy write load that takes far longer than one
+        // request, and must not fault a healthy replica.
+        let durable = matches!(
+            request.command,
+            Command::Flush | Command::Snapshot { .. } | Command::Write { fua: true, .. }
+        );
+        let deadline = if durable {
+            self.timeout * DURABLE_TIMEOUT_FACTOR
+        } else {
+            self.timeout
+        };
         let header = request.header().encode();
         let payload = match request.command {
             Command::Write { data, .. } => data,
@@ -351,7 +368,7 @@ impl ReplicaClient {
                 .map_err(|_| ClientError::Disconnected)?;
             done.await.map_err(|_| ClientError::Disconnected)?
         };
-        let reply = match tokio::time::timeout(self.timeout, exchange).await {
+        let reply = match tokio::time::timeout(deadline, exchange).await {
             Ok(reply) => reply?,
             Err(_) => {
                 self.shared.pending.lock().waiters.remove(&id);
