@@ -74,11 +74,13 @@ struct Opts {
     out: PathBuf,
     strata: PathBuf,
     jobs: Vec<&'static Job>,
+    /// Redraw the table and chart from a results.json instead of running.
+    replot: Option<PathBuf>,
 }
 
 fn usage() -> &'static str {
     "usage: cargo bench --bench e2e -- [--smoke] [--runtime SECS] [--ramp SECS] [--size 4G] \
-     [--idle-secs SECS] [--out DIR] [--no-probe]"
+     [--idle-secs SECS] [--out DIR] [--no-probe] [--replot results.json]"
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -100,6 +102,7 @@ fn parse_opts() -> Result<Opts> {
     let mut smoke = false;
     let (mut runtime, mut ramp, mut size, mut idle, mut out) = (None, None, None, None, None);
     let mut probe = true;
+    let mut replot = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| anyhow!("{name} needs a value"));
@@ -111,6 +114,7 @@ fn parse_opts() -> Result<Opts> {
             "--idle-secs" => idle = Some(value("--idle-secs")?.parse::<u64>()?),
             "--out" => out = Some(PathBuf::from(value("--out")?)),
             "--no-probe" => probe = false,
+            "--replot" => replot = Some(PathBuf::from(value("--replot")?)),
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -149,6 +153,7 @@ fn parse_opts() -> Result<Opts> {
         out,
         strata,
         jobs,
+        replot,
     })
 }
 
@@ -1327,6 +1332,9 @@ fn main() {
 fn run() -> Result<bool> {
     since_start();
     let opts = parse_opts()?;
+    if let Some(path) = opts.replot.clone() {
+        return replot(opts, &path);
+    }
     require_tools()?;
     if !opts.strata.exists() {
         bail!("no strata binary at {}", opts.strata.display());
@@ -1880,7 +1888,7 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
 
     let root = BitMapBackend::new(path, (1400, 1050)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let (head, body) = root.split_vertically(70);
+    let (head, body) = root.split_vertically(100);
     let met = targets.iter().filter(|t| t.met == Some(true)).count();
     head.draw_text(
         "strata end-to-end benchmark: fio over NBD, strata vs qemu-nbd and nbd-server",
@@ -1904,7 +1912,32 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
         (20, 44),
     )
     .map_err(err)?;
-    let (top, bottom) = body.split_vertically(520);
+    // The legend, in the header so it never covers a bar.
+    let mut lx = 20;
+    for (k, kind) in kinds.iter().enumerate() {
+        let color = colors[k % colors.len()];
+        head.draw(&Rectangle::new([(lx, 72), (lx + 16, 88)], color.filled()))
+            .map_err(err)?;
+        head.draw_text(
+            kind,
+            &("sans-serif", 16).into_font().color(&BLACK),
+            (lx + 22, 71),
+        )
+        .map_err(err)?;
+        lx += 150;
+    }
+    head.draw(&PathElement::new(
+        vec![(lx, 80), (lx + 22, 80)],
+        BLACK.stroke_width(3),
+    ))
+    .map_err(err)?;
+    head.draw_text(
+        "issue target (strata / qemu-nbd)",
+        &("sans-serif", 16).into_font().color(&BLACK),
+        (lx + 28, 71),
+    )
+    .map_err(err)?;
+    let (top, bottom) = body.split_vertically(500);
 
     // Top: throughput relative to the reference.
     let ymax = jobs
@@ -1956,18 +1989,18 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
                 })
             })
             .collect();
-        chart
-            .draw_series(bars)
-            .map_err(err)?
-            .label(kind.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+        chart.draw_series(bars).map_err(err)?;
         let labels: Vec<_> = jobs
             .iter()
             .enumerate()
             .filter_map(|(i, j)| {
                 report.ratio(kind, j.key).map(|r| {
                     let (x0, x1) = bar(i, k);
-                    Text::new(format!("{r:.2}"), ((x0 + x1) / 2.0, r), value_style.clone())
+                    // Above the target tick when the tick is higher.
+                    let nrep = kind.strip_prefix("strata-").and_then(|s| s.parse().ok());
+                    let t = nrep.and_then(|n| ratio_target(j.key, n)).unwrap_or(0.0);
+                    let y = if t > r && t - r < ymax * 0.06 { t } else { r };
+                    Text::new(format!("{r:.2}"), ((x0 + x1) / 2.0, y), value_style.clone())
                 })
             })
             .collect();
@@ -1992,14 +2025,6 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
             chart.draw_series(ticks).map_err(err)?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
     let job_label_style =
         TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
     for (i, j) in jobs.iter().enumerate() {
@@ -2081,4 +2106,147 @@ fn draw_chart(path: &Path, report: &Report, targets: &[TargetRow], machine: &Val
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------- replot
+
+const PROBE_PHASES: [&str; 5] = [
+    "idle",
+    "idle_client",
+    "writing_10k_scattered",
+    "after_10k_scattered",
+    "randwrite_4k_qd32",
+];
+
+fn procs_from(v: &Value) -> Vec<ProcStat> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(name, p)| ProcStat {
+                    name: name.clone(),
+                    peak_rss_mib: p["peak_rss_mib"].as_f64().unwrap_or(0.0),
+                    cpu_pct: p["cpu_pct"].as_f64().unwrap_or(0.0),
+                })
+                .collect::<Vec<_>>()
+        })
+        .map(|mut v| {
+            // Servers first, then the client, then the rest (as when measured).
+            v.sort_by_key(|p| (p.name == "other", p.name == "fio", p.name.clone()));
+            v
+        })
+        .unwrap_or_default()
+}
+
+fn side_from(v: &Value) -> Side {
+    Side {
+        iops: v["iops"].as_f64().unwrap_or(0.0),
+        mib_s: v["mib_s"].as_f64().unwrap_or(0.0),
+        p50_us: v["clat_p50_us"].as_f64(),
+        p99_us: v["clat_p99_us"].as_f64(),
+        ios: v["ios"].as_u64().unwrap_or(0),
+    }
+}
+
+/// Rebuilds the report of an earlier run from its results.json and writes
+/// results.md and chart.png next to `--out` (results.json is left alone).
+fn replot(mut opts: Opts, path: &Path) -> Result<bool> {
+    let v: Value = serde_json::from_str(
+        &fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )?;
+    let st = &v["settings"];
+    opts.smoke = st["smoke"].as_bool().unwrap_or(false);
+    opts.size = st["volume_bytes"].as_u64().unwrap_or(opts.size);
+    opts.runtime = st["runtime_secs"].as_u64().unwrap_or(opts.runtime);
+    opts.ramp = st["ramp_secs"].as_u64().unwrap_or(opts.ramp);
+    opts.idle_secs = st["idle_secs"].as_u64().unwrap_or(opts.idle_secs);
+    opts.jobs = JOBS
+        .iter()
+        .filter(|j| v["jobs"].get(j.key).is_some())
+        .collect();
+    let mut outcomes = Vec::new();
+    for kind in [
+        Kind::QemuNbd,
+        Kind::NbdServer,
+        Kind::Strata(1),
+        Kind::Strata(3),
+    ] {
+        let label = kind.label();
+        let mut o = TargetOutcome {
+            kind,
+            prefill_mib_s: v["prefill_mib_s"][&label].as_f64(),
+            idle: v["idle_with_client"].get(&label).map(|i| {
+                (
+                    procs_from(&i["processes"]),
+                    i["client_connected"].as_bool().unwrap_or(false),
+                )
+            }),
+            jobs: BTreeMap::new(),
+            errors: Vec::new(),
+        };
+        for job in &opts.jobs {
+            if let Some(t) = v["jobs"][job.key]["targets"].get(&label) {
+                o.jobs.insert(
+                    job.key,
+                    JobOutcome {
+                        result: FioResult {
+                            read: side_from(&t["read"]),
+                            write: side_from(&t["write"]),
+                        },
+                        procs: procs_from(&t["processes"]),
+                        dropped_cache: t["page_cache_dropped"].as_bool().unwrap_or(false),
+                    },
+                );
+            }
+        }
+        outcomes.push(o);
+    }
+    let mut probes: Vec<(u64, Probe)> = Vec::new();
+    for (size, key) in [(GIB, "1GiB"), (TIB, "1TiB")] {
+        if let Some(p) = v["memory_probe"].get(key) {
+            let phases = PROBE_PHASES
+                .iter()
+                .filter_map(|&n| {
+                    p.get(n).map(|ph| {
+                        (
+                            n,
+                            ProbePhase {
+                                procs: procs_from(&ph["processes"]),
+                                note: ph["note"].as_str().unwrap_or("").to_string(),
+                            },
+                        )
+                    })
+                })
+                .collect();
+            probes.push((size, phases));
+        }
+    }
+    let report = Report {
+        opts: &opts,
+        outcomes: &outcomes,
+        probes: &probes,
+    };
+    let targets = report.targets();
+    let mut tables = report.tables(&targets);
+    for (key, title) in [
+        ("warnings", "Warnings (not failures)"),
+        ("errors", "Errors (the run fails)"),
+    ] {
+        let items: Vec<&str> = v[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        if !items.is_empty() {
+            let _ = writeln!(tables, "\n{title}:\n");
+            for w in items {
+                let _ = writeln!(tables, "- {}", w.lines().next().unwrap_or(""));
+            }
+        }
+    }
+    println!("{tables}");
+    fs::create_dir_all(&opts.out)?;
+    fs::write(opts.out.join("results.md"), &tables)?;
+    let chart = opts.out.join("chart.png");
+    draw_chart(&chart, &report, &targets, &v["machine"])?;
+    eprintln!("bench-e2e: redrew {} and results.md", chart.display());
+    Ok(true)
 }

@@ -400,6 +400,9 @@ impl Volume {
 
     async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
         let (start, end) = align_out(offset, len as u64);
+        // Reads take the range lock too: a read racing a write of the same
+        // blocks on a replica could see new data beside an old checksum.
+        let _range = self.range_lock.lock(start, end).await;
         let data = self
             .read_one("read", start, |c| async move {
                 c.read(start, (end - start) as u32).await
