@@ -39,6 +39,12 @@ fn status_of(name: &str, store: &Store, was_clean: bool) -> ReplicaStatus {
     }
 }
 
+/// Opens `name` (if it is not open yet) and describes it.
+fn open_status(host: &ReplicaHost, name: &str) -> Result<ReplicaStatus, HostError> {
+    let (store, was_clean) = host.open_with_report(name)?;
+    Ok(status_of(name, &store, was_clean))
+}
+
 fn to_status(e: HostError) -> Status {
     let msg = e.to_string();
     match &e {
@@ -54,7 +60,6 @@ fn to_status(e: HostError) -> Status {
         },
         HostError::InvalidName(_) => Status::invalid_argument(msg),
         HostError::NotOpen(_) => Status::failed_precondition(msg),
-        #[allow(unreachable_patterns)]
         _ => Status::internal(msg),
     }
 }
@@ -91,11 +96,7 @@ impl ReplicaControl for ReplicaControlService {
     ) -> Result<Response<ReplicaStatus>, Status> {
         let name = req.into_inner().volume;
         let host = self.host.clone();
-        let status = blocking(move || {
-            let (store, was_clean) = host.open_with_report(&name)?;
-            Ok(status_of(&name, &store, was_clean))
-        })
-        .await?;
+        let status = blocking(move || open_status(&host, &name)).await?;
         Ok(Response::new(status))
     }
 
@@ -106,9 +107,7 @@ impl ReplicaControl for ReplicaControlService {
         let name = req.into_inner().volume;
         let host = self.host.clone();
         let status = blocking(move || {
-            let (store, was_clean) = host.open_with_report(&name)?;
-            let mut s = status_of(&name, &store, was_clean);
-            drop(store);
+            let mut s = open_status(&host, &name)?;
             host.close(&name)?;
             s.open = false;
             Ok(s)
@@ -127,23 +126,17 @@ impl ReplicaControl for ReplicaControlService {
     async fn status(&self, req: Request<ReplicaRef>) -> Result<Response<ReplicaStatus>, Status> {
         let name = req.into_inner().volume;
         let host = self.host.clone();
-        let status = blocking(move || {
-            let (store, was_clean) = host.open_with_report(&name)?;
-            Ok(status_of(&name, &store, was_clean))
-        })
-        .await?;
+        let status = blocking(move || open_status(&host, &name)).await?;
         Ok(Response::new(status))
     }
 
     async fn list(&self, _req: Request<Empty>) -> Result<Response<ReplicaList>, Status> {
         let host = self.host.clone();
         let replicas = blocking(move || {
-            let mut out = Vec::new();
-            for name in host.list()? {
-                let (store, was_clean) = host.open_with_report(&name)?;
-                out.push(status_of(&name, &store, was_clean));
-            }
-            Ok(out)
+            host.list()?
+                .iter()
+                .map(|name| open_status(&host, name))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
         Ok(Response::new(ReplicaList { replicas }))

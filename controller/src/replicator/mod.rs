@@ -17,6 +17,7 @@
 //! delta resync, full rebuild) is in `recovery.rs`.
 
 pub mod control;
+mod error;
 mod range_lock;
 pub mod recovery;
 mod slot;
@@ -34,49 +35,9 @@ use strata_replica::client::{ClientError, ReplicaClient};
 use strata_replica::wire::Status;
 use strata_replica::AllocationExtent;
 
+pub use error::{IoCounters, VolumeError};
 pub use range_lock::{RangeGuard, RangeLock};
 pub use slot::{Departure, Health, Slot, SyncProgress, REGION};
-
-/// Why the replicator refused or failed a request.
-#[derive(Debug, thiserror::Error)]
-pub enum VolumeError {
-    #[error("Volume {volume}: {op} at offset {offset} refused: only {healthy} of {configured} replicas are healthy, {quorum} are needed")]
-    BelowQuorum {
-        volume: String,
-        op: &'static str,
-        offset: u64,
-        healthy: usize,
-        configured: usize,
-        quorum: usize,
-    },
-    #[error("Volume {volume}: {op} at offset {offset} failed on every replica: {last}")]
-    NoReplica {
-        volume: String,
-        op: &'static str,
-        offset: u64,
-        last: String,
-    },
-    #[error("Volume {volume}: {op} at offset {offset} length {len} is invalid: {reason}")]
-    Invalid {
-        volume: String,
-        op: &'static str,
-        offset: u64,
-        len: u64,
-        reason: String,
-    },
-}
-
-/// Client-visible IO counters.
-#[derive(Debug, Default)]
-pub struct IoCounters {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub trims: AtomicU64,
-    pub errors: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-}
 
 /// Timeouts and limits of a volume's replicator.
 #[derive(Debug, Clone)]
@@ -199,10 +160,6 @@ impl Volume {
         } else {
             "read-only"
         }
-    }
-
-    pub fn replica_addrs(&self) -> Vec<SocketAddr> {
-        self.slots.read().iter().map(|s| s.addr).collect()
     }
 
     fn below_quorum(&self, op: &'static str, offset: u64) -> VolumeError {

@@ -183,10 +183,6 @@ impl Slot {
         self.pending.lock().iter().map(|(s, e, _)| e - s).sum()
     }
 
-    pub fn pending_heap_bytes(&self) -> usize {
-        self.pending.lock().heap_bytes()
-    }
-
     pub(crate) fn record(&self, ok: bool) {
         if ok {
             self.ops_ok.fetch_add(1, Ordering::Relaxed);
