@@ -137,69 +137,80 @@ pub fn metrics_text(volume: &Volume) -> String {
     let mut out = String::new();
     let v = &volume.name;
     let io = &volume.io;
-    let counters = [
+    let volume_metrics = [
         (
             "strata_volume_reads_total",
+            "counter",
             "Client reads served.",
             io.reads.load(Ordering::Relaxed),
         ),
         (
             "strata_volume_writes_total",
+            "counter",
             "Client writes acknowledged.",
             io.writes.load(Ordering::Relaxed),
         ),
         (
             "strata_volume_flushes_total",
+            "counter",
             "Client flushes acknowledged.",
             io.flushes.load(Ordering::Relaxed),
         ),
         (
             "strata_volume_trims_total",
+            "counter",
             "Client trims acknowledged.",
             io.trims.load(Ordering::Relaxed),
         ),
         (
             "strata_volume_errors_total",
+            "counter",
             "Client requests that failed.",
             io.errors.load(Ordering::Relaxed),
         ),
         (
             "strata_volume_read_bytes_total",
+            "counter",
             "Bytes read by clients.",
             io.bytes_read.load(Ordering::Relaxed),
         ),
         (
             "strata_volume_written_bytes_total",
+            "counter",
             "Bytes written by clients.",
             io.bytes_written.load(Ordering::Relaxed),
         ),
+        (
+            "strata_volume_size_bytes",
+            "gauge",
+            "Volume size.",
+            volume.size,
+        ),
+        (
+            "strata_volume_epoch",
+            "gauge",
+            "Fencing epoch of this controller.",
+            volume.epoch(),
+        ),
+        (
+            "strata_volume_healthy_replicas",
+            "gauge",
+            "Replicas up to date (healthy).",
+            volume.healthy() as u64,
+        ),
+        (
+            "strata_volume_write_quorum",
+            "gauge",
+            "Healthy replicas needed to accept writes.",
+            volume.quorum() as u64,
+        ),
     ];
-    for (name, help, value) in counters {
+    for (name, kind, help, value) in volume_metrics {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{volume=\"{v}\"}} {value}"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{volume=\"{v}\"}} {value}"
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP strata_volume_size_bytes Volume size.\n# TYPE strata_volume_size_bytes gauge\nstrata_volume_size_bytes{{volume=\"{v}\"}} {}",
-        volume.size
-    );
-    let _ = writeln!(
-        out,
-        "# HELP strata_volume_epoch Fencing epoch of this controller.\n# TYPE strata_volume_epoch gauge\nstrata_volume_epoch{{volume=\"{v}\"}} {}",
-        volume.epoch()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP strata_volume_healthy_replicas Replicas receiving writes.\n# TYPE strata_volume_healthy_replicas gauge\nstrata_volume_healthy_replicas{{volume=\"{v}\"}} {}",
-        volume.healthy()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP strata_volume_write_quorum Healthy replicas needed to accept writes.\n# TYPE strata_volume_write_quorum gauge\nstrata_volume_write_quorum{{volume=\"{v}\"}} {}",
-        volume.quorum()
-    );
     let _ = writeln!(out, "# HELP strata_replica_healthy 1 if the replica is healthy, 0 if faulted.\n# TYPE strata_replica_healthy gauge");
     for s in &volume.slots() {
         let _ = writeln!(
