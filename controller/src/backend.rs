@@ -22,7 +22,9 @@ impl VolumeBackend {
 fn map_err(e: VolumeError) -> BackendError {
     tracing::debug!("request failed: {e}");
     match e {
-        VolumeError::Invalid { .. } => BackendError::Invalid(e.to_string()),
+        VolumeError::Invalid { .. } | VolumeError::Snapshot { .. } => {
+            BackendError::Invalid(e.to_string())
+        }
         VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => {
             BackendError::Io(e.to_string())
         }
@@ -40,6 +42,15 @@ impl Backend for VolumeBackend {
 
     fn handles_unaligned(&self) -> bool {
         true
+    }
+
+    fn client_attached(&self, attached: bool) {
+        use std::sync::atomic::Ordering;
+        if attached {
+            self.volume.attached.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.volume.attached.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BackendError> {

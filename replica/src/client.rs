@@ -215,6 +215,18 @@ impl ReplicaClient {
         Ok(client)
     }
 
+    /// Connects to snapshot `snapshot` of `volume`, read-only: READ and
+    /// BLOCK_STATUS see the snapshot, every change is refused.
+    pub async fn connect_snapshot(
+        addr: SocketAddr,
+        volume: &str,
+        snapshot: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<ReplicaClient, ClientError> {
+        Self::connect(addr, &format!("{volume}@{snapshot}"), epoch, timeout).await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

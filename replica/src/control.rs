@@ -6,12 +6,18 @@ use std::sync::Arc;
 
 use strata_proto::replica::replica_control_server::ReplicaControl;
 use strata_proto::replica::{
-    CreateReplicaRequest, Empty, ReplicaList, ReplicaRef, ReplicaStatus, SetEpochRequest,
+    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Empty, Extent, ExtentList,
+    ReplicaList, ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotList,
+    SnapshotRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::host::{HostError, ReplicaHost};
 use crate::{Store, StoreError};
+
+/// The largest window one ChangedExtents call may cover: at most 262,144
+/// blocks, so a reply stays a few MiB even if every other block changed.
+pub const MAX_EXTENT_WINDOW: u64 = 1 << 30;
 
 pub struct ReplicaControlService {
     host: Arc<ReplicaHost>,
@@ -52,15 +58,40 @@ fn to_status(e: HostError) -> Status {
             StoreError::NotFound(_) => Status::not_found(msg),
             StoreError::AlreadyExists(_) => Status::already_exists(msg),
             StoreError::Locked(_) => Status::unavailable(msg),
-            StoreError::BadSize { .. } | StoreError::InvalidName(_) => {
+            StoreError::BadSize { .. } | StoreError::InvalidName(_) | StoreError::Unaligned { .. } | StoreError::OutOfRange { .. } => {
                 Status::invalid_argument(msg)
             }
+            StoreError::NoSuchSnapshot(_) => Status::not_found(msg),
+            StoreError::SnapshotExists(_) => Status::already_exists(msg),
+            StoreError::NewerSnapshots { .. } => Status::failed_precondition(msg),
             e if e.is_corruption() => Status::data_loss(msg),
             _ => Status::internal(msg),
         },
         HostError::InvalidName(_) => Status::invalid_argument(msg),
-        HostError::NotOpen(_) => Status::failed_precondition(msg),
+        HostError::NotOpen(_) | HostError::Fenced { .. } => Status::failed_precondition(msg),
         _ => Status::internal(msg),
+    }
+}
+
+/// Opens `volume` and checks that a chain change at `epoch` comes from the
+/// controller that owns the replica now.
+fn fenced(host: &ReplicaHost, volume: &str, epoch: u64) -> Result<Arc<Store>, HostError> {
+    let store = host.open(volume)?;
+    let current = store.epoch();
+    if epoch != current {
+        return Err(HostError::Fenced {
+            volume: volume.to_string(),
+            current,
+            requested: epoch,
+        });
+    }
+    Ok(store)
+}
+
+fn host_err(volume: &str) -> impl FnOnce(StoreError) -> HostError + '_ {
+    move |source| HostError::Store {
+        volume: volume.to_string(),
+        source,
     }
 }
 
@@ -167,6 +198,112 @@ impl ReplicaControl for ReplicaControlService {
                     source,
                 })?;
             Ok(status_of(&req.volume, &store, was_clean))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<ReplicaRef>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        let name = req.into_inner().volume;
+        let host = self.host.clone();
+        let snapshots = blocking(move || {
+            let store = host.open(&name)?;
+            let list = store.snapshots().map_err(host_err(&name))?;
+            Ok(list
+                .into_iter()
+                .map(|s| SnapshotInfo {
+                    name: s.name,
+                    created: s.created,
+                    allocated: s.allocated,
+                })
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(SnapshotList { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
+        let req = req.into_inner();
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let store = fenced(&host, &req.volume, req.epoch)?;
+            store
+                .delete_snapshot(&req.name)
+                .map_err(host_err(&req.volume))?;
+            Ok(status_of(&req.volume, &store, true))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn revert_snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
+        let req = req.into_inner();
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let store = fenced(&host, &req.volume, req.epoch)?;
+            store
+                .revert(&req.name, req.discard_newer)
+                .map_err(host_err(&req.volume))?;
+            Ok(status_of(&req.volume, &store, true))
+        })
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn changed_extents(
+        &self,
+        req: Request<ChangedExtentsRequest>,
+    ) -> Result<Response<ExtentList>, Status> {
+        let req = req.into_inner();
+        if req.length > MAX_EXTENT_WINDOW {
+            return Err(Status::invalid_argument(format!(
+                "window of {} bytes is above the limit of {MAX_EXTENT_WINDOW}",
+                req.length
+            )));
+        }
+        let host = self.host.clone();
+        let extents = blocking(move || {
+            let store = host.open(&req.volume)?;
+            let from = (!req.from_snapshot.is_empty()).then_some(req.from_snapshot.as_str());
+            let to = if req.to_snapshot.is_empty() {
+                crate::View::Head
+            } else {
+                crate::View::Snapshot(&req.to_snapshot)
+            };
+            let list = store
+                .changed_extents(from, to, req.offset, req.length)
+                .map_err(host_err(&req.volume))?;
+            Ok(list
+                .into_iter()
+                .map(|e| Extent {
+                    offset: e.offset,
+                    length: e.len,
+                    data: e.kind == crate::Allocation::Data,
+                })
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(ExtentList { extents }))
+    }
+
+    async fn clone_replica(
+        &self,
+        req: Request<CloneReplicaRequest>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
+        let req = req.into_inner();
+        let host = self.host.clone();
+        let status = blocking(move || {
+            let store = host.clone_snapshot(&req.volume, &req.snapshot, &req.new_volume)?;
+            Ok(status_of(&req.new_volume, &store, true))
         })
         .await?;
         Ok(Response::new(status))

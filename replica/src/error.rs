@@ -50,7 +50,7 @@ pub enum StoreError {
     #[error("Invalid snapshot name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ -")]
     InvalidName(String),
 
-    #[error("Reverting to {name:?} would discard the newer snapshots {newer:?}; pass discard_newer to do it")]
+    #[error("Reverting to {name:?} would discard the newer snapshots {newer:?}; pass --discard-newer to do it")]
     NewerSnapshots { name: String, newer: Vec<String> },
 
     #[error("Cannot resize the volume from {current} to {requested} bytes: {reason}")]

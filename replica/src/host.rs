@@ -54,6 +54,13 @@ pub enum HostError {
         requested: u64,
     },
 
+    #[error("Refusing a request at epoch {requested} for volume {volume:?}: the replica is at epoch {current} (a newer controller owns it, or this one must set the epoch first)")]
+    Fenced {
+        volume: String,
+        current: u64,
+        requested: u64,
+    },
+
     #[error("{op} failed on {path}")]
     Io {
         op: &'static str,
@@ -197,6 +204,55 @@ impl ReplicaHost {
             self.forget_if_empty(name, &slot);
         }
         result
+    }
+
+    /// Creates volume `new` holding what snapshot `snapshot` of volume
+    /// `source` holds, by copying the snapshot's allocated ranges (holes stay
+    /// holes). The new volume is independent: it shares no file with the
+    /// source. On failure the partial copy is deleted.
+    pub fn clone_snapshot(
+        &self,
+        source: &str,
+        snapshot: &str,
+        new: &str,
+    ) -> Result<Arc<Store>, HostError> {
+        const STEP: u64 = 8 << 20;
+        let src = self.open(source)?;
+        if !src.has_snapshot(snapshot) {
+            return Err(HostError::store(
+                source,
+                StoreError::NoSuchSnapshot(snapshot.to_string()),
+            ));
+        }
+        let dst = self.create(new, src.size())?;
+        let copy = || -> Result<(), StoreError> {
+            let view = crate::View::Snapshot(snapshot);
+            let mut buf = vec![0u8; STEP as usize];
+            let mut offset = 0;
+            while offset < src.size() {
+                let len = STEP.min(src.size() - offset);
+                for ext in src.allocation_view(view, offset, len)? {
+                    if ext.kind != crate::Allocation::Data {
+                        continue;
+                    }
+                    let data = &mut buf[..ext.len as usize];
+                    src.read_view(view, ext.offset, data)?;
+                    dst.write(ext.offset, data)?;
+                }
+                offset += len;
+            }
+            dst.flush()
+        };
+        match copy() {
+            Ok(()) => Ok(dst),
+            Err(e) => {
+                drop(dst);
+                if let Err(d) = self.delete(new) {
+                    tracing::warn!(volume = new, "could not remove a failed clone: {d}");
+                }
+                Err(HostError::store(new, e))
+            }
+        }
     }
 
     /// Returns volume `name`, opening it if it is not open yet.

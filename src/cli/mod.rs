@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and dispatch to the roles.
 
 mod size;
+mod snapshot;
 mod up;
 mod volume;
 
@@ -38,6 +39,9 @@ pub enum Command {
     /// Ask a volume's controller about the volume.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Snapshots of a volume, through its controller.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,5 +177,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Volume(cmd) => volume::run(cmd).await,
+        Command::Snapshot(cmd) => snapshot::run(cmd).await,
     }
 }

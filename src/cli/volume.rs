@@ -19,10 +19,30 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Create a new, independent volume from a snapshot: each replica server
+    /// of the source copies the snapshot's allocated ranges locally. Serve
+    /// the new volume with its own controller.
+    Clone {
+        /// The source, as VOLUME@SNAPSHOT.
+        source: String,
+        /// The new volume's name.
+        new: String,
+        /// The source volume's controller (management address).
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
+        VolumeCommand::Clone {
+            source,
+            new,
+            controller,
+            json,
+        } => super::snapshot::clone(&source, &new, controller, json).await,
         VolumeCommand::Status { controller, json } => {
             let mut client = VolumeControlClient::connect(format!("http://{controller}"))
                 .await

@@ -29,6 +29,12 @@ pub enum VolumeError {
         len: u64,
         reason: String,
     },
+    #[error("Volume {volume}, snapshot {snapshot:?}: {reason}")]
+    Snapshot {
+        volume: String,
+        snapshot: String,
+        reason: String,
+    },
 }
 
 /// Client-visible IO counters.

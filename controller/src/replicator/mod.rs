@@ -16,11 +16,13 @@
 //! restarted controller tells them apart (`assemble.rs`). Recovery (rejoin,
 //! delta resync, full rebuild) is in `recovery.rs`.
 
+mod chain_copy;
 pub mod control;
 mod error;
 mod range_lock;
 pub mod recovery;
 mod slot;
+pub mod snapshot;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -76,6 +78,15 @@ pub struct Volume {
     /// This controller instance: the owner of the epochs it sets.
     pub owner: String,
     pub io: IoCounters,
+    /// Serialises changes of the snapshot chain (create, delete, revert)
+    /// with each other and with a rebuild copying snapshot layers.
+    pub(crate) chain_lock: tokio::sync::Mutex<()>,
+    /// Snapshots a running backup reads, with how many readers each.
+    snapshots_in_use: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    /// Frontend connections (NBD, iSCSI) attached now.
+    pub attached: AtomicUsize,
+    /// How long the last snapshot held new writes, in microseconds.
+    pub last_snapshot_pause_us: AtomicU64,
 }
 
 const BLOCK: u64 = strata_replica::BLOCK_SIZE;
@@ -129,6 +140,10 @@ impl Volume {
             options,
             owner,
             io: IoCounters::default(),
+            chain_lock: tokio::sync::Mutex::new(()),
+            snapshots_in_use: parking_lot::Mutex::new(Default::default()),
+            attached: AtomicUsize::new(0),
+            last_snapshot_pause_us: AtomicU64::new(0),
         }
     }
 

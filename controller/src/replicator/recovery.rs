@@ -5,7 +5,9 @@
 //! needs only the regions written while it was out (delta resync); any
 //! other (wiped, replaced, stale from before a restart) needs every region
 //! (full rebuild). Either way, only allocated ranges are copied; holes are
-//! trimmed on the target.
+//! trimmed on the target. A full rebuild starts from an empty replica and
+//! first copies the snapshot chain, layer by layer (`chain_copy.rs`); a
+//! replica whose chain differs from the volume's is always fully rebuilt.
 //!
 //! A job is resumable by construction: its work is the slot's set of
 //! pending regions. A region is taken out of the set when it is copied and
@@ -23,7 +25,7 @@ use strata_replica::client::ReplicaClient;
 use strata_replica::Allocation;
 use tokio::sync::watch;
 
-use super::{control, Health, Slot, Volume, REGION};
+use super::{chain_copy, control, Health, Slot, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -86,10 +88,15 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
     }
 }
 
-/// Opens the replica again and lets it join write-only.
+/// How many times a join re-copies snapshots taken while it copied.
+const CHAIN_ROUNDS: usize = 5;
+
+/// Opens the replica again and lets it join write-only. One that cannot be
+/// resynced by delta is wiped and gets the volume's snapshot chain copied
+/// first (`chain_copy.rs`), then joins with every region pending.
 async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
     let timeout = volume.options.control_timeout;
-    let (status, created) =
+    let (mut status, mut created) =
         control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
     if status.size != volume.size {
         return Err(format!(
@@ -97,11 +104,47 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
             status.size, volume.size
         ));
     }
+    let source = volume.healthy_addr().map_err(|e| e.to_string())?;
+    let chain = control::status(source, &volume.name, timeout).await?.snapshots;
     let departure = slot.departure();
     let delta = !created
+        && status.snapshots == chain
         && departure.as_ref().is_some_and(|d| {
             !d.lineage.is_empty() && d.lineage == status.lineage && d.epoch == status.epoch
         });
+    if !delta && !created {
+        // Nothing on it can be trusted, and stale layers would show through
+        // the snapshots copied next: start from an empty replica.
+        tracing::info!(volume = %volume.name, replica = %slot.addr, "wiping a replica for a full rebuild");
+        control::delete_replica(slot.addr, &volume.name, timeout).await?;
+        (status, created) =
+            control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
+        if !created {
+            return Err("the wiped replica was not recreated".into());
+        }
+    }
+    let mut rounds = 0;
+    let (_chain, chain) = loop {
+        let have = control::status(slot.addr, &volume.name, timeout).await?;
+        let chain_lock = volume.chain_lock.lock().await;
+        let want = control::status(volume.healthy_addr().map_err(|e| e.to_string())?, &volume.name, timeout)
+            .await?
+            .snapshots;
+        if have.snapshots == want {
+            break (chain_lock, want);
+        }
+        drop(chain_lock);
+        rounds += 1;
+        if delta || rounds > CHAIN_ROUNDS || !want.starts_with(&have.snapshots) {
+            return Err(format!(
+                "its snapshots {:?} are not a start of the volume's {:?}; it is rebuilt on the next try",
+                have.snapshots, want
+            ));
+        }
+        let missing = &want[have.snapshots.len()..];
+        let base = have.snapshots.last().cloned();
+        chain_copy::copy_snapshots(volume, slot.addr, have.epoch, base, missing).await?;
+    };
     let _exclusive = volume.gate().write().await;
     let epoch = volume.epoch();
     if status.epoch > epoch {
@@ -122,7 +165,13 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         .await
         .map_err(|e| format!("data connection failed: {e}"))?;
     if !delta {
-        slot.mark_all_pending(volume.size);
+        match chain.last() {
+            None => slot.mark_all_pending(volume.size),
+            // The layers below are copied already: only what the live volume
+            // holds above the newest snapshot is left (no write is in flight:
+            // the gate is held).
+            Some(newest) => mark_live_changes(volume, slot, newest).await?,
+        }
     }
     {
         let mut p = slot.progress.lock();
@@ -145,6 +194,31 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         regions = slot.pending_regions(),
         "replica rejoined write-only"
     );
+    Ok(())
+}
+
+/// Marks the regions where the live volume differs from snapshot `newest`.
+async fn mark_live_changes(volume: &Volume, slot: &Slot, newest: &str) -> Result<(), String> {
+    let source = volume.healthy_addr().map_err(|e| e.to_string())?;
+    let window = strata_replica::control::MAX_EXTENT_WINDOW;
+    let mut offset = 0;
+    while offset < volume.size {
+        let len = window.min(volume.size - offset);
+        let extents = control::changed_extents(
+            source,
+            &volume.name,
+            Some(newest),
+            None,
+            offset,
+            len,
+            volume.options.control_timeout,
+        )
+        .await?;
+        for e in extents {
+            slot.mark_pending(e.offset, e.length);
+        }
+        offset += len;
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use super::outbound::{OutBatch, BATCH_BYTES};
 use super::wait_shutdown;
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::{self, Command, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, View};
 
 /// Requests per connection decoded but not yet answered on the socket.
 pub const MAX_IN_FLIGHT: u32 = 64;
@@ -52,6 +52,9 @@ struct Conn {
     permits: Arc<Semaphore>,
     /// The volume bound by HELLO.
     store: Option<Arc<Store>>,
+    /// The snapshot a `volume@snapshot` HELLO bound: the connection then
+    /// reads that snapshot and refuses every change.
+    view: Option<Arc<str>>,
 }
 
 /// Serves one connection until the peer closes it, it breaks the framing,
@@ -71,6 +74,7 @@ pub(super) async fn handle(
         tx,
         permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
         store: None,
+        view: None,
     };
     tokio::join!(conn.run(rd, &mut shutdown), write_loop(rx, wr));
 }
@@ -185,9 +189,10 @@ impl Conn {
                     );
                 };
                 let tx = self.tx.clone();
+                let view = self.view.clone();
                 tokio::task::spawn_blocking(move || {
                     let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        execute(&store, id, epoch, command)
+                        execute(&store, view.as_deref(), id, epoch, command)
                     }))
                     .unwrap_or_else(|_| {
                         tracing::error!(request = id, "replica request panicked");
@@ -204,10 +209,11 @@ impl Conn {
         }
     }
 
-    /// Binds the connection to a volume. HELLO is not fenced: it binds at
-    /// any epoch and its reply tells the controller the replica's epoch;
-    /// every later data request is fenced.
-    async fn hello(&mut self, id: u64, volume: String, permit: OwnedSemaphorePermit) {
+    /// Binds the connection to a volume, or with `volume@snapshot` to a
+    /// snapshot of it, read-only. HELLO is not fenced: it binds at any epoch
+    /// and its reply tells the controller the replica's epoch; every later
+    /// data request is fenced.
+    async fn hello(&mut self, id: u64, name: String, permit: OwnedSemaphorePermit) {
         if self.store.is_some() {
             return self.reply_error(
                 id,
@@ -216,14 +222,27 @@ impl Conn {
                 permit,
             );
         }
+        let (volume, view) = match name.split_once('@') {
+            Some((volume, snapshot)) => (volume.to_string(), Some(snapshot.to_string())),
+            None => (name, None),
+        };
         let host = self.host.clone();
         let opened = tokio::task::spawn_blocking(move || host.open(&volume)).await;
         let reply = match opened {
-            Ok(Ok(store)) => {
-                let reply = Reply::ok(id, store.epoch());
-                self.store = Some(store);
-                reply
-            }
+            Ok(Ok(store)) => match &view {
+                Some(snap) if !store.has_snapshot(snap) => Reply::error(
+                    id,
+                    store.epoch(),
+                    Status::Invalid,
+                    &format!("No snapshot {snap:?} in this replica"),
+                ),
+                _ => {
+                    let reply = Reply::ok(id, store.epoch());
+                    self.store = Some(store);
+                    self.view = view.map(Arc::from);
+                    reply
+                }
+            },
             Ok(Err(e)) => {
                 let status = match &e {
                     e if e.is_not_found() => Status::NoVolume,
@@ -244,8 +263,9 @@ impl Conn {
     }
 }
 
-/// Runs one data request against the bound store (on a blocking thread).
-fn execute(store: &Store, id: u64, epoch: u64, command: Command) -> Reply {
+/// Runs one data request against the bound store, or against snapshot
+/// `view` of it (on a blocking thread).
+fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Command) -> Reply {
     let current = store.epoch();
     if epoch < current {
         let msg = format!("Request epoch {epoch} is older than the replica's epoch {current}");
@@ -256,6 +276,9 @@ fn execute(store: &Store, id: u64, epoch: u64, command: Command) -> Reply {
             "Request epoch {epoch} is newer than the replica's epoch {current}; set it first"
         );
         return Reply::error(id, current, Status::EpochAhead, &msg);
+    }
+    if let Some(snapshot) = view {
+        return execute_on_snapshot(store, snapshot, id, command);
     }
     let result: Result<Bytes, StoreError> = match command {
         Command::Read { offset, len } => {
@@ -281,6 +304,31 @@ fn execute(store: &Store, id: u64, epoch: u64, command: Command) -> Reply {
         Command::Snapshot { name } => store.snapshot(&name).map(|()| Bytes::new()),
         Command::Hello { .. } | Command::Ping => unreachable!("answered by the reader"),
     };
+    store_reply(store, id, result)
+}
+
+/// READ and BLOCK_STATUS of a snapshot; everything else is refused.
+fn execute_on_snapshot(store: &Store, snapshot: &str, id: u64, command: Command) -> Reply {
+    let view = View::Snapshot(snapshot);
+    let result = match command {
+        Command::Read { offset, len } => {
+            let mut data = vec![0u8; len as usize];
+            store
+                .read_view(view, offset, &mut data)
+                .map(|()| Bytes::from(data))
+        }
+        Command::BlockStatus { offset, len } => store
+            .allocation_view(view, offset, len.into())
+            .map(|e| wire::encode_extents(&e)),
+        _ => {
+            let msg = format!("The connection reads snapshot {snapshot:?}: it changes nothing");
+            return Reply::error(id, store.epoch(), Status::Invalid, &msg);
+        }
+    };
+    store_reply(store, id, result)
+}
+
+fn store_reply(store: &Store, id: u64, result: Result<Bytes, StoreError>) -> Reply {
     match result {
         Ok(payload) => Reply::with_payload(id, store.epoch(), Status::Ok, payload),
         Err(e) => {

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::data::Segment;
+use super::data::{Allocation, AllocationExtent, Segment};
 use super::{mark, Maps, Source, State, Store};
 use crate::engine::IoOp;
 use crate::error::{Result, StoreError};
@@ -42,6 +42,11 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `[A-Za-z0-9._-]{1,64}`: the names a snapshot may have.
+pub fn valid_snapshot_name(name: &str) -> bool {
+    valid_name(name)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -109,6 +114,21 @@ impl Store {
         st.layers.push(files);
         st.maps.get_mut().extents.push(RangeMap::new());
         Ok(())
+    }
+
+    /// True if the chain holds snapshot `name`.
+    pub fn has_snapshot(&self, name: &str) -> bool {
+        position(&self.state.read(), name).is_ok()
+    }
+
+    /// Snapshot names, oldest first (no IO, unlike [`Store::snapshots`]).
+    pub fn snapshot_names(&self) -> Vec<String> {
+        let st = self.state.read();
+        st.meta
+            .layers
+            .iter()
+            .filter_map(|l| l.snapshot.as_ref().map(|s| s.name.clone()))
+            .collect()
     }
 
     /// Snapshots, oldest first.
@@ -390,6 +410,91 @@ impl Store {
             .map(|(s, e, _)| s * BLOCK_SIZE..e * BLOCK_SIZE)
             .collect())
     }
+}
+
+impl Store {
+    /// Allocation of `[offset, offset + len)` as `view` sees it: data, or a
+    /// hole (never written, trimmed, or hidden by a zero tombstone).
+    pub fn allocation_view(
+        &self,
+        view: View<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<AllocationExtent>> {
+        let View::Snapshot(name) = view else {
+            return self.allocation(offset, len);
+        };
+        let st = self.state.read();
+        let (b0, b1) = self.check_range(st.meta.size, offset, len)?;
+        let top = position(&st, name)?;
+        let maps = st.maps.lock();
+        Ok(merge_extents(view_segments(&maps, top, b0, b1)))
+    }
+
+    /// The ranges of `[offset, offset + len)` that may differ between
+    /// snapshot `from` (None: an empty volume) and `to`, each with what `to`
+    /// holds there: data, or zeros (a hole or a tombstone). Ranges not
+    /// listed read the same in both. Sorted and disjoint.
+    pub fn changed_extents(
+        &self,
+        from: Option<&str>,
+        to: View<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<AllocationExtent>> {
+        let st = self.state.read();
+        let (b0, b1) = self.check_range(st.meta.size, offset, len)?;
+        let top = match to {
+            View::Head => st.head_pos(),
+            View::Snapshot(name) => position(&st, name)?,
+        };
+        let bottom = match from {
+            None => 0,
+            Some(name) => {
+                let p = position(&st, name)?;
+                if p > top {
+                    return Err(StoreError::NoSuchSnapshot(format!(
+                        "{name} (it is newer than the target view)"
+                    )));
+                }
+                p + 1
+            }
+        };
+        let maps = st.maps.lock();
+        let mut union = RangeMap::new();
+        for layer in &maps.extents[bottom..=top] {
+            for (s, e, _) in layer.overlapping(b0, b1) {
+                union.set(s.max(b0), e.min(b1), ());
+            }
+        }
+        let mut out = Vec::new();
+        for (s, e, _) in union.iter() {
+            out.extend(merge_extents(view_segments(&maps, top, s, e)));
+        }
+        Ok(out)
+    }
+}
+
+/// Segments as allocation extents in bytes, neighbours of one kind merged.
+fn merge_extents(segments: Vec<Segment>) -> Vec<AllocationExtent> {
+    let mut out: Vec<AllocationExtent> = Vec::new();
+    for (s, e, src) in segments {
+        let kind = match src {
+            Some(Source::Layer(_)) => Allocation::Data,
+            _ => Allocation::Hole,
+        };
+        match out.last_mut() {
+            Some(last) if last.kind == kind && last.offset + last.len == s * BLOCK_SIZE => {
+                last.len += (e - s) * BLOCK_SIZE
+            }
+            _ => out.push(AllocationExtent {
+                offset: s * BLOCK_SIZE,
+                len: (e - s) * BLOCK_SIZE,
+                kind,
+            }),
+        }
+    }
+    out
 }
 
 /// The view through layer `top` and below of `[b0, b1)`, as consecutive

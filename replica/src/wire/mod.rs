@@ -10,6 +10,8 @@
 //!   8  request_id u64   16 epoch u64   24 length u32   28 payload_crc u32
 //! ```
 //!
+//! HELLO's payload names the volume, or `volume@snapshot` to bind the
+//! connection to a snapshot read-only (READ and BLOCK_STATUS only).
 //! For READ, TRIM, WRITE_ZEROES and BLOCK_STATUS `length` is the length of
 //! the range and no payload follows; for FLUSH and PING offset and length are
 //! 0. A READ reply carries the data, a BLOCK_STATUS reply 17-byte extents

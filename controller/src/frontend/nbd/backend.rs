@@ -37,6 +37,9 @@ pub trait Backend: Send + Sync + 'static {
     fn handles_unaligned(&self) -> bool {
         false
     }
+    /// Told when a client enters (true) or leaves (false) the transmission
+    /// phase, so the volume knows whether it is attached.
+    fn client_attached(&self, _attached: bool) {}
     /// Reads `len` bytes at `offset` (both aligned).
     fn read(
         &self,

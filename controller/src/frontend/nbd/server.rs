@@ -105,6 +105,10 @@ where
         _ = stopped(&mut shutdown) => return Ok(()),
     };
     tracing::debug!(?session, "NBD client entered transmission");
+    let backend = export.backend().clone();
+    backend.client_attached(true);
     let (rd, wr) = tokio::io::split(stream);
-    transmission(rd, wr, buf, export, session, shutdown).await
+    let result = transmission(rd, wr, buf, export, session, shutdown).await;
+    backend.client_attached(false);
+    result
 }

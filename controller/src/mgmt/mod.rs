@@ -1,5 +1,8 @@
 //! The controller's management surface: the `VolumeControl` gRPC service
 //! (what `strata volume status` calls) and Prometheus text on `/metrics`.
+//! The snapshot calls are in `snapshots.rs`.
+
+mod snapshots;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,7 +11,8 @@ use std::net::SocketAddr;
 use strata_proto::controller::volume_control_server::VolumeControl;
 
 use strata_proto::controller::{
-    IoCounters, ReplicaAddress, ReplicaInfo, StatusRequest, VolumeStatus,
+    CloneReply, CloneRequest, IoCounters, ReplicaAddress, ReplicaInfo, RevertRequest,
+    SnapshotCreated, SnapshotList, SnapshotRef, StatusRequest, VolumeStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -71,6 +75,8 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
             bytes_written: io.bytes_written.load(Ordering::Relaxed),
         }),
         nbd_address: nbd_address.to_string(),
+        attached_clients: volume.attached.load(Ordering::Relaxed) as u32,
+        last_snapshot_pause_us: volume.last_snapshot_pause_us.load(Ordering::Relaxed),
     }
 }
 
@@ -128,6 +134,49 @@ impl VolumeControl for VolumeService {
             .map_err(Status::failed_precondition)?;
         tracing::info!(volume = %self.volume.name, replica = %addr, "replica removed");
         Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<SnapshotRef>,
+    ) -> Result<Response<SnapshotCreated>, Status> {
+        snapshots::create(&self.volume, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        snapshots::list(&self.volume).await.map(Response::new)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<SnapshotRef>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        snapshots::delete(&self.volume, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn revert_snapshot(
+        &self,
+        req: Request<RevertRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        snapshots::revert(&self.volume, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn clone_volume(
+        &self,
+        req: Request<CloneRequest>,
+    ) -> Result<Response<CloneReply>, Status> {
+        snapshots::clone(&self.volume, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
