@@ -52,15 +52,22 @@ fn open_status(host: &ReplicaHost, name: &str) -> Result<ReplicaStatus, HostErro
 }
 
 fn to_status(e: HostError) -> Status {
-    let msg = e.to_string();
+    // The whole chain: "Volume \"v\": No snapshot named \"s\"".
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
     match &e {
         HostError::Store { source, .. } => match source {
             StoreError::NotFound(_) => Status::not_found(msg),
             StoreError::AlreadyExists(_) => Status::already_exists(msg),
             StoreError::Locked(_) => Status::unavailable(msg),
-            StoreError::BadSize { .. } | StoreError::InvalidName(_) | StoreError::Unaligned { .. } | StoreError::OutOfRange { .. } => {
-                Status::invalid_argument(msg)
-            }
+            StoreError::BadSize { .. }
+            | StoreError::InvalidName(_)
+            | StoreError::Unaligned { .. }
+            | StoreError::OutOfRange { .. } => Status::invalid_argument(msg),
             StoreError::NoSuchSnapshot(_) => Status::not_found(msg),
             StoreError::SnapshotExists(_) => Status::already_exists(msg),
             StoreError::NewerSnapshots { .. } => Status::failed_precondition(msg),

@@ -31,7 +31,8 @@ pub mod wire;
 
 pub use error::{Result, StoreError};
 pub use store::{
-    valid_snapshot_name, Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo, Store, StoreInfo, View,
+    valid_snapshot_name, Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo,
+    Store, StoreInfo, View,
 };
 
 /// The block size of every volume: the unit of checksums, alignment and

@@ -59,7 +59,10 @@ pub enum SnapshotCommand {
 }
 
 /// Connects to the controller and checks it serves `volume`.
-pub async fn connect(volume: &str, controller: SocketAddr) -> anyhow::Result<VolumeControlClient<Channel>> {
+pub async fn connect(
+    volume: &str,
+    controller: SocketAddr,
+) -> anyhow::Result<VolumeControlClient<Channel>> {
     let mut client = VolumeControlClient::connect(format!("http://{controller}"))
         .await
         .with_context(|| format!("volume {volume}: cannot reach the controller at {controller}"))?;
@@ -90,14 +93,24 @@ pub fn default_name(prefix: &str) -> String {
 fn utc_compact(secs: u64) -> String {
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let t = secs % 86_400;
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", t / 3600, t / 60 % 60, t % 60)
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
 }
 
 /// `YYYY-MM-DD HH:MM:SS` of a Unix time, UTC.
 pub fn utc_readable(secs: u64) -> String {
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let t = secs % 86_400;
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
@@ -128,7 +141,10 @@ fn print_list(list: &SnapshotList, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{:<32} {:<20} {:>12}", "SNAPSHOT", "CREATED (UTC)", "OWN DATA");
+    println!(
+        "{:<32} {:<20} {:>12}",
+        "SNAPSHOT", "CREATED (UTC)", "OWN DATA"
+    );
     for s in &list.snapshots {
         println!(
             "{:<32} {:<20} {:>9} MiB",
@@ -212,7 +228,12 @@ pub async fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
 }
 
 /// `strata volume clone VOLUME@SNAPSHOT NEW`.
-pub async fn clone(source: &str, new: &str, controller: SocketAddr, json: bool) -> anyhow::Result<()> {
+pub async fn clone(
+    source: &str,
+    new: &str,
+    controller: SocketAddr,
+    json: bool,
+) -> anyhow::Result<()> {
     let Some((volume, snapshot)) = source.split_once('@') else {
         anyhow::bail!("give the source as VOLUME@SNAPSHOT, not {source:?}");
     };
@@ -229,8 +250,16 @@ pub async fn clone(source: &str, new: &str, controller: SocketAddr, json: bool) 
         let v = serde_json::json!({"volume": reply.volume, "source": source, "replicas": reply.replicas});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("volume {} created from {source} on {} replica servers (a full copy on each).", reply.volume, reply.replicas.len());
-        let args: Vec<String> = reply.replicas.iter().map(|r| format!("--replica {r}")).collect();
+        println!(
+            "volume {} created from {source} on {} replica servers (a full copy on each).",
+            reply.volume,
+            reply.replicas.len()
+        );
+        let args: Vec<String> = reply
+            .replicas
+            .iter()
+            .map(|r| format!("--replica {r}"))
+            .collect();
         println!("serve it with: strata controller serve --volume {} {} --nbd ADDR --control ADDR --metrics ADDR", reply.volume, args.join(" "));
     }
     Ok(())

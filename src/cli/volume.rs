@@ -58,6 +58,8 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     "volume": s.volume, "size": s.size, "epoch": s.epoch, "state": s.state,
                     "replicas_configured": s.replicas_configured, "write_quorum": s.write_quorum,
                     "nbd_address": s.nbd_address,
+                    "attached_clients": s.attached_clients,
+                    "last_snapshot_pause_us": s.last_snapshot_pause_us,
                     "replicas": s.replicas.iter().map(|r| serde_json::json!({
                         "address": r.address, "state": r.state, "fault_reason": r.fault_reason,
                         "in_flight": r.in_flight, "ops_ok": r.ops_ok, "ops_failed": r.ops_failed,
@@ -81,6 +83,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 );
                 println!("epoch    {}", s.epoch);
                 println!("nbd      nbd://{}/{}", s.nbd_address, s.volume);
+                println!("clients  {} attached", s.attached_clients);
                 println!();
                 println!(
                     "{:<22} {:<8} {:>9} {:>12} {:>10}  reason",

@@ -391,5 +391,30 @@ impl Cluster {
             }
             off += len as u64;
         }
+        // The same snapshot chain everywhere, each snapshot reading the same.
+        let chain = stores[0].snapshot_names();
+        for (i, s) in stores.iter().enumerate().skip(1) {
+            assert_eq!(
+                s.snapshot_names(),
+                chain,
+                "replica {i}'s snapshots differ from replica 0's"
+            );
+        }
+        for snap in &chain {
+            let view = strata_replica::View::Snapshot(snap);
+            let mut off = 0;
+            while off < self.size {
+                let len = chunk.min((self.size - off) as usize);
+                stores[0].read_view(view, off, &mut a[..len]).unwrap();
+                for (i, s) in stores.iter().enumerate().skip(1) {
+                    s.read_view(view, off, &mut b[..len]).unwrap();
+                    assert!(
+                        a[..len] == b[..len],
+                        "snapshot {snap} of replica {i} differs from replica 0's in the 16 MiB at {off}"
+                    );
+                }
+                off += len as u64;
+            }
+        }
     }
 }

@@ -5,8 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use strata_proto::controller::{
-    CloneReply, CloneRequest, RevertRequest, Snapshot, SnapshotCreated, SnapshotList,
-    SnapshotRef,
+    CloneReply, CloneRequest, RevertRequest, Snapshot, SnapshotCreated, SnapshotList, SnapshotRef,
 };
 use tonic::Status;
 
@@ -26,9 +25,7 @@ fn to_status(e: VolumeError) -> Status {
         VolumeError::Snapshot { .. } | VolumeError::Invalid { .. } => {
             Status::failed_precondition(msg)
         }
-        VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => {
-            Status::unavailable(msg)
-        }
+        VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => Status::unavailable(msg),
     }
 }
 

@@ -97,7 +97,11 @@ pub async fn status(
 }
 
 /// Deletes the replica of `volume` at `addr` and its data.
-pub async fn delete_replica(addr: SocketAddr, volume: &str, timeout: Duration) -> Result<(), String> {
+pub async fn delete_replica(
+    addr: SocketAddr,
+    volume: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let mut c = connect(addr, timeout).await?;
     c.delete_replica(ReplicaRef {
         volume: volume.to_string(),

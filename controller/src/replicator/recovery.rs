@@ -105,7 +105,9 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         ));
     }
     let source = volume.healthy_addr().map_err(|e| e.to_string())?;
-    let chain = control::status(source, &volume.name, timeout).await?.snapshots;
+    let chain = control::status(source, &volume.name, timeout)
+        .await?
+        .snapshots;
     let departure = slot.departure();
     let delta = !created
         && status.snapshots == chain
@@ -127,9 +129,13 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
     let (_chain, chain) = loop {
         let have = control::status(slot.addr, &volume.name, timeout).await?;
         let chain_lock = volume.chain_lock.lock().await;
-        let want = control::status(volume.healthy_addr().map_err(|e| e.to_string())?, &volume.name, timeout)
-            .await?
-            .snapshots;
+        let want = control::status(
+            volume.healthy_addr().map_err(|e| e.to_string())?,
+            &volume.name,
+            timeout,
+        )
+        .await?
+        .snapshots;
         if have.snapshots == want {
             break (chain_lock, want);
         }

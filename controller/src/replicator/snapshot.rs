@@ -81,7 +81,9 @@ impl Volume {
                 Health::Healthy(_) => {}
                 Health::Syncing(_) => self.fault_for_rebuild(
                     &slot,
-                    format!("{change} while it was being resynced; it is rebuilt with the new chain"),
+                    format!(
+                        "{change} while it was being resynced; it is rebuilt with the new chain"
+                    ),
                 ),
                 Health::Faulted { .. } => self.fault_for_rebuild(&slot, format!("missed {change}")),
             }
@@ -155,8 +157,7 @@ impl Volume {
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, VolumeError> {
         let mut last = String::new();
         for slot in self.slots().into_iter().filter(|s| s.is_healthy()) {
-            match control::list_snapshots(slot.addr, &self.name, self.options.control_timeout)
-                .await
+            match control::list_snapshots(slot.addr, &self.name, self.options.control_timeout).await
             {
                 Ok(list) => return Ok(list),
                 Err(e) => last = e,
@@ -206,7 +207,11 @@ impl Volume {
         let _exclusive = self.gate.write().await;
         self.rebuild_the_absent(what);
         let epoch = self.epoch();
-        let targets: Vec<_> = self.slots().into_iter().filter(|s| s.is_healthy()).collect();
+        let targets: Vec<_> = self
+            .slots()
+            .into_iter()
+            .filter(|s| s.is_healthy())
+            .collect();
         let results = futures::future::join_all(targets.iter().map(|s| f(s.addr, epoch))).await;
         let mut done = 0;
         let mut refused = Vec::new();
@@ -243,10 +248,14 @@ impl Volume {
         let _chain = self.chain_lock.lock().await;
         self.refuse_if_in_use(&[name.to_string()], "delete")?;
         let (volume, timeout) = (self.name.clone(), self.options.control_timeout);
-        self.change_chain(name, &format!("delete of snapshot {name}"), |addr, epoch| {
-            let volume = volume.clone();
-            async move { control::delete_snapshot(addr, &volume, name, epoch, timeout).await }
-        })
+        self.change_chain(
+            name,
+            &format!("delete of snapshot {name}"),
+            |addr, epoch| {
+                let volume = volume.clone();
+                async move { control::delete_snapshot(addr, &volume, name, epoch, timeout).await }
+            },
+        )
         .await?;
         tracing::info!(volume = %self.name, snapshot = name, "snapshot deleted");
         Ok(())
@@ -256,7 +265,11 @@ impl Volume {
     /// discarded. With `discard_newer`, the snapshots taken after `name` go
     /// too (otherwise their existence refuses the revert). The caller
     /// checks that no client is attached.
-    pub async fn revert_snapshot(&self, name: &str, discard_newer: bool) -> Result<(), VolumeError> {
+    pub async fn revert_snapshot(
+        &self,
+        name: &str,
+        discard_newer: bool,
+    ) -> Result<(), VolumeError> {
         self.check_snapshot_name(name)?;
         let _chain = self.chain_lock.lock().await;
         let chain: Vec<String> = self
@@ -272,12 +285,17 @@ impl Volume {
             self.refuse_if_in_use(&chain[pos + 1..], "revert")?;
         }
         let (volume, timeout) = (self.name.clone(), self.options.control_timeout);
-        self.change_chain(name, &format!("revert to snapshot {name}"), |addr, epoch| {
-            let volume = volume.clone();
-            async move {
-                control::revert_snapshot(addr, &volume, name, epoch, discard_newer, timeout).await
-            }
-        })
+        self.change_chain(
+            name,
+            &format!("revert to snapshot {name}"),
+            |addr, epoch| {
+                let volume = volume.clone();
+                async move {
+                    control::revert_snapshot(addr, &volume, name, epoch, discard_newer, timeout)
+                        .await
+                }
+            },
+        )
         .await?;
         tracing::warn!(volume = %self.name, snapshot = name, discard_newer, "volume reverted");
         Ok(())
