@@ -9,11 +9,17 @@
 //!    epoch is bumped on the remaining replicas before any write a departed
 //!    replica missed is acknowledged, this set holds every acknowledged
 //!    write. Everything else is faulted and will be rebuilt by the recovery
-//!    loop, never trusted.
+//!    loop, never trusted. If the volume was not stopped cleanly (a
+//!    replica has unflushed writes or was not closed cleanly), one of the
+//!    up-to-date set is the source and the others join write-only and are
+//!    compared with it region by region (digests), the differing regions
+//!    copied, before they serve reads: writes in flight at a crash may
+//!    have reached some replicas and not others.
 //! 4. Fence off any older controller: set an epoch above every epoch seen
 //!    on the up-to-date replicas, then open the data connections with it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use strata_proto::replica::ReplicaStatus;
@@ -87,10 +93,14 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                     } else {
                         ""
                     },
-                    if s.was_clean {
-                        ""
-                    } else {
+                    if s.page_cache_lost {
+                        ", not closed cleanly and its machine restarted"
+                    } else if !s.was_clean {
                         ", not closed cleanly"
+                    } else if s.unflushed {
+                        ", has unflushed writes"
+                    } else {
+                        ""
                     }
                 ),
                 Err(e) => format!("  {a}: {e}"),
@@ -142,6 +152,28 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
     tracing::info!(volume = %opts.volume, "replicas at start (up-to-date epoch {max_epoch}):\n{}", details());
     let epoch = max_epoch + 1;
     let owner = format!("{:032x}", rand::random::<u128>());
+    // The up-to-date replicas hold the same acknowledged writes, but after
+    // a crash (of the controller, a replica or a machine) they may differ
+    // where writes were in flight or not yet flushed. Then one is the
+    // source, read alone, and the others are compared with it by region
+    // digests before they serve reads (`replicator/compare.rs`).
+    let up_to_date = |s: &ReplicaStatus| !s.incomplete && s.epoch == max_epoch && s.size == size;
+    let members: Vec<(usize, &ReplicaStatus)> = statuses
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_ref().ok().filter(|s| up_to_date(s)).map(|s| (i, s)))
+        .collect();
+    let crashed = members
+        .iter()
+        .any(|(_, s)| s.unflushed || !s.was_clean || s.page_cache_lost);
+    let source = members
+        .iter()
+        .find(|(_, s)| !s.page_cache_lost)
+        .or(members.first())
+        .map(|(i, _)| *i);
+    if crashed && members.len() > 1 {
+        tracing::warn!(volume = %opts.volume, "the volume was not stopped cleanly: replicas are compared with {} before they serve reads", opts.replicas[source.unwrap_or(0)]);
+    }
     let mut slots = Vec::with_capacity(configured);
     for (i, &addr) in opts.replicas.iter().enumerate() {
         let slot = match &statuses[i] {
@@ -168,12 +200,17 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                     lineage: s.lineage.clone(),
                     epoch,
                 });
+                let verify = crashed && Some(i) != source;
+                // A replica that lost its page cache may lack acknowledged
+                // writes: it is incomplete until compared.
+                let incomplete = verify && s.page_cache_lost;
                 let health = match control::set_epoch(
                     addr,
                     &opts.volume,
                     epoch,
                     &owner,
-                    false,
+                    incomplete,
+                    !verify,
                     opts.connect_timeout,
                 )
                 .await
@@ -183,6 +220,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                         match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout)
                             .await
                         {
+                            Ok(c) if verify => Health::Syncing(std::sync::Arc::new(c)),
                             Ok(c) => Health::Healthy(std::sync::Arc::new(c)),
                             Err(e) => Health::Faulted {
                                 reason: format!("data connection failed: {e}"),
@@ -190,7 +228,14 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                         }
                     }
                 };
-                Slot::new(addr, health, departure)
+                let slot = Slot::new(addr, health, departure);
+                if verify {
+                    slot.verify.store(true, Ordering::Release);
+                    slot.counts_for_quorum
+                        .store(!s.page_cache_lost, Ordering::Release);
+                    slot.progress.lock().verify = true;
+                }
+                slot
             }
         };
         slots.push(slot);

@@ -7,17 +7,26 @@ use std::sync::Arc;
 use strata_proto::replica::replica_control_server::ReplicaControl;
 use strata_proto::replica::{
     ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Empty, Extent, ExtentList,
-    ReplicaList, ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotList,
-    SnapshotRequest,
+    RegionDigestList, RegionDigestsRequest, ReplicaList, ReplicaRef, ReplicaStatus,
+    SetEpochRequest, SnapshotInfo, SnapshotList, SnapshotRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::host::{HostError, ReplicaHost};
-use crate::{Store, StoreError};
+use crate::{OpenReport, Store, StoreError};
 
 /// The largest window one ChangedExtents call may cover: at most 262,144
 /// blocks, so a reply stays a few MiB even if every other block changed.
 pub const MAX_EXTENT_WINDOW: u64 = 1 << 30;
+
+/// The open report of a store this process created or that is known clean.
+const CLEAN: OpenReport = OpenReport {
+    was_clean: true,
+    page_cache_lost: false,
+};
+
+/// Largest window of one RegionDigests call.
+pub const MAX_DIGEST_WINDOW: u64 = 256 << 20;
 
 pub struct ReplicaControlService {
     host: Arc<ReplicaHost>,
@@ -29,14 +38,16 @@ impl ReplicaControlService {
     }
 }
 
-fn status_of(name: &str, store: &Store, was_clean: bool) -> ReplicaStatus {
+fn status_of(name: &str, store: &Store, report: OpenReport) -> ReplicaStatus {
     let info = store.info();
     ReplicaStatus {
         volume: name.to_string(),
         lineage: info.lineage,
         size: info.size,
         epoch: info.epoch,
-        was_clean,
+        was_clean: report.was_clean,
+        unflushed: store.has_unflushed_writes(),
+        page_cache_lost: report.page_cache_lost,
         snapshots: info.chain,
         engine: info.engine.to_string(),
         open: true,
@@ -47,8 +58,8 @@ fn status_of(name: &str, store: &Store, was_clean: bool) -> ReplicaStatus {
 
 /// Opens `name` (if it is not open yet) and describes it.
 fn open_status(host: &ReplicaHost, name: &str) -> Result<ReplicaStatus, HostError> {
-    let (store, was_clean) = host.open_with_report(name)?;
-    Ok(status_of(name, &store, was_clean))
+    let (store, report) = host.open_with_report(name)?;
+    Ok(status_of(name, &store, report))
 }
 
 fn to_status(e: HostError) -> Status {
@@ -122,7 +133,7 @@ impl ReplicaControl for ReplicaControlService {
         let host = self.host.clone();
         let status = blocking(move || {
             let store = host.create(&req.volume, req.size)?;
-            Ok(status_of(&req.volume, &store, true))
+            Ok(status_of(&req.volume, &store, CLEAN))
         })
         .await?;
         Ok(Response::new(status))
@@ -187,7 +198,7 @@ impl ReplicaControl for ReplicaControlService {
         let req = req.into_inner();
         let host = self.host.clone();
         let status = blocking(move || {
-            let (store, was_clean) = host.open_with_report(&req.volume)?;
+            let (store, report) = host.open_with_report(&req.volume)?;
             let info = store.info();
             let current = info.epoch;
             let same_owner = !req.owner.is_empty() && req.owner == info.epoch_owner;
@@ -204,7 +215,13 @@ impl ReplicaControl for ReplicaControlService {
                     volume: req.volume.clone(),
                     source,
                 })?;
-            Ok(status_of(&req.volume, &store, was_clean))
+            let report = if req.reconciled {
+                host.mark_reconciled(&req.volume);
+                CLEAN
+            } else {
+                report
+            };
+            Ok(status_of(&req.volume, &store, report))
         })
         .await?;
         Ok(Response::new(status))
@@ -243,7 +260,7 @@ impl ReplicaControl for ReplicaControlService {
             store
                 .delete_snapshot(&req.name)
                 .map_err(host_err(&req.volume))?;
-            Ok(status_of(&req.volume, &store, true))
+            Ok(status_of(&req.volume, &store, CLEAN))
         })
         .await?;
         Ok(Response::new(status))
@@ -260,7 +277,7 @@ impl ReplicaControl for ReplicaControlService {
             store
                 .revert(&req.name, req.discard_newer)
                 .map_err(host_err(&req.volume))?;
-            Ok(status_of(&req.volume, &store, true))
+            Ok(status_of(&req.volume, &store, CLEAN))
         })
         .await?;
         Ok(Response::new(status))
@@ -302,6 +319,31 @@ impl ReplicaControl for ReplicaControlService {
         Ok(Response::new(ExtentList { extents }))
     }
 
+    async fn region_digests(
+        &self,
+        req: Request<RegionDigestsRequest>,
+    ) -> Result<Response<RegionDigestList>, Status> {
+        let req = req.into_inner();
+        if req.length > MAX_DIGEST_WINDOW || req.region == 0 || req.region % crate::BLOCK_SIZE != 0
+        {
+            return Err(Status::invalid_argument(format!(
+                "window {} (at most {MAX_DIGEST_WINDOW}) or region {} (a multiple of 4096) out of bounds",
+                req.length, req.region
+            )));
+        }
+        let host = self.host.clone();
+        let digests = blocking(move || {
+            let store = host.open(&req.volume)?;
+            store
+                .region_digests(req.offset, req.length, req.region)
+                .map_err(host_err(&req.volume))
+        })
+        .await?;
+        Ok(Response::new(RegionDigestList {
+            digests: digests.into_iter().map(|d| d.to_vec()).collect(),
+        }))
+    }
+
     async fn clone_replica(
         &self,
         req: Request<CloneReplicaRequest>,
@@ -310,7 +352,7 @@ impl ReplicaControl for ReplicaControlService {
         let host = self.host.clone();
         let status = blocking(move || {
             let store = host.clone_snapshot(&req.volume, &req.snapshot, &req.new_volume)?;
-            Ok(status_of(&req.new_volume, &store, true))
+            Ok(status_of(&req.new_volume, &store, CLEAN))
         })
         .await?;
         Ok(Response::new(status))

@@ -193,7 +193,10 @@ impl ReplicaHost {
                     Ok(store) => {
                         let store = Arc::new(store);
                         s.store = Some(store.clone());
-                        s.report = Some(OpenReport { was_clean: true });
+                        s.report = Some(OpenReport {
+                            was_clean: true,
+                            page_cache_lost: false,
+                        });
                         Ok(store)
                     }
                     Err(e) => Err(HostError::store(name, e)),
@@ -289,12 +292,29 @@ impl ReplicaHost {
         result
     }
 
-    /// [`ReplicaHost::open`], with whether the volume was closed cleanly
-    /// before this process opened it (`true` for one created by this host).
-    pub fn open_with_report(&self, name: &str) -> Result<(Arc<Store>, bool), HostError> {
+    /// [`ReplicaHost::open`], with what the open found: whether the volume
+    /// was closed cleanly before this process opened it (`true` for one
+    /// created by this host) and whether the machine restarted since.
+    pub fn open_with_report(&self, name: &str) -> Result<(Arc<Store>, OpenReport), HostError> {
         let store = self.open(name)?;
-        let was_clean = self.open_report(name).is_none_or(|r| r.was_clean);
-        Ok((store, was_clean))
+        let report = self.open_report(name).unwrap_or(OpenReport {
+            was_clean: true,
+            page_cache_lost: false,
+        });
+        Ok((store, report))
+    }
+
+    /// Forgets that `name` was not closed cleanly before this process opened
+    /// it: a controller compared it with its peers (or it is their source).
+    pub fn mark_reconciled(&self, name: &str) {
+        let slot = self.slot(name);
+        let mut s = slot.lock();
+        if s.report.is_some() {
+            s.report = Some(OpenReport {
+                was_clean: true,
+                page_cache_lost: false,
+            });
+        }
     }
 
     /// The open volume `name`, if it is open. Waits for an open or close of

@@ -58,6 +58,10 @@ pub struct VolumeMeta {
     /// one controller, so two controllers can never share one.
     #[serde(default)]
     pub epoch_owner: String,
+    /// The machine's boot id when the store was last opened: after an
+    /// unclean stop, another boot id means the page cache was lost.
+    #[serde(default)]
+    pub boot_id: String,
     pub next_layer_id: u64,
     /// Oldest first; the last entry is the writable head.
     pub layers: Vec<LayerMeta>,
@@ -228,6 +232,7 @@ mod tests {
             epoch: 7,
             clean: true,
             incomplete: false,
+            boot_id: String::new(),
             epoch_owner: String::new(),
             next_layer_id: 3,
             layers: vec![
@@ -289,4 +294,17 @@ mod tests {
         m.next_layer_id = 2;
         assert!(decode(&encode(&m), Path::new("x")).is_err());
     }
+}
+
+/// This boot of the machine (`/proc/sys/kernel/random/boot_id`), or
+/// `STRATA_BOOT_ID` when set (tests simulate a machine restart with it).
+/// Empty if neither is available: every unclean stop then counts as a
+/// restart, the safe side.
+pub fn boot_id() -> String {
+    if let Ok(id) = std::env::var("STRATA_BOOT_ID") {
+        return id;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

@@ -59,6 +59,7 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
                     sync_eta_secs: if syncing { p.eta_secs() } else { 0 },
                     sync_kind: match (syncing, p.full) {
                         (false, _) => String::new(),
+                        (true, _) if p.verify => "verify".into(),
                         (true, true) => "full".into(),
                         (true, false) => "delta".into(),
                     },

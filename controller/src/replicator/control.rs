@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use strata_proto::replica::replica_control_client::ReplicaControlClient;
 use strata_proto::replica::{
-    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Extent, ReplicaRef,
-    ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotRequest,
+    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Extent, RegionDigestsRequest,
+    ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotRequest,
 };
 use tonic::Code;
 
-async fn connect(
+/// A gRPC client of the replica server at `addr`, for many calls.
+pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<ReplicaControlClient<tonic::transport::Channel>, String> {
@@ -59,7 +60,8 @@ pub async fn open_or_create(
 }
 
 /// Persists `epoch` (and whether the replica is still being synced) on the
-/// replica at `addr`. Refused by the replica if it already has a newer
+/// replica at `addr`; `reconciled` tells a healthy replica that it matches
+/// the volume, so an unclean stop before no longer calls for a comparison. Refused by the replica if it already has a newer
 /// epoch: some other controller took over.
 pub async fn set_epoch(
     addr: SocketAddr,
@@ -67,6 +69,7 @@ pub async fn set_epoch(
     epoch: u64,
     owner: &str,
     incomplete: bool,
+    reconciled: bool,
     timeout: Duration,
 ) -> Result<(), String> {
     let mut c = connect(addr, timeout).await?;
@@ -75,6 +78,7 @@ pub async fn set_epoch(
         epoch,
         incomplete,
         owner: owner.to_string(),
+        reconciled,
     })
     .await
     .map(|_| ())
@@ -235,4 +239,25 @@ pub async fn clone_replica(
     .await
     .map(|s| s.into_inner())
     .map_err(|s| format!("clone failed: {}", s.message()))
+}
+
+/// Digests of each `region` bytes of `[offset, offset + length)` of the
+/// live volume on one replica (`client` from [`connect`]).
+pub async fn region_digests(
+    client: &mut ReplicaControlClient<tonic::transport::Channel>,
+    volume: &str,
+    offset: u64,
+    length: u64,
+    region: u64,
+) -> Result<Vec<Vec<u8>>, String> {
+    client
+        .region_digests(RegionDigestsRequest {
+            volume: volume.to_string(),
+            offset,
+            length,
+            region,
+        })
+        .await
+        .map(|r| r.into_inner().digests)
+        .map_err(|s| format!("region digests failed: {}", s.message()))
 }

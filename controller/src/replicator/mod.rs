@@ -17,6 +17,7 @@
 //! delta resync, full rebuild) is in `recovery.rs`.
 
 mod chain_copy;
+mod compare;
 pub mod control;
 mod error;
 mod range_lock;
@@ -216,7 +217,7 @@ impl Volume {
         while self.needs_bump.swap(false, Ordering::AcqRel) {
             let new = self.epoch() + 1;
             for slot in self.slots() {
-                let Some((client, healthy)) = slot.write_target() else {
+                let Some((client, counts)) = slot.write_target() else {
                     continue;
                 };
                 match control::set_epoch(
@@ -224,7 +225,8 @@ impl Volume {
                     &self.name,
                     new,
                     &self.owner,
-                    !healthy,
+                    !counts,
+                    slot.is_healthy(),
                     self.options.control_timeout,
                 )
                 .await

@@ -25,7 +25,9 @@ use strata_replica::client::ReplicaClient;
 use strata_replica::Allocation;
 use tokio::sync::watch;
 
-use super::{chain_copy, control, Health, Slot, Volume, REGION};
+use std::sync::atomic::Ordering;
+
+use super::{chain_copy, compare, control, Health, Slot, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -64,19 +66,7 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
             match rejoin(&volume, &slot).await {
                 Ok(()) => {
                     *slot.retry.lock() = (Instant::now(), MIN_BACKOFF);
-                    let (volume, slot) = (volume.clone(), slot.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = sync(&volume, &slot).await {
-                            tracing::warn!(volume = %volume.name, replica = %slot.addr, "sync stopped: {e}");
-                            // Never leave a replica syncing with no job: out
-                            // it goes, and the loop brings it back (its
-                            // pending regions are kept, so nothing is redone).
-                            if !slot.is_faulted() {
-                                volume.fault(&slot, format!("sync stopped: {e}"));
-                                volume.bump_epoch_if_needed().await;
-                            }
-                        }
-                    });
+                    spawn_sync(volume.clone(), slot.clone());
                 }
                 Err(e) => {
                     let mut r = slot.retry.lock();
@@ -90,6 +80,22 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
 
 /// How many times a join re-copies snapshots taken while it copied.
 const CHAIN_ROUNDS: usize = 5;
+
+/// Runs the sync job of a replica that is syncing, in the background.
+pub fn spawn_sync(volume: Arc<Volume>, slot: Arc<Slot>) {
+    tokio::spawn(async move {
+        if let Err(e) = sync(&volume, &slot).await {
+            tracing::warn!(volume = %volume.name, replica = %slot.addr, "sync stopped: {e}");
+            // Never leave a replica syncing with no job: out it goes, and
+            // the loop brings it back (its pending regions are kept, so
+            // nothing is redone).
+            if !slot.is_faulted() {
+                volume.fault(&slot, format!("sync stopped: {e}"));
+                volume.bump_epoch_if_needed().await;
+            }
+        }
+    });
+}
 
 /// Opens the replica again and lets it join write-only. One that cannot be
 /// resynced by delta is wiped and gets the volume's snapshot chain copied
@@ -114,6 +120,17 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         && departure.as_ref().is_some_and(|d| {
             !d.lineage.is_empty() && d.lineage == status.lineage && d.epoch == status.epoch
         });
+    // Its machine restarted after an unclean stop: writes acknowledged
+    // before its last flush may be gone with the page cache, anywhere.
+    // Compare it with a peer, not only the regions it missed.
+    if delta && status.page_cache_lost {
+        tracing::warn!(volume = %volume.name, replica = %slot.addr, "replica lost its page cache (machine restart): comparing it region by region");
+        slot.verify.store(true, Ordering::Release);
+    }
+    if !delta {
+        slot.verify.store(false, Ordering::Release);
+    }
+    slot.counts_for_quorum.store(false, Ordering::Release);
     if !delta && !created {
         // Nothing on it can be trusted, and stale layers would show through
         // the snapshots copied next: start from an empty replica.
@@ -159,8 +176,16 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
             status.epoch
         ));
     }
-    if let Err(e) =
-        control::set_epoch(slot.addr, &volume.name, epoch, &volume.owner, true, timeout).await
+    if let Err(e) = control::set_epoch(
+        slot.addr,
+        &volume.name,
+        epoch,
+        &volume.owner,
+        true,
+        false,
+        timeout,
+    )
+    .await
     {
         // Its epoch may equal ours in number but belong to someone else:
         // move to a fresh epoch before the next try.
@@ -183,6 +208,7 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         let mut p = slot.progress.lock();
         *p = super::SyncProgress {
             full: !delta,
+            verify: slot.verify.load(Ordering::Acquire),
             total_bytes: slot.pending_regions() * REGION,
             done_bytes: 0,
             started: Some(Instant::now()),
@@ -339,6 +365,13 @@ fn ahead_of_cap(volume: &Volume, slot: &Slot) -> Option<Duration> {
 pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
     use futures::stream::{FuturesUnordered, StreamExt};
     let started = Instant::now();
+    if slot.verify.load(Ordering::Acquire) {
+        compare::mark_differences(volume, slot).await?;
+        let mut p = slot.progress.lock();
+        p.total_bytes = slot.pending_regions() * REGION;
+        p.done_bytes = 0;
+        p.started = Some(Instant::now());
+    }
     let mut transferred = 0u64;
     loop {
         let mut in_flight = FuturesUnordered::new();
@@ -411,6 +444,9 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
         return Err(e.to_string());
     }
     slot.set_health(Health::Healthy(target));
+    slot.verify.store(false, Ordering::Release);
+    slot.counts_for_quorum.store(false, Ordering::Release);
+    slot.progress.lock().verify = false;
     volume.request_bump();
     volume.bump_epoch_locked().await;
     let secs = started.elapsed().as_secs_f64();

@@ -4,7 +4,7 @@
 //! counters.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,6 +49,8 @@ pub struct Departure {
 #[derive(Debug, Clone, Default)]
 pub struct SyncProgress {
     pub full: bool,
+    /// Regions are compared (digests) before they are copied.
+    pub verify: bool,
     pub total_bytes: u64,
     pub done_bytes: u64,
     pub started: Option<Instant>,
@@ -88,6 +90,14 @@ pub struct Slot {
     pub in_flight: AtomicU64,
     pub ops_ok: AtomicU64,
     pub ops_failed: AtomicU64,
+    /// While syncing: compare each region with the source by digest and
+    /// copy only those that differ (after a crash, when the replica may
+    /// differ anywhere it was written since its last flush).
+    pub verify: AtomicBool,
+    /// While syncing: the replica holds every acknowledged write already
+    /// (it only may differ where writes were in flight at a controller
+    /// crash), so it counts for the write quorum, though it is not read.
+    pub counts_for_quorum: AtomicBool,
 }
 
 impl Slot {
@@ -102,6 +112,8 @@ impl Slot {
             in_flight: AtomicU64::new(0),
             ops_ok: AtomicU64::new(0),
             ops_failed: AtomicU64::new(0),
+            verify: AtomicBool::new(false),
+            counts_for_quorum: AtomicBool::new(false),
         }
     }
 
@@ -122,11 +134,12 @@ impl Slot {
     }
 
     /// The client if the replica receives writes (healthy or syncing), and
-    /// whether it is healthy.
+    /// whether it counts for the write quorum (healthy, or syncing with
+    /// every acknowledged write already: see `counts_for_quorum`).
     pub fn write_target(&self) -> Option<(Arc<ReplicaClient>, bool)> {
         match &*self.health.read() {
             Health::Healthy(c) => Some((c.clone(), true)),
-            Health::Syncing(c) => Some((c.clone(), false)),
+            Health::Syncing(c) => Some((c.clone(), self.counts_for_quorum.load(Ordering::Acquire))),
             Health::Faulted { .. } => None,
         }
     }

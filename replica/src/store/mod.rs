@@ -73,6 +73,10 @@ pub struct OpenReport {
     /// False if the previous process did not close the store (crash, kill):
     /// writes since its last flush may be lost or torn.
     pub was_clean: bool,
+    /// Not closed cleanly and the machine has restarted since it was last
+    /// opened (another boot id): writes since its last flush may be gone
+    /// with the page cache, not only torn.
+    pub page_cache_lost: bool,
 }
 
 /// A summary of the store for status calls.
@@ -194,6 +198,7 @@ impl Store {
             clean: false,
             incomplete: false,
             epoch_owner: String::new(),
+            boot_id: meta::boot_id(),
             next_layer_id: 2,
             layers: vec![LayerMeta {
                 id: 1,
@@ -240,12 +245,15 @@ impl Store {
             extents.push(files.scan_extents(blocks)?);
             layers.push(files);
         }
+        let boot = meta::boot_id();
         let report = OpenReport {
             was_clean: meta.clean,
+            page_cache_lost: !meta.clean && (meta.boot_id != boot || boot.is_empty()),
         };
         let failpoints = FailPoints::default();
-        if meta.clean {
+        if meta.clean || meta.boot_id != boot {
             meta.clean = false;
+            meta.boot_id = boot;
             meta::write(dir, &meta, &failpoints)?;
         }
         let store = Store {
@@ -342,6 +350,12 @@ impl Store {
     }
 
     /// Heap bytes held by the in-memory extent maps and read index.
+    /// True if writes were made since the last flush (they may still be
+    /// only in the page cache).
+    pub fn has_unflushed_writes(&self) -> bool {
+        self.head_dirty.load(Ordering::Acquire)
+    }
+
     pub fn index_heap_bytes(&self) -> usize {
         let st = self.state.read();
         let maps = st.maps.lock();

@@ -1,0 +1,64 @@
+//! Comparing a replica with a healthy peer after a crash, without an
+//! activity log: both replicas digest every region of the live volume
+//! locally (BLAKE3 over the data they hold, holes by extent; only the
+//! 32-byte digests cross the network), and the regions whose digests differ
+//! are marked pending for the sync job to copy. Reading the whole allocated
+//! volume on both sides is the cost; the transfer is only what differs.
+//!
+//! The comparison takes no lock: client writes reach both replicas in one
+//! order, so two digests taken at different moments can only be equal if
+//! the region ends up equal once both have applied the same writes; a
+//! region caught mid-write just differs and is copied, under its range
+//! lock, by the sync job.
+
+use std::time::Instant;
+
+use strata_replica::control::MAX_DIGEST_WINDOW;
+
+use super::{control, Slot, Volume, REGION};
+
+/// Marks every region where `slot`'s replica differs from a healthy one.
+/// Returns how many regions differ.
+pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, String> {
+    let source = volume
+        .healthy_addr()
+        .map_err(|e| format!("no healthy replica to compare with: {e}"))?;
+    let timeout = volume.options.control_timeout * 12;
+    let mut src = control::connect(source, timeout).await?;
+    let mut dst = control::connect(slot.addr, timeout).await?;
+    {
+        let mut p = slot.progress.lock();
+        p.verify = true;
+        p.total_bytes = volume.size;
+        p.done_bytes = 0;
+        p.started = Some(Instant::now());
+    }
+    let mut differing = 0;
+    let mut offset = 0;
+    while offset < volume.size {
+        let len = MAX_DIGEST_WINDOW.min(volume.size - offset);
+        let (a, b) = tokio::join!(
+            control::region_digests(&mut src, &volume.name, offset, len, REGION),
+            control::region_digests(&mut dst, &volume.name, offset, len, REGION),
+        );
+        let a = a.map_err(|e| format!("source {source}: {e}"))?;
+        let b = b.map_err(|e| format!("target: {e}"))?;
+        if a.len() != b.len() {
+            return Err(format!(
+                "digest counts differ ({} vs {}) at offset {offset}",
+                a.len(),
+                b.len()
+            ));
+        }
+        for (i, (da, db)) in a.iter().zip(&b).enumerate() {
+            if da != db {
+                slot.mark_pending(offset + i as u64 * REGION, REGION);
+                differing += 1;
+            }
+        }
+        slot.progress.lock().done_bytes += len;
+        offset += len;
+    }
+    tracing::info!(volume = %volume.name, replica = %slot.addr, differing, "replica compared with {source}");
+    Ok(differing)
+}
