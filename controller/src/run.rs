@@ -98,12 +98,6 @@ pub async fn run_controller(
             volume: volume.clone(),
         });
     }
-    // Replicas assembled for comparison after a crash sync now.
-    for slot in volume.slots() {
-        if matches!(slot.health(), crate::replicator::Health::Syncing(_)) {
-            crate::replicator::recovery::spawn_sync(volume.clone(), slot);
-        }
-    }
     tokio::spawn(crate::replicator::recovery::recovery_loop(
         volume.clone(),
         shutdown.clone(),

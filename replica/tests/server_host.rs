@@ -48,7 +48,7 @@ fn create_open_list_close_delete() {
     assert!(matches!(host.close("a"), Err(HostError::NotOpen(_))));
     // Reopen: the clean close is reported, the data is there.
     let a = host.open("a").unwrap();
-    assert!(host.open_with_report("a").unwrap().1);
+    assert!(host.open_with_report("a").unwrap().1.was_clean);
     let mut buf = [0u8; 4096];
     a.read(0, &mut buf).unwrap();
     assert_eq!(buf, [7u8; 4096]);
@@ -71,9 +71,15 @@ fn an_unclean_stop_is_reported() {
     // the first one "crashes" by being dropped without close.
     drop(host);
     let host = ReplicaHost::new(dir.path().join("replicas"), testing::portable());
-    let (_, was_clean) = host.open_with_report("v").unwrap();
-    assert!(!was_clean);
+    let (_, report) = host.open_with_report("v").unwrap();
+    assert!(!report.was_clean);
+    // Same machine, same boot: the page cache survived the crash.
+    assert!(!report.page_cache_lost);
     assert!(!host.open_report("v").unwrap().was_clean);
+    // Once a controller found it equal to its peers, the unclean stop is
+    // forgotten.
+    host.mark_reconciled("v");
+    assert!(host.open_report("v").unwrap().was_clean);
 }
 
 #[test]

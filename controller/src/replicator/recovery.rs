@@ -34,8 +34,15 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// Regions a sync job copies at once.
 pub const SYNC_PARALLEL: usize = 4;
 
-/// Retries faulted replicas until `shutdown`.
+/// Retries faulted replicas until `shutdown`. Replicas the volume was
+/// assembled with as syncing (compared after a crash) get their sync job
+/// first.
 pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bool>) {
+    for slot in volume.slots() {
+        if matches!(slot.health(), Health::Syncing(_)) {
+            spawn_sync(volume.clone(), slot);
+        }
+    }
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
