@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
