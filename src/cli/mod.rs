@@ -1,5 +1,6 @@
 //! Command-line definitions (clap) and dispatch to the roles.
 
+mod backup;
 mod size;
 mod up;
 mod volume;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Ask a volume's controller about the volume.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Backups in S3 or a directory: list, verify, restore, retention, gc.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,5 +177,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Volume(cmd) => volume::run(cmd).await,
+        Command::Backup(cmd) => backup::run(cmd).await,
     }
 }
