@@ -1,10 +1,67 @@
-//! `strata-backup`: backups of volumes to S3 or a directory (not built yet).
+//! `strata-backup`: incremental, deduplicated, optionally encrypted backups
+//! of strata volumes to S3 or a directory, and restores from them.
 //!
-//! It will own backup targets (`s3://bucket/prefix`, `file:///dir`), the
-//! content-addressed chunk store (chunks named by a keyed hash, compressed,
-//! optionally encrypted, deduplicated across every volume of a target),
-//! per-backup manifests written last, restore with verification of every
-//! chunk, retention and garbage collection, and schedules. Its data comes
-//! from a replica's snapshot reader and "ranges changed between two
-//! snapshots" (`strata_replica::Store::read_view` and `changed_ranges`,
-//! already built) and goes to the target.
+//! Data comes from a [`SnapshotSource`] (the controller reads a replica's
+//! snapshot and "ranges changed between two snapshots"; [`FileSource`]
+//! reads a raw image) and goes to a [`Target`] (`s3://bucket/prefix` through
+//! the AWS SDK, or `file:///dir`); restores write to a [`RestoreSink`] (a
+//! volume through the controller, or a sparse [`FileSink`]).
+//!
+//! Design, in the order data flows (each module says more):
+//! - **Chunks** (`backup.rs`): the volume is cut into fixed, aligned chunks
+//!   (1 MiB by default, per target). Block devices do not shift data the way
+//!   files in an archive do, so content-defined boundaries would find no
+//!   more duplicates, would cost a rolling hash over every byte, and would
+//!   not line up with the changed ranges a snapshot reports (an incremental
+//!   backup would have to read around every change to find the boundaries
+//!   again). Aligned chunks let an incremental backup read exactly the
+//!   chunks a change touches. 1 MiB keeps the incremental overhead of small
+//!   scattered writes low and the chunks in flight small (see the chunk size
+//!   figures in `backup/README.md`).
+//! - **Names and dedup** (`envelope.rs`, `target.rs`): a chunk is named by
+//!   a keyed BLAKE3 hash of its plaintext; the key is per target (random in
+//!   `config`, or derived from the user's key), so every volume backed up to
+//!   one target deduplicates against every other, and names reveal nothing.
+//! - **Objects** (`envelope.rs`): zstd, then XChaCha20-Poly1305 when a key
+//!   is configured, or a keyed checksum when not; the object's name is
+//!   authenticated with it.
+//! - **Manifests and index pages** (`format.rs`): one content-addressed
+//!   page per 1 GiB window lists the window's chunks; the manifest (volume,
+//!   size, snapshot, parent, page list) is written last.
+//! - **Restore and verify** (`restore.rs`): every chunk's tag and hash are
+//!   checked before it is written; zero ranges are skipped on a new file.
+//! - **Retention and gc** (`admin.rs`, `locks.rs`, `schedule.rs`): forget
+//!   drops manifests; gc marks from manifests and index pages and sweeps by
+//!   listing; locks keep it from deleting beside a running backup.
+//! - **Progress** (`progress.rs`): a bar on a terminal, log lines otherwise.
+//!
+//! Memory: about `parallel × 2 × chunk_size` for the chunks in flight plus
+//! two index pages (≈ 16 MiB with the defaults: 8 × 2 × 1 MiB), whatever the
+//! volume size.
+
+mod admin;
+mod backup;
+mod envelope;
+mod error;
+mod file;
+pub mod format;
+mod locks;
+pub mod progress;
+mod restore;
+mod schedule;
+pub mod source;
+pub mod store;
+mod target;
+
+pub use admin::{forget, gc, list, remove, show, BackupInfo, ForgetReport, GcOptions, GcReport};
+pub use backup::{create_backup, BackupOptions, BackupSummary};
+pub use envelope::ObjectId;
+pub use error::{BackupError, Result};
+pub use file::{FileSink, FileSource};
+pub use format::BackupStats;
+pub use progress::{LogProgress, NoProgress, Progress, TerminalProgress};
+pub use restore::{restore, verify, RestoreSummary, VerifyReport};
+pub use schedule::{BackupSchedule, Retention};
+pub use source::{Extent, ExtentKind, RestoreSink, SnapshotSource, SourceError};
+pub use store::S3Options;
+pub use target::{load_key, Target, TargetConfig, TargetOptions, KEY_ENV};

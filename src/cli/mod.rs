@@ -1,5 +1,6 @@
 //! Command-line definitions (clap) and dispatch to the roles.
 
+mod backup;
 mod size;
 mod snapshot;
 mod up;
@@ -42,6 +43,9 @@ pub enum Command {
     /// Snapshots of a volume, through its controller.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Backups in S3 or a directory: list, verify, restore, retention, gc.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,5 +182,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volume(cmd) => volume::run(cmd).await,
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
+        Command::Backup(cmd) => backup::run(cmd).await,
     }
 }

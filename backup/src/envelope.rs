@@ -1,0 +1,282 @@
+//! How every object but `config` is stored: compressed with zstd, then
+//! either encrypted and authenticated with XChaCha20-Poly1305 (a target with
+//! a key) or followed by a keyed BLAKE3 checksum (a target without one).
+//! Chunks are named by a keyed BLAKE3 hash of their plaintext
+//! ([`Keys::chunk_id`]), so the store never learns their content and two
+//! volumes holding the same data produce the same names.
+//!
+//! Object layout (all integers little-endian):
+//!
+//! ```text
+//! 0   4  magic "STRB"
+//! 4   1  version (1)
+//! 5   1  kind (1 chunk, 2 index page, 3 manifest)
+//! 6   1  flags (bit 0: zstd, bit 1: encrypted)
+//! 7   1  reserved (0)
+//! 8   4  plaintext length
+//! 12     encrypted:   24-byte nonce, ciphertext, 16-byte tag
+//!        unencrypted: payload, 32-byte keyed BLAKE3 of (name, header, payload)
+//! ```
+//!
+//! The object's name (its key) is bound in: the associated data of the AEAD,
+//! or the input of the checksum; an object copied under another name fails
+//! to open. Opening never allocates more than the plaintext length, which
+//! the caller bounds per kind.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+pub const MAGIC: &[u8; 4] = b"STRB";
+const VERSION: u8 = 1;
+const HEADER: usize = 12;
+const NONCE: usize = 24;
+const TAG: usize = 16;
+const SUM: usize = 32;
+const FLAG_ZSTD: u8 = 1;
+const FLAG_ENCRYPTED: u8 = 2;
+
+/// What an object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Chunk = 1,
+    IndexPage = 2,
+    Manifest = 3,
+}
+
+/// A chunk's or index page's name: the keyed hash of its plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId(pub [u8; 32]);
+
+impl ObjectId {
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(Self(b))
+    }
+}
+
+impl std::fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.hex()[..16])
+    }
+}
+
+/// The keys of one target, derived from its `config` object (and the
+/// user's key when the target is encrypted).
+pub struct Keys {
+    hash_key: [u8; 32],
+    sum_key: [u8; 32],
+    aead: Option<XChaCha20Poly1305>,
+    level: i32,
+}
+
+impl Keys {
+    /// `hash_key` names chunks; `enc_key` (encrypted targets) seals objects.
+    pub fn new(hash_key: [u8; 32], enc_key: Option<[u8; 32]>) -> Self {
+        Self {
+            hash_key,
+            sum_key: blake3::derive_key("strata-backup v1 object checksum", &hash_key),
+            aead: enc_key.map(|k| XChaCha20Poly1305::new(&k.into())),
+            level: 3,
+        }
+    }
+
+    /// The keyed hash naming `data`.
+    pub fn chunk_id(&self, data: &[u8]) -> ObjectId {
+        ObjectId(*blake3::keyed_hash(&self.hash_key, data).as_bytes())
+    }
+
+    fn checksum(&self, name: &str, header_and_payload: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.sum_key);
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(header_and_payload);
+        *h.finalize().as_bytes()
+    }
+
+    /// Compresses and seals `plain` as object `name`.
+    pub fn seal(&self, kind: Kind, name: &str, plain: &[u8]) -> Result<Vec<u8>, String> {
+        let raw_len = u32::try_from(plain.len()).map_err(|_| "object too large".to_string())?;
+        let compressed = zstd::bulk::compress(plain, self.level)
+            .map_err(|e| format!("zstd compression failed: {e}"))?;
+        let (flags, payload) = if compressed.len() < plain.len() {
+            (FLAG_ZSTD, compressed.as_slice())
+        } else {
+            (0, plain)
+        };
+        let mut out = Vec::with_capacity(HEADER + NONCE + payload.len() + SUM);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(kind as u8);
+        match &self.aead {
+            Some(aead) => {
+                out.push(flags | FLAG_ENCRYPTED);
+                out.push(0);
+                out.extend_from_slice(&raw_len.to_le_bytes());
+                let nonce: [u8; NONCE] = rand::random();
+                let mut aad = Vec::with_capacity(HEADER + name.len());
+                aad.extend_from_slice(&out[..HEADER]);
+                aad.extend_from_slice(name.as_bytes());
+                let ct = aead
+                    .encrypt(
+                        XNonce::from_slice(&nonce),
+                        Payload {
+                            msg: payload,
+                            aad: &aad,
+                        },
+                    )
+                    .map_err(|_| "encryption failed".to_string())?;
+                out.extend_from_slice(&nonce);
+                out.extend_from_slice(&ct);
+            }
+            None => {
+                out.push(flags);
+                out.push(0);
+                out.extend_from_slice(&raw_len.to_le_bytes());
+                out.extend_from_slice(payload);
+                let sum = self.checksum(name, &out);
+                out.extend_from_slice(&sum);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks, decrypts and decompresses object `name`; its plaintext must
+    /// be at most `max_len` bytes. The error says what is wrong, for a
+    /// [`crate::BackupError::Corrupt`] naming the object.
+    pub fn open(
+        &self,
+        kind: Kind,
+        name: &str,
+        obj: &[u8],
+        max_len: usize,
+    ) -> Result<Vec<u8>, String> {
+        if obj.len() < HEADER {
+            return Err(format!("truncated: {} bytes", obj.len()));
+        }
+        if &obj[..4] != MAGIC {
+            return Err("bad magic".into());
+        }
+        if obj[4] != VERSION {
+            return Err(format!("unknown version {}", obj[4]));
+        }
+        if obj[5] != kind as u8 {
+            return Err(format!("holds kind {}, expected {}", obj[5], kind as u8));
+        }
+        let flags = obj[6];
+        if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || obj[7] != 0 {
+            return Err(format!("unknown flags {flags:#x}"));
+        }
+        let raw_len = u32::from_le_bytes([obj[8], obj[9], obj[10], obj[11]]) as usize;
+        if raw_len > max_len {
+            return Err(format!(
+                "declares {raw_len} bytes, more than the {max_len} allowed"
+            ));
+        }
+        let payload: Vec<u8>;
+        let payload_ref: &[u8] = match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
+            (Some(aead), true) => {
+                if obj.len() < HEADER + NONCE + TAG {
+                    return Err(format!("truncated: {} bytes", obj.len()));
+                }
+                let mut aad = Vec::with_capacity(HEADER + name.len());
+                aad.extend_from_slice(&obj[..HEADER]);
+                aad.extend_from_slice(name.as_bytes());
+                payload = aead
+                    .decrypt(
+                        XNonce::from_slice(&obj[HEADER..HEADER + NONCE]),
+                        Payload {
+                            msg: &obj[HEADER + NONCE..],
+                            aad: &aad,
+                        },
+                    )
+                    .map_err(|_| "authentication tag mismatch (damaged or altered)".to_string())?;
+                &payload
+            }
+            (None, false) => {
+                if obj.len() < HEADER + SUM {
+                    return Err(format!("truncated: {} bytes", obj.len()));
+                }
+                let (body, sum) = obj.split_at(obj.len() - SUM);
+                if self.checksum(name, body) != sum {
+                    return Err("checksum mismatch (damaged or truncated)".into());
+                }
+                &body[HEADER..]
+            }
+            (None, true) => return Err("is encrypted but the target is not".into()),
+            (Some(_), false) => return Err("is not encrypted but the target is".into()),
+        };
+        let plain = if flags & FLAG_ZSTD != 0 {
+            zstd::bulk::decompress(payload_ref, raw_len)
+                .map_err(|e| format!("zstd decompression failed: {e}"))?
+        } else {
+            payload_ref.to_vec()
+        };
+        if plain.len() != raw_len {
+            return Err(format!(
+                "holds {} bytes, header says {raw_len}",
+                plain.len()
+            ));
+        }
+        Ok(plain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both() -> [Keys; 2] {
+        [Keys::new([7; 32], None), Keys::new([7; 32], Some([9; 32]))]
+    }
+
+    #[test]
+    fn round_trip_and_tamper() {
+        for k in both() {
+            for data in [
+                vec![0u8; 5000],
+                (0..5000u32).map(|i| (i * 7919) as u8).collect(),
+            ] {
+                let obj = k.seal(Kind::Chunk, "chunks/x", &data).unwrap();
+                assert_eq!(
+                    k.open(Kind::Chunk, "chunks/x", &obj, 1 << 20).unwrap(),
+                    data
+                );
+                assert!(
+                    k.open(Kind::Chunk, "chunks/y", &obj, 1 << 20).is_err(),
+                    "name bound"
+                );
+                assert!(k.open(Kind::Manifest, "chunks/x", &obj, 1 << 20).is_err());
+                assert!(
+                    k.open(Kind::Chunk, "chunks/x", &obj, 100).is_err(),
+                    "length bound"
+                );
+                for i in [0, 5, 9, HEADER + 1, obj.len() / 2, obj.len() - 1] {
+                    let mut bad = obj.clone();
+                    bad[i] ^= 0x10;
+                    assert!(
+                        k.open(Kind::Chunk, "chunks/x", &bad, 1 << 20).is_err(),
+                        "flip at {i}"
+                    );
+                }
+                for n in [0, 3, HEADER, obj.len() - 1] {
+                    assert!(k.open(Kind::Chunk, "chunks/x", &obj[..n], 1 << 20).is_err());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_key_fails() {
+        let a = Keys::new([1; 32], Some([2; 32]));
+        let b = Keys::new([1; 32], Some([3; 32]));
+        let obj = a.seal(Kind::Chunk, "c", b"hello").unwrap();
+        assert!(b.open(Kind::Chunk, "c", &obj, 100).is_err());
+        let plain = Keys::new([1; 32], None);
+        assert!(plain.open(Kind::Chunk, "c", &obj, 100).is_err());
+    }
+}
