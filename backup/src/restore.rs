@@ -165,14 +165,18 @@ async fn restore_inner<K: RestoreSink>(
                     .map_err(sink_err("write zeroes"))?;
             }
         }
-        let jobs = page
+        // Collected rather than a lazy iterator: a closure over borrowed
+        // entries held across awaits makes the future not provably Send
+        // (rust-lang/rust#64552), and callers spawn restores.
+        let jobs: Vec<(u64, ObjectId)> = page
             .entries
             .iter()
             .enumerate()
             .filter_map(|(i, e)| match e {
                 Entry::Data(id) => Some((off + i as u64 * cs, *id)),
                 Entry::Zero => None,
-            });
+            })
+            .collect();
         futures::stream::iter(jobs)
             .map(|(c_off, id)| {
                 let (read, written) = (&read, &written);

@@ -9,6 +9,7 @@
 
 pub mod assemble;
 pub mod backend;
+pub mod backup;
 pub mod frontend;
 pub mod mgmt;
 pub mod replicator;

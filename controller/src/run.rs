@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::assemble::{assemble, AssembleError, AssembleOptions};
+use crate::backup::{run_schedules, ScheduleState};
 use crate::mgmt::{serve_metrics, VolumeService};
 use crate::replicator::Volume;
 
@@ -18,6 +19,11 @@ pub struct ControllerOptions {
     pub nbd: SocketAddr,
     pub control: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// How backups open targets when a request (or a schedule) says
+    /// nothing else: S3 endpoint, key.
+    pub backup_defaults: strata_backup::TargetOptions,
+    /// Backup schedules the controller runs.
+    pub backup_schedules: Vec<strata_backup::BackupSchedule>,
 }
 
 /// Sent once the controller serves.
@@ -67,12 +73,20 @@ pub async fn run_controller(
         None => None,
     };
     let volume = Arc::new(assemble(&opts.assemble).await?);
+    let schedules: Arc<Vec<Arc<ScheduleState>>> = Arc::new(
+        opts.backup_schedules
+            .iter()
+            .map(|s| Arc::new(ScheduleState::new(s.clone())))
+            .collect(),
+    );
     let nbd_addr = nbd_listener.local_addr().map_err(RunError::Nbd)?;
 
     if let Some(listener) = control_listener {
         let svc = VolumeService {
             volume: volume.clone(),
             nbd_address: nbd_addr.to_string(),
+            backup_defaults: opts.backup_defaults.clone(),
+            schedules: schedules.clone(),
         };
         let mut rx = shutdown.clone();
         tokio::spawn(async move {
@@ -89,7 +103,12 @@ pub async fn run_controller(
         });
     }
     if let Some(listener) = metrics_listener {
-        tokio::spawn(serve_metrics(listener, volume.clone(), shutdown.clone()));
+        tokio::spawn(serve_metrics(
+            listener,
+            volume.clone(),
+            schedules.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(ready) = ready {
         let _ = ready.send(RunningInfo {
@@ -97,6 +116,14 @@ pub async fn run_controller(
             size: volume.size,
             volume: volume.clone(),
         });
+    }
+    if !schedules.is_empty() {
+        tokio::spawn(run_schedules(
+            volume.clone(),
+            opts.backup_defaults.clone(),
+            schedules.to_vec(),
+            shutdown.clone(),
+        ));
     }
     tokio::spawn(crate::replicator::recovery::recovery_loop(
         volume.clone(),

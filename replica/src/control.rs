@@ -324,7 +324,9 @@ impl ReplicaControl for ReplicaControlService {
         req: Request<RegionDigestsRequest>,
     ) -> Result<Response<RegionDigestList>, Status> {
         let req = req.into_inner();
-        if req.length > MAX_DIGEST_WINDOW || req.region == 0 || req.region % crate::BLOCK_SIZE != 0
+        if req.length > MAX_DIGEST_WINDOW
+            || req.region == 0
+            || !req.region.is_multiple_of(crate::BLOCK_SIZE)
         {
             return Err(Status::invalid_argument(format!(
                 "window {} (at most {MAX_DIGEST_WINDOW}) or region {} (a multiple of 4096) out of bounds",

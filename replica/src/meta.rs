@@ -146,7 +146,7 @@ fn validate(meta: &VolumeMeta) -> std::result::Result<(), String> {
             crate::BLOCK_SIZE
         ));
     }
-    if meta.size % crate::BLOCK_SIZE != 0 {
+    if !meta.size.is_multiple_of(crate::BLOCK_SIZE) {
         return Err(format!(
             "size {} is not a multiple of the block size",
             meta.size
@@ -217,6 +217,19 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io("fsync directory", dir, 0, e))
+}
+
+/// This boot of the machine (`/proc/sys/kernel/random/boot_id`), or
+/// `STRATA_BOOT_ID` when set (tests simulate a machine restart with it).
+/// Empty if neither is available: every unclean stop then counts as a
+/// restart, the safe side.
+pub fn boot_id() -> String {
+    if let Ok(id) = std::env::var("STRATA_BOOT_ID") {
+        return id;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -294,17 +307,4 @@ mod tests {
         m.next_layer_id = 2;
         assert!(decode(&encode(&m), Path::new("x")).is_err());
     }
-}
-
-/// This boot of the machine (`/proc/sys/kernel/random/boot_id`), or
-/// `STRATA_BOOT_ID` when set (tests simulate a machine restart with it).
-/// Empty if neither is available: every unclean stop then counts as a
-/// restart, the safe side.
-pub fn boot_id() -> String {
-    if let Ok(id) = std::env::var("STRATA_BOOT_ID") {
-        return id;
-    }
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }

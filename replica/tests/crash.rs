@@ -170,7 +170,7 @@ fn populated(dir: &Path, engine: Arc<CrashSimEngine>) -> Store {
     let store = create(dir, engine);
     for layer in 0..4u32 {
         for b in 0..BLOCKS {
-            if (b + layer as u64) % 3 == 0 {
+            if (b + layer as u64).is_multiple_of(3) {
                 store
                     .write(b * BLOCK_SIZE, &block_pattern(layer * 100 + b as u32))
                     .unwrap();

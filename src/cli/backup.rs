@@ -70,12 +70,17 @@ pub enum BackupCommand {
         /// ranges only; always a full backup, deduplicated against the target).
         #[arg(long)]
         from_file: Option<PathBuf>,
-        /// Snapshot name recorded for a --from-file backup.
-        #[arg(long, default_value = "file")]
-        snapshot: String,
+        /// The snapshot to back up (default: a new one, kept as the base of
+        /// the next incremental backup to this target); with --from-file,
+        /// the name recorded (default "file").
+        #[arg(long)]
+        snapshot: Option<String>,
         /// Read everything even if an earlier backup could be the base.
         #[arg(long)]
         full: bool,
+        /// The volume's controller (management address).
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: std::net::SocketAddr,
         #[command(flatten)]
         t: TargetArgs,
     },
@@ -143,6 +148,12 @@ pub enum BackupCommand {
         /// Write to this volume (through its controller).
         #[arg(long)]
         to: Option<String>,
+        /// The destination volume's controller (management address).
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: std::net::SocketAddr,
+        /// Restore into the volume even with clients attached.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         t: TargetArgs,
     },
@@ -221,15 +232,21 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
             from_file,
             snapshot,
             full,
+            controller,
             t,
         } => {
             let Some(path) = from_file else {
-                // The controller path (take a snapshot, feed it here) is
-                // built with the snapshot API.
-                anyhow::bail!(
-                    "backing up a live volume needs the controller's snapshot API, not available in this build; use --from-file IMAGE"
-                );
+                return through_controller::backup(
+                    &volume,
+                    controller,
+                    snapshot,
+                    full,
+                    &t,
+                    progress.as_ref(),
+                )
+                .await;
             };
+            let snapshot = snapshot.unwrap_or_else(|| "file".into());
             let target = t.open().await?;
             let src = FileSource::open(&path, &volume, &snapshot)
                 .with_context(|| format!("cannot open {}", path.display()))?;
@@ -369,12 +386,20 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
             backup,
             to_file,
             to,
+            controller,
+            force,
             t,
         } => {
             if let Some(volume) = to {
-                anyhow::bail!(
-                    "restoring to volume {volume:?} needs the controller, not available in this build; use --to-file PATH"
-                );
+                return through_controller::restore(
+                    &volume,
+                    controller,
+                    &backup,
+                    force,
+                    &t,
+                    progress.as_ref(),
+                )
+                .await;
             }
             let Some(path) = to_file else {
                 anyhow::bail!("say where to restore: --to-file PATH (or --to VOLUME)");
@@ -414,5 +439,142 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// `backup create VOLUME` and `restore --to VOLUME`: the volume's controller
+/// runs them (it reads the snapshot from a replica, or writes through the
+/// replicator) and streams progress back.
+mod through_controller {
+    use std::net::SocketAddr;
+
+    use strata_backup::Progress;
+    use strata_proto::controller::{BackupEvent, BackupRequest, RestoreRequest, TargetSpec};
+    use tonic::Streaming;
+
+    use super::{size, TargetArgs};
+
+    fn spec(t: &TargetArgs) -> anyhow::Result<TargetSpec> {
+        Ok(TargetSpec {
+            url: t.target.clone(),
+            endpoint: t.endpoint.clone().unwrap_or_default(),
+            region: t.region.clone().unwrap_or_default(),
+            path_style: t.path_style,
+            key: strata_backup::load_key(t.key_file.as_deref())?.unwrap_or_default(),
+            parallel: t.parallel as u32,
+        })
+    }
+
+    /// Drives `progress` from the controller's events; returns the result.
+    async fn follow(
+        mut events: Streaming<BackupEvent>,
+        progress: &dyn Progress,
+        volume: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut phase = String::new();
+        let mut done = 0;
+        loop {
+            let ev = events
+                .message()
+                .await
+                .map_err(|e| anyhow::anyhow!("volume {volume}: {}", e.message()))?;
+            let Some(ev) = ev else {
+                anyhow::bail!("volume {volume}: the controller ended the stream without a result");
+            };
+            if !ev.result_json.is_empty() {
+                if !phase.is_empty() {
+                    progress.finish();
+                }
+                return Ok(serde_json::from_str(&ev.result_json)?);
+            }
+            if ev.phase != phase {
+                if !phase.is_empty() {
+                    progress.finish();
+                }
+                progress.start(&ev.phase, ev.total, ev.bytes);
+                phase = ev.phase;
+                done = 0;
+            }
+            if ev.done > done {
+                progress.advance(ev.done - done);
+                done = ev.done;
+            }
+        }
+    }
+
+    pub async fn backup(
+        volume: &str,
+        controller: SocketAddr,
+        snapshot: Option<String>,
+        full: bool,
+        t: &TargetArgs,
+        progress: &dyn Progress,
+    ) -> anyhow::Result<()> {
+        let mut c = crate::cli::snapshot::connect(volume, controller).await?;
+        let events = c
+            .create_backup(BackupRequest {
+                target: Some(spec(t)?),
+                snapshot: snapshot.unwrap_or_default(),
+                full,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("volume {volume}: backup refused: {}", e.message()))?
+            .into_inner();
+        let s = follow(events, progress, volume).await?;
+        if t.json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            return Ok(());
+        }
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        println!(
+            "backup {}/{} of snapshot {} done{}: read {}, uploaded {} ({} new chunks, {} reused) in {:.1}s",
+            s["volume"].as_str().unwrap_or(volume),
+            s["id"].as_str().unwrap_or("?"),
+            s["snapshot"].as_str().unwrap_or("?"),
+            match s["parent"].as_str() {
+                Some(p) => format!(" (incremental to {p})"),
+                None => " (full)".into(),
+            },
+            size(n("bytes_read")),
+            size(n("bytes_uploaded")),
+            n("chunks_new"),
+            n("chunks_reused"),
+            n("duration_ms") as f64 / 1000.0
+        );
+        Ok(())
+    }
+
+    pub async fn restore(
+        volume: &str,
+        controller: SocketAddr,
+        backup: &str,
+        force: bool,
+        t: &TargetArgs,
+        progress: &dyn Progress,
+    ) -> anyhow::Result<()> {
+        let mut c = crate::cli::snapshot::connect(volume, controller).await?;
+        let events = c
+            .restore_backup(RestoreRequest {
+                target: Some(spec(t)?),
+                backup: backup.to_string(),
+                force,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("volume {volume}: restore refused: {}", e.message()))?
+            .into_inner();
+        let s = follow(events, progress, volume).await?;
+        if t.json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            return Ok(());
+        }
+        println!(
+            "restored {}/{} (snapshot {}) into volume {volume}: {} written in {:.1}s",
+            s["volume"].as_str().unwrap_or("?"),
+            s["id"].as_str().unwrap_or("?"),
+            s["snapshot"].as_str().unwrap_or("?"),
+            size(s["bytes_written"].as_u64().unwrap_or(0)),
+            s["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+        );
+        Ok(())
     }
 }

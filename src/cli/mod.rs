@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and dispatch to the roles.
 
 mod backup;
+mod schedule;
 mod size;
 mod snapshot;
 mod up;
@@ -115,11 +116,13 @@ pub struct ControllerArgs {
     /// Cap on resync/rebuild bandwidth in MiB/s (0: unlimited).
     #[arg(long, default_value_t = 0)]
     pub sync_rate_mib: u64,
+    #[command(flatten)]
+    pub backup: schedule::BackupFlags,
 }
 
 impl ControllerArgs {
-    pub fn options(&self) -> strata_controller::run::ControllerOptions {
-        strata_controller::run::ControllerOptions {
+    pub fn options(&self) -> anyhow::Result<strata_controller::run::ControllerOptions> {
+        Ok(strata_controller::run::ControllerOptions {
             assemble: strata_controller::assemble::AssembleOptions {
                 volume: self.volume.clone(),
                 replicas: self.replicas.clone(),
@@ -132,7 +135,9 @@ impl ControllerArgs {
             nbd: self.nbd,
             control: Some(self.control),
             metrics: Some(self.metrics),
-        }
+            backup_defaults: self.backup.target_options()?,
+            backup_schedules: self.backup.schedules.clone(),
+        })
     }
 }
 
@@ -177,7 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_signal().await;
                 let _ = tx.send(true);
             });
-            strata_controller::run::run_controller(args.options(), rx, None).await?;
+            strata_controller::run::run_controller(args.options()?, rx, None).await?;
             Ok(())
         }
         Command::Volume(cmd) => volume::run(cmd).await,

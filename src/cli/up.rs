@@ -38,6 +38,8 @@ pub struct UpArgs {
     /// First replica server port on 127.0.0.1 (replica i listens on base + i); 0 picks free ports.
     #[arg(long, default_value_t = 0)]
     pub replica_port_base: u16,
+    #[command(flatten)]
+    pub backup: super::schedule::BackupFlags,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -85,6 +87,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         nbd: args.nbd,
         control: Some(args.control),
         metrics: Some(args.metrics),
+        backup_defaults: args.backup.target_options()?,
+        backup_schedules: args.backup.schedules.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(strata_controller::run::run_controller(

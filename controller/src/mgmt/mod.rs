@@ -2,6 +2,7 @@
 //! (what `strata volume status` calls) and Prometheus text on `/metrics`.
 //! The snapshot calls are in `snapshots.rs`.
 
+mod backups;
 mod snapshots;
 
 use std::sync::atomic::Ordering;
@@ -11,19 +12,50 @@ use std::net::SocketAddr;
 use strata_proto::controller::volume_control_server::VolumeControl;
 
 use strata_proto::controller::{
-    CloneReply, CloneRequest, IoCounters, ReplicaAddress, ReplicaInfo, RevertRequest,
-    SnapshotCreated, SnapshotList, SnapshotRef, StatusRequest, VolumeStatus,
+    BackupRequest, CloneReply, CloneRequest, IoCounters, ReplicaAddress, ReplicaInfo,
+    RestoreRequest, RevertRequest, ScheduleStatus, SnapshotCreated, SnapshotList, SnapshotRef,
+    StatusRequest, VolumeStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::backup::ScheduleState;
 use crate::replicator::{Health, Slot, Volume};
 
 /// gRPC handlers: thin, converting the volume's state to messages.
 pub struct VolumeService {
     pub volume: Arc<Volume>,
     pub nbd_address: String,
+    /// How backups asked for over this API open targets by default.
+    pub backup_defaults: strata_backup::TargetOptions,
+    pub schedules: Arc<Vec<Arc<ScheduleState>>>,
+}
+
+impl VolumeService {
+    fn status_now(&self) -> VolumeStatus {
+        let mut s = status_of(&self.volume, &self.nbd_address);
+        s.schedules = self.schedules.iter().map(|s| schedule_status(s)).collect();
+        s
+    }
+}
+
+fn schedule_status(s: &ScheduleState) -> ScheduleStatus {
+    let last = s.last.lock().clone().unwrap_or_default();
+    let r = s.schedule.retention;
+    ScheduleStatus {
+        cron: s.schedule.cron.clone(),
+        target: s.schedule.target.clone(),
+        next_run: *s.next.lock(),
+        last_finished: last.finished,
+        last_ok: last.ok,
+        last_message: last.message,
+        last_bytes_uploaded: last.bytes_uploaded,
+        last_duration_ms: last.duration_ms,
+        keep_last: r.keep_last,
+        keep_daily: r.keep_daily,
+        keep_weekly: r.keep_weekly,
+    }
 }
 
 pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
@@ -78,13 +110,14 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
         nbd_address: nbd_address.to_string(),
         attached_clients: volume.attached.load(Ordering::Relaxed) as u32,
         last_snapshot_pause_us: volume.last_snapshot_pause_us.load(Ordering::Relaxed),
+        schedules: Vec::new(),
     }
 }
 
 #[tonic::async_trait]
 impl VolumeControl for VolumeService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<VolumeStatus>, Status> {
-        Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+        Ok(Response::new(self.status_now()))
     }
 
     async fn add_replica(
@@ -117,7 +150,7 @@ impl VolumeControl for VolumeService {
             None,
         ));
         tracing::info!(volume = %self.volume.name, replica = %addr, "replica added");
-        Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+        Ok(Response::new(self.status_now()))
     }
 
     async fn remove_replica(
@@ -134,7 +167,7 @@ impl VolumeControl for VolumeService {
             .await
             .map_err(Status::failed_precondition)?;
         tracing::info!(volume = %self.volume.name, replica = %addr, "replica removed");
-        Ok(Response::new(status_of(&self.volume, &self.nbd_address)))
+        Ok(Response::new(self.status_now()))
     }
 
     async fn create_snapshot(
@@ -171,6 +204,26 @@ impl VolumeControl for VolumeService {
             .map(Response::new)
     }
 
+    type CreateBackupStream = backups::EventStream;
+
+    async fn create_backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<Self::CreateBackupStream>, Status> {
+        backups::create(self.volume.clone(), &self.backup_defaults, req.into_inner())
+            .map(Response::new)
+    }
+
+    type RestoreBackupStream = backups::EventStream;
+
+    async fn restore_backup(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreBackupStream>, Status> {
+        backups::restore(self.volume.clone(), &self.backup_defaults, req.into_inner())
+            .map(Response::new)
+    }
+
     async fn clone_volume(
         &self,
         req: Request<CloneRequest>,
@@ -182,7 +235,7 @@ impl VolumeControl for VolumeService {
 }
 
 /// Prometheus text exposition of one volume.
-pub fn metrics_text(volume: &Volume) -> String {
+pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let v = &volume.name;
@@ -313,6 +366,45 @@ pub fn metrics_text(volume: &Volume) -> String {
             s.in_flight.load(Ordering::Relaxed)
         );
     }
+    if !schedules.is_empty() {
+        let _ = writeln!(out, "# HELP strata_backup_runs_total Scheduled backup runs by result.\n# TYPE strata_backup_runs_total counter");
+        for s in schedules {
+            let t = &s.schedule.target;
+            let _ = writeln!(
+                out,
+                "strata_backup_runs_total{{volume=\"{v}\",target=\"{t}\",result=\"ok\"}} {}",
+                s.runs_ok.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "strata_backup_runs_total{{volume=\"{v}\",target=\"{t}\",result=\"failed\"}} {}",
+                s.runs_failed.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP strata_backup_last_run_timestamp_seconds When the last scheduled backup finished.\n# TYPE strata_backup_last_run_timestamp_seconds gauge");
+        let _ = writeln!(out, "# HELP strata_backup_last_success 1 if the last scheduled backup succeeded.\n# TYPE strata_backup_last_success gauge");
+        let _ = writeln!(out, "# HELP strata_backup_last_uploaded_bytes Bytes the last scheduled backup uploaded.\n# TYPE strata_backup_last_uploaded_bytes gauge");
+        for s in schedules {
+            let t = &s.schedule.target;
+            if let Some(last) = s.last.lock().clone() {
+                let _ = writeln!(
+                    out,
+                    "strata_backup_last_run_timestamp_seconds{{volume=\"{v}\",target=\"{t}\"}} {}",
+                    last.finished
+                );
+                let _ = writeln!(
+                    out,
+                    "strata_backup_last_success{{volume=\"{v}\",target=\"{t}\"}} {}",
+                    last.ok as u8
+                );
+                let _ = writeln!(
+                    out,
+                    "strata_backup_last_uploaded_bytes{{volume=\"{v}\",target=\"{t}\"}} {}",
+                    last.bytes_uploaded
+                );
+            }
+        }
+    }
     out
 }
 
@@ -321,6 +413,7 @@ pub fn metrics_text(volume: &Volume) -> String {
 pub async fn serve_metrics(
     listener: TcpListener,
     volume: Arc<Volume>,
+    schedules: Arc<Vec<Arc<ScheduleState>>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -335,6 +428,7 @@ pub async fn serve_metrics(
             _ = crate::stopped(&mut shutdown) => return,
         };
         let volume = volume.clone();
+        let schedules = schedules.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -359,7 +453,7 @@ pub async fn serve_metrics(
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body) =
                 if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                    ("200 OK", metrics_text(&volume))
+                    ("200 OK", metrics_text(&volume, &schedules))
                 } else {
                     ("404 Not Found", "try /metrics\n".to_string())
                 };

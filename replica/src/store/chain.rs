@@ -346,7 +346,7 @@ impl Store {
         let _control = self.control.lock();
         let mut st = self.state.write();
         let current = st.meta.size;
-        if new_size % BLOCK_SIZE != 0 || new_size < current {
+        if !new_size.is_multiple_of(BLOCK_SIZE) || new_size < current {
             return Err(StoreError::BadSize {
                 current,
                 requested: new_size,

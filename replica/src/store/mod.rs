@@ -176,7 +176,7 @@ impl Store {
     /// Creates an empty volume in `dir` (created if missing). Fails if `dir`
     /// already holds one.
     pub fn create(dir: &Path, opts: &CreateOptions, engine: Arc<dyn IoEngine>) -> Result<Store> {
-        if opts.size % BLOCK_SIZE != 0 {
+        if !opts.size.is_multiple_of(BLOCK_SIZE) {
             return Err(StoreError::BadSize {
                 current: 0,
                 requested: opts.size,
@@ -395,7 +395,7 @@ impl Store {
     }
 
     fn check_range(&self, size: u64, offset: u64, len: u64) -> Result<(u64, u64)> {
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(StoreError::Unaligned {
                 offset,
                 len,

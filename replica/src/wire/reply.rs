@@ -217,7 +217,7 @@ pub fn encode_extents(extents: &[AllocationExtent]) -> Bytes {
 
 /// Decodes a BLOCK_STATUS reply payload; `None` if it is malformed.
 pub fn decode_extents(mut payload: &[u8]) -> Option<Vec<AllocationExtent>> {
-    if payload.len() % EXTENT_LEN != 0 {
+    if !payload.len().is_multiple_of(EXTENT_LEN) {
         return None;
     }
     let mut out = Vec::with_capacity(payload.len() / EXTENT_LEN);

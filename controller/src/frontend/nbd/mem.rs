@@ -103,7 +103,7 @@ impl MemBackend {
 
     /// Checks alignment and bounds; returns the block range `[b0, b1)`.
     fn range(&self, op: &str, offset: u64, len: u64) -> Result<(u64, u64), BackendError> {
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(BackendError::Invalid(format!(
                 "{op} at offset {offset} length {len} is not {BLOCK_SIZE}-aligned"
             )));

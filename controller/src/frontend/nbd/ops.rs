@@ -38,7 +38,7 @@ fn align_up(x: u64) -> u64 {
 }
 
 fn aligned(x: u64) -> bool {
-    x % BLOCK_SIZE == 0
+    x.is_multiple_of(BLOCK_SIZE)
 }
 
 /// One exported backend, shared by all its connections.
