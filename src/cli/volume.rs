@@ -60,6 +60,13 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     "nbd_address": s.nbd_address,
                     "attached_clients": s.attached_clients,
                     "last_snapshot_pause_us": s.last_snapshot_pause_us,
+                    "schedules": s.schedules.iter().map(|b| serde_json::json!({
+                        "cron": b.cron, "target": b.target, "next_run": b.next_run,
+                        "last_finished": b.last_finished, "last_ok": b.last_ok,
+                        "last_message": b.last_message, "last_bytes_uploaded": b.last_bytes_uploaded,
+                        "last_duration_ms": b.last_duration_ms,
+                        "retention": {"keep_last": b.keep_last, "keep_daily": b.keep_daily, "keep_weekly": b.keep_weekly},
+                    })).collect::<Vec<_>>(),
                     "replicas": s.replicas.iter().map(|r| serde_json::json!({
                         "address": r.address, "state": r.state, "fault_reason": r.fault_reason,
                         "in_flight": r.in_flight, "ops_ok": r.ops_ok, "ops_failed": r.ops_failed,
@@ -84,6 +91,25 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 println!("epoch    {}", s.epoch);
                 println!("nbd      nbd://{}/{}", s.nbd_address, s.volume);
                 println!("clients  {} attached", s.attached_clients);
+                for b in &s.schedules {
+                    let last = if b.last_finished == 0 {
+                        "not run yet".to_string()
+                    } else {
+                        format!(
+                            "last {} {}: {} ({} uploaded)",
+                            super::snapshot::utc_readable(b.last_finished.max(0) as u64),
+                            if b.last_ok { "ok" } else { "FAILED" },
+                            b.last_message,
+                            b.last_bytes_uploaded
+                        )
+                    };
+                    println!(
+                        "backup   \"{}\" to {}, next {}; {last}",
+                        b.cron,
+                        b.target,
+                        super::snapshot::utc_readable(b.next_run.max(0) as u64)
+                    );
+                }
                 println!();
                 println!(
                     "{:<22} {:<8} {:>9} {:>12} {:>10}  reason",
