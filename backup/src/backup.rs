@@ -239,7 +239,7 @@ async fn run<S: SnapshotSource>(
         for i in zeros {
             entries[i] = Entry::Zero;
         }
-        let results: Vec<(usize, Entry)> = futures::stream::iter(reads.into_iter())
+        let results: Vec<(usize, Entry)> = futures::stream::iter(reads)
             .map(|(i, c)| {
                 let ctx = &ctx;
                 async move { ctx.chunk(c.offset, c.len).await.map(|e| (i, e)) }
