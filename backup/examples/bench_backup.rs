@@ -9,7 +9,8 @@
 //! bench_backup restore TARGET BACKUP-ID OUT.img
 //! ```
 //! S3 options come from the environment: STRATA_S3_ENDPOINT and the AWS
-//! chain (AWS_ACCESS_KEY_ID, ...); STRATA_BACKUP_KEY encrypts.
+//! chain (AWS_ACCESS_KEY_ID, ...); STRATA_BACKUP_KEY encrypts;
+//! STRATA_CHUNK_SIZE sets a new target's chunk size (bytes).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -124,6 +125,10 @@ fn options() -> anyhow::Result<TargetOptions> {
             ..Default::default()
         },
         key: strata_backup::load_key(None)?,
+        chunk_size: match std::env::var("STRATA_CHUNK_SIZE") {
+            Ok(v) => v.parse()?,
+            Err(_) => strata_backup::TargetOptions::default().chunk_size,
+        },
         ..Default::default()
     })
 }
