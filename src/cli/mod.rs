@@ -107,11 +107,37 @@ pub struct ControllerArgs {
     /// Cap on resync/rebuild bandwidth in MiB/s (0: unlimited).
     #[arg(long, default_value_t = 0)]
     pub sync_rate_mib: u64,
+    /// Also serve the volume over iSCSI on this address
+    /// (target iqn.2026-11.io.strata:<volume>, LUN 0).
+    #[arg(long)]
+    pub iscsi: Option<SocketAddr>,
+    /// iSCSI CHAP secrets file (`username = ...`, `secret = ...`, optional
+    /// `mutual_username`/`mutual_secret`); else the STRATA_ISCSI_CHAP_*
+    /// environment variables; else no authentication.
+    #[arg(long)]
+    pub chap_file: Option<PathBuf>,
+}
+
+/// CHAP secrets from `--chap-file`, else from the environment.
+pub fn load_chap(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<strata_controller::frontend::iscsi::ChapConfig>> {
+    use strata_controller::frontend::iscsi::ChapConfig;
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the CHAP file {}", path.display()))?;
+            let chap = ChapConfig::parse(&text)
+                .with_context(|| format!("bad CHAP file {}", path.display()))?;
+            Ok(Some(chap))
+        }
+        None => ChapConfig::from_env().context("bad STRATA_ISCSI_CHAP_* environment"),
+    }
 }
 
 impl ControllerArgs {
-    pub fn options(&self) -> strata_controller::run::ControllerOptions {
-        strata_controller::run::ControllerOptions {
+    pub fn options(&self) -> anyhow::Result<strata_controller::run::ControllerOptions> {
+        Ok(strata_controller::run::ControllerOptions {
             assemble: strata_controller::assemble::AssembleOptions {
                 volume: self.volume.clone(),
                 replicas: self.replicas.clone(),
@@ -124,7 +150,9 @@ impl ControllerArgs {
             nbd: self.nbd,
             control: Some(self.control),
             metrics: Some(self.metrics),
-        }
+            iscsi: self.iscsi,
+            chap: load_chap(self.chap_file.as_deref())?,
+        })
     }
 }
 
@@ -169,7 +197,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_signal().await;
                 let _ = tx.send(true);
             });
-            strata_controller::run::run_controller(args.options(), rx, None).await?;
+            strata_controller::run::run_controller(args.options()?, rx, None).await?;
             Ok(())
         }
         Command::Volume(cmd) => volume::run(cmd).await,

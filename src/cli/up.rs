@@ -38,6 +38,12 @@ pub struct UpArgs {
     /// First replica server port on 127.0.0.1 (replica i listens on base + i); 0 picks free ports.
     #[arg(long, default_value_t = 0)]
     pub replica_port_base: u16,
+    /// Also serve iSCSI (default address 127.0.0.1:3260 when given without one).
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:3260")]
+    pub iscsi: Option<SocketAddr>,
+    /// iSCSI CHAP secrets file (else STRATA_ISCSI_CHAP_* environment variables).
+    #[arg(long)]
+    pub chap_file: Option<PathBuf>,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -85,6 +91,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         nbd: args.nbd,
         control: Some(args.control),
         metrics: Some(args.metrics),
+        iscsi: args.iscsi,
+        chap: super::load_chap(args.chap_file.as_deref())?,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(strata_controller::run::run_controller(
@@ -119,6 +127,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.control
         );
         println!("  metrics      curl http://{}/metrics", args.metrics);
+        if let Some(a) = info.iscsi {
+            let iqn = strata_controller::frontend::iscsi::target_name(&args.volume);
+            println!("  iSCSI        iscsi://{a}/{iqn}/0   (iscsi-inq, qemu-io, iscsiadm -m discovery -t st -p {a})");
+        }
         println!();
         println!("Ctrl-C stops it cleanly; running `strata up` again reopens the same data.");
     }
