@@ -9,8 +9,9 @@
 //! queue order and stamps StatSN, ExpCmdSN and MaxCmdSN as it sends.
 //! Memory is bounded: data segments by the declared
 //! MaxRecvDataSegmentLength, a write's buffer by the LUN's maximum
-//! transfer length (checked before it is allocated), and the number of
-//! commands by the window and [`MAX_TASKS`].
+//! transfer length (checked before it is allocated), the data of all
+//! commands by [`BUDGET_BYTES`] (beyond it: TASK SET FULL), and the number
+//! of commands by the window and [`MAX_TASKS`].
 //!
 //! When the initiator is silent for the ping interval, the target sends a
 //! NOP-In ping; no PDU at all within another interval closes the
@@ -36,7 +37,7 @@ use super::lun::Lun;
 use super::pages::BLOCK;
 use super::pdu::*;
 use super::sense::Sense;
-use super::task::{self, TaskCtl, TaskCtx, Tasks};
+use super::task::{self, Refusal, TaskCtl, TaskCtx, Tasks, TASK_SET_FULL};
 use super::text::{encode_text, parse_text};
 use super::window::{Admit, Window};
 use crate::frontend::Backend;
@@ -153,6 +154,7 @@ struct Conn<B> {
     /// Recently aborted writes whose Data-Out may still arrive.
     aborted: VecDeque<u32>,
     slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
     running: JoinSet<()>,
     next_ttt: u32,
     known_blocks: u64,
@@ -163,8 +165,30 @@ struct Waiting {
     write: PendingWrite,
     ctx: TaskCtx,
     /// The command to run, or why it fails once its data is taken.
-    plan: Result<Command, (Sense, Residual)>,
-    _permit: OwnedSemaphorePermit,
+    plan: Result<Command, Refusal>,
+    permits: Permits,
+}
+
+/// A task slot and the data budget a command holds until it answers.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
+/// Bytes of command data (Data-Out buffers and Data-In) held at once on
+/// one connection; a command that does not fit gets TASK SET FULL.
+pub const BUDGET_BYTES: u64 = 64 << 20;
+const BUDGET_UNIT: usize = 4096;
+
+/// Data a command holds while it runs.
+fn cost(c: &Command) -> u64 {
+    let b = |n: u32| n as u64 * BLOCK;
+    match *c {
+        Command::Read { blocks, .. } => b(blocks),
+        Command::Write { blocks, .. } => b(blocks),
+        Command::WriteVerify { blocks, .. } => 2 * b(blocks),
+        Command::Verify { blocks, .. } => 2 * b(blocks),
+        Command::CompareAndWrite { blocks, .. } => 3 * b(blocks),
+        Command::WriteSame { .. } => b(super::pages::LIMITS.optimal_transfer) + BLOCK,
+        _ => 64 * 1024,
+    }
 }
 
 /// What the reader does after a PDU.
@@ -217,6 +241,7 @@ where
         pending: HashMap::new(),
         aborted: VecDeque::new(),
         slots: Arc::new(Semaphore::new(MAX_TASKS)),
+        bytes: Arc::new(Semaphore::new(BUDGET_BYTES as usize / BUDGET_UNIT)),
         running: JoinSet::new(),
         next_ttt: 0,
         known_blocks,
@@ -410,6 +435,7 @@ impl<B: Backend> Conn<B> {
             edtl,
             slot: admit == Admit::Slot,
             r2ts: 0,
+            residual: Residual::default(),
             params: self.params,
             tx: self.tx.clone(),
             window: self.window.clone(),
@@ -451,16 +477,27 @@ impl<B: Backend> Conn<B> {
             self.send(reject(REJECT_INVALID_FIELD, bhs)).await;
             return Ok(());
         }
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             // More tasks than MAX_TASKS: only immediate commands can get here.
             self.release(admit);
-            let pdu = scsi_response(cmd.itt, 0x28, None, Residual::default(), 0); // TASK SET FULL
-            self.send(pdu).await;
+            self.send(scsi_response(cmd.itt, TASK_SET_FULL, None, Residual::default(), 0)).await;
             return Ok(());
         };
-        let plan = self.plan(&cmd);
+        let mut plan = self.plan(&cmd).map_err(|s| Refusal::Check(s, Residual::default()));
         let out_len = plan.as_ref().map(|c| c.data_out_len(BLOCK)).unwrap_or(0);
-        let ctx = self.new_task(cmd.itt, cmd.lun, cmd.edtl, admit);
+        // Data held for the command (its Data-Out and Data-In); refused
+        // with TASK SET FULL rather than waited for, since waiting here
+        // would stop the Data-Out that lets other writes finish.
+        let mut bytes = None;
+        if let Ok(c) = &plan {
+            let units = (cost(c).min(BUDGET_BYTES) as usize).div_ceil(BUDGET_UNIT) as u32;
+            match self.bytes.clone().try_acquire_many_owned(units) {
+                Ok(p) => bytes = Some(p),
+                Err(_) => plan = Err(Refusal::Busy),
+            }
+        }
+        let permits = (slot, bytes);
+        let mut ctx = self.new_task(cmd.itt, cmd.lun, cmd.edtl, admit);
         if !cmd.write && out_len == 0 {
             if !cmd.data.is_empty() {
                 return Err(ConnError::Protocol("immediate data on a command without W".into()));
@@ -470,22 +507,32 @@ impl<B: Backend> Conn<B> {
                     let lun = self.lun.clone();
                     self.running.spawn(async move {
                         task::run(lun, c, Bytes::new(), ctx).await;
-                        drop(permit);
+                        drop(permits);
                     });
                 }
-                Err(sense) => ctx.fail(sense, Residual::default()).await,
+                Err(r) => ctx.fail(r).await,
             }
             return Ok(());
         }
-        // A command with Data-Out.
+        // A command with Data-Out. A READ/WRITE whose EDTL differs from
+        // the CDB runs on the smaller of the two, with a residual (SAM-5
+        // §5.4: data beyond EDTL is neither requested nor transferred);
+        // other commands are refused.
+        let residual = Residual::of(cmd.edtl, out_len);
         let plan = match plan {
-            Err(sense) => Err((sense, Residual::default())),
+            Ok(c @ (Command::Write { .. } | Command::WriteVerify { .. })) => Ok(c),
             Ok(_) if out_len != cmd.edtl as u64 => {
-                Err((Sense::INVALID_FIELD_IN_IU, Residual::of(cmd.edtl, out_len)))
+                Err(Refusal::Check(Sense::INVALID_FIELD_IN_IU, residual))
             }
-            Ok(c) => Ok(c),
+            other => other,
         };
-        let write = match PendingWrite::new(cmd.edtl, &cmd.data, cmd.final_, &self.params, plan.is_ok()) {
+        let want = if plan.is_ok() {
+            out_len.min(cmd.edtl as u64) as u32
+        } else {
+            0
+        };
+        ctx.residual = residual;
+        let write = match PendingWrite::new(cmd.edtl, want, &cmd.data, cmd.final_, &self.params) {
             Ok(w) => w,
             Err(e) => {
                 ctx.ctl.abort();
@@ -499,7 +546,7 @@ impl<B: Backend> Conn<B> {
             write,
             ctx,
             plan,
-            _permit: permit,
+            permits,
         };
         self.pending.insert(cmd.itt, waiting);
         self.advance_write(cmd.itt).await;
@@ -532,22 +579,29 @@ impl<B: Backend> Conn<B> {
             write,
             mut ctx,
             plan,
-            _permit,
+            permits,
         }) = self.pending.remove(&itt)
         else {
             return;
         };
         ctx.r2ts = write.r2t_count();
+        let plan = match write.sequence_error() {
+            Some(e) => {
+                tracing::debug!(itt, "write failed: {e}");
+                Err(Refusal::Check(Sense::DATA_PHASE_ERROR, Residual::default()))
+            }
+            None => plan,
+        };
         match plan {
             Ok(c) => {
                 let data = write.into_data();
                 let lun = self.lun.clone();
                 self.running.spawn(async move {
                     task::run(lun, c, data, ctx).await;
-                    drop(_permit);
+                    drop(permits);
                 });
             }
-            Err((sense, residual)) => ctx.fail(sense, residual).await,
+            Err(r) => ctx.fail(r).await,
         }
     }
 

@@ -7,12 +7,17 @@
 //! With DataPDUInOrder and DataSequenceInOrder (the only values this
 //! target negotiates), data must arrive at increasing offsets without
 //! gaps, and DataSN counts from 0 within each sequence (the unsolicited
-//! one and each R2T's). Any other order is a protocol error; at error
-//! recovery level 0 the connection is then dropped.
+//! one and each R2T's). A wrong offset or length is a protocol error that
+//! drops the connection (error recovery level 0); a wrong DataSN with the
+//! data where it belongs keeps the stream in sync, so the data is still
+//! taken but the command fails ([`PendingWrite::sequence_error`]).
 //!
-//! A command that fails before its data is needed (a bad CDB, EDTL not
-//! matching the CDB) still takes its unsolicited data, so the stream
-//! stays in sync, but solicits nothing and buffers nothing.
+//! Only the bytes the command needs (`want`) are solicited and kept: an
+//! initiator whose Expected Data Transfer Length is larger may still send
+//! up to FirstBurstLength unsolicited, and the excess is dropped. A command
+//! that fails before its data is needed (a bad CDB) has `want` 0: it
+//! takes its unsolicited data, so the stream stays in sync, but solicits
+//! and buffers nothing.
 
 use std::collections::VecDeque;
 
@@ -57,9 +62,9 @@ pub struct R2tRequest {
 
 #[derive(Debug)]
 pub struct PendingWrite {
-    pub edtl: u32,
-    /// `None` when the data is only taken and dropped (a failed command).
-    buf: Option<BytesMut>,
+    /// Bytes solicited and kept.
+    want: u32,
+    buf: BytesMut,
     received: u32,
     unsolicited_open: bool,
     unsolicited_limit: u32,
@@ -67,19 +72,23 @@ pub struct PendingWrite {
     r2ts: VecDeque<Solicited>,
     next_offset: u32,
     r2tsn: u32,
+    /// A Data-Out came with a wrong DataSN.
+    datasn_error: Option<DataOutError>,
 }
 
 impl PendingWrite {
-    /// Starts a write of `edtl` bytes with its immediate data. `keep`
-    /// false drops the data instead of buffering it. `final_` is the SCSI
-    /// Command's F bit (no unsolicited Data-Out follows).
+    /// Starts a write whose initiator expects to send `edtl` bytes, of
+    /// which the command needs `want` (at most `edtl`; the caller checked
+    /// it against the transfer limit), with its immediate data. `final_`
+    /// is the SCSI Command's F bit (no unsolicited Data-Out follows).
     pub fn new(
         edtl: u32,
+        want: u32,
         immediate: &[u8],
         final_: bool,
         params: &Params,
-        keep: bool,
     ) -> Result<PendingWrite, DataOutError> {
+        let want = want.min(edtl);
         let unsolicited_limit = edtl.min(params.first_burst);
         let len = immediate.len() as u32;
         if len > 0 && !params.immediate_data {
@@ -94,12 +103,10 @@ impl PendingWrite {
         if !final_ && params.initial_r2t {
             return Err(DataOutError::Unsolicited);
         }
-        let mut buf = keep.then(|| BytesMut::with_capacity(edtl as usize));
-        if let Some(b) = &mut buf {
-            b.extend_from_slice(immediate);
-        }
+        let mut buf = BytesMut::with_capacity(want as usize);
+        buf.extend_from_slice(&immediate[..immediate.len().min(want as usize)]);
         Ok(PendingWrite {
-            edtl,
+            want,
             buf,
             received: len,
             unsolicited_open: !final_ && len < unsolicited_limit,
@@ -108,6 +115,7 @@ impl PendingWrite {
             r2ts: VecDeque::new(),
             next_offset: len,
             r2tsn: 0,
+            datasn_error: None,
         })
     }
 
@@ -125,8 +133,8 @@ impl PendingWrite {
                 _ => return Err(DataOutError::UnknownTtt(d.ttt)),
             }
         };
-        if d.datasn != *datasn {
-            return Err(DataOutError::DataSn {
+        if d.datasn != *datasn && self.datasn_error.is_none() {
+            self.datasn_error = Some(DataOutError::DataSn {
                 want: *datasn,
                 got: d.datasn,
             });
@@ -145,10 +153,9 @@ impl PendingWrite {
             });
         }
         *datasn += 1;
+        let room = (self.want as usize).saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&d.data[..d.data.len().min(room)]);
         self.received += len;
-        if let Some(b) = &mut self.buf {
-            b.extend_from_slice(&d.data);
-        }
         if d.ttt == RESERVED_TAG {
             if d.final_ || self.received == self.unsolicited_limit {
                 self.unsolicited_open = false;
@@ -160,25 +167,23 @@ impl PendingWrite {
         Ok(())
     }
 
-    /// True once no more data will come: all of it for a kept write, the
-    /// unsolicited part for a dropped one.
+    /// True once no more data will come: the unsolicited part is over and
+    /// everything wanted is in.
     pub fn complete(&self) -> bool {
-        if self.buf.is_none() {
-            !self.unsolicited_open
-        } else {
-            self.received == self.edtl
-        }
+        !self.unsolicited_open && self.received >= self.want
     }
 
     /// R2Ts to send now (none while unsolicited data may still come, or
     /// for a dropped write). `ttt` hands out target transfer tags.
     pub fn solicit(&mut self, params: &Params, mut ttt: impl FnMut() -> u32) -> Vec<R2tRequest> {
         let mut out = Vec::new();
-        if self.buf.is_none() || self.unsolicited_open {
+        if self.unsolicited_open {
             return out;
         }
-        while (self.r2ts.len() as u32) < params.max_outstanding_r2t.max(1) && self.next_offset < self.edtl {
-            let len = (self.edtl - self.next_offset).min(params.max_burst.max(512));
+        while (self.r2ts.len() as u32) < params.max_outstanding_r2t.max(1)
+            && self.next_offset < self.want
+        {
+            let len = (self.want - self.next_offset).min(params.max_burst.max(512));
             let r = R2tRequest {
                 ttt: ttt(),
                 r2tsn: self.r2tsn,
@@ -197,14 +202,19 @@ impl PendingWrite {
         out
     }
 
+    /// The first DataSN error seen; the command must fail.
+    pub fn sequence_error(&self) -> Option<&DataOutError> {
+        self.datasn_error.as_ref()
+    }
+
     /// R2Ts sent so far (the ExpDataSN of the final response).
     pub fn r2t_count(&self) -> u32 {
         self.r2tsn
     }
 
-    /// The data of a complete, kept write.
+    /// The wanted data of a complete write.
     pub fn into_data(self) -> Bytes {
-        self.buf.map(|b| b.freeze()).unwrap_or_default()
+        self.buf.freeze()
     }
 }
 
@@ -244,7 +254,7 @@ mod tests {
     #[test]
     fn immediate_then_unsolicited_then_r2t() {
         let p = params(false, 2048, 1024, 2);
-        let mut w = PendingWrite::new(5120, &[0; 1024], false, &p, true).unwrap();
+        let mut w = PendingWrite::new(5120, 5120, &[0; 1024], false, &p).unwrap();
         let mut t = tags();
         assert!(w.solicit(&p, &mut t).is_empty(), "unsolicited data may still come");
         w.data_out(&dout(RESERVED_TAG, 0, 1024, 1024, true)).unwrap();
@@ -284,21 +294,24 @@ mod tests {
         let p = params(true, 65536, 4096, 1);
         let mut t = tags();
         let fresh = |t: &mut dyn FnMut() -> u32| {
-            let mut w = PendingWrite::new(8192, &[], true, &p, true).unwrap();
+            let mut w = PendingWrite::new(8192, 8192, &[], true, &p).unwrap();
             let r = w.solicit(&p, t);
             assert_eq!(r.len(), 1);
             (w, r[0].ttt)
         };
         let (mut w, ttt) = fresh(&mut t);
+        w.data_out(&dout(ttt, 1, 0, 512, false)).unwrap();
         assert_eq!(
-            w.data_out(&dout(ttt, 1, 0, 512, false)),
-            Err(DataOutError::DataSn { want: 0, got: 1 })
+            w.sequence_error(),
+            Some(&DataOutError::DataSn { want: 0, got: 1 })
         );
         let (mut w, ttt) = fresh(&mut t);
         w.data_out(&dout(ttt, 0, 0, 512, false)).unwrap();
+        assert_eq!(w.sequence_error(), None);
+        w.data_out(&dout(ttt, 0, 512, 512, false)).unwrap();
         assert_eq!(
-            w.data_out(&dout(ttt, 0, 512, 512, false)),
-            Err(DataOutError::DataSn { want: 1, got: 0 }),
+            w.sequence_error(),
+            Some(&DataOutError::DataSn { want: 1, got: 0 }),
             "two PDUs with DataSN 0"
         );
         let (mut w, ttt) = fresh(&mut t);
@@ -325,12 +338,12 @@ mod tests {
             Err(DataOutError::Unsolicited)
         );
         assert_eq!(
-            PendingWrite::new(8192, &[], false, &p, true).err(),
+            PendingWrite::new(8192, 8192, &[], false, &p).err(),
             Some(DataOutError::Unsolicited),
             "F=0 with InitialR2T=Yes"
         );
         assert_eq!(
-            PendingWrite::new(100, &[0; 200], true, &p, true).err(),
+            PendingWrite::new(100, 100, &[0; 200], true, &p).err(),
             Some(DataOutError::ImmediateTooLong { len: 200, max: 100 })
         );
         let no_imm = Params {
@@ -338,7 +351,7 @@ mod tests {
             ..p
         };
         assert_eq!(
-            PendingWrite::new(8192, &[0; 1], true, &no_imm, true).err(),
+            PendingWrite::new(8192, 8192, &[0; 1], true, &no_imm).err(),
             Some(DataOutError::ImmediateNotAllowed)
         );
     }
@@ -346,20 +359,39 @@ mod tests {
     #[test]
     fn dropped_write_takes_only_unsolicited_data() {
         let p = params(false, 4096, 4096, 1);
-        let mut w = PendingWrite::new(1 << 30, &[0; 512], false, &p, false).unwrap();
+        let mut w = PendingWrite::new(1 << 30, 0, &[0; 512], false, &p).unwrap();
         assert!(!w.complete());
         w.data_out(&dout(RESERVED_TAG, 0, 512, 512, true)).unwrap();
         assert!(w.complete());
         assert!(w.solicit(&p, tags()).is_empty());
-        let w = PendingWrite::new(1 << 30, &[], true, &p, false).unwrap();
+        let w = PendingWrite::new(1 << 30, 0, &[], true, &p).unwrap();
         assert!(w.complete());
         assert!(w.into_data().is_empty());
     }
 
     #[test]
+    fn residuals_solicit_only_what_the_command_needs() {
+        // EDTL 8192 but the CDB needs 4096 (underflow): the extra
+        // unsolicited bytes are taken and dropped.
+        let p = params(false, 65536, 65536, 1);
+        let mut w = PendingWrite::new(8192, 4096, &[1; 6000], false, &p).unwrap();
+        w.data_out(&dout(RESERVED_TAG, 0, 6000, 2192, true)).unwrap();
+        assert!(w.complete());
+        assert_eq!(w.into_data().len(), 4096);
+        // EDTL 200, the CDB says one block (overflow): 200 bytes are kept.
+        let p = params(true, 65536, 65536, 1);
+        let mut w = PendingWrite::new(200, 4096, &[], true, &p).unwrap();
+        let r = w.solicit(&p, tags());
+        assert_eq!((r[0].offset, r[0].len), (0, 200));
+        w.data_out(&dout(r[0].ttt, 0, 0, 200, true)).unwrap();
+        assert!(w.complete());
+        assert_eq!(w.into_data().len(), 200);
+    }
+
+    #[test]
     fn zero_length_write_is_complete() {
         let p = params(true, 65536, 4096, 1);
-        let mut w = PendingWrite::new(0, &[], true, &p, true).unwrap();
+        let mut w = PendingWrite::new(0, 0, &[], true, &p).unwrap();
         assert!(w.complete());
         assert!(w.solicit(&p, tags()).is_empty());
     }

@@ -193,18 +193,19 @@ impl<B: Backend> Lun<B> {
                 Outcome::good(d)
             }
             Command::Write { lba, blocks: n, fua } => {
-                if n > 0 {
+                if n > 0 && !data.is_empty() {
                     let (off, _) = self.range(lba, n as u64)?;
-                    self.write(off, data, fua || self.write_through()).await?;
+                    self.write_prefix(off, data, fua || self.write_through()).await?;
                 }
                 Outcome::good(Bytes::new())
             }
             Command::WriteVerify { lba, blocks: n } => {
-                if n > 0 {
-                    let (off, len) = self.range(lba, n as u64)?;
-                    self.write(off, data.clone(), self.write_through()).await?;
+                if n > 0 && !data.is_empty() {
+                    let (off, _) = self.range(lba, n as u64)?;
+                    self.write_prefix(off, data.clone(), self.write_through()).await?;
+                    let len = (data.len() as u64).div_ceil(BLOCK) * BLOCK;
                     let back = self.read(off, len).await?;
-                    if let Some(at) = first_difference(&back, &data) {
+                    if let Some(at) = first_difference(&back[..data.len()], &data) {
                         return Err(Sense::miscompare(at));
                     }
                 }
@@ -311,6 +312,25 @@ impl<B: Backend> Lun<B> {
             .write(off, data, fua)
             .await
             .map_err(|e| Sense::from_backend(&e, true))
+    }
+
+    /// Writes `data` at the block-aligned `off`; `data` may end inside a
+    /// block (a write cut short by the initiator's EDTL): the rest of that
+    /// block is kept, by the backend if it takes unaligned writes, else by
+    /// a read-modify-write here.
+    async fn write_prefix(&self, off: u64, data: Bytes, fua: bool) -> Result<(), Sense> {
+        let whole = data.len() / BLOCK as usize * BLOCK as usize;
+        if whole == data.len() || self.backend.handles_unaligned() {
+            return self.write(off, data, fua).await;
+        }
+        if whole > 0 {
+            self.write(off, data.slice(..whole), fua).await?;
+        }
+        let tail = off + whole as u64;
+        let mut block = self.read(tail, BLOCK).await?.to_vec();
+        let rest = &data[whole..];
+        block[..rest.len()].copy_from_slice(rest);
+        self.write(tail, Bytes::from(block), fua).await
     }
 
     async fn write_same(&self, off: u64, len: u64, pattern: Bytes, unmap: bool) -> Result<(), Sense> {
@@ -466,18 +486,18 @@ mod tests {
 
     #[tokio::test]
     async fn read_write_and_range() {
-        let l = lun(16);
+        let l = lun(4096);
         let w = Command::Write {
-            lba: 15,
+            lba: 4095,
             blocks: 1,
             fua: true,
         };
         assert_eq!(l.execute(&w, block(7)).await, Outcome::good(Bytes::new()));
-        let r = l.execute(&Command::Read { lba: 15, blocks: 1 }, Bytes::new()).await;
+        let r = l.execute(&Command::Read { lba: 4095, blocks: 1 }, Bytes::new()).await;
         assert_eq!(r.data, block(7));
-        let beyond = Command::Read { lba: 15, blocks: 2 };
+        let beyond = Command::Read { lba: 4095, blocks: 2 };
         assert_eq!(l.check(&beyond), Err(Sense::LBA_OUT_OF_RANGE));
-        let huge = Command::Read { lba: 0, blocks: 257 };
+        let huge = Command::Read { lba: 0, blocks: 2049 };
         assert_eq!(l.check(&huge), Err(Sense::INVALID_FIELD_IN_CDB));
         let wrap = Command::Read {
             lba: u64::MAX,
@@ -485,9 +505,25 @@ mod tests {
         };
         assert_eq!(l.check(&wrap), Err(Sense::LBA_OUT_OF_RANGE));
         assert_eq!(
-            l.check(&Command::Read { lba: 16, blocks: 0 }),
+            l.check(&Command::Read { lba: 4096, blocks: 0 }),
             Err(Sense::LBA_OUT_OF_RANGE)
         );
+    }
+
+    #[tokio::test]
+    async fn short_write_keeps_the_rest_of_the_block() {
+        let l = lun(4);
+        let w = Command::Write {
+            lba: 1,
+            blocks: 2,
+            fua: false,
+        };
+        l.execute(&w, Bytes::from(vec![1u8; 8192])).await;
+        let o = l.execute(&w, Bytes::from(vec![2u8; 4096 + 200])).await;
+        assert_eq!(o.status, GOOD);
+        let r = l.execute(&Command::Read { lba: 1, blocks: 2 }, Bytes::new()).await;
+        assert!(r.data[..4296].iter().all(|b| *b == 2));
+        assert!(r.data[4296..].iter().all(|b| *b == 1));
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ pub struct Limits {
 }
 
 pub const LIMITS: Limits = Limits {
-    max_transfer: 256, // 1 MiB
+    max_transfer: 2048, // 8 MiB
     optimal_transfer: 256,
     max_unmap_blocks: 1 << 20, // 4 GiB
     max_unmap_descriptors: 64,
@@ -446,7 +446,7 @@ mod tests {
         }
         assert!(vpd_page(0x86, &id()).is_none());
         let b0 = vpd_page(0xb0, &id()).unwrap();
-        assert_eq!(u32::from_be_bytes(b0[8..12].try_into().unwrap()), 256);
+        assert_eq!(u32::from_be_bytes(b0[8..12].try_into().unwrap()), 2048);
         assert_eq!(id().naa()[0] >> 4, 3);
         assert_eq!(id().serial(), id().serial());
     }

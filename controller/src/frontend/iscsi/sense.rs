@@ -54,6 +54,8 @@ impl Sense {
     pub const WRITE_PROTECTED: Sense = s(DATA_PROTECT, 0x27, 0x00);
     pub const SPACE_ALLOCATION_FAILED: Sense = s(DATA_PROTECT, 0x27, 0x07);
     pub const INTERNAL_TARGET_FAILURE: Sense = s(HARDWARE_ERROR, 0x44, 0x00);
+    /// ABORTED COMMAND, DATA PHASE ERROR: Data-Out out of sequence.
+    pub const DATA_PHASE_ERROR: Sense = s(ABORTED_COMMAND, 0x4b, 0x00);
     pub const NONE: Sense = s(NO_SENSE, 0, 0);
 
     /// A miscompare at byte `offset` of the compared data.

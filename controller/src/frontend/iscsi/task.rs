@@ -21,6 +21,18 @@ use super::sense::{Sense, GOOD};
 use super::window::Window;
 use crate::frontend::Backend;
 
+/// SCSI status TASK SET FULL: the initiator should retry later.
+pub const TASK_SET_FULL: u8 = 0x28;
+
+/// Why a command is answered without running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// CHECK CONDITION with this sense (and a write's residual).
+    Check(Sense, Residual),
+    /// TASK SET FULL.
+    Busy,
+}
+
 const RUNNING: u8 = 0;
 const ABORTED: u8 = 1;
 const ANSWERED: u8 = 2;
@@ -78,6 +90,8 @@ pub struct TaskCtx {
     pub slot: bool,
     /// R2Ts sent for it (ExpDataSN of a write's response).
     pub r2ts: u32,
+    /// A write's residual (EDTL against the CDB's transfer length).
+    pub residual: Residual,
     pub params: Params,
     pub tx: mpsc::Sender<OutPdu>,
     pub window: Arc<Mutex<Window>>,
@@ -89,6 +103,9 @@ pub struct TaskCtx {
 impl TaskCtx {
     /// Sends the outcome (unless aborted) and releases the task.
     pub async fn finish(self, out: Outcome, write: bool) {
+        if let Some(sense) = &out.sense {
+            tracing::debug!(itt = self.itt, ?sense, "SCSI command failed");
+        }
         // Reopen the window before the answer goes out, so the answer
         // carries the new MaxCmdSN.
         if self.slot {
@@ -105,14 +122,20 @@ impl TaskCtx {
         let _ = self.done.send(true);
     }
 
-    /// Answers a command that failed before running.
-    pub async fn fail(self, sense: Sense, residual: Residual) {
+    /// Answers a command that is refused before running.
+    pub async fn fail(self, why: Refusal) {
+        tracing::debug!(itt = self.itt, ?why, "SCSI command refused");
         if self.slot {
             self.window.lock().done();
         }
         if self.ctl.answer() {
-            let s = sense.fixed();
-            let pdu = scsi_response(self.itt, super::sense::CHECK_CONDITION, Some(&s), residual, self.r2ts);
+            let pdu = match why {
+                Refusal::Check(sense, residual) => {
+                    let s = sense.fixed();
+                    scsi_response(self.itt, super::sense::CHECK_CONDITION, Some(&s), residual, self.r2ts)
+                }
+                Refusal::Busy => scsi_response(self.itt, TASK_SET_FULL, None, Residual::default(), self.r2ts),
+            };
             let _ = self.tx.send(pdu).await;
         }
         self.tasks.lock().remove(&self.itt);
@@ -132,10 +155,11 @@ pub async fn run<B: Backend>(lun: Arc<Lun<B>>, cmd: Command, data: Bytes, ctx: T
 pub fn response_pdus(ctx: &TaskCtx, out: Outcome, write: bool) -> Vec<OutPdu> {
     if out.status != GOOD {
         let sense = out.sense.map(|s| s.fixed());
-        return vec![scsi_response(ctx.itt, out.status, sense.as_ref().map(|s| &s[..]), Residual::default(), 0)];
+        let residual = if write { ctx.residual } else { Residual::default() };
+        return vec![scsi_response(ctx.itt, out.status, sense.as_ref().map(|s| &s[..]), residual, ctx.r2ts)];
     }
     if write {
-        return vec![scsi_response(ctx.itt, GOOD, None, Residual::default(), ctx.r2ts)];
+        return vec![scsi_response(ctx.itt, GOOD, None, ctx.residual, ctx.r2ts)];
     }
     let residual = Residual::of(ctx.edtl, out.data.len() as u64);
     let data = out.data.slice(..out.data.len().min(ctx.edtl as usize));
@@ -184,6 +208,7 @@ mod tests {
             edtl,
             slot: true,
             r2ts: 0,
+            residual: Residual::default(),
             params: Params {
                 send_max,
                 max_burst,
