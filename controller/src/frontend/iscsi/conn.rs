@@ -426,13 +426,14 @@ impl<B: Backend> Conn<B> {
     }
 
     /// A task context for a command; registers it so TMFs find it.
-    fn new_task(&self, itt: u32, lun: [u8; 8], edtl: u32, admit: Admit) -> TaskCtx {
+    fn new_task(&self, itt: u32, lun: [u8; 8], edtl: u32, read: bool, admit: Admit) -> TaskCtx {
         let (ctl, done) = TaskCtl::new();
         self.tasks.lock().insert(itt, ctl.clone());
         TaskCtx {
             itt,
             lun,
             edtl,
+            read,
             slot: admit == Admit::Slot,
             r2ts: 0,
             residual: Residual::default(),
@@ -497,7 +498,7 @@ impl<B: Backend> Conn<B> {
             }
         }
         let permits = (slot, bytes);
-        let mut ctx = self.new_task(cmd.itt, cmd.lun, cmd.edtl, admit);
+        let mut ctx = self.new_task(cmd.itt, cmd.lun, cmd.edtl, cmd.read, admit);
         if !cmd.write && out_len == 0 {
             if !cmd.data.is_empty() {
                 return Err(ConnError::Protocol("immediate data on a command without W".into()));
@@ -521,6 +522,12 @@ impl<B: Backend> Conn<B> {
         let residual = Residual::of(cmd.edtl, out_len);
         let plan = match plan {
             Ok(c @ (Command::Write { .. } | Command::WriteVerify { .. })) => Ok(c),
+            // No Data-Out wanted (a READ flagged as a write): the data is
+            // taken and dropped, the command runs.
+            Ok(c) if out_len == 0 => Ok(c),
+            Ok(Command::CompareAndWrite { .. }) if out_len != cmd.edtl as u64 => {
+                Err(Refusal::Check(Sense::INVALID_FIELD_IN_CDB, residual))
+            }
             Ok(_) if out_len != cmd.edtl as u64 => {
                 Err(Refusal::Check(Sense::INVALID_FIELD_IN_IU, residual))
             }

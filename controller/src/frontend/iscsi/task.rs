@@ -86,6 +86,8 @@ pub struct TaskCtx {
     pub itt: u32,
     pub lun: [u8; 8],
     pub edtl: u32,
+    /// The initiator set R: it takes Data-In.
+    pub read: bool,
     /// The task holds a command window slot.
     pub slot: bool,
     /// R2Ts sent for it (ExpDataSN of a write's response).
@@ -161,6 +163,11 @@ pub fn response_pdus(ctx: &TaskCtx, out: Outcome, write: bool) -> Vec<OutPdu> {
     if write {
         return vec![scsi_response(ctx.itt, GOOD, None, ctx.residual, ctx.r2ts)];
     }
+    if !ctx.read {
+        // Data the initiator did not ask to read is not sent.
+        let residual = Residual::of(0, out.data.len() as u64);
+        return vec![scsi_response(ctx.itt, GOOD, None, residual, 0)];
+    }
     let residual = Residual::of(ctx.edtl, out.data.len() as u64);
     let data = out.data.slice(..out.data.len().min(ctx.edtl as usize));
     if data.is_empty() {
@@ -206,6 +213,7 @@ mod tests {
             itt: 7,
             lun: [0; 8],
             edtl,
+            read: true,
             slot: true,
             r2ts: 0,
             residual: Residual::default(),
