@@ -32,6 +32,9 @@ pub const WRITE_SAME_16: u8 = 0x93;
 pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
 pub const REPORT_LUNS: u8 = 0xa0;
 pub const MAINTENANCE_IN: u8 = 0xa3;
+pub const PRE_FETCH_10: u8 = 0x34;
+pub const PRE_FETCH_16: u8 = 0x90;
+pub const ORWRITE_16: u8 = 0x8b;
 pub const READ_12: u8 = 0xa8;
 pub const WRITE_12: u8 = 0xaa;
 pub const WRITE_VERIFY_12: u8 = 0xae;
@@ -72,6 +75,11 @@ pub enum Command {
     ModeSense { ten: bool, dbd: bool, pc: u8, page: u8, subpage: u8, alloc: u32 },
     ModeSelect { ten: bool, param_len: u32 },
     CompareAndWrite { lba: u64, blocks: u32, fua: bool },
+    /// ORWRITE: OR the Data-Out into the blocks.
+    OrWrite { lba: u64, blocks: u32, fua: bool },
+    /// PRE-FETCH: nothing is cached ahead, so the answer is GOOD (SBC-3:
+    /// CONDITION MET would promise the blocks are in cache).
+    PreFetch { lba: u64, blocks: u32 },
     GetLbaStatus { lba: u64, alloc: u32 },
     ReportLuns { alloc: u32 },
     ReportOpcodes { rctd: bool, options: u8, opcode: u8, sa: u16, alloc: u32 },
@@ -218,6 +226,17 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
                 fua,
             }
         }
+        ORWRITE_16 => {
+            if protect != 0 {
+                return bad;
+            }
+            let (lba, blocks) = lba_len(cdb);
+            Command::OrWrite { lba, blocks, fua }
+        }
+        PRE_FETCH_10 | PRE_FETCH_16 => {
+            let (lba, blocks) = lba_len(cdb);
+            Command::PreFetch { lba, blocks }
+        }
         SERVICE_ACTION_IN_16 => match (cdb[1] & 0x1f) as u16 {
             SA_READ_CAPACITY_16 => Command::ReadCapacity16 {
                 alloc: be32(cdb, 10),
@@ -263,7 +282,9 @@ impl Command {
     /// Bytes of Data-Out the command carries, for a logical block size.
     pub fn data_out_len(&self, block: u64) -> u64 {
         match *self {
-            Command::Write { blocks, .. } | Command::WriteVerify { blocks, .. } => {
+            Command::Write { blocks, .. }
+            | Command::WriteVerify { blocks, .. }
+            | Command::OrWrite { blocks, .. } => {
                 blocks as u64 * block
             }
             Command::Verify {

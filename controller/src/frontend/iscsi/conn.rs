@@ -186,6 +186,7 @@ fn cost(c: &Command) -> u64 {
         Command::WriteVerify { blocks, .. } => 2 * b(blocks),
         Command::Verify { blocks, .. } => 2 * b(blocks),
         Command::CompareAndWrite { blocks, .. } => 3 * b(blocks),
+        Command::OrWrite { blocks, .. } => 2 * b(blocks),
         Command::WriteSame { .. } => b(super::pages::LIMITS.optimal_transfer) + BLOCK,
         _ => 64 * 1024,
     }
@@ -524,10 +525,10 @@ impl<B: Backend> Conn<B> {
             Ok(c @ (Command::Write { .. } | Command::WriteVerify { .. })) => Ok(c),
             // No Data-Out wanted (a READ flagged as a write): the data is
             // taken and dropped, the command runs.
-            Ok(c) if out_len == 0 => Ok(c),
             Ok(Command::CompareAndWrite { .. }) if out_len != cmd.edtl as u64 => {
                 Err(Refusal::Check(Sense::INVALID_FIELD_IN_CDB, residual))
             }
+            Ok(c) if out_len == 0 => Ok(c),
             Ok(_) if out_len != cmd.edtl as u64 => {
                 Err(Refusal::Check(Sense::INVALID_FIELD_IN_IU, residual))
             }

@@ -7,8 +7,8 @@
 //! against the device (capacity, transfer limits) before the connection
 //! asks for its Data-Out; [`Lun::execute`] does the IO.
 //!
-//! COMPARE AND WRITE holds a LUN-wide lock, so it is atomic against other
-//! COMPARE AND WRITEs of this controller; a plain WRITE to the same blocks
+//! COMPARE AND WRITE and ORWRITE hold a LUN-wide lock, so each is atomic
+//! against the others of this controller; a plain WRITE to the same blocks
 //! racing it is not excluded (the replicator orders the two writes, but
 //! the compare may see the older data).
 
@@ -120,12 +120,16 @@ impl<B: Backend> Lun<B> {
             | Command::Write { lba, blocks, .. }
             | Command::WriteVerify { lba, blocks }
             | Command::Verify { lba, blocks, .. } => self.transfer(lba, blocks).map(|_| ()),
-            Command::SyncCache { lba, blocks } => self.range(lba, blocks as u64).map(|_| ()),
+            Command::SyncCache { lba, blocks } | Command::PreFetch { lba, blocks } => {
+                self.range(lba, blocks as u64).map(|_| ())
+            }
+            Command::OrWrite { lba, blocks, .. } => self.transfer(lba, blocks).map(|_| ()),
             Command::WriteSame { lba, blocks, .. } => {
-                if blocks == 0 || blocks > LIMITS.max_write_same {
+                self.range(lba, blocks as u64)?;
+                if self.write_same_blocks(lba, blocks) > LIMITS.max_write_same as u64 {
                     return Err(Sense::INVALID_FIELD_IN_CDB);
                 }
-                self.range(lba, blocks as u64).map(|_| ())
+                Ok(())
             }
             Command::CompareAndWrite { lba, blocks, .. } => {
                 if blocks > LIMITS.max_compare_write as u32 {
@@ -142,6 +146,15 @@ impl<B: Backend> Lun<B> {
             }
             Command::ModeSense { pc: 3, .. } => Err(Sense::SAVING_NOT_SUPPORTED),
             _ => Ok(()),
+        }
+    }
+
+    /// Blocks a WRITE SAME covers: 0 means up to the end of the LUN.
+    fn write_same_blocks(&self, lba: u64, blocks: u32) -> u64 {
+        if blocks == 0 {
+            self.blocks().saturating_sub(lba)
+        } else {
+            blocks as u64
         }
     }
 
@@ -236,7 +249,7 @@ impl<B: Backend> Lun<B> {
                 unmap,
                 ndob,
             } => {
-                let (off, len) = self.range(lba, n as u64)?;
+                let (off, len) = self.range(lba, self.write_same_blocks(lba, n))?;
                 let pattern = if ndob {
                     Bytes::from(vec![0u8; BLOCK as usize])
                 } else {
@@ -282,6 +295,20 @@ impl<B: Backend> Lun<B> {
                 self.write(off, new, fua || self.write_through()).await?;
                 Outcome::good(Bytes::new())
             }
+            Command::OrWrite { lba, blocks: n, fua } => {
+                if n == 0 {
+                    return Ok(Outcome::good(Bytes::new()));
+                }
+                let (off, len) = self.range(lba, n as u64)?;
+                let _one_at_a_time = self.caw.lock().await;
+                let mut cur = self.read(off, len).await?.to_vec();
+                for (c, d) in cur.iter_mut().zip(data.iter()) {
+                    *c |= d;
+                }
+                self.write(off, Bytes::from(cur), fua || self.write_through()).await?;
+                Outcome::good(Bytes::new())
+            }
+            Command::PreFetch { .. } => Outcome::good(Bytes::new()),
             Command::GetLbaStatus { lba, alloc } => {
                 Outcome::good(cut(self.lba_status(lba, alloc).await?, alloc))
             }
@@ -339,9 +366,10 @@ impl<B: Backend> Lun<B> {
         }
         let fua = self.write_through();
         let end = off + len;
-        if pattern.iter().all(|b| *b == 0) {
-            // Zeros: metadata only; with UNMAP the blocks may become holes
-            // (they read back as zeros either way: LBPRZ).
+        if unmap || pattern.iter().all(|b| *b == 0) {
+            // Zeros: metadata only. With UNMAP the blocks are deallocated
+            // whatever the pattern (SBC-3 lets the device server unmap
+            // instead of writing), and read back as zeros (LBPRZ).
             let mut at = off;
             while at < end {
                 let n = (end - at).min(CHUNK);
@@ -580,13 +608,24 @@ mod tests {
         list[8..16].copy_from_slice(&63u64.to_be_bytes());
         let o = l.execute(&Command::Unmap { param_len: 24 }, Bytes::from(list)).await;
         assert_eq!(o.sense, Some(Sense::LBA_OUT_OF_RANGE));
-        let zero = Command::WriteSame {
-            lba: 0,
+        // 0 blocks: to the end of the LUN.
+        let to_end = Command::WriteSame {
+            lba: 60,
             blocks: 0,
             unmap: false,
-            ndob: true,
+            ndob: false,
         };
-        assert_eq!(l.check(&zero), Err(Sense::INVALID_FIELD_IN_CDB));
+        assert_eq!(l.execute(&to_end, block(4)).await.status, GOOD);
+        let r = l.execute(&Command::Read { lba: 60, blocks: 4 }, Bytes::new()).await;
+        assert!(r.data.iter().all(|b| *b == 4));
+        let or = Command::OrWrite {
+            lba: 60,
+            blocks: 1,
+            fua: false,
+        };
+        assert_eq!(l.execute(&or, block(1)).await.status, GOOD);
+        let r = l.execute(&Command::Read { lba: 60, blocks: 1 }, Bytes::new()).await;
+        assert_eq!(r.data, block(5));
     }
 
     #[tokio::test]

@@ -139,7 +139,7 @@ pub fn vpd_page(page: u8, id: &Identity) -> Option<Vec<u8>> {
         0xb0 => {
             let l = LIMITS;
             let mut b = vec![0u8; 0x3c];
-            b[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused
+            // WSNZ 0: WRITE SAME with 0 blocks writes to the end of the LUN.
             b[1] = l.max_compare_write;
             b[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal granularity
             b[4..8].copy_from_slice(&l.max_transfer.to_be_bytes());
@@ -347,6 +347,9 @@ pub const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (WRITE_SAME_16, None, 16),
     (SERVICE_ACTION_IN_16, Some(SA_READ_CAPACITY_16), 16),
     (SERVICE_ACTION_IN_16, Some(SA_GET_LBA_STATUS), 16),
+    (ORWRITE_16, None, 16),
+    (PRE_FETCH_10, None, 10),
+    (PRE_FETCH_16, None, 16),
     (REPORT_LUNS, None, 12),
     (MAINTENANCE_IN, Some(SA_REPORT_SUPPORTED_OPCODES), 12),
     (READ_12, None, 12),
