@@ -10,14 +10,14 @@
 #
 # Usage: bash scripts/iscsi-conformance.sh [strata|tgt|both]   (default both)
 # Env:   STRATA_BIN (default target/release/strata, built if missing),
-#        SIZE_MB (LUN size, default 256), OUT (default target/iscsi-conformance),
+#        SIZE_MB (LUN size, default 128), OUT (default target/iscsi-conformance),
 #        SUITE_TIMEOUT (seconds per suite, default 300), PERF_SECS (default 10).
 # Needs: libiscsi-bin, tgt (tgtd, tgtadm). Listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHICH=${1:-both}
-SIZE_MB=${SIZE_MB:-256}
+SIZE_MB=${SIZE_MB:-128}
 OUT=${OUT:-target/iscsi-conformance}
 SUITE_TIMEOUT=${SUITE_TIMEOUT:-300}
 PERF_SECS=${PERF_SECS:-10}

@@ -146,7 +146,9 @@ pub fn vpd_page(page: u8, id: &Identity) -> Option<Vec<u8>> {
             b[8..12].copy_from_slice(&l.optimal_transfer.to_be_bytes());
             b[16..20].copy_from_slice(&l.max_unmap_blocks.to_be_bytes());
             b[20..24].copy_from_slice(&l.max_unmap_descriptors.to_be_bytes());
-            b[24..28].copy_from_slice(&1u32.to_be_bytes()); // unmap granularity
+            // Optimal unmap granularity: not reported (0). With a value,
+            // qemu 7.2 keeps an allocation map and then asks block status
+            // with a length not aligned to 4096-byte blocks, and asserts.
             b[32..40].copy_from_slice(&(l.max_write_same as u64).to_be_bytes());
             vpd(0xb0, b)
         }
