@@ -245,7 +245,7 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
                 lba: be64(cdb, 2),
                 alloc: be32(cdb, 10),
             },
-            _ => return bad,
+            _ => return Err(Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(1)),
         },
         REPORT_LUNS => {
             if cdb[2] > 2 {
@@ -263,7 +263,7 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
                 sa: be16(cdb, 4) as u16,
                 alloc: be32(cdb, 6),
             },
-            _ => return bad,
+            _ => return Err(Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(1)),
         },
         _ => return Err(Sense::INVALID_OPCODE),
     })
@@ -405,7 +405,10 @@ mod tests {
                 &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
                 Ok(Command::ReadCapacity16 { alloc: 32 }),
             ),
-            (&[0x9e, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], Err(Sense::INVALID_FIELD_IN_CDB)),
+            (
+                &[0x9e, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+                Err(Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(1)),
+            ),
             (
                 &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0],
                 Ok(Command::CompareAndWrite {

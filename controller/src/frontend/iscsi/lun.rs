@@ -321,7 +321,7 @@ impl<B: Backend> Lun<B> {
                 alloc,
             } => {
                 let v = pages::report_opcodes(rctd, options, opcode, sa)
-                    .map_err(|()| Sense::INVALID_FIELD_IN_CDB)?;
+                    .map_err(|()| Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(2))?;
                 Outcome::good(cut(v, alloc))
             }
         })

@@ -25,6 +25,8 @@ pub struct Sense {
     pub asc: u8,
     pub ascq: u8,
     pub info: Option<u32>,
+    /// Sense-key specific field pointer: the CDB byte at fault.
+    pub field: Option<u16>,
 }
 
 const fn s(key: u8, asc: u8, ascq: u8) -> Sense {
@@ -33,6 +35,7 @@ const fn s(key: u8, asc: u8, ascq: u8) -> Sense {
         asc,
         ascq,
         info: None,
+        field: None,
     }
 }
 
@@ -66,6 +69,14 @@ impl Sense {
         }
     }
 
+    /// The same sense pointing at CDB byte `byte` (SKSV, C/D set).
+    pub fn at_cdb_byte(self, byte: u16) -> Sense {
+        Sense {
+            field: Some(byte),
+            ..self
+        }
+    }
+
     /// Fixed-format sense data (response code 0x70), 18 bytes.
     pub fn fixed(&self) -> [u8; 18] {
         let mut b = [0u8; 18];
@@ -78,6 +89,10 @@ impl Sense {
         b[7] = 10; // additional sense length
         b[12] = self.asc;
         b[13] = self.ascq;
+        if let Some(f) = self.field {
+            b[15] = 0xc0; // SKSV, C/D: the field is in the CDB
+            b[16..18].copy_from_slice(&f.to_be_bytes());
+        }
         b
     }
 
@@ -108,6 +123,8 @@ mod tests {
         let m = Sense::miscompare(4099).fixed();
         assert_eq!(&m[..8], &[0xf0, 0, 0xe, 0, 0, 0x10, 0x03, 10]);
         assert_eq!((m[12], m[13]), (0x1d, 0));
+        let f = Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(2).fixed();
+        assert_eq!(&f[15..18], &[0xc0, 0, 2]);
     }
 
     #[test]
