@@ -95,7 +95,7 @@ if [ "$WHICH" = strata ] || [ "$WHICH" = both ]; then
     "$BIN" up --size "${SIZE_MB}M" --replicas 3 --data-dir "$WORK/strata" \
         --nbd 127.0.0.1:$N --control 127.0.0.1:$C --metrics 127.0.0.1:$M --iscsi 127.0.0.1:$P \
         > "$OUT/strata-server.log" 2>&1 &
-    PIDS+=($!)
+    PIDS+=($!); disown
     wait_port "$P" 60
     URL="iscsi://127.0.0.1:$P/iqn.2026-11.io.strata:strata/0"
     run_suites strata "$URL"
@@ -107,7 +107,7 @@ if [ "$WHICH" = tgt ] || [ "$WHICH" = both ]; then
     P=$(free_port); CTL=$(( 20000 + RANDOM % 10000 ))
     truncate -s "${SIZE_MB}M" "$WORK/tgt.img"
     tgtd -f -C "$CTL" --iscsi portal=127.0.0.1:$P > "$OUT/tgt-server.log" 2>&1 &
-    PIDS+=($!)
+    PIDS+=($!); disown
     wait_port "$P" 30
     IQN=iqn.2026-11.io.strata:tgt
     tgtadm -C "$CTL" --lld iscsi --op new --mode target --tid 1 -T "$IQN"
