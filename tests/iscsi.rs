@@ -75,16 +75,28 @@ fn libiscsi_tools_see_the_volume() {
     }
     let (_c, addr) = iscsi_cluster(1, 64 << 20, &[]);
     let ls = run_ok("iscsi-ls", &["-s", &format!("iscsi://{addr}")], 30);
-    assert!(ls.contains(&format!("Target:{IQN} Portal:{addr},1")), "{ls}");
+    assert!(
+        ls.contains(&format!("Target:{IQN} Portal:{addr},1")),
+        "{ls}"
+    );
     assert!(ls.contains("Lun:0") && ls.contains("DIRECT_ACCESS"), "{ls}");
     let inq = run_ok("iscsi-inq", &[&url(addr)], 30);
-    assert!(inq.contains("Peripheral Device Type:DIRECT_ACCESS"), "{inq}");
+    assert!(
+        inq.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{inq}"
+    );
     assert!(inq.contains("Vendor:STRATA"), "{inq}");
     let serial = run_ok("iscsi-inq", &["-e", "1", "-c", "0x80", &url(addr)], 30);
     assert!(serial.to_lowercase().contains("serial"), "{serial}");
     let cap = run_ok("iscsi-readcapacity16", &[&url(addr)], 30);
     assert!(cap.contains("LOGICAL BLOCK LENGTH IN BYTES:4096"), "{cap}");
-    assert!(cap.contains(&format!("RETURNED LOGICAL BLOCK ADDRESS:{}", (64 << 20) / 4096 - 1)), "{cap}");
+    assert!(
+        cap.contains(&format!(
+            "RETURNED LOGICAL BLOCK ADDRESS:{}",
+            (64 << 20) / 4096 - 1
+        )),
+        "{cap}"
+    );
     assert!(cap.contains("Total size:67108864"), "{cap}");
     assert!(cap.contains("LBPME:1"), "{cap}");
 }
@@ -116,17 +128,70 @@ fn qemu_round_trip_256mib_over_iscsi_and_nbd_with_three_replicas() {
         }
     }
     // In over iSCSI, out over iSCSI and over NBD: identical.
-    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &url(addr)], 300);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &url(addr),
+        ],
+        300,
+    );
     let back = dir.path().join("back.raw");
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &url(addr), back.to_str().unwrap()], 300);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url(addr),
+            back.to_str().unwrap(),
+        ],
+        300,
+    );
     assert_eq!(sha(&src), sha(&back), "iSCSI read-back differs");
-    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &c.uri()], 300);
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            &c.uri(),
+        ],
+        300,
+    );
     // The other way round: written over NBD, read over iSCSI.
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0xc3 8M 3M", &c.uri()], 60);
-    run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0xc3 8M 3M", &url(addr)], 60);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xc3 8M 3M", &c.uri()],
+        60,
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0xc3 8M 3M", &url(addr)],
+        60,
+    );
     // And a small write over iSCSI seen over NBD.
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 100k 12k", &url(addr)], 60);
-    run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x3c 100k 12k", &c.uri()], 60);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 100k 12k", &url(addr)],
+        60,
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x3c 100k 12k", &c.uri()],
+        60,
+    );
     c.stop_and_compare();
 }
 
@@ -140,7 +205,17 @@ fn idle_session_with_keep_alives_keeps_working() {
     // if they go unanswered; 60 s idle between a write and a read.
     let out = run_ok(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x77 0 64k", "-c", "sleep 60000", "-c", "read -P 0x77 0 64k", &url(addr)],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 64k",
+            "-c",
+            "sleep 60000",
+            "-c",
+            "read -P 0x77 0 64k",
+            &url(addr),
+        ],
         120,
     );
     assert!(out.contains("read 65536/65536"), "{out}");
@@ -154,13 +229,23 @@ fn chap_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("chap");
     std::fs::write(&file, "username = alice\nsecret = alice-secret-12\n").unwrap();
-    let (_c, addr) = iscsi_cluster(1, 64 << 20, &["--chap-file".into(), file.display().to_string()]);
+    let (_c, addr) = iscsi_cluster(
+        1,
+        64 << 20,
+        &["--chap-file".into(), file.display().to_string()],
+    );
     let good = format!("iscsi://alice%alice-secret-12@{addr}/{IQN}/0");
     let out = run_ok("iscsi-inq", &[&good], 30);
     assert!(out.contains("Vendor:STRATA"), "{out}");
-    for bad in [format!("iscsi://alice%wrong-secret-1@{addr}/{IQN}/0"), url(addr)] {
+    for bad in [
+        format!("iscsi://alice%wrong-secret-1@{addr}/{IQN}/0"),
+        url(addr),
+    ] {
         let out = run("iscsi-inq", &[&bad], 30);
-        assert!(!out.status.success(), "login without the right secret must fail: {bad}");
+        assert!(
+            !out.status.success(),
+            "login without the right secret must fail: {bad}"
+        );
     }
 }
 
@@ -170,11 +255,12 @@ fn parse_cu(suite: &str, log: &str) -> Vec<(String, &'static str)> {
     let mut out = Vec::new();
     let mut cur: Option<String> = None;
     let mut skip = false;
-    let mut finish = |cur: &mut Option<String>, r: &'static str, out: &mut Vec<(String, &'static str)>| {
-        if let Some(t) = cur.take() {
-            out.push((format!("{suite}.{t}"), r));
-        }
-    };
+    let finish =
+        |cur: &mut Option<String>, r: &'static str, out: &mut Vec<(String, &'static str)>| {
+            if let Some(t) = cur.take() {
+                out.push((format!("{suite}.{t}"), r));
+            }
+        };
     for line in log.lines() {
         let mut text = line;
         if let Some(rest) = line.strip_prefix("  Test: ") {
@@ -200,12 +286,19 @@ fn parse_cu(suite: &str, log: &str) -> Vec<(String, &'static str)> {
 
 /// The strata figures recorded in docs/iscsi-conformance.md.
 fn recorded() -> (usize, usize) {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/iscsi-conformance.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/iscsi-conformance.md"
+    ))
+    .unwrap();
     let line = doc
         .lines()
         .find(|l| l.starts_with("strata   pass"))
         .expect("docs/iscsi-conformance.md has no `strata   pass` line");
-    let nums: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let nums: Vec<usize> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
     (nums[0], nums[2]) // pass, fail
 }
 
@@ -223,20 +316,42 @@ fn iscsi_test_cu_pass_count_does_not_drop() {
         .collect();
     let mut results = Vec::new();
     for s in &suites {
-        let out = run("iscsi-test-cu", &["--dataloss", "-v", "-t", s, &url(addr)], 300);
-        let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let out = run(
+            "iscsi-test-cu",
+            &["--dataloss", "-v", "-t", s, &url(addr)],
+            300,
+        );
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
         let got = parse_cu(s, &log);
-        for t in list.lines().filter(|l| l.starts_with(&format!("{s}.")) && l.matches('.').count() == 2) {
-            let r = got.iter().find(|(n, _)| n == t).map(|(_, r)| *r).unwrap_or("fail");
+        for t in list
+            .lines()
+            .filter(|l| l.starts_with(&format!("{s}.")) && l.matches('.').count() == 2)
+        {
+            let r = got
+                .iter()
+                .find(|(n, _)| n == t)
+                .map(|(_, r)| *r)
+                .unwrap_or("fail");
             results.push((t.to_string(), r));
         }
     }
     let count = |r| results.iter().filter(|(_, x)| *x == r).count();
     let (pass, skip, fail) = (count("pass"), count("skip"), count("fail"));
-    let failed: Vec<&String> = results.iter().filter(|(_, r)| *r == "fail").map(|(n, _)| n).collect();
+    let failed: Vec<&String> = results
+        .iter()
+        .filter(|(_, r)| *r == "fail")
+        .map(|(n, _)| n)
+        .collect();
     eprintln!("iscsi-test-cu: pass {pass} skip {skip} fail {fail}; failed: {failed:?}");
-    assert!(pass >= want_pass, "pass count {pass} dropped below the recorded {want_pass}; failed: {failed:?}");
-    assert!(fail <= want_fail, "fail count {fail} is above the recorded {want_fail}: {failed:?}");
+    assert!(
+        pass >= want_pass,
+        "pass count {pass} dropped below the recorded {want_pass}; failed: {failed:?}"
+    );
+    assert!(
+        fail <= want_fail,
+        "fail count {fail} is above the recorded {want_fail}: {failed:?}"
+    );
 }
 
 #[test]
@@ -246,9 +361,15 @@ fn cu_parser() {
                \x20 Test: C ...    [FAILED] bad\nFAILED\n    1. x.c:1 - y\n  Test: D ...    noise\n\
                passed    [SKIPPED] PERSISTENT RESERVE IN is not implemented.\n  Test: E ...";
     let r = parse_cu("ALL.X", log);
-    let want: Vec<(String, &str)> = [("A", "pass"), ("B", "skip"), ("C", "fail"), ("D", "pass"), ("E", "fail")]
-        .iter()
-        .map(|(n, r)| (format!("ALL.X.{n}"), *r))
-        .collect();
+    let want: Vec<(String, &str)> = [
+        ("A", "pass"),
+        ("B", "skip"),
+        ("C", "fail"),
+        ("D", "pass"),
+        ("E", "fail"),
+    ]
+    .iter()
+    .map(|(n, r)| (format!("ALL.X.{n}"), *r))
+    .collect();
     assert_eq!(r, want);
 }

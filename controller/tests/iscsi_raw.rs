@@ -61,11 +61,17 @@ impl Pdu {
         String::from_utf8_lossy(&self.data)
             .split('\0')
             .filter(|s| !s.is_empty())
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect()
     }
     fn key(&self, k: &str) -> Option<String> {
-        self.text().into_iter().find(|(kk, _)| kk == k).map(|(_, v)| v)
+        self.text()
+            .into_iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v)
     }
 }
 
@@ -94,7 +100,10 @@ fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
 impl Client {
     async fn connect(s: &Server) -> Client {
         Client {
-            s: timeout(T, TcpStream::connect(s.addr)).await.unwrap().unwrap(),
+            s: timeout(T, TcpStream::connect(s.addr))
+                .await
+                .unwrap()
+                .unwrap(),
             buf: Vec::new(),
             cmdsn: 1,
             statsn: 0,
@@ -148,8 +157,13 @@ impl Client {
     }
 
     async fn recv(&mut self) -> Pdu {
-        let p = self.recv_within(T).await.expect("the target closed the connection");
-        if matches!(p.opcode(), 0x21 | 0x20 | 0x22 | 0x23 | 0x24 | 0x26 | 0x3f) || (p.opcode() == 0x25 && p.bhs[1] & 1 != 0) {
+        let p = self
+            .recv_within(T)
+            .await
+            .expect("the target closed the connection");
+        if matches!(p.opcode(), 0x21 | 0x20 | 0x22 | 0x23 | 0x24 | 0x26 | 0x3f)
+            || (p.opcode() == 0x25 && p.bhs[1] & 1 != 0)
+        {
             self.statsn = p.u32_at(24).wrapping_add(1);
         }
         p
@@ -198,7 +212,12 @@ impl Client {
                 true,
                 0,
                 1,
-                &[("InitiatorName", "iqn.test:raw"), ("SessionType", "Normal"), ("TargetName", TARGET), ("AuthMethod", "None")],
+                &[
+                    ("InitiatorName", "iqn.test:raw"),
+                    ("SessionType", "Normal"),
+                    ("TargetName", TARGET),
+                    ("AuthMethod", "None"),
+                ],
             )
             .await;
         assert_eq!((p.bhs[36], p.bhs[37]), (0, 0), "{:?}", p.text());
@@ -231,21 +250,30 @@ impl Client {
 
     /// A SCSI command with its data; returns (status, data-in, response
     /// PDU). Answers R2Ts; sends immediate data when `immediate`.
-    async fn scsi(&mut self, cdb: &[u8], edtl: u32, out: Option<&[u8]>, immediate_data: usize) -> (u8, Vec<u8>, Pdu) {
+    async fn scsi(
+        &mut self,
+        cdb: &[u8],
+        edtl: u32,
+        out: Option<&[u8]>,
+        immediate_data: usize,
+    ) -> (u8, Vec<u8>, Pdu) {
         let mut b = self.cmd_bhs(0x01, false);
         let (read, write) = (out.is_none() && edtl > 0, out.is_some());
         b[1] = 0x80 | if read { 0x40 } else { 0 } | if write { 0x20 } else { 0 } | 1;
         put32(&mut b, 20, edtl);
         b[32..32 + cdb.len()].copy_from_slice(cdb);
         let itt = u32::from_be_bytes(b[16..20].try_into().unwrap());
-        let imm = out.map(|d| &d[..immediate_data.min(d.len())]).unwrap_or(&[]);
+        let imm = out
+            .map(|d| &d[..immediate_data.min(d.len())])
+            .unwrap_or(&[]);
         self.send(b, imm).await;
         let mut data_in = Vec::new();
         loop {
             let p = self.recv().await;
             match p.opcode() {
                 0x31 => {
-                    let (ttt, off, len) = (p.u32_at(20), p.u32_at(40) as usize, p.u32_at(44) as usize);
+                    let (ttt, off, len) =
+                        (p.u32_at(20), p.u32_at(40) as usize, p.u32_at(44) as usize);
                     let src = out.expect("R2T for a read");
                     let mut d = [0u8; 48];
                     d[0] = 0x05;
@@ -317,20 +345,33 @@ async fn login_inquiry_capacity_and_data() {
     assert_eq!(cap, [0, 0, 0x0f, 0xff, 0, 0, 0x10, 0]);
     // 64 KiB write: 8 KiB immediate, the rest by 16 KiB R2Ts, two at a time.
     let data: Vec<u8> = (0..16 * BS).map(|i| (i * 7 % 251) as u8).collect();
-    let (st, _, resp) = c.scsi(&rw10(0x2a, 3, 16), data.len() as u32, Some(&data), 8192).await;
+    let (st, _, resp) = c
+        .scsi(&rw10(0x2a, 3, 16), data.len() as u32, Some(&data), 8192)
+        .await;
     assert_eq!(st, 0);
     assert_eq!(resp.u32_at(36), 4, "ExpDataSN counts the R2Ts");
     // Read it back in Data-In PDUs of at most 8 KiB.
     let (st, back, resp) = c.scsi(&rw10(0x28, 3, 16), data.len() as u32, None, 0).await;
     assert_eq!(st, 0);
     assert!(back == data, "read back differs");
-    assert_eq!(resp.bhs[1] & 0x81, 0x81, "status collapsed into the last Data-In");
+    assert_eq!(
+        resp.bhs[1] & 0x81,
+        0x81,
+        "status collapsed into the last Data-In"
+    );
     // Beyond the end: CHECK CONDITION, ILLEGAL REQUEST, LBA OUT OF RANGE.
     let (st, _, resp) = c.scsi(&rw10(0x28, 4095, 2), 2 * BS as u32, None, 0).await;
     assert_eq!(st, 2);
     assert_eq!((resp.data[2 + 2], resp.data[2 + 12]), (5, 0x21));
     // An unsupported opcode: INVALID COMMAND OPERATION CODE, no hang.
-    let (st, _, resp) = c.scsi(&[0xc1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, None, 0).await;
+    let (st, _, resp) = c
+        .scsi(
+            &[0xc1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            0,
+            None,
+            0,
+        )
+        .await;
     assert_eq!(st, 2);
     assert_eq!(resp.data[2 + 12], 0x20);
     // Logout.
@@ -353,7 +394,10 @@ async fn non_immediate_nop_outs_advance_the_window() {
         let p = c.nop(false, b"ping").await;
         assert_eq!(p.data, b"ping");
         assert_eq!(p.u32_at(28), sent.wrapping_add(1), "ExpCmdSN after NOP {i}");
-        assert!(p.u32_at(32).wrapping_sub(p.u32_at(28)) < 1 << 31, "MaxCmdSN >= ExpCmdSN");
+        assert!(
+            p.u32_at(32).wrapping_sub(p.u32_at(28)) < 1 << 31,
+            "MaxCmdSN >= ExpCmdSN"
+        );
     }
     // Immediate NOP-Outs do not consume one.
     let before = c.cmdsn;
@@ -375,7 +419,10 @@ async fn commands_outside_the_window_are_ignored() {
         let mut b = c.cmd_bhs(0x01, false);
         b[1] = 0x80;
         c.send(b, &[]).await;
-        assert!(c.recv_within(Duration::from_millis(500)).await.is_none(), "CmdSN {bad} must get no answer");
+        assert!(
+            c.recv_within(Duration::from_millis(500)).await.is_none(),
+            "CmdSN {bad} must get no answer"
+        );
     }
     c.cmdsn = good;
     assert_eq!(c.tur().await, 0);
@@ -426,7 +473,11 @@ async fn malformed_pdus_close_only_their_connection() {
     b[0] = 0x1c | 0x40;
     c.send(b, &[]).await;
     let p = c.recv().await;
-    assert_eq!((p.opcode(), p.bhs[2]), (0x3f, 0x05), "Reject: command not supported");
+    assert_eq!(
+        (p.opcode(), p.bhs[2]),
+        (0x3f, 0x05),
+        "Reject: command not supported"
+    );
     assert_eq!(&p.data[..1], &[0x1c | 0x40]);
     assert_eq!(c.tur().await, 0);
     // A Data-Out for a task that does not exist: Reject, session goes on.
@@ -440,8 +491,17 @@ async fn malformed_pdus_close_only_their_connection() {
 
     // Through all this, the first session kept working.
     let data = vec![0x5a; BS];
-    assert_eq!(healthy.scsi(&rw10(0x2a, 0, 1), BS as u32, Some(&data), BS).await.0, 0);
-    assert_eq!(healthy.scsi(&rw10(0x28, 0, 1), BS as u32, None, 0).await.1, data);
+    assert_eq!(
+        healthy
+            .scsi(&rw10(0x2a, 0, 1), BS as u32, Some(&data), BS)
+            .await
+            .0,
+        0
+    );
+    assert_eq!(
+        healthy.scsi(&rw10(0x28, 0, 1), BS as u32, None, 0).await.1,
+        data
+    );
 }
 
 #[tokio::test]
@@ -449,7 +509,16 @@ async fn login_errors() {
     let srv = mem_server(IscsiOptions::default()).await;
     let mut c = Client::connect(&srv).await;
     let p = c
-        .login_step(true, 0, 1, &[("InitiatorName", "iqn.test:raw"), ("TargetName", "iqn.nope:x"), ("AuthMethod", "None")])
+        .login_step(
+            true,
+            0,
+            1,
+            &[
+                ("InitiatorName", "iqn.test:raw"),
+                ("TargetName", "iqn.nope:x"),
+                ("AuthMethod", "None"),
+            ],
+        )
         .await;
     assert_eq!((p.bhs[36], p.bhs[37]), (2, 3), "target not found");
     assert!(c.closed().await);
@@ -460,7 +529,8 @@ async fn login_errors() {
     let mut c = Client::connect(&srv).await;
     let mut b = c.login_bhs(true, 0, 1);
     b[14..16].copy_from_slice(&77u16.to_be_bytes());
-    c.send(b, &text(&[("InitiatorName", "i"), ("TargetName", TARGET)])).await;
+    c.send(b, &text(&[("InitiatorName", "i"), ("TargetName", TARGET)]))
+        .await;
     let p = c.recv().await;
     assert_eq!((p.bhs[36], p.bhs[37]), (2, 0x0a));
 }
@@ -482,9 +552,23 @@ fn chap_opts(mutual: bool) -> IscsiOptions {
 }
 
 /// Runs CHAP with `secret`; returns the final security-stage response.
-async fn chap_login(c: &mut Client, user: &str, secret: &[u8], mutual: Option<(u8, [u8; 16])>) -> Pdu {
+async fn chap_login(
+    c: &mut Client,
+    user: &str,
+    secret: &[u8],
+    mutual: Option<(u8, [u8; 16])>,
+) -> Pdu {
     let p = c
-        .login_step(false, 0, 1, &[("InitiatorName", "iqn.test:chap"), ("TargetName", TARGET), ("AuthMethod", "CHAP,None")])
+        .login_step(
+            false,
+            0,
+            1,
+            &[
+                ("InitiatorName", "iqn.test:chap"),
+                ("TargetName", TARGET),
+                ("AuthMethod", "CHAP,None"),
+            ],
+        )
         .await;
     assert_eq!(p.key("AuthMethod").as_deref(), Some("CHAP"));
     let p = c.login_step(false, 0, 1, &[("CHAP_A", "5")]).await;
@@ -492,10 +576,24 @@ async fn chap_login(c: &mut Client, user: &str, secret: &[u8], mutual: Option<(u
     let ch = chap::decode_binary(&p.key("CHAP_C").unwrap(), 1024).unwrap();
     let r = chap::encode_hex(&chap::response(id, secret, &ch));
     match mutual {
-        None => c.login_step(true, 0, 1, &[("CHAP_N", user), ("CHAP_R", &r)]).await,
+        None => {
+            c.login_step(true, 0, 1, &[("CHAP_N", user), ("CHAP_R", &r)])
+                .await
+        }
         Some((i, mc)) => {
             let (i, mc) = (i.to_string(), chap::encode_hex(&mc));
-            c.login_step(true, 0, 1, &[("CHAP_N", user), ("CHAP_R", &r), ("CHAP_I", &i), ("CHAP_C", &mc)]).await
+            c.login_step(
+                true,
+                0,
+                1,
+                &[
+                    ("CHAP_N", user),
+                    ("CHAP_R", &r),
+                    ("CHAP_I", &i),
+                    ("CHAP_C", &mc),
+                ],
+            )
+            .await
         }
     }
 }
@@ -504,7 +602,10 @@ async fn chap_login(c: &mut Client, user: &str, secret: &[u8], mutual: Option<(u
 async fn chap_one_way_mutual_and_wrong() {
     let srv = mem_server(chap_opts(true)).await;
     // Wrong secret, wrong user, no CHAP at all: authentication failure.
-    for (user, secret) in [("alice", &b"wrong-secret-12"[..]), ("mallory", b"alice-secret-12")] {
+    for (user, secret) in [
+        ("alice", &b"wrong-secret-12"[..]),
+        ("mallory", b"alice-secret-12"),
+    ] {
         let mut c = Client::connect(&srv).await;
         let p = chap_login(&mut c, user, secret, None).await;
         assert_eq!((p.bhs[36], p.bhs[37]), (2, 1), "{user}");
@@ -512,7 +613,16 @@ async fn chap_one_way_mutual_and_wrong() {
     }
     let mut c = Client::connect(&srv).await;
     let p = c
-        .login_step(true, 0, 1, &[("InitiatorName", "i"), ("TargetName", TARGET), ("AuthMethod", "None")])
+        .login_step(
+            true,
+            0,
+            1,
+            &[
+                ("InitiatorName", "i"),
+                ("TargetName", TARGET),
+                ("AuthMethod", "None"),
+            ],
+        )
         .await;
     assert_eq!((p.bhs[36], p.bhs[37]), (2, 1));
     // Right secret, one-way.
@@ -537,11 +647,21 @@ async fn chap_one_way_mutual_and_wrong() {
 async fn digests_and_a_corrupt_header() {
     let srv = mem_server(IscsiOptions::default()).await;
     let mut c = Client::connect(&srv).await;
-    let p = c.login(&[("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")]).await;
+    let p = c
+        .login(&[("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")])
+        .await;
     assert_eq!(p.key("HeaderDigest").as_deref(), Some("CRC32C"));
     let data = vec![7u8; 2 * BS];
-    assert_eq!(c.scsi(&rw10(0x2a, 1, 2), 2 * BS as u32, Some(&data), 0).await.0, 0);
-    assert_eq!(c.scsi(&rw10(0x28, 1, 2), 2 * BS as u32, None, 0).await.1, data);
+    assert_eq!(
+        c.scsi(&rw10(0x2a, 1, 2), 2 * BS as u32, Some(&data), 0)
+            .await
+            .0,
+        0
+    );
+    assert_eq!(
+        c.scsi(&rw10(0x28, 1, 2), 2 * BS as u32, None, 0).await.1,
+        data
+    );
     // A header whose digest does not match: the connection is dropped.
     let mut b = c.cmd_bhs(0x00, true);
     put32(&mut b, 20, 0xffff_ffff);
@@ -602,7 +722,11 @@ async fn target_pings_an_idle_initiator() {
     // Answer three pings: the connection stays.
     for _ in 0..3 {
         let p = c.recv().await;
-        assert_eq!((p.opcode(), p.u32_at(16)), (0x20, 0xffff_ffff), "NOP-In ping");
+        assert_eq!(
+            (p.opcode(), p.u32_at(16)),
+            (0x20, 0xffff_ffff),
+            "NOP-In ping"
+        );
         let ttt = p.u32_at(20);
         assert_ne!(ttt, 0xffff_ffff);
         let mut b = [0u8; 48];
@@ -666,7 +790,10 @@ async fn capacity_change_raises_a_unit_attention() {
     assert_eq!(c.scsi(&[0x12, 0, 0, 0, 36, 0], 36, None, 0).await.0, 0);
     let (st, _, resp) = c.scsi(&[0; 6], 0, None, 0).await;
     assert_eq!(st, 2);
-    assert_eq!((resp.data[2 + 2], resp.data[2 + 12], resp.data[2 + 13]), (6, 0x2a, 0x09));
+    assert_eq!(
+        (resp.data[2 + 2], resp.data[2 + 12], resp.data[2 + 13]),
+        (6, 0x2a, 0x09)
+    );
     assert_eq!(c.tur().await, 0);
     let (_, cap, _) = c.scsi(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8, None, 0).await;
     assert_eq!(cap[..4], 8191u32.to_be_bytes());
@@ -677,7 +804,16 @@ async fn discovery_send_targets() {
     let srv = mem_server(IscsiOptions::default()).await;
     let mut c = Client::connect(&srv).await;
     let p = c
-        .login_step(true, 0, 1, &[("InitiatorName", "iqn.test:d"), ("SessionType", "Discovery"), ("AuthMethod", "None")])
+        .login_step(
+            true,
+            0,
+            1,
+            &[
+                ("InitiatorName", "iqn.test:d"),
+                ("SessionType", "Discovery"),
+                ("AuthMethod", "None"),
+            ],
+        )
         .await;
     assert_eq!(p.bhs[36], 0);
     let p = c.login_step(true, 1, 3, &[]).await;

@@ -59,30 +59,95 @@ pub fn cdb_len(opcode: u8) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     TestUnitReady,
-    RequestSense { desc: bool, alloc: u32 },
-    Inquiry { evpd: bool, page: u8, alloc: u32 },
+    RequestSense {
+        desc: bool,
+        alloc: u32,
+    },
+    Inquiry {
+        evpd: bool,
+        page: u8,
+        alloc: u32,
+    },
     ReadCapacity10,
-    ReadCapacity16 { alloc: u32 },
-    Read { lba: u64, blocks: u32 },
-    Write { lba: u64, blocks: u32, fua: bool },
+    ReadCapacity16 {
+        alloc: u32,
+    },
+    Read {
+        lba: u64,
+        blocks: u32,
+    },
+    Write {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     /// WRITE AND VERIFY: write, then read back and compare (BYTCHK=1) or
     /// just read back (BYTCHK=0).
-    WriteVerify { lba: u64, blocks: u32 },
-    Verify { lba: u64, blocks: u32, bytchk: bool },
-    SyncCache { lba: u64, blocks: u32 },
-    WriteSame { lba: u64, blocks: u32, unmap: bool, ndob: bool },
-    Unmap { param_len: u32 },
-    ModeSense { ten: bool, dbd: bool, pc: u8, page: u8, subpage: u8, alloc: u32 },
-    ModeSelect { ten: bool, param_len: u32 },
-    CompareAndWrite { lba: u64, blocks: u32, fua: bool },
+    WriteVerify {
+        lba: u64,
+        blocks: u32,
+    },
+    Verify {
+        lba: u64,
+        blocks: u32,
+        bytchk: bool,
+    },
+    SyncCache {
+        lba: u64,
+        blocks: u32,
+    },
+    WriteSame {
+        lba: u64,
+        blocks: u32,
+        unmap: bool,
+        ndob: bool,
+    },
+    Unmap {
+        param_len: u32,
+    },
+    ModeSense {
+        ten: bool,
+        dbd: bool,
+        pc: u8,
+        page: u8,
+        subpage: u8,
+        alloc: u32,
+    },
+    ModeSelect {
+        ten: bool,
+        param_len: u32,
+    },
+    CompareAndWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     /// ORWRITE: OR the Data-Out into the blocks.
-    OrWrite { lba: u64, blocks: u32, fua: bool },
+    OrWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     /// PRE-FETCH: nothing is cached ahead, so the answer is GOOD (SBC-3:
     /// CONDITION MET would promise the blocks are in cache).
-    PreFetch { lba: u64, blocks: u32 },
-    GetLbaStatus { lba: u64, alloc: u32 },
-    ReportLuns { alloc: u32 },
-    ReportOpcodes { rctd: bool, options: u8, opcode: u8, sa: u16, alloc: u32 },
+    PreFetch {
+        lba: u64,
+        blocks: u32,
+    },
+    GetLbaStatus {
+        lba: u64,
+        alloc: u32,
+    },
+    ReportLuns {
+        alloc: u32,
+    },
+    ReportOpcodes {
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        sa: u16,
+        alloc: u32,
+    },
 }
 
 fn be16(b: &[u8], at: usize) -> u32 {
@@ -284,9 +349,7 @@ impl Command {
         match *self {
             Command::Write { blocks, .. }
             | Command::WriteVerify { blocks, .. }
-            | Command::OrWrite { blocks, .. } => {
-                blocks as u64 * block
-            }
+            | Command::OrWrite { blocks, .. } => blocks as u64 * block,
             Command::Verify {
                 blocks,
                 bytchk: true,
@@ -352,9 +415,15 @@ mod tests {
             ),
             (
                 &[0x28, 0, 0, 0, 1, 0, 0, 0, 8, 0],
-                Ok(Command::Read { lba: 256, blocks: 8 }),
+                Ok(Command::Read {
+                    lba: 256,
+                    blocks: 8,
+                }),
             ),
-            (&[0x28, 0x20, 0, 0, 1, 0, 0, 0, 8, 0], Err(Sense::INVALID_FIELD_IN_CDB)),
+            (
+                &[0x28, 0x20, 0, 0, 1, 0, 0, 0, 8, 0],
+                Err(Sense::INVALID_FIELD_IN_CDB),
+            ),
             (
                 &[0x2a, 0x08, 0, 0, 0, 9, 0, 0, 1, 0],
                 Ok(Command::Write {
@@ -387,7 +456,10 @@ mod tests {
                     bytchk: true,
                 }),
             ),
-            (&[0x2f, 0x04, 0, 0, 0, 3, 0, 0, 1, 0], Err(Sense::INVALID_FIELD_IN_CDB)),
+            (
+                &[0x2f, 0x04, 0, 0, 0, 3, 0, 0, 1, 0],
+                Err(Sense::INVALID_FIELD_IN_CDB),
+            ),
             (
                 &[0x93, 0x09, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0],
                 Ok(Command::WriteSame {
@@ -446,10 +518,16 @@ mod tests {
                     alloc: 512,
                 }),
             ),
-            (&[0xa0, 0, 3, 0, 0, 0, 0, 0, 0, 16, 0, 0], Err(Sense::INVALID_FIELD_IN_CDB)),
+            (
+                &[0xa0, 0, 3, 0, 0, 0, 0, 0, 0, 16, 0, 0],
+                Err(Sense::INVALID_FIELD_IN_CDB),
+            ),
             (&[0x1b, 0, 0, 0, 1, 0], Err(Sense::INVALID_OPCODE)),
             (&[0xff; 16], Err(Sense::INVALID_FIELD_IN_CDB)),
-            (&[0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], Err(Sense::INVALID_OPCODE)),
+            (
+                &[0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                Err(Sense::INVALID_OPCODE),
+            ),
         ];
         for (bytes, want) in cases {
             assert_eq!(parse(&cdb(bytes)), want, "{bytes:02x?}");

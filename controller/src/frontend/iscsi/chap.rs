@@ -35,7 +35,11 @@ pub struct Credential {
 
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credential {{ user: {:?}, secret: <hidden> }}", self.user)
+        write!(
+            f,
+            "Credential {{ user: {:?}, secret: <hidden> }}",
+            self.user
+        )
     }
 }
 
@@ -242,7 +246,9 @@ mod tests {
         assert_eq!(encode_hex(&h), "0xd41d8cd98f00b204e9800998ecf8427e");
         let r = response(1, b"secretsecret", &[1, 2, 3]);
         let mut h = Md5::new();
-        h.update([1u8, b's', b'e', b'c', b'r', b'e', b't', b's', b'e', b'c', b'r', b'e', b't', 1, 2, 3]);
+        h.update([
+            1u8, b's', b'e', b'c', b'r', b'e', b't', b's', b'e', b'c', b'r', b'e', b't', 1, 2, 3,
+        ]);
         let want: [u8; 16] = h.finalize().into();
         assert_eq!(r, want);
     }

@@ -347,7 +347,8 @@ impl<B: Backend> Conn<B> {
                 self.release(admit);
                 if itt != RESERVED_TAG {
                     let n = data.len().min(self.params.send_max as usize);
-                    self.send(nop_in(itt, RESERVED_TAG, lun, data.slice(..n))).await;
+                    self.send(nop_in(itt, RESERVED_TAG, lun, data.slice(..n)))
+                        .await;
                 }
             }
             Request::TaskMgmt {
@@ -393,7 +394,9 @@ impl<B: Backend> Conn<B> {
             }
             Request::Login(_) => {
                 self.send(reject(REJECT_PROTOCOL, &f.bhs)).await;
-                return Err(ConnError::Protocol("Login request in the full feature phase".into()));
+                return Err(ConnError::Protocol(
+                    "Login request in the full feature phase".into(),
+                ));
             }
             Request::Snack { .. } => self.send(reject(REJECT_SNACK, &f.bhs)).await,
             Request::Unknown { .. } => self.send(reject(REJECT_NOT_SUPPORTED, &f.bhs)).await,
@@ -482,10 +485,19 @@ impl<B: Backend> Conn<B> {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             // More tasks than MAX_TASKS: only immediate commands can get here.
             self.release(admit);
-            self.send(scsi_response(cmd.itt, TASK_SET_FULL, None, Residual::default(), 0)).await;
+            self.send(scsi_response(
+                cmd.itt,
+                TASK_SET_FULL,
+                None,
+                Residual::default(),
+                0,
+            ))
+            .await;
             return Ok(());
         };
-        let mut plan = self.plan(&cmd).map_err(|s| Refusal::Check(s, Residual::default()));
+        let mut plan = self
+            .plan(&cmd)
+            .map_err(|s| Refusal::Check(s, Residual::default()));
         let out_len = plan.as_ref().map(|c| c.data_out_len(BLOCK)).unwrap_or(0);
         // Data held for the command (its Data-Out and Data-In); refused
         // with TASK SET FULL rather than waited for, since waiting here
@@ -502,7 +514,9 @@ impl<B: Backend> Conn<B> {
         let mut ctx = self.new_task(cmd.itt, cmd.lun, cmd.edtl, cmd.read, admit);
         if !cmd.write && out_len == 0 {
             if !cmd.data.is_empty() {
-                return Err(ConnError::Protocol("immediate data on a command without W".into()));
+                return Err(ConnError::Protocol(
+                    "immediate data on a command without W".into(),
+                ));
             }
             match plan {
                 Ok(c) => {
@@ -579,7 +593,8 @@ impl<B: Backend> Conn<B> {
             let lun = wt.ctx.lun;
             self.next_ttt = next;
             for r in reqs {
-                self.send(r2t(itt, lun, r.ttt, r.r2tsn, r.offset, r.len)).await;
+                self.send(r2t(itt, lun, r.ttt, r.r2tsn, r.offset, r.len))
+                    .await;
             }
             return;
         }
@@ -705,4 +720,3 @@ impl<B: Backend> Conn<B> {
         ctl.abort().then_some(Some(ctl))
     }
 }
-

@@ -154,7 +154,8 @@ impl PendingWrite {
         }
         *datasn += 1;
         let room = (self.want as usize).saturating_sub(self.buf.len());
-        self.buf.extend_from_slice(&d.data[..d.data.len().min(room)]);
+        self.buf
+            .extend_from_slice(&d.data[..d.data.len().min(room)]);
         self.received += len;
         if d.ttt == RESERVED_TAG {
             if d.final_ || self.received == self.unsolicited_limit {
@@ -256,8 +257,12 @@ mod tests {
         let p = params(false, 2048, 1024, 2);
         let mut w = PendingWrite::new(5120, 5120, &[0; 1024], false, &p).unwrap();
         let mut t = tags();
-        assert!(w.solicit(&p, &mut t).is_empty(), "unsolicited data may still come");
-        w.data_out(&dout(RESERVED_TAG, 0, 1024, 1024, true)).unwrap();
+        assert!(
+            w.solicit(&p, &mut t).is_empty(),
+            "unsolicited data may still come"
+        );
+        w.data_out(&dout(RESERVED_TAG, 0, 1024, 1024, true))
+            .unwrap();
         let r = w.solicit(&p, &mut t);
         assert_eq!(
             r,
@@ -375,7 +380,8 @@ mod tests {
         // unsolicited bytes are taken and dropped.
         let p = params(false, 65536, 65536, 1);
         let mut w = PendingWrite::new(8192, 4096, &[1; 6000], false, &p).unwrap();
-        w.data_out(&dout(RESERVED_TAG, 0, 6000, 2192, true)).unwrap();
+        w.data_out(&dout(RESERVED_TAG, 0, 6000, 2192, true))
+            .unwrap();
         assert!(w.complete());
         assert_eq!(w.into_data().len(), 4096);
         // EDTL 200, the CDB says one block (overflow): 200 bytes are kept.

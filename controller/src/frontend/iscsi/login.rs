@@ -167,7 +167,17 @@ impl<'a> Login<'a> {
     /// The TSIH the initiator asked for in its first PDU is checked by the
     /// caller (who knows the sessions); this handles everything else.
     pub fn step(&mut self, req: &LoginRequest, rng: &mut dyn RngCore) -> Step {
-        let fail = |status| Step::Fail(login_response(req, false, req.csg, 0, 0, status, Bytes::new()));
+        let fail = |status| {
+            Step::Fail(login_response(
+                req,
+                false,
+                req.csg,
+                0,
+                0,
+                status,
+                Bytes::new(),
+            ))
+        };
         if req.version_min > 0 {
             return fail(UNSUPPORTED_VERSION);
         }
@@ -190,14 +200,27 @@ impl<'a> Login<'a> {
         self.text.extend_from_slice(&req.data);
         if req.continue_ {
             // More text follows: acknowledge with an empty response.
-            return Step::Continue(login_response(req, false, self.stage, 0, 0, SUCCESS, Bytes::new()));
+            return Step::Continue(login_response(
+                req,
+                false,
+                self.stage,
+                0,
+                0,
+                SUCCESS,
+                Bytes::new(),
+            ));
         }
         let text = std::mem::take(&mut self.text);
         let pairs = match parse_text(&text) {
             Ok(p) => p,
             Err(_) => return fail(INITIATOR_ERROR),
         };
-        let get = |k: &str| pairs.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(pk, _)| pk == k)
+                .map(|(_, v)| v.as_str())
+        };
 
         let mut out: Vec<(String, String)> = Vec::new();
         if self.first {
@@ -290,7 +313,10 @@ impl<'a> Login<'a> {
                         return fail(AUTH_FAILED); // a reflected challenge
                     }
                     out.push(("CHAP_N".into(), m.user.clone()));
-                    out.push(("CHAP_R".into(), chap::encode_hex(&chap::response(i, &m.secret, &c))));
+                    out.push((
+                        "CHAP_R".into(),
+                        chap::encode_hex(&chap::response(i, &m.secret, &c)),
+                    ));
                 }
                 _ => return fail(AUTH_FAILED),
             }
@@ -499,9 +525,8 @@ mod tests {
     fn no_auth_straight_to_full_feature() {
         let c = cfg(None);
         let mut l = Login::new(&c);
-        let text = format!(
-            "InitiatorName=iqn.i|SessionType=Normal|TargetName={TARGET}|AuthMethod=None|"
-        );
+        let text =
+            format!("InitiatorName=iqn.i|SessionType=Normal|TargetName={TARGET}|AuthMethod=None|");
         let Step::Continue(r) = l.step(&req(0, 1, true, &text), &mut rng()) else {
             panic!()
         };
@@ -527,7 +552,10 @@ mod tests {
             ("X-com.foo", "NotUnderstood"),
             ("MaxRecvDataSegmentLength", "262144"),
         ] {
-            assert!(got.contains(&(want.0.into(), want.1.into())), "{want:?} in {got:?}");
+            assert!(
+                got.contains(&(want.0.into(), want.1.into())),
+                "{want:?} in {got:?}"
+            );
         }
         assert!(!n.params.header_digest && n.params.data_digest);
         assert_eq!(n.params.send_max, 65536);
@@ -544,8 +572,14 @@ mod tests {
             ("SessionType=Normal|", MISSING_PARAMETER),
             ("InitiatorName=i|", MISSING_PARAMETER),
             ("InitiatorName=i|TargetName=iqn.other|", NOT_FOUND),
-            ("InitiatorName=i|SessionType=Weird|", SESSION_TYPE_UNSUPPORTED),
-            ("InitiatorName=i|SessionType=Discovery|AuthMethod=CHAP|", AUTH_FAILED),
+            (
+                "InitiatorName=i|SessionType=Weird|",
+                SESSION_TYPE_UNSUPPORTED,
+            ),
+            (
+                "InitiatorName=i|SessionType=Discovery|AuthMethod=CHAP|",
+                AUTH_FAILED,
+            ),
             ("garbage", INITIATOR_ERROR),
         ];
         for (text, want) in cases {
@@ -558,10 +592,14 @@ mod tests {
         let mut l = Login::new(&c);
         let mut r = req(0, 1, true, "InitiatorName=i|SessionType=Discovery|");
         r.version_min = 1;
-        assert!(matches!(l.step(&r, &mut rng()), Step::Fail(p) if status(&p) == UNSUPPORTED_VERSION));
+        assert!(
+            matches!(l.step(&r, &mut rng()), Step::Fail(p) if status(&p) == UNSUPPORTED_VERSION)
+        );
         let mut l = Login::new(&c);
         let r = req(0, 2, true, "InitiatorName=i|SessionType=Discovery|");
-        assert!(matches!(l.step(&r, &mut rng()), Step::Fail(p) if status(&p) == INVALID_DURING_LOGIN));
+        assert!(
+            matches!(l.step(&r, &mut rng()), Step::Fail(p) if status(&p) == INVALID_DURING_LOGIN)
+        );
     }
 
     fn chap_cfg(mutual: bool) -> ChapConfig {
@@ -609,7 +647,10 @@ mod tests {
         };
         assert_eq!(resp.bhs[1], 0x80 | 0x01);
         assert!(matches!(
-            l.step(&req(1, 3, true, "MaxRecvDataSegmentLength=8192|"), &mut rng()),
+            l.step(
+                &req(1, 3, true, "MaxRecvDataSegmentLength=8192|"),
+                &mut rng()
+            ),
             Step::Done(..)
         ));
     }
@@ -617,7 +658,10 @@ mod tests {
     #[test]
     fn chap_wrong_secret_or_user_or_skipping() {
         let c = cfg(Some(chap_cfg(false)));
-        for (user, secret) in [("alice", &b"wrong-secret-12"[..]), ("bob", b"alice-secret-12")] {
+        for (user, secret) in [
+            ("alice", &b"wrong-secret-12"[..]),
+            ("bob", b"alice-secret-12"),
+        ] {
             let (mut l, id, ch) = challenge(&c);
             let r = chap::encode_hex(&chap::response(id, secret, &ch));
             let text = format!("CHAP_N={user}|CHAP_R={r}|");
@@ -636,7 +680,10 @@ mod tests {
         // Offering only None.
         let mut l = Login::new(&c);
         let text = format!("InitiatorName=i|TargetName={TARGET}|AuthMethod=None|");
-        assert!(matches!(l.step(&req(0, 1, true, &text), &mut rng()), Step::Fail(_)));
+        assert!(matches!(
+            l.step(&req(0, 1, true, &text), &mut rng()),
+            Step::Fail(_)
+        ));
     }
 
     #[test]
@@ -645,7 +692,10 @@ mod tests {
         let (mut l, id, ch) = challenge(&c);
         let r = chap::encode_hex(&chap::response(id, b"alice-secret-12", &ch));
         let my_ch = [9u8; 16];
-        let text = format!("CHAP_N=alice|CHAP_R={r}|CHAP_I=77|CHAP_C={}|", chap::encode_hex(&my_ch));
+        let text = format!(
+            "CHAP_N=alice|CHAP_R={r}|CHAP_I=77|CHAP_C={}|",
+            chap::encode_hex(&my_ch)
+        );
         let Step::Continue(resp) = l.step(&req(0, 1, true, &text), &mut rng()) else {
             panic!()
         };
@@ -657,8 +707,14 @@ mod tests {
         // Reflection of the target's own challenge is refused.
         let (mut l, id, ch) = challenge(&c);
         let r = chap::encode_hex(&chap::response(id, b"alice-secret-12", &ch));
-        let text = format!("CHAP_N=alice|CHAP_R={r}|CHAP_I=1|CHAP_C={}|", chap::encode_hex(&ch));
-        assert!(matches!(l.step(&req(0, 1, true, &text), &mut rng()), Step::Fail(_)));
+        let text = format!(
+            "CHAP_N=alice|CHAP_R={r}|CHAP_I=1|CHAP_C={}|",
+            chap::encode_hex(&ch)
+        );
+        assert!(matches!(
+            l.step(&req(0, 1, true, &text), &mut rng()),
+            Step::Fail(_)
+        ));
     }
 
     #[test]
@@ -668,7 +724,10 @@ mod tests {
         let mut first = req(0, 1, false, "InitiatorName=i|SessionTy");
         first.continue_ = true;
         assert!(matches!(l.step(&first, &mut rng()), Step::Continue(r) if r.data.is_empty()));
-        let Step::Continue(r) = l.step(&req(0, 1, true, "pe=Discovery|AuthMethod=None|"), &mut rng()) else {
+        let Step::Continue(r) = l.step(
+            &req(0, 1, true, "pe=Discovery|AuthMethod=None|"),
+            &mut rng(),
+        ) else {
             panic!()
         };
         assert_eq!(status(&r), SUCCESS);

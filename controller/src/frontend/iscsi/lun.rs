@@ -205,17 +205,23 @@ impl<B: Backend> Lun<B> {
                 let d = self.read(off, len).await?;
                 Outcome::good(d)
             }
-            Command::Write { lba, blocks: n, fua } => {
+            Command::Write {
+                lba,
+                blocks: n,
+                fua,
+            } => {
                 if n > 0 && !data.is_empty() {
                     let (off, _) = self.range(lba, n as u64)?;
-                    self.write_prefix(off, data, fua || self.write_through()).await?;
+                    self.write_prefix(off, data, fua || self.write_through())
+                        .await?;
                 }
                 Outcome::good(Bytes::new())
             }
             Command::WriteVerify { lba, blocks: n } => {
                 if n > 0 && !data.is_empty() {
                     let (off, _) = self.range(lba, n as u64)?;
-                    self.write_prefix(off, data.clone(), self.write_through()).await?;
+                    self.write_prefix(off, data.clone(), self.write_through())
+                        .await?;
                     let len = (data.len() as u64).div_ceil(BLOCK) * BLOCK;
                     let back = self.read(off, len).await?;
                     if let Some(at) = first_difference(&back[..data.len()], &data) {
@@ -224,7 +230,11 @@ impl<B: Backend> Lun<B> {
                 }
                 Outcome::good(Bytes::new())
             }
-            Command::Verify { lba, blocks: n, bytchk } => {
+            Command::Verify {
+                lba,
+                blocks: n,
+                bytchk,
+            } => {
                 if n > 0 {
                     let (off, len) = self.range(lba, n as u64)?;
                     let back = self.read(off, len).await?;
@@ -277,11 +287,14 @@ impl<B: Backend> Lun<B> {
             }
             Command::ModeSelect { ten, .. } => {
                 let mut st = self.mode.lock();
-                pages::mode_select(ten, &data, &mut st)
-                    .map_err(|()| Sense::INVALID_FIELD_IN_PARAMETER_LIST)?;
+                pages::mode_select(ten, &data, &mut st)?;
                 Outcome::good(Bytes::new())
             }
-            Command::CompareAndWrite { lba, blocks: n, fua } => {
+            Command::CompareAndWrite {
+                lba,
+                blocks: n,
+                fua,
+            } => {
                 if n == 0 {
                     return Ok(Outcome::good(Bytes::new()));
                 }
@@ -295,7 +308,11 @@ impl<B: Backend> Lun<B> {
                 self.write(off, new, fua || self.write_through()).await?;
                 Outcome::good(Bytes::new())
             }
-            Command::OrWrite { lba, blocks: n, fua } => {
+            Command::OrWrite {
+                lba,
+                blocks: n,
+                fua,
+            } => {
                 if n == 0 {
                     return Ok(Outcome::good(Bytes::new()));
                 }
@@ -305,7 +322,8 @@ impl<B: Backend> Lun<B> {
                 for (c, d) in cur.iter_mut().zip(data.iter()) {
                     *c |= d;
                 }
-                self.write(off, Bytes::from(cur), fua || self.write_through()).await?;
+                self.write(off, Bytes::from(cur), fua || self.write_through())
+                    .await?;
                 Outcome::good(Bytes::new())
             }
             Command::PreFetch { .. } => Outcome::good(Bytes::new()),
@@ -320,8 +338,7 @@ impl<B: Backend> Lun<B> {
                 sa,
                 alloc,
             } => {
-                let v = pages::report_opcodes(rctd, options, opcode, sa)
-                    .map_err(|()| Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(2))?;
+                let v = pages::report_opcodes(rctd, options, opcode, sa)?;
                 Outcome::good(cut(v, alloc))
             }
         })
@@ -360,7 +377,13 @@ impl<B: Backend> Lun<B> {
         self.write(tail, Bytes::from(block), fua).await
     }
 
-    async fn write_same(&self, off: u64, len: u64, pattern: Bytes, unmap: bool) -> Result<(), Sense> {
+    async fn write_same(
+        &self,
+        off: u64,
+        len: u64,
+        pattern: Bytes,
+        unmap: bool,
+    ) -> Result<(), Sense> {
         if pattern.len() as u64 != BLOCK {
             return Err(Sense::INVALID_FIELD_IN_CDB);
         }
@@ -404,7 +427,9 @@ impl<B: Backend> Lun<B> {
             return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         let desc_len = u16::from_be_bytes([list[2], list[3]]) as usize;
-        let descs = list.get(8..8 + desc_len).ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+        let descs = list
+            .get(8..8 + desc_len)
+            .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
         if desc_len % 16 != 0 {
             return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
@@ -521,11 +546,25 @@ mod tests {
             fua: true,
         };
         assert_eq!(l.execute(&w, block(7)).await, Outcome::good(Bytes::new()));
-        let r = l.execute(&Command::Read { lba: 4095, blocks: 1 }, Bytes::new()).await;
+        let r = l
+            .execute(
+                &Command::Read {
+                    lba: 4095,
+                    blocks: 1,
+                },
+                Bytes::new(),
+            )
+            .await;
         assert_eq!(r.data, block(7));
-        let beyond = Command::Read { lba: 4095, blocks: 2 };
+        let beyond = Command::Read {
+            lba: 4095,
+            blocks: 2,
+        };
         assert_eq!(l.check(&beyond), Err(Sense::LBA_OUT_OF_RANGE));
-        let huge = Command::Read { lba: 0, blocks: 2049 };
+        let huge = Command::Read {
+            lba: 0,
+            blocks: 2049,
+        };
         assert_eq!(l.check(&huge), Err(Sense::INVALID_FIELD_IN_CDB));
         let wrap = Command::Read {
             lba: u64::MAX,
@@ -533,7 +572,10 @@ mod tests {
         };
         assert_eq!(l.check(&wrap), Err(Sense::LBA_OUT_OF_RANGE));
         assert_eq!(
-            l.check(&Command::Read { lba: 4096, blocks: 0 }),
+            l.check(&Command::Read {
+                lba: 4096,
+                blocks: 0
+            }),
             Err(Sense::LBA_OUT_OF_RANGE)
         );
     }
@@ -549,7 +591,9 @@ mod tests {
         l.execute(&w, Bytes::from(vec![1u8; 8192])).await;
         let o = l.execute(&w, Bytes::from(vec![2u8; 4096 + 200])).await;
         assert_eq!(o.status, GOOD);
-        let r = l.execute(&Command::Read { lba: 1, blocks: 2 }, Bytes::new()).await;
+        let r = l
+            .execute(&Command::Read { lba: 1, blocks: 2 }, Bytes::new())
+            .await;
         assert!(r.data[..4296].iter().all(|b| *b == 2));
         assert!(r.data[4296..].iter().all(|b| *b == 1));
     }
@@ -571,7 +615,9 @@ mod tests {
         d.extend_from_slice(&block(1));
         let o = l.execute(&caw, d.freeze()).await;
         assert_eq!(o.sense, Some(Sense::miscompare(0)));
-        let r = l.execute(&Command::Read { lba: 1, blocks: 1 }, Bytes::new()).await;
+        let r = l
+            .execute(&Command::Read { lba: 1, blocks: 1 }, Bytes::new())
+            .await;
         assert_eq!(r.data, block(9));
     }
 
@@ -585,7 +631,9 @@ mod tests {
             ndob: false,
         };
         assert_eq!(l.execute(&ws, block(3)).await.status, GOOD);
-        let r = l.execute(&Command::Read { lba: 7, blocks: 1 }, Bytes::new()).await;
+        let r = l
+            .execute(&Command::Read { lba: 7, blocks: 1 }, Bytes::new())
+            .await;
         assert_eq!(r.data, block(3));
         let st = l
             .execute(&Command::GetLbaStatus { lba: 0, alloc: 64 }, Bytes::new())
@@ -603,10 +651,14 @@ mod tests {
             .execute(&Command::Unmap { param_len: 24 }, Bytes::from(list.clone()))
             .await;
         assert_eq!(o.status, GOOD);
-        let r = l.execute(&Command::Read { lba: 2, blocks: 1 }, Bytes::new()).await;
+        let r = l
+            .execute(&Command::Read { lba: 2, blocks: 1 }, Bytes::new())
+            .await;
         assert_eq!(r.data, block(0));
         list[8..16].copy_from_slice(&63u64.to_be_bytes());
-        let o = l.execute(&Command::Unmap { param_len: 24 }, Bytes::from(list)).await;
+        let o = l
+            .execute(&Command::Unmap { param_len: 24 }, Bytes::from(list))
+            .await;
         assert_eq!(o.sense, Some(Sense::LBA_OUT_OF_RANGE));
         // 0 blocks: to the end of the LUN.
         let to_end = Command::WriteSame {
@@ -616,7 +668,9 @@ mod tests {
             ndob: false,
         };
         assert_eq!(l.execute(&to_end, block(4)).await.status, GOOD);
-        let r = l.execute(&Command::Read { lba: 60, blocks: 4 }, Bytes::new()).await;
+        let r = l
+            .execute(&Command::Read { lba: 60, blocks: 4 }, Bytes::new())
+            .await;
         assert!(r.data.iter().all(|b| *b == 4));
         let or = Command::OrWrite {
             lba: 60,
@@ -624,7 +678,9 @@ mod tests {
             fua: false,
         };
         assert_eq!(l.execute(&or, block(1)).await.status, GOOD);
-        let r = l.execute(&Command::Read { lba: 60, blocks: 1 }, Bytes::new()).await;
+        let r = l
+            .execute(&Command::Read { lba: 60, blocks: 1 }, Bytes::new())
+            .await;
         assert_eq!(r.data, block(5));
     }
 

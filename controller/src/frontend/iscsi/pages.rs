@@ -4,6 +4,7 @@
 //! [`Limits`]; `lun` truncates them to the allocation length.
 
 use super::cdb::*;
+use super::sense::Sense;
 
 /// Logical block size exported over iSCSI. 4096 matches the backend's
 /// alignment, so no command ever needs a read-modify-write.
@@ -267,53 +268,54 @@ pub fn mode_sense(
     Some(out)
 }
 
-/// Applies a MODE SELECT parameter list; `Err(())` means INVALID FIELD IN
+/// Applies a MODE SELECT parameter list; refused with INVALID FIELD IN
 /// PARAMETER LIST. Only the caching page's WCE bit may change; other pages
 /// must hold the current values.
-pub fn mode_select(ten: bool, list: &[u8], st: &mut ModeState) -> Result<(), ()> {
+pub fn mode_select(ten: bool, list: &[u8], st: &mut ModeState) -> Result<(), Sense> {
+    let bad = Sense::INVALID_FIELD_IN_PARAMETER_LIST;
     let (hdr, bdlen) = if ten {
         if list.len() < 8 {
-            return Err(());
+            return Err(bad);
         }
         (8usize, u16::from_be_bytes([list[6], list[7]]) as usize)
     } else {
         if list.len() < 4 {
-            return Err(());
+            return Err(bad);
         }
         (4, list[3] as usize)
     };
-    let mut at = hdr.checked_add(bdlen).ok_or(())?;
+    let mut at = hdr.checked_add(bdlen).ok_or(bad)?;
     if at > list.len() {
-        return Err(());
+        return Err(bad);
     }
     for bd in list[hdr..at].chunks(8) {
         if bd.len() != 8 || bd[5..8] != (BLOCK as u32).to_be_bytes()[1..] {
-            return Err(()); // a different block length is not supported
+            return Err(bad); // a different block length is not supported
         }
     }
     let mut new = *st;
     while at < list.len() {
         if list.len() - at < 2 || list[at] & 0x40 != 0 {
-            return Err(()); // truncated, or a subpage format
+            return Err(bad); // truncated, or a subpage format
         }
         let code = list[at] & 0x3f;
         let len = list[at + 1] as usize;
-        let page = list.get(at..at + 2 + len).ok_or(())?;
+        let page = list.get(at..at + 2 + len).ok_or(bad)?;
         match code {
             CACHING if len == 18 => {
                 let cur = caching_page(0, *st);
                 let changed: Vec<usize> = (2..20).filter(|&i| page[i] != cur[i]).collect();
                 if changed.iter().any(|&i| i != 2) || (page[2] ^ cur[2]) & !0x04 != 0 {
-                    return Err(());
+                    return Err(bad);
                 }
                 new.wce = page[2] & 0x04 != 0;
             }
             CONTROL if len == 10 => {
                 if page[2..] != control_page(0)[2..] {
-                    return Err(());
+                    return Err(bad);
                 }
             }
-            _ => return Err(()),
+            _ => return Err(bad),
         }
         at += 2 + len;
     }
@@ -375,9 +377,11 @@ fn usage(op: u8, sa: Option<u16>, len: u8) -> Vec<u8> {
 
 const TIMEOUTS: [u8; 12] = [0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
-/// REPORT SUPPORTED OPERATION CODES data. `Err(())` means INVALID FIELD
-/// IN CDB (an options value or an opcode/service action mismatch).
-pub fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16) -> Result<Vec<u8>, ()> {
+/// REPORT SUPPORTED OPERATION CODES data; an options value or an
+/// opcode/service action mismatch is INVALID FIELD IN CDB pointing at the
+/// reporting options.
+pub fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16) -> Result<Vec<u8>, Sense> {
+    let bad = Sense::INVALID_FIELD_IN_CDB.at_cdb_byte(2);
     let mut out = Vec::new();
     match options {
         0 => {
@@ -397,9 +401,11 @@ pub fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16) -> Result<Ve
             out[0..4].copy_from_slice(&n.to_be_bytes());
         }
         1 | 2 => {
-            let has_sa = SUPPORTED.iter().any(|&(op, s, _)| op == opcode && s.is_some());
+            let has_sa = SUPPORTED
+                .iter()
+                .any(|&(op, s, _)| op == opcode && s.is_some());
             if (options == 1 && has_sa) || (options == 2 && !has_sa) {
-                return Err(());
+                return Err(bad);
             }
             let want = (options == 2).then_some(sa);
             let found = SUPPORTED
@@ -418,7 +424,7 @@ pub fn report_opcodes(rctd: bool, options: u8, opcode: u8, sa: u16) -> Result<Ve
                 out.extend_from_slice(&TIMEOUTS);
             }
         }
-        _ => return Err(()),
+        _ => return Err(bad),
     }
     Ok(out)
 }
@@ -461,7 +467,10 @@ mod tests {
         assert_eq!(read_capacity10(256), vec![0, 0, 0, 255, 0, 0, 0x10, 0]);
         assert_eq!(&read_capacity10(1 << 40)[..4], &[0xff; 4]);
         let c = read_capacity16(1 << 40);
-        assert_eq!(u64::from_be_bytes(c[..8].try_into().unwrap()), (1 << 40) - 1);
+        assert_eq!(
+            u64::from_be_bytes(c[..8].try_into().unwrap()),
+            (1 << 40) - 1
+        );
         assert_eq!(c[14], 0xc0);
     }
 

@@ -134,7 +134,11 @@ pub fn check_frame(
         return Ok(None);
     }
     if digests.header {
-        let want = u32::from_le_bytes(buf[BHS_LEN + ahs_len..data_start].try_into().unwrap_or([0; 4]));
+        let want = u32::from_le_bytes(
+            buf[BHS_LEN + ahs_len..data_start]
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
         if crc32c(&buf[..BHS_LEN + ahs_len]) != want {
             return Err(PduError::HeaderDigest);
         }
@@ -631,7 +635,8 @@ pub fn login_response(
     status: (u8, u8),
     data: Bytes,
 ) -> OutPdu {
-    let flags = (if transit { 0x80 } else { 0 }) | (csg & 3) << 2 | if transit { nsg & 3 } else { 0 };
+    let flags =
+        (if transit { 0x80 } else { 0 }) | (csg & 3) << 2 | if transit { nsg & 3 } else { 0 };
     let mut p = OutPdu::new(OP_LOGIN_RESP, flags, Seq::Status)
         .itt(req.itt)
         .with_data(data);
@@ -666,7 +671,10 @@ mod tests {
         assert_eq!(check_frame(&b, none, 8192), Ok(None));
         b.push(0);
         let f = check_frame(&b, none, 8192).unwrap().unwrap();
-        assert_eq!((f.total, f.data_start, f.data_len, f.ahs_len), (56, 48, 5, 0));
+        assert_eq!(
+            (f.total, f.data_start, f.data_len, f.ahs_len),
+            (56, 48, 5, 0)
+        );
     }
 
     #[test]
@@ -699,7 +707,10 @@ mod tests {
         let dd = crc32c(&[7, 7, 7, 0]);
         b.extend_from_slice(&dd.to_le_bytes());
         let f = check_frame(&b, d, 8192).unwrap().unwrap();
-        assert_eq!((f.total, f.ahs_len, f.data_start, f.data_len), (64, 4, 56, 3));
+        assert_eq!(
+            (f.total, f.ahs_len, f.data_start, f.data_len),
+            (64, 4, 56, 3)
+        );
         let mut bad = b.clone();
         bad[10] ^= 1;
         assert_eq!(check_frame(&bad, d, 8192), Err(PduError::HeaderDigest));
@@ -754,11 +765,17 @@ mod tests {
 
         let mut nop = bhs(OP_NOP_OUT, 0x80);
         nop[16..20].copy_from_slice(&RESERVED_TAG.to_be_bytes());
-        assert!(parse_request(&nop, &[], Bytes::new()).is_err(), "reply-less NOP-Out must be immediate");
+        assert!(
+            parse_request(&nop, &[], Bytes::new()).is_err(),
+            "reply-less NOP-Out must be immediate"
+        );
         nop[0] |= 0x40;
         assert!(matches!(
             parse_request(&nop, &[], Bytes::new()),
-            Ok(Request::NopOut { immediate: true, .. })
+            Ok(Request::NopOut {
+                immediate: true,
+                ..
+            })
         ));
 
         let mut dout = bhs(OP_DATA_OUT, 0x80);
@@ -798,7 +815,10 @@ mod tests {
         let odd = bhs(0x1c, 0);
         assert_eq!(
             parse_request(&odd, &[], Bytes::new()).unwrap(),
-            Request::Unknown { opcode: 0x1c, itt: 0 }
+            Request::Unknown {
+                opcode: 0x1c,
+                itt: 0
+            }
         );
     }
 
@@ -823,13 +843,7 @@ mod tests {
 
     #[test]
     fn response_fields() {
-        let r = scsi_response(
-            9,
-            0x02,
-            Some(&[0x70, 0, 5]),
-            Residual::of(4096, 8192),
-            3,
-        );
+        let r = scsi_response(9, 0x02, Some(&[0x70, 0, 5]), Residual::of(4096, 8192), 3);
         assert_eq!(r.bhs[0], OP_SCSI_RESP);
         assert_eq!(r.bhs[1], 0x80 | 0x04);
         assert_eq!(r.bhs[3], 0x02);
@@ -838,7 +852,15 @@ mod tests {
         assert_eq!(Residual::of(10000, 4096).count, 10000 - 4096);
         assert!(Residual::of(10000, 4096).underflow);
 
-        let d = data_in(1, [0; 8], 2, 4096, Bytes::from_static(&[1; 8]), true, Some((0, Residual::default())));
+        let d = data_in(
+            1,
+            [0; 8],
+            2,
+            4096,
+            Bytes::from_static(&[1; 8]),
+            true,
+            Some((0, Residual::default())),
+        );
         assert_eq!(d.bhs[1], 0x81);
         assert_eq!(d.seq, Seq::Status);
         assert_eq!(&d.bhs[36..40], &2u32.to_be_bytes());

@@ -119,7 +119,10 @@ mod tests {
     #[test]
     fn fixed_format() {
         let b = Sense::LBA_OUT_OF_RANGE.fixed();
-        assert_eq!(b, [0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            b,
+            [0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0]
+        );
         let m = Sense::miscompare(4099).fixed();
         assert_eq!(&m[..8], &[0xf0, 0, 0xe, 0, 0, 0x10, 0x03, 10]);
         assert_eq!((m[12], m[13]), (0x1d, 0));
@@ -134,6 +137,9 @@ mod tests {
         assert_eq!(Sense::from_backend(&io, true), Sense::WRITE_ERROR);
         let f = BackendError::Fenced("q".into());
         assert_eq!(Sense::from_backend(&f, true).key, NOT_READY);
-        assert_eq!(Sense::from_backend(&BackendError::ReadOnly, true).key, DATA_PROTECT);
+        assert_eq!(
+            Sense::from_backend(&BackendError::ReadOnly, true).key,
+            DATA_PROTECT
+        );
     }
 }

@@ -86,7 +86,8 @@ impl Sessions {
             }
         }
         let (tx, rx) = watch::channel(false);
-        self.live.insert(self.last, (initiator.to_string(), isid, tx));
+        self.live
+            .insert(self.last, (initiator.to_string(), isid, tx));
         (self.last, rx)
     }
 
@@ -200,7 +201,12 @@ async fn send_login<S: AsyncWrite + Unpin>(
     statsn: u32,
     cmdsn: u32,
 ) -> io::Result<()> {
-    stamp_seq(&mut p.bhs, Some(statsn), cmdsn, cmdsn.wrapping_add(WINDOW - 1));
+    stamp_seq(
+        &mut p.bhs,
+        Some(statsn),
+        cmdsn,
+        cmdsn.wrapping_add(WINDOW - 1),
+    );
     let mut out = Vec::with_capacity(48 + p.data.len() + 4);
     encode(&mut out, &p.bhs, &p.data, Digests::default());
     stream.write_all(&out).await?;
@@ -224,12 +230,15 @@ where
         let mut statsn: Option<u32> = None;
         let mut first = true;
         loop {
-            let Some(f) = read_frame(&mut stream, &mut buf, Digests::default(), LOGIN_MAX_DATA).await?
+            let Some(f) =
+                read_frame(&mut stream, &mut buf, Digests::default(), LOGIN_MAX_DATA).await?
             else {
                 return Ok(None);
             };
             let Request::Login(req) = parse_request(&f.bhs, &f.ahs, f.data)? else {
-                return Err(ConnError::Protocol("a PDU other than Login before login".into()));
+                return Err(ConnError::Protocol(
+                    "a PDU other than Login before login".into(),
+                ));
             };
             let s = *statsn.get_or_insert(req.exp_statsn);
             statsn = Some(s.wrapping_add(1));

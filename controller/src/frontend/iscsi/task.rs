@@ -134,9 +134,21 @@ impl TaskCtx {
             let pdu = match why {
                 Refusal::Check(sense, residual) => {
                     let s = sense.fixed();
-                    scsi_response(self.itt, super::sense::CHECK_CONDITION, Some(&s), residual, self.r2ts)
+                    scsi_response(
+                        self.itt,
+                        super::sense::CHECK_CONDITION,
+                        Some(&s),
+                        residual,
+                        self.r2ts,
+                    )
                 }
-                Refusal::Busy => scsi_response(self.itt, TASK_SET_FULL, None, Residual::default(), self.r2ts),
+                Refusal::Busy => scsi_response(
+                    self.itt,
+                    TASK_SET_FULL,
+                    None,
+                    Residual::default(),
+                    self.r2ts,
+                ),
             };
             let _ = self.tx.send(pdu).await;
         }
@@ -157,8 +169,18 @@ pub async fn run<B: Backend>(lun: Arc<Lun<B>>, cmd: Command, data: Bytes, ctx: T
 pub fn response_pdus(ctx: &TaskCtx, out: Outcome, write: bool) -> Vec<OutPdu> {
     if out.status != GOOD {
         let sense = out.sense.map(|s| s.fixed());
-        let residual = if write { ctx.residual } else { Residual::default() };
-        return vec![scsi_response(ctx.itt, out.status, sense.as_ref().map(|s| &s[..]), residual, ctx.r2ts)];
+        let residual = if write {
+            ctx.residual
+        } else {
+            Residual::default()
+        };
+        return vec![scsi_response(
+            ctx.itt,
+            out.status,
+            sense.as_ref().map(|s| &s[..]),
+            residual,
+            ctx.r2ts,
+        )];
     }
     if write {
         return vec![scsi_response(ctx.itt, GOOD, None, ctx.residual, ctx.r2ts)];

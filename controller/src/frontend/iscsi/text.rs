@@ -78,7 +78,8 @@ mod tests {
 
     #[test]
     fn table() {
-        let cases: &[(&[u8], Result<Vec<(String, String)>, TextError>)] = &[
+        type Pairs = Result<Vec<(String, String)>, TextError>;
+        let cases: &[(&[u8], Pairs)] = &[
             (b"", Ok(vec![])),
             (b"A=1\0", Ok(vec![p("A", "1")])),
             (b"A=1\0B=\0", Ok(vec![p("A", "1"), p("B", "")])),
@@ -99,7 +100,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let pairs = vec![p("TargetName", "iqn.x:y"), p("TargetAddress", "1.2.3.4:3260,1")];
+        let pairs = vec![
+            p("TargetName", "iqn.x:y"),
+            p("TargetAddress", "1.2.3.4:3260,1"),
+        ];
         assert_eq!(parse_text(&encode_text(&pairs)).unwrap(), pairs);
     }
 }
