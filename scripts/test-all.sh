@@ -11,11 +11,23 @@ for tool in fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbd
             nbd-server:nbd-server fusermount3:fuse3 qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
+for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
+done
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# qemu over iscsi:// needs qemu-block-extra, which Debian 12 has only for its
+# qemu 7.2: pin qemu-utils to the same build (installing both unpinned fails).
+if ! dpkg -s qemu-block-extra >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    V=$(apt-cache madison qemu-utils | awk -F'|' '/bookworm\/main/{gsub(/ /,"",$2); print $2; exit}')
+    echo "== installing: qemu-utils=$V qemu-block-extra=$V"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --allow-downgrades --no-install-recommends \
+        "qemu-utils=$V" "qemu-block-extra=$V" >/dev/null
 fi
 
 echo "== cargo fmt --check"

@@ -263,7 +263,7 @@ fn a_snapshot_taken_while_fio_writes_restores_to_data_fio_verifies() {
         })
         .map_or(0, |i| i + 1);
     assert!(
-        written >= 16 && written < 2048,
+        (16..2048).contains(&written),
         "the snapshot should hold part of fio's run, not {written} blocks"
     );
     let size = format!("--size={}k", written * 64);

@@ -1,5 +1,6 @@
-//! Running a controller: assemble the volume, then serve NBD, the gRPC
-//! management API and `/metrics` until shutdown, then flush every replica.
+//! Running a controller: assemble the volume, then serve NBD (and iSCSI
+//! when asked), the gRPC management API and `/metrics` until shutdown,
+//! then flush every replica.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,12 +25,18 @@ pub struct ControllerOptions {
     pub backup_defaults: strata_backup::TargetOptions,
     /// Backup schedules the controller runs.
     pub backup_schedules: Vec<strata_backup::BackupSchedule>,
+    /// iSCSI listen address; `None` serves NBD only.
+    pub iscsi: Option<SocketAddr>,
+    /// iSCSI CHAP secrets; `None` accepts initiators without authentication.
+    pub chap: Option<crate::frontend::iscsi::ChapConfig>,
 }
 
 /// Sent once the controller serves.
 #[derive(Debug, Clone)]
 pub struct RunningInfo {
     pub nbd: SocketAddr,
+    /// The iSCSI address, when served.
+    pub iscsi: Option<SocketAddr>,
     pub size: u64,
     pub volume: Arc<Volume>,
 }
@@ -47,6 +54,8 @@ pub enum RunError {
     },
     #[error("The NBD server failed")]
     Nbd(#[source] std::io::Error),
+    #[error("The iSCSI server failed")]
+    Iscsi(#[source] std::io::Error),
     #[error("Volume {volume}: the final flush failed: {reason}")]
     FinalFlush { volume: String, reason: String },
 }
@@ -68,6 +77,10 @@ pub async fn run_controller(
         Some(a) => Some(bind(a, "the management API").await?),
         None => None,
     };
+    let iscsi_listener = match opts.iscsi {
+        Some(a) => Some(bind(a, "iSCSI").await?),
+        None => None,
+    };
     let metrics_listener = match opts.metrics {
         Some(a) => Some(bind(a, "metrics").await?),
         None => None,
@@ -80,6 +93,10 @@ pub async fn run_controller(
             .collect(),
     );
     let nbd_addr = nbd_listener.local_addr().map_err(RunError::Nbd)?;
+    let iscsi_addr = match &iscsi_listener {
+        Some(l) => Some(l.local_addr().map_err(RunError::Iscsi)?),
+        None => None,
+    };
 
     if let Some(listener) = control_listener {
         let svc = VolumeService {
@@ -113,6 +130,7 @@ pub async fn run_controller(
     if let Some(ready) = ready {
         let _ = ready.send(RunningInfo {
             nbd: nbd_addr,
+            iscsi: iscsi_addr,
             size: volume.size,
             volume: volume.clone(),
         });
@@ -131,10 +149,23 @@ pub async fn run_controller(
     ));
     tracing::info!(volume = %volume.name, nbd = %nbd_addr, "serving");
     let backend = Arc::new(crate::backend::VolumeBackend::new(volume.clone()));
+    let iscsi = iscsi_listener.map(|l| {
+        let opts = crate::frontend::iscsi::IscsiOptions {
+            chap: opts.chap.clone(),
+            ..Default::default()
+        };
+        tracing::info!(volume = %volume.name, iscsi = ?iscsi_addr, target = %crate::frontend::iscsi::target_name(&volume.name), "serving iSCSI");
+        tokio::spawn(crate::frontend::iscsi::serve(l, backend.clone(), opts, shutdown.clone()))
+    });
     let served = crate::frontend::nbd::serve(nbd_listener, backend, shutdown).await;
+    let iscsi_served = match iscsi {
+        Some(t) => t.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        None => Ok(()),
+    };
     // Clean stop: make everything acknowledged durable on every replica.
     let flushed = volume.flush().await;
     served.map_err(RunError::Nbd)?;
+    iscsi_served.map_err(RunError::Iscsi)?;
     if let Err(e) = flushed {
         return Err(RunError::FinalFlush {
             volume: volume.name.clone(),

@@ -118,6 +118,32 @@ pub struct ControllerArgs {
     pub sync_rate_mib: u64,
     #[command(flatten)]
     pub backup: schedule::BackupFlags,
+    /// Also serve the volume over iSCSI on this address
+    /// (target iqn.2026-11.io.strata:<volume>, LUN 0).
+    #[arg(long)]
+    pub iscsi: Option<SocketAddr>,
+    /// iSCSI CHAP secrets file (`username = ...`, `secret = ...`, optional
+    /// `mutual_username`/`mutual_secret`); else the STRATA_ISCSI_CHAP_*
+    /// environment variables; else no authentication.
+    #[arg(long)]
+    pub chap_file: Option<PathBuf>,
+}
+
+/// CHAP secrets from `--chap-file`, else from the environment.
+pub fn load_chap(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<strata_controller::frontend::iscsi::ChapConfig>> {
+    use strata_controller::frontend::iscsi::ChapConfig;
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the CHAP file {}", path.display()))?;
+            let chap = ChapConfig::parse(&text)
+                .with_context(|| format!("bad CHAP file {}", path.display()))?;
+            Ok(Some(chap))
+        }
+        None => ChapConfig::from_env().context("bad STRATA_ISCSI_CHAP_* environment"),
+    }
 }
 
 impl ControllerArgs {
@@ -137,6 +163,8 @@ impl ControllerArgs {
             metrics: Some(self.metrics),
             backup_defaults: self.backup.target_options()?,
             backup_schedules: self.backup.schedules.clone(),
+            iscsi: self.iscsi,
+            chap: load_chap(self.chap_file.as_deref())?,
         })
     }
 }

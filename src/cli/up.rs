@@ -40,6 +40,12 @@ pub struct UpArgs {
     pub replica_port_base: u16,
     #[command(flatten)]
     pub backup: super::schedule::BackupFlags,
+    /// Also serve iSCSI (default address 127.0.0.1:3260 when given without one).
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:3260")]
+    pub iscsi: Option<SocketAddr>,
+    /// iSCSI CHAP secrets file (else STRATA_ISCSI_CHAP_* environment variables).
+    #[arg(long)]
+    pub chap_file: Option<PathBuf>,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -89,6 +95,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         metrics: Some(args.metrics),
         backup_defaults: args.backup.target_options()?,
         backup_schedules: args.backup.schedules.clone(),
+        iscsi: args.iscsi,
+        chap: super::load_chap(args.chap_file.as_deref())?,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(strata_controller::run::run_controller(
@@ -123,6 +131,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.control
         );
         println!("  metrics      curl http://{}/metrics", args.metrics);
+        if let Some(a) = info.iscsi {
+            let iqn = strata_controller::frontend::iscsi::target_name(&args.volume);
+            println!("  iSCSI        iscsi://{a}/{iqn}/0   (iscsi-inq, qemu-io, iscsiadm -m discovery -t st -p {a})");
+        }
         println!();
         println!("Ctrl-C stops it cleanly; running `strata up` again reopens the same data.");
     }
