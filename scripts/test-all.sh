@@ -11,9 +11,11 @@ for tool in fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbd
             nbd-server:nbd-server fusermount3:fuse3 qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
-for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt; do
+for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
+# moto (the S3 server of the backup tests) goes into a Python venv.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"
@@ -36,6 +38,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build (release binary for the end-to-end tests)"
 cargo build --release --quiet --bin strata
+echo "== S3 servers for the backup tests (moto -> .ci-venv, s3s-fs -> .ci-tools)"
+. scripts/s3-servers.sh
+s3_install
 echo "== cargo test"
 STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
 if [ -x scripts/bench-e2e.sh ]; then
