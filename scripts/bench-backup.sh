@@ -11,6 +11,9 @@
 # first snapshot), so its incremental backup reads only what changed.
 # restic backs up the same volume as one raw image file and must re-read it.
 #
+# A second strata run backs up the same data written into a live volume
+# (`strata up`, 3 replicas) through the controller, as users do.
+#
 # Usage: bash scripts/bench-backup.sh [WORKDIR]   (default bench-out/backup)
 # Needs: python3, curl, restic (apt-get install restic), cargo.
 set -euo pipefail
@@ -81,6 +84,30 @@ run s_restore "$BENCH" restore $T "$ID" "$WORK/strata-restored.img"
 cmp "$WORK/strata-restored.img" "$WORK/full2.img" && echo "strata restore matches the image"
 S_FULL_UP=$(json s_full bytes_uploaded); S_INC_UP=$(json s_inc bytes_uploaded)
 
+echo "== strata, live volume: strata up (3 replicas), backups through the controller"
+cargo build --release --quiet --bin strata
+STRATA=$ROOT/target/release/strata
+CTL=127.0.0.1:${STRATA_BENCH_CONTROL_PORT:-10920}
+NBD=nbd://127.0.0.1:${STRATA_BENCH_NBD_PORT:-10919}/strata
+"$STRATA" up --size 4G --data-dir "$WORK/up" --nbd "127.0.0.1:${STRATA_BENCH_NBD_PORT:-10919}" \
+    --control "$CTL" --metrics "127.0.0.1:${STRATA_BENCH_METRICS_PORT:-10921}" >"$WORK/up.log" 2>&1 &
+UP_PID=$!
+trap 'kill $UP_PID 2>/dev/null; s3_stop "$WORK/servers"' EXIT
+for _ in $(seq 1 100); do "$STRATA" volume status --controller "$CTL" >/dev/null 2>&1 && break; sleep 0.2; done
+# Only the allocated parts of the images are written (the volume starts zeroed).
+nbdcopy --destination-is-zero "$WORK/full1.img" "$NBD"
+L=s3://bench/live
+run l_full "$STRATA" backup create strata --target $L --controller "$CTL" --json
+nbdcopy --destination-is-zero "$WORK/layer2.img" "$NBD"
+run l_inc "$STRATA" backup create strata --target $L --controller "$CTL" --json
+jget() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$WORK/$1.out" "$2"; }
+LID=$(jget l_inc id)
+run l_restore "$STRATA" backup restore "$LID" --to-file "$WORK/live-restored.img" --target $L --json
+cmp "$WORK/live-restored.img" "$WORK/full2.img" && echo "live restore matches the image"
+L_FULL_UP=$(jget l_full bytes_uploaded); L_INC_UP=$(jget l_inc bytes_uploaded)
+UP_RSS=$(( $(awk '/VmHWM/{print $2}' /proc/$UP_PID/status) / 1024 ))
+kill -INT $UP_PID; wait $UP_PID || true
+
 echo "== restic"
 R=s3:$EP/bench/restic
 cp --sparse=always "$WORK/full1.img" "$WORK/disk.img"
@@ -112,4 +139,15 @@ row "incr peak RSS (MiB)" "$(rss s_inc)" "$(rss r_inc)"
 row "restore (s)" "$(secs s_restore)" "$(secs r_restore)"
 row "restore peak RSS (MiB)" "$(rss s_restore)" "$(rss r_restore)"
 echo "(ratio = restic / strata; uploaded = bytes after compression and encryption; restic's = data_added)"
+echo
+echo "live volume through the controller (strata up, 3 replicas; CLI process RSS, and the"
+echo "strata up process's peak RSS over the whole run including writing the data):"
+printf "%-22s %12s %12s %10s\n" "" "strata live" "restic" "ratio"
+row "full backup (s)" "$(secs l_full)" "$(secs r_full)"
+row "full uploaded (MiB)" "$(mib $L_FULL_UP)" "$(mib $R_FULL_UP)"
+row "incr backup (s)" "$(secs l_inc)" "$(secs r_inc)"
+row "incr uploaded (MiB)" "$(mib $L_INC_UP)" "$(mib $R_INC_UP)"
+row "restore (s)" "$(secs l_restore)" "$(secs r_restore)"
+row "restore peak RSS (MiB)" "$(rss l_restore)" "$(rss r_restore)"
+echo "strata up peak RSS: $UP_RSS MiB (controller + 3 replicas, one process)"
 } | tee "$RES"

@@ -293,6 +293,12 @@ impl Cluster {
     }
 }
 
+/// fio's JSON output if it wrote one (it may not after an error).
+pub fn fio_json_opt(stdout: &[u8]) -> Option<serde_json::Value> {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(&text[text.find('{')?..]).ok()
+}
+
 /// fio's JSON output, skipping the lines its nbd engine prints first.
 pub fn fio_json(stdout: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(stdout);
