@@ -107,15 +107,23 @@ fn incremental_backups_of_a_live_volume_restore_to_a_file_and_a_volume() {
     let up2 = b2["bytes_uploaded"].as_u64().unwrap();
     assert!(up2 <= 4 * MIB, "and uploads about that: {b2}");
 
-    // Only the newest backup snapshot is kept, as the next base.
-    let snaps = strata_json(&["snapshot", "ls", "vol", "--controller", &ctl, "--json"]);
-    let names: Vec<&str> = snaps["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, [b2["snapshot"].as_str().unwrap()], "{snaps}");
+    // Only the newest backup snapshot is kept, as the next base (the older
+    // one is deleted in the background).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snaps = strata_json(&["snapshot", "ls", "vol", "--controller", &ctl, "--json"]);
+        let names: Vec<String> = snaps["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        if names == [b2["snapshot"].as_str().unwrap()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{snaps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The first backup restores to a sparse file holding the first state.
     let file = backups.path().join("restored-1.raw");

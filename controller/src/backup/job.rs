@@ -5,8 +5,11 @@
 //! The engine reads only what changed since the volume's last backup in
 //! that target, whose snapshot must still exist: so after a successful
 //! backup, the snapshot it read is kept as the next one's base and the
-//! older snapshots this module took for the same target are deleted. A
-//! failed backup deletes the snapshot it took.
+//! older snapshots this module took for the same target are deleted (in
+//! the background: the store merges a deleted snapshot's data into the
+//! next layer, which costs local IO in proportion to the data it holds;
+//! see the README's status list). A failed backup deletes the snapshot it
+//! took.
 
 use std::sync::Arc;
 
@@ -62,7 +65,13 @@ pub async fn run_backup(
     .await;
     if ours {
         match &result {
-            Ok(_) => drop_older(volume, &prefix, &name).await,
+            // In the background: deleting a snapshot merges its data into
+            // the next layer, local IO on every replica that the caller
+            // need not wait for.
+            Ok(_) => {
+                let (volume, name) = (volume.clone(), name.clone());
+                tokio::spawn(async move { drop_older(&volume, &prefix, &name).await });
+            }
             Err(_) => {
                 if let Err(e) = volume.delete_snapshot(&name).await {
                     tracing::warn!(volume = %volume.name, snapshot = %name, "could not delete the snapshot of a failed backup: {e}");
