@@ -1,8 +1,9 @@
 //! Snapshots through the controller: create, list, delete, revert, clone,
 //! and the guard a backup holds on the snapshot it reads.
 //!
-//! Every replica of a volume must hold the same chain. Create holds new
-//! writes (the gate, exclusively: requests in flight finish first), has
+//! Every replica of a volume must hold the same chain. Create flushes
+//! every replica while writes still flow, then holds new writes (the
+//! gate, exclusively: requests in flight finish first), has
 //! every healthy replica flush and freeze its head under the same name, and
 //! lets writes go on: the snapshot holds every write acknowledged before the
 //! call and none that started after it returned. Chain changes run one at
@@ -96,6 +97,12 @@ impl Volume {
         self.check_snapshot_name(name)?;
         let _chain = self.chain_lock.lock().await;
         self.bump_epoch_if_needed().await;
+        // Write back what is dirty now, while writes still flow: the flush
+        // each replica does under the gate then has little left to do, so
+        // writes are held for milliseconds, not for a whole writeback.
+        if let Err(e) = self.flush().await {
+            tracing::warn!(volume = %self.name, snapshot = name, "flush before the snapshot failed: {e}");
+        }
         let held = Instant::now();
         let _exclusive = self.gate.write().await;
         self.rebuild_the_absent(&format!("snapshot {name}"));
