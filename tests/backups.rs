@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{require, run, run_ok, strata_bin, Cluster};
+use common::{qemu_io, require, run, run_ok, strata_bin, Cluster};
 
 const MIB: u64 = 1 << 20;
 
@@ -30,17 +30,6 @@ fn strata_json(args: &[&str]) -> serde_json::Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
-}
-
-fn qemu_io(uri_or_file: &str, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri_or_file);
-    let out = run_ok("qemu-io", &args, 120);
-    assert!(!out.contains("verification failed"), "{cmds:?}: {out}");
 }
 
 /// Writes of (pattern, offset, length) as qemu-io commands; reads checking them.

@@ -8,21 +8,10 @@ mod common;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
-use common::{require, run_ok, Cluster, Proc};
+use common::{qemu_io, require, Cluster, Proc};
 use strata_replica::client::ReplicaClient;
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    let out = run_ok("qemu-io", &args, 60);
-    assert!(!out.contains("verification failed"), "{cmds:?}: {out}");
-}
 
 fn controller_log(c: &Cluster) -> String {
     c.controller.as_ref().unwrap().log_text()

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{require, run, run_ok, strata_bin, Cluster, Proc};
+use common::{qemu_io, require, run, strata_bin, Cluster, Proc};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,18 +35,6 @@ fn strata_err(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn qemu_io(uri: &str, cmds: &[String]) -> String {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(uri);
-    let out = run_ok("qemu-io", &args, 60);
-    assert!(!out.contains("verification failed"), "{cmds:?}: {out}");
-    out
 }
 
 fn snapshot_names(c: &Cluster) -> Vec<String> {
@@ -85,10 +73,7 @@ fn create_list_revert_and_delete_through_the_cli() {
     let mut c = Cluster::start(3, 64 * MIB);
     let ctl = c.control.to_string();
     let uri = c.uri();
-    qemu_io(
-        &uri,
-        &["write -P 0xa1 0 4M".into(), "write -P 0xa2 8M 1M".into()],
-    );
+    qemu_io(&uri, &["write -P 0xa1 0 4M", "write -P 0xa2 8M 1M"]);
     let out = strata_ok(&[
         "snapshot",
         "create",
@@ -102,7 +87,7 @@ fn create_list_revert_and_delete_through_the_cli() {
     assert_eq!(v["snapshot"], "s1", "{out}");
     assert!(v["pause_us"].as_u64().is_some(), "{out}");
 
-    qemu_io(&uri, &["write -P 0xb1 0 4M".into(), "discard 8M 1M".into()]);
+    qemu_io(&uri, &["write -P 0xb1 0 4M", "discard 8M 1M"]);
     let out = strata_ok(&["snapshot", "create", "vol", "s2", "--controller", &ctl]);
     assert!(out.contains("snapshot s2 taken"), "{out}");
     assert_eq!(snapshot_names(&c), ["s1", "s2"]);
@@ -159,22 +144,19 @@ fn create_list_revert_and_delete_through_the_cli() {
         &ctl,
     ]);
     assert_eq!(snapshot_names(&c), ["s1"]);
-    qemu_io(
-        &uri,
-        &["read -P 0xa1 0 4M".into(), "read -P 0xa2 8M 1M".into()],
-    );
+    qemu_io(&uri, &["read -P 0xa1 0 4M", "read -P 0xa2 8M 1M"]);
 
     // Deleting a snapshot keeps what the volume reads.
-    qemu_io(&uri, &["write -P 0xc1 1M 1M".into()]);
+    qemu_io(&uri, &["write -P 0xc1 1M 1M"]);
     strata_ok(&["snapshot", "rm", "vol", "s1", "--controller", &ctl]);
     assert!(snapshot_names(&c).is_empty());
     qemu_io(
         &uri,
         &[
-            "read -P 0xa1 0 1M".into(),
-            "read -P 0xc1 1M 1M".into(),
-            "read -P 0xa1 2M 2M".into(),
-            "read -P 0xa2 8M 1M".into(),
+            "read -P 0xa1 0 1M",
+            "read -P 0xc1 1M 1M",
+            "read -P 0xa1 2M 2M",
+            "read -P 0xa2 8M 1M",
         ],
     );
     c.stop_and_compare();
@@ -193,20 +175,20 @@ fn a_replica_out_during_snapshots_is_rebuilt_with_the_whole_chain() {
     c.start_controller();
     let ctl = c.control.to_string();
     let uri = c.uri();
-    qemu_io(&uri, &["write -P 0x01 0 2M".into(), "flush".into()]);
+    qemu_io(&uri, &["write -P 0x01 0 2M", "flush"]);
     c.replicas[2].kill9();
-    qemu_io(&uri, &["write -P 0x02 4M 2M".into()]);
+    qemu_io(&uri, &["write -P 0x02 4M 2M"]);
     strata_ok(&["snapshot", "create", "vol", "s1", "--controller", &ctl]);
-    qemu_io(&uri, &["write -P 0x03 0 1M".into(), "discard 4M 1M".into()]);
+    qemu_io(&uri, &["write -P 0x03 0 1M", "discard 4M 1M"]);
     strata_ok(&["snapshot", "create", "vol", "s2", "--controller", &ctl]);
-    qemu_io(&uri, &["write -P 0x04 10M 1M".into()]);
+    qemu_io(&uri, &["write -P 0x04 10M 1M"]);
     c.restart_replica(2);
     c.wait_all_healthy(60);
 
     // A snapshot taken while a replica resyncs: it restarts as a full
     // rebuild with the new chain.
     c.replicas[1].kill9();
-    qemu_io(&uri, &["write -P 0x05 16M 32M".into()]);
+    qemu_io(&uri, &["write -P 0x05 16M 32M"]);
     c.restart_replica(1);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -221,7 +203,7 @@ fn a_replica_out_during_snapshots_is_rebuilt_with_the_whole_chain() {
         std::thread::sleep(Duration::from_millis(50));
     }
     strata_ok(&["snapshot", "create", "vol", "s3", "--controller", &ctl]);
-    qemu_io(&uri, &["write -P 0x06 20M 1M".into()]);
+    qemu_io(&uri, &["write -P 0x06 20M 1M"]);
     c.wait_all_healthy(90);
     assert_eq!(snapshot_names(&c), ["s1", "s2", "s3"]);
     let log = c.controller.as_ref().unwrap().log_text();
@@ -260,9 +242,9 @@ fn a_clone_is_an_independent_volume() {
     let mut c = Cluster::start(3, 32 * MIB);
     let ctl = c.control.to_string();
     let uri = c.uri();
-    qemu_io(&uri, &["write -P 0x7e 0 3M".into()]);
+    qemu_io(&uri, &["write -P 0x7e 0 3M"]);
     strata_ok(&["snapshot", "create", "vol", "gold", "--controller", &ctl]);
-    qemu_io(&uri, &["write -P 0x11 0 1M".into()]);
+    qemu_io(&uri, &["write -P 0x11 0 1M"]);
     let out = strata_ok(&[
         "volume",
         "clone",
@@ -285,15 +267,9 @@ fn a_clone_is_an_independent_volume() {
     let mut ctl2 = Proc::spawn("clone-controller", &args, c.dir.path());
     common::wait_listening(nbd, &mut ctl2, 30);
     let clone_uri = format!("nbd://{nbd}/copy");
-    qemu_io(
-        &clone_uri,
-        &["read -P 0x7e 0 3M".into(), "read -P 0 3M 1M".into()],
-    );
-    qemu_io(&clone_uri, &["write -P 0x22 2M 1M".into()]);
-    qemu_io(
-        &uri,
-        &["read -P 0x11 0 1M".into(), "read -P 0x7e 1M 2M".into()],
-    );
+    qemu_io(&clone_uri, &["read -P 0x7e 0 3M", "read -P 0 3M 1M"]);
+    qemu_io(&clone_uri, &["write -P 0x22 2M 1M"]);
+    qemu_io(&uri, &["read -P 0x11 0 1M", "read -P 0x7e 1M 2M"]);
     assert!(ctl2.terminate(30), "{}", ctl2.log_text());
     c.stop_and_compare();
 }

@@ -293,6 +293,20 @@ impl Cluster {
     }
 }
 
+/// Runs qemu-io on a raw NBD URI or image file with `cmds` (each a `-c`),
+/// failing the test if it fails or a pattern check does; returns its output.
+pub fn qemu_io<S: AsRef<str>>(target: &str, cmds: &[S]) -> String {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c.as_ref());
+    }
+    args.push(target);
+    let out = run_ok("qemu-io", &args, 120);
+    assert!(!out.contains("verification failed"), "{out}");
+    out
+}
+
 /// fio's JSON output if it wrote one (it may not after an error).
 pub fn fio_json_opt(stdout: &[u8]) -> Option<serde_json::Value> {
     let text = String::from_utf8_lossy(stdout);

@@ -382,22 +382,7 @@ impl Store {
     /// `from` = None, every range `to` holds. Sorted and disjoint.
     pub fn changed_ranges(&self, from: Option<&str>, to: View<'_>) -> Result<Vec<Range<u64>>> {
         let st = self.state.read();
-        let top = match to {
-            View::Head => st.head_pos(),
-            View::Snapshot(name) => position(&st, name)?,
-        };
-        let bottom = match from {
-            None => 0,
-            Some(name) => {
-                let p = position(&st, name)?;
-                if p > top {
-                    return Err(StoreError::NoSuchSnapshot(format!(
-                        "{name} (it is newer than the target view)"
-                    )));
-                }
-                p + 1
-            }
-        };
+        let (bottom, top) = layer_span(&st, from, to)?;
         let maps = st.maps.lock();
         let mut union = RangeMap::new();
         for layer in &maps.extents[bottom..=top] {
@@ -444,22 +429,7 @@ impl Store {
     ) -> Result<Vec<AllocationExtent>> {
         let st = self.state.read();
         let (b0, b1) = self.check_range(st.meta.size, offset, len)?;
-        let top = match to {
-            View::Head => st.head_pos(),
-            View::Snapshot(name) => position(&st, name)?,
-        };
-        let bottom = match from {
-            None => 0,
-            Some(name) => {
-                let p = position(&st, name)?;
-                if p > top {
-                    return Err(StoreError::NoSuchSnapshot(format!(
-                        "{name} (it is newer than the target view)"
-                    )));
-                }
-                p + 1
-            }
-        };
+        let (bottom, top) = layer_span(&st, from, to)?;
         let maps = st.maps.lock();
         let mut union = RangeMap::new();
         for layer in &maps.extents[bottom..=top] {
@@ -495,6 +465,28 @@ fn merge_extents(segments: Vec<Segment>) -> Vec<AllocationExtent> {
         }
     }
     out
+}
+
+/// Chain positions `bottom..=top`: the layers written after snapshot
+/// `from` (None: every layer) up to and including view `to`.
+fn layer_span(st: &State, from: Option<&str>, to: View<'_>) -> Result<(usize, usize)> {
+    let top = match to {
+        View::Head => st.head_pos(),
+        View::Snapshot(name) => position(st, name)?,
+    };
+    let bottom = match from {
+        None => 0,
+        Some(name) => {
+            let p = position(st, name)?;
+            if p > top {
+                return Err(StoreError::NoSuchSnapshot(format!(
+                    "{name} (it is newer than the target view)"
+                )));
+            }
+            p + 1
+        }
+    };
+    Ok((bottom, top))
 }
 
 /// The view through layer `top` and below of `[b0, b1)`, as consecutive
