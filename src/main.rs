@@ -5,7 +5,8 @@
 //! - `strata replica serve`: a replica server hosting many volumes' replicas;
 //! - `strata controller serve`: one volume's controller (NBD frontend +
 //!   replicator + management API);
-//! - `strata volume status`: ask a controller how its volume is.
+//! - `strata volume|snapshot|replica|backup ...`: the operator's commands,
+//!   asking a controller or a backup target.
 //!
 //! The roles themselves live in the member crates; this file only parses
 //! the command line (see `cli/`).
@@ -16,6 +17,15 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
+    if !args.command.is_server() {
+        // An operator command piped into `head` ends quietly, like other
+        // Unix tools. Servers keep Rust's default (SIGPIPE ignored) so a
+        // peer closing a socket is an error to handle, not a death.
+        // SAFETY: no other thread runs yet; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")

@@ -176,12 +176,12 @@ fn size(n: u64) -> String {
 
 fn print_table(backups: &[BackupInfo]) {
     println!(
-        "{:<31} {:<20} {:<16} {:<20} {:>10} {:>10} {:>10}  PARENT",
+        "{:<31} {:<20} {:<36} {:<20} {:>10} {:>10} {:>10}  PARENT",
         "ID", "VOLUME", "SNAPSHOT", "CREATED", "SIZE", "DATA", "UPLOADED"
     );
     for b in backups {
         println!(
-            "{:<31} {:<20} {:<16} {:<20} {:>10} {:>10} {:>10}  {}",
+            "{:<31} {:<20} {:<36} {:<20} {:>10} {:>10} {:>10}  {}",
             b.id,
             b.volume,
             b.snapshot,

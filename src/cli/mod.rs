@@ -169,6 +169,18 @@ impl ControllerArgs {
     }
 }
 
+impl Command {
+    /// True for the long-running roles (they serve sockets).
+    pub fn is_server(&self) -> bool {
+        matches!(
+            self,
+            Command::Up(_)
+                | Command::Replica(ReplicaCommand::Serve { .. })
+                | Command::Controller(_)
+        )
+    }
+}
+
 /// Resolves when Ctrl-C or SIGTERM arrives.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
