@@ -13,6 +13,26 @@ use strata_replica::client::ReplicaClient;
 
 const MIB: u64 = 1 << 20;
 
+/// Writes 64 KiB of `byte` at `offset` straight to replica `i`, at its
+/// current epoch, without a flush: a write a dead controller had in flight.
+fn write_behind_the_controller(c: &Cluster, i: usize, offset: u64, byte: u8) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let addr = c.replica_addrs[i];
+        let probe = ReplicaClient::connect(addr, "vol", 0, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let epoch = probe.replica_epoch();
+        let client = ReplicaClient::connect(addr, "vol", epoch, Duration::from_secs(5))
+            .await
+            .unwrap();
+        client
+            .write(offset, bytes::Bytes::from(vec![byte; 64 << 10]), false)
+            .await
+            .unwrap();
+    });
+}
+
 fn controller_log(c: &Cluster) -> String {
     c.controller.as_ref().unwrap().log_text()
 }
@@ -26,21 +46,7 @@ fn a_write_in_flight_at_a_controller_crash_is_reconciled_on_restart() {
     c.controller.as_mut().unwrap().kill9();
 
     // The dead controller's last write reached replica 0 only.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let probe = ReplicaClient::connect(c.replica_addrs[0], "vol", 0, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let epoch = probe.replica_epoch();
-        let client =
-            ReplicaClient::connect(c.replica_addrs[0], "vol", epoch, Duration::from_secs(5))
-                .await
-                .unwrap();
-        client
-            .write(MIB, bytes::Bytes::from(vec![0x99u8; 64 << 10]), false)
-            .await
-            .unwrap();
-    });
+    write_behind_the_controller(&c, 0, MIB, 0x99);
 
     c.start_controller();
     c.wait_all_healthy(60);
@@ -178,6 +184,67 @@ fn a_controller_killed_under_fio_keeps_every_acknowledged_write() {
         out.status.success(),
         "fio verify after the controller restart failed ({acked_kib} KiB acknowledged):\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop_and_compare();
+}
+
+#[test]
+fn snapshots_wait_while_replicas_are_compared_after_a_crash() {
+    require("qemu-io");
+    let mut c = Cluster::without_processes(128 * MIB);
+    // The comparison honours the resync cap: 128 MiB at 16 MiB/s.
+    c.controller_args = vec!["--sync-rate-mib".into(), "16".into()];
+    for i in 0..3 {
+        let addr = common::free_addr();
+        c.replica_addrs.push(addr);
+        c.replicas.push(c.spawn_replica(i, addr));
+    }
+    c.start_controller();
+    qemu_io(&c.uri(), &["write -P 0x44 0 96M"]);
+    c.controller.as_mut().unwrap().kill9();
+    // qemu-io flushed when it closed; a write the dead controller had in
+    // flight, on replica 0 only, is what makes this a crash to reconcile.
+    write_behind_the_controller(&c, 0, MIB, 0x99);
+    c.start_controller();
+    let s = c.status();
+    let kinds: Vec<&str> = (0..3)
+        .filter_map(|i| s["replicas"][i]["sync"]["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"verify"), "{s}");
+    let out = common::run(
+        common::strata_bin().to_str().unwrap(),
+        &[
+            "snapshot",
+            "create",
+            "vol",
+            "during",
+            "--controller",
+            &c.control.to_string(),
+        ],
+        60,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("compared"), "{err}");
+    // Writes go on meanwhile: the compared replicas count for the quorum.
+    qemu_io(&c.uri(), &["write -P 0x45 100M 1M", "flush"]);
+    c.wait_all_healthy(60);
+    let out = common::run(
+        common::strata_bin().to_str().unwrap(),
+        &[
+            "snapshot",
+            "create",
+            "vol",
+            "after",
+            "--controller",
+            &c.control.to_string(),
+        ],
+        60,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     c.stop_and_compare();

@@ -33,10 +33,24 @@ pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, Strin
         p.done_bytes = 0;
         p.started = Some(Instant::now());
     }
+    // The comparison reads both replicas' data: the resync bandwidth cap
+    // applies to it too, a second's worth per call.
+    let window = match volume.options.sync_rate {
+        Some(rate) => (rate / REGION).max(1) * REGION,
+        None => MAX_DIGEST_WINDOW,
+    }
+    .min(MAX_DIGEST_WINDOW);
+    let started = Instant::now();
     let mut differing = 0;
     let mut offset = 0;
     while offset < volume.size {
-        let len = MAX_DIGEST_WINDOW.min(volume.size - offset);
+        if let Some(rate) = volume.options.sync_rate {
+            let due = std::time::Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let len = window.min(volume.size - offset);
         let (a, b) = tokio::join!(
             control::region_digests(&mut src, &volume.name, offset, len, REGION),
             control::region_digests(&mut dst, &volume.name, offset, len, REGION),

@@ -74,6 +74,27 @@ impl Volume {
         }
     }
 
+    /// Refuses a chain change while replicas are compared after a crash:
+    /// they hold every acknowledged write and count for the write quorum,
+    /// but may differ in their heads, so they can neither take the change
+    /// (a snapshot would freeze the difference) nor be dropped for a full
+    /// rebuild (the volume could fall below quorum).
+    fn refuse_while_comparing(&self, name: &str) -> Result<(), VolumeError> {
+        let comparing = self
+            .slots()
+            .iter()
+            .filter(|s| matches!(s.health(), Health::Syncing(_)))
+            .filter(|s| s.counts_for_quorum.load(Ordering::Acquire))
+            .count();
+        if comparing > 0 {
+            return Err(self.snapshot_error(
+                name,
+                format!("{comparing} replica(s) are being compared with the others after a crash; snapshot changes wait until that is done (see `strata volume status`)"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Every replica out of the volume or being resynced is marked for a
     /// full rebuild; the caller holds the gate exclusively.
     fn rebuild_the_absent(&self, change: &str) {
@@ -105,6 +126,7 @@ impl Volume {
         }
         let held = Instant::now();
         let _exclusive = self.gate.write().await;
+        self.refuse_while_comparing(name)?;
         self.rebuild_the_absent(&format!("snapshot {name}"));
         let targets: Vec<_> = self
             .slots()
@@ -212,6 +234,7 @@ impl Volume {
     {
         self.bump_epoch_if_needed().await;
         let _exclusive = self.gate.write().await;
+        self.refuse_while_comparing(name)?;
         self.rebuild_the_absent(what);
         let epoch = self.epoch();
         let targets: Vec<_> = self
