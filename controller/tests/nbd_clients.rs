@@ -4,67 +4,16 @@
 //! own thread and runs the clients under `timeout 60`. A missing client
 //! fails the test with a clear message: CI installs them.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
+use common::Server;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use strata_controller::frontend::nbd::{serve, MemBackend};
-use tokio::sync::watch;
 
 const SIZE: u64 = 64 << 20;
-
-struct Server {
-    addr: SocketAddr,
-    backend: Arc<MemBackend>,
-    stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start() -> Server {
-        let backend = Arc::new(MemBackend::new("test", SIZE));
-        let (stop, rx) = watch::channel(false);
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let b = backend.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(l.local_addr().unwrap()).unwrap();
-                serve(l, b, rx).await.unwrap();
-            });
-        });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Server {
-            addr,
-            backend,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://{}/test", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn require(tool: &str, package: &str) {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -154,7 +103,7 @@ fn kind_at(map: &[(u64, u64, u64)], offset: u64) -> u64 {
 
 #[test]
 fn nbdinfo_reports_size_and_capabilities() {
-    let s = Server::start();
+    let s = Server::start(SIZE);
     let v: Value = serde_json::from_str(&ok("nbdinfo", &["--json", &s.uri()])).unwrap();
     assert_eq!(v["protocol"], "newstyle-fixed");
     assert_eq!(v["structured"], true);
@@ -196,7 +145,7 @@ fn nbdinfo_reports_size_and_capabilities() {
 
 #[test]
 fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
-    let s = Server::start();
+    let s = Server::start(SIZE);
     let uri = s.uri();
     qemu_io_ok(
         &uri,
@@ -232,7 +181,7 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
 
 #[test]
 fn qemu_io_zero_discard_flush_and_maps() {
-    let s = Server::start();
+    let s = Server::start(SIZE);
     let uri = s.uri();
     qemu_io_ok(
         &uri,
@@ -294,7 +243,7 @@ fn qemu_io_zero_discard_flush_and_maps() {
 
 #[test]
 fn nbdcopy_round_trip_of_8_mib() {
-    let s = Server::start();
+    let s = Server::start(SIZE);
     let uri = s.uri();
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("in.bin");

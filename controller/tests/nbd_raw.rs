@@ -5,69 +5,18 @@
 //! client is a blocking `std::net::TcpStream` with timeouts, so a hang
 //! fails the test instead of stalling it.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::net::TcpStream;
 use std::time::Duration;
 
+use common::Server;
 use strata_controller::frontend::nbd::proto::*;
-use strata_controller::frontend::nbd::{serve, BackendError, FailOn, MemBackend};
-use tokio::sync::watch;
+use strata_controller::frontend::nbd::{BackendError, FailOn};
 
 const SIZE: u64 = 16 << 20;
-
-struct Server {
-    addr: SocketAddr,
-    backend: Arc<MemBackend>,
-    stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start() -> Server {
-        let backend = Arc::new(MemBackend::new("test", SIZE));
-        let (stop, rx) = watch::channel(false);
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let b = backend.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(l.local_addr().unwrap()).unwrap();
-                serve(l, b, rx).await.unwrap();
-            });
-        });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Server {
-            addr,
-            backend,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        s
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
@@ -229,7 +178,7 @@ fn still_serving(server: &Server) {
 
 #[test]
 fn garbage_and_broken_handshakes_close_only_that_connection() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     // Garbage instead of client flags + options.
     let mut s = server.connect();
     read_n(&mut s, GREETING_LEN);
@@ -262,7 +211,7 @@ fn garbage_and_broken_handshakes_close_only_that_connection() {
 
 #[test]
 fn options_get_replies_and_negotiation_continues() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     let mut s = server.connect();
     greet(&mut s);
     send_option(&mut s, 0x4242, b"whatever");
@@ -315,7 +264,7 @@ fn options_get_replies_and_negotiation_continues() {
 
 #[test]
 fn bad_requests_get_errors_and_the_connection_goes_on() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     let (mut s, flags) = client(&server, false, false);
     assert_eq!(
         flags & NBD_FLAG_SEND_DF,
@@ -385,7 +334,7 @@ impl Lcg {
 
 #[test]
 fn pipelined_unaligned_writes_and_reads_match_a_model() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     let (mut s, _) = client(&server, false, false);
     let span = 256 * 1024u64;
     let mut model = vec![0u8; span as usize];
@@ -452,7 +401,7 @@ fn pipelined_unaligned_writes_and_reads_match_a_model() {
 
 #[test]
 fn structured_reads_errors_and_block_status() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     let (mut s, flags) = client(&server, true, true);
     assert_ne!(flags & NBD_FLAG_SEND_DF, 0);
     send_req(&mut s, 1, Cmd::Write, 0, 65536, 8192, &[7; 8192]);
@@ -522,7 +471,7 @@ fn structured_reads_errors_and_block_status() {
 
 #[test]
 fn disconnect_finishes_in_flight_requests_first() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     let (mut s, _) = client(&server, false, false);
     for i in 0..64u64 {
         send_req(
@@ -549,7 +498,7 @@ fn disconnect_finishes_in_flight_requests_first() {
 
 #[test]
 fn shutdown_stops_serve_with_a_client_connected() {
-    let server = Server::start();
+    let server = Server::start(SIZE);
     let (_s, _) = client(&server, false, false);
     let t = std::time::Instant::now();
     drop(server);

@@ -91,19 +91,30 @@ fn to_status(e: HostError) -> Status {
     }
 }
 
-/// Opens `volume` and checks that a chain change at `epoch` comes from the
-/// controller that owns the replica now.
-fn fenced(host: &ReplicaHost, volume: &str, epoch: u64) -> Result<Arc<Store>, HostError> {
-    let store = host.open(volume)?;
-    let current = store.epoch();
-    if epoch != current {
-        return Err(HostError::Fenced {
-            volume: volume.to_string(),
-            current,
-            requested: epoch,
-        });
-    }
-    Ok(store)
+/// Runs a chain change on the replica a request names, if the request's
+/// epoch is the replica's (the controller that owns it now), and replies
+/// with the replica's status.
+async fn fenced_change(
+    host: &Arc<ReplicaHost>,
+    req: SnapshotRequest,
+    change: impl FnOnce(&Store, &SnapshotRequest) -> crate::Result<()> + Send + 'static,
+) -> Result<Response<ReplicaStatus>, Status> {
+    let host = host.clone();
+    let status = blocking(move || {
+        let (store, report) = host.open_with_report(&req.volume)?;
+        let current = store.epoch();
+        if req.epoch != current {
+            return Err(HostError::Fenced {
+                volume: req.volume.clone(),
+                current,
+                requested: req.epoch,
+            });
+        }
+        change(&store, &req).map_err(host_err(&req.volume))?;
+        Ok(status_of(&req.volume, &store, report))
+    })
+    .await?;
+    Ok(Response::new(status))
 }
 
 fn host_err(volume: &str) -> impl FnOnce(StoreError) -> HostError + '_ {
@@ -253,34 +264,20 @@ impl ReplicaControl for ReplicaControlService {
         &self,
         req: Request<SnapshotRequest>,
     ) -> Result<Response<ReplicaStatus>, Status> {
-        let req = req.into_inner();
-        let host = self.host.clone();
-        let status = blocking(move || {
-            let store = fenced(&host, &req.volume, req.epoch)?;
-            store
-                .delete_snapshot(&req.name)
-                .map_err(host_err(&req.volume))?;
-            Ok(status_of(&req.volume, &store, CLEAN))
+        fenced_change(&self.host, req.into_inner(), |store, req| {
+            store.delete_snapshot(&req.name)
         })
-        .await?;
-        Ok(Response::new(status))
+        .await
     }
 
     async fn revert_snapshot(
         &self,
         req: Request<SnapshotRequest>,
     ) -> Result<Response<ReplicaStatus>, Status> {
-        let req = req.into_inner();
-        let host = self.host.clone();
-        let status = blocking(move || {
-            let store = fenced(&host, &req.volume, req.epoch)?;
-            store
-                .revert(&req.name, req.discard_newer)
-                .map_err(host_err(&req.volume))?;
-            Ok(status_of(&req.volume, &store, CLEAN))
+        fenced_change(&self.host, req.into_inner(), |store, req| {
+            store.revert(&req.name, req.discard_newer)
         })
-        .await?;
-        Ok(Response::new(status))
+        .await
     }
 
     async fn changed_extents(

@@ -227,7 +227,13 @@ impl Volume {
 
     /// Runs a chain change on every healthy replica at the current epoch,
     /// holding the gate exclusively. A replica that fails is rebuilt later.
-    async fn change_chain<F, Fut>(&self, name: &str, what: &str, f: F) -> Result<(), VolumeError>
+    async fn change_chain<F, Fut>(
+        &self,
+        op: &'static str,
+        name: &str,
+        what: &str,
+        f: F,
+    ) -> Result<(), VolumeError>
     where
         F: Fn(SocketAddr, u64) -> Fut,
         Fut: std::future::Future<Output = Result<(), ChainError>>,
@@ -266,7 +272,7 @@ impl Volume {
         }
         self.bump_epoch_locked().await;
         if self.healthy() < self.quorum() {
-            return Err(self.below_quorum(what_op(what), 0));
+            return Err(self.below_quorum(op, 0));
         }
         Ok(())
     }
@@ -279,6 +285,7 @@ impl Volume {
         self.refuse_if_in_use(&[name.to_string()], "delete")?;
         let (volume, timeout) = (self.name.clone(), self.options.control_timeout);
         self.change_chain(
+            "snapshot delete",
             name,
             &format!("delete of snapshot {name}"),
             |addr, epoch| {
@@ -316,6 +323,7 @@ impl Volume {
         }
         let (volume, timeout) = (self.name.clone(), self.options.control_timeout);
         self.change_chain(
+            "revert",
             name,
             &format!("revert to snapshot {name}"),
             |addr, epoch| {
@@ -381,13 +389,5 @@ impl Volume {
         }
         tracing::info!(volume = %self.name, snapshot = name, clone = new, "volume cloned");
         Ok(addrs)
-    }
-}
-
-fn what_op(what: &str) -> &'static str {
-    if what.starts_with("revert") {
-        "revert"
-    } else {
-        "snapshot delete"
     }
 }
