@@ -163,8 +163,9 @@ fn a_controller_killed_under_fio_keeps_every_acknowledged_write() {
 
     c.start_controller();
     c.wait_all_healthy(60);
-    let log = controller_log(&c);
-    assert!(log.contains("not stopped cleanly"), "{log}");
+    // Whether a comparison runs depends on where the kill lands (right
+    // after one of fio's fsyncs nothing is unflushed); the test that forces
+    // one is `a_write_in_flight_at_a_controller_crash_is_reconciled_on_restart`.
     // Everything fio had acknowledged reads back and passes its verify.
     let verified_kib = acked_kib.max(64);
     assert!(
