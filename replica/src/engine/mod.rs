@@ -24,8 +24,8 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
-pub(crate) use portable::read_full_at;
 pub use portable::PortableEngine;
+pub(crate) use portable::{read_full_at, read_nowait};
 pub use uring::UringEngine;
 
 /// One IO on an open file. Ops in one batch may run in any order and

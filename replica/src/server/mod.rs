@@ -7,12 +7,15 @@
 //! serve_streams (the same, for connections accepted elsewhere)
 //!   └─ conn::handle, one per connection
 //!        reader: bytes → Request (wire.rs) → HELLO binds a Store via host.open
-//!                data requests → epoch fence → Store call on the blocking pool
+//!                data requests → epoch fence → Store call: cached reads and
+//!                page-cache writes inline, the rest on the blocking pool
+//!                (READ buffers recycled: read_buffers.rs)
 //!        writer: replies in completion order, batched (outbound.rs)
 //! ```
 
 mod conn;
 pub(crate) mod outbound;
+mod read_buffers;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -55,6 +55,27 @@ impl Store {
         }
     }
 
+    /// [`Store::read`] if it can be done without waiting: every block it
+    /// needs is in the page cache and no chain change holds the store.
+    /// `Ok(false)` means "would block" and `buf` holds nothing useful; the
+    /// caller then reads with [`Store::read`] on a thread that may wait.
+    /// Lets a server answer cached reads without a thread hand-off.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let Some(st) = self.state.try_read() else {
+            return Ok(false);
+        };
+        let (b0, b1) = self.check_range(st.meta.size, offset, buf.len() as u64)?;
+        let segments = {
+            let maps = st.maps.lock();
+            head_segments(&maps, b0, b1)
+        };
+        match self.read_segments_nowait(&st, &segments, b0, buf) {
+            // A mismatch may be a race with a write: the blocking read retries.
+            Err(StoreError::Checksum { .. }) => Ok(false),
+            other => other,
+        }
+    }
+
     /// Reads `segments` (covering `[b0, b0 + buf.len()/4096)` in order) into
     /// `buf`, verifying checksums.
     pub(crate) fn read_segments(
@@ -64,6 +85,30 @@ impl Store {
         b0: u64,
         buf: &mut [u8],
     ) -> Result<()> {
+        self.read_segments_with(st, segments, b0, buf, false)
+            .map(drop)
+    }
+
+    /// [`Store::read_segments`] from the page cache only: `Ok(false)` if a
+    /// page is not cached.
+    fn read_segments_nowait(
+        &self,
+        st: &State,
+        segments: &[Segment],
+        b0: u64,
+        buf: &mut [u8],
+    ) -> Result<bool> {
+        self.read_segments_with(st, segments, b0, buf, true)
+    }
+
+    fn read_segments_with(
+        &self,
+        st: &State,
+        segments: &[Segment],
+        b0: u64,
+        buf: &mut [u8],
+        nowait: bool,
+    ) -> Result<bool> {
         let data_blocks: u64 = segments
             .iter()
             .filter(|s| matches!(s.2, Some(Source::Layer(_))))
@@ -100,11 +145,19 @@ impl Store {
                     _ => chunk.fill(0),
                 }
             }
-            self.engine.submit(&mut ops).map_err(|e| {
+            let submitted = if nowait {
+                crate::engine::read_nowait(&mut ops)
+            } else {
+                self.engine.submit(&mut ops).map(|()| true)
+            };
+            let complete = submitted.map_err(|e| {
                 let op = &ops[e.index];
                 let path = path_of(st, op);
                 StoreError::io(op.name(), path, op.offset(), e.source)
             })?;
+            if !complete {
+                return Ok(false);
+            }
         }
         let mut ent_off = 0usize;
         for &(s, e, src) in segments {
@@ -137,13 +190,28 @@ impl Store {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `buf` at `offset` into the head. Durable after [`Store::flush`].
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_usable()?;
         let st = self.state.read();
+        self.write_locked(&st, offset, buf)
+    }
+
+    /// [`Store::write`] unless a chain change holds the store: `Ok(false)`
+    /// then, and nothing was written. A buffered write still waits for the
+    /// kernel (page cache, block allocation), never for another request.
+    pub fn write_unless_busy(&self, offset: u64, buf: &[u8]) -> Result<bool> {
+        self.check_usable()?;
+        let Some(st) = self.state.try_read() else {
+            return Ok(false);
+        };
+        self.write_locked(&st, offset, buf).map(|()| true)
+    }
+
+    fn write_locked(&self, st: &State, offset: u64, buf: &[u8]) -> Result<()> {
         let (b0, b1) = self.check_range(st.meta.size, offset, buf.len() as u64)?;
         if b0 == b1 {
             return Ok(());
@@ -171,7 +239,7 @@ impl Store {
         ];
         self.engine.submit(&mut ops).map_err(|e| {
             let op = &ops[e.index];
-            StoreError::io(op.name(), path_of(&st, op), op.offset(), e.source)
+            StoreError::io(op.name(), path_of(st, op), op.offset(), e.source)
         })?;
         mark(&self.head_dirty);
         let mut maps = st.maps.lock();
