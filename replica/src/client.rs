@@ -19,7 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -87,12 +87,16 @@ type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
 
 #[derive(Default)]
 struct Pending {
-    waiters: HashMap<u64, Waiter>,
+    /// Request id -> who waits for the reply, and until when.
+    waiters: HashMap<u64, (Waiter, Instant)>,
     closed: bool,
 }
 
 struct Shared {
     pending: Mutex<Pending>,
+    /// For log lines.
+    addr: SocketAddr,
+    volume: String,
     closed: AtomicBool,
     replica_epoch: AtomicU64,
     task: OnceLock<AbortHandle>,
@@ -108,7 +112,7 @@ impl Shared {
             p.closed = true;
             std::mem::take(&mut p.waiters)
         };
-        for (_, w) in waiters {
+        for (_, (w, _)) in waiters {
             let _ = w.send(Err(ClientError::Disconnected));
         }
         if let Some(task) = self.task.get() {
@@ -119,7 +123,7 @@ impl Shared {
     fn complete(&self, id: u64, result: Result<Reply, ClientError>) -> bool {
         let waiter = self.pending.lock().waiters.remove(&id);
         match waiter {
-            Some(w) => {
+            Some((w, _)) => {
                 let _ = w.send(result);
                 true
             }
@@ -186,6 +190,8 @@ impl ReplicaClient {
         let (rd, wr) = sock.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
+            addr,
+            volume: volume.to_string(),
             closed: AtomicBool::new(false),
             replica_epoch: AtomicU64::new(0),
             task: OnceLock::new(),
@@ -193,8 +199,13 @@ impl ReplicaClient {
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn({
             let shared = shared.clone();
+            let tick = watchdog_tick(timeout);
             async move {
-                tokio::join!(read_loop(&shared, rd), write_loop(&shared, rx, wr));
+                tokio::join!(
+                    read_loop(&shared, rd),
+                    write_loop(&shared, rx, wr),
+                    watchdog(&shared, tick)
+                );
             }
         });
         let _ = shared.task.set(task.abort_handle());
@@ -371,24 +382,15 @@ impl ReplicaClient {
             if p.closed {
                 return Err(ClientError::Disconnected);
             }
-            p.waiters.insert(id, waiter);
+            p.waiters.insert(id, (waiter, Instant::now() + deadline));
         }
-        let exchange = async {
-            self.tx
-                .send(OutFrame { header, payload })
-                .await
-                .map_err(|_| ClientError::Disconnected)?;
-            done.await.map_err(|_| ClientError::Disconnected)?
-        };
-        let reply = match tokio::time::timeout(deadline, exchange).await {
-            Ok(reply) => reply?,
-            Err(_) => {
-                self.shared.pending.lock().waiters.remove(&id);
-                tracing::warn!(addr = %self.addr, volume = %self.volume, request = id, "replica request timed out; closing the connection");
-                self.shared.kill();
-                return Err(ClientError::Timeout);
-            }
-        };
+        // No timer per request: the connection's watchdog fails whatever
+        // passes its deadline (see `watchdog`).
+        self.tx
+            .send(OutFrame { header, payload })
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
+        let reply = done.await.map_err(|_| ClientError::Disconnected)??;
         if reply.status == Status::Ok {
             Ok(reply)
         } else {
@@ -397,6 +399,42 @@ impl ReplicaClient {
                 message: reply.message(),
                 epoch: reply.epoch,
             })
+        }
+    }
+}
+
+/// How often the watchdog looks for overdue requests: a request fails
+/// between its deadline and one tick later.
+fn watchdog_tick(timeout: Duration) -> Duration {
+    (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Fails the connection when a request passes its deadline: that request
+/// gets `Timeout`, every other one `Disconnected`. One timer per
+/// connection instead of one per request (registering and cancelling a
+/// timer per request cost measurable CPU at tens of thousands of IOPS).
+async fn watchdog(shared: &Shared, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = Instant::now();
+        let overdue = {
+            let p = shared.pending.lock();
+            p.waiters
+                .iter()
+                .find(|(_, (_, deadline))| *deadline <= now)
+                .map(|(id, _)| *id)
+        };
+        if let Some(id) = overdue {
+            tracing::warn!(
+                addr = %shared.addr,
+                volume = %shared.volume,
+                request = id,
+                "replica request timed out; closing the connection"
+            );
+            shared.complete(id, Err(ClientError::Timeout));
+            return shared.kill();
         }
     }
 }
