@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -510,9 +510,9 @@ fn round2(v: f64) -> f64 {
 
 // ---------------------------------------------------------------- servers
 
+/// A port outside the ephemeral range (see `spare_loopback_addr`).
 fn free_addr() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+    Ok(strata_replica::testing::spare_loopback_addr())
 }
 
 fn kill(pid: i32, sig: i32) {

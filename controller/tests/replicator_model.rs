@@ -136,10 +136,7 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
     for i in 0..3 {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = strata_replica::testing::spare_loopback_addr();
         let mut n = Node {
             dir: tmp.path().join(format!("r{i}")),
             addr,

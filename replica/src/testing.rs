@@ -8,6 +8,8 @@
 //! Reads see the cached state, like a real page cache.
 //!
 //! [`crash`]: CrashSimEngine::crash
+//!
+//! Also [`spare_loopback_addr`], the ports tests give the servers they start.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -186,4 +188,29 @@ impl IoEngine for CrashSimEngine {
 /// The portable engine, for tests that want to name both engines.
 pub fn portable() -> std::sync::Arc<dyn IoEngine> {
     std::sync::Arc::new(PortableEngine)
+}
+
+/// A loopback address for a server a test is about to start in another
+/// process (or restart on the same address).
+///
+/// Ports from `bind(":0")` come from the kernel's ephemeral range, the same
+/// range outgoing connections take their source ports from: between the
+/// test releasing the port and the server binding it, any connection on the
+/// machine could take it ("Address already in use"). These ports come from
+/// below that range (10000-29999), 500 per process (spread by pid), each
+/// checked free when handed out.
+pub fn spare_loopback_addr() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const PER_PROCESS: u32 = 500;
+    let base = 10_000 + (std::process::id() % 40) * PER_PROCESS;
+    for _ in 0..(PER_PROCESS * 40) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (base - 10_000 + n) % (PER_PROCESS * 40);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in 10000-29999");
 }

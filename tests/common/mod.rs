@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,8 +19,7 @@ pub fn strata_bin() -> PathBuf {
 }
 
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    strata_replica::testing::spare_loopback_addr()
 }
 
 /// Fails loudly when a client the tests need is not installed.

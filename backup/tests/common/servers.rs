@@ -59,12 +59,20 @@ pub struct Server {
     child: Option<Child>,
 }
 
+/// A port below the kernel's ephemeral range, so no outgoing connection
+/// takes it between this check and the server binding it (the backup
+/// tests do not depend on the replica crate's `spare_loopback_addr`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 32_000 - 200 * (1 + (std::process::id() % 10) as u16);
+    for _ in 0..200 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 200;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}-{}", base + 199);
 }
 
 impl Server {
