@@ -510,9 +510,20 @@ fn round2(v: f64) -> f64 {
 
 // ---------------------------------------------------------------- servers
 
-/// A port outside the ephemeral range (see `spare_loopback_addr`).
+/// A loopback port below the kernel's ephemeral range: a port from
+/// `bind(":0")` could be taken by any outgoing connection between our
+/// check and the server binding it.
 fn free_addr() -> Result<SocketAddr> {
-    Ok(strata_replica::testing::spare_loopback_addr())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    for _ in 0..1000 {
+        let port = 31_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 1000;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free loopback port in 31000-31999")
 }
 
 fn kill(pid: i32, sig: i32) {

@@ -65,7 +65,7 @@ pub struct Server {
 fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 32_000 - 200 * (1 + (std::process::id() % 10) as u16);
+    let base = 31_000 - 200 * (1 + (std::process::id() % 5) as u16);
     for _ in 0..200 {
         let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 200;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
