@@ -149,15 +149,13 @@ pub struct ReplicaClient {
     next_id: AtomicU64,
     epoch: AtomicU64,
     timeout: Duration,
-    addr: SocketAddr,
-    volume: String,
 }
 
 impl std::fmt::Debug for ReplicaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaClient")
-            .field("addr", &self.addr)
-            .field("volume", &self.volume)
+            .field("addr", &self.shared.addr)
+            .field("volume", &self.shared.volume)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
@@ -215,8 +213,6 @@ impl ReplicaClient {
             next_id: AtomicU64::new(1),
             epoch: AtomicU64::new(epoch),
             timeout,
-            addr,
-            volume: volume.to_string(),
         };
         client
             .call(Command::Hello {
@@ -239,11 +235,11 @@ impl ReplicaClient {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.shared.addr
     }
 
     pub fn volume(&self) -> &str {
-        &self.volume
+        &self.shared.volume
     }
 
     /// True once the client is dead (timeout, disconnect); every call fails.

@@ -1,8 +1,9 @@
 //! The replicator: every write fans out to every healthy replica; the
 //! client's reply waits until all of them acked and a majority of the
 //! configured replicas is still healthy. Reads go to one healthy replica,
-//! chosen by the offset's stripe ([`READ_STRIPE`]). A replica that errors, times out or disconnects is faulted
-//! with a reason and never used again until recovered.
+//! chosen by the offset's stripe ([`READ_STRIPE`]). A replica that errors,
+//! times out or disconnects is faulted with a reason and never used again
+//! until recovered.
 //!
 //! Ordering: writes, trims and zeroings take a [`RangeLock`] on their byte
 //! range for the whole fan-out, so overlapping writes reach every replica

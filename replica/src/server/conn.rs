@@ -201,13 +201,7 @@ impl Conn {
                         return;
                     }
                     Err(_) => {
-                        tracing::error!(request = id, "replica request panicked");
-                        let reply = Reply::error(
-                            id,
-                            store.epoch(),
-                            Status::IoError,
-                            "Internal error: the request panicked",
-                        );
+                        let reply = panicked(&store, id);
                         let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
                         return;
                     }
@@ -218,15 +212,7 @@ impl Conn {
                     let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         execute(&store, view.as_deref(), id, epoch, command)
                     }))
-                    .unwrap_or_else(|_| {
-                        tracing::error!(request = id, "replica request panicked");
-                        Reply::error(
-                            id,
-                            store.epoch(),
-                            Status::IoError,
-                            "Internal error: the request panicked",
-                        )
-                    });
+                    .unwrap_or_else(|_| panicked(&store, id));
                     let _ = tx.send(OutFrame::new(reply, Some(permit)));
                 });
             }
@@ -287,6 +273,17 @@ impl Conn {
     }
 }
 
+/// The reply to a request whose store call panicked.
+fn panicked(store: &Store, id: u64) -> Reply {
+    tracing::error!(request = id, "replica request panicked");
+    Reply::error(
+        id,
+        store.epoch(),
+        Status::IoError,
+        "Internal error: the request panicked",
+    )
+}
+
 /// Where a request runs.
 enum Inline {
     /// It ran on the connection's task; this is its reply.
@@ -328,7 +325,10 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
                 Ok(true) => {
                     Inline::Done(store_reply(store, id, Ok(read_buffers::into_bytes(data))))
                 }
-                Ok(false) => Inline::Blocking(Command::Read { offset, len }),
+                Ok(false) => {
+                    read_buffers::give_back(data);
+                    Inline::Blocking(Command::Read { offset, len })
+                }
                 Err(e) => Inline::Done(store_reply(store, id, Err(e))),
             }
         }

@@ -51,6 +51,14 @@ pub fn into_bytes(buf: Vec<u8>) -> Bytes {
     Bytes::from_owner(Recycled(buf))
 }
 
+/// Returns a buffer that was taken but not sent (a read that will be done
+/// elsewhere), so the next READ can use it.
+pub fn give_back(buf: Vec<u8>) {
+    if buf.capacity() >= MIN_POOLED {
+        drop(Recycled(buf));
+    }
+}
+
 struct Recycled(Vec<u8>);
 
 impl AsRef<[u8]> for Recycled {

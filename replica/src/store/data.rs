@@ -86,7 +86,7 @@ impl Store {
             let maps = st.maps.lock();
             head_segments(&maps, b0, b1)
         };
-        match self.read_segments_nowait(&st, &segments, b0, buf) {
+        match self.read_segments_with(&st, &segments, b0, buf, true) {
             // A mismatch may be a race with a write: the blocking read retries.
             Err(StoreError::Checksum { .. }) => Ok(false),
             other => other,
@@ -106,18 +106,8 @@ impl Store {
             .map(drop)
     }
 
-    /// [`Store::read_segments`] from the page cache only: `Ok(false)` if a
-    /// page is not cached.
-    fn read_segments_nowait(
-        &self,
-        st: &State,
-        segments: &[Segment],
-        b0: u64,
-        buf: &mut [u8],
-    ) -> Result<bool> {
-        self.read_segments_with(st, segments, b0, buf, true)
-    }
-
+    /// [`Store::read_segments`]; with `nowait`, from the page cache only,
+    /// `Ok(false)` if a page is not cached.
     fn read_segments_with(
         &self,
         st: &State,
