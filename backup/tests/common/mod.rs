@@ -276,7 +276,9 @@ pub fn count_files(root: &Path, prefix: &str) -> usize {
             for e in rd.flatten() {
                 if e.file_type().unwrap().is_dir() {
                     walk(&e.path(), n);
-                } else {
+                } else if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    // A `.tmp-` file is an object still being written (the
+                    // file store renames it into place), not an object.
                     *n += 1;
                 }
             }
