@@ -8,8 +8,10 @@
 //! copying big payloads. The reader decodes replies (verifying their crc),
 //! in whatever order they come, and completes the waiting oneshots by id.
 //!
-//! Failure is all or nothing: a request that passes its deadline, a broken
-//! or closed connection, or a reply that cannot be framed kills the client.
+//! Failure is all or nothing: a request that passes its deadline, a replica
+//! host that stops acknowledging anything at the TCP level (keepalive
+//! keeps a live one talking), a broken or closed connection, or a reply
+//! that cannot be framed kills the client.
 //! Every pending request then fails (`Timeout` for the one that timed out,
 //! `Disconnected` for the others), as does every later call; the controller
 //! reconnects with a new client.
@@ -85,10 +87,17 @@ impl ClientError {
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
 
+struct Waiting {
+    waiter: Waiter,
+    sent: Instant,
+    deadline: Instant,
+}
+
 #[derive(Default)]
 struct Pending {
-    /// Request id -> who waits for the reply, and until when.
-    waiters: HashMap<u64, (Waiter, Instant)>,
+    /// Request id -> who waits for the reply, when it was sent, and until
+    /// when it may take.
+    waiters: HashMap<u64, Waiting>,
     closed: bool,
 }
 
@@ -97,6 +106,8 @@ struct Shared {
     /// For log lines.
     addr: SocketAddr,
     volume: String,
+    /// The replica runs on this host (see [`ReplicaClient::is_local`]).
+    local: bool,
     closed: AtomicBool,
     replica_epoch: AtomicU64,
     task: OnceLock<AbortHandle>,
@@ -112,8 +123,8 @@ impl Shared {
             p.closed = true;
             std::mem::take(&mut p.waiters)
         };
-        for (_, (w, _)) in waiters {
-            let _ = w.send(Err(ClientError::Disconnected));
+        for (_, w) in waiters {
+            let _ = w.waiter.send(Err(ClientError::Disconnected));
         }
         if let Some(task) = self.task.get() {
             task.abort();
@@ -123,8 +134,8 @@ impl Shared {
     fn complete(&self, id: u64, result: Result<Reply, ClientError>) -> bool {
         let waiter = self.pending.lock().waiters.remove(&id);
         match waiter {
-            Some((w, _)) => {
-                let _ = w.send(result);
+            Some(w) => {
+                let _ = w.waiter.send(result);
                 true
             }
             None => false,
@@ -185,11 +196,16 @@ impl ReplicaClient {
             .map_err(|_| ClientError::Timeout)?
             .map_err(|source| ClientError::Connect { addr, source })?;
         let _ = sock.set_nodelay(true);
+        if let Err(e) = keep_alive(&sock, timeout) {
+            tracing::warn!(%addr, "cannot set TCP keepalive on a replica connection: {e}");
+        }
+        let local = is_same_host(&sock);
         let (rd, wr) = sock.into_split();
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             addr,
             volume: volume.to_string(),
+            local,
             closed: AtomicBool::new(false),
             replica_epoch: AtomicU64::new(0),
             task: OnceLock::new(),
@@ -198,11 +214,14 @@ impl ReplicaClient {
         let task = tokio::spawn({
             let shared = shared.clone();
             let tick = watchdog_tick(timeout);
+            // Valid while `rd` and `wr` live, which is as long as the
+            // watchdog runs (all three in this task).
+            let fd = std::os::fd::AsRawFd::as_raw_fd(rd.as_ref());
             async move {
                 tokio::join!(
                     read_loop(&shared, rd),
                     write_loop(&shared, rx, wr),
-                    watchdog(&shared, tick)
+                    watchdog(&shared, tick, timeout, fd)
                 );
             }
         });
@@ -240,6 +259,13 @@ impl ReplicaClient {
 
     pub fn volume(&self) -> &str {
         &self.shared.volume
+    }
+
+    /// True if the replica runs on this host: the connection is over
+    /// loopback, or its two ends have the same address. (Pods with their own
+    /// network namespace on one node look remote.)
+    pub fn is_local(&self) -> bool {
+        self.shared.local
     }
 
     /// True once the client is dead (timeout, disconnect); every call fails.
@@ -281,10 +307,24 @@ impl ReplicaClient {
 
     /// Writes `data` at `offset`; with `fua` it is durable before the reply.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        let crc = crc32fast::hash(&data);
+        self.write_with_crc(offset, data, crc, fua).await
+    }
+
+    /// [`ReplicaClient::write`] with the payload's crc32 already computed:
+    /// a write that goes to several replicas hashes its data once. A wrong
+    /// `crc` makes the replica refuse the write as corrupt in transit.
+    pub async fn write_with_crc(
+        &self,
+        offset: u64,
+        data: Bytes,
+        crc: u32,
+        fua: bool,
+    ) -> Result<(), ClientError> {
         if data.len() > MAX_PAYLOAD as usize {
             return Err(ClientError::Invalid("WRITE longer than 32 MiB"));
         }
-        self.call(Command::Write { offset, data, fua })
+        self.call_with_crc(Command::Write { offset, data, fua }, Some(crc))
             .await
             .map(drop)
     }
@@ -347,6 +387,16 @@ impl ReplicaClient {
     /// Sends one request and waits for its reply; an error status becomes
     /// [`ClientError::Replica`].
     async fn call(&self, command: Command) -> Result<Reply, ClientError> {
+        self.call_with_crc(command, None).await
+    }
+
+    /// [`ReplicaClient::call`]; `crc`, when given, is the payload's crc32
+    /// (else it is computed here).
+    async fn call_with_crc(
+        &self,
+        command: Command,
+        crc: Option<u32>,
+    ) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = Request {
             id,
@@ -366,7 +416,11 @@ impl ReplicaClient {
         } else {
             self.timeout
         };
-        let header = request.header().encode();
+        let header = match crc {
+            Some(crc) => request.header_with_crc(crc),
+            None => request.header(),
+        }
+        .encode();
         let payload = match request.command {
             Command::Write { data, .. } => data,
             Command::Hello { volume: name } | Command::Snapshot { name } => Bytes::from(name),
@@ -378,7 +432,15 @@ impl ReplicaClient {
             if p.closed {
                 return Err(ClientError::Disconnected);
             }
-            p.waiters.insert(id, (waiter, Instant::now() + deadline));
+            let sent = Instant::now();
+            p.waiters.insert(
+                id,
+                Waiting {
+                    waiter,
+                    sent,
+                    deadline: sent + deadline,
+                },
+            );
         }
         // No timer per request: the connection's watchdog fails whatever
         // passes its deadline (see `watchdog`).
@@ -399,28 +461,93 @@ impl ReplicaClient {
     }
 }
 
+/// Keepalive probes start after the connection is silent this long (at
+/// least 1 s: the kernel counts whole seconds).
+fn keepalive_idle(timeout: Duration) -> Duration {
+    (timeout / 2).max(Duration::from_secs(1))
+}
+
+/// Turns on TCP keepalive, so that a replica host that is up keeps
+/// acknowledging something at least every [`keepalive_idle`] even while
+/// no data moves (a long flush): the watchdog's proof of life.
+fn keep_alive(sock: &TcpStream, timeout: Duration) -> io::Result<()> {
+    let idle = keepalive_idle(timeout);
+    socket2::SockRef::from(sock).set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle)
+            .with_retries(3),
+    )
+}
+
+/// How long the peer's kernel has acknowledged nothing on `fd` (Linux
+/// `TCP_INFO`); `None` where that cannot be asked.
+#[cfg(target_os = "linux")]
+fn since_last_ack(fd: std::os::fd::RawFd) -> Option<Duration> {
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len`
+    // bytes into it and `fd` is the connection's open socket.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| Duration::from_millis(info.tcpi_last_ack_recv as u64))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn since_last_ack(_fd: std::os::fd::RawFd) -> Option<Duration> {
+    None
+}
+
+/// True if both ends of `sock` are on this host.
+fn is_same_host(sock: &TcpStream) -> bool {
+    match (sock.local_addr(), sock.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || local.ip() == peer.ip(),
+        _ => false,
+    }
+}
+
 /// How often the watchdog looks for overdue requests: a request fails
 /// between its deadline and one tick later.
 fn watchdog_tick(timeout: Duration) -> Duration {
     (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
-/// Fails the connection when a request passes its deadline: that request
-/// gets `Timeout`, every other one `Disconnected`. One timer per
-/// connection instead of one per request (registering and cancelling a
-/// timer per request cost measurable CPU at tens of thousands of IOPS).
-async fn watchdog(shared: &Shared, tick: Duration) {
+/// Fails the connection when a request passes its deadline, or when the
+/// replica's host has gone silent: that request gets `Timeout`, every
+/// other one `Disconnected`. One timer per connection instead of one per
+/// request (registering and cancelling a timer per request cost measurable
+/// CPU at tens of thousands of IOPS).
+///
+/// Silent: a request has been pending longer than `timeout` and the peer's
+/// kernel has acknowledged nothing for as long (keepalive makes a live host
+/// acknowledge at least every [`keepalive_idle`]). That catches a
+/// partitioned replica within about `timeout` even when only flushes,
+/// which may take [`DURABLE_TIMEOUT_FACTOR`] times longer, are pending; a
+/// replica that is slow but up keeps acknowledging and is given their full
+/// deadline.
+async fn watchdog(shared: &Shared, tick: Duration, timeout: Duration, fd: std::os::fd::RawFd) {
+    let silent_limit = timeout.max(keepalive_idle(timeout) * 2 + Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         let now = Instant::now();
-        let overdue = {
+        let (overdue, oldest) = {
             let p = shared.pending.lock();
-            p.waiters
+            let overdue = p
+                .waiters
                 .iter()
-                .find(|(_, (_, deadline))| *deadline <= now)
-                .map(|(id, _)| *id)
+                .find(|(_, w)| w.deadline <= now)
+                .map(|(id, _)| *id);
+            let oldest = p.waiters.iter().min_by_key(|(_, w)| w.sent);
+            (overdue, oldest.map(|(id, w)| (*id, now - w.sent)))
         };
         if let Some(id) = overdue {
             tracing::warn!(
@@ -428,6 +555,21 @@ async fn watchdog(shared: &Shared, tick: Duration) {
                 volume = %shared.volume,
                 request = id,
                 "replica request timed out; closing the connection"
+            );
+            shared.complete(id, Err(ClientError::Timeout));
+            return shared.kill();
+        }
+        let Some((id, waited)) = oldest.filter(|(_, waited)| *waited > silent_limit) else {
+            continue;
+        };
+        if let Some(silent) = since_last_ack(fd).filter(|s| *s > silent_limit) {
+            tracing::warn!(
+                addr = %shared.addr,
+                volume = %shared.volume,
+                request = id,
+                waited_ms = waited.as_millis() as u64,
+                silent_ms = silent.as_millis() as u64,
+                "replica host acknowledges nothing; closing the connection"
             );
             shared.complete(id, Err(ClientError::Timeout));
             return shared.kill();

@@ -435,6 +435,17 @@ async fn bad_payload_crc_is_refused_and_nothing_written() {
     assert_eq!(recv(&mut raw).await.unwrap().status, Status::Invalid);
     send(&mut raw, &req(5, 0, Command::Ping)).await;
     assert_eq!(recv(&mut raw).await.unwrap().status, Status::Ok);
+
+    // The client's precomputed crc (one per write fanned out to several
+    // replicas) is the one checked: a wrong one is refused, a right one
+    // writes.
+    let c = client(&s, 0).await;
+    let crc = crc32fast::hash(&data);
+    let wrong = c.write_with_crc(0, data.clone(), crc ^ 1, false).await;
+    assert_eq!(status_of(wrong), Status::BadPayload);
+    assert!(c.read(0, 8192).await.unwrap().iter().all(|&b| b == 0));
+    c.write_with_crc(0, data.clone(), crc, false).await.unwrap();
+    assert_eq!(c.read(0, 8192).await.unwrap(), data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

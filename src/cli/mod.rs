@@ -25,6 +25,24 @@ pub use size::parse_size;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Async worker threads. Default: 1 for `replica serve` and
+    /// `controller serve` (one thread hands requests between tasks without
+    /// waking another core; blocking disk work has its own pool), the
+    /// number of cores for everything else.
+    #[arg(long, global = true, env = "STRATA_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
+}
+
+impl Cli {
+    /// Worker threads for the async runtime, or `None` for tokio's default
+    /// (one per core).
+    pub fn worker_threads(&self) -> Option<usize> {
+        match self.threads {
+            Some(n) => Some(n as usize),
+            None if self.command.is_single_role_server() => Some(1),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +189,16 @@ impl ControllerArgs {
 
 impl Command {
     /// True for the long-running roles (they serve sockets).
+    /// A server playing one role, one process per node or per volume:
+    /// `replica serve` and `controller serve`.
+    fn is_single_role_server(&self) -> bool {
+        matches!(
+            self,
+            Command::Replica(ReplicaCommand::Serve { .. })
+                | Command::Controller(ControllerCommand::Serve(_))
+        )
+    }
+
     pub fn is_server(&self) -> bool {
         matches!(
             self,

@@ -89,7 +89,12 @@ impl Proc {
         };
         let child = cmd
             .args(args)
-            .env("STRATA_LOG", "info")
+            // STRATA_TEST_LOG=debug (say) for more detail in the logs that
+            // failing tests print.
+            .env(
+                "STRATA_LOG",
+                std::env::var("STRATA_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)

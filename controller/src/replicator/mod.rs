@@ -1,7 +1,8 @@
 //! The replicator: every write fans out to every healthy replica; the
 //! client's reply waits until all of them acked and a majority of the
-//! configured replicas is still healthy. Reads go to one healthy replica,
-//! chosen by the offset's stripe ([`READ_STRIPE`]). A replica that errors,
+//! configured replicas is still healthy. Reads go to one healthy replica:
+//! one on this host if there is one, else the offset's stripe's
+//! ([`READ_STRIPE`]). A replica that errors,
 //! times out or disconnects is faulted with a reason and never used again
 //! until recovered.
 //!
@@ -92,14 +93,20 @@ pub struct Volume {
 
 const BLOCK: u64 = strata_replica::BLOCK_SIZE;
 
-/// Reads of one stripe of this many bytes go to the same replica (the
-/// next healthy one in slot order if it is out), consecutive stripes to
-/// consecutive replicas. Each replica's page cache then holds its share of
-/// the volume instead of all of it (round robin made every replica cache
-/// every block read): on small nodes three replicas give the volume three
-/// times the cache, and a cold block is read from one disk, not three.
-/// Stripes of 4 MiB keep each replica's reads sequential enough for its
-/// readahead.
+/// Which replica serves a read:
+///
+/// - a healthy replica on the controller's own host, if there is one (the
+///   first in slot order): no network hop, and replicas on one host share
+///   one page cache, so spreading reads over them would only wake more
+///   processes (3 replicas on one host, 4K random reads QD32: about 23k
+///   IOPS striped over the three, 35k from one);
+/// - otherwise the stripe's replica: reads of one stripe of this many
+///   bytes go to the same replica (the next healthy one in slot order if it
+///   is out), consecutive stripes to consecutive replicas. Each node's page
+///   cache then holds its share of the volume instead of all of it (round
+///   robin made every replica cache every block read), and a cold block is
+///   read from one disk, not three. Stripes of 4 MiB keep each replica's
+///   reads sequential enough for its readahead.
 pub const READ_STRIPE: u64 = 4 << 20;
 
 /// The smallest block-aligned range covering `[offset, offset + len)`.
@@ -339,11 +346,20 @@ impl Volume {
         let n = slots.len();
         let start = (offset / READ_STRIPE) as usize;
         let mut last = String::from("no healthy replica");
-        for k in 0..n {
-            let slot = &slots[(start + k) % n];
+        // First the replicas on this host, in slot order; then the others,
+        // by stripe. Each replica is tried once.
+        for k in 0..2 * n {
+            let (slot, local_pass) = if k < n {
+                (&slots[k], true)
+            } else {
+                (&slots[(start + k - n) % n], false)
+            };
             let Some(client) = slot.healthy_client() else {
                 continue;
             };
+            if client.is_local() != local_pass {
+                continue;
+            }
             slot.in_flight.fetch_add(1, Ordering::Relaxed);
             let r = f(client).await;
             slot.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -423,9 +439,11 @@ impl Volume {
             buf[at..at + len as usize].copy_from_slice(&data);
             buf.freeze()
         };
+        // One crc for every replica the write goes to.
+        let crc = crc32fast::hash(&data);
         self.fan_out("write", start, end - start, |c| {
             let data = data.clone();
-            async move { c.write(start, data, fua).await }
+            async move { c.write_with_crc(start, data, crc, fua).await }
         })
         .await?;
         self.io.writes.fetch_add(1, Ordering::Relaxed);

@@ -259,6 +259,11 @@ impl Request {
     /// longer than [`MAX_PAYLOAD`] (or a name longer than [`MAX_NAME_LEN`])
     /// encodes into a frame the decoder refuses; callers check first.
     pub fn header(&self) -> RequestHeader {
+        self.header_with_crc(crc32fast::hash(self.command.payload()))
+    }
+
+    /// [`Request::header`] with the payload's crc32 given by the caller.
+    pub fn header_with_crc(&self, payload_crc: u32) -> RequestHeader {
         let payload = self.command.payload();
         let (offset, length, flags) = match self.command {
             Command::Hello { .. } | Command::Snapshot { .. } => (0, payload.len() as u32, 0),
@@ -284,7 +289,7 @@ impl Request {
             epoch: self.epoch,
             offset,
             length,
-            payload_crc: crc32fast::hash(payload),
+            payload_crc,
         }
     }
 
