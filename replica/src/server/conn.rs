@@ -319,7 +319,7 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
             }),
             Err(e) => Inline::Done(store_reply(store, id, Err(e))),
         },
-        Command::Read { offset, len } => {
+        Command::Read { offset, len } if len <= INLINE_READ_MAX => {
             let mut data = read_buffers::take(len as usize);
             match store.read_cached(offset, &mut data) {
                 Ok(true) => {
@@ -335,6 +335,14 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
         command => Inline::Blocking(command),
     }
 }
+
+/// Reads up to this long try the page cache on the connection's task;
+/// longer ones go straight to the blocking pool. A read that is cached
+/// only in part (common in sequential reads, where readahead is still
+/// filling the end of the range) declines and is read again from the
+/// start on the pool: for 1 MiB reads that second copy cost more than the
+/// thread hand-off saved (`BENCHMARKS.md`, Findings).
+const INLINE_READ_MAX: u32 = 128 << 10;
 
 /// The epoch fence: a request must carry the replica's epoch exactly.
 fn fence(store: &Store, id: u64, epoch: u64) -> Result<(), Reply> {
