@@ -18,12 +18,12 @@
 //!    not list, and a retry re-uploads only the chunks still missing.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::envelope::{Kind, ObjectId};
 use crate::error::{BackupError, Result};
@@ -239,16 +239,31 @@ async fn run<S: SnapshotSource>(
         for i in zeros {
             entries[i] = Entry::Zero;
         }
-        let results: Vec<(usize, Entry)> = futures::stream::iter(reads)
+        // After the first error no new chunk starts, but the ones under way
+        // finish before the error is returned: an upload must not outlive
+        // the backup (and its lock), even one that failed.
+        let failed = AtomicBool::new(false);
+        let results: Vec<Result<Option<(usize, Entry)>>> = futures::stream::iter(reads)
             .map(|(i, c)| {
-                let ctx = &ctx;
-                async move { ctx.chunk(c.offset, c.len).await.map(|e| (i, e)) }
+                let (ctx, failed) = (&ctx, &failed);
+                async move {
+                    if failed.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    let r = ctx.chunk(c.offset, c.len).await;
+                    if r.is_err() {
+                        failed.store(true, Ordering::Release);
+                    }
+                    r.map(|e| Some((i, e)))
+                }
             })
             .buffer_unordered(target.opts.parallel)
-            .try_collect()
-            .await?;
-        for (i, e) in results {
-            entries[i] = e;
+            .collect()
+            .await;
+        for r in results {
+            if let Some((i, e)) = r? {
+                entries[i] = e;
+            }
         }
         for (i, e) in entries.iter().enumerate() {
             if matches!(e, Entry::Data(_)) {
