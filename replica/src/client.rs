@@ -131,6 +131,16 @@ impl Shared {
         }
     }
 
+    /// Kills the client; request `id` fails with `Timeout`, every other one
+    /// with `Disconnected`. The client is closed before anyone hears.
+    fn time_out(&self, id: u64) {
+        let timed_out = self.pending.lock().waiters.remove(&id);
+        self.kill();
+        if let Some(w) = timed_out {
+            let _ = w.waiter.send(Err(ClientError::Timeout));
+        }
+    }
+
     fn complete(&self, id: u64, result: Result<Reply, ClientError>) -> bool {
         let waiter = self.pending.lock().waiters.remove(&id);
         match waiter {
@@ -556,8 +566,7 @@ async fn watchdog(shared: &Shared, tick: Duration, timeout: Duration, fd: std::o
                 request = id,
                 "replica request timed out; closing the connection"
             );
-            shared.complete(id, Err(ClientError::Timeout));
-            return shared.kill();
+            return shared.time_out(id);
         }
         let Some((id, waited)) = oldest.filter(|(_, waited)| *waited > silent_limit) else {
             continue;
@@ -571,8 +580,7 @@ async fn watchdog(shared: &Shared, tick: Duration, timeout: Duration, fd: std::o
                 silent_ms = silent.as_millis() as u64,
                 "replica host acknowledges nothing; closing the connection"
             );
-            shared.complete(id, Err(ClientError::Timeout));
-            return shared.kill();
+            return shared.time_out(id);
         }
     }
 }

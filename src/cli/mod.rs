@@ -258,3 +258,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup(cmd) => backup::run(cmd).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn threads(args: &[&str]) -> Result<Option<usize>, clap::Error> {
+        let args = std::iter::once("strata").chain(args.iter().copied());
+        Cli::try_parse_from(args).map(|c| c.worker_threads())
+    }
+
+    #[test]
+    fn servers_default_to_one_worker_thread() {
+        let replica = ["replica", "serve", "--dir", "/d"];
+        let controller = [
+            "controller",
+            "serve",
+            "--volume",
+            "v",
+            "--replica",
+            "127.0.0.1:1",
+        ];
+        assert_eq!(threads(&replica).unwrap(), Some(1));
+        assert_eq!(threads(&controller).unwrap(), Some(1));
+        // `up` runs every role in one process: one worker per core.
+        assert_eq!(threads(&["up"]).unwrap(), None);
+        assert_eq!(threads(&["volume", "status"]).unwrap(), None);
+        let mut more = replica.to_vec();
+        more.extend(["--threads", "3"]);
+        assert_eq!(threads(&more).unwrap(), Some(3));
+        assert_eq!(threads(&["--threads", "2", "up"]).unwrap(), Some(2));
+        for bad in ["0", "-1", "many", "257"] {
+            let mut args = replica.to_vec();
+            args.extend(["--threads", bad]);
+            assert!(threads(&args).is_err(), "--threads {bad} accepted");
+        }
+    }
+}
