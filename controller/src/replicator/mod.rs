@@ -2,9 +2,8 @@
 //! client's reply waits until all of them acked and a majority of the
 //! configured replicas is still healthy. Reads go to one healthy replica:
 //! one on this host if there is one, else the offset's stripe's
-//! ([`READ_STRIPE`]). A replica that errors,
-//! times out or disconnects is faulted with a reason and never used again
-//! until recovered.
+//! ([`READ_STRIPE`]). A replica that errors, times out or disconnects is
+//! faulted with a reason and never used again until recovered.
 //!
 //! Ordering: writes, trims and zeroings take a [`RangeLock`] on their byte
 //! range for the whole fan-out, so overlapping writes reach every replica
