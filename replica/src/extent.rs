@@ -9,11 +9,50 @@ use std::ops::Range;
 /// ranges with equal values are merged, so a sequentially written layer is
 /// one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RangeMap<V> {
-    map: BTreeMap<u64, (u64, V)>,
+pub struct RangeMap<V: Copy> {
+    map: BTreeMap<u64, Span<V>>,
 }
 
-impl<V> Default for RangeMap<V> {
+/// An extent's end and value. Packed: as a `(u64, V)` tuple a one-byte
+/// value is padded to 16 bytes, and the store holds one of these per
+/// extent written (two maps), so padding was a third of a B-tree leaf.
+#[derive(Clone, Copy)]
+#[repr(C, packed)]
+struct Span<V: Copy> {
+    end: u64,
+    value: V,
+}
+
+impl<V: Copy> Span<V> {
+    fn new(end: u64, value: V) -> Self {
+        Span { end, value }
+    }
+
+    /// By value: fields of a packed struct cannot be borrowed.
+    fn get(self) -> (u64, V) {
+        (self.end, self.value)
+    }
+}
+
+impl<V: Copy + PartialEq> PartialEq for Span<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl<V: Copy + Eq> Eq for Span<V> {}
+
+impl<V: Copy + std::fmt::Debug> std::fmt::Debug for Span<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (end, value) = self.get();
+        f.debug_struct("Span")
+            .field("end", &end)
+            .field("value", &value)
+            .finish()
+    }
+}
+
+impl<V: Copy> Default for RangeMap<V> {
     fn default() -> Self {
         RangeMap {
             map: BTreeMap::new(),
@@ -35,12 +74,20 @@ impl<V: Copy + Eq> RangeMap<V> {
         self.map.is_empty()
     }
 
-    /// Approximate heap bytes used: a B-tree of 11-key nodes holds about 8
-    /// entries per node, each entry costing key + value plus node overhead.
+    /// Approximate heap bytes used: a B-tree leaf holds up to 11 keys and
+    /// values and is about 2/3 full on average; internal nodes add edge
+    /// pointers.
     pub fn heap_bytes(&self) -> usize {
-        let entry = std::mem::size_of::<u64>() + std::mem::size_of::<(u64, V)>();
-        // Nodes are on average ~2/3 full; add edge pointers for internal nodes.
+        let entry = std::mem::size_of::<u64>() + std::mem::size_of::<Span<V>>();
         self.map.len() * (entry * 3 / 2 + 8)
+    }
+
+    /// The extent starting before `start`, if any: `(its start, end, value)`.
+    fn before(&self, start: u64) -> Option<(u64, u64, V)> {
+        self.map.range(..start).next_back().map(|(&s, span)| {
+            let (e, v) = span.get();
+            (s, e, v)
+        })
     }
 
     /// Removes everything in `[start, end)`, splitting extents that straddle
@@ -50,11 +97,11 @@ impl<V: Copy + Eq> RangeMap<V> {
             return;
         }
         // An extent starting before `start` that reaches into the range.
-        if let Some((&s, &(e, v))) = self.map.range(..start).next_back() {
+        if let Some((s, e, v)) = self.before(start) {
             if e > start {
-                self.map.insert(s, (start, v));
+                self.map.insert(s, Span::new(start, v));
                 if e > end {
-                    self.map.insert(end, (e, v));
+                    self.map.insert(end, Span::new(e, v));
                     return;
                 }
             }
@@ -62,9 +109,9 @@ impl<V: Copy + Eq> RangeMap<V> {
         // Extents starting inside the range.
         let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
         for s in inside {
-            let (e, v) = self.map.remove(&s).expect("key just listed");
+            let (e, v) = self.map.remove(&s).expect("key just listed").get();
             if e > end {
-                self.map.insert(end, (e, v));
+                self.map.insert(end, Span::new(e, v));
             }
         }
     }
@@ -77,32 +124,30 @@ impl<V: Copy + Eq> RangeMap<V> {
         self.clear(start, end);
         let mut start = start;
         let mut end = end;
-        if let Some((&s, &(e, v))) = self.map.range(..start).next_back() {
+        if let Some((s, e, v)) = self.before(start) {
             if e == start && v == value {
                 self.map.remove(&s);
                 start = s;
             }
         }
-        if let Some(&(e, v)) = self.map.get(&end) {
+        if let Some((e, v)) = self.map.get(&end).map(|span| span.get()) {
             if v == value {
                 self.map.remove(&end);
                 end = e;
             }
         }
-        self.map.insert(start, (end, value));
+        self.map.insert(start, Span::new(end, value));
     }
 
     /// The extents overlapping `[start, end)`, clipped to it, in order.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, V)> + '_ {
-        let first = self
-            .map
-            .range(..start)
-            .next_back()
-            .filter(|(_, &(e, _))| e > start)
-            .map(|(&s, &(e, v))| (s, e, v));
+        let first = self.before(start).filter(|&(_, e, _)| e > start);
         first
             .into_iter()
-            .chain(self.map.range(start..end).map(|(&s, &(e, v))| (s, e, v)))
+            .chain(self.map.range(start..end).map(|(&s, span)| {
+                let (e, v) = span.get();
+                (s, e, v)
+            }))
             .map(move |(s, e, v)| (s.max(start), e.min(end), v))
             .filter(|(s, e, _)| s < e)
     }
@@ -114,7 +159,10 @@ impl<V: Copy + Eq> RangeMap<V> {
 
     /// Every extent, in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, V)> + '_ {
-        self.map.iter().map(|(&s, &(e, v))| (s, e, v))
+        self.map.iter().map(|(&s, span)| {
+            let (e, v) = span.get();
+            (s, e, v)
+        })
     }
 
     /// The sub-ranges of `[start, end)` that no extent covers.
@@ -168,6 +216,13 @@ mod tests {
                 prop_assert_eq!(&seen, &model);
             }
         }
+    }
+
+    #[test]
+    fn spans_are_packed() {
+        // A padded (u64, u8) is 16 bytes; the maps hold one per extent.
+        assert_eq!(std::mem::size_of::<Span<u8>>(), 9);
+        assert_eq!(std::mem::size_of::<Span<()>>(), 8);
     }
 
     #[test]

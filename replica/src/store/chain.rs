@@ -299,7 +299,7 @@ impl Store {
             BlockKind::Data => {
                 // Read through the checksum check: never spread bad data.
                 let mut data = vec![0u8; ((b1 - b0) * BLOCK_SIZE) as usize];
-                self.read_segments(st, &[(b0, b1, Some(Source::Layer(from)))], b0, &mut data)?;
+                self.read_segments(st, &[(b0, b1, Some(Source::layer(from)))], b0, &mut data)?;
                 let mut entries = vec![0u8; ((b1 - b0) * ENTRY_LEN) as usize];
                 let src = &st.layers[from];
                 let mut read = [IoOp::Read {
@@ -332,7 +332,7 @@ impl Store {
         if is_head {
             mark(&self.head_dirty);
             let src = match kind {
-                BlockKind::Data => Source::Layer(to),
+                BlockKind::Data => Source::layer(to),
                 BlockKind::Zero => Source::Zero,
             };
             maps.index.set(b0, b1, src);
@@ -507,7 +507,7 @@ fn view_segments(maps: &Maps, top: usize, b0: u64, b1: u64) -> Vec<Segment> {
                     still.push(cursor..s);
                 }
                 let src = match kind {
-                    BlockKind::Data => Source::Layer(pos),
+                    BlockKind::Data => Source::layer(pos),
                     BlockKind::Zero => Source::Zero,
                 };
                 resolved.push((s, e, Some(src)));

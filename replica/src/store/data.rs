@@ -134,7 +134,7 @@ impl Store {
                 cursor = e;
                 match src {
                     Some(Source::Layer(pos)) => {
-                        let layer = &st.layers[pos];
+                        let layer = &st.layers[pos as usize];
                         let (ents, tail) =
                             rest_entries.split_at_mut(((e - s) * ENTRY_LEN) as usize);
                         rest_entries = tail;
@@ -171,6 +171,7 @@ impl Store {
             let Some(Source::Layer(pos)) = src else {
                 continue;
             };
+            let pos = pos as usize;
             for block in s..e {
                 let raw = MapEntry::from_bytes(&entries[ent_off..ent_off + 8]);
                 ent_off += 8;
@@ -253,7 +254,7 @@ impl Store {
         mark(&self.head_dirty);
         let mut maps = st.maps.lock();
         maps.extents[head_pos].set(b0, b1, BlockKind::Data);
-        maps.index.set(b0, b1, Source::Layer(head_pos));
+        maps.index.set(b0, b1, Source::layer(head_pos));
         Ok(())
     }
 

@@ -53,10 +53,19 @@ const LOCK_FILE: &str = "volume.lock";
 /// Where the merged read index says a block's current contents live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
-    /// In the data file of the layer at this position of the chain.
-    Layer(usize),
+    /// In the data file of the layer at this position of the chain (u32,
+    /// not usize: the index holds one per extent; see [`Source::layer`]).
+    Layer(u32),
     /// Zeros (a tombstone hides lower layers).
     Zero,
+}
+
+impl Source {
+    /// The source for the layer at chain position `pos`. A chain never
+    /// comes near 2^32 layers (each is two open files).
+    pub(crate) fn layer(pos: usize) -> Source {
+        Source::Layer(pos as u32)
+    }
 }
 
 /// What [`Store::create`] needs.
@@ -115,7 +124,7 @@ impl Maps {
         for (pos, layer) in extents.iter().enumerate() {
             for (s, e, kind) in layer.iter() {
                 let src = match kind {
-                    BlockKind::Data => Source::Layer(pos),
+                    BlockKind::Data => Source::layer(pos),
                     BlockKind::Zero => Source::Zero,
                 };
                 index.set(s, e, src);
@@ -435,4 +444,15 @@ fn remove_orphans(dir: &Path, keep: &[u64]) -> Result<()> {
 
 pub(crate) fn mark(flag: &AtomicBool) {
     flag.store(true, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Source;
+
+    #[test]
+    fn a_read_index_value_is_eight_bytes() {
+        // The read index holds one per extent; `Layer(usize)` made it 16.
+        assert_eq!(std::mem::size_of::<Source>(), 8);
+    }
 }
