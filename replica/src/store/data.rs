@@ -36,7 +36,10 @@ pub struct AllocationExtent {
 /// and every later 4 KiB write into a folio walks all of the folio's
 /// blocks (ext4 `block_write_begin`, and again at writeback): a volume
 /// filled with 1 MiB writes then takes 4 KiB random writes at a third of
-/// the rate of one filled with small writes. See BENCHMARKS.md.
+/// the rate of one filled with small writes. Smaller pieces make large
+/// sequential overwrites dearer instead (more folios per MiB): 32 KiB kept
+/// 4 KiB random writes within 5% of 16 KiB pieces and made 1 MiB
+/// sequential overwrites 12% faster (BENCHMARKS.md, session 5).
 fn write_chunk() -> usize {
     static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CHUNK.get_or_init(|| {
@@ -44,7 +47,7 @@ fn write_chunk() -> usize {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n >= BS && n % BS == 0)
-            .unwrap_or(16 * 1024)
+            .unwrap_or(32 * 1024)
     })
 }
 
