@@ -16,7 +16,7 @@ pub struct RangeMap<V: Copy> {
 /// An extent's end and value. Packed: as a `(u64, V)` tuple a one-byte
 /// value is padded to 16 bytes, and the store holds one of these per
 /// extent written (two maps), so padding was a third of a B-tree leaf.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C, packed)]
 struct Span<V: Copy> {
     end: u64,
@@ -31,24 +31,6 @@ impl<V: Copy> Span<V> {
     /// By value: fields of a packed struct cannot be borrowed.
     fn get(self) -> (u64, V) {
         (self.end, self.value)
-    }
-}
-
-impl<V: Copy + PartialEq> PartialEq for Span<V> {
-    fn eq(&self, other: &Self) -> bool {
-        self.get() == other.get()
-    }
-}
-
-impl<V: Copy + Eq> Eq for Span<V> {}
-
-impl<V: Copy + std::fmt::Debug> std::fmt::Debug for Span<V> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (end, value) = self.get();
-        f.debug_struct("Span")
-            .field("end", &end)
-            .field("value", &value)
-            .finish()
     }
 }
 

@@ -53,14 +53,6 @@ fn since_last_ack(_fd: std::os::fd::RawFd) -> Option<Duration> {
     None
 }
 
-/// True if both ends of `sock` are on this host.
-pub(super) fn is_same_host(sock: &TcpStream) -> bool {
-    match (sock.local_addr(), sock.peer_addr()) {
-        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || local.ip() == peer.ip(),
-        _ => false,
-    }
-}
-
 /// How often the watchdog looks for overdue requests: a request fails
 /// between its deadline and one tick later.
 pub(super) fn watchdog_tick(timeout: Duration) -> Duration {

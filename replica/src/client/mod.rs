@@ -38,7 +38,7 @@ use crate::wire::{
 use crate::AllocationExtent;
 
 mod liveness;
-use liveness::{is_same_host, keep_alive, watchdog, watchdog_tick};
+use liveness::{keep_alive, watchdog, watchdog_tick};
 
 /// Requests queued for the writer before callers wait.
 const QUEUE: usize = 1024;
@@ -153,6 +153,14 @@ impl Shared {
             }
             None => false,
         }
+    }
+}
+
+/// True if both ends of `sock` are on this host.
+fn is_same_host(sock: &TcpStream) -> bool {
+    match (sock.local_addr(), sock.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || local.ip() == peer.ip(),
+        _ => false,
     }
 }
 
