@@ -72,7 +72,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
         });
     }
     let quorum = configured / 2 + 1;
-    let statuses: Vec<Result<ReplicaStatus, String>> =
+    let statuses: Vec<Result<ReplicaStatus, control::ControlError>> =
         futures::future::join_all(opts.replicas.iter().map(|&a| async move {
             control::open_or_create(a, &opts.volume, opts.create_size, opts.connect_timeout)
                 .await
@@ -215,7 +215,9 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                 )
                 .await
                 {
-                    Err(e) => Health::Faulted { reason: e },
+                    Err(e) => Health::Faulted {
+                        reason: e.to_string(),
+                    },
                     Ok(()) => {
                         match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout)
                             .await

@@ -17,9 +17,3 @@ pub mod frontend;
 pub mod mgmt;
 pub mod replicator;
 pub mod run;
-
-/// Resolves once `shutdown` holds `true` (or its sender is gone). Holds no
-/// lock across an await, so it can sit in a `select!` of a spawned task.
-pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
-}

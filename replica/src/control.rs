@@ -86,7 +86,10 @@ fn to_status(e: HostError) -> Status {
             _ => Status::internal(msg),
         },
         HostError::InvalidName(_) => Status::invalid_argument(msg),
-        HostError::NotOpen(_) | HostError::Fenced { .. } => Status::failed_precondition(msg),
+        HostError::NotOpen(_) => Status::failed_precondition(msg),
+        // ABORTED is gRPC's code for a failed sequencer check: the request's
+        // epoch is not the replica's, another controller owns it.
+        HostError::Fenced { .. } => Status::aborted(msg),
         _ => Status::internal(msg),
     }
 }

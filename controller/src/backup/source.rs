@@ -15,6 +15,7 @@ use strata_replica::client::ReplicaClient;
 use strata_replica::control::MAX_EXTENT_WINDOW;
 use tokio::sync::Mutex;
 
+use super::JobError;
 use crate::replicator::snapshot::SnapshotInUse;
 use crate::replicator::{control, Volume};
 
@@ -30,14 +31,14 @@ pub struct ReplicaSnapshotSource {
 
 impl ReplicaSnapshotSource {
     /// A source over snapshot `snapshot`, which must exist.
-    pub async fn open(volume: &Arc<Volume>, snapshot: &str) -> Result<Self, String> {
+    pub async fn open(volume: &Arc<Volume>, snapshot: &str) -> Result<Self, JobError> {
         let hold = volume.hold_snapshot(snapshot);
-        let chain = volume.list_snapshots().await.map_err(|e| e.to_string())?;
+        let chain = volume.list_snapshots().await?;
         if !chain.iter().any(|s| s.name == snapshot) {
-            return Err(format!(
-                "volume {} has no snapshot {snapshot:?}",
-                volume.name
-            ));
+            return Err(JobError::NoSnapshot {
+                volume: volume.name.clone(),
+                snapshot: snapshot.to_string(),
+            });
         }
         Ok(ReplicaSnapshotSource {
             volume: volume.clone(),

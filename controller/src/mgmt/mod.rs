@@ -4,6 +4,7 @@
 
 mod backups;
 mod snapshots;
+mod status;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -162,10 +163,7 @@ impl VolumeControl for VolumeService {
             .address
             .parse()
             .map_err(|e| Status::invalid_argument(format!("not an address: {e}")))?;
-        self.volume
-            .remove_slot(addr)
-            .await
-            .map_err(Status::failed_precondition)?;
+        self.volume.remove_slot(addr).await?;
         tracing::info!(volume = %self.volume.name, replica = %addr, "replica removed");
         Ok(Response::new(self.status_now()))
     }
@@ -414,22 +412,17 @@ pub async fn serve_metrics(
     listener: TcpListener,
     volume: Arc<Volume>,
     schedules: Arc<Vec<Arc<ScheduleState>>>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("metrics accept failed: {e}");
-                    continue;
-                }
-            },
-            _ = crate::stopped(&mut shutdown) => return,
-        };
+    let limits = strata_net::Limits {
+        name: "metrics",
+        max_connections: 16,
+        grace: std::time::Duration::from_secs(1),
+    };
+    strata_net::serve(listener, limits, shutdown, move |mut sock, _| {
         let volume = volume.clone();
         let schedules = schedules.clone();
-        tokio::spawn(async move {
+        async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             // Read the request head (bounded), with a deadline.
@@ -462,6 +455,7 @@ pub async fn serve_metrics(
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+        }
+    })
+    .await;
 }

@@ -18,9 +18,9 @@ use bytes::{Bytes, BytesMut};
 use strata_replica::{Allocation, AllocationExtent};
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::backend::{Backend, BackendError, BLOCK_SIZE};
 use super::handshake::ExportFacts;
 use super::proto::{BlockDescriptor, NBD_STATE_HOLE, NBD_STATE_ZERO};
+use crate::frontend::{Backend, BackendError, BLOCK_SIZE};
 
 /// Lock stripes for read-modify-write (a block maps to `index % STRIPES`).
 const STRIPES: usize = 256;
@@ -51,7 +51,7 @@ pub struct Export<B> {
 impl<B: Backend> Export<B> {
     pub fn new(backend: Arc<B>) -> Arc<Self> {
         let facts = ExportFacts {
-            name: backend.export_name().to_owned(),
+            name: backend.volume_name().to_owned(),
             size: align_down(backend.size()),
         };
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
@@ -284,7 +284,7 @@ pub fn descriptors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::nbd::mem::MemBackend;
+    use crate::frontend::mem::MemBackend;
 
     const HZ: u32 = NBD_STATE_HOLE | NBD_STATE_ZERO;
 
