@@ -25,7 +25,8 @@ fn map_err(e: VolumeError) -> BackendError {
         VolumeError::Invalid { .. }
         | VolumeError::Snapshot { .. }
         | VolumeError::NotAReplica { .. }
-        | VolumeError::WouldLoseQuorum { .. } => BackendError::Invalid(e.to_string()),
+        | VolumeError::WouldLoseQuorum { .. }
+        | VolumeError::Resize { .. } => BackendError::Invalid(e.to_string()),
         VolumeError::BelowQuorum { .. } => BackendError::BelowQuorum(e.to_string()),
         VolumeError::Fenced { .. } => BackendError::Fenced(e.to_string()),
         VolumeError::NoReplica { .. } => BackendError::Io(e.to_string()),
@@ -34,7 +35,7 @@ fn map_err(e: VolumeError) -> BackendError {
 
 impl Backend for VolumeBackend {
     fn size(&self) -> u64 {
-        self.volume.size
+        self.volume.size()
     }
 
     fn volume_name(&self) -> &str {

@@ -131,7 +131,7 @@ pub async fn run_controller(
         let _ = ready.send(RunningInfo {
             nbd: nbd_addr,
             iscsi: iscsi_addr,
-            size: volume.size,
+            size: volume.size(),
             volume: volume.clone(),
         });
     }

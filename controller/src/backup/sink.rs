@@ -25,8 +25,8 @@ impl VolumeSink {
     pub async fn open(volume: &Arc<Volume>) -> Result<Self, JobError> {
         let mut zeroed = true;
         let mut at = 0;
-        while at < volume.size && zeroed {
-            let n = ZERO_STEP.min(volume.size - at);
+        while at < volume.size() && zeroed {
+            let n = ZERO_STEP.min(volume.size() - at);
             let extents = volume.block_status(at, n as u32).await?;
             zeroed = extents.iter().all(|e| e.kind == Allocation::Hole);
             at += n;
@@ -44,7 +44,7 @@ fn err(e: impl std::fmt::Display) -> SourceError {
 
 impl RestoreSink for VolumeSink {
     fn size(&self) -> u64 {
-        self.volume.size
+        self.volume.size()
     }
 
     fn starts_zeroed(&self) -> bool {

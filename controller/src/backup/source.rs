@@ -25,6 +25,8 @@ const ATTEMPTS: usize = 3;
 pub struct ReplicaSnapshotSource {
     volume: Arc<Volume>,
     snapshot: String,
+    /// The volume's size when the snapshot was taken.
+    size: u64,
     reader: Mutex<Option<Arc<ReplicaClient>>>,
     _hold: SnapshotInUse,
 }
@@ -34,15 +36,16 @@ impl ReplicaSnapshotSource {
     pub async fn open(volume: &Arc<Volume>, snapshot: &str) -> Result<Self, JobError> {
         let hold = volume.hold_snapshot(snapshot);
         let chain = volume.list_snapshots().await?;
-        if !chain.iter().any(|s| s.name == snapshot) {
+        let Some(info) = chain.iter().find(|s| s.name == snapshot) else {
             return Err(JobError::NoSnapshot {
                 volume: volume.name.clone(),
                 snapshot: snapshot.to_string(),
             });
-        }
+        };
         Ok(ReplicaSnapshotSource {
             volume: volume.clone(),
             snapshot: snapshot.to_string(),
+            size: info.size,
             reader: Mutex::new(None),
             _hold: hold,
         })
@@ -85,7 +88,7 @@ impl SnapshotSource for ReplicaSnapshotSource {
     }
 
     fn size(&self) -> u64 {
-        self.volume.size
+        self.size
     }
 
     async fn has_snapshot(&self, name: &str) -> Result<bool, SourceError> {

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use strata_proto::controller::volume_control_server::VolumeControl;
 
 use strata_proto::controller::{
-    BackupRequest, CloneReply, CloneRequest, IoCounters, ReplicaAddress, ReplicaInfo,
-    RestoreRequest, RevertRequest, ScheduleStatus, SnapshotCreated, SnapshotList, SnapshotRef,
-    StatusRequest, VolumeStatus,
+    BackupRequest, CloneReply, CloneRequest, ExpandReply, ExpandRequest, IoCounters,
+    ReplicaAddress, ReplicaInfo, RestoreRequest, RevertRequest, ScheduleStatus, SnapshotCreated,
+    SnapshotList, SnapshotRef, StatusRequest, VolumeStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -63,7 +63,7 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
     let io = &volume.io;
     VolumeStatus {
         volume: volume.name.clone(),
-        size: volume.size,
+        size: volume.size(),
         epoch: volume.epoch(),
         state: volume.state().to_string(),
         replicas_configured: volume.slots().len() as u32,
@@ -230,6 +230,19 @@ impl VolumeControl for VolumeService {
             .await
             .map(Response::new)
     }
+
+    async fn expand_volume(
+        &self,
+        req: Request<ExpandRequest>,
+    ) -> Result<Response<ExpandReply>, Status> {
+        let e = self.volume.expand(req.into_inner().size).await?;
+        Ok(Response::new(ExpandReply {
+            old_size: e.old_size,
+            new_size: e.new_size,
+            rounded: e.rounded,
+            pause_us: e.pause.as_micros() as u64,
+        }))
+    }
 }
 
 /// Prometheus text exposition of one volume.
@@ -285,7 +298,7 @@ pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String
             "strata_volume_size_bytes",
             "gauge",
             "Volume size.",
-            volume.size,
+            volume.size(),
         ),
         (
             "strata_volume_epoch",

@@ -32,6 +32,7 @@ pub async fn list(volume: &Volume) -> Result<SnapshotList, Status> {
                 name: s.name,
                 created: s.created,
                 allocated: s.allocated,
+                size: s.size,
             })
             .collect(),
     })

@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::backup::JobError;
-use crate::replicator::{SnapshotProblem, VolumeError};
+use crate::replicator::{ResizeRefusal, SnapshotProblem, VolumeError};
 
 fn volume_code(e: &VolumeError) -> Code {
     match e {
@@ -13,9 +13,15 @@ fn volume_code(e: &VolumeError) -> Code {
             SnapshotProblem::NotFound => Code::NotFound,
             SnapshotProblem::Exists => Code::AlreadyExists,
             SnapshotProblem::InvalidName => Code::InvalidArgument,
-            SnapshotProblem::Busy | SnapshotProblem::Failed => Code::FailedPrecondition,
+            SnapshotProblem::Busy | SnapshotProblem::SizeChanged | SnapshotProblem::Failed => {
+                Code::FailedPrecondition
+            }
         },
         VolumeError::Invalid { .. } => Code::InvalidArgument,
+        VolumeError::Resize { refusal, .. } => match refusal {
+            ResizeRefusal::Shrink | ResizeRefusal::Invalid => Code::InvalidArgument,
+            ResizeRefusal::Busy => Code::FailedPrecondition,
+        },
         VolumeError::NotAReplica { .. } => Code::NotFound,
         VolumeError::WouldLoseQuorum { .. } => Code::FailedPrecondition,
         VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => Code::Unavailable,

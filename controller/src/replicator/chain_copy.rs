@@ -50,8 +50,8 @@ pub async fn copy_snapshots(
         .await
         .map_err(|e| SyncError::data(format!("reading snapshot {snap} from {source_addr}"), e))?;
         let mut offset = 0;
-        while offset < volume.size {
-            let len = MAX_EXTENT_WINDOW.min(volume.size - offset);
+        while offset < volume.size() {
+            let len = MAX_EXTENT_WINDOW.min(volume.size() - offset);
             let extents = control::changed_extents(
                 source_addr,
                 &volume.name,

@@ -27,7 +27,7 @@ pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, SyncE
     {
         let mut p = slot.progress.lock();
         p.verify = true;
-        p.total_bytes = volume.size;
+        p.total_bytes = volume.size();
         p.done_bytes = 0;
         p.started = Some(Instant::now());
     }
@@ -41,14 +41,14 @@ pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, SyncE
     let started = Instant::now();
     let mut differing = 0;
     let mut offset = 0;
-    while offset < volume.size {
+    while offset < volume.size() {
         if let Some(rate) = volume.options.sync_rate {
             let due = std::time::Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let len = window.min(volume.size - offset);
+        let len = window.min(volume.size() - offset);
         let (a, b) = tokio::join!(
             control::region_digests(&mut src, source, &volume.name, offset, len, REGION),
             control::region_digests(&mut dst, slot.addr, &volume.name, offset, len, REGION),

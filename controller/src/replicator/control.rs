@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use strata_proto::replica::replica_control_client::ReplicaControlClient;
 use strata_proto::replica::{
-    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Extent, RegionDigestsRequest,
-    ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotRequest,
+    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, ExpandReplicaRequest, Extent,
+    RegionDigestsRequest, ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo,
+    SnapshotRequest,
 };
 use tonic::Code;
 
@@ -210,6 +211,25 @@ pub async fn delete_snapshot(
     .await
     .map(|_| ())
     .map_err(|s| ControlError::from_status(addr, "snapshot delete", s))
+}
+
+/// Grows one replica to `size` bytes, fenced at `epoch`.
+pub async fn expand_replica(
+    addr: SocketAddr,
+    volume: &str,
+    size: u64,
+    epoch: u64,
+    timeout: Duration,
+) -> Result<(), ControlError> {
+    let mut c = connect(addr, timeout).await?;
+    c.expand_replica(ExpandReplicaRequest {
+        volume: volume.to_string(),
+        size,
+        epoch,
+    })
+    .await
+    .map(|_| ())
+    .map_err(|s| ControlError::from_status(addr, "expand", s))
 }
 
 /// Reverts one replica to snapshot `name`, fenced at `epoch`.

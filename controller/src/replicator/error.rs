@@ -50,6 +50,14 @@ pub enum VolumeError {
         remaining: usize,
         quorum_after: usize,
     },
+    #[error("Volume {volume}: cannot grow from {current} to {requested} bytes: {reason}")]
+    Resize {
+        volume: String,
+        current: u64,
+        requested: u64,
+        refusal: ResizeRefusal,
+        reason: String,
+    },
     #[error("Volume {volume}, snapshot {snapshot:?}: {reason}")]
     Snapshot {
         volume: String,
@@ -57,6 +65,17 @@ pub enum VolumeError {
         problem: SnapshotProblem,
         reason: String,
     },
+}
+
+/// Why an expansion was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeRefusal {
+    /// Smaller than the volume: volumes only grow.
+    Shrink,
+    /// Zero, too large for a replica's filesystem, or refused by every replica.
+    Invalid,
+    /// Replicas are being compared after a crash: retry later.
+    Busy,
 }
 
 /// What kind of snapshot request a [`VolumeError::Snapshot`] refused.
@@ -71,6 +90,8 @@ pub enum SnapshotProblem {
     /// A running backup reads it, or replicas are being compared after a
     /// crash: retry later.
     Busy,
+    /// Revert to a snapshot taken before the volume grew (refused).
+    SizeChanged,
     /// The replicas refused or failed it for another reason.
     Failed,
 }

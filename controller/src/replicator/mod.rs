@@ -21,6 +21,7 @@ mod chain_copy;
 mod compare;
 pub mod control;
 mod error;
+mod expand;
 mod range_lock;
 pub mod recovery;
 mod slot;
@@ -39,7 +40,8 @@ use strata_replica::client::{ClientError, ReplicaClient};
 use strata_replica::wire::Status;
 use strata_replica::AllocationExtent;
 
-pub use error::{IoCounters, SnapshotProblem, SyncError, VolumeError};
+pub use error::{IoCounters, ResizeRefusal, SnapshotProblem, SyncError, VolumeError};
+pub use expand::Expansion;
 pub use range_lock::{RangeGuard, RangeLock};
 pub use slot::{Departure, Health, Slot, SyncProgress, REGION};
 
@@ -66,7 +68,8 @@ impl Default for VolumeOptions {
 #[derive(Debug)]
 pub struct Volume {
     pub name: String,
-    pub size: u64,
+    /// Bytes; grows with [`Volume::expand`] (`expand.rs`).
+    size: AtomicU64,
     epoch: AtomicU64,
     slots: RwLock<Vec<Arc<Slot>>>,
     range_lock: RangeLock,
@@ -150,7 +153,7 @@ impl Volume {
     ) -> Volume {
         Volume {
             name,
-            size,
+            size: AtomicU64::new(size),
             epoch: AtomicU64::new(epoch),
             slots: RwLock::new(slots.into_iter().map(Arc::new).collect()),
             range_lock: RangeLock::new(),
@@ -169,6 +172,11 @@ impl Volume {
 
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The volume's size in bytes now (it may grow, never shrinks).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn slots(&self) -> Vec<Arc<Slot>> {

@@ -110,11 +110,25 @@ pub fn spawn_sync(volume: Arc<Volume>, slot: Arc<Slot>) {
 async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
     let timeout = volume.options.control_timeout;
     let (mut status, mut created) =
-        control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
-    if status.size != volume.size {
+        control::open_or_create(slot.addr, &volume.name, Some(volume.size()), timeout).await?;
+    // It missed an expansion while it was out: grow it first, so it never
+    // takes a write at the wrong size. (Fenced at its own epoch: only a
+    // replica whose epoch is not above ours gets here, see below.)
+    if status.size < volume.size() && status.epoch <= volume.epoch() {
+        control::expand_replica(
+            slot.addr,
+            &volume.name,
+            volume.size(),
+            status.epoch,
+            timeout,
+        )
+        .await?;
+        status = control::status(slot.addr, &volume.name, timeout).await?;
+    }
+    if status.size != volume.size() {
         return Err(SyncError::SizeMismatch {
             replica: status.size,
-            volume: volume.size,
+            volume: volume.size(),
         });
     }
     let source = volume.healthy_addr()?;
@@ -144,7 +158,7 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
         tracing::info!(volume = %volume.name, replica = %slot.addr, "wiping a replica for a full rebuild");
         control::delete_replica(slot.addr, &volume.name, timeout).await?;
         (status, created) =
-            control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
+            control::open_or_create(slot.addr, &volume.name, Some(volume.size()), timeout).await?;
         if !created {
             return Err(SyncError::NotRecreated);
         }
@@ -200,7 +214,7 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
         .map_err(|e| SyncError::data("data connection", e))?;
     if !delta {
         match chain.last() {
-            None => slot.mark_all_pending(volume.size),
+            None => slot.mark_all_pending(volume.size()),
             // The layers below are copied already: only what the live volume
             // holds above the newest snapshot is left (no write is in flight:
             // the gate is held).
@@ -237,8 +251,8 @@ async fn mark_live_changes(volume: &Volume, slot: &Slot, newest: &str) -> Result
     let source = volume.healthy_addr()?;
     let window = strata_replica::control::MAX_EXTENT_WINDOW;
     let mut offset = 0;
-    while offset < volume.size {
-        let len = window.min(volume.size - offset);
+    while offset < volume.size() {
+        let len = window.min(volume.size() - offset);
         let extents = control::changed_extents(
             source,
             &volume.name,
@@ -348,7 +362,7 @@ async fn copy_region(
     region: u64,
 ) -> (u64, u64, Result<u64, CopyError>) {
     let start = region * REGION;
-    let end = (start + REGION).min(volume.size);
+    let end = (start + REGION).min(volume.size());
     let _gate = volume.gate().read().await;
     let _range = volume.range_lock().lock(start, end).await;
     let result = match slot.health() {

@@ -332,15 +332,24 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         self.check_snapshot_name(name)?;
         let _chain = self.chain_lock.lock().await;
-        let chain: Vec<String> = self
-            .list_snapshots()
-            .await?
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
+        let infos = self.list_snapshots().await?;
+        let chain: Vec<String> = infos.iter().map(|s| s.name.clone()).collect();
         let Some(pos) = chain.iter().position(|n| n == name) else {
             return Err(self.snapshot_error(name, SnapshotProblem::NotFound, "no such snapshot"));
         };
+        // Volumes only grow: a snapshot from before an expansion cannot
+        // become the volume again. Its data stays reachable by a clone.
+        let taken_at = infos[pos].size;
+        if taken_at != 0 && taken_at < self.size() {
+            return Err(self.snapshot_error(
+                name,
+                SnapshotProblem::SizeChanged,
+                format!(
+                    "it was taken at {taken_at} bytes and the volume has grown to {} since; reverting would shrink it: clone the snapshot to a new volume instead (strata volume clone)",
+                    self.size()
+                ),
+            ));
+        }
         if discard_newer {
             self.refuse_if_in_use(&chain[pos + 1..], "revert")?;
         }

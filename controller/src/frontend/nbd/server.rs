@@ -67,7 +67,7 @@ where
     B: Backend,
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let facts = export.facts().clone();
+    let facts = export.facts();
     let session = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &mut buf, &facts)) => match r {
             Ok(Ok(Some(s))) => s,
