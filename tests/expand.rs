@@ -318,8 +318,9 @@ fn snapshots_keep_their_size_and_backups_follow_the_growth() {
 }
 
 #[test]
-fn iscsi_reports_the_new_capacity() {
+fn iscsi_reports_the_new_capacity_and_a_unit_attention() {
     require("iscsi-readcapacity16");
+    require("qemu-io");
     let mut c = Cluster::without_processes(32 * MIB);
     let iscsi = free_addr();
     c.controller_args = vec!["--iscsi".into(), iscsi.to_string()];
@@ -338,7 +339,34 @@ fn iscsi_reports_the_new_capacity() {
             .unwrap_or_else(|_| panic!("{out}"))
     };
     assert_eq!(capacity(), 32 * MIB);
+    // A session opened before the expansion (qemu-io reading its commands
+    // from a pipe) sees CAPACITY DATA HAS CHANGED once, and its reads go on.
+    let mut before = Command::new("timeout")
+        .args(["-k", "5", "60", "qemu-io", "-f", "raw", &url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = before.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(stdin, "read 0 4k").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
     expand(&c, "96M");
+    writeln!(stdin, "read 0 4k\nread 4k 4k\nquit").unwrap();
+    drop(stdin);
+    let out = before.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.matches("CAPACITY_DATA_HAS_CHANGED").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(text.matches("read 4096/4096 bytes").count(), 3, "{text}");
     assert_eq!(capacity(), 96 * MIB);
     c.stop_clean();
 }

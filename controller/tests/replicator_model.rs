@@ -82,6 +82,7 @@ async fn start_controller(nodes: &[Node], force: bool) -> Option<Controller> {
         connect_timeout: Duration::from_secs(2),
         force_degraded: force,
         sync_rate: None,
+        lag: strata_controller::replicator::LagPolicy::default(),
     };
     let volume = match assemble(&opts).await {
         Ok(v) => Arc::new(v),
