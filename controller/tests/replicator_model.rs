@@ -195,6 +195,20 @@ async fn check(volume: &Volume, model: &[Allowed]) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes `byte` over `region` and records the outcome in the model.
+async fn write(volume: &Volume, model: &mut [Allowed], region: u64, byte: u8) {
+    let data = Bytes::from(vec![byte; REGION as usize]);
+    match volume.write(region * REGION, data, false).await {
+        Ok(()) => {
+            model[region as usize] = Allowed {
+                acked: byte,
+                failed: Vec::new(),
+            }
+        }
+        Err(_) => model[region as usize].failed.push(byte),
+    }
+}
+
 async fn run(ops: Vec<Op>) -> Result<(), String> {
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
@@ -220,16 +234,7 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
         match op {
             Op::Write { region, byte } => {
                 if let Some(c) = &ctl {
-                    let data = Bytes::from(vec![byte; REGION as usize]);
-                    match c.volume.write(region * REGION, data, false).await {
-                        Ok(()) => {
-                            model[region as usize] = Allowed {
-                                acked: byte,
-                                failed: Vec::new(),
-                            }
-                        }
-                        Err(_) => model[region as usize].failed.push(byte),
-                    }
+                    write(&c.volume, &mut model, region, byte).await;
                 }
             }
             Op::Flush => {
@@ -255,16 +260,7 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
                         .lag
                         .faults
                         .load(std::sync::atomic::Ordering::Relaxed);
-                    let data = Bytes::from(vec![byte; REGION as usize]);
-                    match c.volume.write(region * REGION, data, false).await {
-                        Ok(()) => {
-                            model[region as usize] = Allowed {
-                                acked: byte,
-                                failed: Vec::new(),
-                            }
-                        }
-                        Err(_) => model[region as usize].failed.push(byte),
-                    }
+                    write(&c.volume, &mut model, region, byte).await;
                     let faulted = c
                         .volume
                         .lag
