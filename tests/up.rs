@@ -8,10 +8,14 @@ use std::sync::Arc;
 use common::{free_addr, require, run_ok, wait_listening, Proc};
 
 fn up(dir: &std::path::Path, nbd: std::net::SocketAddr) -> Proc {
+    up_sized(dir, nbd, "64M")
+}
+
+fn up_sized(dir: &std::path::Path, nbd: std::net::SocketAddr, size: &str) -> Proc {
     let args: Vec<String> = [
         "up",
         "--size",
-        "64M",
+        size,
         "--data-dir",
         dir.join("data").to_str().unwrap(),
         "--nbd",
@@ -92,5 +96,55 @@ fn up_serves_stops_cleanly_and_reopens_the_same_data() {
         60,
     );
     assert!(!out.contains("verification failed"), "{out}");
+    interrupt(&mut p);
+}
+
+#[test]
+fn up_with_a_larger_size_grows_the_existing_volume() {
+    require("qemu-io");
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let nbd = free_addr();
+    let uri = format!("nbd://{nbd}/strata");
+    let mut p = up(dir.path(), nbd);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 0 1M", &uri],
+        60,
+    );
+    interrupt(&mut p);
+    let mut p = up_sized(dir.path(), nbd, "128M");
+    let size = |uri: &str| -> u64 {
+        run_ok("nbdinfo", &["--size", uri], 30)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while size(&uri) != 128 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the volume did not grow to --size:\n{}",
+            p.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 0 1M",
+            "-c",
+            "read -P 0 64M 64M",
+            &uri,
+        ],
+        60,
+    );
+    interrupt(&mut p);
+    // A smaller --size keeps the volume as it is (volumes never shrink).
+    let mut p = up_sized(dir.path(), nbd, "64M");
+    assert_eq!(size(&uri), 128 << 20);
     interrupt(&mut p);
 }
