@@ -83,12 +83,19 @@ pub fn nbdfuse_unavailable() -> Option<String> {
     None
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists() && {
-        // A zombie child of ours still has /proc/PID: reap it if so.
-        // SAFETY: waitpid with WNOHANG on a pid; ECHILD when not our child.
-        let r = unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
-        r == 0 || (r < 0 && Path::new(&format!("/proc/{pid}")).exists())
+/// Whether `pid` runs (a zombie does not count; one that is our child is
+/// reaped here).
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: waitpid with WNOHANG on a pid; ECHILD when it is not our child.
+    unsafe {
+        libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

@@ -230,9 +230,7 @@ pub fn is_live(a: &Attachment) -> bool {
         }
         Method::NbdfuseLoop => {
             fallback::loop_backing(&a.device).is_some()
-                && a.fuse
-                    .as_ref()
-                    .is_some_and(|f| Path::new(&format!("/proc/{}", f.pid)).exists())
+                && a.fuse.as_ref().is_some_and(|f| fallback::pid_alive(f.pid))
         }
         Method::Iscsi => Path::new(&a.device).exists(),
     }
@@ -305,11 +303,15 @@ pub fn attachments(state_dir: &Path) -> Result<Vec<AttachmentStatus>, AttachErro
         .collect())
 }
 
-/// Makes an attached kernel nbd device show the export's current size:
-/// a handshake learns the size, and NBD_CMD_RECONFIGURE carries
-/// NBD_ATTR_SIZE_BYTES (accepted on RECONFIGURE since Linux 5.3). Returns
-/// the new size. Other methods: iSCSI needs `iscsiadm -m session -R`
-/// (rescan) and a loop device `losetup -c`, both done here too.
+/// Makes an attached device show the export's current size. Kernel nbd:
+/// a handshake learns the size and NBD_CMD_RECONFIGURE carries it in
+/// NBD_ATTR_SIZE_BYTES (applied on a live device since Linux 5.3) together
+/// with the fresh socket (the kernel swaps it in only for a dead one). The
+/// kernel keeps using its current connection: the server must accept
+/// requests up to the new size on connections made before the growth, or
+/// close them so the supervisor reconnects (its RECONFIGURE carries the
+/// new size too). iSCSI: `iscsiadm -m session -R` (rescan); loop:
+/// `losetup -c`. Returns the new size.
 pub fn refresh_size(device: &str, opts: &AttachOptions) -> Result<u64, AttachError> {
     let mut a = state::load(&opts.state_dir, device)?
         .ok_or_else(|| AttachError::NotAttached(device.into()))?;
@@ -324,7 +326,7 @@ pub fn refresh_size(device: &str, opts: &AttachOptions) -> Result<u64, AttachErr
             let mut nbd = Nbd::open()?;
             nbd.reconfigure(&netlink::Reconfigure {
                 index,
-                fds: vec![],
+                fds: vec![conn.stream.as_raw_fd()],
                 size: Some((size, u64::from(a.block_size))),
             })?;
         }

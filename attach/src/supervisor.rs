@@ -47,7 +47,7 @@ impl Default for SupervisorOptions {
     fn default() -> Self {
         SupervisorOptions {
             state_dir: PathBuf::from(state::DEFAULT_STATE_DIR),
-            probe_interval: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             only: None,
             exit_when_detached: false,

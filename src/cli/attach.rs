@@ -1,0 +1,264 @@
+//! `strata volume attach|detach|attachments|supervise|refresh-size`: the
+//! host side of a volume as a block device. The work is in the
+//! `strata-attach` crate (blocking, so it runs on tokio's blocking pool);
+//! this file parses flags and prints.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use strata_attach::supervisor::{self, SupervisorOptions};
+use strata_attach::{AttachOptions, IscsiOptions, Method, MethodChoice};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    /// Kernel nbd if the module is there, else iSCSI (open-iscsi), else
+    /// nbdfuse + loop.
+    Auto,
+    KernelNbd,
+    Iscsi,
+    Nbdfuse,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AttachCommand {
+    /// Attach a volume as a block device on this host and print the device
+    /// (/dev/nbdN). Needs root.
+    Attach {
+        /// The volume's NBD URI, e.g. nbd://10.0.0.5:10809/pg-data.
+        uri: String,
+        /// Stay in the foreground and keep the device connected across
+        /// controller restarts (reconnect + RECONFIGURE); exits when the
+        /// device is detached.
+        #[arg(long)]
+        supervise: bool,
+        /// How long IO waits in the kernel for the controller to come back
+        /// before it fails with an IO error.
+        #[arg(long, default_value_t = 120)]
+        dead_timeout_secs: u64,
+        /// Seconds without a reply before the kernel declares the connection
+        /// dead and requeues the request.
+        #[arg(long, default_value_t = 10)]
+        io_timeout_secs: u64,
+        /// Use /dev/nbdINDEX instead of the first free device.
+        #[arg(long)]
+        index: Option<u32>,
+        #[arg(long, value_enum, default_value_t = MethodArg::Auto)]
+        method: MethodArg,
+        /// The controller's iSCSI address for the iSCSI fallback
+        /// (default: the URI's host, port 3260).
+        #[arg(long)]
+        iscsi_portal: Option<String>,
+        /// CHAP secrets for the iSCSI fallback (`username = ...`,
+        /// `secret = ...`), the controller's --chap-file format.
+        #[arg(long)]
+        chap_file: Option<PathBuf>,
+        #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Detach a device attached with `strata volume attach`.
+    Detach {
+        /// /dev/nbdN (or the loop or iSCSI device attach printed).
+        device: String,
+        #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// List the devices attached on this host.
+    Attachments {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Keep attached kernel nbd devices connected (all recorded ones, or
+    /// the ones named): what `attach --supervise` does, for devices
+    /// attached earlier or after a supervisor restart.
+    Supervise {
+        devices: Vec<String>,
+        /// Seconds between probes (state files, STATUS, handshake).
+        #[arg(long, default_value_t = 5)]
+        probe_interval_secs: u64,
+        #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Make an attached device show the volume's current size (after the
+    /// volume grew).
+    RefreshSize {
+        device: String,
+        #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, strata_attach::AttachError> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+async fn supervise(opts: SupervisorOptions) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    tokio::spawn(async move {
+        super::shutdown_signal().await;
+        s.store(true, Ordering::Relaxed);
+    });
+    blocking(move || supervisor::supervise(&opts, &stop)).await
+}
+
+pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
+    match cmd {
+        AttachCommand::Attach {
+            uri,
+            supervise: stay,
+            dead_timeout_secs,
+            io_timeout_secs,
+            index,
+            method,
+            iscsi_portal,
+            chap_file,
+            state_dir,
+        } => {
+            let chap = super::load_chap(chap_file.as_deref())?.map(|c| {
+                (
+                    c.initiator.user,
+                    String::from_utf8_lossy(&c.initiator.secret).into_owned(),
+                )
+            });
+            let opts = AttachOptions {
+                state_dir: state_dir.clone(),
+                dead_timeout: Duration::from_secs(dead_timeout_secs),
+                io_timeout: Duration::from_secs(io_timeout_secs.max(1)),
+                index,
+                methods: match method {
+                    MethodArg::Auto => MethodChoice::Auto,
+                    MethodArg::KernelNbd => MethodChoice::Only(Method::KernelNbd),
+                    MethodArg::Iscsi => MethodChoice::Only(Method::Iscsi),
+                    MethodArg::Nbdfuse => MethodChoice::Only(Method::NbdfuseLoop),
+                },
+                iscsi: IscsiOptions {
+                    portal: iscsi_portal,
+                    chap,
+                },
+                ..AttachOptions::default()
+            };
+            let target = uri.clone();
+            let done = blocking(move || strata_attach::attach(&uri, &opts))
+                .await
+                .with_context(|| format!("cannot attach {target}"))?;
+            let a = &done.attachment;
+            for s in &done.skipped {
+                eprintln!("skipped {s}");
+            }
+            eprintln!(
+                "attached {} at {} via {} ({}), {} bytes",
+                a.uri,
+                a.device,
+                a.method.name(),
+                a.method.note(),
+                a.size
+            );
+            if a.method == Method::KernelNbd && !stay {
+                eprintln!(
+                    "note: without a supervisor (`strata volume supervise` or --supervise) a controller restart \
+                     fails IO after {} s",
+                    a.dead_timeout_secs
+                );
+            }
+            println!("{}", a.device);
+            use std::io::Write;
+            std::io::stdout().flush().ok();
+            if stay {
+                if a.method != Method::KernelNbd {
+                    eprintln!("--supervise: nothing to supervise for {}", a.method.name());
+                    return Ok(());
+                }
+                supervise(SupervisorOptions {
+                    state_dir,
+                    only: Some(vec![a.device.clone()]),
+                    exit_when_detached: true,
+                    ..SupervisorOptions::default()
+                })
+                .await?;
+            }
+            Ok(())
+        }
+        AttachCommand::Detach { device, state_dir } => {
+            let d = device.clone();
+            let a = blocking(move || strata_attach::detach(&d, &state_dir))
+                .await
+                .with_context(|| format!("cannot detach {device}"))?;
+            eprintln!("detached {} ({})", a.device, a.uri);
+            Ok(())
+        }
+        AttachCommand::Attachments { json, state_dir } => {
+            let list = blocking(move || strata_attach::attachments(&state_dir)).await?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|s| {
+                        let a = &s.attachment;
+                        serde_json::json!({
+                            "device": a.device, "uri": a.uri, "method": a.method,
+                            "attached": s.live, "size": a.size, "block_size": a.block_size,
+                            "dead_timeout_secs": a.dead_timeout_secs,
+                            "io_timeout_secs": a.io_timeout_secs,
+                            "attached_at": a.attached_at, "note": a.method.note(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<12} {:<13} {:<9} {:>12}  URI",
+                    "DEVICE", "METHOD", "STATE", "SIZE"
+                );
+                for s in &list {
+                    let a = &s.attachment;
+                    println!(
+                        "{:<12} {:<13} {:<9} {:>12}  {}",
+                        a.device,
+                        a.method.name(),
+                        if s.live { "attached" } else { "gone" },
+                        a.size,
+                        a.uri
+                    );
+                }
+            }
+            Ok(())
+        }
+        AttachCommand::Supervise {
+            devices,
+            probe_interval_secs,
+            state_dir,
+        } => {
+            supervise(SupervisorOptions {
+                state_dir,
+                probe_interval: Duration::from_secs(probe_interval_secs.max(1)),
+                exit_when_detached: false,
+                only: (!devices.is_empty()).then_some(devices),
+                ..SupervisorOptions::default()
+            })
+            .await
+        }
+        AttachCommand::RefreshSize { device, state_dir } => {
+            let d = device.clone();
+            let size = blocking(move || {
+                strata_attach::refresh_size(
+                    &d,
+                    &AttachOptions {
+                        state_dir,
+                        ..AttachOptions::default()
+                    },
+                )
+            })
+            .await
+            .with_context(|| format!("cannot refresh the size of {device}"))?;
+            println!("{device} {size}");
+            Ok(())
+        }
+    }
+}
