@@ -127,17 +127,26 @@ fn nbdfuse_fallback_carries_ext4() {
     // On this machine (no nbd module, no iscsiadm) `auto` must pick the
     // fallback by itself; elsewhere ask for it.
     let method = if kernel_nbd { "nbdfuse" } else { "auto" };
-    let out = strata(&["volume", "attach", &c.uri(), "--method", method], state.path());
+    let out = strata(
+        &["volume", "attach", &c.uri(), "--method", method],
+        state.path(),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let dev = ok(out, "attach").trim().to_string();
     assert!(dev.starts_with("/dev/loop"), "{dev}");
     assert!(stderr.contains("via nbdfuse+loop"), "{stderr}");
-    assert!(stderr.contains("SLOW"), "the slow path must say so: {stderr}");
+    assert!(
+        stderr.contains("SLOW"),
+        "the slow path must say so: {stderr}"
+    );
     if !kernel_nbd {
         assert!(stderr.contains("skipped kernel-nbd"), "{stderr}");
     }
     // A second attach of the same volume is refused.
-    let again = strata(&["volume", "attach", &c.uri(), "--method", method], state.path());
+    let again = strata(
+        &["volume", "attach", &c.uri(), "--method", method],
+        state.path(),
+    );
     assert!(!again.status.success());
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("already attached"),
@@ -167,17 +176,17 @@ fn nbdfuse_fallback_carries_ext4() {
         .unwrap()
         .is_empty());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(
-        !mounts.contains(state.path().to_str().unwrap()),
-        "{mounts}"
-    );
+    assert!(!mounts.contains(state.path().to_str().unwrap()), "{mounts}");
     assert!(strata_attach::fallback::loop_backing(&dev)
         .map(|b| !b.starts_with(state.path()))
         .unwrap_or(true));
 
     // Attach again: fsck is clean and the file reads back.
     let dev2 = ok(
-        strata(&["volume", "attach", &c.uri(), "--method", method], state.path()),
+        strata(
+            &["volume", "attach", &c.uri(), "--method", method],
+            state.path(),
+        ),
         "attach again",
     )
     .trim()
@@ -187,7 +196,10 @@ fn nbdfuse_fallback_carries_ext4() {
     let back = std::fs::read(mnt.path().join("file")).unwrap();
     assert!(back == data, "the file read back differs");
     run_ok("umount", &[m], 60);
-    ok(strata(&["volume", "detach", &dev2], state.path()), "detach again");
+    ok(
+        strata(&["volume", "detach", &dev2], state.path()),
+        "detach again",
+    );
     let out = strata(&["volume", "detach", &dev2], state.path());
     assert!(!out.status.success(), "a second detach must fail");
 }

@@ -189,7 +189,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_uris_with_a_reason() {
-        let cases: &[(&str, fn(&UriError) -> bool)] = &[
+        type Check = fn(&UriError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("http://h/v", |e| matches!(e, UriError::Scheme(_))),
             ("h:1/v", |e| matches!(e, UriError::Scheme(_))),
             ("nbd:///v", |e| matches!(e, UriError::NoHost(_))),
