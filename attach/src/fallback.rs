@@ -259,14 +259,23 @@ pub fn loop_backing(device: &str) -> Option<PathBuf> {
         .map(|s| PathBuf::from(s.trim()))
 }
 
+/// CHAP secrets for the iSCSI fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chap {
+    pub user: String,
+    pub secret: String,
+    /// The target's credentials, for mutual CHAP.
+    pub mutual: Option<(String, String)>,
+}
+
 /// iSCSI settings for the fallback.
 #[derive(Debug, Clone, Default)]
 pub struct IscsiOptions {
     /// `host:port` of the controller's iSCSI listener; default: the NBD
     /// URI's host, port 3260.
     pub portal: Option<String>,
-    /// CHAP user name and secret, when the target requires them.
-    pub chap: Option<(String, String)>,
+    /// CHAP, when the target requires it.
+    pub chap: Option<Chap>,
 }
 
 /// Why open-iscsi cannot be used here, if it cannot.
@@ -282,48 +291,100 @@ pub fn iqn(volume: &str) -> String {
     format!("iqn.2026-11.io.strata:{volume}")
 }
 
-/// Discovery, optional CHAP, login; waits for the LUN's device node.
+/// The iSCSI portal: the one given, else the URI's host on port 3260.
+pub fn iscsi_portal(uri: &NbdUri, given: Option<&str>) -> Option<String> {
+    match (given, uri.tcp()) {
+        (Some(p), _) => Some(p.to_string()),
+        (None, Some((host, _))) if host.contains(':') => Some(format!("[{host}]:3260")),
+        (None, Some((host, _))) => Some(format!("{host}:3260")),
+        (None, None) => None,
+    }
+}
+
+fn node_args(target: &str, portal: &str, rest: &[&str]) -> Vec<String> {
+    ["-m", "node", "-T", target, "-p", portal]
+        .iter()
+        .chain(rest)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The `iscsiadm` argument lists that log in: discovery, CHAP settings on
+/// the node record, login.
+pub fn iscsi_login_plan(target: &str, portal: &str, chap: Option<&Chap>) -> Vec<Vec<String>> {
+    let mut plan = vec![["-m", "discovery", "-t", "sendtargets", "-p", portal]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()];
+    let set = |name: &str, value: &str| {
+        node_args(target, portal, &["-o", "update", "-n", name, "-v", value])
+    };
+    if let Some(c) = chap {
+        plan.push(set("node.session.auth.authmethod", "CHAP"));
+        plan.push(set("node.session.auth.username", &c.user));
+        plan.push(set("node.session.auth.password", &c.secret));
+        if let Some((user, secret)) = &c.mutual {
+            plan.push(set("node.session.auth.username_in", user));
+            plan.push(set("node.session.auth.password_in", secret));
+        }
+    }
+    plan.push(node_args(target, portal, &["--login"]));
+    plan
+}
+
+/// The `iscsiadm` argument lists that log out and forget the node record.
+pub fn iscsi_logout_plan(target: &str, portal: &str) -> Vec<Vec<String>> {
+    vec![
+        node_args(target, portal, &["--logout"]),
+        node_args(target, portal, &["-o", "delete"]),
+    ]
+}
+
+/// The udev link of the target's LUN 0.
+pub fn iscsi_by_path(target: &str, portal: &str) -> String {
+    format!("/dev/disk/by-path/ip-{portal}-iscsi-{target}-lun-0")
+}
+
+fn iscsiadm(args: &[String], secs: u64) -> Result<String, AttachError> {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_tool("iscsiadm", &a, secs)
+}
+
+fn iscsi_logout(target: &str, portal: &str) {
+    for args in iscsi_logout_plan(target, portal) {
+        let _ = iscsiadm(&args, 60);
+    }
+}
+
+/// Discovery, optional CHAP, login; waits for the LUN's device node. Any
+/// failure after discovery logs out and deletes the node record again.
 pub fn attach_iscsi(
     uri: &NbdUri,
     info: &ExportInfo,
     opts: &IscsiOptions,
 ) -> Result<Attachment, AttachError> {
-    let portal = match (&opts.portal, uri.tcp()) {
-        (Some(p), _) => p.clone(),
-        (None, Some((host, _))) if host.contains(':') => format!("[{host}]:3260"),
-        (None, Some((host, _))) => format!("{host}:3260"),
-        (None, None) => return Err(AttachError::NoMethod("iSCSI needs a TCP portal".into())),
-    };
+    let portal = iscsi_portal(uri, opts.portal.as_deref())
+        .ok_or_else(|| AttachError::NoMethod("iSCSI needs a TCP portal".into()))?;
     let target = iqn(&uri.export);
-    run_tool(
-        "iscsiadm",
-        &["-m", "discovery", "-t", "sendtargets", "-p", &portal],
-        30,
-    )?;
-    let node = ["-m", "node", "-T", target.as_str(), "-p", portal.as_str()];
-    let update = |name: &str, value: &str| {
-        let mut a = node.to_vec();
-        a.extend(["-o", "update", "-n", name, "-v", value]);
-        run_tool("iscsiadm", &a, 30)
-    };
-    if let Some((user, secret)) = &opts.chap {
-        update("node.session.auth.authmethod", "CHAP")?;
-        update("node.session.auth.username", user)?;
-        update("node.session.auth.password", secret)?;
+    for (i, args) in iscsi_login_plan(&target, &portal, opts.chap.as_ref())
+        .iter()
+        .enumerate()
+    {
+        if let Err(e) = iscsiadm(args, 60) {
+            if i > 0 {
+                iscsi_logout(&target, &portal);
+            }
+            return Err(e);
+        }
     }
-    let mut login = node.to_vec();
-    login.push("--login");
-    run_tool("iscsiadm", &login, 60)?;
-    let by_path = format!("/dev/disk/by-path/ip-{portal}-iscsi-{target}-lun-0");
+    let by_path = iscsi_by_path(&target, &portal);
     let deadline = Instant::now() + Duration::from_secs(20);
     let device = loop {
         if let Ok(p) = std::fs::canonicalize(&by_path) {
             break p.to_string_lossy().into_owned();
         }
         if Instant::now() > deadline {
-            let mut logout = node.to_vec();
-            logout.push("--logout");
-            let _ = run_tool("iscsiadm", &logout, 60);
+            iscsi_logout(&target, &portal);
             return Err(AttachError::NotReady {
                 what: by_path,
                 secs: 20,
@@ -351,18 +412,9 @@ pub fn detach_iscsi(a: &Attachment) -> Result<(), AttachError> {
         .iscsi
         .as_ref()
         .ok_or_else(|| AttachError::NotAttached(a.device.clone()))?;
-    run_tool(
-        "iscsiadm",
-        &["-m", "node", "-T", &s.target, "-p", &s.portal, "--logout"],
-        60,
-    )?;
-    let _ = run_tool(
-        "iscsiadm",
-        &[
-            "-m", "node", "-T", &s.target, "-p", &s.portal, "-o", "delete",
-        ],
-        30,
-    );
+    let plan = iscsi_logout_plan(&s.target, &s.portal);
+    iscsiadm(&plan[0], 60)?;
+    let _ = iscsiadm(&plan[1], 30);
     Ok(())
 }
 
@@ -392,5 +444,54 @@ mod tests {
     #[test]
     fn iqn_matches_the_controller() {
         assert_eq!(iqn("pg"), "iqn.2026-11.io.strata:pg");
+    }
+
+    #[test]
+    fn iscsi_plans() {
+        let uri = NbdUri::parse("nbd://10.0.0.5:10809/pg").unwrap();
+        assert_eq!(iscsi_portal(&uri, None).unwrap(), "10.0.0.5:3260");
+        assert_eq!(
+            iscsi_portal(&uri, Some("10.0.0.5:3261")).unwrap(),
+            "10.0.0.5:3261"
+        );
+        let v6 = NbdUri::parse("nbd://[fd00::5]/pg").unwrap();
+        assert_eq!(iscsi_portal(&v6, None).unwrap(), "[fd00::5]:3260");
+        let unix = NbdUri::parse("nbd+unix:///pg?socket=/s").unwrap();
+        assert_eq!(iscsi_portal(&unix, None), None);
+
+        let t = iqn("pg");
+        let join = |plan: Vec<Vec<String>>| plan.iter().map(|a| a.join(" ")).collect::<Vec<_>>();
+        assert_eq!(
+            join(iscsi_login_plan(&t, "h:3260", None)),
+            [
+                "-m discovery -t sendtargets -p h:3260",
+                "-m node -T iqn.2026-11.io.strata:pg -p h:3260 --login",
+            ]
+        );
+        let chap = Chap {
+            user: "u".into(),
+            secret: "s3cret-s3cret".into(),
+            mutual: Some(("t".into(), "tsecret-tsecret".into())),
+        };
+        let plan = join(iscsi_login_plan(&t, "h:3260", Some(&chap)));
+        assert_eq!(plan.len(), 7);
+        assert_eq!(
+            plan[1],
+            "-m node -T iqn.2026-11.io.strata:pg -p h:3260 -o update -n node.session.auth.authmethod -v CHAP"
+        );
+        assert!(plan[3].ends_with("-n node.session.auth.password -v s3cret-s3cret"));
+        assert!(plan[5].ends_with("-n node.session.auth.password_in -v tsecret-tsecret"));
+        assert!(plan[6].ends_with("--login"));
+        assert_eq!(
+            join(iscsi_logout_plan(&t, "h:3260")),
+            [
+                "-m node -T iqn.2026-11.io.strata:pg -p h:3260 --logout",
+                "-m node -T iqn.2026-11.io.strata:pg -p h:3260 -o delete",
+            ]
+        );
+        assert_eq!(
+            iscsi_by_path(&t, "h:3260"),
+            "/dev/disk/by-path/ip-h:3260-iscsi-iqn.2026-11.io.strata:pg-lun-0"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
+use strata_attach::fallback::Chap;
 use strata_attach::supervisor::{self, SupervisorOptions};
 use strata_attach::{AttachOptions, IscsiOptions, Method, MethodChoice};
 
@@ -122,11 +123,14 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
             chap_file,
             state_dir,
         } => {
-            let chap = super::load_chap(chap_file.as_deref())?.map(|c| {
-                (
-                    c.initiator.user,
-                    String::from_utf8_lossy(&c.initiator.secret).into_owned(),
-                )
+            let secret = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let chap = super::load_chap(chap_file.as_deref())?.map(|c| Chap {
+                user: c.initiator.user.clone(),
+                secret: secret(&c.initiator.secret),
+                mutual: c
+                    .mutual
+                    .as_ref()
+                    .map(|m| (m.user.clone(), secret(&m.secret))),
             });
             let opts = AttachOptions {
                 state_dir: state_dir.clone(),
@@ -260,5 +264,57 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
             println!("{device} {size}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::volume::VolumeCommand;
+    use super::super::{Cli, Command};
+    use super::AttachCommand;
+
+    fn parse(args: &[&str]) -> Result<AttachCommand, String> {
+        let cli = Cli::try_parse_from(std::iter::once("strata").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Volume(VolumeCommand::Attach(c)) => Ok(c),
+            other => Err(format!("parsed as {other:?}")),
+        }
+    }
+
+    #[test]
+    fn attach_commands_parse_under_volume() {
+        let c = parse(&[
+            "volume",
+            "attach",
+            "nbd://h:1/v",
+            "--supervise",
+            "--dead-timeout-secs",
+            "30",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c,
+            AttachCommand::Attach { ref uri, supervise: true, dead_timeout_secs: 30, io_timeout_secs: 10, .. }
+                if uri == "nbd://h:1/v"
+        ));
+        assert!(matches!(
+            parse(&["volume", "detach", "/dev/nbd0"]).unwrap(),
+            AttachCommand::Detach { ref device, .. } if device == "/dev/nbd0"
+        ));
+        assert!(matches!(
+            parse(&["volume", "attachments", "--json"]).unwrap(),
+            AttachCommand::Attachments { json: true, .. }
+        ));
+        assert!(matches!(
+            parse(&["volume", "supervise"]).unwrap(),
+            AttachCommand::Supervise { ref devices, probe_interval_secs: 5, .. } if devices.is_empty()
+        ));
+        assert!(parse(&["volume", "attach"]).is_err(), "a URI is required");
+        assert!(parse(&["volume", "attach", "u", "--method", "floppy"]).is_err());
+        // The existing volume commands still parse beside the flattened ones.
+        assert!(parse(&["volume", "status"]).unwrap_err().contains("Status"));
     }
 }
