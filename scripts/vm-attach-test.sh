@@ -179,7 +179,7 @@ poweroff -f
 EOF
 cat > "$T/test.sh" <<'EOF'
 . /params
-export STRATA_LOG=info
+export STRATA_LOG=info NO_COLOR=1
 URI="nbd://10.0.2.2:$NBD_PORT/$VOL"
 say() { echo "STRATA-VM: $*"; }
 fail() {
@@ -203,6 +203,18 @@ wait_for /tmp/attach.out /dev/ 30 || fail "attach printed no device"
 DEV=$(head -1 /tmp/attach.out)
 grep -q "via kernel-nbd" /tmp/sup1.log || fail "attach did not take the kernel nbd path"
 say "attached $DEV ($(cat /sys/block/${DEV#/dev/}/size) sectors)"
+# The typed refusals, with the kernel path available; none leaves a device.
+expect_refusal() {  # WHAT PATTERN ARGS...
+    what=$1; pattern=$2; shift 2
+    strata volume attach "$@" > /tmp/refusal.out 2> /tmp/refusal.log && fail "$what: attach succeeded"
+    grep -q "$pattern" /tmp/refusal.log || fail "$what: $(cat /tmp/refusal.log)"
+    say "refused as expected ($what): $(tail -1 /tmp/refusal.log)"
+}
+expect_refusal "already attached" "already attached" "$URI"
+expect_refusal "device in use" "already in use" "nbd://10.0.2.2:$GROW_PORT/" --index 0
+expect_refusal "missing export" "has no export" "nbd://10.0.2.2:$NBD_PORT/nope"
+expect_refusal "no controller" "Cannot reach the controller" "nbd://10.0.2.2:1/$VOL"
+[ "$(ls /run/strata/attach/*.json | wc -l)" -eq 1 ] || fail "state files after the refusals: $(ls /run/strata/attach)"
 mkfs.ext4 -q -F "$DEV" || fail "mkfs"
 mount "$DEV" /mnt || fail "mount"
 say "fio start"
@@ -285,6 +297,7 @@ cat "$BASE" "$WORK/top.cpio.gz" > "$WORK/initrd.gz"
 # --- boot and drive the test --------------------------------------------
 CONSOLE="$WORK/console.log"
 echo "== booting $KVER under TCG (console: $CONSOLE)"
+: > "$CONSOLE"
 timeout "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 768 -smp 1 -nographic -no-reboot \
     -kernel "$VMLINUZ" -initrd "$WORK/initrd.gz" -append "console=ttyS0 panic=-1 quiet" \
     -netdev user,id=n0 -device e1000,netdev=n0 < /dev/null > "$CONSOLE" 2>&1 &
