@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::{require, run, run_ok, Cluster};
 use strata_attach::handshake::{self, HandshakeError, NBD_FLAG_HAS_FLAGS};
-use strata_attach::{AttachError, AttachOptions, NbdUri};
+use strata_attach::{AttachError, AttachOptions, Method, MethodChoice, NbdUri};
 
 const MIB: u64 = 1 << 20;
 
@@ -70,6 +70,23 @@ fn handshake_against_a_real_controller() {
     };
     let e = strata_attach::attach(&format!("nbd://{}/nope", c.nbd), &opts).unwrap_err();
     assert!(matches!(e, AttachError::ExportMissing { .. }), "{e:?}");
+    // Only the kernel path allowed: on a kernel without the nbd module
+    // (this machine) that is a NoMethod error naming the missing module.
+    let only_kernel = AttachOptions {
+        methods: MethodChoice::Only(Method::KernelNbd),
+        ..opts.clone()
+    };
+    match strata_attach::attach(&c.uri(), &only_kernel) {
+        Err(AttachError::NoMethod(why)) => assert!(why.contains("no nbd kernel module"), "{why}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(a) => {
+            // A host whose kernel has the module (modprobe loaded it).
+            strata_attach::detach(&a.attachment.device, dir.path()).unwrap();
+        }
+    }
+    assert!(strata_attach::state::load_all(dir.path())
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
