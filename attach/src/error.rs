@@ -57,6 +57,17 @@ pub enum AttachError {
     },
     #[error("{what} did not appear within {secs} s")]
     NotReady { what: String, secs: u64 },
+    #[error(
+        "{device} shows {device_size} bytes, the export {export_size}: the kernel keeps its connection, \
+         negotiated at the old size; the device grows when that connection is replaced (the supervisor \
+         applies the size on its next reconnect), or now if the server serves the new size on existing \
+         connections (--server-serves-new-size)"
+    )]
+    ResizeNeedsReconnect {
+        device: String,
+        device_size: u64,
+        export_size: u64,
+    },
     #[error("{0} is not a device strata attached")]
     NotAttached(String),
     #[error("Cannot use the attach state file {path}")]

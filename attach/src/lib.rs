@@ -303,21 +303,39 @@ pub fn attachments(state_dir: &Path) -> Result<Vec<AttachmentStatus>, AttachErro
         .collect())
 }
 
-/// Makes an attached device show the export's current size. Kernel nbd:
-/// a handshake learns the size and NBD_CMD_RECONFIGURE carries it in
-/// NBD_ATTR_SIZE_BYTES (applied on a live device since Linux 5.3) together
-/// with the fresh socket (the kernel swaps it in only for a dead one). The
-/// kernel keeps using its current connection: the server must accept
-/// requests up to the new size on connections made before the growth, or
-/// close them so the supervisor reconnects (its RECONFIGURE carries the
-/// new size too). iSCSI: `iscsiadm -m session -R` (rescan); loop:
-/// `losetup -c`. Returns the new size.
-pub fn refresh_size(device: &str, opts: &AttachOptions) -> Result<u64, AttachError> {
+/// Makes an attached device show the export's current size; returns it.
+///
+/// Kernel nbd: a handshake learns the size, and NBD_CMD_RECONFIGURE
+/// carries it (NBD_ATTR_SIZE_BYTES, applied to a live device since Linux
+/// 5.3) with the fresh socket. The kernel swaps a socket in only for a
+/// dead one, so a live device keeps its connection, negotiated at the old
+/// size. A server that bounds each connection by its handshake size
+/// (strata's controller does) would then fail IO past the old end, so a
+/// grown export is refused with [`AttachError::ResizeNeedsReconnect`]
+/// unless `server_serves_new_size` says the server accepts the new size on
+/// existing connections. The supervisor applies the size safely on its
+/// next reconnect. iSCSI: `iscsiadm -m session -R` (rescan); loop:
+/// `losetup -c` (nbdfuse keeps its connection's size, so the same caveat).
+pub fn refresh_size(
+    device: &str,
+    opts: &AttachOptions,
+    server_serves_new_size: bool,
+) -> Result<u64, AttachError> {
     let mut a = state::load(&opts.state_dir, device)?
         .ok_or_else(|| AttachError::NotAttached(device.into()))?;
     let uri = NbdUri::parse(&a.uri)?;
     let conn = handshake::connect(&uri, opts.connect_timeout)?;
     let size = conn.info.size;
+    if size == a.size {
+        return Ok(size);
+    }
+    if !server_serves_new_size && a.method != Method::Iscsi {
+        return Err(AttachError::ResizeNeedsReconnect {
+            device: device.into(),
+            device_size: a.size,
+            export_size: size,
+        });
+    }
     match a.method {
         Method::KernelNbd => {
             let index = a
@@ -338,10 +356,8 @@ pub fn refresh_size(device: &str, opts: &AttachOptions) -> Result<u64, AttachErr
         }
     }
     drop(conn);
-    if a.size != size {
-        a.size = size;
-        state::save(&opts.state_dir, &a)?;
-    }
+    a.size = size;
+    state::save(&opts.state_dir, &a)?;
     Ok(size)
 }
 

@@ -8,8 +8,9 @@
 //! files and NBD_CMD_STATUS (picking up new attachments, dropping detached
 //! ones) and probes each device: a handshake plus a RECONFIGURE, which
 //! heals a death whose LINK_DEAD it missed (the kernel ignores the socket
-//! when the connection is alive) and carries the new size when the export
-//! grew.
+//! when the connection is alive). When the export grew, the reconnect's
+//! RECONFIGURE carries the new size together with the socket that
+//! negotiated it (NBD_ATTR_SIZE_BYTES).
 //!
 //! One supervisor per device: each holds an `flock` on the device's lock
 //! file, so a second supervisor waits and takes over when the first dies.
@@ -58,6 +59,8 @@ impl Default for SupervisorOptions {
 
 struct Held {
     attachment: Attachment,
+    /// An export size seen by a probe but not applied yet (logged once).
+    noticed_size: Option<u64>,
     _lock: DeviceLock,
 }
 
@@ -76,7 +79,7 @@ pub fn supervise(opts: &SupervisorOptions, stop: &AtomicBool) -> Result<(), Atta
                 return Ok(());
             }
             for (index, h) in held.iter_mut() {
-                probe(&mut nbd, *index, &mut h.attachment, opts);
+                probe(&mut nbd, *index, h, opts);
             }
             next_probe = Instant::now() + opts.probe_interval;
         }
@@ -140,6 +143,7 @@ fn refresh(
                     index,
                     Held {
                         attachment: a,
+                        noticed_size: None,
                         _lock: lock,
                     },
                 );
@@ -152,40 +156,61 @@ fn refresh(
     Ok(any || !held.is_empty())
 }
 
-/// One handshake and RECONFIGURE: replaces the socket if the kernel had
-/// marked it dead, updates the size if the export grew. Failures are
-/// logged; the next probe or LINK_DEAD retries.
-fn probe(nbd: &mut Nbd, index: u32, a: &mut Attachment, opts: &SupervisorOptions) {
-    match try_reconfigure(nbd, index, a, opts) {
-        Ok(()) => {}
+/// One handshake and RECONFIGURE with the new socket: the kernel swaps it
+/// in if it had marked the connection dead (a LINK_DEAD this supervisor
+/// missed), else drops it. Failures are logged; the next probe or
+/// LINK_DEAD retries.
+///
+/// The new size is *not* sent here: the connection the kernel keeps may
+/// have been negotiated at the old size, and a server that bounds each
+/// connection by its handshake size (strata's controller does) would fail
+/// IO past the old end. The size goes with the socket that negotiated it,
+/// in [`reconnect`].
+fn probe(nbd: &mut Nbd, index: u32, h: &mut Held, opts: &SupervisorOptions) {
+    match try_reconfigure(nbd, index, &mut h.attachment, opts, false) {
+        Ok(size) if size != h.attachment.size && h.noticed_size != Some(size) => {
+            h.noticed_size = Some(size);
+            tracing::warn!(
+                device = %h.attachment.device,
+                device_size = h.attachment.size,
+                export_size = size,
+                "the export's size changed; the device follows when its connection is replaced \
+                 (after a controller restart, or when the controller closes connections after growing)"
+            );
+        }
+        Ok(_) => {}
         Err(e) => {
-            tracing::warn!(device = %a.device, uri = %a.uri, error = %ErrorChain(&e), "probe failed")
+            tracing::warn!(device = %h.attachment.device, uri = %h.attachment.uri, error = %ErrorChain(&e), "probe failed")
         }
     }
 }
 
+/// Handshake + RECONFIGURE; with `with_size`, a changed export size goes
+/// along (NBD_ATTR_SIZE_BYTES). Returns the export's size.
 fn try_reconfigure(
     nbd: &mut Nbd,
     index: u32,
     a: &mut Attachment,
     opts: &SupervisorOptions,
-) -> Result<(), AttachError> {
+    with_size: bool,
+) -> Result<u64, AttachError> {
     let uri = NbdUri::parse(&a.uri)?;
     let conn = handshake::connect(&uri, opts.connect_timeout)?;
-    let grew = conn.info.size != a.size;
+    let size = conn.info.size;
+    let resize = with_size && size != a.size;
     nbd.reconfigure(&Reconfigure {
         index,
         fds: vec![conn.stream.as_raw_fd()],
-        size: grew.then_some((conn.info.size, u64::from(a.block_size))),
+        size: resize.then_some((size, u64::from(a.block_size))),
     })?;
-    if grew {
-        tracing::info!(device = %a.device, old = a.size, new = conn.info.size, "export size changed; device resized");
-        a.size = conn.info.size;
+    if resize {
+        tracing::info!(device = %a.device, old = a.size, new = size, "export size changed; device resized with the new connection");
+        a.size = size;
         if let Err(e) = state::save(&opts.state_dir, a) {
             tracing::warn!(device = %a.device, error = %ErrorChain(&e), "cannot record the new size");
         }
     }
-    Ok(())
+    Ok(size)
 }
 
 /// Reconnects with exponential backoff until the RECONFIGURE succeeds, the
@@ -203,8 +228,10 @@ fn reconnect(
     let mut last_status_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         attempts += 1;
-        match try_reconfigure(nbd, index, a, opts) {
-            Ok(()) => {
+        // After LINK_DEAD the kernel's connection is dead: this socket
+        // replaces it, so the size it negotiated is safe to apply.
+        match try_reconfigure(nbd, index, a, opts, true) {
+            Ok(_) => {
                 tracing::info!(
                     device = %a.device,
                     uri = %a.uri,

@@ -86,9 +86,14 @@ pub enum AttachCommand {
         state_dir: PathBuf,
     },
     /// Make an attached device show the volume's current size (after the
-    /// volume grew).
+    /// volume grew). Refused while the device's connection was negotiated
+    /// at the old size (the supervisor applies the size on its next
+    /// reconnect) unless the server serves the new size on existing
+    /// connections.
     RefreshSize {
         device: String,
+        #[arg(long)]
+        server_serves_new_size: bool,
         #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -248,7 +253,11 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
             })
             .await
         }
-        AttachCommand::RefreshSize { device, state_dir } => {
+        AttachCommand::RefreshSize {
+            device,
+            server_serves_new_size,
+            state_dir,
+        } => {
             let d = device.clone();
             let size = blocking(move || {
                 strata_attach::refresh_size(
@@ -257,6 +266,7 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
                         state_dir,
                         ..AttachOptions::default()
                     },
+                    server_serves_new_size,
                 )
             })
             .await
