@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end performance and footprint benchmark (benches/e2e.rs):
+# The end-to-end performance and footprint benchmark (benches/e2e/main.rs):
 # installs the tools it drives (fio, qemu-nbd/qemu-io, nbd-server, the DejaVu
 # font for the chart) the same way scripts/test-all.sh does, builds the
 # release binary and runs the benchmark. Results: target/bench-e2e/
@@ -7,7 +7,7 @@
 #
 # Usage: bash scripts/bench-e2e.sh            full run (about 12 minutes)
 #        bash scripts/bench-e2e.sh --smoke    a few seconds per target (CI)
-# Extra arguments go to the benchmark (see benches/e2e.rs), e.g. --runtime 30.
+# Extra arguments go to the benchmark (see benches/e2e/opts.rs), e.g. --runtime 30.
 # Fails when a server does not start, a server process dies, or fio errors;
 # never on the performance numbers.
 set -euo pipefail

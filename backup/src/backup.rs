@@ -132,7 +132,12 @@ async fn parent_of<S: SnapshotSource>(
                 continue;
             }
         };
-        if m.size != source.size()
+        // A parent of the same size, or of a smaller one that ends on a
+        // chunk boundary (the volume grew since: the new range is read as
+        // changed, the rest reused).
+        let grown_cleanly =
+            m.size < source.size() && m.size.is_multiple_of(l.config.chunk_size as u64);
+        if (m.size != source.size() && !grown_cleanly)
             || m.chunk_size != l.config.chunk_size
             || m.page_chunks != l.config.page_chunks
         {
@@ -216,10 +221,17 @@ async fn run<S: SnapshotSource>(
         let len = window.min(size - off);
         let first_chunk = p * page_chunks as u64;
         let n = len.div_ceil(chunk_size) as usize;
-        let parent_page = parent.as_ref().and_then(|m| m.pages[p as usize]);
+        let parent_page = parent
+            .as_ref()
+            .and_then(|m| m.pages.get(p as usize).copied().flatten());
         let mut entries = match (&parent, parent_page) {
             (Some(_), Some(pid)) => {
-                let page = target.get_page(&l, pid).await?;
+                let mut page = target.get_page(&l, pid).await?;
+                // The parent's last page, shorter when the volume was smaller.
+                let parent_size = parent.as_ref().map_or(size, |m| m.size);
+                if parent_size < size && page.entries.len() < n {
+                    page.entries.resize(n, Entry::Zero);
+                }
                 if page.first_chunk != first_chunk || page.entries.len() != n {
                     return Err(BackupError::Corrupt {
                         target: target.url().to_string(),

@@ -58,8 +58,6 @@ pub enum AssembleError {
     },
     #[error("Volume {volume}: no reachable replica is complete (all are marked as being resynced):\n{details}")]
     NoSource { volume: String, details: String },
-    #[error("Volume {volume}: replicas disagree on the size; refusing to start:\n{details}")]
-    SizeMismatch { volume: String, details: String },
 }
 
 /// Brings the volume up; see the module docs.
@@ -72,7 +70,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
         });
     }
     let quorum = configured / 2 + 1;
-    let statuses: Vec<Result<ReplicaStatus, String>> =
+    let statuses: Vec<Result<ReplicaStatus, control::ControlError>> =
         futures::future::join_all(opts.replicas.iter().map(|&a| async move {
             control::open_or_create(a, &opts.volume, opts.create_size, opts.connect_timeout)
                 .await
@@ -129,20 +127,16 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
             details: details(),
         });
     };
-    let mut sizes: Vec<u64> = complete
+    // Up-to-date replicas of different sizes: an expansion stopped half-way
+    // (`replicator/expand.rs`). No write reached the grown range (the new
+    // size is used only after the epoch bump that ends an expansion), so
+    // the volume takes the largest size and the others grow to it below.
+    let size = complete
         .iter()
         .filter(|s| s.epoch == max_epoch)
         .map(|s| s.size)
-        .collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    if sizes.len() > 1 {
-        return Err(AssembleError::SizeMismatch {
-            volume: opts.volume.clone(),
-            details: details(),
-        });
-    }
-    let size = sizes[0];
+        .max()
+        .unwrap_or_default();
     if reachable < quorum {
         tracing::warn!(
             volume = %opts.volume,
@@ -157,7 +151,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
     // where writes were in flight or not yet flushed. Then one is the
     // source, read alone, and the others are compared with it by region
     // digests before they serve reads (`replicator/compare.rs`).
-    let up_to_date = |s: &ReplicaStatus| !s.incomplete && s.epoch == max_epoch && s.size == size;
+    let up_to_date = |s: &ReplicaStatus| !s.incomplete && s.epoch == max_epoch;
     let members: Vec<(usize, &ReplicaStatus)> = statuses
         .iter()
         .enumerate()
@@ -184,7 +178,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                 },
                 None,
             ),
-            Ok(s) if s.incomplete || s.epoch < max_epoch || s.size != size => Slot::new(
+            Ok(s) if s.incomplete || s.epoch < max_epoch => Slot::new(
                 addr,
                 Health::Faulted {
                     reason: format!(
@@ -204,18 +198,31 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                 // A replica that lost its page cache may lack acknowledged
                 // writes: it is incomplete until compared.
                 let incomplete = verify && s.page_cache_lost;
-                let health = match control::set_epoch(
-                    addr,
-                    &opts.volume,
-                    epoch,
-                    &owner,
-                    incomplete,
-                    !verify,
-                    opts.connect_timeout,
-                )
+                let grown = if s.size < size {
+                    tracing::warn!(volume = %opts.volume, replica = %addr, from = s.size, to = size, "finishing an interrupted expansion");
+                    control::expand_replica(addr, &opts.volume, size, s.epoch, opts.connect_timeout)
+                        .await
+                } else {
+                    Ok(())
+                };
+                let health = match async {
+                    grown?;
+                    control::set_epoch(
+                        addr,
+                        &opts.volume,
+                        epoch,
+                        &owner,
+                        incomplete,
+                        !verify,
+                        opts.connect_timeout,
+                    )
+                    .await
+                }
                 .await
                 {
-                    Err(e) => Health::Faulted { reason: e },
+                    Err(e) => Health::Faulted {
+                        reason: e.to_string(),
+                    },
                     Ok(()) => {
                         match ReplicaClient::connect(addr, &opts.volume, epoch, opts.io_timeout)
                             .await

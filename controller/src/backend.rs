@@ -22,21 +22,23 @@ impl VolumeBackend {
 fn map_err(e: VolumeError) -> BackendError {
     tracing::debug!("request failed: {e}");
     match e {
-        VolumeError::Invalid { .. } | VolumeError::Snapshot { .. } => {
-            BackendError::Invalid(e.to_string())
-        }
-        VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => {
-            BackendError::Io(e.to_string())
-        }
+        VolumeError::Invalid { .. }
+        | VolumeError::Snapshot { .. }
+        | VolumeError::NotAReplica { .. }
+        | VolumeError::WouldLoseQuorum { .. }
+        | VolumeError::Resize { .. } => BackendError::Invalid(e.to_string()),
+        VolumeError::BelowQuorum { .. } => BackendError::BelowQuorum(e.to_string()),
+        VolumeError::Fenced { .. } => BackendError::Fenced(e.to_string()),
+        VolumeError::NoReplica { .. } => BackendError::Io(e.to_string()),
     }
 }
 
 impl Backend for VolumeBackend {
     fn size(&self) -> u64 {
-        self.volume.size
+        self.volume.size()
     }
 
-    fn export_name(&self) -> &str {
+    fn volume_name(&self) -> &str {
         &self.volume.name
     }
 

@@ -18,8 +18,16 @@ pub mod mgmt;
 pub mod replicator;
 pub mod run;
 
-/// Resolves once `shutdown` holds `true` (or its sender is gone). Holds no
-/// lock across an await, so it can sit in a `select!` of a spawned task.
-pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
+/// Crash-test hook: when the environment variable `STRATA_CRASH_AT` names
+/// `point`, the process aborts there (as a `kill -9` would stop it), so a
+/// test can stop a controller at each step of a multi-step change (the
+/// expansion's steps: `expand.first_replica_grown`, `expand.replicas_grown`,
+/// `expand.size_set`). Unset, it is one cached environment lookup.
+pub fn crash_point(point: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("STRATA_CRASH_AT").ok());
+    if armed.as_deref() == Some(point) {
+        tracing::error!(point, "STRATA_CRASH_AT: aborting here");
+        std::process::abort();
+    }
 }

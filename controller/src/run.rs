@@ -111,7 +111,7 @@ pub async fn run_controller(
             let result = tonic::transport::Server::builder()
                 .add_service(VolumeControlServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, async move {
-                    crate::stopped(&mut rx).await;
+                    strata_net::stopped(&mut rx).await;
                 })
                 .await;
             if let Err(e) = result {
@@ -131,7 +131,7 @@ pub async fn run_controller(
         let _ = ready.send(RunningInfo {
             nbd: nbd_addr,
             iscsi: iscsi_addr,
-            size: volume.size,
+            size: volume.size(),
             volume: volume.clone(),
         });
     }

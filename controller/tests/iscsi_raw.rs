@@ -15,7 +15,7 @@ use bytes::Bytes;
 use strata_controller::frontend::iscsi::chap::{self, ChapConfig, Credential};
 use strata_controller::frontend::iscsi::pdu::{check_frame, crc32c, Digests};
 use strata_controller::frontend::iscsi::{serve, ConnOptions, IscsiOptions};
-use strata_controller::frontend::nbd::MemBackend;
+use strata_controller::frontend::mem::MemBackend;
 use strata_controller::frontend::{Backend, BackendError};
 use strata_replica::AllocationExtent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -752,7 +752,7 @@ impl Backend for Resizable {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
-    fn export_name(&self) -> &str {
+    fn volume_name(&self) -> &str {
         "vol"
     }
     async fn read(&self, o: u64, l: u32) -> Result<Bytes, BackendError> {

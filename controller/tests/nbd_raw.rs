@@ -13,8 +13,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::Server;
+use strata_controller::frontend::mem::FailOn;
 use strata_controller::frontend::nbd::proto::*;
-use strata_controller::frontend::nbd::{BackendError, FailOn};
+use strata_controller::frontend::BackendError;
 
 const SIZE: u64 = 16 << 20;
 
@@ -295,10 +296,16 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
     // Backend failures come back as NBD errors.
     server.backend.fail_with(Some((
         FailOn::Writes,
-        BackendError::Fenced("below quorum".into()),
+        BackendError::BelowQuorum("1 of 3 healthy".into()),
     )));
     send_req(&mut s, 8, Cmd::Write, 0, 0, 4096, &[1; 4096]);
     assert_eq!(simple_reply(&mut s), (8, NBD_EIO));
+    server.backend.fail_with(Some((
+        FailOn::Writes,
+        BackendError::Fenced("epoch 7 is newer".into()),
+    )));
+    send_req(&mut s, 8, Cmd::Write, 0, 0, 4096, &[1; 4096]);
+    assert_eq!(simple_reply(&mut s), (8, NBD_ESHUTDOWN));
     server
         .backend
         .fail_with(Some((FailOn::Writes, BackendError::ReadOnly)));

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use strata_proto::replica::replica_control_server::ReplicaControl;
 use strata_proto::replica::{
-    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Empty, Extent, ExtentList,
-    RegionDigestList, RegionDigestsRequest, ReplicaList, ReplicaRef, ReplicaStatus,
-    SetEpochRequest, SnapshotInfo, SnapshotList, SnapshotRequest,
+    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Empty, ExpandReplicaRequest,
+    Extent, ExtentList, RegionDigestList, RegionDigestsRequest, ReplicaList, ReplicaRef,
+    ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotList, SnapshotRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -86,7 +86,10 @@ fn to_status(e: HostError) -> Status {
             _ => Status::internal(msg),
         },
         HostError::InvalidName(_) => Status::invalid_argument(msg),
-        HostError::NotOpen(_) | HostError::Fenced { .. } => Status::failed_precondition(msg),
+        HostError::NotOpen(_) => Status::failed_precondition(msg),
+        // ABORTED is gRPC's code for a failed sequencer check: the request's
+        // epoch is not the replica's, another controller owns it.
+        HostError::Fenced { .. } => Status::aborted(msg),
         _ => Status::internal(msg),
     }
 }
@@ -253,6 +256,7 @@ impl ReplicaControl for ReplicaControlService {
                     name: s.name,
                     created: s.created,
                     allocated: s.allocated,
+                    size: s.size,
                 })
                 .collect())
         })
@@ -268,6 +272,21 @@ impl ReplicaControl for ReplicaControlService {
             store.delete_snapshot(&req.name)
         })
         .await
+    }
+
+    async fn expand_replica(
+        &self,
+        req: Request<ExpandReplicaRequest>,
+    ) -> Result<Response<ReplicaStatus>, Status> {
+        let req = req.into_inner();
+        let snapshot_req = SnapshotRequest {
+            volume: req.volume,
+            name: String::new(),
+            epoch: req.epoch,
+            discard_newer: false,
+        };
+        let size = req.size;
+        fenced_change(&self.host, snapshot_req, move |store, _| store.expand(size)).await
     }
 
     async fn revert_snapshot(

@@ -227,13 +227,16 @@ impl ReplicaHost {
                 StoreError::NoSuchSnapshot(snapshot.to_string()),
             ));
         }
-        let dst = self.create(new, src.size())?;
+        let view = crate::View::Snapshot(snapshot);
+        let size = src
+            .view_size(view)
+            .map_err(|e| HostError::store(source, e))?;
+        let dst = self.create(new, size)?;
         let copy = || -> Result<(), StoreError> {
-            let view = crate::View::Snapshot(snapshot);
             let mut buf = vec![0u8; STEP as usize];
             let mut offset = 0;
-            while offset < src.size() {
-                let len = STEP.min(src.size() - offset);
+            while offset < size {
+                let len = STEP.min(size - offset);
                 for ext in src.allocation_view(view, offset, len)? {
                     if ext.kind != crate::Allocation::Data {
                         continue;

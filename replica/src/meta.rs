@@ -80,6 +80,11 @@ pub struct SnapshotMeta {
     pub name: String,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// The volume's size when the snapshot was taken. Absent in snapshots
+    /// written before volumes could grow: those have the volume's size
+    /// until its first expansion, which writes it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// Serialises metadata with its header.
@@ -254,6 +259,7 @@ mod tests {
                     snapshot: Some(SnapshotMeta {
                         name: "s1".into(),
                         created: 1,
+                        size: None,
                     }),
                 },
                 LayerMeta {

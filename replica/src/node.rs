@@ -15,6 +15,8 @@ use crate::control::ReplicaControlService;
 use crate::host::ReplicaHost;
 
 const PREFACE: &[u8; 4] = b"PRI ";
+/// How long a new connection may stay silent before it is dropped.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves every replica under `dir` on `listener` until `shutdown` turns
 /// true, then closes every replica cleanly (flushed, clean flag set).
@@ -26,7 +28,7 @@ pub async fn serve_node(
     std::fs::create_dir_all(dir)?;
     let host = Arc::new(ReplicaHost::new(dir, crate::engine::detect()));
     let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<TcpStream>>(16);
-    let (data_tx, data_rx) = mpsc::channel::<TcpStream>(16);
+    let (data_tx, data_rx) = mpsc::channel::<(TcpStream, std::net::SocketAddr)>(16);
 
     let grpc = {
         let svc = ReplicaControlService::new(host.clone());
@@ -40,7 +42,7 @@ pub async fn serve_node(
             tonic::transport::Server::builder()
                 .add_service(ReplicaControlServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, async move {
-                    crate::server::wait_shutdown(&mut rx).await;
+                    strata_net::stopped(&mut rx).await;
                 })
                 .await
         })
@@ -51,25 +53,18 @@ pub async fn serve_node(
         shutdown.clone(),
     ));
 
-    let mut rx = shutdown.clone();
-    loop {
-        let (sock, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = crate::server::wait_shutdown(&mut rx) => break,
-        };
-        let _ = sock.set_nodelay(true);
+    let limits = strata_net::Limits {
+        name: "replica node",
+        max_connections: crate::server::MAX_CONNECTIONS,
+        // Routing a connection takes at most the peek timeout below.
+        grace: PEEK_TIMEOUT,
+    };
+    strata_net::serve(listener, limits, shutdown.clone(), move |sock, peer| {
         let (grpc_tx, data_tx) = (grpc_tx.clone(), data_tx.clone());
-        tokio::spawn(async move {
+        async move {
             let mut first = [0u8; 4];
-            // A client that sends nothing for 10 s is dropped.
-            let peeked = tokio::time::timeout(Duration::from_secs(10), async {
+            // A client that sends nothing for PEEK_TIMEOUT is dropped.
+            let peeked = tokio::time::timeout(PEEK_TIMEOUT, async {
                 loop {
                     let n = sock.peek(&mut first).await?;
                     if n == 0 || n >= 4 {
@@ -84,14 +79,13 @@ pub async fn serve_node(
                     let _ = grpc_tx.send(Ok(sock)).await;
                 }
                 Ok(Ok(4)) => {
-                    let _ = data_tx.send(sock).await;
+                    let _ = data_tx.send((sock, peer)).await;
                 }
                 _ => tracing::debug!(%peer, "connection closed before saying anything"),
             }
-        });
-    }
-    drop(grpc_tx);
-    drop(data_tx);
+        }
+    })
+    .await;
     let _ = data.await;
     let _ = grpc.await;
     host.close_all();

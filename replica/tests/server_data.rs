@@ -832,8 +832,8 @@ async fn serve_streams_serves_handed_over_connections() {
         stop_rx,
     ));
     let accept = tokio::spawn(async move {
-        let (sock, _) = listener.accept().await.unwrap();
-        tx.send(sock).await.unwrap();
+        let accepted = listener.accept().await.unwrap();
+        tx.send(accepted).await.unwrap();
         // `tx` dropped: no more connections.
     });
     let c = ReplicaClient::connect(addr, "vol", 0, T).await.unwrap();

@@ -3,6 +3,15 @@
 /// Parses a byte count with an optional binary suffix (K, M, G, T, with or
 /// without `iB`/`B`). The result must be a multiple of 4096.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    if bytes % 4096 != 0 {
+        return Err(format!("{s:?} must be a positive multiple of 4 KiB"));
+    }
+    Ok(bytes)
+}
+
+/// Like [`parse_size`], any positive byte count (the caller rounds).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -24,8 +33,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = n
         .checked_mul(1u64 << shift)
         .ok_or_else(|| format!("{s:?} is too large"))?;
-    if bytes == 0 || bytes % 4096 != 0 {
-        return Err(format!("{s:?} must be a positive multiple of 4 KiB"));
+    if bytes == 0 {
+        return Err(format!("{s:?} must be a positive size"));
     }
     Ok(bytes)
 }

@@ -136,21 +136,23 @@ fn print_list(list: &SnapshotList, json: bool) -> anyhow::Result<()> {
             "volume": list.volume,
             "snapshots": list.snapshots.iter().map(|s| serde_json::json!({
                 "name": s.name, "created": s.created, "allocated_bytes": s.allocated,
+                "size": s.size,
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "{:<32} {:<20} {:>12}",
-        "SNAPSHOT", "CREATED (UTC)", "OWN DATA"
+        "{:<32} {:<20} {:>12} {:>14}",
+        "SNAPSHOT", "CREATED (UTC)", "OWN DATA", "VOLUME SIZE"
     );
     for s in &list.snapshots {
         println!(
-            "{:<32} {:<20} {:>9} MiB",
+            "{:<32} {:<20} {:>9} MiB {:>10} MiB",
             s.name,
             utc_readable(s.created),
-            s.allocated >> 20
+            s.allocated >> 20,
+            s.size >> 20
         );
     }
     if list.snapshots.is_empty() {

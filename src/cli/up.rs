@@ -14,7 +14,8 @@ use super::parse_size;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Volume size for a new volume (e.g. 10G). An existing volume keeps its size.
+    /// Volume size (e.g. 10G): a new volume is created with it, an existing
+    /// smaller one grows to it (volumes never shrink).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub size: u64,
     /// Number of replicas (1 to 5). 3 survives the loss of any one.
@@ -111,11 +112,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = signal_tx.send(true);
     });
     if let Ok(info) = ready_rx.await {
+        if args.size > info.volume.size() {
+            let e = info
+                .volume
+                .expand(args.size)
+                .await
+                .with_context(|| format!("volume {}: growing to --size failed", args.volume))?;
+            println!(
+                "volume {:?} grew from {} to {} bytes (--size)",
+                args.volume, e.old_size, e.new_size
+            );
+        }
         let uri = format!("nbd://{}/{}", info.nbd, args.volume);
         println!(
             "strata is up: volume {:?}, {} GiB, {} replica(s) under {}",
             args.volume,
-            info.size as f64 / (1u64 << 30) as f64,
+            info.volume.size() as f64 / (1u64 << 30) as f64,
             args.replicas,
             args.data_dir.display()
         );

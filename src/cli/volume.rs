@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Subcommand;
 use strata_proto::controller::volume_control_client::VolumeControlClient;
-use strata_proto::controller::{ReplicaAddress, StatusRequest, VolumeStatus};
+use strata_proto::controller::{ExpandRequest, ReplicaAddress, StatusRequest, VolumeStatus};
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
@@ -16,6 +16,22 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "127.0.0.1:10810")]
         controller: SocketAddr,
         /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume while it serves IO (every replica, then the volume).
+    /// A size that is not a multiple of 4 KiB is rounded up; the same size
+    /// is a no-op; volumes never shrink. Grow the filesystem on it after
+    /// (resize2fs, xfs_growfs).
+    Expand {
+        /// The volume.
+        volume: String,
+        /// The new size: 20G, 512M, 4096...
+        #[arg(value_parser = super::size::parse_bytes)]
+        size: u64,
+        /// The volume's controller (management address).
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        controller: SocketAddr,
         #[arg(long)]
         json: bool,
     },
@@ -40,6 +56,12 @@ pub enum VolumeCommand {
 pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
         VolumeCommand::Attach(cmd) => super::attach::run(cmd).await,
+        VolumeCommand::Expand {
+            volume,
+            size,
+            controller,
+            json,
+        } => expand(&volume, size, controller, json).await,
         VolumeCommand::Clone {
             source,
             new,
@@ -206,5 +228,42 @@ pub async fn change_replicas(
         if add { "added" } else { "removed" }
     );
     print_replicas(&s);
+    Ok(())
+}
+
+async fn expand(volume: &str, size: u64, controller: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let mut client = super::snapshot::connect(volume, controller).await?;
+    let r = client
+        .expand_volume(ExpandRequest { size })
+        .await
+        .map_err(|e| anyhow::anyhow!("volume {volume}: expand failed: {}", e.message()))?
+        .into_inner();
+    if json {
+        let v = serde_json::json!({
+            "volume": volume, "old_size": r.old_size, "new_size": r.new_size,
+            "rounded": r.rounded, "pause_us": r.pause_us,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if r.rounded {
+        println!(
+            "{size} bytes is not a multiple of 4096: rounded up to {}",
+            r.new_size
+        );
+    }
+    if r.old_size == r.new_size {
+        println!(
+            "volume {volume} already has {} bytes: nothing to do",
+            r.new_size
+        );
+    } else {
+        println!(
+            "volume {volume} grew from {} to {} bytes (IO held {:.1} ms); grow its filesystem now (resize2fs, xfs_growfs)",
+            r.old_size,
+            r.new_size,
+            r.pause_us as f64 / 1e3
+        );
+    }
     Ok(())
 }

@@ -399,12 +399,20 @@ impl Cluster {
         self.stop_clean();
         let n = self.replicas.len();
         let stores: Vec<_> = (0..n).map(|i| self.open_store(i)).collect();
+        let size = stores[0].size();
+        for (i, s) in stores.iter().enumerate().skip(1) {
+            assert_eq!(
+                s.size(),
+                size,
+                "replica {i}'s size differs from replica 0's"
+            );
+        }
         let chunk = 16 << 20;
         let mut a = vec![0u8; chunk];
         let mut b = vec![0u8; chunk];
         let mut off = 0;
-        while off < self.size {
-            let len = chunk.min((self.size - off) as usize);
+        while off < size {
+            let len = chunk.min((size - off) as usize);
             stores[0].read(off, &mut a[..len]).unwrap();
             for (i, s) in stores.iter().enumerate().skip(1) {
                 s.read(off, &mut b[..len]).unwrap();
@@ -426,9 +434,17 @@ impl Cluster {
         }
         for snap in &chain {
             let view = strata_replica::View::Snapshot(snap);
+            let snap_size = stores[0].view_size(view).unwrap();
+            for (i, s) in stores.iter().enumerate().skip(1) {
+                assert_eq!(
+                    s.view_size(view).unwrap(),
+                    snap_size,
+                    "snapshot {snap} of replica {i}"
+                );
+            }
             let mut off = 0;
-            while off < self.size {
-                let len = chunk.min((self.size - off) as usize);
+            while off < snap_size {
+                let len = chunk.min((snap_size - off) as usize);
                 stores[0].read_view(view, off, &mut a[..len]).unwrap();
                 for (i, s) in stores.iter().enumerate().skip(1) {
                     s.read_view(view, off, &mut b[..len]).unwrap();

@@ -18,7 +18,7 @@ use strata_backup::{
     TargetOptions,
 };
 
-use super::{ReplicaSnapshotSource, VolumeSink};
+use super::{JobError, ReplicaSnapshotSource, VolumeSink};
 use crate::replicator::Volume;
 
 /// The prefix of the snapshots backups to `url` take.
@@ -40,27 +40,25 @@ pub async fn run_backup(
     snapshot: Option<&str>,
     full: bool,
     progress: &dyn Progress,
-) -> Result<BackupSummary, String> {
+) -> Result<BackupSummary, JobError> {
     let target = Target::open(url, opts)
         .await
-        .map_err(|e| format!("target {url}: {e}"))?;
+        .map_err(|source| JobError::Target {
+            url: url.to_string(),
+            source,
+        })?;
     let prefix = snapshot_prefix(url);
     let (name, ours) = match snapshot {
         Some(s) => (s.to_string(), false),
         None => {
             let name = format!("{prefix}{}", stamp());
-            volume
-                .create_snapshot(&name)
-                .await
-                .map_err(|e| e.to_string())?;
+            volume.create_snapshot(&name).await?;
             (name, true)
         }
     };
     let result = async {
         let source = ReplicaSnapshotSource::open(volume, &name).await?;
-        create_backup(&target, &source, &BackupOptions { full }, progress)
-            .await
-            .map_err(|e| e.to_string())
+        Ok::<_, JobError>(create_backup(&target, &source, &BackupOptions { full }, progress).await?)
     }
     .await;
     if ours {
@@ -79,11 +77,11 @@ pub async fn run_backup(
             }
         }
     }
-    result.map_err(|e| {
-        format!(
-            "volume {}, snapshot {name}: backup to {url} failed: {e}",
-            volume.name
-        )
+    result.map_err(|e| JobError::Backup {
+        volume: volume.name.clone(),
+        snapshot: name,
+        url: url.to_string(),
+        source: Box::new(e),
     })
 }
 
@@ -108,15 +106,22 @@ pub async fn run_restore(
     url: &str,
     id: &str,
     progress: &dyn Progress,
-) -> Result<RestoreSummary, String> {
+) -> Result<RestoreSummary, JobError> {
     let target = Target::open(url, opts)
         .await
-        .map_err(|e| format!("target {url}: {e}"))?;
-    let sink = VolumeSink::open(volume).await?;
-    restore(&target, id, &sink, progress).await.map_err(|e| {
-        format!(
-            "restore of {id} from {url} into volume {} failed: {e}",
-            volume.name
-        )
+        .map_err(|source| JobError::Target {
+            url: url.to_string(),
+            source,
+        })?;
+    let result = async {
+        let sink = VolumeSink::open(volume).await?;
+        Ok::<_, JobError>(restore(&target, id, &sink, progress).await?)
+    }
+    .await;
+    result.map_err(|e| JobError::Restore {
+        id: id.to_string(),
+        url: url.to_string(),
+        volume: volume.name.clone(),
+        source: Box::new(e),
     })
 }

@@ -7,14 +7,17 @@
 //! - `job.rs`: one backup (take a snapshot, hold it against delete, back it
 //!   up, keep it as the next backup's base and drop the one before) and one
 //!   restore;
+//! - `error.rs`: [`JobError`], why one of them failed;
 //! - `schedule.rs`: the volume's schedules, run in the background, with the
 //!   last run of each kept for `strata volume status` and `/metrics`.
 
+mod error;
 mod job;
 mod schedule;
 mod sink;
 mod source;
 
+pub use error::JobError;
 pub use job::{run_backup, run_restore};
 pub use schedule::{run_schedules, LastRun, ScheduleState};
 pub use sink::VolumeSink;

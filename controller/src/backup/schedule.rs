@@ -74,7 +74,7 @@ pub async fn run_schedules(
                 let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = strata_net::stopped(&mut shutdown) => return,
                 }
                 run_once(&volume, &opts, &s).await;
             }
@@ -118,7 +118,7 @@ async fn run_once(volume: &Arc<Volume>, opts: &TargetOptions, s: &ScheduleState)
         }
         Err(e) => {
             tracing::error!(volume = %volume.name, target = %url, "scheduled backup failed: {e}");
-            run.message = e;
+            run.message = e.to_string();
         }
     }
     if run.ok {

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use strata_backup::{RestoreSink, SourceError};
 use strata_replica::Allocation;
 
+use super::JobError;
 use crate::replicator::Volume;
 
 /// Largest range one zeroing call covers.
@@ -21,15 +22,12 @@ pub struct VolumeSink {
 impl VolumeSink {
     /// A sink over the volume; finds out whether it holds any data (a new
     /// volume holds none: zero ranges are then skipped).
-    pub async fn open(volume: &Arc<Volume>) -> Result<Self, String> {
+    pub async fn open(volume: &Arc<Volume>) -> Result<Self, JobError> {
         let mut zeroed = true;
         let mut at = 0;
-        while at < volume.size && zeroed {
-            let n = ZERO_STEP.min(volume.size - at);
-            let extents = volume
-                .block_status(at, n as u32)
-                .await
-                .map_err(|e| e.to_string())?;
+        while at < volume.size() && zeroed {
+            let n = ZERO_STEP.min(volume.size() - at);
+            let extents = volume.block_status(at, n as u32).await?;
             zeroed = extents.iter().all(|e| e.kind == Allocation::Hole);
             at += n;
         }
@@ -46,7 +44,7 @@ fn err(e: impl std::fmt::Display) -> SourceError {
 
 impl RestoreSink for VolumeSink {
     fn size(&self) -> u64 {
-        self.volume.size
+        self.volume.size()
     }
 
     fn starts_zeroed(&self) -> bool {

@@ -15,6 +15,7 @@ use strata_replica::client::ReplicaClient;
 use strata_replica::control::MAX_EXTENT_WINDOW;
 use tokio::sync::Mutex;
 
+use super::JobError;
 use crate::replicator::snapshot::SnapshotInUse;
 use crate::replicator::{control, Volume};
 
@@ -24,24 +25,27 @@ const ATTEMPTS: usize = 3;
 pub struct ReplicaSnapshotSource {
     volume: Arc<Volume>,
     snapshot: String,
+    /// The volume's size when the snapshot was taken.
+    size: u64,
     reader: Mutex<Option<Arc<ReplicaClient>>>,
     _hold: SnapshotInUse,
 }
 
 impl ReplicaSnapshotSource {
     /// A source over snapshot `snapshot`, which must exist.
-    pub async fn open(volume: &Arc<Volume>, snapshot: &str) -> Result<Self, String> {
+    pub async fn open(volume: &Arc<Volume>, snapshot: &str) -> Result<Self, JobError> {
         let hold = volume.hold_snapshot(snapshot);
-        let chain = volume.list_snapshots().await.map_err(|e| e.to_string())?;
-        if !chain.iter().any(|s| s.name == snapshot) {
-            return Err(format!(
-                "volume {} has no snapshot {snapshot:?}",
-                volume.name
-            ));
-        }
+        let chain = volume.list_snapshots().await?;
+        let Some(info) = chain.iter().find(|s| s.name == snapshot) else {
+            return Err(JobError::NoSnapshot {
+                volume: volume.name.clone(),
+                snapshot: snapshot.to_string(),
+            });
+        };
         Ok(ReplicaSnapshotSource {
             volume: volume.clone(),
             snapshot: snapshot.to_string(),
+            size: info.size,
             reader: Mutex::new(None),
             _hold: hold,
         })
@@ -84,7 +88,7 @@ impl SnapshotSource for ReplicaSnapshotSource {
     }
 
     fn size(&self) -> u64 {
-        self.volume.size
+        self.size
     }
 
     async fn has_snapshot(&self, name: &str) -> Result<bool, SourceError> {

@@ -13,7 +13,7 @@ use strata_proto::controller::{BackupEvent, BackupRequest, RestoreRequest, Targe
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::backup::{run_backup, run_restore};
+use crate::backup::{run_backup, run_restore, JobError};
 use crate::replicator::Volume;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<BackupEvent, Status>> + Send>>;
@@ -86,7 +86,7 @@ fn options(defaults: &TargetOptions, spec: &TargetSpec) -> TargetOptions {
 fn stream<F, Fut, T>(job: F) -> EventStream
 where
     F: FnOnce(Arc<StreamProgress>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T, String>> + Send,
+    Fut: std::future::Future<Output = Result<T, JobError>> + Send,
     T: serde::Serialize,
 {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -103,7 +103,7 @@ where
                 result_json: serde_json::to_string(&summary).unwrap_or_default(),
                 ..Default::default()
             }),
-            Err(e) => Err(Status::aborted(e)),
+            Err(e) => Err(Status::from(e)),
         });
     });
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {

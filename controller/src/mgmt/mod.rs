@@ -4,6 +4,7 @@
 
 mod backups;
 mod snapshots;
+mod status;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,9 +13,9 @@ use std::net::SocketAddr;
 use strata_proto::controller::volume_control_server::VolumeControl;
 
 use strata_proto::controller::{
-    BackupRequest, CloneReply, CloneRequest, IoCounters, ReplicaAddress, ReplicaInfo,
-    RestoreRequest, RevertRequest, ScheduleStatus, SnapshotCreated, SnapshotList, SnapshotRef,
-    StatusRequest, VolumeStatus,
+    BackupRequest, CloneReply, CloneRequest, ExpandReply, ExpandRequest, IoCounters,
+    ReplicaAddress, ReplicaInfo, RestoreRequest, RevertRequest, ScheduleStatus, SnapshotCreated,
+    SnapshotList, SnapshotRef, StatusRequest, VolumeStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -62,7 +63,7 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
     let io = &volume.io;
     VolumeStatus {
         volume: volume.name.clone(),
-        size: volume.size,
+        size: volume.size(),
         epoch: volume.epoch(),
         state: volume.state().to_string(),
         replicas_configured: volume.slots().len() as u32,
@@ -162,10 +163,7 @@ impl VolumeControl for VolumeService {
             .address
             .parse()
             .map_err(|e| Status::invalid_argument(format!("not an address: {e}")))?;
-        self.volume
-            .remove_slot(addr)
-            .await
-            .map_err(Status::failed_precondition)?;
+        self.volume.remove_slot(addr).await?;
         tracing::info!(volume = %self.volume.name, replica = %addr, "replica removed");
         Ok(Response::new(self.status_now()))
     }
@@ -232,6 +230,19 @@ impl VolumeControl for VolumeService {
             .await
             .map(Response::new)
     }
+
+    async fn expand_volume(
+        &self,
+        req: Request<ExpandRequest>,
+    ) -> Result<Response<ExpandReply>, Status> {
+        let e = self.volume.expand(req.into_inner().size).await?;
+        Ok(Response::new(ExpandReply {
+            old_size: e.old_size,
+            new_size: e.new_size,
+            rounded: e.rounded,
+            pause_us: e.pause.as_micros() as u64,
+        }))
+    }
 }
 
 /// Prometheus text exposition of one volume.
@@ -287,7 +298,7 @@ pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String
             "strata_volume_size_bytes",
             "gauge",
             "Volume size.",
-            volume.size,
+            volume.size(),
         ),
         (
             "strata_volume_epoch",
@@ -414,22 +425,17 @@ pub async fn serve_metrics(
     listener: TcpListener,
     volume: Arc<Volume>,
     schedules: Arc<Vec<Arc<ScheduleState>>>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("metrics accept failed: {e}");
-                    continue;
-                }
-            },
-            _ = crate::stopped(&mut shutdown) => return,
-        };
+    let limits = strata_net::Limits {
+        name: "metrics",
+        max_connections: 16,
+        grace: std::time::Duration::from_secs(1),
+    };
+    strata_net::serve(listener, limits, shutdown, move |mut sock, _| {
         let volume = volume.clone();
         let schedules = schedules.clone();
-        tokio::spawn(async move {
+        async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             // Read the request head (bounded), with a deadline.
@@ -462,6 +468,7 @@ pub async fn serve_metrics(
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+        }
+    })
+    .await;
 }

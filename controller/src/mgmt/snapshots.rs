@@ -9,28 +9,13 @@ use strata_proto::controller::{
 };
 use tonic::Status;
 
-use crate::replicator::{Volume, VolumeError};
-
-fn to_status(e: VolumeError) -> Status {
-    let msg = e.to_string();
-    match e {
-        VolumeError::Snapshot { reason, .. }
-            if reason.contains("No snapshot named") || reason.contains("no such snapshot") =>
-        {
-            Status::not_found(msg)
-        }
-        VolumeError::Snapshot { reason, .. } if reason.contains("exists") => {
-            Status::already_exists(msg)
-        }
-        VolumeError::Snapshot { .. } | VolumeError::Invalid { .. } => {
-            Status::failed_precondition(msg)
-        }
-        VolumeError::BelowQuorum { .. } | VolumeError::NoReplica { .. } => Status::unavailable(msg),
-    }
-}
+use crate::replicator::Volume;
 
 pub async fn create(volume: &Volume, req: SnapshotRef) -> Result<SnapshotCreated, Status> {
-    let pause = volume.create_snapshot(&req.name).await.map_err(to_status)?;
+    let pause = volume
+        .create_snapshot(&req.name)
+        .await
+        .map_err(Status::from)?;
     Ok(SnapshotCreated {
         name: req.name,
         pause_us: pause.as_micros() as u64,
@@ -38,7 +23,7 @@ pub async fn create(volume: &Volume, req: SnapshotRef) -> Result<SnapshotCreated
 }
 
 pub async fn list(volume: &Volume) -> Result<SnapshotList, Status> {
-    let snapshots = volume.list_snapshots().await.map_err(to_status)?;
+    let snapshots = volume.list_snapshots().await.map_err(Status::from)?;
     Ok(SnapshotList {
         volume: volume.name.clone(),
         snapshots: snapshots
@@ -47,13 +32,17 @@ pub async fn list(volume: &Volume) -> Result<SnapshotList, Status> {
                 name: s.name,
                 created: s.created,
                 allocated: s.allocated,
+                size: s.size,
             })
             .collect(),
     })
 }
 
 pub async fn delete(volume: &Volume, req: SnapshotRef) -> Result<SnapshotList, Status> {
-    volume.delete_snapshot(&req.name).await.map_err(to_status)?;
+    volume
+        .delete_snapshot(&req.name)
+        .await
+        .map_err(Status::from)?;
     list(volume).await
 }
 
@@ -68,7 +57,7 @@ pub async fn revert(volume: &Volume, req: RevertRequest) -> Result<SnapshotList,
     volume
         .revert_snapshot(&req.name, req.discard_newer)
         .await
-        .map_err(to_status)?;
+        .map_err(Status::from)?;
     list(volume).await
 }
 
@@ -76,7 +65,7 @@ pub async fn clone(volume: &Volume, req: CloneRequest) -> Result<CloneReply, Sta
     let replicas = volume
         .clone_snapshot(&req.snapshot, &req.new_volume)
         .await
-        .map_err(to_status)?;
+        .map_err(Status::from)?;
     Ok(CloneReply {
         volume: req.new_volume,
         replicas: replicas.iter().map(|a| a.to_string()).collect(),

@@ -15,7 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use strata_replica::client::ReplicaClient;
 use strata_replica::control::MAX_EXTENT_WINDOW;
 
-use super::{control, Volume};
+use super::{control, SyncError, Volume};
 
 /// Largest piece read and written at once.
 const PIECE: u64 = 4 << 20;
@@ -31,17 +31,15 @@ pub async fn copy_snapshots(
     target_epoch: u64,
     mut base: Option<String>,
     snapshots: &[String],
-) -> Result<u64, String> {
+) -> Result<u64, SyncError> {
     let timeout = volume.options.io_timeout;
     let target = ReplicaClient::connect(target_addr, &volume.name, target_epoch, timeout)
         .await
-        .map_err(|e| format!("data connection to the target failed: {e}"))?;
+        .map_err(|e| SyncError::data("data connection to the target", e))?;
     let started = Instant::now();
     let mut copied = 0u64;
     for snap in snapshots {
-        let source_addr = volume
-            .healthy_addr()
-            .map_err(|e| format!("no source for snapshot {snap}: {e}"))?;
+        let source_addr = volume.healthy_addr()?;
         let source = ReplicaClient::connect_snapshot(
             source_addr,
             &volume.name,
@@ -50,10 +48,10 @@ pub async fn copy_snapshots(
             timeout,
         )
         .await
-        .map_err(|e| format!("reading snapshot {snap} from {source_addr} failed: {e}"))?;
+        .map_err(|e| SyncError::data(format!("reading snapshot {snap} from {source_addr}"), e))?;
         let mut offset = 0;
-        while offset < volume.size {
-            let len = MAX_EXTENT_WINDOW.min(volume.size - offset);
+        while offset < volume.size() {
+            let len = MAX_EXTENT_WINDOW.min(volume.size() - offset);
             let extents = control::changed_extents(
                 source_addr,
                 &volume.name,
@@ -78,20 +76,19 @@ pub async fn copy_snapshots(
                     let (source, target) = (&source, &target);
                     in_flight.push(async move {
                         if data {
-                            let bytes = source
-                                .read(s, n as u32)
-                                .await
-                                .map_err(|e| format!("read of snapshot {snap} failed: {e}"))?;
+                            let bytes = source.read(s, n as u32).await.map_err(|e| {
+                                SyncError::data(format!("read of snapshot {snap}"), e)
+                            })?;
                             target
                                 .write(s, bytes, false)
                                 .await
-                                .map_err(|e| format!("write to the target failed: {e}"))?;
-                            Ok::<u64, String>(n)
+                                .map_err(|e| SyncError::data("write to the target", e))?;
+                            Ok::<u64, SyncError>(n)
                         } else {
                             target
                                 .trim(s, n as u32)
                                 .await
-                                .map_err(|e| format!("trim on the target failed: {e}"))?;
+                                .map_err(|e| SyncError::data("trim on the target", e))?;
                             Ok(0)
                         }
                     });
@@ -107,7 +104,7 @@ pub async fn copy_snapshots(
         target
             .snapshot(snap)
             .await
-            .map_err(|e| format!("snapshot {snap} on the target failed: {e}"))?;
+            .map_err(|e| SyncError::data(format!("snapshot {snap} on the target"), e))?;
         tracing::info!(volume = %volume.name, replica = %target_addr, snapshot = %snap, mib = copied >> 20, "snapshot layer rebuilt");
         base = Some(snap.clone());
     }

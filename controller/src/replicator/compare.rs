@@ -15,21 +15,19 @@ use std::time::Instant;
 
 use strata_replica::control::MAX_DIGEST_WINDOW;
 
-use super::{control, Slot, Volume, REGION};
+use super::{control, Slot, SyncError, Volume, REGION};
 
 /// Marks every region where `slot`'s replica differs from a healthy one.
 /// Returns how many regions differ.
-pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, String> {
-    let source = volume
-        .healthy_addr()
-        .map_err(|e| format!("no healthy replica to compare with: {e}"))?;
+pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, SyncError> {
+    let source = volume.healthy_addr()?;
     let timeout = volume.options.control_timeout * 12;
     let mut src = control::connect(source, timeout).await?;
     let mut dst = control::connect(slot.addr, timeout).await?;
     {
         let mut p = slot.progress.lock();
         p.verify = true;
-        p.total_bytes = volume.size;
+        p.total_bytes = volume.size();
         p.done_bytes = 0;
         p.started = Some(Instant::now());
     }
@@ -43,26 +41,25 @@ pub async fn mark_differences(volume: &Volume, slot: &Slot) -> Result<u64, Strin
     let started = Instant::now();
     let mut differing = 0;
     let mut offset = 0;
-    while offset < volume.size {
+    while offset < volume.size() {
         if let Some(rate) = volume.options.sync_rate {
             let due = std::time::Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let len = window.min(volume.size - offset);
+        let len = window.min(volume.size() - offset);
         let (a, b) = tokio::join!(
-            control::region_digests(&mut src, &volume.name, offset, len, REGION),
-            control::region_digests(&mut dst, &volume.name, offset, len, REGION),
+            control::region_digests(&mut src, source, &volume.name, offset, len, REGION),
+            control::region_digests(&mut dst, slot.addr, &volume.name, offset, len, REGION),
         );
-        let a = a.map_err(|e| format!("source {source}: {e}"))?;
-        let b = b.map_err(|e| format!("target: {e}"))?;
+        let (a, b) = (a?, b?);
         if a.len() != b.len() {
-            return Err(format!(
-                "digest counts differ ({} vs {}) at offset {offset}",
-                a.len(),
-                b.len()
-            ));
+            return Err(SyncError::DigestCount {
+                offset,
+                source_count: a.len(),
+                target_count: b.len(),
+            });
         }
         for (i, (da, db)) in a.iter().zip(&b).enumerate() {
             if da != db {

@@ -7,24 +7,102 @@ use std::time::Duration;
 
 use strata_proto::replica::replica_control_client::ReplicaControlClient;
 use strata_proto::replica::{
-    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, Extent, RegionDigestsRequest,
-    ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo, SnapshotRequest,
+    ChangedExtentsRequest, CloneReplicaRequest, CreateReplicaRequest, ExpandReplicaRequest, Extent,
+    RegionDigestsRequest, ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo,
+    SnapshotRequest,
 };
 use tonic::Code;
+
+/// Why a call to a replica server's control API failed. The kind is told
+/// by the gRPC code the replica chose (`replica/src/control.rs`,
+/// `to_status`), never by the message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    #[error("Replica server {addr}: cannot connect: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    /// The request is wrong on this replica (no such snapshot or replica,
+    /// a name taken, a bad argument, a precondition such as newer
+    /// snapshots): nothing is wrong with the replica itself.
+    #[error("Replica server {addr}: {op} refused: {message}")]
+    Refused {
+        addr: SocketAddr,
+        op: &'static str,
+        refusal: Refusal,
+        message: String,
+    },
+    /// The replica is at another epoch: another controller owns it.
+    #[error("Replica server {addr}: {op} refused, the replica is fenced: {message}")]
+    Fenced {
+        addr: SocketAddr,
+        op: &'static str,
+        message: String,
+    },
+    /// The replica or the call failed (IO, timeout, corruption...).
+    #[error("Replica server {addr}: {op} failed: {message}")]
+    Failed {
+        addr: SocketAddr,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// What kind of refusal a [`ControlError::Refused`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such replica or snapshot.
+    NotFound,
+    /// The name is taken.
+    AlreadyExists,
+    /// A malformed argument (name, size, range).
+    Invalid,
+    /// The replica's state forbids it now (newer snapshots exist, the
+    /// replica is not open).
+    Precondition,
+}
+
+impl ControlError {
+    /// Classifies a replica server's answer by its gRPC code.
+    pub fn from_status(addr: SocketAddr, op: &'static str, s: tonic::Status) -> ControlError {
+        let message = s.message().to_string();
+        let refused = |refusal| ControlError::Refused {
+            addr,
+            op,
+            refusal,
+            message: message.clone(),
+        };
+        match s.code() {
+            Code::NotFound => refused(Refusal::NotFound),
+            Code::AlreadyExists => refused(Refusal::AlreadyExists),
+            Code::InvalidArgument => refused(Refusal::Invalid),
+            Code::FailedPrecondition => refused(Refusal::Precondition),
+            Code::Aborted => ControlError::Fenced { addr, op, message },
+            _ => ControlError::Failed { addr, op, message },
+        }
+    }
+
+    /// The refusal kind, if the replica refused the request as wrong.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            ControlError::Refused { refusal, .. } => Some(*refusal),
+            _ => None,
+        }
+    }
+}
 
 /// A gRPC client of the replica server at `addr`, for many calls.
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<ReplicaControlClient<tonic::transport::Channel>, String> {
+) -> Result<ReplicaControlClient<tonic::transport::Channel>, ControlError> {
+    let unreachable = |reason: String| ControlError::Connect { addr, reason };
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(timeout)
         .timeout(timeout);
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|e| unreachable(e.to_string()))?;
     Ok(ReplicaControlClient::new(channel))
 }
 
@@ -35,7 +113,7 @@ pub async fn open_or_create(
     volume: &str,
     create_size: Option<u64>,
     timeout: Duration,
-) -> Result<(ReplicaStatus, bool), String> {
+) -> Result<(ReplicaStatus, bool), ControlError> {
     let mut c = connect(addr, timeout).await?;
     match c
         .open_replica(ReplicaRef {
@@ -52,10 +130,10 @@ pub async fn open_or_create(
                 })
                 .await
                 .map(|s| (s.into_inner(), true))
-                .map_err(|s| format!("create failed: {}", s.message())),
-            None => Err(format!("no replica of {volume} there: {}", s.message())),
+                .map_err(|s| ControlError::from_status(addr, "create", s)),
+            None => Err(ControlError::from_status(addr, "open", s)),
         },
-        Err(s) => Err(format!("open failed: {}", s.message())),
+        Err(s) => Err(ControlError::from_status(addr, "open", s)),
     }
 }
 
@@ -71,7 +149,7 @@ pub async fn set_epoch(
     incomplete: bool,
     reconciled: bool,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.set_epoch(SetEpochRequest {
         volume: volume.to_string(),
@@ -82,7 +160,7 @@ pub async fn set_epoch(
     })
     .await
     .map(|_| ())
-    .map_err(|s| format!("set epoch {epoch} failed: {}", s.message()))
+    .map_err(|s| ControlError::from_status(addr, "set epoch", s))
 }
 
 /// The replica's status (opens it if needed).
@@ -90,14 +168,14 @@ pub async fn status(
     addr: SocketAddr,
     volume: &str,
     timeout: Duration,
-) -> Result<ReplicaStatus, String> {
+) -> Result<ReplicaStatus, ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.status(ReplicaRef {
         volume: volume.to_string(),
     })
     .await
     .map(|s| s.into_inner())
-    .map_err(|s| format!("status failed: {}", s.message()))
+    .map_err(|s| ControlError::from_status(addr, "status", s))
 }
 
 /// Deletes the replica of `volume` at `addr` and its data.
@@ -105,39 +183,14 @@ pub async fn delete_replica(
     addr: SocketAddr,
     volume: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.delete_replica(ReplicaRef {
         volume: volume.to_string(),
     })
     .await
     .map(|_| ())
-    .map_err(|s| format!("delete failed: {}", s.message()))
-}
-
-/// Why a chain change was refused by a replica.
-#[derive(Debug)]
-pub enum ChainError {
-    /// The request itself is wrong everywhere (no such snapshot, newer
-    /// snapshots exist): report it, fault nobody.
-    Refused(String),
-    /// The replica is fenced at another epoch.
-    Fenced(String),
-    /// The replica failed.
-    Failed(String),
-}
-
-fn chain_error(s: tonic::Status) -> ChainError {
-    match s.code() {
-        Code::NotFound | Code::InvalidArgument | Code::AlreadyExists => {
-            ChainError::Refused(s.message().to_string())
-        }
-        Code::FailedPrecondition if s.message().contains("epoch") => {
-            ChainError::Fenced(s.message().to_string())
-        }
-        Code::FailedPrecondition => ChainError::Refused(s.message().to_string()),
-        _ => ChainError::Failed(s.message().to_string()),
-    }
+    .map_err(|s| ControlError::from_status(addr, "delete", s))
 }
 
 /// Deletes snapshot `name` on one replica, fenced at `epoch`.
@@ -147,8 +200,8 @@ pub async fn delete_snapshot(
     name: &str,
     epoch: u64,
     timeout: Duration,
-) -> Result<(), ChainError> {
-    let mut c = connect(addr, timeout).await.map_err(ChainError::Failed)?;
+) -> Result<(), ControlError> {
+    let mut c = connect(addr, timeout).await?;
     c.delete_snapshot(SnapshotRequest {
         volume: volume.to_string(),
         name: name.to_string(),
@@ -157,7 +210,26 @@ pub async fn delete_snapshot(
     })
     .await
     .map(|_| ())
-    .map_err(chain_error)
+    .map_err(|s| ControlError::from_status(addr, "snapshot delete", s))
+}
+
+/// Grows one replica to `size` bytes, fenced at `epoch`.
+pub async fn expand_replica(
+    addr: SocketAddr,
+    volume: &str,
+    size: u64,
+    epoch: u64,
+    timeout: Duration,
+) -> Result<(), ControlError> {
+    let mut c = connect(addr, timeout).await?;
+    c.expand_replica(ExpandReplicaRequest {
+        volume: volume.to_string(),
+        size,
+        epoch,
+    })
+    .await
+    .map(|_| ())
+    .map_err(|s| ControlError::from_status(addr, "expand", s))
 }
 
 /// Reverts one replica to snapshot `name`, fenced at `epoch`.
@@ -168,8 +240,8 @@ pub async fn revert_snapshot(
     epoch: u64,
     discard_newer: bool,
     timeout: Duration,
-) -> Result<(), ChainError> {
-    let mut c = connect(addr, timeout).await.map_err(ChainError::Failed)?;
+) -> Result<(), ControlError> {
+    let mut c = connect(addr, timeout).await?;
     c.revert_snapshot(SnapshotRequest {
         volume: volume.to_string(),
         name: name.to_string(),
@@ -178,7 +250,7 @@ pub async fn revert_snapshot(
     })
     .await
     .map(|_| ())
-    .map_err(chain_error)
+    .map_err(|s| ControlError::from_status(addr, "revert", s))
 }
 
 /// Snapshots of one replica, oldest first.
@@ -186,14 +258,14 @@ pub async fn list_snapshots(
     addr: SocketAddr,
     volume: &str,
     timeout: Duration,
-) -> Result<Vec<SnapshotInfo>, String> {
+) -> Result<Vec<SnapshotInfo>, ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.list_snapshots(ReplicaRef {
         volume: volume.to_string(),
     })
     .await
     .map(|s| s.into_inner().snapshots)
-    .map_err(|s| format!("listing snapshots failed: {}", s.message()))
+    .map_err(|s| ControlError::from_status(addr, "list snapshots", s))
 }
 
 /// What snapshot `to` (None: the live volume) holds where it may differ
@@ -207,7 +279,7 @@ pub async fn changed_extents(
     offset: u64,
     length: u64,
     timeout: Duration,
-) -> Result<Vec<Extent>, String> {
+) -> Result<Vec<Extent>, ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.changed_extents(ChangedExtentsRequest {
         volume: volume.to_string(),
@@ -218,7 +290,7 @@ pub async fn changed_extents(
     })
     .await
     .map(|s| s.into_inner().extents)
-    .map_err(|s| format!("listing changed ranges failed: {}", s.message()))
+    .map_err(|s| ControlError::from_status(addr, "list changed ranges", s))
 }
 
 /// Creates volume `new` on the server at `addr` from snapshot `snapshot` of
@@ -229,7 +301,7 @@ pub async fn clone_replica(
     snapshot: &str,
     new: &str,
     timeout: Duration,
-) -> Result<ReplicaStatus, String> {
+) -> Result<ReplicaStatus, ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.clone_replica(CloneReplicaRequest {
         volume: volume.to_string(),
@@ -238,18 +310,19 @@ pub async fn clone_replica(
     })
     .await
     .map(|s| s.into_inner())
-    .map_err(|s| format!("clone failed: {}", s.message()))
+    .map_err(|s| ControlError::from_status(addr, "clone", s))
 }
 
 /// Digests of each `region` bytes of `[offset, offset + length)` of the
 /// live volume on one replica (`client` from [`connect`]).
 pub async fn region_digests(
     client: &mut ReplicaControlClient<tonic::transport::Channel>,
+    addr: SocketAddr,
     volume: &str,
     offset: u64,
     length: u64,
     region: u64,
-) -> Result<Vec<Vec<u8>>, String> {
+) -> Result<Vec<Vec<u8>>, ControlError> {
     client
         .region_digests(RegionDigestsRequest {
             volume: volume.to_string(),
@@ -259,5 +332,5 @@ pub async fn region_digests(
         })
         .await
         .map(|r| r.into_inner().digests)
-        .map_err(|s| format!("region digests failed: {}", s.message()))
+        .map_err(|s| ControlError::from_status(addr, "region digests", s))
 }

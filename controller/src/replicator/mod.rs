@@ -21,6 +21,7 @@ mod chain_copy;
 mod compare;
 pub mod control;
 mod error;
+mod expand;
 mod range_lock;
 pub mod recovery;
 mod slot;
@@ -39,7 +40,8 @@ use strata_replica::client::{ClientError, ReplicaClient};
 use strata_replica::wire::Status;
 use strata_replica::AllocationExtent;
 
-pub use error::{IoCounters, VolumeError};
+pub use error::{IoCounters, ResizeRefusal, SnapshotProblem, SyncError, VolumeError};
+pub use expand::Expansion;
 pub use range_lock::{RangeGuard, RangeLock};
 pub use slot::{Departure, Health, Slot, SyncProgress, REGION};
 
@@ -66,7 +68,8 @@ impl Default for VolumeOptions {
 #[derive(Debug)]
 pub struct Volume {
     pub name: String,
-    pub size: u64,
+    /// Bytes; grows with [`Volume::expand`] (`expand.rs`).
+    size: AtomicU64,
     epoch: AtomicU64,
     slots: RwLock<Vec<Arc<Slot>>>,
     range_lock: RangeLock,
@@ -75,6 +78,9 @@ pub struct Volume {
     gate: tokio::sync::RwLock<()>,
     /// A replica left since the last epoch bump.
     needs_bump: AtomicBool,
+    /// The newer epoch a replica answered with once another controller took
+    /// the volume over (0: never). From then on every request is refused.
+    fenced_by: AtomicU64,
     pub options: VolumeOptions,
     /// This controller instance: the owner of the epochs it sets.
     pub owner: String,
@@ -147,12 +153,13 @@ impl Volume {
     ) -> Volume {
         Volume {
             name,
-            size,
+            size: AtomicU64::new(size),
             epoch: AtomicU64::new(epoch),
             slots: RwLock::new(slots.into_iter().map(Arc::new).collect()),
             range_lock: RangeLock::new(),
             gate: tokio::sync::RwLock::new(()),
             needs_bump: AtomicBool::new(false),
+            fenced_by: AtomicU64::new(0),
             options,
             owner,
             io: IoCounters::default(),
@@ -165,6 +172,11 @@ impl Volume {
 
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The volume's size in bytes now (it may grow, never shrinks).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn slots(&self) -> Vec<Arc<Slot>> {
@@ -193,7 +205,7 @@ impl Volume {
         }
     }
 
-    fn below_quorum(&self, op: &'static str, offset: u64) -> VolumeError {
+    pub(crate) fn below_quorum(&self, op: &'static str, offset: u64) -> VolumeError {
         VolumeError::BelowQuorum {
             volume: self.name.clone(),
             op,
@@ -271,6 +283,7 @@ impl Volume {
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: Future<Output = Result<(), ClientError>>,
     {
+        self.refuse_if_fenced(op, offset)?;
         let slots = self.slots();
         let quorum = slots.len() / 2 + 1;
         let mut targets = Vec::with_capacity(slots.len());
@@ -299,11 +312,13 @@ impl Volume {
             .await;
         let mut acked = 0;
         let mut invalid = None;
+        let mut newer_epoch = None;
         for (slot, healthy, r) in results {
             match r {
                 Ok(()) => acked += healthy as usize,
                 Err(e) if is_request_error(&e) => invalid = Some(e.to_string()),
                 Err(e) => {
+                    newer_epoch = newer_epoch.max(self.newer_epoch_in(&e));
                     if len > 0 {
                         slot.mark_pending(offset, len);
                     }
@@ -323,7 +338,43 @@ impl Volume {
         }
         if acked < quorum {
             self.io.errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(theirs) = newer_epoch {
+                self.fenced_by.fetch_max(theirs, Ordering::AcqRel);
+                return Err(self.fenced(op, offset));
+            }
             return Err(self.below_quorum(op, offset));
+        }
+        Ok(())
+    }
+
+    /// The epoch of a replica that refused a request because it moved to a
+    /// newer epoch than ours (another controller bumped it), if `e` says so.
+    fn newer_epoch_in(&self, e: &ClientError) -> Option<u64> {
+        match e {
+            ClientError::Replica {
+                status: Status::StaleEpoch,
+                epoch,
+                ..
+            } if *epoch > self.epoch() => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    fn fenced(&self, op: &'static str, offset: u64) -> VolumeError {
+        VolumeError::Fenced {
+            volume: self.name.clone(),
+            op,
+            offset,
+            ours: self.epoch(),
+            theirs: self.fenced_by.load(Ordering::Acquire),
+        }
+    }
+
+    /// Refuses every request once another controller took the volume over.
+    fn refuse_if_fenced(&self, op: &'static str, offset: u64) -> Result<(), VolumeError> {
+        if self.fenced_by.load(Ordering::Acquire) != 0 {
+            self.io.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(self.fenced(op, offset));
         }
         Ok(())
     }
@@ -341,9 +392,11 @@ impl Volume {
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
+        self.refuse_if_fenced(op, offset)?;
         let slots = self.slots();
         let n = slots.len();
         let start = (offset / READ_STRIPE) as usize;
+        let mut newer_epoch = None;
         let mut last = String::from("no healthy replica");
         // First the replicas on this host, in slot order; then the others,
         // by stripe. Each replica is tried once.
@@ -384,12 +437,17 @@ impl Volume {
                     last = message;
                 }
                 Err(e) => {
+                    newer_epoch = newer_epoch.max(self.newer_epoch_in(&e));
                     last = e.to_string();
                     self.fault(slot, format!("{op} at offset {offset} failed: {e}"));
                 }
             }
         }
         self.io.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(theirs) = newer_epoch {
+            self.fenced_by.fetch_max(theirs, Ordering::AcqRel);
+            return Err(self.fenced(op, offset));
+        }
         Err(VolumeError::NoReplica {
             volume: self.name.clone(),
             op,
@@ -611,12 +669,15 @@ impl Volume {
 
     /// Removes the slot at `addr`; refused if the volume would fall below
     /// its write quorum.
-    pub async fn remove_slot(&self, addr: SocketAddr) -> Result<(), String> {
+    pub async fn remove_slot(&self, addr: SocketAddr) -> Result<(), VolumeError> {
         let _exclusive = self.gate.write().await;
         {
             let mut slots = self.slots.write();
             let Some(i) = slots.iter().position(|s| s.addr == addr) else {
-                return Err(format!("{addr} is not a replica of volume {}", self.name));
+                return Err(VolumeError::NotAReplica {
+                    volume: self.name.clone(),
+                    addr,
+                });
             };
             let healthy_after = slots
                 .iter()
@@ -625,10 +686,13 @@ impl Volume {
                 .count();
             let quorum_after = (slots.len() - 1) / 2 + 1;
             if slots.len() == 1 || healthy_after < quorum_after {
-                return Err(format!(
-                    "removing {addr} would leave {healthy_after} healthy of {} replicas, below the write quorum of {quorum_after}",
-                    slots.len() - 1
-                ));
+                return Err(VolumeError::WouldLoseQuorum {
+                    volume: self.name.clone(),
+                    addr,
+                    healthy_after,
+                    remaining: slots.len() - 1,
+                    quorum_after,
+                });
             }
             slots.remove(i);
         }

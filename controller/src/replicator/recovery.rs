@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use std::sync::atomic::Ordering;
 
-use super::{chain_copy, compare, control, Health, Slot, Volume, REGION};
+use super::{chain_copy, compare, control, Health, Slot, SyncError, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -46,7 +46,7 @@ pub async fn recovery_loop(volume: Arc<Volume>, mut shutdown: watch::Receiver<bo
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = crate::stopped(&mut shutdown) => return,
+            _ = strata_net::stopped(&mut shutdown) => return,
         }
         for slot in volume.slots() {
             // A replica whose connection dropped while the volume was idle
@@ -107,17 +107,31 @@ pub fn spawn_sync(volume: Arc<Volume>, slot: Arc<Slot>) {
 /// Opens the replica again and lets it join write-only. One that cannot be
 /// resynced by delta is wiped and gets the volume's snapshot chain copied
 /// first (`chain_copy.rs`), then joins with every region pending.
-async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
+async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
     let timeout = volume.options.control_timeout;
     let (mut status, mut created) =
-        control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
-    if status.size != volume.size {
-        return Err(format!(
-            "its size {} differs from the volume's {}",
-            status.size, volume.size
-        ));
+        control::open_or_create(slot.addr, &volume.name, Some(volume.size()), timeout).await?;
+    // It missed an expansion while it was out: grow it first, so it never
+    // takes a write at the wrong size. (Fenced at its own epoch: only a
+    // replica whose epoch is not above ours gets here, see below.)
+    if status.size < volume.size() && status.epoch <= volume.epoch() {
+        control::expand_replica(
+            slot.addr,
+            &volume.name,
+            volume.size(),
+            status.epoch,
+            timeout,
+        )
+        .await?;
+        status = control::status(slot.addr, &volume.name, timeout).await?;
     }
-    let source = volume.healthy_addr().map_err(|e| e.to_string())?;
+    if status.size != volume.size() {
+        return Err(SyncError::SizeMismatch {
+            replica: status.size,
+            volume: volume.size(),
+        });
+    }
+    let source = volume.healthy_addr()?;
     let chain = control::status(source, &volume.name, timeout)
         .await?
         .snapshots;
@@ -144,32 +158,28 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         tracing::info!(volume = %volume.name, replica = %slot.addr, "wiping a replica for a full rebuild");
         control::delete_replica(slot.addr, &volume.name, timeout).await?;
         (status, created) =
-            control::open_or_create(slot.addr, &volume.name, Some(volume.size), timeout).await?;
+            control::open_or_create(slot.addr, &volume.name, Some(volume.size()), timeout).await?;
         if !created {
-            return Err("the wiped replica was not recreated".into());
+            return Err(SyncError::NotRecreated);
         }
     }
     let mut rounds = 0;
     let (_chain, chain) = loop {
         let have = control::status(slot.addr, &volume.name, timeout).await?;
         let chain_lock = volume.chain_lock.lock().await;
-        let want = control::status(
-            volume.healthy_addr().map_err(|e| e.to_string())?,
-            &volume.name,
-            timeout,
-        )
-        .await?
-        .snapshots;
+        let want = control::status(volume.healthy_addr()?, &volume.name, timeout)
+            .await?
+            .snapshots;
         if have.snapshots == want {
             break (chain_lock, want);
         }
         drop(chain_lock);
         rounds += 1;
         if delta || rounds > CHAIN_ROUNDS || !want.starts_with(&have.snapshots) {
-            return Err(format!(
-                "its snapshots {:?} are not a start of the volume's {:?}; it is rebuilt on the next try",
-                have.snapshots, want
-            ));
+            return Err(SyncError::ChainDiverged {
+                have: have.snapshots,
+                want,
+            });
         }
         let missing = &want[have.snapshots.len()..];
         let base = have.snapshots.last().cloned();
@@ -178,10 +188,10 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
     let _exclusive = volume.gate().write().await;
     let epoch = volume.epoch();
     if status.epoch > epoch {
-        return Err(format!(
-            "it has epoch {} above ours ({epoch}): another controller owns this volume",
-            status.epoch
-        ));
+        return Err(SyncError::NewerEpoch {
+            theirs: status.epoch,
+            ours: epoch,
+        });
     }
     if let Err(e) = control::set_epoch(
         slot.addr,
@@ -197,14 +207,14 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
         // Its epoch may equal ours in number but belong to someone else:
         // move to a fresh epoch before the next try.
         volume.request_bump();
-        return Err(e);
+        return Err(e.into());
     }
     let client = ReplicaClient::connect(slot.addr, &volume.name, epoch, volume.options.io_timeout)
         .await
-        .map_err(|e| format!("data connection failed: {e}"))?;
+        .map_err(|e| SyncError::data("data connection", e))?;
     if !delta {
         match chain.last() {
-            None => slot.mark_all_pending(volume.size),
+            None => slot.mark_all_pending(volume.size()),
             // The layers below are copied already: only what the live volume
             // holds above the newest snapshot is left (no write is in flight:
             // the gate is held).
@@ -237,12 +247,12 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), String> {
 }
 
 /// Marks the regions where the live volume differs from snapshot `newest`.
-async fn mark_live_changes(volume: &Volume, slot: &Slot, newest: &str) -> Result<(), String> {
-    let source = volume.healthy_addr().map_err(|e| e.to_string())?;
+async fn mark_live_changes(volume: &Volume, slot: &Slot, newest: &str) -> Result<(), SyncError> {
+    let source = volume.healthy_addr()?;
     let window = strata_replica::control::MAX_EXTENT_WINDOW;
     let mut offset = 0;
-    while offset < volume.size {
-        let len = window.min(volume.size - offset);
+    while offset < volume.size() {
+        let len = window.min(volume.size() - offset);
         let extents = control::changed_extents(
             source,
             &volume.name,
@@ -261,9 +271,10 @@ async fn mark_live_changes(volume: &Volume, slot: &Slot, newest: &str) -> Result
     Ok(())
 }
 
+/// A region copy that failed, by the side at fault.
 enum CopyError {
-    Source(String),
-    Target(String),
+    Source(SyncError),
+    Target(SyncError),
 }
 
 /// Copies `[start, end)` from a healthy replica to `target`: data where the
@@ -278,10 +289,10 @@ async fn copy_range(
         .slots()
         .into_iter()
         .find(|s| s.is_healthy())
-        .ok_or_else(|| CopyError::Source("no healthy replica to copy from".into()))?;
+        .ok_or_else(|| CopyError::Source(SyncError::from(volume.below_quorum("resync", start))))?;
     let source = source_slot
         .healthy_client()
-        .ok_or_else(|| CopyError::Source("source left".into()))?;
+        .ok_or_else(|| CopyError::Source(SyncError::from(volume.below_quorum("resync", start))))?;
     let len = (end - start) as u32;
     let extents = match source.block_status(start, len).await {
         Ok(e) => e,
@@ -290,7 +301,10 @@ async fn copy_range(
                 &source_slot,
                 format!("block status for a resync failed: {e}"),
             );
-            return Err(CopyError::Source(e.to_string()));
+            return Err(CopyError::Source(SyncError::data(
+                "block status on the source",
+                e,
+            )));
         }
     };
     let mut copied = 0;
@@ -305,7 +319,7 @@ async fn copy_range(
             target
                 .trim(cursor, (s - cursor) as u32)
                 .await
-                .map_err(|e| CopyError::Target(e.to_string()))?;
+                .map_err(|e| CopyError::Target(SyncError::data("resync write on the target", e)))?;
         }
         match ext.kind {
             Allocation::Data => {
@@ -313,19 +327,21 @@ async fn copy_range(
                     Ok(d) => d,
                     Err(err) => {
                         volume.fault(&source_slot, format!("read for a resync failed: {err}"));
-                        return Err(CopyError::Source(err.to_string()));
+                        return Err(CopyError::Source(SyncError::data(
+                            "read on the source",
+                            err,
+                        )));
                     }
                 };
-                target
-                    .write(s, data, false)
-                    .await
-                    .map_err(|e| CopyError::Target(e.to_string()))?;
+                target.write(s, data, false).await.map_err(|e| {
+                    CopyError::Target(SyncError::data("resync write on the target", e))
+                })?;
                 copied += e - s;
             }
             Allocation::Hole => target
                 .trim(s, (e - s) as u32)
                 .await
-                .map_err(|e| CopyError::Target(e.to_string()))?,
+                .map_err(|e| CopyError::Target(SyncError::data("resync write on the target", e)))?,
         }
         cursor = e;
     }
@@ -333,7 +349,7 @@ async fn copy_range(
         target
             .trim(cursor, (end - cursor) as u32)
             .await
-            .map_err(|e| CopyError::Target(e.to_string()))?;
+            .map_err(|e| CopyError::Target(SyncError::data("resync write on the target", e)))?;
     }
     Ok(copied)
 }
@@ -346,14 +362,14 @@ async fn copy_region(
     region: u64,
 ) -> (u64, u64, Result<u64, CopyError>) {
     let start = region * REGION;
-    let end = (start + REGION).min(volume.size);
+    let end = (start + REGION).min(volume.size());
     let _gate = volume.gate().read().await;
     let _range = volume.range_lock().lock(start, end).await;
     let result = match slot.health() {
         Health::Syncing(target) => copy_range(volume, &target, start, end).await,
-        other => Err(CopyError::Target(format!(
-            "the replica is no longer syncing ({other:?})"
-        ))),
+        other => Err(CopyError::Target(SyncError::NotSyncing(format!(
+            "{other:?}"
+        )))),
     };
     (start, end, result)
 }
@@ -369,7 +385,7 @@ fn ahead_of_cap(volume: &Volume, slot: &Slot) -> Option<Duration> {
 
 /// Copies every pending region to a syncing replica ([`SYNC_PARALLEL`]
 /// regions at a time), then makes it healthy.
-pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
+pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
     use futures::stream::{FuturesUnordered, StreamExt};
     let started = Instant::now();
     if slot.verify.load(Ordering::Acquire) {
@@ -430,7 +446,7 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
             Some(e) => {
                 volume.bump_epoch_if_needed().await;
                 if volume.healthy() == 0 {
-                    return Err(format!("no healthy source left: {e}"));
+                    return Err(e);
                 }
             }
             None => break,
@@ -439,16 +455,18 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), String> {
     // Durable on the target, then healthy at a new epoch.
     let _exclusive = volume.gate().write().await;
     let Health::Syncing(target) = slot.health() else {
-        return Err("the replica left before the sync finished".into());
+        return Err(SyncError::NotSyncing(
+            "it left before the sync finished".into(),
+        ));
     };
     if slot.pending_regions() > 0 {
-        return Err("regions were added during promotion".into());
+        return Err(SyncError::RegionsAdded);
     }
     if let Err(e) = target.flush().await {
         drop(_exclusive);
         volume.fault(slot, format!("flush after resync failed: {e}"));
         volume.bump_epoch_if_needed().await;
-        return Err(e.to_string());
+        return Err(SyncError::data("flush after resync", e));
     }
     slot.set_health(Health::Healthy(target));
     slot.verify.store(false, Ordering::Release);

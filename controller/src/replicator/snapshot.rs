@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use strata_proto::replica::SnapshotInfo;
 use strata_replica::client::ClientError;
 
-use super::control::{self, ChainError};
+use super::control::{self, Refusal};
+use super::error::SnapshotProblem;
 use super::{is_request_error, Health, Slot, Volume, VolumeError};
 
 /// Holds a snapshot against delete and revert while a backup reads it.
@@ -45,10 +46,16 @@ impl Drop for SnapshotInUse {
 }
 
 impl Volume {
-    fn snapshot_error(&self, snapshot: &str, reason: impl Into<String>) -> VolumeError {
+    fn snapshot_error(
+        &self,
+        snapshot: &str,
+        problem: SnapshotProblem,
+        reason: impl Into<String>,
+    ) -> VolumeError {
         VolumeError::Snapshot {
             volume: self.name.clone(),
             snapshot: snapshot.to_string(),
+            problem,
             reason: reason.into(),
         }
     }
@@ -59,6 +66,7 @@ impl Volume {
         } else {
             Err(self.snapshot_error(
                 name,
+                SnapshotProblem::InvalidName,
                 "invalid name: use 1 to 64 characters from A-Z a-z 0-9 . _ -",
             ))
         }
@@ -89,6 +97,7 @@ impl Volume {
         if comparing > 0 {
             return Err(self.snapshot_error(
                 name,
+                SnapshotProblem::Busy,
                 format!("{comparing} replica(s) are being compared with the others after a crash; snapshot changes wait until that is done (see `strata volume status`)"),
             ));
         }
@@ -117,6 +126,15 @@ impl Volume {
     pub async fn create_snapshot(&self, name: &str) -> Result<Duration, VolumeError> {
         self.check_snapshot_name(name)?;
         let _chain = self.chain_lock.lock().await;
+        // Only this controller changes the chain, under the chain lock: a
+        // name the chain holds now is taken.
+        if self.list_snapshots().await?.iter().any(|s| s.name == name) {
+            return Err(self.snapshot_error(
+                name,
+                SnapshotProblem::Exists,
+                "a snapshot of that name exists",
+            ));
+        }
         self.bump_epoch_if_needed().await;
         // Write back what is dirty now, while writes still flow: the flush
         // each replica does under the gate then has little left to do, so
@@ -153,7 +171,7 @@ impl Volume {
                 let reason = e.to_string();
                 drop(_exclusive);
                 self.bump_epoch_if_needed().await;
-                return Err(self.snapshot_error(name, reason));
+                return Err(self.snapshot_error(name, SnapshotProblem::Failed, reason));
             }
         }
         // Some took it, some refused it: their chains differed; the ones
@@ -184,12 +202,12 @@ impl Volume {
 
     /// Snapshots of the volume, oldest first, as a healthy replica holds them.
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, VolumeError> {
-        let mut last = String::new();
+        let mut last = String::from("no healthy replica");
         for slot in self.slots().into_iter().filter(|s| s.is_healthy()) {
             match control::list_snapshots(slot.addr, &self.name, self.options.control_timeout).await
             {
                 Ok(list) => return Ok(list),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         Err(VolumeError::NoReplica {
@@ -219,6 +237,7 @@ impl Volume {
         match names.iter().find(|n| used.contains_key(*n)) {
             Some(n) => Err(self.snapshot_error(
                 n,
+                SnapshotProblem::Busy,
                 format!("a running backup reads it; {op} refused (retry when the backup is done)"),
             )),
             None => Ok(()),
@@ -236,7 +255,7 @@ impl Volume {
     ) -> Result<(), VolumeError>
     where
         F: Fn(SocketAddr, u64) -> Fut,
-        Fut: std::future::Future<Output = Result<(), ChainError>>,
+        Fut: std::future::Future<Output = Result<(), control::ControlError>>,
     {
         self.bump_epoch_if_needed().await;
         let _exclusive = self.gate.write().await;
@@ -254,17 +273,21 @@ impl Volume {
         for (slot, r) in targets.into_iter().zip(results) {
             match r {
                 Ok(()) => done += 1,
-                Err(ChainError::Refused(e)) => refused.push((slot, e)),
-                Err(ChainError::Fenced(e) | ChainError::Failed(e)) => {
-                    self.fault_for_rebuild(&slot, format!("{what} failed: {e}"))
-                }
+                Err(e) if e.refusal().is_some() => refused.push((slot, e)),
+                Err(e) => self.fault_for_rebuild(&slot, format!("{what} failed: {e}")),
             }
         }
         if done == 0 {
             if let Some((_, e)) = refused.first() {
-                let reason = e.clone();
+                let problem = match e.refusal() {
+                    Some(Refusal::NotFound) => SnapshotProblem::NotFound,
+                    Some(Refusal::AlreadyExists) => SnapshotProblem::Exists,
+                    Some(Refusal::Invalid) => SnapshotProblem::InvalidName,
+                    _ => SnapshotProblem::Failed,
+                };
+                let reason = e.to_string();
                 self.bump_epoch_locked().await;
-                return Err(self.snapshot_error(name, reason));
+                return Err(self.snapshot_error(name, problem, reason));
             }
         }
         for (slot, e) in refused {
@@ -309,15 +332,24 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         self.check_snapshot_name(name)?;
         let _chain = self.chain_lock.lock().await;
-        let chain: Vec<String> = self
-            .list_snapshots()
-            .await?
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
+        let infos = self.list_snapshots().await?;
+        let chain: Vec<String> = infos.iter().map(|s| s.name.clone()).collect();
         let Some(pos) = chain.iter().position(|n| n == name) else {
-            return Err(self.snapshot_error(name, "no such snapshot"));
+            return Err(self.snapshot_error(name, SnapshotProblem::NotFound, "no such snapshot"));
         };
+        // Volumes only grow: a snapshot from before an expansion cannot
+        // become the volume again. Its data stays reachable by a clone.
+        let taken_at = infos[pos].size;
+        if taken_at != 0 && taken_at < self.size() {
+            return Err(self.snapshot_error(
+                name,
+                SnapshotProblem::SizeChanged,
+                format!(
+                    "it was taken at {taken_at} bytes and the volume has grown to {} since; reverting would shrink it: clone the snapshot to a new volume instead (strata volume clone)",
+                    self.size()
+                ),
+            ));
+        }
         if discard_newer {
             self.refuse_if_in_use(&chain[pos + 1..], "revert")?;
         }
@@ -349,7 +381,11 @@ impl Volume {
     ) -> Result<Vec<SocketAddr>, VolumeError> {
         self.check_snapshot_name(name)?;
         if !strata_replica::host::valid_volume_name(new) || new == self.name {
-            return Err(self.snapshot_error(name, format!("invalid name for the clone: {new:?}")));
+            return Err(self.snapshot_error(
+                name,
+                SnapshotProblem::InvalidName,
+                format!("invalid name for the clone: {new:?}"),
+            ));
         }
         let _chain = self.chain_lock.lock().await;
         let addrs: Vec<SocketAddr> = self
@@ -371,9 +407,16 @@ impl Volume {
         )
         .await;
         let mut failed = Vec::new();
-        for (a, r) in addrs.iter().zip(&results) {
+        let mut problem = None;
+        for r in &results {
             if let Err(e) = r {
-                failed.push(format!("{a}: {e}"));
+                failed.push(e.to_string());
+                problem = problem.or(match e.refusal() {
+                    Some(Refusal::NotFound) => Some(SnapshotProblem::NotFound),
+                    Some(Refusal::AlreadyExists) => Some(SnapshotProblem::Exists),
+                    Some(Refusal::Invalid) => Some(SnapshotProblem::InvalidName),
+                    _ => None,
+                });
             }
         }
         if !failed.is_empty() {
@@ -384,6 +427,7 @@ impl Volume {
             }
             return Err(self.snapshot_error(
                 name,
+                problem.unwrap_or(SnapshotProblem::Failed),
                 format!("clone to {new} failed: {}", failed.join("; ")),
             ));
         }

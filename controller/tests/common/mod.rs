@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use strata_controller::frontend::nbd::{serve, MemBackend};
+use strata_controller::frontend::mem::MemBackend;
+use strata_controller::frontend::nbd::serve;
 use tokio::sync::watch;
 
 pub struct Server {

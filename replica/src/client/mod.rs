@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::server::outbound::{OutBatch, BATCH_BYTES};
+use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{
     self, Command, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
 };

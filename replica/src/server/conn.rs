@@ -20,12 +20,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::outbound::{OutBatch, BATCH_BYTES};
 use super::read_buffers;
-use super::wait_shutdown;
 use crate::host::{HostError, ReplicaHost};
+use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{self, Command, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
 use crate::{Store, StoreError, View};
+use strata_net::stopped;
 
 /// Requests per connection decoded but not yet answered on the socket.
 pub const MAX_IN_FLIGHT: u32 = 64;
@@ -153,7 +153,7 @@ impl Conn {
                         break;
                     }
                 },
-                _ = wait_shutdown(shutdown) => break,
+                _ = stopped(shutdown) => break,
                 _ = self.tx.closed() => break,
             }
         }

@@ -35,6 +35,8 @@ pub struct SnapshotInfo {
     /// Bytes the layer's files occupy on disk (data written while it was the
     /// head, plus its block map).
     pub allocated: u64,
+    /// The volume's size when the snapshot was taken.
+    pub size: u64,
 }
 
 fn now() -> u64 {
@@ -104,6 +106,7 @@ impl Store {
         meta.layers.last_mut().expect("chain has a head").snapshot = Some(SnapshotMeta {
             name: name.to_string(),
             created: now(),
+            size: Some(st.meta.size),
         });
         meta.layers.push(LayerMeta {
             id: new_id,
@@ -141,6 +144,7 @@ impl Store {
                     name: s.name.clone(),
                     created: s.created,
                     allocated: files.allocated_bytes()?,
+                    size: s.size.unwrap_or(st.meta.size),
                 });
             }
         }
@@ -340,7 +344,9 @@ impl Store {
         Ok(())
     }
 
-    /// Grows the volume to `new_size` bytes (a multiple of 4096).
+    /// Grows the volume to `new_size` bytes (a multiple of 4096); the same
+    /// size is a no-op. The grown range reads as zeros. Snapshots keep the
+    /// size they were taken at (written into the older ones that lack it).
     pub fn expand(&self, new_size: u64) -> Result<()> {
         self.check_usable()?;
         let _control = self.control.lock();
@@ -357,7 +363,25 @@ impl Store {
                 },
             });
         }
+        if new_size == current {
+            return Ok(());
+        }
+        if let Some(capacity) = filesystem_bytes(&self.dir) {
+            if new_size > capacity {
+                return Err(StoreError::BadSize {
+                    current,
+                    requested: new_size,
+                    reason: "larger than the whole filesystem holding the replica",
+                });
+            }
+        }
+        self.failpoints.check("expand.before_meta")?;
         let mut meta = st.meta.clone();
+        for layer in &mut meta.layers {
+            if let Some(s) = &mut layer.snapshot {
+                s.size.get_or_insert(current);
+            }
+        }
         meta.size = new_size;
         self.commit_meta(&mut st, meta, "expand")
     }
@@ -368,8 +392,8 @@ impl Store {
             return self.read(offset, buf);
         };
         let st = self.state.read();
-        let (b0, b1) = self.check_range(st.meta.size, offset, buf.len() as u64)?;
         let top = position(&st, name)?;
+        let (b0, b1) = self.check_range(snapshot_size(&st, top), offset, buf.len() as u64)?;
         let segments = {
             let maps = st.maps.lock();
             view_segments(&maps, top, b0, b1)
@@ -410,10 +434,20 @@ impl Store {
             return self.allocation(offset, len);
         };
         let st = self.state.read();
-        let (b0, b1) = self.check_range(st.meta.size, offset, len)?;
         let top = position(&st, name)?;
+        let (b0, b1) = self.check_range(snapshot_size(&st, top), offset, len)?;
         let maps = st.maps.lock();
         Ok(merge_extents(view_segments(&maps, top, b0, b1)))
+    }
+
+    /// The size of what `view` reads: the volume's, or a snapshot's size
+    /// when it was taken.
+    pub fn view_size(&self, view: View<'_>) -> Result<u64> {
+        let st = self.state.read();
+        match view {
+            View::Head => Ok(st.meta.size),
+            View::Snapshot(name) => Ok(snapshot_size(&st, position(&st, name)?)),
+        }
     }
 
     /// The ranges of `[offset, offset + len)` that may differ between
@@ -530,4 +564,27 @@ fn remove_layer_files(files: &LayerFiles) {
             tracing::warn!(path = ?p, "could not remove a discarded layer file ({e}); it is removed at next open");
         }
     }
+}
+
+/// The volume's size when the snapshot at chain position `top` was taken.
+fn snapshot_size(st: &State, top: usize) -> u64 {
+    st.meta.layers[top]
+        .snapshot
+        .as_ref()
+        .and_then(|s| s.size)
+        .unwrap_or(st.meta.size)
+}
+
+/// Total bytes of the filesystem holding `dir` (None if it cannot be told).
+/// A volume may be larger than the free space (it is thin), never larger
+/// than the filesystem itself: that one could never be filled.
+fn filesystem_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is a plain C struct for which all-zero bytes are valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a writable
+    // statvfs that outlives the call.
+    let r = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (r == 0).then(|| st.f_blocks as u64 * st.f_frsize as u64)
 }

@@ -1,5 +1,7 @@
 //! The data wire between the controller and a replica: a pure codec over
-//! byte slices, no IO. Everything is little-endian.
+//! byte slices, no IO, and (in `outbound`) the batched frame writer that
+//! both the server's reply writer and the client's request writer use.
+//! Everything is little-endian.
 //!
 //! ```text
 //! request (40-byte header, then `length` payload bytes for HELLO, WRITE, SNAPSHOT)
@@ -29,6 +31,7 @@
 //! it names the request id and the frame length so the caller can skip the
 //! frame, send an error reply and go on. The same holds for [`Reply`].
 
+pub(crate) mod outbound;
 mod reply;
 mod request;
 

@@ -29,17 +29,17 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::cdb::{self, Command};
 use super::dataout::PendingWrite;
 use super::error::ConnError;
 use super::login::{Params, SessionType, TargetConfig};
-use super::lun::Lun;
-use super::pages::BLOCK;
 use super::pdu::*;
-use super::sense::Sense;
 use super::task::{self, Refusal, TaskCtl, TaskCtx, Tasks, TASK_SET_FULL};
 use super::text::{encode_text, parse_text};
 use super::window::{Admit, Window};
+use crate::frontend::scsi::cdb::{self, Command};
+use crate::frontend::scsi::lun::Lun;
+use crate::frontend::scsi::pages::BLOCK;
+use crate::frontend::scsi::sense::Sense;
 use crate::frontend::Backend;
 
 /// Command window size (commands admitted and not yet answered).
@@ -187,7 +187,9 @@ fn cost(c: &Command) -> u64 {
         Command::Verify { blocks, .. } => 2 * b(blocks),
         Command::CompareAndWrite { blocks, .. } => 3 * b(blocks),
         Command::OrWrite { blocks, .. } => 2 * b(blocks),
-        Command::WriteSame { .. } => b(super::pages::LIMITS.optimal_transfer) + BLOCK,
+        Command::WriteSame { .. } => {
+            b(crate::frontend::scsi::pages::LIMITS.optimal_transfer) + BLOCK
+        }
         _ => 64 * 1024,
     }
 }
@@ -262,8 +264,8 @@ where
                 let _ = c.tx.send(nop_in(RESERVED_TAG, ttt, [0; 8], Bytes::new())).await;
                 continue;
             }
-            _ = crate::stopped(&mut shutdown) => break Ok(()),
-            _ = crate::stopped(&mut kill) => break Ok(()),
+            _ = strata_net::stopped(&mut shutdown) => break Ok(()),
+            _ = strata_net::stopped(&mut kill) => break Ok(()),
         };
         let frame = match frame {
             Ok(Some(f)) => f,

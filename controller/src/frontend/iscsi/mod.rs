@@ -6,11 +6,11 @@
 //! optional one-way or mutual [`chap`], operational negotiation), then
 //! [`conn`] runs the full feature phase: PDUs ([`pdu`], pure, fuzzed in
 //! `controller/fuzz`) go through the command [`window`]; SCSI commands
-//! are parsed ([`cdb`]), collect their Data-Out ([`dataout`]: immediate,
-//! unsolicited, R2T-solicited) and run as [`task`]s on the logical unit
-//! ([`lun`]: SCSI semantics over the backend; [`pages`]: INQUIRY/VPD/mode
-//! data; [`sense`]: status and sense). Answers go back through one writer
-//! that stamps StatSN/ExpCmdSN/MaxCmdSN.
+//! are parsed (`scsi::cdb`), collect their Data-Out ([`dataout`]:
+//! immediate, unsolicited, R2T-solicited) and run as [`task`]s on the
+//! logical unit (`scsi::lun`: SCSI semantics over the backend, with
+//! `scsi::pages` and `scsi::sense`; see [`crate::frontend::scsi`]).
+//! Answers go back through one writer that stamps StatSN/ExpCmdSN/MaxCmdSN.
 //!
 //! One target per volume (`iqn.2026-11.io.strata:<volume>`) with one LUN
 //! (0) of 4096-byte logical blocks. Negotiated: header and data digests
@@ -27,16 +27,12 @@
 //! Capacity changes are noticed: each session raises CAPACITY DATA HAS
 //! CHANGED once when the backend's size differs from what it last saw.
 
-pub mod cdb;
 pub mod chap;
 pub mod conn;
 pub mod dataout;
 pub mod error;
 pub mod login;
-pub mod lun;
-pub mod pages;
 pub mod pdu;
-pub mod sense;
 pub mod server;
 pub mod task;
 pub mod text;

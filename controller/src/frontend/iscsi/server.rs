@@ -15,16 +15,15 @@ use bytes::BytesMut;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use super::chap::ChapConfig;
 use super::conn::{full_feature, read_frame, ConnOptions, WINDOW};
 use super::error::ConnError;
 use super::login::*;
-use super::lun::Lun;
-use super::pages::Identity;
 use super::pdu::{encode, login_response, parse_request, stamp_seq, Digests, OutPdu, Request};
+use crate::frontend::scsi::lun::Lun;
+use crate::frontend::scsi::pages::Identity;
 use crate::frontend::Backend;
 
 /// Connections served at once; more wait in the listen backlog.
@@ -121,7 +120,7 @@ pub struct Target<B> {
 
 impl<B: Backend> Target<B> {
     pub fn new(backend: Arc<B>, opts: IscsiOptions) -> Arc<Target<B>> {
-        let volume = backend.export_name().to_string();
+        let volume = backend.volume_name().to_string();
         let name = target_name(&volume);
         Arc::new(Target {
             lun: Arc::new(Lun::new(
@@ -148,50 +147,29 @@ pub async fn serve<B: Backend>(
     listener: TcpListener,
     backend: Arc<B>,
     opts: IscsiOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let target = Target::new(backend, opts);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = crate::stopped(&mut shutdown) => break,
-        };
-        let (sock, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("iSCSI accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = crate::stopped(&mut shutdown) => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let _ = sock.set_nodelay(true);
-        let local = match sock.local_addr() {
-            Ok(a) => a,
-            Err(_) => continue,
-        };
-        let (target, rx) = (target.clone(), shutdown.clone());
-        conns.spawn(async move {
+    let limits = strata_net::Limits {
+        name: "iSCSI",
+        max_connections: MAX_CONNECTIONS,
+        grace: SHUTDOWN_GRACE,
+    };
+    let rx = shutdown.clone();
+    strata_net::serve(listener, limits, shutdown, move |sock, peer| {
+        let (target, rx) = (target.clone(), rx.clone());
+        async move {
+            let local = match sock.local_addr() {
+                Ok(a) => a,
+                Err(_) => return,
+            };
             match serve_connection(sock, local, target, rx).await {
                 Ok(()) => tracing::debug!(%peer, "iSCSI connection closed"),
                 Err(e) => tracing::info!(%peer, "iSCSI connection closed: {e}"),
             }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::warn!("iSCSI connections still open after {SHUTDOWN_GRACE:?}; dropping them");
-    }
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -276,7 +254,7 @@ where
             Ok(r) => r?,
             Err(_) => return Err(ConnError::LoginTimeout(LOGIN_TIMEOUT)),
         },
-        _ = crate::stopped(&mut shutdown) => return Ok(()),
+        _ = strata_net::stopped(&mut shutdown) => return Ok(()),
     };
     let Some((neg, tsih, kill, statsn)) = done else {
         return Ok(());

@@ -13,12 +13,12 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use super::cdb::Command;
 use super::login::Params;
-use super::lun::{Lun, Outcome};
 use super::pdu::{data_in, scsi_response, OutPdu, Residual};
-use super::sense::{Sense, GOOD};
 use super::window::Window;
+use crate::frontend::scsi::cdb::Command;
+use crate::frontend::scsi::lun::{Lun, Outcome};
+use crate::frontend::scsi::sense::{Sense, GOOD};
 use crate::frontend::Backend;
 
 /// SCSI status TASK SET FULL: the initiator should retry later.
@@ -136,7 +136,7 @@ impl TaskCtx {
                     let s = sense.fixed();
                     scsi_response(
                         self.itt,
-                        super::sense::CHECK_CONDITION,
+                        crate::frontend::scsi::sense::CHECK_CONDITION,
                         Some(&s),
                         residual,
                         self.r2ts,
@@ -159,7 +159,7 @@ impl TaskCtx {
 
 /// Runs `cmd` and answers.
 pub async fn run<B: Backend>(lun: Arc<Lun<B>>, cmd: Command, data: Bytes, ctx: TaskCtx) {
-    let write = cmd.data_out_len(super::pages::BLOCK) > 0;
+    let write = cmd.data_out_len(crate::frontend::scsi::pages::BLOCK) > 0;
     let out = lun.execute(&cmd, data).await;
     ctx.finish(out, write).await;
 }

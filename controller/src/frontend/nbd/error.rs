@@ -4,7 +4,29 @@
 
 use std::io;
 
-use super::proto::ProtoError;
+use super::proto::{
+    ProtoError, NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN,
+};
+use crate::frontend::BackendError;
+
+/// The NBD error number sent to the client for a failed backend call.
+///
+/// A volume below its write quorum answers `EIO`: a failure of the device
+/// that may clear when a replica returns (Linux treats every NBD error as
+/// an IO error anyway). A fenced volume answers `ESHUTDOWN`, the error the
+/// protocol gives a server that is going away: a newer controller serves
+/// the volume now, and a client that reconnects reaches it. `EPERM` is
+/// kept for a deliberately read-only volume, as the protocol asks.
+pub fn nbd_errno(e: &BackendError) -> u32 {
+    match e {
+        BackendError::Io(_) | BackendError::BelowQuorum(_) => NBD_EIO,
+        BackendError::Fenced(_) => NBD_ESHUTDOWN,
+        BackendError::Invalid(_) => NBD_EINVAL,
+        BackendError::NoSpace(_) => NBD_ENOSPC,
+        BackendError::ReadOnly => NBD_EPERM,
+        BackendError::NotSupported(_) => NBD_ENOTSUP,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -22,4 +44,20 @@ pub enum ConnError {
     Truncated,
     #[error("Write of {len} bytes is larger than the {max} accepted")]
     PayloadTooLarge { len: u32, max: u32 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(nbd_errno(&BackendError::Io("x".into())), 5);
+        assert_eq!(nbd_errno(&BackendError::BelowQuorum("x".into())), 5);
+        assert_eq!(nbd_errno(&BackendError::Fenced("newer epoch".into())), 108);
+        assert_eq!(nbd_errno(&BackendError::Invalid("x".into())), 22);
+        assert_eq!(nbd_errno(&BackendError::NoSpace("x".into())), 28);
+        assert_eq!(nbd_errno(&BackendError::ReadOnly), 1);
+        assert_eq!(nbd_errno(&BackendError::NotSupported("x".into())), 95);
+    }
 }

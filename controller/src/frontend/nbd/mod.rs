@@ -7,13 +7,13 @@
 //! STRUCTURED_REPLY, SET/LIST_META_CONTEXT with `base:allocation`), and
 //! [`transmission`] parses pipelined requests, validates them, and hands
 //! them to [`ops::Export`], which aligns them to 4096-byte blocks and
-//! calls the backend (the replicator in production, [`MemBackend`] in
-//! tests). Replies go back through one writer, possibly out of order.
+//! calls the [`Backend`](crate::frontend::Backend) (the replicator in
+//! production, `MemBackend` in tests). Replies go back through one writer, possibly out of order.
 //!
 //! - [`proto`]: the wire format, pure parsers and encoders (fuzzed in
 //!   `controller/fuzz`);
-//! - [`backend`]: the [`Backend`] trait and [`BackendError`] → NBD errno;
-//! - [`mem`]: [`MemBackend`], an in-memory sparse backend;
+//! - [`error`]: why a connection ended, and [`nbd_errno`]: a backend
+//!   failure as an NBD error number;
 //! - [`handshake`], [`transmission`], [`ops`], [`server`]: the server.
 //!
 //! Choices worth knowing: `NBD_FLAG_CAN_MULTI_CONN` is advertised (a
@@ -25,17 +25,13 @@
 //! gets `NBD_REP_ERR_POLICY`), extended headers, `NBD_CMD_CACHE`,
 //! `NBD_CMD_RESIZE`, read-only exports.
 
-pub mod backend;
 pub mod error;
 pub mod handshake;
-pub mod mem;
 pub mod ops;
 pub mod proto;
 pub mod server;
 pub mod transmission;
 
-pub use backend::{Backend, BackendError, BLOCK_SIZE};
-pub use error::ConnError;
-pub use mem::{FailOn, MemBackend, MemStats};
+pub use error::{nbd_errno, ConnError};
 pub use ops::Export;
 pub use server::{serve, serve_connection};

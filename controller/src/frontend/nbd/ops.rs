@@ -18,9 +18,9 @@ use bytes::{Bytes, BytesMut};
 use strata_replica::{Allocation, AllocationExtent};
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::backend::{Backend, BackendError, BLOCK_SIZE};
 use super::handshake::ExportFacts;
 use super::proto::{BlockDescriptor, NBD_STATE_HOLE, NBD_STATE_ZERO};
+use crate::frontend::{Backend, BackendError, BLOCK_SIZE};
 
 /// Lock stripes for read-modify-write (a block maps to `index % STRIPES`).
 const STRIPES: usize = 256;
@@ -44,20 +44,17 @@ fn aligned(x: u64) -> bool {
 /// One exported backend, shared by all its connections.
 pub struct Export<B> {
     backend: Arc<B>,
-    facts: ExportFacts,
+    name: String,
     stripes: Vec<Mutex<()>>,
 }
 
 impl<B: Backend> Export<B> {
     pub fn new(backend: Arc<B>) -> Arc<Self> {
-        let facts = ExportFacts {
-            name: backend.export_name().to_owned(),
-            size: align_down(backend.size()),
-        };
+        let name = backend.volume_name().to_owned();
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
         Arc::new(Export {
             backend,
-            facts,
+            name,
             stripes,
         })
     }
@@ -66,9 +63,14 @@ impl<B: Backend> Export<B> {
         &self.backend
     }
 
-    /// Name and size as advertised (size rounded down to 4096).
-    pub fn facts(&self) -> &ExportFacts {
-        &self.facts
+    /// Name and size as advertised now (size rounded down to 4096). Read
+    /// at each handshake: a volume that grew shows its new size to new
+    /// connections.
+    pub fn facts(&self) -> ExportFacts {
+        ExportFacts {
+            name: self.name.clone(),
+            size: align_down(self.backend.size()),
+        }
     }
 
     /// Locks the stripes of the given blocks, in stripe order (no deadlock).
@@ -284,7 +286,7 @@ pub fn descriptors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::nbd::mem::MemBackend;
+    use crate::frontend::mem::MemBackend;
 
     const HZ: u32 = NBD_STATE_HOLE | NBD_STATE_ZERO;
 

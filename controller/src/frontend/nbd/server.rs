@@ -7,16 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use strata_net::stopped;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
-use super::backend::Backend;
 use super::error::ConnError;
 use super::handshake::handshake;
 use super::ops::Export;
 use super::transmission::transmission;
+use crate::frontend::Backend;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -25,59 +25,32 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutdown waits for connections to finish in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// Resolves once `shutdown` holds `true` or its sender is gone.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|v| *v).await;
-}
-
 /// Serves `backend` to every client of `listener` until `shutdown` turns
 /// true (or its sender is dropped); then stops accepting, lets each
 /// connection finish its in-flight requests (at most [`SHUTDOWN_GRACE`])
-/// and returns. Accept errors (out of file descriptors...) are logged and
-/// retried, so this only returns on shutdown.
+/// and returns (the accept loop is [`strata_net::serve`]).
 pub async fn serve<B: Backend>(
     listener: TcpListener,
     backend: Arc<B>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let export = Export::new(backend);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
-        let (sock, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("NBD accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
-        while conns.try_join_next().is_some() {}
-        let _ = sock.set_nodelay(true);
-        let (export, rx) = (export.clone(), shutdown.clone());
-        conns.spawn(async move {
+    let limits = strata_net::Limits {
+        name: "NBD",
+        max_connections: MAX_CONNECTIONS,
+        grace: SHUTDOWN_GRACE,
+    };
+    let rx = shutdown.clone();
+    strata_net::serve(listener, limits, shutdown, move |sock, peer| {
+        let (export, rx) = (export.clone(), rx.clone());
+        async move {
             match serve_connection(sock, export, rx).await {
                 Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                 Err(e) => tracing::info!(%peer, "NBD connection closed: {e}"),
             }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let drain = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::warn!("NBD connections still open after {SHUTDOWN_GRACE:?}; dropping them");
-    }
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -94,7 +67,7 @@ where
     B: Backend,
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let facts = export.facts().clone();
+    let facts = export.facts();
     let session = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &mut buf, &facts)) => match r {
             Ok(Ok(Some(s))) => s,

@@ -18,12 +18,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::backend::{Backend, BackendError};
-use super::error::ConnError;
+use super::error::{nbd_errno, ConnError};
 use super::handshake::{fill, Session, BASE_ALLOCATION_ID, MAX_PAYLOAD};
 use super::ops::Export;
 use super::proto::*;
-use super::server::stopped;
+use crate::frontend::{Backend, BackendError};
+use strata_net::stopped;
 
 /// Requests handled at once on one connection.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -181,7 +181,7 @@ async fn execute<B: Backend>(
         Ok(reply) => reply,
         Err(e) => {
             tracing::debug!(handle = req.handle, cmd = ?req.cmd, offset = req.offset, len = req.len, "NBD request failed: {e}");
-            error_reply(&req, session, e.nbd_errno(), &e.to_string())
+            error_reply(&req, session, nbd_errno(&e), &e.to_string())
         }
     }
 }

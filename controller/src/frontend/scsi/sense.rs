@@ -54,6 +54,13 @@ impl Sense {
     pub const READ_ERROR: Sense = s(MEDIUM_ERROR, 0x11, 0x00);
     pub const WRITE_ERROR: Sense = s(MEDIUM_ERROR, 0x0c, 0x00);
     pub const NOT_READY_CAUSE_UNKNOWN: Sense = s(NOT_READY, 0x04, 0x00);
+    /// LOGICAL UNIT IS IN PROCESS OF BECOMING READY: Linux's SCSI layer
+    /// requeues the command (scsi_error.c, ASC 04h ASCQ 01h).
+    pub const NOT_READY_BECOMING_READY: Sense = s(NOT_READY, 0x04, 0x01);
+    /// LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE: this
+    /// port will not serve the unit again; another path (a newer
+    /// controller) may.
+    pub const NOT_READY_PORT_UNAVAILABLE: Sense = s(NOT_READY, 0x04, 0x0c);
     pub const WRITE_PROTECTED: Sense = s(DATA_PROTECT, 0x27, 0x00);
     pub const SPACE_ALLOCATION_FAILED: Sense = s(DATA_PROTECT, 0x27, 0x07);
     pub const INTERNAL_TARGET_FAILURE: Sense = s(HARDWARE_ERROR, 0x44, 0x00);
@@ -97,13 +104,16 @@ impl Sense {
     }
 
     /// The sense for a backend failure during a read (`write == false`) or
-    /// a write. A volume below quorum is NOT READY (it may come back); an
-    /// IO error is a MEDIUM ERROR.
+    /// a write. A volume below its write quorum is NOT READY, becoming
+    /// ready (an initiator retries; a replica may come back); a fenced
+    /// volume is NOT READY, port unavailable (a newer controller serves
+    /// it); an IO error is a MEDIUM ERROR.
     pub fn from_backend(e: &BackendError, write: bool) -> Sense {
         match e {
             BackendError::Io(_) if write => Sense::WRITE_ERROR,
             BackendError::Io(_) => Sense::READ_ERROR,
-            BackendError::Fenced(_) => Sense::NOT_READY_CAUSE_UNKNOWN,
+            BackendError::BelowQuorum(_) => Sense::NOT_READY_BECOMING_READY,
+            BackendError::Fenced(_) => Sense::NOT_READY_PORT_UNAVAILABLE,
             BackendError::Invalid(_) => Sense::INVALID_FIELD_IN_CDB,
             BackendError::NotSupported(_) => Sense::INVALID_FIELD_IN_CDB,
             BackendError::NoSpace(_) => Sense::SPACE_ALLOCATION_FAILED,

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use strata_replica::{Allocation, AllocationExtent};
 
-use super::backend::{Backend, BackendError, BLOCK_SIZE};
+use super::{Backend, BackendError, BLOCK_SIZE};
 
 const BS: usize = BLOCK_SIZE as usize;
 
@@ -204,7 +204,7 @@ impl Backend for MemBackend {
         self.size
     }
 
-    fn export_name(&self) -> &str {
+    fn volume_name(&self) -> &str {
         &self.name
     }
 
@@ -341,7 +341,7 @@ mod tests {
             .write(0, Bytes::from(vec![1; 4096]), false)
             .await
             .unwrap_err();
-        assert_eq!(err.nbd_errno(), 5);
+        assert_eq!(err, BackendError::Fenced("epoch 3".into()));
         m.fail_with(None);
         assert!(m.write(0, Bytes::from(vec![1; 4096]), false).await.is_ok());
     }

@@ -1,11 +1,12 @@
-//! [`Backend`]: what the NBD server needs from a volume, and
-//! [`BackendError`]: how a backend failure becomes an NBD error number.
+//! [`Backend`]: what a frontend (NBD, iSCSI) needs from a volume, and
+//! [`BackendError`]: why a backend call failed, in terms each protocol
+//! maps to its own error (NBD errno in `nbd::ops`, SCSI sense in
+//! `scsi::sense`).
 //!
-//! The server validates every request (range, length) before calling a
-//! backend and only ever passes block-aligned ranges ([`BLOCK_SIZE`]):
-//! unaligned client requests are turned into aligned ones by the server
-//! (read of the covering range, read-modify-write at the edges, trim
-//! rounded inward). A backend may still refuse a range with
+//! A frontend validates every request (range, length) before calling a
+//! backend and only ever passes block-aligned ranges ([`BLOCK_SIZE`]),
+//! unless the backend [handles unaligned](Backend::handles_unaligned)
+//! writes itself. A backend may still refuse a range with
 //! [`BackendError::Invalid`].
 
 use std::future::Future;
@@ -13,22 +14,23 @@ use std::future::Future;
 use bytes::Bytes;
 use strata_replica::AllocationExtent;
 
-use super::proto::{NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM};
-
 /// Alignment of every offset and length the server passes to a backend.
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// A block device served over NBD.
+/// A block device served by the frontends.
 ///
 /// Consistency across connections: the server advertises
 /// `NBD_FLAG_CAN_MULTI_CONN`, so a backend must make a completed `flush`
 /// (or a write with `fua`) cover every write completed before it, whichever
 /// connection sent it. One shared volume object does this naturally.
 pub trait Backend: Send + Sync + 'static {
-    /// Size in bytes; the server exports it rounded down to [`BLOCK_SIZE`].
+    /// Size in bytes, rounded down to [`BLOCK_SIZE`] by the frontends. It
+    /// may grow while clients are connected (an online expansion): NBD
+    /// reads it at each handshake, iSCSI raises a unit attention.
     fn size(&self) -> u64;
-    /// Export name clients must ask for (empty name "" is also accepted as the default export).
-    fn export_name(&self) -> &str;
+    /// The volume's name: NBD's export name (the empty name "" is accepted
+    /// as the default export too), the last part of the iSCSI target name.
+    fn volume_name(&self) -> &str;
     /// True if the backend itself accepts writes and zeroing that are not
     /// block-aligned, ordering them against every other write (the
     /// replicator does, under its range lock). The frontend then passes
@@ -78,58 +80,34 @@ pub trait Backend: Send + Sync + 'static {
 
 /// Why a backend call failed.
 ///
-/// Mapping to NBD errors ([`BackendError::nbd_errno`]): a volume that is
-/// below its write quorum or fenced by a newer epoch answers `EIO`, not
-/// `EPERM`: the condition is a failure of the device that may clear (a
-/// replica returns), not a permission the client lacks, and Linux treats
-/// both as an IO error anyway. `EPERM` is kept for a deliberately
-/// read-only volume, as the protocol asks.
+/// Each frontend maps a variant to its protocol: NBD picks an errno
+/// (`nbd::ops::nbd_errno`), iSCSI a sense key and code
+/// (`scsi::sense::Sense::from_backend`). A volume below its write quorum
+/// and a fenced volume are told apart from a failed disk: an initiator may
+/// retry the first; the second is served by a newer controller now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
-    /// Reading or writing failed: `EIO`.
+    /// Reading or writing failed on every replica.
     #[error("IO error: {0}")]
     Io(String),
-    /// The request is wrong for this device (range, alignment): `EINVAL`.
+    /// The request is wrong for this device (range, alignment).
     #[error("Invalid request: {0}")]
     Invalid(String),
-    /// No space left: `ENOSPC`.
+    /// No space left.
     #[error("No space left: {0}")]
     NoSpace(String),
-    /// The volume is read-only: `EPERM`.
+    /// The volume is read-only.
     #[error("Volume is read-only")]
     ReadOnly,
-    /// Below write quorum, or a newer controller took over: `EIO`.
+    /// Fewer replicas are healthy than a write needs; may clear when a
+    /// replica returns.
+    #[error("Volume below its write quorum: {0}")]
+    BelowQuorum(String),
+    /// A newer controller took the volume over (a newer epoch on a
+    /// majority): this one will not serve it again.
     #[error("Volume is fenced: {0}")]
     Fenced(String),
-    /// The operation cannot be done as asked (e.g. fast zero): `ENOTSUP`.
+    /// The operation cannot be done as asked (e.g. fast zero).
     #[error("Not supported: {0}")]
     NotSupported(String),
-}
-
-impl BackendError {
-    /// The NBD error number sent to the client.
-    pub fn nbd_errno(&self) -> u32 {
-        match self {
-            BackendError::Io(_) | BackendError::Fenced(_) => NBD_EIO,
-            BackendError::Invalid(_) => NBD_EINVAL,
-            BackendError::NoSpace(_) => NBD_ENOSPC,
-            BackendError::ReadOnly => NBD_EPERM,
-            BackendError::NotSupported(_) => NBD_ENOTSUP,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn errno_mapping() {
-        assert_eq!(BackendError::Io("x".into()).nbd_errno(), 5);
-        assert_eq!(BackendError::Fenced("below quorum".into()).nbd_errno(), 5);
-        assert_eq!(BackendError::Invalid("x".into()).nbd_errno(), 22);
-        assert_eq!(BackendError::NoSpace("x".into()).nbd_errno(), 28);
-        assert_eq!(BackendError::ReadOnly.nbd_errno(), 1);
-        assert_eq!(BackendError::NotSupported("x".into()).nbd_errno(), 95);
-    }
 }

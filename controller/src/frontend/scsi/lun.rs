@@ -521,7 +521,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frontend::nbd::MemBackend;
+    use crate::frontend::mem::MemBackend;
 
     fn lun(blocks: u64) -> Lun<MemBackend> {
         Lun::new(

@@ -1,0 +1,25 @@
+//! `strata-net`: what every strata server shares around its sockets.
+//!
+//! - [`stopped`]: the one "wait for shutdown" future. Every server gets a
+//!   `tokio::sync::watch::Receiver<bool>` that turns `true` (or loses its
+//!   sender) when the process stops.
+//! - [`serve`]: the one accept loop (NBD, iSCSI, the replica data wire, the
+//!   replica node's shared port, `/metrics`), after tokio's mini-redis: a
+//!   semaphore caps the connections served at once, accept errors (out of
+//!   file descriptors...) back off exponentially instead of spinning, and
+//!   on shutdown the loop stops accepting and gives the open connections
+//!   one grace period to finish what they have read before dropping them.
+//!
+//! Connections come from a [`Incoming`] source: a `TcpListener`, or a
+//! channel of streams accepted elsewhere (the replica node routes one port
+//! to two protocols).
+
+mod listener;
+
+pub use listener::{serve, Incoming, Limits};
+
+/// Resolves once `shutdown` holds `true` or its sender is gone. Holds no
+/// lock across an await, so it can sit in a `select!` of a spawned task.
+pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
