@@ -6,11 +6,11 @@
 # it and runs fio with verify=crc32c while the host kills the controller
 # with SIGKILL and restarts it 3 s later. fio must see no error, dmesg no IO
 # error, the filesystem must stay read-write. Then the supervisor is
-# restarted (and the controller killed once more, so the new supervisor has
-# to reconnect), the device is detached, attached again and fsck'd. A last
-# phase grows an nbdkit export on the host and checks that
-# `strata volume refresh-size` makes the kernel device show the new size
-# and resize2fs grows the mounted filesystem.
+# restarted, the volume grown (`strata volume expand`) and the controller
+# killed once more: the new supervisor reconnects and its RECONFIGURE
+# carries the new size; resize2fs grows the mounted ext4. The device is
+# detached, attached again and fsck'd. A last phase grows an nbdkit export
+# the same way and checks that `attach --supervise` exits after a detach.
 #
 # The guest prints STRATA-VM-RESULT: PASS or FAIL on the serial console;
 # this script checks it. Everything is bounded by `timeout`.
@@ -247,6 +247,16 @@ fio --name=after --filename=/mnt/after --size=4M --bs=64k --rw=write --ioengine=
 wait_for /tmp/sup2.log "reconnected" 30 || fail "the restarted supervisor did not reconnect"
 dmesg | grep -E "I/O error|EXT4-fs error|Remounting filesystem read-only" && fail "IO errors in dmesg"
 say "second restart ridden out by the restarted supervisor"
+# The host grew the volume before that restart: the reconnect's RECONFIGURE
+# carried the new size (NBD_ATTR_SIZE_BYTES) with the new socket.
+NEWSIZE=$(cat /sys/block/${DEV#/dev/}/size)
+[ "$NEWSIZE" -eq $((192 * 2048)) ] || fail "after strata volume expand + reconnect $DEV shows $NEWSIZE sectors"
+grep -q "device resized" /tmp/sup2.log || fail "the supervisor did not log the resize"
+resize2fs "$DEV" > /tmp/resize1.log 2>&1 || fail "resize2fs on the grown strata volume: $(cat /tmp/resize1.log)"
+dd if="$DEV" of=/dev/null bs=4096 skip=$((NEWSIZE / 8 - 1)) count=1 iflag=direct 2> /tmp/dd1.log \
+    || fail "reading the last block of the grown device: $(cat /tmp/dd1.log)"
+dmesg | grep -E "I/O error|EXT4-fs error" && fail "IO errors after the grow"
+say "strata volume grown online: 262144 -> $NEWSIZE sectors; $(grep -o 'is now [0-9]* (4k) blocks' /tmp/resize1.log)"
 
 umount /mnt || fail "umount"
 strata volume detach "$DEV" || fail "detach"
@@ -259,11 +269,10 @@ say "fsck clean on $DEV2"
 strata volume detach "$DEV2" || fail "detach again"
 [ "$(strata volume attachments | wc -l)" -eq 1 ] || fail "attachments left: $(strata volume attachments)"
 
-# Online growth: strata's controller cannot grow a volume yet, so an nbdkit
-# export on the host grows instead. nbdkit fixes a connection's size at its
-# handshake, so the host restarts it after growing the file: the kernel
-# sees the connection die, the supervisor reconnects and its RECONFIGURE
-# carries the new size (NBD_ATTR_SIZE_BYTES) with the new socket.
+# Online growth of another server's export: nbdkit fixes a connection's
+# size at its handshake, so the host restarts it after growing the file:
+# the kernel sees the connection die, the supervisor reconnects and its
+# RECONFIGURE carries the new size (NBD_ATTR_SIZE_BYTES) with the socket.
 GURI="nbd://10.0.2.2:$GROW_PORT/"
 strata volume attach "$GURI" --supervise > /tmp/attach3.out 2> /tmp/sup3.log &
 SUP3=$!
@@ -320,7 +329,14 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
         if grep -q "STRATA-VM: $marker\$" <(tr -d '\r' < "$CONSOLE"); then
             handled="$handled $marker"
             case $marker in
-                KILL-CONTROLLER*) restart_controller ;;
+                KILL-CONTROLLER) restart_controller ;;
+                KILL-CONTROLLER-2)
+                    # Grow the volume online first: the guest's device follows
+                    # when its connection is replaced (the restart below).
+                    "$STRATA_BIN" volume expand "$VOL" 192M --controller "127.0.0.1:$CTL_PORT" \
+                        > "$WORK/expand.log" 2>&1 || { echo "vm-attach-test: expand failed"; cat "$WORK/expand.log"; }
+                    echo "== volume expanded to 192 MiB"
+                    restart_controller ;;
                 GROW-EXPORT)
                     # nbdkit fixes each connection's size at its handshake:
                     # stop it, grow the file, start it again on the same port.
