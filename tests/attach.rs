@@ -144,10 +144,17 @@ fn nbdfuse_fallback_carries_ext4() {
     // On this machine (no nbd module, no iscsiadm) `auto` must pick the
     // fallback by itself; elsewhere ask for it.
     let method = if kernel_nbd { "nbdfuse" } else { "auto" };
-    let out = strata(
-        &["volume", "attach", &c.uri(), "--method", method],
-        state.path(),
-    );
+    let control = c.control.to_string();
+    let with_controller = [
+        "volume",
+        "attach",
+        &c.uri(),
+        "--method",
+        method,
+        "--controller",
+        &control,
+    ];
+    let out = strata(&with_controller, state.path());
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let dev = ok(out, "attach").trim().to_string();
     assert!(dev.starts_with("/dev/loop"), "{dev}");
@@ -170,6 +177,20 @@ fn nbdfuse_fallback_carries_ext4() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    // Attached "elsewhere" (another state directory stands for another
+    // host): the controller reports the client, attach refuses.
+    let other_host = tempfile::tempdir().unwrap();
+    let elsewhere = strata(&with_controller, other_host.path());
+    assert!(!elsewhere.status.success());
+    let why = String::from_utf8_lossy(&elsewhere.stderr);
+    // nbdfuse opens several connections (the export allows multi-conn).
+    assert!(
+        why.contains("NBD client(s) attached (attached on another host?)"),
+        "{why}"
+    );
+    assert!(strata_attach::state::load_all(other_host.path())
+        .unwrap()
+        .is_empty());
     let list = ok(
         strata(&["volume", "attachments", "--json"], state.path()),
         "attachments",

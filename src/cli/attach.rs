@@ -3,6 +3,7 @@
 //! `strata-attach` crate (blocking, so it runs on tokio's blocking pool);
 //! this file parses flags and prints.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,6 +58,14 @@ pub enum AttachCommand {
         /// `secret = ...`), the controller's --chap-file format.
         #[arg(long)]
         chap_file: Option<PathBuf>,
+        /// The volume's controller (management address): when given, attach
+        /// refuses a volume that already has NBD clients (attached on
+        /// another host) unless --force.
+        #[arg(long)]
+        controller: Option<SocketAddr>,
+        /// Attach even if the controller reports other clients.
+        #[arg(long)]
+        force: bool,
         #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -115,6 +124,48 @@ async fn supervise(opts: SupervisorOptions) -> anyhow::Result<()> {
     blocking(move || supervisor::supervise(&opts, &stop)).await
 }
 
+/// Asks the volume's controller whether other NBD clients are attached
+/// (another host's kernel): two hosts mounting one ext4 corrupt it.
+async fn refuse_if_attached_elsewhere(
+    uri: &str,
+    controller: SocketAddr,
+    force: bool,
+) -> anyhow::Result<()> {
+    use strata_proto::controller::volume_control_client::VolumeControlClient;
+    use strata_proto::controller::StatusRequest;
+    let parsed = strata_attach::NbdUri::parse(uri)?;
+    let mut client = VolumeControlClient::connect(format!("http://{controller}"))
+        .await
+        .with_context(|| format!("cannot reach the controller at {controller}"))?;
+    let s = client
+        .status(StatusRequest {})
+        .await
+        .with_context(|| format!("status call to {controller} failed"))?
+        .into_inner();
+    if s.volume != parsed.export {
+        anyhow::bail!(
+            "the controller at {controller} serves volume {:?}, not {:?}",
+            s.volume,
+            parsed.export
+        );
+    }
+    if s.attached_clients > 0 {
+        if !force {
+            anyhow::bail!(
+                "volume {} already has {} NBD client(s) attached (attached on another host?); \
+                 --force attaches anyway",
+                s.volume,
+                s.attached_clients
+            );
+        }
+        eprintln!(
+            "warning: volume {} has {} other client(s) attached; attaching anyway (--force)",
+            s.volume, s.attached_clients
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
     match cmd {
         AttachCommand::Attach {
@@ -126,8 +177,13 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
             method,
             iscsi_portal,
             chap_file,
+            controller,
+            force,
             state_dir,
         } => {
+            if let Some(ctl) = controller {
+                refuse_if_attached_elsewhere(&uri, ctl, force).await?;
+            }
             let secret = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
             let chap = super::load_chap(chap_file.as_deref())?.map(|c| Chap {
                 user: c.initiator.user.clone(),
