@@ -140,6 +140,11 @@ fn nbdfuse_fallback_carries_ext4() {
     let c = Cluster::start(3, 64 * MIB);
     let state = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
+    // Whatever happens below, nothing stays mounted or attached.
+    let _cleanup = Cleanup {
+        mnt: mnt.path().to_path_buf(),
+        state: state.path().to_path_buf(),
+    };
     let kernel_nbd = Path::new("/sys/module/nbd").exists();
     // On this machine (no nbd module, no iscsiadm) `auto` must pick the
     // fallback by itself; elsewhere ask for it.
@@ -240,6 +245,21 @@ fn nbdfuse_fallback_carries_ext4() {
     );
     let out = strata(&["volume", "detach", &dev2], state.path());
     assert!(!out.status.success(), "a second detach must fail");
+}
+
+/// Unmounts and detaches everything a failed test left (on drop).
+struct Cleanup {
+    mnt: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = run("umount", &[self.mnt.to_str().unwrap_or("/nonexistent")], 30);
+        for a in strata_attach::state::load_all(&self.state).unwrap_or_default() {
+            let _ = strata(&["volume", "detach", &a.device], &self.state);
+        }
+    }
 }
 
 fn nix_is_root() -> bool {

@@ -153,7 +153,8 @@ pub fn attach_nbdfuse(
         source,
     })?;
     let file = dir.join("disk");
-    let mut child = Command::new("nbdfuse")
+    let mut command = Command::new("nbdfuse");
+    command
         .arg(&file)
         .arg(uri.to_string())
         .stdin(Stdio::null())
@@ -161,12 +162,25 @@ pub fn attach_nbdfuse(
         .stderr(log2)
         // Its own process group: a Ctrl-C meant for the attach command must
         // not take the device's only data path with it.
-        .process_group(0)
-        .spawn()
-        .map_err(|source| AttachError::Spawn {
-            tool: "nbdfuse".into(),
-            source,
-        })?;
+        .process_group(0);
+    // nbdfuse outlives us: it must not inherit descriptors our caller left
+    // open without close-on-exec (a lock file of a build tool held by
+    // flock(1) was seen kept locked by a leftover nbdfuse).
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one async-signal-safe syscall (close_range with
+    // CLOSE_RANGE_CLOEXEC, Linux 5.11+; on older kernels it fails with
+    // ENOSYS and the descriptors stay inherited, as before).
+    unsafe {
+        command.pre_exec(|| {
+            const CLOSE_RANGE_CLOEXEC: u32 = 4;
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| AttachError::Spawn {
+        tool: "nbdfuse".into(),
+        source,
+    })?;
     let pid = child.id();
     let fail = |e: AttachError, dir: &Path| {
         stop_nbdfuse(dir, pid);
