@@ -8,29 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{qemu_io, require, run, run_ok, strata_bin, Cluster};
+use common::{qemu_io, require, run, run_ok, strata, strata_json, Cluster};
 
 const MIB: u64 = 1 << 20;
-
-fn strata(args: &[&str]) -> std::process::Output {
-    run(strata_bin().to_str().unwrap(), args, 300)
-}
-
-fn strata_json(args: &[&str]) -> serde_json::Value {
-    let out = strata(args);
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "strata {args:?}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
 
 /// Writes of (pattern, offset, length) as qemu-io commands; reads checking them.
 fn writes(list: &[(u8, u64, u64)]) -> Vec<String> {

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -33,24 +31,10 @@ fn qemu_has_iscsi() -> bool {
         .unwrap_or(false)
 }
 
-fn cluster_with_iscsi() -> (Cluster, SocketAddr) {
-    let mut c = Cluster::without_processes(64 * MIB);
-    let iscsi = free_addr();
-    c.controller_args = vec!["--iscsi".into(), iscsi.to_string()];
-    for i in 0..3 {
-        let addr = free_addr();
-        c.replica_addrs.push(addr);
-        c.replicas.push(c.spawn_replica(i, addr));
-    }
-    c.start_controller();
-    wait_listening(iscsi, c.controller.as_mut().unwrap(), 30);
-    (c, iscsi)
-}
-
 #[test]
 fn quorum_loss_is_eio_over_nbd_and_not_ready_over_iscsi() {
     require("qemu-io");
-    let (mut c, iscsi) = cluster_with_iscsi();
+    let (mut c, iscsi) = Cluster::start_with_iscsi(3, 64 * MIB);
     let nbd = c.uri();
     let out = qemu_io_text(&nbd, "write -P 1 0 64k");
     assert!(out.contains("wrote 65536/65536"), "{out}");
@@ -75,7 +59,7 @@ fn quorum_loss_is_eio_over_nbd_and_not_ready_over_iscsi() {
 #[test]
 fn a_fenced_controller_answers_eshutdown_and_never_writes_again() {
     require("qemu-io");
-    let (mut old, old_iscsi) = cluster_with_iscsi();
+    let (mut old, old_iscsi) = Cluster::start_with_iscsi(3, 64 * MIB);
     let out = qemu_io_text(&old.uri(), "write -P 1 0 64k");
     assert!(out.contains("wrote 65536/65536"), "{out}");
     // A second controller takes the volume over (as a new controller pod

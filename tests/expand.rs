@@ -12,26 +12,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn strata(args: &[&str]) -> std::process::Output {
-    run(strata_bin().to_str().unwrap(), args, 120)
-}
-
-fn strata_ok(args: &[&str]) -> String {
-    let out = strata(args);
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn strata_json(args: &[&str]) -> serde_json::Value {
-    let out = strata_ok(args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("strata {args:?}: not JSON ({e}): {out}"))
-}
-
 fn expand(c: &Cluster, size: &str) -> serde_json::Value {
     let ctl = c.control.to_string();
     strata_json(&[
@@ -219,16 +199,19 @@ fn snapshots_keep_their_size_and_backups_follow_the_growth() {
     let url = format!("file://{}", backups.path().display());
     qemu_io(&c.uri(), &["write -P 0x61 0 8M"]);
     strata_ok(&["snapshot", "create", "vol", "small", "--controller", &ctl]);
-    let b1 = strata_json(&[
-        "backup",
-        "create",
-        "vol",
-        "--target",
-        &url,
-        "--controller",
-        &ctl,
-        "--json",
-    ]);
+    let backup = || {
+        strata_json(&[
+            "backup",
+            "create",
+            "vol",
+            "--target",
+            &url,
+            "--controller",
+            &ctl,
+            "--json",
+        ])
+    };
+    let b1 = backup();
     expand(&c, "64M");
     qemu_io(&c.uri(), &["write -P 0x62 48M 1M"]);
     strata_ok(&["snapshot", "create", "vol", "big", "--controller", &ctl]);
@@ -259,16 +242,7 @@ fn snapshots_keep_their_size_and_backups_follow_the_growth() {
     assert!(!out.status.success() && err.contains("grown"), "{err}");
     // An incremental backup after the expansion reads only what changed
     // and restores at the new size; the first still restores at the old.
-    let b2 = strata_json(&[
-        "backup",
-        "create",
-        "vol",
-        "--target",
-        &url,
-        "--controller",
-        &ctl,
-        "--json",
-    ]);
+    let b2 = backup();
     assert_eq!(b2["parent"], b1["id"], "{b2}");
     assert!(b2["bytes_read"].as_u64().unwrap() <= 2 * MIB, "{b2}");
     let dir = tempfile::tempdir().unwrap();
@@ -318,18 +292,10 @@ fn snapshots_keep_their_size_and_backups_follow_the_growth() {
 }
 
 #[test]
-fn iscsi_reports_the_new_capacity() {
+fn iscsi_reports_the_new_capacity_and_a_unit_attention() {
     require("iscsi-readcapacity16");
-    let mut c = Cluster::without_processes(32 * MIB);
-    let iscsi = free_addr();
-    c.controller_args = vec!["--iscsi".into(), iscsi.to_string()];
-    for i in 0..3 {
-        let addr = free_addr();
-        c.replica_addrs.push(addr);
-        c.replicas.push(c.spawn_replica(i, addr));
-    }
-    c.start_controller();
-    wait_listening(iscsi, c.controller.as_mut().unwrap(), 30);
+    require("qemu-io");
+    let (mut c, iscsi) = Cluster::start_with_iscsi(3, 32 * MIB);
     let url = format!("iscsi://{iscsi}/iqn.2026-11.io.strata:vol/0");
     let capacity = || {
         let out = run_ok("iscsi-readcapacity16", &["-s", &url], 30);
@@ -338,7 +304,34 @@ fn iscsi_reports_the_new_capacity() {
             .unwrap_or_else(|_| panic!("{out}"))
     };
     assert_eq!(capacity(), 32 * MIB);
+    // A session opened before the expansion (qemu-io reading its commands
+    // from a pipe) sees CAPACITY DATA HAS CHANGED once, and its reads go on.
+    let mut before = Command::new("timeout")
+        .args(["-k", "5", "60", "qemu-io", "-f", "raw", &url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = before.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(stdin, "read 0 4k").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
     expand(&c, "96M");
+    writeln!(stdin, "read 0 4k\nread 4k 4k\nquit").unwrap();
+    drop(stdin);
+    let out = before.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.matches("CAPACITY_DATA_HAS_CHANGED").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(text.matches("read 4096/4096 bytes").count(), 3, "{text}");
     assert_eq!(capacity(), 96 * MIB);
     c.stop_clean();
 }

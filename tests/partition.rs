@@ -171,7 +171,16 @@ fn a_replica_cut_off_and_let_back_is_resynced_while_fio_verifies() {
         String::from_utf8_lossy(&out.stderr),
         c.controller.as_ref().unwrap().log_text()
     );
-    assert_eq!(common::fio_json(&out.stdout)["jobs"][0]["error"], 0);
+    let job = &common::fio_json(&out.stdout)["jobs"][0];
+    assert_eq!(job["error"], 0);
+    // Faulted as lagging once its peers answered, not after the IO timeout
+    // (issue 21).
+    let longest = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e9;
+    eprintln!("a replica cut off: fio's longest write {longest:.3} s");
+    assert!(
+        longest < 2.0,
+        "a write waited {longest:.3} s for a cut-off replica"
+    );
 
     // A FLUSH alone, sent after the link is cut: it may take 30 s on a
     // busy replica, but a silent host is dropped within the 5 s timeout

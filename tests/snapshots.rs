@@ -7,24 +7,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{qemu_io, require, run, strata_bin, Cluster, Proc};
+use common::{qemu_io, require, strata, strata_ok, Cluster, Proc};
 
 const MIB: u64 = 1 << 20;
-
-fn strata(args: &[&str]) -> std::process::Output {
-    run(strata_bin().to_str().unwrap(), args, 120)
-}
-
-fn strata_ok(args: &[&str]) -> String {
-    let out = strata(args);
-    assert!(
-        out.status.success(),
-        "strata {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Runs `strata` expecting a failure; returns its stderr.
 fn strata_err(args: &[&str]) -> String {

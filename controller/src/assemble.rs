@@ -42,6 +42,8 @@ pub struct AssembleOptions {
     pub force_degraded: bool,
     /// Resync bandwidth cap, bytes per second.
     pub sync_rate: Option<u64>,
+    /// When a replica that answers late is faulted.
+    pub lag: crate::replicator::LagPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +253,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
         io_timeout: opts.io_timeout,
         control_timeout: opts.connect_timeout,
         sync_rate: opts.sync_rate,
+        lag: opts.lag,
     };
     for slot in &slots {
         if let Health::Faulted { reason } = slot.health() {

@@ -1,10 +1,12 @@
 //! `strata-controller`: one volume's controller.
 //!
 //! Data comes in from the application through a [`frontend`] (NBD and
-//! iSCSI), becomes a typed request, and goes to the [`replicator`], which
-//! fans writes out to every healthy replica over the data wire
-//! (`strata_replica::client`) and reads from one; it also owns recovery
-//! (resync, rebuild, comparison after a crash) and the snapshot chain.
+//! iSCSI, both over the one `frontend::Backend` seam; their accept loops
+//! are `strata_net::serve`), becomes a typed request, and goes to the
+//! [`replicator`], which fans writes out to every healthy replica over the
+//! data wire (`strata_replica::client`) and reads from one; it also owns recovery
+//! (resync, rebuild, comparison after a crash), online expansion, the
+//! lag rule for silent replicas, and the snapshot chain.
 //! [`assemble`] brings a volume up at start (majority check, epoch
 //! fencing); [`mgmt`] exposes status, snapshots and backups over gRPC and
 //! Prometheus `/metrics`; [`backup`] feeds the `strata-backup` engine from a

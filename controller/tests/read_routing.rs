@@ -54,6 +54,7 @@ async fn reads_go_to_the_first_healthy_replica_on_this_host() {
         connect_timeout: Duration::from_secs(2),
         force_degraded: false,
         sync_rate: None,
+        lag: strata_controller::replicator::LagPolicy::default(),
     })
     .await
     .unwrap();

@@ -1,9 +1,13 @@
 //! Model-based test of the replicator's state machine, in one process with
 //! real replica servers on loopback: random sequences of writes, flushes,
-//! replica stops and returns, and controller restarts. Invariant: every
-//! acknowledged write (flushed or not) is what the volume reads back; a
-//! write that failed may read back as old or new data, never as anything
-//! else; once every replica is back, the volume heals to fully healthy.
+//! replica stops and returns, stalls (a proxy in front of each replica
+//! stops forwarding for 1.5 s, as a hung host would: the lag rule faults it
+//! when the quorum does not need it) and controller restarts. Invariant:
+//! every acknowledged write (flushed or not) is what the volume reads
+//! back; a write that failed may read back as old or new data, never as
+//! anything else; a lag fault never leaves fewer healthy replicas than the
+//! write quorum; once every replica is back, the volume heals to fully
+//! healthy.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,10 +26,23 @@ const SIZE: u64 = 4 << 20;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { region: u64, byte: u8 },
+    Write {
+        region: u64,
+        byte: u8,
+    },
     Flush,
-    Stop { replica: usize },
-    Return { replica: usize },
+    Stop {
+        replica: usize,
+    },
+    /// The replica stops answering for 1.5 s while a write runs.
+    Stall {
+        replica: usize,
+        region: u64,
+        byte: u8,
+    },
+    Return {
+        replica: usize,
+    },
     RestartController,
 }
 
@@ -35,13 +52,18 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Flush),
         2 => (0usize..3).prop_map(|replica| Op::Stop { replica }),
         2 => (0usize..3).prop_map(|replica| Op::Return { replica }),
+        2 => (0usize..3, 0..REGIONS, 1u8..255).prop_map(|(replica, region, byte)| Op::Stall { replica, region, byte }),
         1 => Just(Op::RestartController),
     ]
 }
 
 struct Node {
     dir: PathBuf,
+    /// The proxy's address: what the controller knows the replica by.
     addr: SocketAddr,
+    /// The replica server's own address, behind the proxy.
+    inner: SocketAddr,
+    paused: watch::Sender<bool>,
     running: Option<(
         watch::Sender<bool>,
         tokio::task::JoinHandle<std::io::Result<()>>,
@@ -50,7 +72,7 @@ struct Node {
 
 impl Node {
     async fn start(&mut self) {
-        let listener = tokio::net::TcpListener::bind(self.addr)
+        let listener = tokio::net::TcpListener::bind(self.inner)
             .await
             .expect("rebind the replica port");
         let (tx, rx) = watch::channel(false);
@@ -68,6 +90,42 @@ impl Node {
     }
 }
 
+/// Forwards every connection on `listen` to `inner`, holding the bytes
+/// while `paused` is true (the host goes silent; TCP still acknowledges).
+async fn proxy(listen: tokio::net::TcpListener, inner: SocketAddr, paused: watch::Receiver<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pump(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        mut paused: watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if paused.wait_for(|p| !*p).await.is_err() || w.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    }
+    while let Ok((client, _)) = listen.accept().await {
+        let paused = paused.clone();
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(inner).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::join!(pump(cr, sw, paused.clone()), pump(sr, cw, paused));
+        });
+    }
+}
+
 struct Controller {
     volume: Arc<Volume>,
     stop: watch::Sender<bool>,
@@ -82,6 +140,11 @@ async fn start_controller(nodes: &[Node], force: bool) -> Option<Controller> {
         connect_timeout: Duration::from_secs(2),
         force_degraded: force,
         sync_rate: None,
+        // A short floor keeps the stalls of this test short.
+        lag: strata_controller::replicator::LagPolicy {
+            floor: Duration::from_millis(300),
+            multiplier: 8,
+        },
     };
     let volume = match assemble(&opts).await {
         Ok(v) => Arc::new(v),
@@ -132,14 +195,34 @@ async fn check(volume: &Volume, model: &[Allowed]) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes `byte` over `region` and records the outcome in the model.
+async fn write(volume: &Volume, model: &mut [Allowed], region: u64, byte: u8) {
+    let data = Bytes::from(vec![byte; REGION as usize]);
+    match volume.write(region * REGION, data, false).await {
+        Ok(()) => {
+            model[region as usize] = Allowed {
+                acked: byte,
+                failed: Vec::new(),
+            }
+        }
+        Err(_) => model[region as usize].failed.push(byte),
+    }
+}
+
 async fn run(ops: Vec<Op>) -> Result<(), String> {
     let tmp = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
     for i in 0..3 {
-        let addr = strata_replica::testing::spare_loopback_addr();
+        let listen = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listen.local_addr().unwrap();
+        let inner = strata_replica::testing::spare_loopback_addr();
+        let (paused, paused_rx) = watch::channel(false);
+        tokio::spawn(proxy(listen, inner, paused_rx));
         let mut n = Node {
             dir: tmp.path().join(format!("r{i}")),
             addr,
+            inner,
+            paused,
             running: None,
         };
         n.start().await;
@@ -151,16 +234,7 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
         match op {
             Op::Write { region, byte } => {
                 if let Some(c) = &ctl {
-                    let data = Bytes::from(vec![byte; REGION as usize]);
-                    match c.volume.write(region * REGION, data, false).await {
-                        Ok(()) => {
-                            model[region as usize] = Allowed {
-                                acked: byte,
-                                failed: Vec::new(),
-                            }
-                        }
-                        Err(_) => model[region as usize].failed.push(byte),
-                    }
+                    write(&c.volume, &mut model, region, byte).await;
                 }
             }
             Op::Flush => {
@@ -169,6 +243,40 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
                 }
             }
             Op::Stop { replica } => nodes[replica].stop().await,
+            Op::Stall {
+                replica,
+                region,
+                byte,
+            } => {
+                let _ = nodes[replica].paused.send(true);
+                let paused = nodes[replica].paused.clone();
+                let resume = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let _ = paused.send(false);
+                });
+                if let Some(c) = &ctl {
+                    let lag_faults = c
+                        .volume
+                        .lag
+                        .faults
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    write(&c.volume, &mut model, region, byte).await;
+                    let faulted = c
+                        .volume
+                        .lag
+                        .faults
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        > lag_faults;
+                    if faulted && c.volume.healthy() < c.volume.quorum() {
+                        return Err(format!(
+                            "a lag fault left {} healthy, below the quorum of {}",
+                            c.volume.healthy(),
+                            c.volume.quorum()
+                        ));
+                    }
+                }
+                let _ = resume.await;
+            }
             Op::Return { replica } => {
                 if nodes[replica].running.is_none() {
                     nodes[replica].start().await;

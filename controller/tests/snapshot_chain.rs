@@ -33,6 +33,7 @@ async fn volume(dir: &std::path::Path) -> (Arc<Volume>, Vec<watch::Sender<bool>>
         connect_timeout: Duration::from_secs(2),
         force_degraded: false,
         sync_rate: None,
+        lag: strata_controller::replicator::LagPolicy::default(),
     };
     (Arc::new(assemble(&opts).await.unwrap()), stops)
 }

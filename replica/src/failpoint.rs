@@ -13,7 +13,6 @@ pub const ALL: &[&str] = &[
     "meta.tmp_written",
     "meta.tmp_synced",
     "meta.renamed",
-    "expand.before_meta",
     "snapshot.head_flushed",
     "snapshot.files_created",
     "revert.files_created",

@@ -156,7 +156,8 @@ fn views(store: &Store) -> Vec<(String, Vec<u8>)> {
     store.read(0, &mut head).unwrap();
     out.push(("<head>".to_string(), head));
     for s in store.snapshots().unwrap() {
-        let mut buf = vec![0u8; size];
+        // A snapshot keeps the size the volume had when it was taken.
+        let mut buf = vec![0u8; s.size as usize];
         store
             .read_view(View::Snapshot(&s.name), 0, &mut buf)
             .unwrap();

@@ -135,6 +135,16 @@ pub struct ControllerArgs {
     /// Cap on resync/rebuild bandwidth in MiB/s (0: unlimited).
     #[arg(long, default_value_t = 0)]
     pub sync_rate_mib: u64,
+    /// A replica still silent this many times its peers' recent latency
+    /// after they answered is faulted as lagging (and resynced when it
+    /// answers again) instead of holding the request up to
+    /// --io-timeout-secs. 0 turns this off.
+    #[arg(long, default_value_t = 8)]
+    pub lag_multiplier: u32,
+    /// The least time a lagging replica is given after its peers answered,
+    /// in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub lag_floor_ms: u64,
     #[command(flatten)]
     pub backup: schedule::BackupFlags,
     /// Also serve the volume over iSCSI on this address
@@ -176,6 +186,10 @@ impl ControllerArgs {
                 connect_timeout: Duration::from_secs(5),
                 force_degraded: self.force_degraded,
                 sync_rate: (self.sync_rate_mib > 0).then_some(self.sync_rate_mib << 20),
+                lag: strata_controller::replicator::LagPolicy {
+                    floor: Duration::from_millis(self.lag_floor_ms),
+                    multiplier: self.lag_multiplier,
+                },
             },
             nbd: self.nbd,
             control: Some(self.control),

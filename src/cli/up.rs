@@ -90,6 +90,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             connect_timeout: Duration::from_secs(5),
             force_degraded: false,
             sync_rate: None,
+            lag: strata_controller::replicator::LagPolicy::default(),
         },
         nbd: args.nbd,
         control: Some(args.control),

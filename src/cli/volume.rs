@@ -85,6 +85,9 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     "nbd_address": s.nbd_address,
                     "attached_clients": s.attached_clients,
                     "last_snapshot_pause_us": s.last_snapshot_pause_us,
+                    "lag_faults": s.lag_faults,
+                    "write_quorum_latency_us": s.write_quorum_latency_us,
+                    "flush_quorum_latency_us": s.flush_quorum_latency_us,
                     "schedules": s.schedules.iter().map(|b| serde_json::json!({
                         "cron": b.cron, "target": b.target, "next_run": b.next_run,
                         "last_finished": b.last_finished, "last_ok": b.last_ok,

@@ -458,3 +458,44 @@ impl Cluster {
         }
     }
 }
+
+/// Runs the strata binary with `args` (bounded in time).
+pub fn strata(args: &[&str]) -> Output {
+    run(strata_bin().to_str().unwrap(), args, 300)
+}
+
+/// [`strata`], failing the test if it fails; returns its stdout.
+pub fn strata_ok(args: &[&str]) -> String {
+    let out = strata(args);
+    assert!(
+        out.status.success(),
+        "strata {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// [`strata_ok`] of a `--json` command, parsed.
+pub fn strata_json(args: &[&str]) -> serde_json::Value {
+    let out = strata_ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("strata {args:?}: not JSON ({e}): {out}"))
+}
+
+impl Cluster {
+    /// [`Cluster::start`] with the controller also serving iSCSI; returns
+    /// the iSCSI address.
+    pub fn start_with_iscsi(replicas: usize, size: u64) -> (Cluster, SocketAddr) {
+        let mut c = Cluster::without_processes(size);
+        let iscsi = free_addr();
+        c.controller_args = vec!["--iscsi".into(), iscsi.to_string()];
+        for i in 0..replicas {
+            let addr = free_addr();
+            c.replica_addrs.push(addr);
+            c.replicas.push(c.spawn_replica(i, addr));
+        }
+        c.start_controller();
+        wait_listening(iscsi, c.controller.as_mut().unwrap(), 30);
+        (c, iscsi)
+    }
+}

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::backup::ScheduleState;
-use crate::replicator::{Health, Slot, Volume};
+use crate::replicator::{Health, LatencyClass, Slot, Volume};
 
 /// gRPC handlers: thin, converting the volume's state to messages.
 pub struct VolumeService {
@@ -111,6 +111,9 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
         nbd_address: nbd_address.to_string(),
         attached_clients: volume.attached.load(Ordering::Relaxed) as u32,
         last_snapshot_pause_us: volume.last_snapshot_pause_us.load(Ordering::Relaxed),
+        lag_faults: volume.lag.faults.load(Ordering::Relaxed),
+        write_quorum_latency_us: volume.lag.typical(LatencyClass::Cached).as_micros() as u64,
+        flush_quorum_latency_us: volume.lag.typical(LatencyClass::Durable).as_micros() as u64,
         schedules: Vec::new(),
     }
 }
@@ -299,6 +302,24 @@ pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String
             "gauge",
             "Volume size.",
             volume.size(),
+        ),
+        (
+            "strata_volume_lag_faults_total",
+            "counter",
+            "Replicas faulted for lagging their peers (not for an error).",
+            volume.lag.faults.load(Ordering::Relaxed),
+        ),
+        (
+            "strata_volume_write_quorum_latency_microseconds",
+            "gauge",
+            "Recent time to write quorum of page-cache requests (moving average).",
+            volume.lag.typical(LatencyClass::Cached).as_micros() as u64,
+        ),
+        (
+            "strata_volume_flush_quorum_latency_microseconds",
+            "gauge",
+            "Recent time to write quorum of flushes and FUA writes (moving average).",
+            volume.lag.typical(LatencyClass::Durable).as_micros() as u64,
         ),
         (
             "strata_volume_epoch",

@@ -22,6 +22,7 @@ mod compare;
 pub mod control;
 mod error;
 mod expand;
+pub mod lag;
 mod range_lock;
 pub mod recovery;
 mod slot;
@@ -33,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::RwLock;
 
 use bytes::Bytes;
@@ -42,6 +44,7 @@ use strata_replica::AllocationExtent;
 
 pub use error::{IoCounters, ResizeRefusal, SnapshotProblem, SyncError, VolumeError};
 pub use expand::Expansion;
+pub use lag::{LagPolicy, LagState, LatencyClass};
 pub use range_lock::{RangeGuard, RangeLock};
 pub use slot::{Departure, Health, Slot, SyncProgress, REGION};
 
@@ -52,6 +55,8 @@ pub struct VolumeOptions {
     pub control_timeout: Duration,
     /// Resync/rebuild bandwidth cap in bytes per second (None: unlimited).
     pub sync_rate: Option<u64>,
+    /// When a replica that answers late is faulted (`lag.rs`).
+    pub lag: LagPolicy,
 }
 
 impl Default for VolumeOptions {
@@ -60,6 +65,7 @@ impl Default for VolumeOptions {
             io_timeout: Duration::from_secs(10),
             control_timeout: Duration::from_secs(5),
             sync_rate: None,
+            lag: LagPolicy::default(),
         }
     }
 }
@@ -81,6 +87,8 @@ pub struct Volume {
     /// The newer epoch a replica answered with once another controller took
     /// the volume over (0: never). From then on every request is refused.
     fenced_by: AtomicU64,
+    /// Peers' recent latency and the replicas faulted for lagging.
+    pub lag: LagState,
     pub options: VolumeOptions,
     /// This controller instance: the owner of the epochs it sets.
     pub owner: String,
@@ -160,6 +168,7 @@ impl Volume {
             gate: tokio::sync::RwLock::new(()),
             needs_bump: AtomicBool::new(false),
             fenced_by: AtomicU64::new(0),
+            lag: LagState::default(),
             options,
             owner,
             io: IoCounters::default(),
@@ -272,9 +281,13 @@ impl Volume {
     /// before anything is sent; those that fail are faulted (and get it
     /// marked too). Succeeds if at least a quorum of healthy replicas
     /// acknowledged. The caller holds the gate shared.
+    ///
+    /// Once a quorum answered, a healthy replica still silent after the lag
+    /// bound is faulted as lagging instead of waited for (`lag.rs`).
     async fn fan_out<F, Fut>(
         &self,
         op: &'static str,
+        class: LatencyClass,
         offset: u64,
         len: u64,
         f: F,
@@ -298,18 +311,60 @@ impl Volume {
             self.io.errors.fetch_add(1, Ordering::Relaxed);
             return Err(self.below_quorum(op, offset));
         }
-        let results =
-            futures::future::join_all(targets.into_iter().map(|(slot, client, healthy)| {
-                slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
+        let sent: Vec<Arc<Slot>> = targets.iter().map(|t| t.0.clone()).collect();
+        let mut pending: FuturesUnordered<_> = targets
+            .into_iter()
+            .map(|(slot, client, healthy)| {
+                let in_flight = slot::InFlight::new(slot.clone());
                 let fut = f(client);
                 async move {
                     let r = fut.await;
-                    slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    drop(in_flight);
                     slot.record(r.is_ok());
                     (slot, healthy, r)
                 }
-            }))
-            .await;
+            })
+            .collect();
+        let mut results: Vec<(Arc<Slot>, bool, Result<(), ClientError>)> =
+            Vec::with_capacity(sent.len());
+        let mut acked_so_far = 0;
+        let mut lag_deadline = None;
+        loop {
+            let next = match lag_deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let late: Vec<&Arc<Slot>> = sent
+                            .iter()
+                            .filter(|s| !results.iter().any(|r| Arc::ptr_eq(&r.0, s)))
+                            .collect();
+                        if self.fault_if_lagging(op, class, offset, len, &late, started) {
+                            break;
+                        }
+                        lag_deadline = None;
+                        continue;
+                    }
+                },
+                None => pending.next().await,
+            };
+            let Some(done) = next else { break };
+            if done.1 && done.2.is_ok() {
+                acked_so_far += 1;
+                if acked_so_far == quorum {
+                    self.lag.observe(class, started.elapsed());
+                    if !pending.is_empty() {
+                        lag_deadline = self
+                            .options
+                            .lag
+                            .bound(self.lag.typical(class), self.io_timeout(class))
+                            .map(|b| tokio::time::Instant::now() + b);
+                    }
+                }
+            }
+            results.push(done);
+        }
+        drop(pending);
         let mut acked = 0;
         let mut invalid = None;
         let mut newer_epoch = None;
@@ -345,6 +400,62 @@ impl Volume {
             return Err(self.below_quorum(op, offset));
         }
         Ok(())
+    }
+
+    /// The IO timeout of a request class: durable requests wait for the
+    /// disk and get six times the page-cache one (as the client does).
+    fn io_timeout(&self, class: LatencyClass) -> Duration {
+        match class {
+            LatencyClass::Cached => self.options.io_timeout,
+            LatencyClass::Durable => self.options.io_timeout * 6,
+        }
+    }
+
+    /// Faults the one replica in `late` if the rule allows (see `lag.rs`):
+    /// exactly one late, healthy, and no other replica out for lagging now.
+    /// Returns true if it did (the request no longer waits for it).
+    fn fault_if_lagging(
+        &self,
+        op: &'static str,
+        class: LatencyClass,
+        offset: u64,
+        len: u64,
+        late: &[&Arc<Slot>],
+        started: tokio::time::Instant,
+    ) -> bool {
+        let [slot] = late else {
+            return false;
+        };
+        // Faulted meanwhile (by another request that found it lagging): it
+        // is out, and the request no longer waits for it either.
+        if slot.is_faulted() {
+            if len > 0 {
+                slot.mark_pending(offset, len);
+            }
+            return true;
+        }
+        let another_out = self.slots().iter().any(|s| {
+            !Arc::ptr_eq(s, slot) && s.out_for_lag.load(Ordering::Acquire) && !s.is_healthy()
+        });
+        if !slot.is_healthy() || another_out {
+            return false;
+        }
+        if len > 0 {
+            slot.mark_pending(offset, len);
+        }
+        let peers = self.lag.typical(class);
+        self.fault(
+            slot,
+            format!(
+                "lagging: no answer to {op} at offset {offset} after {:.2} s, while its peers answer in {:.1} ms",
+                started.elapsed().as_secs_f64(),
+                peers.as_secs_f64() * 1e3
+            ),
+        );
+        slot.out_for_lag.store(true, Ordering::Release);
+        slot.back_off_after_lag();
+        self.lag.faults.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// The epoch of a replica that refused a request because it moved to a
@@ -498,7 +609,12 @@ impl Volume {
         };
         // One crc for every replica the write goes to.
         let crc = crc32fast::hash(&data);
-        self.fan_out("write", start, end - start, |c| {
+        let class = if fua {
+            LatencyClass::Durable
+        } else {
+            LatencyClass::Cached
+        };
+        self.fan_out("write", class, start, end - start, |c| {
             let data = data.clone();
             async move { c.write_with_crc(start, data, crc, fua).await }
         })
@@ -509,8 +625,10 @@ impl Volume {
     }
 
     async fn flush_inner(&self) -> Result<(), VolumeError> {
-        self.fan_out("flush", 0, 0, |c| async move { c.flush().await })
-            .await?;
+        self.fan_out("flush", LatencyClass::Durable, 0, 0, |c| async move {
+            c.flush().await
+        })
+        .await?;
         self.io.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -522,9 +640,13 @@ impl Volume {
         if start < end {
             let _range = self.range_lock.lock(start, end).await;
             let n = (end - start) as u32;
-            self.fan_out("trim", start, end - start, |c| async move {
-                c.trim(start, n).await
-            })
+            self.fan_out(
+                "trim",
+                LatencyClass::Cached,
+                start,
+                end - start,
+                |c| async move { c.trim(start, n).await },
+            )
             .await?;
         }
         self.io.trims.fetch_add(1, Ordering::Relaxed);
@@ -563,7 +685,12 @@ impl Volume {
         {
             let _range = self.range_lock.lock(start, end).await;
             let n = (end - start) as u32;
-            self.fan_out("write zeroes", start, end - start, |c| async move {
+            let class = if fua {
+                LatencyClass::Durable
+            } else {
+                LatencyClass::Cached
+            };
+            self.fan_out("write zeroes", class, start, end - start, |c| async move {
                 c.write_zeroes(start, n, !may_punch).await?;
                 if fua {
                     c.flush().await?;

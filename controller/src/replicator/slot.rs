@@ -98,6 +98,29 @@ pub struct Slot {
     /// (it only may differ where writes were in flight at a controller
     /// crash), so it counts for the write quorum, though it is not read.
     pub counts_for_quorum: AtomicBool,
+    /// Faulted for lagging and not healthy again yet: while it is out, no
+    /// other replica is faulted for lagging (`lag.rs`).
+    pub out_for_lag: AtomicBool,
+    /// The last lag fault and the rejoin delay it imposed.
+    last_lag: Mutex<Option<(Instant, std::time::Duration)>>,
+}
+
+/// Counts one request in flight on a slot for as long as it lives (a
+/// request dropped when its replica is faulted for lagging is counted out
+/// too).
+pub(crate) struct InFlight(Arc<Slot>);
+
+impl InFlight {
+    pub(crate) fn new(slot: Arc<Slot>) -> Self {
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(slot)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Slot {
@@ -113,6 +136,8 @@ impl Slot {
             ops_ok: AtomicU64::new(0),
             ops_failed: AtomicU64::new(0),
             verify: AtomicBool::new(false),
+            out_for_lag: AtomicBool::new(false),
+            last_lag: Mutex::new(None),
             counts_for_quorum: AtomicBool::new(false),
         }
     }
@@ -122,7 +147,26 @@ impl Slot {
     }
 
     pub fn set_health(&self, h: Health) {
+        if matches!(h, Health::Healthy(_)) {
+            self.out_for_lag.store(false, Ordering::Release);
+        }
         *self.health.write() = h;
+    }
+
+    /// After a lag fault: the next rejoin waits 1 s, doubling (up to 60 s)
+    /// while lag faults come less than a minute apart, so a replica that
+    /// keeps lagging cannot flap in and out.
+    pub fn back_off_after_lag(&self) {
+        const FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+        const MAX: std::time::Duration = std::time::Duration::from_secs(60);
+        let now = Instant::now();
+        let mut last = self.last_lag.lock();
+        let delay = match *last {
+            Some((at, d)) if now.duration_since(at) < MAX => (d * 2).min(MAX),
+            _ => FIRST,
+        };
+        *last = Some((now, delay));
+        *self.retry.lock() = (now + delay, delay);
     }
 
     /// The client if healthy (readable, counts for quorum).

@@ -132,7 +132,7 @@ impl Volume {
             return Err(self.snapshot_error(
                 name,
                 SnapshotProblem::Exists,
-                "a snapshot of that name exists",
+                "a snapshot of that name already exists",
             ));
         }
         self.bump_epoch_if_needed().await;

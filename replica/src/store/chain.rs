@@ -375,7 +375,6 @@ impl Store {
                 });
             }
         }
-        self.failpoints.check("expand.before_meta")?;
         let mut meta = st.meta.clone();
         for layer in &mut meta.layers {
             if let Some(s) = &mut layer.snapshot {
