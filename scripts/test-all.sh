@@ -45,6 +45,8 @@ echo "== S3 servers for the backup tests (moto -> .ci-venv, s3s-fs -> .ci-tools)
 s3_install
 echo "== cargo test"
 STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+echo "== kernel attach test in a VM (Debian kernel under QEMU TCG; scripts/vm-attach-test.sh)"
+STRATA_BIN="$PWD/target/release/strata" bash scripts/vm-attach-test.sh 2>&1 | tee target/vm-attach-output.txt
 if [ -x scripts/bench-e2e.sh ]; then
     echo "== end-to-end benchmark smoke run"
     bash scripts/bench-e2e.sh --smoke

@@ -1,5 +1,6 @@
 //! Command-line definitions (clap) and dispatch to the roles.
 
+mod attach;
 mod backup;
 mod schedule;
 mod size;

@@ -49,10 +49,13 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Attach(super::attach::AttachCommand),
 }
 
 pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
+        VolumeCommand::Attach(cmd) => super::attach::run(cmd).await,
         VolumeCommand::Expand {
             volume,
             size,

@@ -1,0 +1,511 @@
+//! Fallbacks for hosts whose kernel has no nbd module: the host's
+//! open-iscsi initiator (`iscsiadm`), then nbdfuse + a loop device. Both
+//! drive host tools with deadlines and undo what they did on any failure.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::handshake::ExportInfo;
+use crate::state::{Attachment, FuseState, IscsiState, Method};
+use crate::uri::NbdUri;
+use crate::AttachError;
+
+/// Whether `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Runs `tool args` with a deadline; returns stdout.
+pub fn run_tool(tool: &str, args: &[&str], secs: u64) -> Result<String, AttachError> {
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| AttachError::Spawn {
+            tool: tool.to_string(),
+            source,
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(AttachError::ToolTimeout {
+                    tool: tool.to_string(),
+                    secs,
+                });
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| AttachError::Spawn {
+            tool: tool.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(AttachError::Tool {
+            tool: format!("{tool} {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why nbdfuse + loop cannot be used here, if it cannot.
+pub fn nbdfuse_unavailable() -> Option<String> {
+    if !have("nbdfuse") {
+        return Some("nbdfuse is not installed (Debian: libnbd-bin)".into());
+    }
+    if !have("losetup") {
+        return Some("losetup is not installed".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing (no FUSE in this kernel)".into());
+    }
+    None
+}
+
+/// Whether `pid` runs (a zombie does not count; one that is our child is
+/// reaped here).
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: waitpid with WNOHANG on a pid; ECHILD when it is not our child.
+    unsafe {
+        libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn stop_nbdfuse(dir: &Path, pid: u32) {
+    let d = dir.to_string_lossy();
+    for _ in 0..50 {
+        if run_tool("fusermount3", &["-u", &d], 10).is_ok() || !pid_alive(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if pid_alive(pid) {
+        // SAFETY: kill(2) on the nbdfuse pid recorded at attach.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// nbdfuse exposes the export as `DIR/disk`; a loop device with 4 KiB
+/// sectors and direct IO goes on top.
+pub fn attach_nbdfuse(
+    uri: &NbdUri,
+    info: &ExportInfo,
+    state_dir: &Path,
+) -> Result<Attachment, AttachError> {
+    let name: String = uri
+        .export
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = state_dir.join(format!("fuse-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| AttachError::State {
+        path: dir.clone(),
+        source,
+    })?;
+    let log_path = state_dir.join(format!("fuse-{name}-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).map_err(|source| AttachError::State {
+        path: log_path.clone(),
+        source,
+    })?;
+    let log2 = log.try_clone().map_err(|source| AttachError::State {
+        path: log_path.clone(),
+        source,
+    })?;
+    let file = dir.join("disk");
+    let mut command = Command::new("nbdfuse");
+    command
+        .arg(&file)
+        .arg(uri.to_string())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own process group: a Ctrl-C meant for the attach command must
+        // not take the device's only data path with it.
+        .process_group(0);
+    // nbdfuse outlives us: it must not inherit descriptors our caller left
+    // open without close-on-exec (a lock file of a build tool held by
+    // flock(1) was seen kept locked by a leftover nbdfuse).
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one async-signal-safe syscall (close_range with
+    // CLOSE_RANGE_CLOEXEC, Linux 5.11+; on older kernels it fails with
+    // ENOSYS and the descriptors stay inherited, as before).
+    unsafe {
+        command.pre_exec(|| {
+            const CLOSE_RANGE_CLOEXEC: u32 = 4;
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| AttachError::Spawn {
+        tool: "nbdfuse".into(),
+        source,
+    })?;
+    let pid = child.id();
+    let fail = |e: AttachError, dir: &Path| {
+        stop_nbdfuse(dir, pid);
+        e
+    };
+    // Wait for the file to show the export's size.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if std::fs::metadata(&file)
+            .map(|m| m.len() == info.size)
+            .unwrap_or(false)
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(AttachError::Tool {
+                tool: "nbdfuse".into(),
+                status: status.to_string(),
+                stderr: std::fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(fail(
+                AttachError::NotReady {
+                    what: format!("nbdfuse file {}", file.display()),
+                    secs: 15,
+                },
+                &dir,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let f = file.to_string_lossy();
+    let loopdev = match run_tool(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "--direct-io=on",
+            "--sector-size",
+            "4096",
+            &f,
+        ],
+        30,
+    ) {
+        Ok(out) => out.trim().to_string(),
+        Err(e) => return Err(fail(e, &dir)),
+    };
+    // The child handle is dropped without waiting: nbdfuse outlives us and
+    // is reaped by init (or by detach's waitpid in a long-lived process).
+    drop(child);
+    Ok(Attachment {
+        device: loopdev,
+        uri: uri.to_string(),
+        method: Method::NbdfuseLoop,
+        size: info.size,
+        block_size: 4096,
+        dead_timeout_secs: 0,
+        io_timeout_secs: 0,
+        attached_at: now_secs(),
+        nbd_index: None,
+        fuse: Some(FuseState { dir, pid }),
+        iscsi: None,
+    })
+}
+
+pub fn detach_nbdfuse(a: &Attachment) -> Result<(), AttachError> {
+    let fuse = a
+        .fuse
+        .as_ref()
+        .ok_or_else(|| AttachError::NotAttached(a.device.clone()))?;
+    if Path::new(&a.device).exists() && loop_backing(&a.device).is_some() {
+        run_tool("losetup", &["-d", &a.device], 30)?;
+    }
+    stop_nbdfuse(&fuse.dir, fuse.pid);
+    let log = fuse.dir.with_extension("log");
+    let _ = std::fs::remove_file(log);
+    Ok(())
+}
+
+/// The backing file of a loop device, if it is bound.
+pub fn loop_backing(device: &str) -> Option<PathBuf> {
+    let name = device.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .ok()
+        .map(|s| PathBuf::from(s.trim()))
+}
+
+/// CHAP secrets for the iSCSI fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chap {
+    pub user: String,
+    pub secret: String,
+    /// The target's credentials, for mutual CHAP.
+    pub mutual: Option<(String, String)>,
+}
+
+/// iSCSI settings for the fallback.
+#[derive(Debug, Clone, Default)]
+pub struct IscsiOptions {
+    /// `host:port` of the controller's iSCSI listener; default: the NBD
+    /// URI's host, port 3260.
+    pub portal: Option<String>,
+    /// CHAP, when the target requires it.
+    pub chap: Option<Chap>,
+}
+
+/// Why open-iscsi cannot be used here, if it cannot.
+pub fn iscsi_unavailable() -> Option<String> {
+    if !have("iscsiadm") {
+        return Some("iscsiadm is not installed (Debian: open-iscsi)".into());
+    }
+    None
+}
+
+/// The target name strata's controller serves for a volume.
+pub fn iqn(volume: &str) -> String {
+    format!("iqn.2026-11.io.strata:{volume}")
+}
+
+/// The iSCSI portal: the one given, else the URI's host on port 3260.
+pub fn iscsi_portal(uri: &NbdUri, given: Option<&str>) -> Option<String> {
+    match (given, uri.tcp()) {
+        (Some(p), _) => Some(p.to_string()),
+        (None, Some((host, _))) if host.contains(':') => Some(format!("[{host}]:3260")),
+        (None, Some((host, _))) => Some(format!("{host}:3260")),
+        (None, None) => None,
+    }
+}
+
+fn node_args(target: &str, portal: &str, rest: &[&str]) -> Vec<String> {
+    ["-m", "node", "-T", target, "-p", portal]
+        .iter()
+        .chain(rest)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The `iscsiadm` argument lists that log in: discovery, CHAP settings on
+/// the node record, login.
+pub fn iscsi_login_plan(target: &str, portal: &str, chap: Option<&Chap>) -> Vec<Vec<String>> {
+    let mut plan = vec![["-m", "discovery", "-t", "sendtargets", "-p", portal]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()];
+    let set = |name: &str, value: &str| {
+        node_args(target, portal, &["-o", "update", "-n", name, "-v", value])
+    };
+    if let Some(c) = chap {
+        plan.push(set("node.session.auth.authmethod", "CHAP"));
+        plan.push(set("node.session.auth.username", &c.user));
+        plan.push(set("node.session.auth.password", &c.secret));
+        if let Some((user, secret)) = &c.mutual {
+            plan.push(set("node.session.auth.username_in", user));
+            plan.push(set("node.session.auth.password_in", secret));
+        }
+    }
+    plan.push(node_args(target, portal, &["--login"]));
+    plan
+}
+
+/// The `iscsiadm` argument lists that log out and forget the node record.
+pub fn iscsi_logout_plan(target: &str, portal: &str) -> Vec<Vec<String>> {
+    vec![
+        node_args(target, portal, &["--logout"]),
+        node_args(target, portal, &["-o", "delete"]),
+    ]
+}
+
+/// The udev link of the target's LUN 0.
+pub fn iscsi_by_path(target: &str, portal: &str) -> String {
+    format!("/dev/disk/by-path/ip-{portal}-iscsi-{target}-lun-0")
+}
+
+fn iscsiadm(args: &[String], secs: u64) -> Result<String, AttachError> {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_tool("iscsiadm", &a, secs)
+}
+
+fn iscsi_logout(target: &str, portal: &str) {
+    for args in iscsi_logout_plan(target, portal) {
+        let _ = iscsiadm(&args, 60);
+    }
+}
+
+/// Discovery, optional CHAP, login; waits for the LUN's device node. Any
+/// failure after discovery logs out and deletes the node record again.
+pub fn attach_iscsi(
+    uri: &NbdUri,
+    info: &ExportInfo,
+    opts: &IscsiOptions,
+) -> Result<Attachment, AttachError> {
+    let portal = iscsi_portal(uri, opts.portal.as_deref())
+        .ok_or_else(|| AttachError::NoMethod("iSCSI needs a TCP portal".into()))?;
+    let target = iqn(&uri.export);
+    for (i, args) in iscsi_login_plan(&target, &portal, opts.chap.as_ref())
+        .iter()
+        .enumerate()
+    {
+        if let Err(e) = iscsiadm(args, 60) {
+            if i > 0 {
+                iscsi_logout(&target, &portal);
+            }
+            return Err(e);
+        }
+    }
+    let by_path = iscsi_by_path(&target, &portal);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let device = loop {
+        if let Ok(p) = std::fs::canonicalize(&by_path) {
+            break p.to_string_lossy().into_owned();
+        }
+        if Instant::now() > deadline {
+            iscsi_logout(&target, &portal);
+            return Err(AttachError::NotReady {
+                what: by_path,
+                secs: 20,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(Attachment {
+        device,
+        uri: uri.to_string(),
+        method: Method::Iscsi,
+        size: info.size,
+        block_size: 4096,
+        dead_timeout_secs: 0,
+        io_timeout_secs: 0,
+        attached_at: now_secs(),
+        nbd_index: None,
+        fuse: None,
+        iscsi: Some(IscsiState { target, portal }),
+    })
+}
+
+pub fn detach_iscsi(a: &Attachment) -> Result<(), AttachError> {
+    let s = a
+        .iscsi
+        .as_ref()
+        .ok_or_else(|| AttachError::NotAttached(a.device.clone()))?;
+    let plan = iscsi_logout_plan(&s.target, &s.portal);
+    iscsiadm(&plan[0], 60)?;
+    let _ = iscsiadm(&plan[1], 30);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tools_run_with_deadlines_and_typed_failures() {
+        assert_eq!(run_tool("echo", &["hi"], 5).unwrap(), "hi\n");
+        assert!(matches!(
+            run_tool("false", &[], 5),
+            Err(AttachError::Tool { .. })
+        ));
+        assert!(matches!(
+            run_tool("sleep", &["5"], 1),
+            Err(AttachError::ToolTimeout { secs: 1, .. })
+        ));
+        assert!(matches!(
+            run_tool("/nonexistent/tool", &[], 1),
+            Err(AttachError::Spawn { .. })
+        ));
+        assert!(have("sh"));
+        assert!(!have("surely-not-a-tool-here"));
+    }
+
+    #[test]
+    fn iqn_matches_the_controller() {
+        assert_eq!(iqn("pg"), "iqn.2026-11.io.strata:pg");
+    }
+
+    #[test]
+    fn iscsi_plans() {
+        let uri = NbdUri::parse("nbd://10.0.0.5:10809/pg").unwrap();
+        assert_eq!(iscsi_portal(&uri, None).unwrap(), "10.0.0.5:3260");
+        assert_eq!(
+            iscsi_portal(&uri, Some("10.0.0.5:3261")).unwrap(),
+            "10.0.0.5:3261"
+        );
+        let v6 = NbdUri::parse("nbd://[fd00::5]/pg").unwrap();
+        assert_eq!(iscsi_portal(&v6, None).unwrap(), "[fd00::5]:3260");
+        let unix = NbdUri::parse("nbd+unix:///pg?socket=/s").unwrap();
+        assert_eq!(iscsi_portal(&unix, None), None);
+
+        let t = iqn("pg");
+        let join = |plan: Vec<Vec<String>>| plan.iter().map(|a| a.join(" ")).collect::<Vec<_>>();
+        assert_eq!(
+            join(iscsi_login_plan(&t, "h:3260", None)),
+            [
+                "-m discovery -t sendtargets -p h:3260",
+                "-m node -T iqn.2026-11.io.strata:pg -p h:3260 --login",
+            ]
+        );
+        let chap = Chap {
+            user: "u".into(),
+            secret: "s3cret-s3cret".into(),
+            mutual: Some(("t".into(), "tsecret-tsecret".into())),
+        };
+        let plan = join(iscsi_login_plan(&t, "h:3260", Some(&chap)));
+        assert_eq!(plan.len(), 7);
+        assert_eq!(
+            plan[1],
+            "-m node -T iqn.2026-11.io.strata:pg -p h:3260 -o update -n node.session.auth.authmethod -v CHAP"
+        );
+        assert!(plan[3].ends_with("-n node.session.auth.password -v s3cret-s3cret"));
+        assert!(plan[5].ends_with("-n node.session.auth.password_in -v tsecret-tsecret"));
+        assert!(plan[6].ends_with("--login"));
+        assert_eq!(
+            join(iscsi_logout_plan(&t, "h:3260")),
+            [
+                "-m node -T iqn.2026-11.io.strata:pg -p h:3260 --logout",
+                "-m node -T iqn.2026-11.io.strata:pg -p h:3260 -o delete",
+            ]
+        );
+        assert_eq!(
+            iscsi_by_path(&t, "h:3260"),
+            "/dev/disk/by-path/ip-h:3260-iscsi-iqn.2026-11.io.strata:pg-lun-0"
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! Attaching a strata volume to a Linux host as a block device.
+//!
+//! Owns the host side of the data path: the NBD handshake in userspace
+//! ([`handshake`]), then one of three ways to make a block device of the
+//! export, chosen automatically:
+//!
+//! 1. the kernel's nbd driver configured over generic netlink
+//!    ([`netlink`] encodes, [`kernel`] sends): the negotiated socket is
+//!    handed to the kernel and no process stays in the data path. A
+//!    [`supervisor`] listens for LINK_DEAD and RECONFIGUREs the device with
+//!    a fresh socket, so a controller restart within the dead-connection
+//!    timeout is a pause for the application, not an IO error;
+//! 2. the host's open-iscsi initiator ([`fallback::attach_iscsi`]);
+//! 3. nbdfuse + a loop device ([`fallback::attach_nbdfuse`]), slow.
+//!
+//! Each attachment is recorded in a small JSON file ([`state`]) under
+//! `/run/strata/attach/`, read by `strata volume attachments`, `detach` and
+//! a restarted supervisor. The CLI (`strata volume attach|detach|
+//! attachments|supervise`) and the CSI node plugin call this crate; it is
+//! synchronous (blocking syscalls and host tools), so async callers run it
+//! on a blocking thread.
+
+pub mod error;
+pub mod fallback;
+pub mod handshake;
+pub mod kernel;
+pub mod netlink;
+pub mod state;
+pub mod supervisor;
+pub mod uri;
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::AttachError;
+pub use fallback::IscsiOptions;
+pub use state::{Attachment, Method};
+pub use uri::NbdUri;
+
+use crate::kernel::{Nbd, NetlinkError};
+
+/// Which ways of attaching to consider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodChoice {
+    /// Kernel nbd, else iSCSI, else nbdfuse + loop.
+    Auto,
+    Only(Method),
+}
+
+/// Attach settings.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    pub state_dir: PathBuf,
+    /// How long IO waits in the kernel for a RECONFIGURE after the
+    /// connection to the controller died, before it fails.
+    pub dead_timeout: Duration,
+    /// How long the kernel waits for a reply before it declares the
+    /// connection dead and requeues the request (kernel nbd).
+    pub io_timeout: Duration,
+    /// Bound on dialing and on each handshake read or write.
+    pub connect_timeout: Duration,
+    /// A fixed /dev/nbdN index instead of the first free one.
+    pub index: Option<u32>,
+    pub methods: MethodChoice,
+    pub iscsi: IscsiOptions,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            state_dir: PathBuf::from(state::DEFAULT_STATE_DIR),
+            dead_timeout: Duration::from_secs(120),
+            io_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            index: None,
+            methods: MethodChoice::Auto,
+            iscsi: IscsiOptions::default(),
+        }
+    }
+}
+
+/// What [`attach`] did: the attachment, and why faster ways were skipped.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub attachment: Attachment,
+    /// One line per method tried before the one taken.
+    pub skipped: Vec<String>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why the kernel nbd path cannot be used here, if it cannot.
+pub fn kernel_nbd_unavailable() -> Option<String> {
+    if !kernel::ensure_module() {
+        return Some("no nbd kernel module (/sys/module/nbd missing, modprobe nbd failed)".into());
+    }
+    match Nbd::open() {
+        Ok(_) => None,
+        Err(e) => Some(format!("nbd netlink unusable: {e}")),
+    }
+}
+
+/// Attaches the export at `uri`: handshake first (so an unreachable
+/// controller or a missing export is reported as such), then the first
+/// usable method. On any failure nothing stays attached.
+pub fn attach(uri: &str, opts: &AttachOptions) -> Result<Attached, AttachError> {
+    let uri = NbdUri::parse(uri)?;
+    let canonical = uri.to_string();
+    for a in state::load_all(&opts.state_dir)? {
+        if a.uri == canonical && is_live(&a) {
+            return Err(AttachError::AlreadyAttached {
+                uri: canonical,
+                device: a.device,
+            });
+        }
+    }
+    let conn = handshake::connect(&uri, opts.connect_timeout)?;
+    let info = conn.info;
+    let mut skipped = Vec::new();
+    let wants =
+        |m: Method| opts.methods == MethodChoice::Auto || opts.methods == MethodChoice::Only(m);
+
+    let mut conn = Some(conn);
+    let attachment = 'found: {
+        if wants(Method::KernelNbd) {
+            match kernel_nbd_unavailable() {
+                None => {
+                    let c = conn.take().expect("first use");
+                    break 'found attach_kernel(&uri, c, opts)?;
+                }
+                Some(why) => skipped.push(format!("kernel-nbd: {why}")),
+            }
+        }
+        drop(conn.take());
+        if wants(Method::Iscsi) {
+            match fallback::iscsi_unavailable() {
+                None => match fallback::attach_iscsi(&uri, &info, &opts.iscsi) {
+                    Ok(a) => break 'found a,
+                    Err(e) => skipped.push(format!("iscsi: {e}")),
+                },
+                Some(why) => skipped.push(format!("iscsi: {why}")),
+            }
+        }
+        if wants(Method::NbdfuseLoop) {
+            match fallback::nbdfuse_unavailable() {
+                None => match fallback::attach_nbdfuse(&uri, &info, &opts.state_dir) {
+                    Ok(a) => break 'found a,
+                    Err(e) => skipped.push(format!("nbdfuse+loop: {e}")),
+                },
+                Some(why) => skipped.push(format!("nbdfuse+loop: {why}")),
+            }
+        }
+        return Err(AttachError::NoMethod(skipped.join("; ")));
+    };
+    if let Err(e) = state::save(&opts.state_dir, &attachment) {
+        // Without its state file nobody could find this device again.
+        let _ = detach_attachment(&attachment);
+        return Err(e);
+    }
+    Ok(Attached {
+        attachment,
+        skipped,
+    })
+}
+
+fn attach_kernel(
+    uri: &NbdUri,
+    conn: handshake::Connected,
+    opts: &AttachOptions,
+) -> Result<Attachment, AttachError> {
+    let mut nbd = Nbd::open()?;
+    let block = conn.info.device_block_size();
+    let req = netlink::Connect {
+        index: opts.index,
+        size: conn.info.size,
+        block_size: u64::from(block),
+        server_flags: u64::from(conn.info.flags),
+        timeout_secs: opts.io_timeout.as_secs().max(1),
+        dead_conn_timeout_secs: opts.dead_timeout.as_secs(),
+        fds: vec![conn.stream.as_raw_fd()],
+    };
+    let index = nbd.connect(&req).map_err(|e| classify(e, opts.index))?;
+    // The kernel holds its own reference to the socket now.
+    drop(conn);
+    Ok(Attachment {
+        device: format!("/dev/nbd{index}"),
+        uri: uri.to_string(),
+        method: Method::KernelNbd,
+        size: req.size,
+        block_size: block,
+        dead_timeout_secs: req.dead_conn_timeout_secs,
+        io_timeout_secs: req.timeout_secs,
+        attached_at: now_secs(),
+        nbd_index: Some(index),
+        fuse: None,
+        iscsi: None,
+    })
+}
+
+fn classify(e: NetlinkError, index: Option<u32>) -> AttachError {
+    match (e.errno(), index) {
+        (Some(libc::EPERM), _) => AttachError::NotPermitted(e),
+        (Some(libc::EBUSY), Some(i)) => AttachError::DeviceBusy(i),
+        (Some(libc::EBUSY | libc::ENOSPC | libc::ENOMEM | libc::ENODEV), None) => {
+            AttachError::NoFreeDevice(e)
+        }
+        _ => AttachError::Netlink(e),
+    }
+}
+
+/// The nbd index of `/dev/nbdN`.
+pub fn nbd_index(device: &str) -> Option<u32> {
+    device.strip_prefix("/dev/nbd")?.parse().ok()
+}
+
+/// Whether an attachment's device is still attached (best effort).
+pub fn is_live(a: &Attachment) -> bool {
+    match a.method {
+        Method::KernelNbd => {
+            let Some(i) = a.nbd_index else { return false };
+            Nbd::open()
+                .and_then(|mut n| n.is_connected(i))
+                .unwrap_or(false)
+        }
+        Method::NbdfuseLoop => {
+            fallback::loop_backing(&a.device).is_some()
+                && a.fuse.as_ref().is_some_and(|f| fallback::pid_alive(f.pid))
+        }
+        Method::Iscsi => Path::new(&a.device).exists(),
+    }
+}
+
+fn detach_attachment(a: &Attachment) -> Result<(), AttachError> {
+    match a.method {
+        Method::KernelNbd => {
+            let i = a
+                .nbd_index
+                .ok_or_else(|| AttachError::NotAttached(a.device.clone()))?;
+            let mut nbd = Nbd::open()?;
+            if nbd.is_connected(i)? {
+                nbd.disconnect(i).map_err(|e| classify(e, Some(i)))?;
+            }
+            Ok(())
+        }
+        Method::Iscsi => fallback::detach_iscsi(a),
+        Method::NbdfuseLoop => fallback::detach_nbdfuse(a),
+    }
+}
+
+/// Detaches `device` (`/dev/nbd0`, `/dev/loop3`, ...) and forgets it. A
+/// kernel nbd device without a state file is detached too (an attachment
+/// made by a lost state directory); anything else unknown is refused.
+pub fn detach(device: &str, state_dir: &Path) -> Result<Attachment, AttachError> {
+    let a = match state::load(state_dir, device)? {
+        Some(a) => a,
+        None => {
+            let index = nbd_index(device).ok_or_else(|| AttachError::NotAttached(device.into()))?;
+            let mut nbd = Nbd::open()?;
+            if !nbd.is_connected(index)? {
+                return Err(AttachError::NotAttached(device.into()));
+            }
+            Attachment {
+                device: device.to_string(),
+                uri: String::new(),
+                method: Method::KernelNbd,
+                size: 0,
+                block_size: 0,
+                dead_timeout_secs: 0,
+                io_timeout_secs: 0,
+                attached_at: 0,
+                nbd_index: Some(index),
+                fuse: None,
+                iscsi: None,
+            }
+        }
+    };
+    detach_attachment(&a)?;
+    state::remove(state_dir, device)?;
+    Ok(a)
+}
+
+/// An attachment and whether its device is still attached.
+#[derive(Debug, Clone)]
+pub struct AttachmentStatus {
+    pub attachment: Attachment,
+    pub live: bool,
+}
+
+/// Every recorded attachment with its liveness.
+pub fn attachments(state_dir: &Path) -> Result<Vec<AttachmentStatus>, AttachError> {
+    Ok(state::load_all(state_dir)?
+        .into_iter()
+        .map(|a| AttachmentStatus {
+            live: is_live(&a),
+            attachment: a,
+        })
+        .collect())
+}
+
+/// Makes an attached device show the export's current size; returns it.
+///
+/// Kernel nbd: a handshake learns the size, and NBD_CMD_RECONFIGURE
+/// carries it (NBD_ATTR_SIZE_BYTES, applied to a live device since Linux
+/// 5.3) with the fresh socket. The kernel swaps a socket in only for a
+/// dead one, so a live device keeps its connection, negotiated at the old
+/// size. A server that bounds each connection by its handshake size
+/// (strata's controller does) would then fail IO past the old end, so a
+/// grown export is refused with [`AttachError::ResizeNeedsReconnect`]
+/// unless `server_serves_new_size` says the server accepts the new size on
+/// existing connections. The supervisor applies the size safely on its
+/// next reconnect. iSCSI: `iscsiadm -m session -R` (rescan); loop:
+/// `losetup -c` (nbdfuse keeps its connection's size, so the same caveat).
+pub fn refresh_size(
+    device: &str,
+    opts: &AttachOptions,
+    server_serves_new_size: bool,
+) -> Result<u64, AttachError> {
+    let mut a = state::load(&opts.state_dir, device)?
+        .ok_or_else(|| AttachError::NotAttached(device.into()))?;
+    let uri = NbdUri::parse(&a.uri)?;
+    let conn = handshake::connect(&uri, opts.connect_timeout)?;
+    let size = conn.info.size;
+    if size == a.size {
+        return Ok(size);
+    }
+    if !server_serves_new_size && a.method != Method::Iscsi {
+        return Err(AttachError::ResizeNeedsReconnect {
+            device: device.into(),
+            device_size: a.size,
+            export_size: size,
+        });
+    }
+    match a.method {
+        Method::KernelNbd => {
+            let index = a
+                .nbd_index
+                .ok_or_else(|| AttachError::NotAttached(device.into()))?;
+            let mut nbd = Nbd::open()?;
+            nbd.reconfigure(&netlink::Reconfigure {
+                index,
+                fds: vec![conn.stream.as_raw_fd()],
+                size: Some((size, u64::from(a.block_size))),
+            })?;
+        }
+        Method::Iscsi => {
+            fallback::run_tool("iscsiadm", &["-m", "session", "-R"], 60)?;
+        }
+        Method::NbdfuseLoop => {
+            fallback::run_tool("losetup", &["-c", &a.device], 30)?;
+        }
+    }
+    drop(conn);
+    a.size = size;
+    state::save(&opts.state_dir, &a)?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_index_from_device() {
+        assert_eq!(nbd_index("/dev/nbd0"), Some(0));
+        assert_eq!(nbd_index("/dev/nbd15"), Some(15));
+        assert_eq!(nbd_index("/dev/nbd0p1"), None);
+        assert_eq!(nbd_index("/dev/loop0"), None);
+    }
+
+    #[test]
+    fn netlink_errors_become_attach_errors() {
+        let k = |errno| NetlinkError::Kernel {
+            op: "NBD_CMD_CONNECT",
+            errno: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(matches!(
+            classify(k(libc::EPERM), None),
+            AttachError::NotPermitted(_)
+        ));
+        assert!(matches!(
+            classify(k(libc::EBUSY), Some(2)),
+            AttachError::DeviceBusy(2)
+        ));
+        assert!(matches!(
+            classify(k(libc::EBUSY), None),
+            AttachError::NoFreeDevice(_)
+        ));
+        assert!(matches!(
+            classify(k(libc::EINVAL), None),
+            AttachError::Netlink(_)
+        ));
+    }
+
+    #[test]
+    fn unreachable_controller_is_reported_before_any_method() {
+        // A port nothing listens on (bound then dropped).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = AttachOptions {
+            state_dir: dir.path().to_path_buf(),
+            connect_timeout: Duration::from_secs(2),
+            ..AttachOptions::default()
+        };
+        let e = attach(&format!("nbd://127.0.0.1:{port}/v"), &opts).unwrap_err();
+        assert!(matches!(e, AttachError::Unreachable { .. }), "{e:?}");
+        assert!(matches!(
+            attach("http://x/v", &opts),
+            Err(AttachError::Uri(_))
+        ));
+        assert!(state::load_all(dir.path()).unwrap().is_empty());
+        assert!(matches!(
+            detach("/dev/loop99", dir.path()),
+            Err(AttachError::NotAttached(_))
+        ));
+    }
+}
