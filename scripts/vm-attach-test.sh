@@ -266,6 +266,24 @@ strata volume attach "$URI" > /tmp/attach2.out 2> /tmp/attach2.log || fail "atta
 DEV2=$(head -1 /tmp/attach2.out)
 e2fsck -fn "$DEV2" > /tmp/fsck.log 2>&1 || fail "e2fsck: $(cat /tmp/fsck.log)"
 say "fsck clean on $DEV2"
+# Grow the volume with no restart: strata's controller checks requests
+# against its live size, so refresh-size can apply the new size over the
+# connection the device has (RECONFIGURE with NBD_ATTR_SIZE_BYTES).
+say "GROW-STRATA"
+i=0
+while [ "$(cat /sys/block/${DEV2#/dev/}/size)" -ne $((256 * 2048)) ]; do
+    i=$((i + 1)); [ $i -gt 60 ] && fail "refresh-size never showed 256 MiB: $(cat /tmp/refresh2.log)"
+    strata volume refresh-size "$DEV2" --server-serves-new-size > /tmp/refresh2.out 2> /tmp/refresh2.log
+    sleep 0.5
+done
+dd if=/dev/urandom of=/tmp/last bs=4096 count=1 2>/dev/null
+dd if=/tmp/last of="$DEV2" bs=4096 seek=$((256 * 256 - 1)) count=1 oflag=direct 2> /tmp/dd2.log \
+    || fail "writing the last block after refresh-size: $(cat /tmp/dd2.log)"
+dd if="$DEV2" of=/tmp/last.back bs=4096 skip=$((256 * 256 - 1)) count=1 iflag=direct 2>> /tmp/dd2.log \
+    || fail "reading the last block after refresh-size: $(cat /tmp/dd2.log)"
+cmp -s /tmp/last /tmp/last.back || fail "the last block read back differs"
+dmesg | grep -E "I/O error" && fail "IO errors after refresh-size"
+say "strata volume grown with no reconnect: $(cat /sys/block/${DEV2#/dev/}/size) sectors, last block written and read"
 strata volume detach "$DEV2" || fail "detach again"
 [ "$(strata volume attachments | wc -l)" -eq 1 ] || fail "attachments left: $(strata volume attachments)"
 
@@ -324,7 +342,7 @@ restart_controller() {
     echo "== controller back after $(python3 -c "print(f'{$t1-$t0:.1f}')") s"
 }
 while kill -0 "$QEMU_PID" 2>/dev/null; do
-    for marker in KILL-CONTROLLER KILL-CONTROLLER-2 GROW-EXPORT; do
+    for marker in KILL-CONTROLLER KILL-CONTROLLER-2 GROW-STRATA GROW-EXPORT; do
         case " $handled " in *" $marker "*) continue ;; esac
         if grep -q "STRATA-VM: $marker\$" <(tr -d '\r' < "$CONSOLE"); then
             handled="$handled $marker"
@@ -337,6 +355,10 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
                         > "$WORK/expand.log" 2>&1 || { echo "vm-attach-test: expand failed"; cat "$WORK/expand.log"; }
                     echo "== volume expanded to 192 MiB"
                     restart_controller ;;
+                GROW-STRATA)
+                    "$STRATA_BIN" volume expand "$VOL" 256M --controller "127.0.0.1:$CTL_PORT" \
+                        > "$WORK/expand2.log" 2>&1 || { echo "vm-attach-test: expand failed"; cat "$WORK/expand2.log"; }
+                    echo "== volume expanded to 256 MiB (no restart)" ;;
                 GROW-EXPORT)
                     # nbdkit fixes each connection's size at its handshake:
                     # stop it, grow the file, start it again on the same port.

@@ -63,6 +63,11 @@ impl<B: Backend> Export<B> {
         &self.backend
     }
 
+    /// The size now, rounded down to 4096 (no allocation: read per request).
+    pub fn size(&self) -> u64 {
+        align_down(self.backend.size())
+    }
+
     /// Name and size as advertised now (size rounded down to 4096). Read
     /// at each handshake: a volume that grew shows its new size to new
     /// connections.

@@ -285,7 +285,6 @@ where
     let writer = tokio::spawn(write_replies(wr, rx));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT));
-    let size = export.facts().size;
     let mut tasks = JoinSet::new();
 
     let result = loop {
@@ -304,7 +303,10 @@ where
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break Ok(());
         };
-        if let Err((errno, msg)) = validate(&req, size, &session) {
+        // The live size, not the one negotiated: a client that learnt of
+        // an expansion (the kernel after a RECONFIGURE with the new size)
+        // may use the grown range on the connection it has.
+        if let Err((errno, msg)) = validate(&req, export.size(), &session) {
             let mut reply = error_reply(&req, &session, errno, &msg);
             reply._permits = Some((slot, None));
             let _ = tx.send(reply).await;
