@@ -204,6 +204,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                     tracing::warn!(volume = %opts.volume, replica = %addr, from = s.size, to = size, "finishing an interrupted expansion");
                     control::expand_replica(addr, &opts.volume, size, s.epoch, opts.connect_timeout)
                         .await
+                        .map(|_| ())
                 } else {
                     Ok(())
                 };

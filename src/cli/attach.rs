@@ -131,24 +131,8 @@ async fn refuse_if_attached_elsewhere(
     controller: SocketAddr,
     force: bool,
 ) -> anyhow::Result<()> {
-    use strata_proto::controller::volume_control_client::VolumeControlClient;
-    use strata_proto::controller::StatusRequest;
     let parsed = strata_attach::NbdUri::parse(uri)?;
-    let mut client = VolumeControlClient::connect(format!("http://{controller}"))
-        .await
-        .with_context(|| format!("cannot reach the controller at {controller}"))?;
-    let s = client
-        .status(StatusRequest {})
-        .await
-        .with_context(|| format!("status call to {controller} failed"))?
-        .into_inner();
-    if s.volume != parsed.export {
-        anyhow::bail!(
-            "the controller at {controller} serves volume {:?}, not {:?}",
-            s.volume,
-            parsed.export
-        );
-    }
+    let (_, s) = super::snapshot::connect_with_status(&parsed.export, controller).await?;
     if s.attached_clients > 0 {
         if !force {
             anyhow::bail!(

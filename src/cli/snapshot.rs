@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use strata_proto::controller::volume_control_client::VolumeControlClient;
 use strata_proto::controller::{
-    CloneRequest, RevertRequest, SnapshotList, SnapshotRef, StatusRequest,
+    CloneRequest, RevertRequest, SnapshotList, SnapshotRef, StatusRequest, VolumeStatus,
 };
 use tonic::transport::Channel;
 
@@ -63,6 +63,14 @@ pub async fn connect(
     volume: &str,
     controller: SocketAddr,
 ) -> anyhow::Result<VolumeControlClient<Channel>> {
+    Ok(connect_with_status(volume, controller).await?.0)
+}
+
+/// [`connect`], also returning the status it read.
+pub async fn connect_with_status(
+    volume: &str,
+    controller: SocketAddr,
+) -> anyhow::Result<(VolumeControlClient<Channel>, VolumeStatus)> {
     let mut client = VolumeControlClient::connect(format!("http://{controller}"))
         .await
         .with_context(|| format!("volume {volume}: cannot reach the controller at {controller}"))?;
@@ -77,7 +85,7 @@ pub async fn connect(
             status.volume
         );
     }
-    Ok(client)
+    Ok((client, status))
 }
 
 /// `snap-YYYYMMDD-HHMMSS` in UTC.

@@ -213,14 +213,14 @@ pub async fn delete_snapshot(
     .map_err(|s| ControlError::from_status(addr, "snapshot delete", s))
 }
 
-/// Grows one replica to `size` bytes, fenced at `epoch`.
+/// Grows one replica to `size` bytes, fenced at `epoch`; its status after.
 pub async fn expand_replica(
     addr: SocketAddr,
     volume: &str,
     size: u64,
     epoch: u64,
     timeout: Duration,
-) -> Result<(), ControlError> {
+) -> Result<ReplicaStatus, ControlError> {
     let mut c = connect(addr, timeout).await?;
     c.expand_replica(ExpandReplicaRequest {
         volume: volume.to_string(),
@@ -228,7 +228,7 @@ pub async fn expand_replica(
         epoch,
     })
     .await
-    .map(|_| ())
+    .map(|s| s.into_inner())
     .map_err(|s| ControlError::from_status(addr, "expand", s))
 }
 

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 
 use super::control;
 use super::error::{ResizeRefusal, VolumeError};
-use super::{Health, Volume};
+use super::Volume;
 use crate::crash_point;
 
 const BLOCK: u64 = strata_replica::BLOCK_SIZE;
@@ -87,12 +87,7 @@ impl Volume {
         self.bump_epoch_if_needed().await;
         let held = std::time::Instant::now();
         let _exclusive = self.gate.write().await;
-        let comparing = self
-            .slots()
-            .iter()
-            .filter(|s| matches!(s.health(), Health::Syncing(_)))
-            .any(|s| s.counts_for_quorum.load(Ordering::Acquire));
-        if comparing {
+        if self.replicas_being_compared() > 0 {
             return Err(self.resize_error(
                 requested,
                 ResizeRefusal::Busy,
@@ -110,7 +105,7 @@ impl Volume {
         let mut failed = Vec::new();
         for slot in &targets {
             match control::expand_replica(slot.addr, &self.name, new_size, epoch, timeout).await {
-                Ok(()) => {
+                Ok(_) => {
                     grown += 1;
                     grown_healthy += slot.is_healthy() as usize;
                     if grown == 1 {

@@ -300,9 +300,14 @@ impl Volume {
         let slots = self.slots();
         let quorum = slots.len() / 2 + 1;
         let mut targets = Vec::with_capacity(slots.len());
-        for slot in &slots {
+        // Which of `slots` the request went to (at most 5 replicas).
+        let mut sent = 0u64;
+        for (i, slot) in slots.iter().enumerate() {
             match slot.write_target() {
-                Some((client, healthy)) => targets.push((slot.clone(), client, healthy)),
+                Some((client, healthy)) => {
+                    sent |= 1 << i;
+                    targets.push((slot.clone(), client, healthy));
+                }
                 None if len > 0 => slot.mark_pending(offset, len),
                 None => {}
             }
@@ -312,7 +317,6 @@ impl Volume {
             return Err(self.below_quorum(op, offset));
         }
         let started = tokio::time::Instant::now();
-        let sent: Vec<Arc<Slot>> = targets.iter().map(|t| t.0.clone()).collect();
         let mut pending: FuturesUnordered<_> = targets
             .into_iter()
             .map(|(slot, client, healthy)| {
@@ -327,7 +331,7 @@ impl Volume {
             })
             .collect();
         let mut results: Vec<(Arc<Slot>, bool, Result<(), ClientError>)> =
-            Vec::with_capacity(sent.len());
+            Vec::with_capacity(pending.len());
         let mut acked_so_far = 0;
         let mut lag_deadline = None;
         loop {
@@ -335,8 +339,9 @@ impl Volume {
                 Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        let late: Vec<&Arc<Slot>> = sent
-                            .iter()
+                        let late: Vec<&Arc<Slot>> = (slots.iter().enumerate())
+                            .filter(|(i, _)| sent & (1 << i) != 0)
+                            .map(|(_, s)| s)
                             .filter(|s| !results.iter().any(|r| Arc::ptr_eq(&r.0, s)))
                             .collect();
                         if self.fault_if_lagging(op, class, offset, len, &late, started) {
@@ -403,11 +408,13 @@ impl Volume {
     }
 
     /// The IO timeout of a request class: durable requests wait for the
-    /// disk and get six times the page-cache one (as the client does).
+    /// disk and get longer, as in the replica client.
     fn io_timeout(&self, class: LatencyClass) -> Duration {
         match class {
             LatencyClass::Cached => self.options.io_timeout,
-            LatencyClass::Durable => self.options.io_timeout * 6,
+            LatencyClass::Durable => {
+                self.options.io_timeout * strata_replica::client::DURABLE_TIMEOUT_FACTOR
+            }
         }
     }
 

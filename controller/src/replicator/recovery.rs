@@ -115,7 +115,7 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
     // takes a write at the wrong size. (Fenced at its own epoch: only a
     // replica whose epoch is not above ours gets here, see below.)
     if status.size < volume.size() && status.epoch <= volume.epoch() {
-        control::expand_replica(
+        status = control::expand_replica(
             slot.addr,
             &volume.name,
             volume.size(),
@@ -123,7 +123,6 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
             timeout,
         )
         .await?;
-        status = control::status(slot.addr, &volume.name, timeout).await?;
     }
     if status.size != volume.size() {
         return Err(SyncError::SizeMismatch {

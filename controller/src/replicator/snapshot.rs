@@ -87,13 +87,18 @@ impl Volume {
     /// but may differ in their heads, so they can neither take the change
     /// (a snapshot would freeze the difference) nor be dropped for a full
     /// rebuild (the volume could fall below quorum).
-    fn refuse_while_comparing(&self, name: &str) -> Result<(), VolumeError> {
-        let comparing = self
-            .slots()
+    /// Replicas being compared with the others after a crash (syncing, yet
+    /// counted for the quorum).
+    pub(crate) fn replicas_being_compared(&self) -> usize {
+        self.slots()
             .iter()
             .filter(|s| matches!(s.health(), Health::Syncing(_)))
             .filter(|s| s.counts_for_quorum.load(Ordering::Acquire))
-            .count();
+            .count()
+    }
+
+    fn refuse_while_comparing(&self, name: &str) -> Result<(), VolumeError> {
+        let comparing = self.replicas_being_compared();
         if comparing > 0 {
             return Err(self.snapshot_error(
                 name,
