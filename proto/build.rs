@@ -7,6 +7,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &["proto/replica.proto", "proto/controller.proto"],
         &["proto"],
     )?;
+    // The CSI spec imports google/protobuf/{descriptor,timestamp,wrappers}:
+    // they come with the vendored protoc, and map to `prost-types`.
+    let well_known = protoc_bin_vendored::include_path()?;
+    let well_known = well_known
+        .to_str()
+        .ok_or("the protoc include path is not UTF-8")?;
+    tonic_prost_build::configure().compile_protos(&["proto/csi.proto"], &["proto", well_known])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -1,9 +1,53 @@
-//! `strata-csi`: the Kubernetes CSI driver (not built yet).
+//! `strata-csi`: the Kubernetes CSI driver, `strata csi --mode controller|node`.
 //!
-//! It will own the CSI Identity, Controller and Node services (spec in
-//! `proto/`): provisioning a volume from a StorageClass means creating its
-//! replicas on the nodes' replica DaemonSet pods and starting a per-volume
-//! controller Deployment + Service; node attach connects the kernel NBD
-//! client (or open-iscsi) to that controller and mounts the filesystem.
-//! Its data comes from the Kubernetes API (through `kube`) and goes to the
-//! controller and replica gRPC APIs; it never touches volume data itself.
+//! - [`identity`]: the Identity service, served in both modes.
+//! - [`controller`]: provisioning. A volume is a [`crd::StrataVolume`]
+//!   custom resource (the only state strata keeps outside the replicas'
+//!   own metadata), replicas created on the nodes' replica servers
+//!   ([`placement`] chooses the nodes, [`cluster`] reads them from the
+//!   Kubernetes API), and a per-volume controller Deployment + Service
+//!   ([`objects`]) that serves the volume over NBD. Snapshots, clones and
+//!   expansion go through that controller's management gRPC.
+//! - [`node`]: attaching a volume on a node with `strata-attach` (kernel
+//!   NBD, with fallbacks), making a filesystem only on an empty device,
+//!   mounting, bind-mounting into pods, growing the filesystem.
+//!
+//! Requests are checked before anything is created ([`params`],
+//! [`request`]); every refusal is a [`error::CsiError`] with the gRPC code
+//! the CSI spec asks for.
+
+pub mod cluster;
+pub mod controller;
+pub mod crd;
+pub mod endpoint;
+pub mod error;
+pub mod identity;
+pub mod names;
+pub mod node;
+pub mod objects;
+pub mod params;
+pub mod placement;
+pub mod request;
+pub mod serve;
+
+pub use endpoint::Endpoint;
+pub use error::CsiError;
+
+/// The name this driver registers under (CSIDriver object, StorageClass
+/// `provisioner`).
+pub const DRIVER_NAME: &str = "csi.strata.io";
+
+/// Topology key of the node a volume is reachable from.
+pub const TOPOLOGY_HOSTNAME: &str = "kubernetes.io/hostname";
+/// Topology key of the node's CPU architecture.
+pub const TOPOLOGY_ARCH: &str = "kubernetes.io/arch";
+
+/// The Kubernetes architecture name of this build (`amd64`, `arm64`).
+pub fn kube_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
+    }
+}

@@ -195,14 +195,20 @@ impl ReplicaControl for ReplicaControlService {
 
     async fn list(&self, _req: Request<Empty>) -> Result<Response<ReplicaList>, Status> {
         let host = self.host.clone();
-        let replicas = blocking(move || {
-            host.list()?
+        let (replicas, space) = blocking(move || {
+            let replicas = host
+                .list()?
                 .iter()
                 .map(|name| open_status(&host, name))
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, HostError>((replicas, crate::store::filesystem_space(host.dir())))
         })
         .await?;
-        Ok(Response::new(ReplicaList { replicas }))
+        Ok(Response::new(ReplicaList {
+            replicas,
+            filesystem_bytes: space.map_or(0, |s| s.total),
+            available_bytes: space.map_or(0, |s| s.available),
+        }))
     }
 
     async fn set_epoch(

@@ -2,6 +2,7 @@
 
 mod attach;
 mod backup;
+mod csi;
 mod schedule;
 mod size;
 mod snapshot;
@@ -66,6 +67,8 @@ pub enum Command {
     /// Backups in S3 or a directory: list, verify, restore, retention, gc.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// The Kubernetes CSI driver: `strata csi --mode controller|node`.
+    Csi(csi::CsiArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +223,7 @@ impl Command {
             Command::Up(_)
                 | Command::Replica(ReplicaCommand::Serve { .. })
                 | Command::Controller(_)
+                | Command::Csi(_)
         )
     }
 }
@@ -271,6 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(cmd) => volume::run(cmd).await,
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
         Command::Backup(cmd) => backup::run(cmd).await,
+        Command::Csi(args) => csi::run(args).await,
     }
 }
 

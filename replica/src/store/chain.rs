@@ -578,6 +578,20 @@ fn snapshot_size(st: &State, top: usize) -> u64 {
 /// A volume may be larger than the free space (it is thin), never larger
 /// than the filesystem itself: that one could never be filled.
 fn filesystem_bytes(dir: &std::path::Path) -> Option<u64> {
+    filesystem_space(dir).map(|s| s.total)
+}
+
+/// The size of the filesystem holding a directory, and what is free in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilesystemSpace {
+    pub total: u64,
+    /// Bytes an unprivileged writer may still use.
+    pub available: u64,
+}
+
+/// [`FilesystemSpace`] of the filesystem holding `dir` (None if it cannot
+/// be told).
+pub fn filesystem_space(dir: &std::path::Path) -> Option<FilesystemSpace> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs is a plain C struct for which all-zero bytes are valid.
@@ -585,5 +599,8 @@ fn filesystem_bytes(dir: &std::path::Path) -> Option<u64> {
     // SAFETY: `path` is a valid NUL-terminated string and `st` a writable
     // statvfs that outlives the call.
     let r = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-    (r == 0).then(|| st.f_blocks as u64 * st.f_frsize as u64)
+    (r == 0).then(|| FilesystemSpace {
+        total: st.f_blocks as u64 * st.f_frsize as u64,
+        available: st.f_bavail as u64 * st.f_frsize as u64,
+    })
 }

@@ -45,7 +45,7 @@ use crate::layer::{self, BlockKind, LayerFiles};
 use crate::meta::{self, LayerMeta, VolumeMeta};
 use crate::BLOCK_SIZE;
 
-pub use chain::{valid_snapshot_name, SnapshotInfo, View};
+pub use chain::{filesystem_space, valid_snapshot_name, FilesystemSpace, SnapshotInfo, View};
 pub use data::{Allocation, AllocationExtent};
 
 const LOCK_FILE: &str = "volume.lock";

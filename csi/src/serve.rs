@@ -1,0 +1,152 @@
+//! `strata csi`: serving Identity plus the Controller or Node service on
+//! the CSI endpoint until shutdown.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_attach::supervisor::SupervisorOptions;
+use strata_attach::AttachOptions;
+use strata_proto::csi::controller_server::ControllerServer;
+use strata_proto::csi::identity_server::IdentityServer;
+use strata_proto::csi::node_server::NodeServer;
+use tonic::transport::Server;
+
+use crate::cluster::Cluster;
+use crate::controller::ControllerService;
+use crate::endpoint::Endpoint;
+use crate::identity::IdentityService;
+use crate::node::NodeService;
+use crate::objects::PodSettings;
+
+/// Which services this process serves beside Identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Controller,
+    Node,
+}
+
+/// Settings of the controller mode.
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    pub namespace: String,
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    pub replica_port: u16,
+    pub controller_wait: Duration,
+}
+
+/// Settings of the node mode.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub node_id: String,
+    pub attach_state_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {endpoint:?}: {source}")]
+    Listen {
+        endpoint: Endpoint,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {0}")]
+    Kube(#[from] kube::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    endpoint: Endpoint,
+    mode: Mode,
+    controller: Option<ControllerSettings>,
+    node: Option<NodeSettings>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let identity = IdentityServer::new(IdentityService {
+        controller: mode == Mode::Controller,
+    });
+    let mut router = Server::builder().add_service(identity);
+    let mut supervisor_stop = None;
+    match mode {
+        Mode::Controller => {
+            let s = controller.expect("controller settings");
+            let client = kube::Client::try_default().await?;
+            let cluster = Cluster {
+                client,
+                namespace: s.namespace.clone(),
+                replica_port: s.replica_port,
+                pod: PodSettings {
+                    namespace: s.namespace,
+                    image: s.image,
+                    image_pull_policy: s.image_pull_policy,
+                    service_account: None,
+                },
+                controller_wait: s.controller_wait,
+            };
+            router = router.add_service(ControllerServer::new(ControllerService { cluster }));
+        }
+        Mode::Node => {
+            let s = node.expect("node settings");
+            let attach = AttachOptions {
+                state_dir: s.attach_state_dir.clone(),
+                ..Default::default()
+            };
+            // Kernel NBD devices reconnect after a controller restart only
+            // with a supervisor: run one for every attachment of this node.
+            if strata_attach::kernel_nbd_unavailable().is_none() {
+                let stop = Arc::new(AtomicBool::new(false));
+                let opts = SupervisorOptions {
+                    state_dir: s.attach_state_dir.clone(),
+                    probe_interval: Duration::from_secs(2),
+                    connect_timeout: Duration::from_secs(10),
+                    only: None,
+                    exit_when_detached: false,
+                    max_backoff: Duration::from_secs(5),
+                };
+                let flag = stop.clone();
+                std::thread::Builder::new()
+                    .name("nbd-supervisor".into())
+                    .spawn(move || {
+                        if let Err(e) = strata_attach::supervisor::supervise(&opts, &flag) {
+                            tracing::error!(error = %e, "the NBD supervisor stopped");
+                        }
+                    })
+                    .ok();
+                supervisor_stop = Some(stop);
+            }
+            router = router.add_service(NodeServer::new(NodeService {
+                node_id: s.node_id,
+                attach,
+            }));
+        }
+    }
+    tracing::info!(?endpoint, ?mode, "strata csi serving");
+    let result = match &endpoint {
+        Endpoint::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            // A socket left by an earlier run.
+            let _ = std::fs::remove_file(path);
+            let listener =
+                tokio::net::UnixListener::bind(path).map_err(|source| ServeError::Listen {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let r = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await;
+            let _ = std::fs::remove_file(path);
+            r
+        }
+        Endpoint::Tcp(addr) => router.serve_with_shutdown(*addr, shutdown).await,
+    };
+    if let Some(stop) = supervisor_stop {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(result?)
+}

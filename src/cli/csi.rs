@@ -1,0 +1,100 @@
+//! `strata csi`: the Kubernetes CSI driver (controller or node plugin),
+//! and `strata csi crd` (the StrataVolume CRD, for `deploy/`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use strata_csi::serve::{self, ControllerSettings, Mode, NodeSettings};
+use strata_csi::Endpoint;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CsiArgs {
+    #[command(subcommand)]
+    pub command: Option<CsiCommand>,
+    #[command(flatten)]
+    pub serve: CsiServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CsiCommand {
+    /// Print the StrataVolume CustomResourceDefinition (JSON, for
+    /// `kubectl apply -f -`).
+    Crd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CsiMode {
+    /// Identity + Controller: provisioning, snapshots, expansion (one per
+    /// cluster, beside the provisioner, snapshotter and resizer sidecars).
+    Controller,
+    /// Identity + Node: attach, format, mount (one per node).
+    Node,
+}
+
+#[derive(Debug, Args)]
+pub struct CsiServeArgs {
+    /// Where to serve CSI: unix:///path/csi.sock or tcp://IP:PORT.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    #[arg(long, value_enum)]
+    pub mode: Option<CsiMode>,
+    /// Node mode: this node's name (the Downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: Option<String>,
+    /// Controller mode: the namespace of StrataVolumes and the volume
+    /// controllers' Deployments and Services.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "strata-system")]
+    pub namespace: String,
+    /// Controller mode: the image the volume controller pods run (this
+    /// driver's own image).
+    #[arg(long, env = "STRATA_IMAGE", default_value = "strata:latest")]
+    pub image: String,
+    /// Controller mode: imagePullPolicy of the volume controller pods.
+    #[arg(long, env = "STRATA_IMAGE_PULL_POLICY")]
+    pub image_pull_policy: Option<String>,
+    /// Controller mode: the port every node's replica server listens on.
+    #[arg(long, default_value_t = 10900)]
+    pub replica_port: u16,
+    /// Controller mode: how long a call waits for a new volume's
+    /// controller pod to answer, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub controller_wait_secs: u64,
+    /// Node mode: where attachments are recorded.
+    #[arg(long, default_value = strata_attach::state::DEFAULT_STATE_DIR)]
+    pub attach_state_dir: PathBuf,
+}
+
+pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
+    if let Some(CsiCommand::Crd) = args.command {
+        println!("{}", strata_csi::crd::crd_json());
+        return Ok(());
+    }
+    let a = args.serve;
+    let endpoint = Endpoint::parse(&a.endpoint)?;
+    let mode = match a.mode {
+        Some(CsiMode::Controller) => Mode::Controller,
+        Some(CsiMode::Node) => Mode::Node,
+        None => anyhow::bail!("--mode controller|node is required"),
+    };
+    let node = match mode {
+        Mode::Node => Some(NodeSettings {
+            node_id: a
+                .node_id
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("node mode needs --node-id (or NODE_NAME)"))?,
+            attach_state_dir: a.attach_state_dir,
+        }),
+        Mode::Controller => None,
+    };
+    let controller = (mode == Mode::Controller).then(|| ControllerSettings {
+        namespace: a.namespace,
+        image: a.image,
+        image_pull_policy: a.image_pull_policy,
+        replica_port: a.replica_port,
+        controller_wait: Duration::from_secs(a.controller_wait_secs),
+    });
+    serve::serve(endpoint, mode, controller, node, super::shutdown_signal()).await?;
+    Ok(())
+}
