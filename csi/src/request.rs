@@ -103,6 +103,11 @@ pub fn check_capability(c: &VolumeCapability) -> Result<Access, CsiError> {
     }
 }
 
+/// Whether the capability allows one writer (one pod) only.
+pub fn is_single_writer(c: &VolumeCapability) -> bool {
+    c.access_mode.as_ref().map(|m| m.mode) == Some(Mode::SingleNodeSingleWriter as i32)
+}
+
 /// Checks every capability of a request (at least one).
 pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<Vec<Access>, CsiError> {
     if caps.is_empty() {

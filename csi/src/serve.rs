@@ -25,6 +25,19 @@ use crate::objects::PodSettings;
 pub enum Mode {
     Controller,
     Node,
+    /// Both in one process: a single-node cluster, and csi-sanity's
+    /// whole-lifecycle specs (they need one endpoint serving both).
+    All,
+}
+
+impl Mode {
+    fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+
+    fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
 }
 
 /// Settings of the controller mode.
@@ -42,6 +55,7 @@ pub struct ControllerSettings {
 pub struct NodeSettings {
     pub node_id: String,
     pub attach_state_dir: PathBuf,
+    pub controller_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,13 +80,17 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let identity = IdentityServer::new(IdentityService {
-        controller: mode == Mode::Controller,
+        controller: mode.controller(),
     });
     let mut router = Server::builder().add_service(identity);
     let mut supervisor_stop = None;
-    match mode {
-        Mode::Controller => {
+    if mode.controller() {
+        {
             let s = controller.expect("controller settings");
+            // The binary links two rustls providers (ring through kube,
+            // aws-lc-rs through the S3 client): choose one for the process.
+            // An error means one is installed already, which is as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let client = kube::Client::try_default().await?;
             let cluster = Cluster {
                 client,
@@ -88,7 +106,9 @@ pub async fn serve(
             };
             router = router.add_service(ControllerServer::new(ControllerService { cluster }));
         }
-        Mode::Node => {
+    }
+    if mode.node() {
+        {
             let s = node.expect("node settings");
             let attach = AttachOptions {
                 state_dir: s.attach_state_dir.clone(),
@@ -120,6 +140,7 @@ pub async fn serve(
             router = router.add_service(NodeServer::new(NodeService {
                 node_id: s.node_id,
                 attach,
+                controller_wait: s.controller_wait,
             }));
         }
     }

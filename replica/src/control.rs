@@ -87,6 +87,8 @@ fn to_status(e: HostError) -> Status {
         },
         HostError::InvalidName(_) => Status::invalid_argument(msg),
         HostError::NotOpen(_) => Status::failed_precondition(msg),
+        // Its users are going away (a controller stopping): try again.
+        HostError::Busy { .. } => Status::unavailable(msg),
         // ABORTED is gRPC's code for a failed sequencer check: the request's
         // epoch is not the replica's, another controller owns it.
         HostError::Fenced { .. } => Status::aborted(msg),

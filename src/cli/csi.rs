@@ -31,6 +31,9 @@ pub enum CsiMode {
     Controller,
     /// Identity + Node: attach, format, mount (one per node).
     Node,
+    /// Identity + Controller + Node in one process (a single-node cluster;
+    /// csi-sanity's whole-lifecycle specs).
+    All,
 }
 
 #[derive(Debug, Args)]
@@ -57,8 +60,8 @@ pub struct CsiServeArgs {
     /// Controller mode: the port every node's replica server listens on.
     #[arg(long, default_value_t = 10900)]
     pub replica_port: u16,
-    /// Controller mode: how long a call waits for a new volume's
-    /// controller pod to answer, in seconds.
+    /// How long a call waits for a new volume's controller pod to answer,
+    /// in seconds (controller: snapshots, expansion; node: NodeStage).
     #[arg(long, default_value_t = 60)]
     pub controller_wait_secs: u64,
     /// Node mode: where attachments are recorded.
@@ -76,19 +79,21 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
     let mode = match a.mode {
         Some(CsiMode::Controller) => Mode::Controller,
         Some(CsiMode::Node) => Mode::Node,
-        None => anyhow::bail!("--mode controller|node is required"),
+        Some(CsiMode::All) => Mode::All,
+        None => anyhow::bail!("--mode controller|node|all is required"),
     };
     let node = match mode {
-        Mode::Node => Some(NodeSettings {
+        Mode::Node | Mode::All => Some(NodeSettings {
             node_id: a
                 .node_id
                 .filter(|n| !n.is_empty())
                 .ok_or_else(|| anyhow::anyhow!("node mode needs --node-id (or NODE_NAME)"))?,
             attach_state_dir: a.attach_state_dir,
+            controller_wait: Duration::from_secs(a.controller_wait_secs),
         }),
         Mode::Controller => None,
     };
-    let controller = (mode == Mode::Controller).then(|| ControllerSettings {
+    let controller = (mode != Mode::Node).then(|| ControllerSettings {
         namespace: a.namespace,
         image: a.image,
         image_pull_policy: a.image_pull_policy,

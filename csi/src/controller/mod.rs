@@ -142,6 +142,7 @@ impl Controller for ControllerService {
             rpc::Type::GetVolume,
             rpc::Type::VolumeCondition,
             rpc::Type::SingleNodeMultiWriter,
+            rpc::Type::GetSnapshot,
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
@@ -182,11 +183,12 @@ impl Controller for ControllerService {
 
     async fn get_snapshot(
         &self,
-        _req: Request<GetSnapshotRequest>,
+        req: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetSnapshot is not offered (no GET_SNAPSHOT capability)",
-        ))
+        let snapshot = snapshots::get(&self.cluster, &req.into_inner().snapshot_id).await?;
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     async fn controller_expand_volume(

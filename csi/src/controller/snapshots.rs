@@ -197,3 +197,19 @@ pub async fn list(
         next_token,
     })
 }
+
+pub async fn get(cluster: &Cluster, snapshot_id: &str) -> CsiResult<Snapshot> {
+    if snapshot_id.is_empty() {
+        return Err(CsiError::Invalid("GetSnapshot needs a snapshot ID".into()));
+    }
+    let missing = || CsiError::NotFound(format!("no snapshot {snapshot_id:?}"));
+    let (volume_id, name) = names::parse_snapshot_id(snapshot_id).ok_or_else(missing)?;
+    let sv = cluster.get_volume(volume_id).await?.ok_or_else(missing)?;
+    let r = sv
+        .spec
+        .snapshots
+        .iter()
+        .find(|r| r.name == name)
+        .ok_or_else(missing)?;
+    Ok(to_csi(volume_id, r))
+}

@@ -459,7 +459,7 @@ async fn delete_replica(addr: SocketAddr, id: &str) -> CsiResult<()> {
             Err(s) if s.code() == Code::NotFound => return Ok(()),
             // Still open by a controller that is going away.
             Err(s)
-                if s.code() == Code::FailedPrecondition
+                if matches!(s.code(), Code::Unavailable | Code::FailedPrecondition)
                     && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(250)).await;

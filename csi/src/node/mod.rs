@@ -35,6 +35,9 @@ use crate::request::{check_capability, Access};
 pub struct NodeService {
     pub node_id: String,
     pub attach: AttachOptions,
+    /// How long NodeStage waits for the volume's controller to answer (a
+    /// new volume's pod may still be starting).
+    pub controller_wait: std::time::Duration,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -96,9 +99,7 @@ impl NodeService {
                 if let Some(a) = stale {
                     let _ = strata_attach::detach(&a.attachment.device, &self.attach.state_dir);
                 }
-                let attached = strata_attach::attach(uri, &self.attach).map_err(|e| {
-                    CsiError::Unavailable(format!("attaching {}: {e}", req.volume_id))
-                })?;
+                let attached = self.attach_waiting(uri, &req.volume_id)?;
                 for s in &attached.skipped {
                     tracing::info!(volume = %req.volume_id, "attach: {s}");
                 }
@@ -138,6 +139,31 @@ impl NodeService {
         fs::mount(&device, staging, Some(&wanted), &flags)
     }
 
+    /// Attaches, waiting up to `controller_wait` for an unreachable
+    /// controller.
+    fn attach_waiting(&self, uri: &str, volume_id: &str) -> CsiResult<strata_attach::Attached> {
+        let deadline = std::time::Instant::now() + self.controller_wait;
+        loop {
+            match strata_attach::attach(uri, &self.attach) {
+                Ok(a) => return Ok(a),
+                Err(strata_attach::AttachError::Unreachable { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                Err(e) => {
+                    let mut msg = format!("attaching {volume_id}: {e}");
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        msg.push_str(&format!(": {c}"));
+                        cause = c.source();
+                    }
+                    return Err(CsiError::Unavailable(msg));
+                }
+            }
+        }
+    }
+
     fn unstage(&self, req: NodeUnstageVolumeRequest) -> CsiResult<()> {
         need("volume ID", &req.volume_id)?;
         need("staging target path", &req.staging_target_path)?;
@@ -171,6 +197,22 @@ impl NodeService {
             .is_some()
         {
             return Ok(());
+        }
+        if crate::request::is_single_writer(cap) {
+            let device = self
+                .device_of(&req.volume_id)?
+                .map(|a| a.attachment.device)
+                .unwrap_or_default();
+            let staging = Path::new(&req.staging_target_path);
+            let others = mounts::mounts_of(&device, &[staging, &target])
+                .map_err(|e| io("reading mounts", e))?;
+            if !device.is_empty() && !others.is_empty() {
+                return Err(CsiError::Precondition(format!(
+                    "volume {} is single-writer (ReadWriteOncePod) and already published at {}",
+                    req.volume_id,
+                    others.join(", ")
+                )));
+            }
         }
         let source = match &access {
             Access::Block => {
@@ -318,15 +360,27 @@ impl NodeService {
         let device = a.attachment.device.clone();
         let size = strata_attach::refresh_size(&device, &self.attach, true)
             .map_err(|e| CsiError::Internal(format!("refreshing the size of {device}: {e}")))?;
-        let block = matches!(
-            req.volume_capability
-                .as_ref()
-                .map(check_capability)
-                .transpose()?,
-            Some(Access::Block)
-        );
+        // A filesystem volume is published as a directory, a block volume
+        // as the device node itself.
+        let path = Path::new(&req.volume_path);
+        let is_dir = std::fs::metadata(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    CsiError::NotFound(format!("{} does not exist", req.volume_path))
+                }
+                _ => io("reading the volume path", e),
+            })?
+            .is_dir();
+        let block = match req
+            .volume_capability
+            .as_ref()
+            .map(check_capability)
+            .transpose()?
+        {
+            Some(access) => access == Access::Block,
+            None => !is_dir,
+        };
         if !block {
-            let path = Path::new(&req.volume_path);
             let m = mounts::mounts()
                 .map_err(|e| io("reading mounts", e))?
                 .into_iter()
@@ -334,7 +388,6 @@ impl NodeService {
                 .find(|m| m.source == device)
                 .ok_or_else(|| CsiError::Precondition(format!("{device} is not mounted")))?;
             fs::grow(&m.fs_type, &device, Path::new(&m.mount_point))?;
-            let _ = path;
         }
         Ok(NodeExpandVolumeResponse {
             capacity_bytes: size as i64,

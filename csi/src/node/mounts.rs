@@ -5,6 +5,9 @@ use std::path::Path;
 /// A mount: what is mounted (the source device) where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
+    /// The path inside the source that is mounted (`/` for a whole
+    /// filesystem; `/nbd0` for a device node bind-mounted from /dev).
+    pub root: String,
     pub mount_point: String,
     pub source: String,
     pub fs_type: String,
@@ -16,11 +19,14 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let mount_point = unescape(left.split(' ').nth(4)?);
+            let mut fields = left.split(' ');
+            let root = unescape(fields.nth(3)?);
+            let mount_point = unescape(fields.next()?);
             let mut r = right.split(' ');
             let fs_type = r.next()?.to_string();
             let source = unescape(r.next()?);
             Some(Mount {
+                root,
                 mount_point,
                 source,
                 fs_type,
@@ -56,6 +62,23 @@ pub fn mounts() -> std::io::Result<Vec<Mount>> {
     )?))
 }
 
+/// Where `device` is mounted or bind-mounted, other than at `except`:
+/// mounts of its filesystem (source is the device), and the device node
+/// itself bind-mounted from /dev (root is its path there).
+pub fn mounts_of(device: &str, except: &[&Path]) -> std::io::Result<Vec<String>> {
+    let node = device.strip_prefix("/dev").unwrap_or(device);
+    let except: Vec<String> = except
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches('/').to_string())
+        .collect();
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| m.source == device || (m.root == node && m.fs_type == "devtmpfs"))
+        .map(|m| m.mount_point)
+        .filter(|p| !except.contains(p))
+        .collect())
+}
+
 /// The last mount on `path` (the one visible there), if any.
 pub fn mounted_at(path: &Path) -> std::io::Result<Option<Mount>> {
     let p = path.to_string_lossy();
@@ -74,6 +97,7 @@ mod tests {
         let m = parse_mountinfo(text);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].mount_point, "/mnt/with space");
+        assert_eq!(m[0].root, "/mnt1");
         assert_eq!(m[0].source, "/dev/root");
         assert_eq!(m[1].fs_type, "ext4");
         assert_eq!(m[1].source, "/dev/nbd0");
