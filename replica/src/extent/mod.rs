@@ -381,6 +381,11 @@ impl<V: Copy + Eq> RangeMap<V> {
 type RunIter<'a, V> =
     std::iter::Map<btree_map::Range<'a, u64, Span<V>>, fn((&'a u64, &'a Span<V>)) -> (u64, u64, V)>;
 
+/// The sparse extents overlapping a range: the one starting before it, if
+/// it reaches in, then those starting inside.
+type RunsFrom<'a, V> =
+    Peekable<std::iter::Chain<std::option::IntoIter<(u64, u64, V)>, RunIter<'a, V>>>;
+
 fn run_item<V: Copy>((&s, span): (&u64, &Span<V>)) -> (u64, u64, V) {
     let (e, v) = span.get();
     (s, e, v)
@@ -391,7 +396,7 @@ fn run_item<V: Copy>((&s, span): (&u64, &Span<V>)) -> (u64, u64, V) {
 struct Pieces<'a, V: Copy + Eq> {
     start: u64,
     end: u64,
-    runs: Peekable<std::iter::Chain<std::option::IntoIter<(u64, u64, V)>, RunIter<'a, V>>>,
+    runs: RunsFrom<'a, V>,
     regions: btree_map::Range<'a, u64, DenseRegion<V>>,
     /// The dense region being read: its number, bitmaps, and the next
     /// region-relative block to look at.
