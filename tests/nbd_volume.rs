@@ -256,6 +256,13 @@ fn losing_one_replica_is_invisible_and_losing_two_stops_writes_cleanly() {
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["state"], "degraded", "{status}");
     assert_eq!(v["replicas"][0]["state"], "faulted", "{status}");
+    // A healthy replica reports the memory of its index, which holds the
+    // writes above.
+    assert_eq!(v["replicas"][1]["state"], "healthy", "{status}");
+    assert!(
+        v["replicas"][1]["index_bytes"].as_u64().unwrap() > 0,
+        "{status}"
+    );
     // The second of three: writes must now fail, and nothing panics.
     c.replicas[1].kill9();
     let out = run(
@@ -293,6 +300,13 @@ fn losing_one_replica_is_invisible_and_losing_two_stops_writes_cleanly() {
         metrics.contains("strata_volume_healthy_replicas{volume=\"vol\"} 1"),
         "{metrics}"
     );
+    let index_bytes: Vec<u64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("strata_replica_index_bytes{volume=\"vol\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(index_bytes.len(), 3, "{metrics}");
+    assert!(index_bytes.iter().any(|&b| b > 0), "{metrics}");
     let log = c.controller.as_ref().unwrap().log_text();
     assert!(!log.contains("panicked"), "{log}");
     // Every acknowledged byte is in the surviving replica's files.

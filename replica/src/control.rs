@@ -48,6 +48,7 @@ fn status_of(name: &str, store: &Store, report: OpenReport) -> ReplicaStatus {
         was_clean: report.was_clean,
         unflushed: store.has_unflushed_writes(),
         page_cache_lost: report.page_cache_lost,
+        index_bytes: store.index_heap_bytes() as u64,
         snapshots: info.chain,
         engine: info.engine.to_string(),
         open: true,

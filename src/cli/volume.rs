@@ -98,6 +98,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                     "replicas": s.replicas.iter().map(|r| serde_json::json!({
                         "address": r.address, "state": r.state, "fault_reason": r.fault_reason,
                         "in_flight": r.in_flight, "ops_ok": r.ops_ok, "ops_failed": r.ops_failed,
+                        "index_bytes": r.index_bytes,
                         "sync": {"kind": r.sync_kind, "done_bytes": r.sync_done_bytes, "total_bytes": r.sync_total_bytes,
                                  "rate_mib_s": r.sync_rate_mib, "eta_secs": r.sync_eta_secs},
                     })).collect::<Vec<_>>(),
@@ -140,13 +141,19 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 }
                 println!();
                 println!(
-                    "{:<22} {:<8} {:>9} {:>12} {:>10}  reason",
-                    "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED"
+                    "{:<22} {:<8} {:>9} {:>12} {:>10} {:>9}  reason",
+                    "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED", "INDEX-KIB"
                 );
                 for r in &s.replicas {
                     println!(
-                        "{:<22} {:<8} {:>9} {:>12} {:>10}  {}",
-                        r.address, r.state, r.in_flight, r.ops_ok, r.ops_failed, r.fault_reason
+                        "{:<22} {:<8} {:>9} {:>12} {:>10} {:>9}  {}",
+                        r.address,
+                        r.state,
+                        r.in_flight,
+                        r.ops_ok,
+                        r.ops_failed,
+                        r.index_bytes.div_ceil(1024),
+                        r.fault_reason
                     );
                 }
                 if let Some(io) = s.io {

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::backup::ScheduleState;
-use crate::replicator::{Health, LatencyClass, Slot, Volume};
+use crate::replicator::{control, Health, LatencyClass, Slot, Volume};
 
 /// gRPC handlers: thin, converting the volume's state to messages.
 pub struct VolumeService {
@@ -90,6 +90,7 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
                     sync_total_bytes: if syncing { p.total_bytes } else { 0 },
                     sync_rate_mib: if syncing { p.rate_mib() } else { 0.0 },
                     sync_eta_secs: if syncing { p.eta_secs() } else { 0 },
+                    index_bytes: s.index_bytes.load(Ordering::Relaxed),
                     sync_kind: match (syncing, p.full) {
                         (false, _) => String::new(),
                         (true, _) if p.verify => "verify".into(),
@@ -121,6 +122,7 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
 #[tonic::async_trait]
 impl VolumeControl for VolumeService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<VolumeStatus>, Status> {
+        refresh_index_bytes(&self.volume).await;
         Ok(Response::new(self.status_now()))
     }
 
@@ -249,6 +251,27 @@ impl VolumeControl for VolumeService {
 }
 
 /// Prometheus text exposition of one volume.
+/// How long a status or metrics request waits for a replica's index size.
+const INDEX_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks every replica that is not faulted for the size of its in-memory
+/// index (`ReplicaStatus.index_bytes`) and keeps it on its slot for
+/// [`status_of`] and [`metrics_text`]. The replicas are asked in parallel;
+/// one that does not answer in [`INDEX_BYTES_TIMEOUT`] keeps its last figure.
+pub async fn refresh_index_bytes(volume: &Volume) {
+    let asks = volume
+        .slots()
+        .into_iter()
+        .filter(|s| !matches!(s.health(), Health::Faulted { .. }))
+        .map(|slot| async move {
+            match control::status(slot.addr, &volume.name, INDEX_BYTES_TIMEOUT).await {
+                Ok(st) => slot.index_bytes.store(st.index_bytes, Ordering::Relaxed),
+                Err(e) => tracing::debug!(replica = %slot.addr, "index size not refreshed: {e}"),
+            }
+        });
+    futures::future::join_all(asks).await;
+}
+
 pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -398,6 +421,15 @@ pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String
             s.in_flight.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(out, "# HELP strata_replica_index_bytes Heap bytes of the replica's in-memory index, as it last reported them.\n# TYPE strata_replica_index_bytes gauge");
+    for s in &volume.slots() {
+        let _ = writeln!(
+            out,
+            "strata_replica_index_bytes{{volume=\"{v}\",replica=\"{}\"}} {}",
+            s.addr,
+            s.index_bytes.load(Ordering::Relaxed)
+        );
+    }
     if !schedules.is_empty() {
         let _ = writeln!(out, "# HELP strata_backup_runs_total Scheduled backup runs by result.\n# TYPE strata_backup_runs_total counter");
         for s in schedules {
@@ -480,6 +512,7 @@ pub async fn serve_metrics(
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body) =
                 if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                    refresh_index_bytes(&volume).await;
                     ("200 OK", metrics_text(&volume, &schedules))
                 } else {
                     ("404 Not Found", "try /metrics\n".to_string())

@@ -90,6 +90,9 @@ pub struct Slot {
     pub in_flight: AtomicU64,
     pub ops_ok: AtomicU64,
     pub ops_failed: AtomicU64,
+    /// Heap bytes of the replica's in-memory index, as it last reported
+    /// them (`mgmt::refresh_index_bytes`); 0 until then.
+    pub index_bytes: AtomicU64,
     /// While syncing: compare each region with the source by digest and
     /// copy only those that differ (after a crash, when the replica may
     /// differ anywhere it was written since its last flush).
@@ -135,6 +138,7 @@ impl Slot {
             in_flight: AtomicU64::new(0),
             ops_ok: AtomicU64::new(0),
             ops_failed: AtomicU64::new(0),
+            index_bytes: AtomicU64::new(0),
             verify: AtomicBool::new(false),
             out_for_lag: AtomicBool::new(false),
             last_lag: Mutex::new(None),

@@ -13,7 +13,8 @@
 //! In memory the store keeps, per layer, the extents it holds
 //! ([`RangeMap<BlockKind>`]), and one merged read index mapping every
 //! written range to the newest layer holding it. Both grow with extents
-//! written, not with volume size.
+//! written, not with volume size, and a fragmented 1 MiB region costs a
+//! bitmap, not its extents (see `extent`).
 //!
 //! Concurrency: data operations (read, write, trim, flush) take the state
 //! lock shared and may run in parallel; chain changes (snapshot, revert,
