@@ -25,79 +25,29 @@
 # Results: junit XML and every process's log under the printed directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-here="$PWD"
 types="${1:-all}"
 [ "$types" = all ] && types="mount block"
 
-if [ -z "${STRATA_CSI_NETNS:-}" ]; then
-    exec unshare --net env STRATA_CSI_NETNS=1 bash "$0" "$@"
-fi
-ip link set lo up
-ip route add local 10.233.0.0/24 dev lo
-
-: "${STRATA_BIN:=$here/target/release/strata}"
-export STRATA_BIN
-[ -x "$STRATA_BIN" ] || { echo "no $STRATA_BIN: cargo build --release --bin strata" >&2; exit 1; }
 # shellcheck disable=SC1091
-. scripts/k8s-control-plane.sh
+. tests/k8s/env.sh
+k8s_env_netns "$0" "$@"
 dir="$(mktemp -d /tmp/strata-csi-sanity.XXXXXX)"
 echo "== csi-sanity work directory: $dir"
-pids=()
-cleanup() {
-    local rc=$?
-    set +e +o pipefail
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    # Anything csi-sanity left attached or mounted.
-    grep -o " $dir[^ ]*" /proc/self/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-    [ -d "$dir/attach" ] && STRATA_LOG=warn "$STRATA_BIN" volume attachments --state-dir "$dir/attach" 2>/dev/null | awk 'NR>1{print $1}' |
-        while read -r d; do "$STRATA_BIN" volume detach "$d" --state-dir "$dir/attach" >/dev/null 2>&1 || true; done
-    return $rc
-}
-trap cleanup EXIT
-
-k8s_start "$dir/k8s"
-ns=strata-system
-kubectl create namespace "$ns" >/dev/null
-"$STRATA_BIN" csi crd | kubectl apply -f - >/dev/null
-kubectl wait --for condition=established --timeout 60s crd/stratavolumes.strata.io >/dev/null
-kubectl apply -f deploy/base/rbac-controller.yaml >/dev/null
-export KUBECONFIG_ADMIN="$KUBECONFIG"
-k8s_sa_kubeconfig "$dir/k8s" "$ns" strata-csi-controller >"$dir/controller.kubeconfig"
-
-for i in 1 2 3; do
-    ip="127.0.0.1$i"
-    kubectl apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: Node
-metadata:
-  name: node-$i
-  labels: {kubernetes.io/hostname: node-$i, kubernetes.io/arch: amd64, kubernetes.io/os: linux}
-YAML
-    kubectl patch node "node-$i" --subresource=status --type=merge -p \
-        "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"Test\",\"message\":\"no kubelet: set by the test\",\"lastHeartbeatTime\":\"$(date -u +%FT%TZ)\",\"lastTransitionTime\":\"$(date -u +%FT%TZ)\"}]}}" >/dev/null
-    mkdir -p "$dir/replica-$i"
-    "$STRATA_BIN" replica serve --dir "$dir/replica-$i" --listen "$ip:10900" >"$dir/replica-$i.log" 2>&1 &
-    pids+=($!)
-done
-
-python3 tests/k8s/pod-runner.py "$ns" "$dir/pods" >"$dir/pod-runner.log" 2>&1 &
-pids+=($!)
-KUBECONFIG="$dir/controller.kubeconfig" "$STRATA_BIN" csi --mode controller --namespace "$ns" \
+trap 'k8s_env_down "$dir"' EXIT
+k8s_env_up "$dir"
+ns="$K8S_ENV_NS"
+KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode controller --namespace "$ns" \
     --endpoint "unix://$dir/controller.sock" --image strata:test --controller-wait-secs 30 \
     >"$dir/csi-controller.log" 2>&1 &
-pids+=($!)
+K8S_ENV_PIDS+=($!)
 "$STRATA_BIN" csi --mode node --node-id node-1 --endpoint "unix://$dir/node.sock" --controller-wait-secs 30 \
     --attach-state-dir "$dir/attach" >"$dir/csi-node.log" 2>&1 &
-pids+=($!)
-KUBECONFIG="$dir/controller.kubeconfig" "$STRATA_BIN" csi --mode all --namespace "$ns" --node-id node-1 \
+K8S_ENV_PIDS+=($!)
+KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode all --namespace "$ns" --node-id node-1 \
     --endpoint "unix://$dir/all.sock" --image strata:test --controller-wait-secs 30 \
     --attach-state-dir "$dir/attach-all" >"$dir/csi-all.log" 2>&1 &
-pids+=($!)
-for s in controller node all; do
-    for _ in $(seq 100); do [ -S "$dir/$s.sock" ] && break; sleep 0.1; done
-    [ -S "$dir/$s.sock" ] || { echo "strata csi ($s) did not start:" >&2; tail "$dir/csi-$s.log" >&2; exit 1; }
-done
+K8S_ENV_PIDS+=($!)
+for s in controller node all; do k8s_env_wait_socket "$dir" "$s"; done
 
 rc=0
 for type in $types; do
@@ -135,5 +85,7 @@ print("   skipped: " + ("; ".join(f"{n}x {m}" for m, n in sorted(c.items())) or 
 PY
     done
 done
-echo "== leftovers: StrataVolumes $(kubectl --kubeconfig "$KUBECONFIG_ADMIN" -n $ns get stratavolumes --no-headers 2>/dev/null | wc -l), Deployments $(kubectl --kubeconfig "$KUBECONFIG_ADMIN" -n $ns get deploy --no-headers 2>/dev/null | wc -l), replica dirs $(ls "$dir"/replica-*/ 2>/dev/null | grep -vc '^$\|:$' || true)"
+left="$(k8s_env_leftovers "$dir")"
+echo "== left behind: $left"
+[ "$left" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] || rc=1
 exit $rc

@@ -13,7 +13,7 @@ for tool in fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbd
             nbd-server:nbd-server fusermount3:fuse3 qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
-for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl; do
+for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl kubectl:kubectl openssl:openssl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
 # moto (the S3 server of the backup tests) goes into a Python venv.
@@ -45,6 +45,15 @@ echo "== S3 servers for the backup tests (moto -> .ci-venv, s3s-fs -> .ci-tools)
 s3_install
 echo "== cargo test"
 STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+echo "== Kubernetes test tools: etcd, kube-apiserver, kube-controller-manager, CSI sidecars, csi-sanity"
+echo "   (built once from their Go modules into ~/.cache/strata-tools, keyed by version; scripts/k8s-tools.sh)"
+bash scripts/k8s-tools.sh >target/k8s-tools-output.txt 2>&1 || { tail -30 target/k8s-tools-output.txt; exit 1; }
+# shellcheck disable=SC1091
+. "${STRATA_TOOLS_CACHE:-$HOME/.cache/strata-tools}/env.sh"
+echo "== csi-sanity against strata csi (mount and block; scripts/csi-sanity.sh)"
+STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-sanity.sh all 2>&1 | tee target/csi-sanity-output.txt
+echo "== a PVC's life through a real control plane and the CSI sidecars (scripts/csi-k8s-flow.sh)"
+STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-k8s-flow.sh 2>&1 | tee target/csi-flow-output.txt
 echo "== kernel attach test in a VM (Debian kernel under QEMU TCG; scripts/vm-attach-test.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/vm-attach-test.sh 2>&1 | tee target/vm-attach-output.txt
 if [ -x scripts/bench-e2e.sh ]; then

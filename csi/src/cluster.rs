@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use strata_proto::controller::volume_control_client::VolumeControlClient;
 use strata_proto::controller::StatusRequest;
@@ -231,6 +231,20 @@ impl Cluster {
             Err(e) => return Err(CsiError::kube(&format!("deleting Service {name}"), e)),
         }
         Ok(())
+    }
+
+    /// The node the volume's controller pod runs on ("" when none runs).
+    pub async fn controller_node(&self, volume_id: &str) -> CsiResult<String> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default().labels(&format!("{}={volume_id}", objects::VOLUME_LABEL)))
+            .await
+            .map_err(|e| CsiError::kube("listing controller pods", e))?;
+        Ok(pods
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .find_map(|p| p.spec.as_ref()?.node_name.clone())
+            .unwrap_or_default())
     }
 
     /// Whether the volume's Deployment is still there (being deleted

@@ -104,6 +104,7 @@ pub async fn serve(
                 },
                 controller_wait: s.controller_wait,
             };
+            tokio::spawn(crate::controller::status::keep_current(cluster.clone()));
             router = router.add_service(ControllerServer::new(ControllerService { cluster }));
         }
     }

@@ -75,7 +75,7 @@ pub fn to_resource_status(s: &VolumeStatus, controller_node: &str) -> StrataVolu
             .filter(|x| x.last_ok && x.last_finished > 0)
             .map(|x| x.last_finished)
             .max()
-            .map(|t| chrono_like(t))
+            .map(chrono_like)
             .unwrap_or_default(),
         message: if c.abnormal { c.message } else { String::new() },
     }

@@ -4,6 +4,7 @@
 //!   DeleteVolume, ListVolumes, ControllerGetVolume, GetCapacity.
 //! - [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots.
 //! - [`condition`]: a volume's health as VOLUME_CONDITION reports it.
+//! - [`status`]: the StrataVolume statuses, kept current.
 //!
 //! No ControllerPublish: the node plugin attaches at NodeStage, and two
 //! controllers or two writers are kept apart by epochs in the replicas,
@@ -11,6 +12,7 @@
 
 pub mod condition;
 pub mod snapshots;
+pub mod status;
 pub mod volumes;
 
 use strata_proto::csi::controller_server::Controller;

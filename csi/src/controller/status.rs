@@ -1,0 +1,84 @@
+//! Keeps each StrataVolume's status current: every few seconds the CSI
+//! controller asks each volume's controller for its status and writes
+//! phase, healthy/total replicas, rebuild progress, epoch and last backup
+//! into the resource (only when something changed), so `kubectl get
+//! stratavolumes` reads like `strata volume status`.
+
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use strata_proto::controller::volume_control_client::VolumeControlClient;
+use strata_proto::controller::StatusRequest;
+
+use crate::cluster::Cluster;
+use crate::crd::{phase, StrataVolume, StrataVolumeStatus};
+use crate::objects;
+
+/// How often the statuses are refreshed.
+pub const INTERVAL: Duration = Duration::from_secs(10);
+/// Bound on one volume controller's answer.
+const ASK: Duration = Duration::from_secs(2);
+
+/// Runs until the process ends.
+pub async fn keep_current(cluster: Cluster) {
+    loop {
+        if let Err(e) = refresh_all(&cluster).await {
+            tracing::warn!(error = %e, "refreshing StrataVolume statuses");
+        }
+        tokio::time::sleep(INTERVAL).await;
+    }
+}
+
+/// One pass over every volume.
+pub async fn refresh_all(cluster: &Cluster) -> Result<(), crate::CsiError> {
+    for sv in cluster.list_volumes().await? {
+        refresh(cluster, &sv).await;
+    }
+    Ok(())
+}
+
+async fn refresh(cluster: &Cluster, sv: &StrataVolume) {
+    let Some(id) = sv.metadata.name.clone() else {
+        return;
+    };
+    let old = sv.status.clone().unwrap_or_default();
+    if old.phase == phase::CREATING || old.phase == "Deleting" {
+        return;
+    }
+    let node = cluster.controller_node(&id).await.unwrap_or_default();
+    let new = match ask(cluster, &id).await {
+        Some(s) => super::condition::to_resource_status(&s, &node),
+        None => StrataVolumeStatus {
+            phase: phase::UNAVAILABLE.into(),
+            message: "the volume's controller does not answer".into(),
+            controller_node: node,
+            ..old.clone()
+        },
+    };
+    if new == old {
+        return;
+    }
+    let patch = serde_json::json!({ "status": new });
+    if let Err(e) = cluster
+        .volumes()
+        .patch_status(&id, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(volume = %id, error = %e, "status patch failed");
+    }
+}
+
+async fn ask(cluster: &Cluster, id: &str) -> Option<strata_proto::controller::VolumeStatus> {
+    let addr = cluster.service_addr(id, objects::CONTROL_PORT).await.ok()?;
+    let fut = async {
+        let mut c = VolumeControlClient::connect(format!("http://{addr}"))
+            .await
+            .ok()?;
+        c.status(StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    };
+    let s = tokio::time::timeout(ASK, fut).await.ok()??;
+    (s.volume == id).then_some(s)
+}

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# A PVC's life through a real Kubernetes control plane and the real CSI sidecars:
+# external-provisioner, csi-snapshotter + snapshot-controller (with the VolumeSnapshot CRDs)
+# and csi-resizer, talking to `strata csi --mode controller`, with three replica servers.
+#
+#   bash scripts/csi-k8s-flow.sh
+#
+# Checked, in order: a PVC is provisioned and bound; its StrataVolume, Deployment and Service
+# appear and the StrataVolume's status turns Ready; data written to the volume (qemu-io over
+# NBD to its Service address) is in a VolumeSnapshot restored into a new PVC and in a clone
+# PVC; a PVC resize completes (volumeMode Block: the node step is not needed, so the resize
+# finishes without a kubelet); StorageClass mistakes (an unknown parameter, more replicas
+# than nodes) leave the PVC Pending with the reason in its events and nothing created;
+# deleting everything leaves no StrataVolume, Deployment, Service, PV or replica data.
+#
+# Nothing here runs a kubelet: the volume controller pods are run by tests/k8s/pod-runner.py
+# (the exact command of the Deployment strata created; see its header); the sidecars and
+# strata run with the strata-csi-controller ServiceAccount's token and deploy/base's RBAC
+# (the snapshot-controller, a cluster component, runs as admin). Timings are printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+. tests/k8s/env.sh
+k8s_env_netns "$0" "$@"
+dir="$(mktemp -d /tmp/strata-csi-flow.XXXXXX)"
+echo "== work directory: $dir"
+trap 'k8s_env_down "$dir"' EXIT
+k8s_env_up "$dir"
+ns="$K8S_ENV_NS"
+sa="$K8S_SA_KUBECONFIG"
+
+# All of them: without the group snapshot CRDs the snapshot-controller waits 30 s at start.
+kubectl apply -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
+    -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
+    -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshots.yaml" \
+    -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml" \
+    -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml" \
+    -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml" >/dev/null
+kubectl wait --for condition=established --timeout 60s \
+    crd/volumesnapshots.snapshot.storage.k8s.io crd/volumesnapshotcontents.snapshot.storage.k8s.io \
+    crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+kubectl apply -f deploy/base/rbac-sidecars.yaml -f deploy/base/csidriver.yaml \
+    -f deploy/base/snapshotclass.yaml >/dev/null
+# The test's StorageClass: deploy/'s, but Immediate (no scheduler here picks a node).
+sed -e 's/WaitForFirstConsumer/Immediate/' deploy/base/storageclass.yaml | kubectl apply -f - >/dev/null
+
+sock="$dir/controller.sock"
+KUBECONFIG="$sa" "$STRATA_BIN" csi --mode controller --namespace "$ns" --endpoint "unix://$sock" \
+    --image strata:test --controller-wait-secs 60 >"$dir/csi-controller.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+k8s_env_wait_socket "$dir" controller
+"$CSI_PROVISIONER" --csi-address "$sock" --kubeconfig "$sa" --extra-create-metadata --timeout 90s \
+    --v 2 >"$dir/csi-provisioner.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+"$CSI_SNAPSHOTTER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 >"$dir/csi-snapshotter.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+"$CSI_RESIZER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 >"$dir/csi-resizer.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+"$SNAPSHOT_CONTROLLER" --kubeconfig "$K8S_ADMIN_KUBECONFIG" --v 2 >"$dir/snapshot-controller.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+
+k="kubectl -n default"
+fail() { echo "FAIL: $*" >&2; kubectl -n default get pvc,volumesnapshot -o wide >&2 || true; exit 1; }
+t_start=$(date +%s.%N)
+lap() { awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f s", b-a}'; }
+timed() { t_start=$(date +%s.%N); }
+pvc() { # name size [dataSource-kind dataSource-name [apiGroup]]
+    local src=""
+    if [ -n "${3:-}" ]; then
+        src="  dataSource: {kind: $3, name: $4${5:+, apiGroup: $5}}"
+    fi
+    $k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1}
+spec:
+  storageClassName: ${SC:-strata}
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: $2}}
+$src
+YAML
+}
+bound() { $k wait --for jsonpath='{.status.phase}'=Bound --timeout 120s "pvc/$1" >/dev/null || fail "pvc/$1 not bound"; }
+volume_of() { $k get pvc "$1" -o jsonpath='{.spec.volumeName}'; }
+nbd_of() { # the NBD URI strata handed to the node plugin
+    kubectl get pv "$(volume_of "$1")" -o jsonpath='{.spec.csi.volumeAttributes.strata\.io/nbd-uri}'
+}
+
+echo "== provision"
+timed; pvc data-1 64Mi; bound data-1; echo "   data-1 bound in $(lap)"
+vol="$(volume_of data-1)"
+kubectl -n "$ns" get stratavolume "$vol" >/dev/null || fail "no StrataVolume $vol"
+kubectl -n "$ns" get deployment "strata-$vol" >/dev/null || fail "no Deployment strata-$vol"
+kubectl -n "$ns" get service "strata-$vol" >/dev/null || fail "no Service strata-$vol"
+kubectl -n "$ns" wait --for jsonpath='{.status.phase}'=Ready --timeout 60s "stratavolume/$vol" >/dev/null ||
+    fail "StrataVolume $vol never Ready: $(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath='{.status}')"
+kubectl -n "$ns" get stratavolumes
+uri="$(nbd_of data-1)"
+qemu-io -f raw -c "write -P 0x5a 0 1M" -c "write -P 0xa5 63M 1M" -c flush "$uri" >/dev/null ||
+    fail "cannot write to $uri"
+
+echo "== snapshot"
+timed
+$k apply -f - >/dev/null <<YAML
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap-1}
+spec:
+  volumeSnapshotClassName: strata
+  source: {persistentVolumeClaimName: data-1}
+YAML
+$k wait --for jsonpath='{.status.readyToUse}'=true --timeout 120s volumesnapshot/snap-1 >/dev/null ||
+    fail "snapshot not ready"
+echo "   snap-1 ready in $(lap)"
+# Written after the snapshot: must not be in the restore, must be in a later clone.
+qemu-io -f raw -c "write -P 0x33 0 1M" -c flush "$uri" >/dev/null
+
+echo "== restore and clone"
+timed; pvc restore-1 64Mi VolumeSnapshot snap-1 snapshot.storage.k8s.io; bound restore-1
+echo "   restore-1 bound in $(lap)"
+timed; pvc clone-1 64Mi PersistentVolumeClaim data-1; bound clone-1
+echo "   clone-1 bound in $(lap)"
+qemu-io -f raw -c "read -P 0x5a 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of restore-1)" | grep -q "read 1048576" ||
+    fail "restore-1 does not hold the snapshot's data"
+qemu-io -f raw -c "read -P 0x5a 0 1M" "$(nbd_of restore-1)" 2>&1 | grep -q "Pattern verification failed" &&
+    fail "restore-1 content differs from the snapshot"
+out="$(qemu-io -f raw -c "read -P 0x33 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of clone-1)" 2>&1)"
+echo "$out" | grep -q "Pattern verification failed" && fail "clone-1 does not hold data-1's data: $out"
+
+echo "== expand"
+timed
+$k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' >/dev/null
+$k wait --for jsonpath='{.status.capacity.storage}'=128Mi --timeout 120s pvc/data-1 >/dev/null ||
+    fail "resize did not complete: $($k get pvc data-1 -o jsonpath='{.status}')"
+echo "   data-1 at 128Mi in $(lap)"
+size="$(qemu-img info --output json "$uri" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')"
+[ "$size" = $((128 << 20)) ] || fail "the volume serves $size bytes after the resize"
+qemu-io -f raw -c "write -P 0x77 127M 1M" -c "read -P 0x77 127M 1M" "$uri" >/dev/null || fail "cannot use the grown end"
+
+echo "== bad StorageClass parameters"
+for bad in "typo:replica=3" "toomany:replicas=4"; do
+    name="${bad%%:*}" kv="${bad#*:}"
+    kubectl apply -f - >/dev/null <<YAML
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: strata-$name}
+provisioner: csi.strata.io
+parameters: {${kv%%=*}: "${kv#*=}"}
+YAML
+    SC="strata-$name" pvc "bad-$name" 64Mi
+done
+sleep 5
+for name in typo toomany; do
+    [ "$($k get pvc "bad-$name" -o jsonpath='{.status.phase}')" = Pending ] || fail "bad-$name is not Pending"
+done
+$k get events --field-selector involvedObject.name=bad-typo -o jsonpath='{.items[*].message}' |
+    grep -q 'unknown parameter "replica"' || fail "no clear event for an unknown parameter"
+$k get events --field-selector involvedObject.name=bad-toomany -o jsonpath='{.items[*].message}' |
+    grep -q '4 replicas need 4 nodes' || fail "no clear event for 4 replicas on 3 nodes"
+echo "   refused with clear events; StrataVolumes now: $(kubectl -n "$ns" get stratavolumes --no-headers | wc -l) (expected 3: data-1, restore-1, clone-1)"
+[ "$(kubectl -n "$ns" get stratavolumes --no-headers | wc -l)" = 3 ] || fail "a refused PVC left a StrataVolume"
+
+echo "== delete everything"
+timed
+$k delete pvc bad-typo bad-toomany --wait=false >/dev/null
+$k delete volumesnapshot snap-1 --timeout 120s >/dev/null
+$k delete pvc restore-1 clone-1 data-1 --timeout 120s >/dev/null
+for _ in $(seq 240); do
+    [ "$(kubectl get pv --no-headers 2>/dev/null | wc -l)" = 0 ] &&
+        [ "$(k8s_env_leftovers "$dir")" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] && break
+    sleep 0.5
+done
+left="$(k8s_env_leftovers "$dir") PVs=$(kubectl get pv --no-headers 2>/dev/null | wc -l)"
+echo "   after $(lap): $left"
+[ "$left" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0 PVs=0" ] || fail "left behind: $left"
+echo "== flow passed"

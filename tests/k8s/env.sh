@@ -1,0 +1,108 @@
+# Shared set-up of strata's Kubernetes tests (scripts/csi-sanity.sh, scripts/csi-k8s-flow.sh),
+# sourced. The caller runs in a network namespace of its own (k8s_env_netns re-executes it
+# there) and calls k8s_env_up DIR, which starts:
+# - etcd, kube-apiserver and kube-controller-manager (scripts/k8s-control-plane.sh);
+# - the StrataVolume CRD, namespace strata-system, deploy/base/rbac-controller.yaml, and a
+#   kubeconfig for the strata-csi-controller ServiceAccount (TokenRequest) in
+#   $K8S_SA_KUBECONFIG, so strata runs with deploy/'s RBAC, not as an admin;
+# - Node objects node-1..3 (InternalIP 127.0.0.11..13, Ready: set by the test, no kubelet),
+#   their CSINode objects (what the kubelet writes when strata's node plugin registers),
+#   and a `strata replica serve` for each on IP:10900 (the replica DaemonSet's pods);
+# - tests/k8s/pod-runner.py, which runs the volume controller Deployments' commands
+#   (see its header for exactly what it does in place of a kubelet).
+# Every process is added to K8S_ENV_PIDS; k8s_env_down stops them.
+# shellcheck shell=bash
+
+K8S_ENV_NS=strata-system
+K8S_ENV_PIDS=()
+
+# k8s_env_netns "$0" "$@": re-execute the calling script in a new network namespace where
+# the Service range (10.233.0.0/24) is routed to lo, standing in for kube-proxy.
+k8s_env_netns() {
+    if [ -z "${STRATA_K8S_NETNS:-}" ]; then
+        exec unshare --net env STRATA_K8S_NETNS=1 bash "$@"
+    fi
+    ip link set lo up
+    ip route add local 10.233.0.0/24 dev lo
+}
+
+k8s_env_up() {
+    local dir="$1" i ip now
+    : "${STRATA_BIN:=$PWD/target/release/strata}"
+    export STRATA_BIN
+    [ -x "$STRATA_BIN" ] || { echo "no $STRATA_BIN: cargo build --release --bin strata" >&2; return 1; }
+    # shellcheck disable=SC1091
+    . scripts/k8s-control-plane.sh
+    k8s_start "$dir/k8s"
+    export K8S_ADMIN_KUBECONFIG="$KUBECONFIG"
+    kubectl create namespace "$K8S_ENV_NS" >/dev/null
+    "$STRATA_BIN" csi crd | kubectl apply -f - 2>/dev/null >/dev/null
+    kubectl wait --for condition=established --timeout 60s crd/stratavolumes.strata.io >/dev/null
+    kubectl apply -f deploy/base/rbac-controller.yaml >/dev/null
+    export K8S_SA_KUBECONFIG="$dir/controller.kubeconfig"
+    k8s_sa_kubeconfig "$dir/k8s" "$K8S_ENV_NS" strata-csi-controller >"$K8S_SA_KUBECONFIG"
+    now="$(date -u +%FT%TZ)"
+    for i in 1 2 3; do
+        ip="127.0.0.1$i"
+        kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-$i
+  labels: {kubernetes.io/hostname: node-$i, kubernetes.io/arch: amd64, kubernetes.io/os: linux}
+YAML
+        kubectl patch node "node-$i" --subresource=status --type=merge -p \
+            "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"Test\",\"message\":\"no kubelet: set by the test\",\"lastHeartbeatTime\":\"$now\",\"lastTransitionTime\":\"$now\"}]}}" >/dev/null
+        # What the kubelet writes once the node plugin registered (NodeGetInfo's ID and
+        # topology keys): the provisioner reads it for accessibility requirements.
+        kubectl apply -f - >/dev/null <<YAML
+apiVersion: storage.k8s.io/v1
+kind: CSINode
+metadata: {name: node-$i}
+spec:
+  drivers:
+    - name: csi.strata.io
+      nodeID: node-$i
+      topologyKeys: [kubernetes.io/arch, kubernetes.io/hostname]
+YAML
+        mkdir -p "$dir/replica-$i"
+        "$STRATA_BIN" replica serve --dir "$dir/replica-$i" --listen "$ip:10900" >"$dir/replica-$i.log" 2>&1 &
+        K8S_ENV_PIDS+=($!)
+    done
+    python3 tests/k8s/pod-runner.py "$K8S_ENV_NS" "$dir/pods" >"$dir/pod-runner.log" 2>&1 &
+    K8S_ENV_PIDS+=($!)
+}
+
+# k8s_env_wait_socket DIR NAME: wait for strata csi's socket DIR/NAME.sock
+k8s_env_wait_socket() {
+    local i
+    for i in $(seq 100); do [ -S "$1/$2.sock" ] && return 0; sleep 0.1; done
+    echo "strata csi ($2) did not start:" >&2
+    tail "$1/csi-$2.log" >&2
+    return 1
+}
+
+# k8s_env_leftovers DIR: StrataVolumes, Deployments, Services and replica directories left
+k8s_env_leftovers() {
+    local k="kubectl --kubeconfig $K8S_ADMIN_KUBECONFIG -n $K8S_ENV_NS"
+    echo "StrataVolumes=$($k get stratavolumes --no-headers 2>/dev/null | wc -l)" \
+        "Deployments=$($k get deployments --no-headers 2>/dev/null | wc -l)" \
+        "Services=$($k get services --no-headers 2>/dev/null | wc -l)" \
+        "replica-dirs=$(find "$1"/replica-* -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)"
+}
+
+k8s_env_down() {
+    set +e +o pipefail
+    local p dir="$1"
+    for p in "${K8S_ENV_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${K8S_ENV_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    # Anything a test left mounted or attached under DIR.
+    grep -o " $dir[^ ]*" /proc/self/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+    local sd
+    for sd in "$dir"/attach*; do
+        [ -d "$sd" ] || continue
+        "$STRATA_BIN" volume attachments --state-dir "$sd" 2>/dev/null | awk 'NR>1{print $1}' |
+            while read -r d; do "$STRATA_BIN" volume detach "$d" --state-dir "$sd" >/dev/null 2>&1; done
+    done
+    return 0
+}
