@@ -87,6 +87,13 @@ nbd_of() { # the NBD URI strata handed to the node plugin
     kubectl get pv "$(volume_of "$1")" -o jsonpath='{.spec.csi.volumeAttributes.strata\.io/nbd-uri}'
 }
 
+# A volume's controller pod starts after its PVC is bound: wait until it serves.
+serving() {
+    local i
+    for i in $(seq 120); do qemu-img info "$1" >/dev/null 2>&1 && return 0; sleep 0.25; done
+    fail "nothing serves $1"
+}
+
 echo "== provision"
 timed; pvc data-1 64Mi; bound data-1; echo "   data-1 bound in $(lap)"
 vol="$(volume_of data-1)"
@@ -97,6 +104,7 @@ kubectl -n "$ns" wait --for jsonpath='{.status.phase}'=Ready --timeout 60s "stra
     fail "StrataVolume $vol never Ready: $(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath='{.status}')"
 kubectl -n "$ns" get stratavolumes
 uri="$(nbd_of data-1)"
+serving "$uri"
 qemu-io -f raw -c "write -P 0x5a 0 1M" -c "write -P 0xa5 63M 1M" -c flush "$uri" >/dev/null ||
     fail "cannot write to $uri"
 
@@ -121,11 +129,14 @@ timed; pvc restore-1 64Mi VolumeSnapshot snap-1 snapshot.storage.k8s.io; bound r
 echo "   restore-1 bound in $(lap)"
 timed; pvc clone-1 64Mi PersistentVolumeClaim data-1; bound clone-1
 echo "   clone-1 bound in $(lap)"
+serving "$(nbd_of restore-1)"
+serving "$(nbd_of clone-1)"
 qemu-io -f raw -c "read -P 0x5a 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of restore-1)" | grep -q "read 1048576" ||
     fail "restore-1 does not hold the snapshot's data"
 qemu-io -f raw -c "read -P 0x5a 0 1M" "$(nbd_of restore-1)" 2>&1 | grep -q "Pattern verification failed" &&
     fail "restore-1 content differs from the snapshot"
-out="$(qemu-io -f raw -c "read -P 0x33 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of clone-1)" 2>&1)"
+out="$(qemu-io -f raw -c "read -P 0x33 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of clone-1)" 2>&1)" ||
+    fail "cannot read clone-1: $out"
 echo "$out" | grep -q "Pattern verification failed" && fail "clone-1 does not hold data-1's data: $out"
 
 echo "== expand"
@@ -137,6 +148,27 @@ echo "   data-1 at 128Mi in $(lap)"
 size="$(qemu-img info --output json "$uri" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')"
 [ "$size" = $((128 << 20)) ] || fail "the volume serves $size bytes after the resize"
 qemu-io -f raw -c "write -P 0x77 127M 1M" -c "read -P 0x77 127M 1M" "$uri" >/dev/null || fail "cannot use the grown end"
+
+echo "== WaitForFirstConsumer: the consumer's node is preferred"
+# deploy/'s StorageClass as it is. No scheduler runs here: the test sets the annotation the
+# scheduler sets when it picks a node for the consuming pod.
+kubectl apply -f deploy/base/storageclass.yaml >/dev/null 2>&1 ||
+    { kubectl delete storageclass strata >/dev/null; kubectl apply -f deploy/base/storageclass.yaml >/dev/null; }
+kubectl get storageclass strata -o jsonpath='{.volumeBindingMode}' | grep -q WaitForFirstConsumer ||
+    fail "deploy's StorageClass is not WaitForFirstConsumer"
+timed; pvc wffc-1 64Mi
+$k annotate pvc wffc-1 volume.kubernetes.io/selected-node=node-3 >/dev/null
+bound wffc-1; echo "   wffc-1 bound in $(lap) after the node was chosen"
+wvol="$(volume_of wffc-1)"
+[ "$(kubectl -n "$ns" get stratavolume "$wvol" -o jsonpath='{.spec.preferredNodes[0]}')" = node-3 ] ||
+    fail "the consumer's node is not the volume's preferred node"
+kubectl -n "$ns" get stratavolume "$wvol" -o jsonpath='{.spec.replicaNodes}' | grep -q node-3 ||
+    fail "no replica on the consumer's node"
+pref="$(kubectl -n "$ns" get deployment "strata-$wvol" \
+    -o jsonpath='{.spec.template.spec.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0]}')"
+{ echo "$pref" | grep -q '"weight":100' && echo "$pref" | grep -q '"node-3"'; } ||
+    fail "the controller pod does not prefer the consumer's node: $pref"
+$k delete pvc wffc-1 --timeout 120s >/dev/null
 
 echo "== bad StorageClass parameters"
 for bad in "typo:replica=3" "toomany:replicas=4"; do

@@ -40,14 +40,19 @@ KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode controller --namespace 
     --endpoint "unix://$dir/controller.sock" --image strata:test --controller-wait-secs 30 \
     >"$dir/csi-controller.log" 2>&1 &
 K8S_ENV_PIDS+=($!)
+csi_controller_pid=$!
 "$STRATA_BIN" csi --mode node --node-id node-1 --endpoint "unix://$dir/node.sock" --controller-wait-secs 30 \
     --attach-state-dir "$dir/attach" >"$dir/csi-node.log" 2>&1 &
 K8S_ENV_PIDS+=($!)
+csi_node_pid=$!
 KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode all --namespace "$ns" --node-id node-1 \
     --endpoint "unix://$dir/all.sock" --image strata:test --controller-wait-secs 30 \
     --attach-state-dir "$dir/attach-all" >"$dir/csi-all.log" 2>&1 &
 K8S_ENV_PIDS+=($!)
 for s in controller node all; do k8s_env_wait_socket "$dir" "$s"; done
+kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+sleep 1
+idle_controller="$(kib "$csi_controller_pid" VmRSS)" idle_node="$(kib "$csi_node_pid" VmRSS)"
 
 rc=0
 for type in $types; do
@@ -85,6 +90,10 @@ print("   skipped: " + ("; ".join(f"{n}x {m}" for m, n in sorted(c.items())) or 
 PY
     done
 done
+# Footprint of the deployment shape's two processes: resident now (idle at start) and the
+# peak over every run above.
+echo "== strata csi RSS (KiB): controller idle $idle_controller, peak $(kib "$csi_controller_pid" VmHWM);" \
+    "node idle $idle_node, peak $(kib "$csi_node_pid" VmHWM)"
 left="$(k8s_env_leftovers "$dir")"
 echo "== left behind: $left"
 [ "$left" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] || rc=1

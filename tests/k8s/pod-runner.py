@@ -123,5 +123,8 @@ while True:
                 restart_after[name] = time.time() + 1
         for name, d in wanted.items():
             if name not in running and ips.get(name) and time.time() >= restart_after.get(name, 0):
-                start(d, ips[name])
+                # A kubelet only runs pods that exist: look again right before starting.
+                now = kubectl_json("-n", NS, "get", "deployment", name)
+                if now is not None and not now["metadata"].get("deletionTimestamp"):
+                    start(now, ips[name])
     time.sleep(0.3)

@@ -438,6 +438,30 @@ pub async fn delete(cluster: &Cluster, id: &str) -> CsiResult<()> {
         };
         delete_replica(addr, id).await?;
     }
+    // A controller that was still starting may have rebuilt a replica
+    // just deleted (it replaces lost replicas): look again, and let the
+    // sidecar retry the whole delete if one is back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in &sv.spec.replica_nodes {
+        let Some(addr) = cluster.replica_addr_of(node).await? else {
+            continue;
+        };
+        let mut c = replica_client(addr).await?;
+        let present = c
+            .list(strata_proto::replica::Empty {})
+            .await
+            .map_err(|s| CsiError::downstream(&format!("listing replicas on {addr}"), s))?
+            .into_inner()
+            .replicas
+            .iter()
+            .any(|r| r.volume == id);
+        if present {
+            delete_replica(addr, id).await?;
+            return Err(CsiError::Unavailable(format!(
+                "volume {id}: a replica on {addr} came back while deleting (a controller was still running); deleting again"
+            )));
+        }
+    }
     match cluster.volumes().delete(id, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
