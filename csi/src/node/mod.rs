@@ -93,8 +93,8 @@ impl NodeService {
                 req.volume_id
             )));
         }
-        let device = match self.device_of(&req.volume_id)? {
-            Some(a) if a.live => a.attachment.device,
+        let (device, attached_now) = match self.device_of(&req.volume_id)? {
+            Some(a) if a.live => (a.attachment.device, false),
             stale => {
                 if let Some(a) = stale {
                     let _ = strata_attach::detach(&a.attachment.device, &self.attach.state_dir);
@@ -103,9 +103,26 @@ impl NodeService {
                 for s in &attached.skipped {
                     tracing::info!(volume = %req.volume_id, "attach: {s}");
                 }
-                attached.attachment.device
+                (attached.attachment.device, true)
             }
         };
+        let result = self.make_and_mount(&req, access, &device);
+        if result.is_err() && attached_now {
+            // Nothing half-done stays behind: the device goes with the error.
+            if let Err(e) = strata_attach::detach(&device, &self.attach.state_dir) {
+                tracing::warn!(volume = %req.volume_id, %device, error = %e, "detach after a failed stage");
+            }
+        }
+        result
+    }
+
+    /// The filesystem part of NodeStage, on an attached device.
+    fn make_and_mount(
+        &self,
+        req: &NodeStageVolumeRequest,
+        access: Access,
+        device: &str,
+    ) -> CsiResult<()> {
         let Access::Mount { fs: wanted, flags } = access else {
             return Ok(());
         };
@@ -120,8 +137,8 @@ impl NodeService {
                 req.staging_target_path, m.source
             )));
         }
-        match fs::probe(&device)? {
-            fs::Content::Empty => fs::mkfs(&device, &wanted)?,
+        match fs::probe(device)? {
+            fs::Content::Empty => fs::mkfs(device, &wanted)?,
             fs::Content::Filesystem(found) if found == wanted => {}
             fs::Content::Filesystem(found) => {
                 return Err(CsiError::Precondition(format!(
@@ -136,7 +153,7 @@ impl NodeService {
                 )))
             }
         }
-        fs::mount(&device, staging, Some(&wanted), &flags)
+        fs::mount(device, staging, Some(&wanted), &flags)
     }
 
     /// Attaches, waiting up to `controller_wait` for an unreachable
