@@ -435,7 +435,10 @@ impl ReplicaHost {
             match self.close_inner(&name, deadline) {
                 Ok(()) | Err(HostError::NotOpen(_)) => {}
                 Err(e) => {
-                    tracing::error!(volume = %name, error = %e, "closing volume failed");
+                    let reason = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    tracing::error!(volume = %name, error = %e, %reason, "closing volume failed");
                     failed.push(e);
                 }
             }

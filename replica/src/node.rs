@@ -135,7 +135,9 @@ pub async fn serve_node_with(
     .await;
     let _ = data.await;
     let _ = tokio::time::timeout(CONTROL_GRACE, grpc).await;
-    let began = stop_began.await.unwrap_or_else(|_| std::time::Instant::now());
+    let began = stop_began
+        .await
+        .unwrap_or_else(|_| std::time::Instant::now());
     let deadline = began + opts.stop_budget;
     let closing = host.clone();
     let failed = tokio::task::spawn_blocking(move || closing.close_all_within(deadline))

@@ -419,9 +419,7 @@ impl Store {
             IoOp::SyncData { file: &head.map },
         ];
         let synced = self.engine.submit(&mut ops);
-        if synced.is_ok() {
-            self.writeback.flushed(token);
-        }
+        self.writeback.flushed(token, synced.is_ok());
         if let Err(e) = synced {
             // After a failed fsync the kernel may have dropped the dirty
             // pages; a retry could report success for lost data. Refuse all

@@ -89,8 +89,14 @@ struct Inner {
     head: Option<(u64, Arc<HeadPaths>)>,
     pending: u64,
     in_flight: u64,
-    /// Bytes per second, a moving average of the batches' rates.
+    /// Bytes per second, from a moving average of the batches' seconds
+    /// per byte (an average of rates would let one batch the kernel had
+    /// already written, done in no time, inflate it wildly).
     rate: f64,
+    /// Flushes running, and flushes started: a batch that overlapped a
+    /// flush found its pages already written and measures nothing.
+    flushes_running: u32,
+    flush_gen: u64,
     stop: bool,
     stats: WritebackStats,
 }
@@ -138,6 +144,8 @@ impl Writeback {
                 pending: 0,
                 in_flight: 0,
                 rate: 0.0,
+                flushes_running: 0,
+                flush_gen: 0,
                 stop: false,
                 stats: WritebackStats::default(),
             }),
@@ -220,15 +228,32 @@ impl Writeback {
     }
 
     /// The count of unflushed bytes before a flush starts; pass it to
-    /// [`Writeback::flushed`] when the flush succeeded.
+    /// [`Writeback::flushed`] when the flush ends.
     pub(crate) fn before_flush(&self) -> (u64, Instant) {
-        (self.shared.inner.lock().pending, Instant::now())
+        let mut g = self.shared.inner.lock();
+        g.flushes_running += 1;
+        g.flush_gen += 1;
+        (g.pending, Instant::now())
     }
 
-    /// A flush that started with `pending` unflushed bytes succeeded.
-    pub(crate) fn flushed(&self, (pending, started): (u64, Instant)) {
+    /// A flush that started with `pending` unflushed bytes ended (`ok`:
+    /// it succeeded).
+    pub(crate) fn flushed(&self, (pending, started): (u64, Instant), ok: bool) {
         let secs = started.elapsed().as_secs_f64();
         let mut g = self.shared.inner.lock();
+        g.flushes_running = g.flushes_running.saturating_sub(1);
+        if !ok {
+            return;
+        }
+        if !g.config.disabled && secs > 2.0 * g.config.flush_target.as_secs_f64() {
+            tracing::warn!(
+                secs,
+                unflushed_at_start = pending + g.in_flight,
+                limit = g.limit(),
+                rate = g.rate as u64,
+                "a flush took more than twice the flush target"
+            );
+        }
         g.pending = g.pending.saturating_sub(pending);
         g.stats.flushes += 1;
         g.stats.last_flush_secs = secs;
@@ -261,7 +286,7 @@ impl Drop for Writeback {
 
 fn run(shared: &Shared) {
     loop {
-        let (head, batch) = {
+        let (head, batch, quiet, gen) = {
             let mut g = shared.inner.lock();
             while !g.stop && (g.config.disabled || g.pending < g.step().max(1)) {
                 shared.work.wait(&mut g);
@@ -272,7 +297,13 @@ fn run(shared: &Shared) {
             let batch = g.pending;
             g.pending = 0;
             g.in_flight += batch;
-            (g.head.as_ref().map(|h| h.1.clone()), batch)
+            let quiet = g.flushes_running == 0;
+            (
+                g.head.as_ref().map(|h| h.1.clone()),
+                batch,
+                quiet,
+                g.flush_gen,
+            )
         };
         let started = Instant::now();
         if let Some(head) = &head {
@@ -288,13 +319,15 @@ fn run(shared: &Shared) {
         let mut g = shared.inner.lock();
         g.in_flight = g.in_flight.saturating_sub(batch);
         g.stats.written_back_bytes += batch;
-        // Small batches measure latency more than rate.
-        if head.is_some() && batch >= MIN_LIMIT / 4 && secs > 0.0 {
-            let sample = batch as f64 / secs;
+        // Small batches measure latency more than rate; a flush during the
+        // batch wrote its pages.
+        let measured = quiet && g.flushes_running == 0 && g.flush_gen == gen;
+        if head.is_some() && measured && batch >= MIN_LIMIT / 4 {
+            let per_byte = secs.max(1e-6) / batch as f64;
             g.rate = if g.rate <= 0.0 {
-                sample
+                1.0 / per_byte
             } else {
-                0.7 * g.rate + 0.3 * sample
+                1.0 / (0.7 / g.rate + 0.3 * per_byte)
             };
         }
         drop(g);
@@ -349,9 +382,7 @@ pub(crate) fn sync_range(file: &File, offset: u64, len: u64) -> std::io::Result<
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     // SAFETY: plain integer arguments on a descriptor `file` owns.
-    let rc = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags)
-    };
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
     if rc == 0 {
         Ok(())
     } else {
@@ -373,6 +404,8 @@ mod tests {
             pending: 0,
             in_flight: 0,
             rate,
+            flushes_running: 0,
+            flush_gen: 0,
             stop: false,
             stats: WritebackStats::default(),
         }
