@@ -310,6 +310,37 @@ fn a_slow_disk_bounds_flushes_and_stops() {
     // flush: no comparison, the data all there.
     let mut c = cluster_on(&disk, "unbounded", &["--no-writeback-bound"]);
     pattern(&c.uri(), 400, false, false);
+    // Its FLUSH now waits for the disk far longer than the slow threshold:
+    // the status says so while it waits, before any timeout.
+    let (nbd, volume) = (c.nbd, c.volume.clone());
+    let flush = std::thread::spawn(move || flush_latency(nbd, &volume));
+    std::thread::sleep(Duration::from_secs(5));
+    let status = c.status();
+    let disk_json = &status["replicas"][0]["disk"];
+    assert_eq!(disk_json["slow"], true, "{status}");
+    assert!(
+        disk_json["slow_reason"]
+            .as_str()
+            .unwrap()
+            .contains("waiting"),
+        "{status}"
+    );
+    let took = flush.join().unwrap();
+    let metrics = run_ok(
+        "curl",
+        &["-sf", &format!("http://{}/metrics", c.metrics)],
+        10,
+    );
+    assert!(
+        metrics.contains("strata_replica_flush_latency_max_seconds{volume=\"vol\""),
+        "{metrics}"
+    );
+    eprintln!("slow disk: without the bound, a FLUSH after 400 MiB took {took:?}");
+    assert!(
+        took > FLUSH_BOUND,
+        "without the bound the FLUSH took only {took:?}"
+    );
+    pattern(&c.uri(), 400, false, false);
     c.controller.take().unwrap().kill9();
     let (stop, ok) = stop_time(&mut c.replicas[0]);
     let log = c.replicas[0].log_text();
