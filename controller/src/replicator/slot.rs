@@ -259,6 +259,16 @@ impl Slot {
         Some(s)
     }
 
+    /// Up to `max` contiguous pending regions from the first one, removed
+    /// from the set: (first region, count).
+    pub fn take_pending_run(&self, max: u64) -> Option<(u64, u64)> {
+        let mut p = self.pending.lock();
+        let (s, e, _) = p.iter().next()?;
+        let n = (e - s).min(max.max(1));
+        p.clear(s, s + n);
+        Some((s, n))
+    }
+
     pub fn pending_regions(&self) -> u64 {
         self.pending.lock().iter().map(|(s, e, _)| e - s).sum()
     }
