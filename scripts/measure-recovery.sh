@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Measures recovery on this machine: a 4 GiB volume with 3 replicas, 1 GiB
 # written while replica 0 is out; then the delta resync time, a full rebuild
-# (replica 0 wiped) with its MiB/s against the disk's own sequential write
-# rate, and client 4 KiB randwrite IOPS during the rebuild as a fraction of
-# IOPS without one. Usage: bash scripts/measure-recovery.sh (needs fio).
+# (replica 0 wiped) without a client and one while a client writes 4 KiB
+# random blocks at QD16 all along, each with its MiB/s against the disk's
+# own sequential write rate, and the client's IOPS during the rebuild as a
+# fraction of its IOPS without one.
+# Usage: bash scripts/measure-recovery.sh (needs fio; STRATA_BIN=path skips the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bin strata
-BIN=$PWD/target/release/strata
+if [ -z "${STRATA_BIN:-}" ]; then
+    cargo build --release --quiet --bin strata
+fi
+BIN=${STRATA_BIN:-$PWD/target/release/strata}
 W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -32,13 +36,22 @@ kill -9 ${PIDS[0]} 2>/dev/null; wait ${PIDS[0]} 2>/dev/null || true; sleep 0.5
 fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1M --iodepth=8 --size=1G --output-format=terse >/dev/null 2>&1
 start_replica 0
 delta=$(wait_healthy)
-kill -9 ${PIDS[0]}; wait ${PIDS[0]} 2>/dev/null || true; rm -rf "$W/r0"; sleep 0.5
-start_replica 0
+wipe_and_start() { kill -9 ${PIDS[0]}; wait ${PIDS[0]} 2>/dev/null || true; rm -rf "$W/r0"; sleep 0.5; start_replica 0; }
+wipe_and_start
+quiet=$(wait_healthy)
+wipe_and_start
 t0=$(date +%s.%N)
-during=$(iops 5)
+fio --name=m --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --iodepth=16 --size=4G --time_based --runtime=600 \
+  --output-format=json >"$W/during.json" 2>/dev/null &
+FIO=$!
 wait_healthy >/dev/null
 full=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')")
+kill -INT $FIO; wait $FIO 2>/dev/null || true
+during=$(sed -n '/^{/,$p' "$W/during.json" | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print(round(j["io_bytes"]/4096/max(j["runtime"],1)*1000))')
+rate() { python3 -c "print(round(1024/$1))"; }
+pct() { python3 -c "print(round(1024/$1/$disk*100))"; }
 echo "disk sequential write (fio, 1 MiB, end_fsync): ${disk} MiB/s"
-echo "delta resync after 1 GiB written while out: ${delta} s"
-echo "full rebuild of 1 GiB allocated in a 4 GiB volume: ${full} s ($(python3 -c "print(round(1024/$full))") MiB/s, $(python3 -c "print(round(1024/$full/$disk*100))")% of the disk's rate)"
+echo "delta resync after 1 GiB written while out: ${delta} s ($(rate $delta) MiB/s)"
+echo "full rebuild of 1 GiB allocated in a 4 GiB volume, no client: ${quiet} s ($(rate $quiet) MiB/s, $(pct $quiet)% of the disk's rate)"
+echo "full rebuild of 1 GiB allocated, client 4K randwrite QD16 all along: ${full} s ($(rate $full) MiB/s, $(pct $full)% of the disk's rate)"
 echo "client 4K randwrite QD16: ${base} IOPS without a rebuild, ${during} IOPS during it ($(python3 -c "print(round($during/$base*100))")%)"

@@ -58,7 +58,17 @@ pub enum RunError {
     Iscsi(#[source] std::io::Error),
     #[error("Volume {volume}: the final flush failed: {reason}")]
     FinalFlush { volume: String, reason: String },
+    #[error("Volume {volume}: the final flush did not finish within {waited:?} of the stop signal; the replicas finish it on their own, and a controller started before they have compares the replicas still holding unflushed writes")]
+    FinalFlushTimedOut {
+        volume: String,
+        waited: std::time::Duration,
+    },
 }
+
+/// From the stop signal to the end of the final flush: the frontends drain
+/// (at most their `SHUTDOWN_GRACE`), then the flush gets what is left.
+/// Kubernetes waits 30 s by default; strata aims at 10 s.
+pub const STOP_BUDGET: std::time::Duration = std::time::Duration::from_secs(8);
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
     TcpListener::bind(addr)
@@ -72,6 +82,13 @@ pub async fn run_controller(
     shutdown: watch::Receiver<bool>,
     ready: Option<oneshot::Sender<RunningInfo>>,
 ) -> Result<(), RunError> {
+    let stop_began = {
+        let mut rx = shutdown.clone();
+        tokio::spawn(async move {
+            strata_net::stopped(&mut rx).await;
+            tokio::time::Instant::now()
+        })
+    };
     let nbd_listener = bind(opts.nbd, "NBD").await?;
     let control_listener = match opts.control {
         Some(a) => Some(bind(a, "the management API").await?),
@@ -162,17 +179,27 @@ pub async fn run_controller(
         Some(t) => t.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
         None => Ok(()),
     };
-    // Clean stop: make everything acknowledged durable on every replica.
-    let flushed = volume.flush().await;
+    // Clean stop: make everything acknowledged durable on every replica,
+    // within what is left of the stop budget.
+    let began = stop_began
+        .await
+        .unwrap_or_else(|_| tokio::time::Instant::now());
+    let flushed = tokio::time::timeout_at(began + STOP_BUDGET, volume.flush()).await;
     served.map_err(RunError::Nbd)?;
     iscsi_served.map_err(RunError::Iscsi)?;
+    let Ok(flushed) = flushed else {
+        return Err(RunError::FinalFlushTimedOut {
+            volume: volume.name.clone(),
+            waited: began.elapsed(),
+        });
+    };
     if let Err(e) = flushed {
         return Err(RunError::FinalFlush {
             volume: volume.name.clone(),
             reason: e.to_string(),
         });
     }
-    tracing::info!(volume = %volume.name, "stopped cleanly");
+    tracing::info!(volume = %volume.name, secs = began.elapsed().as_secs_f64(), "stopped cleanly");
     Ok(())
 }
 

@@ -72,6 +72,12 @@ pub enum StoreError {
     #[error("The store stopped accepting changes after a failed {0}; reopen it to recover")]
     Poisoned(&'static str),
 
+    #[error("Replica {dir}: the stop's flush did not finish within {waited:?}; the rest stays in the page cache and the next start on this boot finishes it (after a machine restart the replica is compared with its peers)")]
+    StopUnflushed {
+        dir: PathBuf,
+        waited: std::time::Duration,
+    },
+
     #[error("Injected fail point {0}")]
     FailPoint(&'static str),
 }

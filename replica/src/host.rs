@@ -19,12 +19,13 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
 use crate::engine::IoEngine;
 use crate::meta::META_FILE;
-use crate::{CreateOptions, OpenReport, Store, StoreError};
+use crate::{CreateOptions, OpenReport, Store, StoreError, WritebackConfig};
 
 /// Everything that can go wrong in [`ReplicaHost`].
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +114,8 @@ pub struct ReplicaHost {
     /// One slot per volume that is open or being opened/closed; the slot's
     /// own lock serialises those operations for that volume.
     slots: Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    /// Applied to every store this host opens or creates.
+    writeback: Mutex<WritebackConfig>,
 }
 
 impl std::fmt::Debug for ReplicaHost {
@@ -131,6 +134,18 @@ impl ReplicaHost {
             dir: dir.into(),
             engine,
             slots: Mutex::new(HashMap::new()),
+            writeback: Mutex::new(WritebackConfig::default()),
+        }
+    }
+
+    /// Sets how every store of this host bounds its unflushed data
+    /// (`--flush-target-ms`, `--dirty-limit-mib`), for the open ones too.
+    pub fn set_writeback(&self, config: WritebackConfig) {
+        *self.writeback.lock() = config;
+        for name in self.open_volumes() {
+            if let Some(store) = self.get(&name) {
+                store.configure_writeback(config);
+            }
         }
     }
 
@@ -191,6 +206,7 @@ impl ReplicaHost {
             } else {
                 match Store::create(&dir, opts, self.engine.clone()) {
                     Ok(store) => {
+                        store.configure_writeback(*self.writeback.lock());
                         let store = Arc::new(store);
                         s.store = Some(store.clone());
                         s.report = Some(OpenReport {
@@ -280,6 +296,7 @@ impl ReplicaHost {
                                 "replica was not closed cleanly; unflushed writes may be lost"
                             );
                         }
+                        store.configure_writeback(*self.writeback.lock());
                         let store = Arc::new(store);
                         s.store = Some(store.clone());
                         s.report = Some(report);
@@ -358,6 +375,15 @@ impl ReplicaHost {
     /// connection bound to it, a request in flight): the volume stays open.
     /// Closing a volume that is not open is [`HostError::NotOpen`].
     pub fn close(&self, name: &str) -> Result<(), HostError> {
+        self.close_inner(name, None)
+    }
+
+    /// [`ReplicaHost::close`] within a deadline ([`Store::close_within`]).
+    pub fn close_within(&self, name: &str, deadline: Instant) -> Result<(), HostError> {
+        self.close_inner(name, Some(deadline))
+    }
+
+    fn close_inner(&self, name: &str, deadline: Option<Instant>) -> Result<(), HostError> {
         let not_open = || HostError::NotOpen(name.to_string());
         let slot = self.slots.lock().get(name).cloned().ok_or_else(not_open)?;
         let mut s = slot.lock();
@@ -368,7 +394,11 @@ impl ReplicaHost {
                 // the directory lock to be released. A failed close leaves
                 // the store unclean: the next open reports it, as after a
                 // crash.
-                let result = store.close().map_err(|e| HostError::store(name, e));
+                let closed = match deadline {
+                    Some(d) => store.close_within(d),
+                    None => store.close(),
+                };
+                let result = closed.map_err(|e| HostError::store(name, e));
                 s.report = None;
                 drop(s);
                 self.forget_if_empty(name, &slot);
@@ -389,12 +419,26 @@ impl ReplicaHost {
     /// have stopped). Tries all of them; returns (and logs) the failures, so
     /// an empty list means every volume was closed cleanly.
     pub fn close_all(&self) -> Vec<HostError> {
+        self.close_all_inner(None)
+    }
+
+    /// [`ReplicaHost::close_all`] for a stop with a deadline: each volume
+    /// closes with [`Store::close_within`]; one that cannot finish its
+    /// flush by then says so (the error) and is left for the next start.
+    pub fn close_all_within(&self, deadline: Instant) -> Vec<HostError> {
+        self.close_all_inner(Some(deadline))
+    }
+
+    fn close_all_inner(&self, deadline: Option<Instant>) -> Vec<HostError> {
         let mut failed = Vec::new();
         for name in self.open_volumes() {
-            match self.close(&name) {
+            match self.close_inner(&name, deadline) {
                 Ok(()) | Err(HostError::NotOpen(_)) => {}
                 Err(e) => {
-                    tracing::error!(volume = %name, error = %e, "closing volume failed");
+                    let reason = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    tracing::error!(volume = %name, error = %e, %reason, "closing volume failed");
                     failed.push(e);
                 }
             }

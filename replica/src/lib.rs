@@ -32,7 +32,7 @@ pub mod wire;
 pub use error::{Result, StoreError};
 pub use store::{
     valid_snapshot_name, Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo,
-    Store, StoreInfo, View,
+    Store, StoreInfo, View, WritebackConfig, WritebackStats,
 };
 
 /// The block size of every volume: the unit of checksums, alignment and

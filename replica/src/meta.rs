@@ -50,6 +50,10 @@ pub struct VolumeMeta {
     pub epoch: u64,
     /// True only after a clean close (everything flushed).
     pub clean: bool,
+    /// The last stop drained every request but its flush did not finish in
+    /// time; the rest was in the page cache (`Store::close_within`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_unflushed: bool,
     /// Set by a controller while this replica is being resynced or rebuilt:
     /// its data is not complete, so it must never be chosen as a source.
     #[serde(default)]
@@ -249,6 +253,7 @@ mod tests {
             block_size: 4096,
             epoch: 7,
             clean: true,
+            stopped_unflushed: false,
             incomplete: false,
             boot_id: String::new(),
             epoch_owner: String::new(),

@@ -13,20 +13,67 @@ use tokio::sync::{mpsc, watch};
 
 use crate::control::ReplicaControlService;
 use crate::host::ReplicaHost;
+use crate::WritebackConfig;
 
 const PREFACE: &[u8; 4] = b"PRI ";
 /// How long a new connection may stay silent before it is dropped.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// At shutdown, how long a connection still being routed may take.
+const ROUTE_GRACE: Duration = Duration::from_secs(1);
+/// At shutdown, how long gRPC calls in flight may take after the data
+/// connections drained.
+const CONTROL_GRACE: Duration = Duration::from_secs(1);
 
-/// Serves every replica under `dir` on `listener` until `shutdown` turns
-/// true, then closes every replica cleanly (flushed, clean flag set).
+/// How a node serves and stops.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeOptions {
+    /// How every replica bounds its unflushed data.
+    pub writeback: WritebackConfig,
+    /// From the shutdown signal to the replicas closed: the data
+    /// connections drain (at most [`crate::server::DRAIN_TIMEOUT`]), then
+    /// every replica closes within what is left ([`crate::Store::close_within`]).
+    /// Below Kubernetes' 10 s stop expectations by default.
+    pub stop_budget: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            writeback: WritebackConfig::default(),
+            stop_budget: Duration::from_secs(8),
+        }
+    }
+}
+
+/// [`serve_node_with`] with the default [`NodeOptions`].
 pub async fn serve_node(
     dir: &Path,
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    serve_node_with(dir, listener, shutdown, NodeOptions::default()).await
+}
+
+/// Serves every replica under `dir` on `listener` until `shutdown` turns
+/// true, then closes every replica (flushed, clean flag set) within
+/// [`NodeOptions::stop_budget`] of the signal; a replica that cannot finish
+/// its flush in time is logged and left for the next start.
+pub async fn serve_node_with(
+    dir: &Path,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    opts: NodeOptions,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let host = Arc::new(ReplicaHost::new(dir, crate::engine::detect()));
+    host.set_writeback(opts.writeback);
+    let stop_began = {
+        let mut rx = shutdown.clone();
+        tokio::spawn(async move {
+            strata_net::stopped(&mut rx).await;
+            std::time::Instant::now()
+        })
+    };
     let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<TcpStream>>(16);
     let (data_tx, data_rx) = mpsc::channel::<(TcpStream, std::net::SocketAddr)>(16);
 
@@ -56,8 +103,8 @@ pub async fn serve_node(
     let limits = strata_net::Limits {
         name: "replica node",
         max_connections: crate::server::MAX_CONNECTIONS,
-        // Routing a connection takes at most the peek timeout below.
-        grace: PEEK_TIMEOUT,
+        // A connection still silent at shutdown is dropped.
+        grace: ROUTE_GRACE,
     };
     strata_net::serve(listener, limits, shutdown.clone(), move |sock, peer| {
         let (grpc_tx, data_tx) = (grpc_tx.clone(), data_tx.clone());
@@ -87,8 +134,20 @@ pub async fn serve_node(
     })
     .await;
     let _ = data.await;
-    let _ = grpc.await;
-    host.close_all();
-    tracing::info!(dir = %dir.display(), "replica server stopped; replicas closed cleanly");
+    let _ = tokio::time::timeout(CONTROL_GRACE, grpc).await;
+    let began = stop_began
+        .await
+        .unwrap_or_else(|_| std::time::Instant::now());
+    let deadline = began + opts.stop_budget;
+    let closing = host.clone();
+    let failed = tokio::task::spawn_blocking(move || closing.close_all_within(deadline))
+        .await
+        .unwrap_or_default();
+    let secs = began.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        tracing::info!(dir = %dir.display(), secs, "replica server stopped; replicas closed cleanly");
+    } else {
+        tracing::warn!(dir = %dir.display(), secs, unclean = failed.len(), "replica server stopped; some replicas were not closed cleanly (see above)");
+    }
     Ok(())
 }

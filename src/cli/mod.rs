@@ -98,7 +98,37 @@ pub enum ReplicaCommand {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:10900")]
         listen: SocketAddr,
+        #[command(flatten)]
+        writeback: WritebackArgs,
     },
+}
+
+/// How a replica server bounds the data it holds unflushed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WritebackArgs {
+    /// The longest a FLUSH (or a clean stop) should wait for the disk, in
+    /// milliseconds: each replica keeps at most what its disk was measured
+    /// to write back in that time unflushed, writing back continuously and
+    /// making writes wait beyond that.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub flush_target_ms: u64,
+    /// A fixed bound on each replica's unflushed data in MiB, instead of
+    /// the measured one.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub dirty_limit_mib: Option<u64>,
+    /// Let the kernel's dirty limits decide (no bound, no early writeback).
+    #[arg(long, conflicts_with_all = ["flush_target_ms", "dirty_limit_mib"])]
+    pub no_writeback_bound: bool,
+}
+
+impl WritebackArgs {
+    pub fn config(&self) -> strata_replica::WritebackConfig {
+        strata_replica::WritebackConfig {
+            flush_target: std::time::Duration::from_millis(self.flush_target_ms),
+            fixed_limit: self.dirty_limit_mib.map(|m| m << 20),
+            disabled: self.no_writeback_bound,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,7 +270,11 @@ pub async fn shutdown_signal() {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args).await,
-        Command::Replica(ReplicaCommand::Serve { dir, listen }) => {
+        Command::Replica(ReplicaCommand::Serve {
+            dir,
+            listen,
+            writeback,
+        }) => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -250,7 +284,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = tx.send(true);
             });
             tracing::info!(dir = %dir.display(), %listen, "replica server starting");
-            strata_replica::node::serve_node(&dir, listener, rx).await?;
+            let opts = strata_replica::node::NodeOptions {
+                writeback: writeback.config(),
+                ..Default::default()
+            };
+            strata_replica::node::serve_node_with(&dir, listener, rx, opts).await?;
             Ok(())
         }
         Command::Replica(ReplicaCommand::Add {

@@ -101,6 +101,9 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                         "index_bytes": r.index_bytes,
                         "sync": {"kind": r.sync_kind, "done_bytes": r.sync_done_bytes, "total_bytes": r.sync_total_bytes,
                                  "rate_mib_s": r.sync_rate_mib, "eta_secs": r.sync_eta_secs},
+                        "disk": {"flush_latency_us": r.flush_latency_us, "flush_latency_max_us": r.flush_latency_max_us,
+                                 "write_latency_us": r.write_latency_us, "write_bytes_per_sec": r.write_bytes_per_sec,
+                                 "slow": !r.slow_reason.is_empty(), "slow_reason": r.slow_reason},
                     })).collect::<Vec<_>>(),
                     "io": {"reads": io.reads, "writes": io.writes, "flushes": io.flushes, "trims": io.trims,
                            "errors": io.errors, "bytes_read": io.bytes_read, "bytes_written": io.bytes_written},
@@ -141,19 +144,41 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
                 }
                 println!();
                 println!(
-                    "{:<22} {:<8} {:>9} {:>12} {:>10} {:>9}  reason",
-                    "REPLICA", "STATE", "IN-FLIGHT", "OPS-OK", "OPS-FAILED", "INDEX-KIB"
+                    "{:<22} {:<8} {:>9} {:>12} {:>10} {:>9} {:>9} {:>9} {:>8}  reason",
+                    "REPLICA",
+                    "STATE",
+                    "IN-FLIGHT",
+                    "OPS-OK",
+                    "OPS-FAILED",
+                    "INDEX-KIB",
+                    "FLUSH-MS",
+                    "WRITE-US",
+                    "MIB/S"
                 );
                 for r in &s.replicas {
+                    let state = if r.slow_reason.is_empty() {
+                        r.state.clone()
+                    } else {
+                        format!("{}*", r.state)
+                    };
+                    let reason = match (r.fault_reason.as_str(), r.slow_reason.as_str()) {
+                        ("", "") => String::new(),
+                        (f, "") => f.to_string(),
+                        ("", slow) => format!("slow: {slow}"),
+                        (f, slow) => format!("{f}; slow: {slow}"),
+                    };
                     println!(
-                        "{:<22} {:<8} {:>9} {:>12} {:>10} {:>9}  {}",
+                        "{:<22} {:<8} {:>9} {:>12} {:>10} {:>9} {:>9.1} {:>9} {:>8.1}  {}",
                         r.address,
-                        r.state,
+                        state,
                         r.in_flight,
                         r.ops_ok,
                         r.ops_failed,
                         r.index_bytes.div_ceil(1024),
-                        r.fault_reason
+                        r.flush_latency_us as f64 / 1000.0,
+                        r.write_latency_us,
+                        r.write_bytes_per_sec as f64 / (1u64 << 20) as f64,
+                        reason
                     );
                 }
                 if let Some(io) = s.io {

@@ -79,7 +79,13 @@ pub fn status_of(volume: &Volume, nbd_address: &str) -> VolumeStatus {
                 };
                 let p = s.progress.lock().clone();
                 let syncing = state == "syncing";
+                let disk = s.disk.report(&volume.name, &s.addr.to_string());
                 ReplicaInfo {
+                    flush_latency_us: disk.flush_latency.as_micros() as u64,
+                    flush_latency_max_us: disk.flush_latency_max.as_micros() as u64,
+                    write_latency_us: disk.write_latency.as_micros() as u64,
+                    write_bytes_per_sec: disk.write_bytes_per_sec,
+                    slow_reason: disk.slow.unwrap_or_default(),
                     address: s.addr.to_string(),
                     state,
                     fault_reason,
@@ -428,6 +434,34 @@ pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String
             "strata_replica_index_bytes{{volume=\"{v}\",replica=\"{}\"}} {}",
             s.addr,
             s.index_bytes.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strata_replica_flush_latency_seconds Moving average of the replica's flush latency.\n# TYPE strata_replica_flush_latency_seconds gauge\n\
+         # HELP strata_replica_flush_latency_max_seconds The replica's longest flush.\n# TYPE strata_replica_flush_latency_max_seconds gauge\n\
+         # HELP strata_replica_write_latency_seconds Moving average of the replica's page-cache write latency.\n# TYPE strata_replica_write_latency_seconds gauge\n\
+         # HELP strata_replica_write_bytes_per_second Bytes written to the replica per second over the last 5 s.\n# TYPE strata_replica_write_bytes_per_second gauge\n\
+         # HELP strata_replica_written_bytes_total Bytes written to the replica.\n# TYPE strata_replica_written_bytes_total counter\n\
+         # HELP strata_replica_slow 1 if the replica's flushes take longer than the slow threshold.\n# TYPE strata_replica_slow gauge"
+    );
+    for s in &volume.slots() {
+        let d = s.disk.report(v, &s.addr.to_string());
+        let r = s.addr;
+        let _ = writeln!(
+            out,
+            "strata_replica_flush_latency_seconds{{volume=\"{v}\",replica=\"{r}\"}} {}\n\
+             strata_replica_flush_latency_max_seconds{{volume=\"{v}\",replica=\"{r}\"}} {}\n\
+             strata_replica_write_latency_seconds{{volume=\"{v}\",replica=\"{r}\"}} {}\n\
+             strata_replica_write_bytes_per_second{{volume=\"{v}\",replica=\"{r}\"}} {}\n\
+             strata_replica_written_bytes_total{{volume=\"{v}\",replica=\"{r}\"}} {}\n\
+             strata_replica_slow{{volume=\"{v}\",replica=\"{r}\"}} {}",
+            d.flush_latency.as_secs_f64(),
+            d.flush_latency_max.as_secs_f64(),
+            d.write_latency.as_secs_f64(),
+            d.write_bytes_per_sec,
+            d.bytes_written,
+            d.slow.is_some() as u8
         );
     }
     if !schedules.is_empty() {

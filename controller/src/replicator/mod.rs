@@ -20,6 +20,7 @@
 mod chain_copy;
 mod compare;
 pub mod control;
+pub mod disk;
 mod error;
 mod expand;
 pub mod lag;
@@ -321,10 +322,17 @@ impl Volume {
             .into_iter()
             .map(|(slot, client, healthy)| {
                 let in_flight = slot::InFlight::new(slot.clone());
+                let flush =
+                    (class == LatencyClass::Durable).then(|| slot::FlushWaiting::new(slot.clone()));
                 let fut = f(client);
                 async move {
+                    let sent_at = tokio::time::Instant::now();
                     let r = fut.await;
                     drop(in_flight);
+                    drop(flush);
+                    if r.is_ok() && op == "write" && class == LatencyClass::Cached {
+                        slot.disk.write_done(len, sent_at.elapsed());
+                    }
                     slot.record(r.is_ok());
                     (slot, healthy, r)
                 }

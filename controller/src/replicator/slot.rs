@@ -12,6 +12,8 @@ use parking_lot::{Mutex, RwLock};
 use strata_replica::client::ReplicaClient;
 use strata_replica::extent::RangeMap;
 
+use super::disk::DiskStats;
+
 /// Size of a region in the dirty map: resync copies whole regions.
 pub const REGION: u64 = 1 << 20;
 
@@ -106,6 +108,9 @@ pub struct Slot {
     pub out_for_lag: AtomicBool,
     /// The last lag fault and the rejoin delay it imposed.
     last_lag: Mutex<Option<(Instant, std::time::Duration)>>,
+    /// How fast its disk answers: flush and write latency, throughput,
+    /// slow or not (`disk.rs`).
+    pub disk: DiskStats,
 }
 
 /// Counts one request in flight on a slot for as long as it lives (a
@@ -126,6 +131,23 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts one flush (or FUA write) waiting on a slot's disk for as long as
+/// it lives, however it ends (answered, failed, dropped for lagging).
+pub(crate) struct FlushWaiting(Arc<Slot>, Instant);
+
+impl FlushWaiting {
+    pub(crate) fn new(slot: Arc<Slot>) -> Self {
+        let started = slot.disk.flush_started();
+        FlushWaiting(slot, started)
+    }
+}
+
+impl Drop for FlushWaiting {
+    fn drop(&mut self) {
+        self.0.disk.flush_done(self.1);
+    }
+}
+
 impl Slot {
     pub fn new(addr: SocketAddr, health: Health, departure: Option<Departure>) -> Self {
         Slot {
@@ -143,6 +165,7 @@ impl Slot {
             out_for_lag: AtomicBool::new(false),
             last_lag: Mutex::new(None),
             counts_for_quorum: AtomicBool::new(false),
+            disk: DiskStats::default(),
         }
     }
 
@@ -238,6 +261,16 @@ impl Slot {
         let (s, _, _) = p.iter().next()?;
         p.clear(s, s + 1);
         Some(s)
+    }
+
+    /// Up to `max` contiguous pending regions from the first one, removed
+    /// from the set: (first region, count).
+    pub fn take_pending_run(&self, max: u64) -> Option<(u64, u64)> {
+        let mut p = self.pending.lock();
+        let (s, e, _) = p.iter().next()?;
+        let n = (e - s).min(max.max(1));
+        p.clear(s, s + n);
+        Some((s, n))
     }
 
     pub fn pending_regions(&self) -> u64 {

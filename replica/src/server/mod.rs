@@ -30,8 +30,10 @@ pub use conn::MAX_IN_FLIGHT;
 /// Connections served at once; further ones wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for connections to finish their requests in
-/// flight before dropping them.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// flight before dropping them. Unflushed data is bounded to about a second
+/// of disk time (`store/writeback.rs`), so a flush in flight fits; the
+/// whole stop must stay within a pod's grace period.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 const LIMITS: strata_net::Limits = strata_net::Limits {
     name: "replica data",

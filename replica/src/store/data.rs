@@ -205,17 +205,24 @@ impl Store {
     }
 
     /// Writes `buf` at `offset` into the head. Durable after [`Store::flush`].
+    /// Waits first while the store's unflushed bytes are at their bound
+    /// (`writeback.rs`).
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_usable()?;
+        self.writeback.throttle();
         let st = self.state.read();
         self.write_locked(&st, offset, buf)
     }
 
-    /// [`Store::write`] unless a chain change holds the store: `Ok(false)`
-    /// then, and nothing was written. A buffered write still waits for the
-    /// kernel (page cache, block allocation), never for another request.
+    /// [`Store::write`] unless a chain change holds the store or the write
+    /// would wait for the bound on unflushed bytes: `Ok(false)` then, and
+    /// nothing was written. A buffered write still waits for the kernel
+    /// (page cache, block allocation), never for another request.
     pub fn write_unless_busy(&self, offset: u64, buf: &[u8]) -> Result<bool> {
         self.check_usable()?;
+        if self.writeback.would_throttle() {
+            return Ok(false);
+        }
         let Some(st) = self.state.try_read() else {
             return Ok(false);
         };
@@ -255,6 +262,8 @@ impl Store {
             StoreError::io(op.name(), path_of(st, op), op.offset(), e.source)
         })?;
         mark(&self.head_dirty);
+        self.writeback
+            .note_write(head.id, &head.data_path, &head.map_path, buf.len() as u64);
         let mut maps = st.maps.lock();
         maps.extents[head_pos].set(b0, b1, BlockKind::Data);
         maps.index.set(b0, b1, Source::layer(head_pos));
@@ -404,11 +413,14 @@ impl Store {
             return Ok(());
         }
         let head = &st.layers[st.head_pos()];
+        let token = self.writeback.before_flush();
         let mut ops = [
             IoOp::SyncData { file: &head.data },
             IoOp::SyncData { file: &head.map },
         ];
-        if let Err(e) = self.engine.submit(&mut ops) {
+        let synced = self.engine.submit(&mut ops);
+        self.writeback.flushed(token, synced.is_ok());
+        if let Err(e) = synced {
             // After a failed fsync the kernel may have dropped the dirty
             // pages; a retry could report success for lost data. Refuse all
             // further writes instead.

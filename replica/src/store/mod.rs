@@ -29,6 +29,7 @@
 
 mod chain;
 mod data;
+mod writeback;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -48,6 +49,7 @@ use crate::BLOCK_SIZE;
 
 pub use chain::{filesystem_space, valid_snapshot_name, FilesystemSpace, SnapshotInfo, View};
 pub use data::{Allocation, AllocationExtent};
+pub use writeback::{WritebackConfig, WritebackStats};
 
 const LOCK_FILE: &str = "volume.lock";
 
@@ -148,6 +150,8 @@ pub struct Store {
     state: RwLock<State>,
     control: Mutex<()>,
     head_dirty: AtomicBool,
+    /// Bounds the head's unflushed bytes (`writeback.rs`).
+    writeback: writeback::Writeback,
     poisoned: Mutex<Option<&'static str>>,
     failpoints: FailPoints,
     _lock: File,
@@ -206,6 +210,7 @@ impl Store {
             block_size: BLOCK_SIZE as u32,
             epoch: 0,
             clean: false,
+            stopped_unflushed: false,
             incomplete: false,
             epoch_owner: String::new(),
             boot_id: meta::boot_id(),
@@ -229,6 +234,7 @@ impl Store {
             }),
             control: Mutex::new(()),
             head_dirty: AtomicBool::new(false),
+            writeback: writeback::Writeback::new(WritebackConfig::default()),
             poisoned: Mutex::new(None),
             failpoints,
             _lock: lock,
@@ -256,13 +262,27 @@ impl Store {
             layers.push(files);
         }
         let boot = meta::boot_id();
+        let same_boot = meta.boot_id == boot && !boot.is_empty();
+        // A stop that drained every request but ran out of time for its
+        // flush left the rest in the page cache. On the same boot that cache
+        // is still there: syncing it now finishes the stop's flush.
+        let finished_stop = !meta.clean && meta.stopped_unflushed && same_boot;
+        if finished_stop {
+            let head = layers.last().expect("a chain has a head");
+            for (file, path) in [(&head.data, &head.data_path), (&head.map, &head.map_path)] {
+                file.sync_data()
+                    .map_err(|e| StoreError::io("fdatasync", path, 0, e))?;
+            }
+            tracing::info!(dir = %dir.display(), "the previous stop ran out of time for its flush; finished it now");
+        }
         let report = OpenReport {
-            was_clean: meta.clean,
-            page_cache_lost: !meta.clean && (meta.boot_id != boot || boot.is_empty()),
+            was_clean: meta.clean || finished_stop,
+            page_cache_lost: !meta.clean && !finished_stop && !same_boot,
         };
         let failpoints = FailPoints::default();
-        if meta.clean || meta.boot_id != boot {
+        if meta.clean || meta.boot_id != boot || meta.stopped_unflushed {
             meta.clean = false;
+            meta.stopped_unflushed = false;
             meta.boot_id = boot;
             meta::write(dir, &meta, &failpoints)?;
         }
@@ -276,6 +296,7 @@ impl Store {
             }),
             control: Mutex::new(()),
             head_dirty: AtomicBool::new(false),
+            writeback: writeback::Writeback::new(WritebackConfig::default()),
             poisoned: Mutex::new(None),
             failpoints,
             _lock: lock,
@@ -294,6 +315,54 @@ impl Store {
         meta::write(&self.dir, &meta, &self.failpoints)?;
         st.meta = meta;
         Ok(())
+    }
+
+    /// [`Store::close`] with a deadline, for a server stopping within a
+    /// grace period. The head's dirty pages are written back a piece at a
+    /// time until `deadline`; if that finishes, the store closes cleanly.
+    /// If not, the metadata records that the stop drained every request but
+    /// not its flush ([`StoreError::StopUnflushed`]): the next open on the
+    /// same boot finishes the flush and counts the stop as clean, and after
+    /// a machine restart the replica is compared with its peers as after a
+    /// crash. The caller must have stopped every request first.
+    pub fn close_within(self, deadline: std::time::Instant) -> Result<()> {
+        let started = std::time::Instant::now();
+        let (data, map) = {
+            let st = self.state.read();
+            let head = &st.layers[st.head_pos()];
+            (head.data_path.clone(), head.map_path.clone())
+        };
+        let mut written = true;
+        for path in [&data, &map] {
+            match writeback::write_back_until(path, deadline) {
+                Ok(true) => {}
+                Ok(false) => written = false,
+                Err(e) => return Err(StoreError::io("sync_file_range", path, 0, e)),
+            }
+        }
+        if written {
+            return self.close();
+        }
+        let _control = self.control.lock();
+        let mut st = self.state.write();
+        let mut meta = st.meta.clone();
+        meta.stopped_unflushed = true;
+        self.commit_meta(&mut st, meta, "stop")?;
+        Err(StoreError::StopUnflushed {
+            dir: self.dir.clone(),
+            waited: started.elapsed(),
+        })
+    }
+
+    /// What the writeback of unflushed data measured: the bound, the disk's
+    /// writeback rate, throttled writes, flush latencies.
+    pub fn writeback_stats(&self) -> WritebackStats {
+        self.writeback.stats()
+    }
+
+    /// Changes the bound on unflushed bytes (see [`WritebackConfig`]).
+    pub fn configure_writeback(&self, config: WritebackConfig) {
+        self.writeback.configure(config);
     }
 
     pub fn dir(&self) -> &Path {

@@ -30,8 +30,11 @@ use crate::frontend::Backend;
 pub const MAX_CONNECTIONS: usize = 64;
 /// A client must finish login within this time.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for connections to finish in-flight commands.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long shutdown waits for connections to finish in-flight commands: the
+/// replicas bound their unflushed data to about a second of disk time, and
+/// the final flush and the whole stop must fit a pod's grace period
+/// (`crate::run::STOP_BUDGET`).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The iSCSI name of a volume's target: `iqn.2026-11.io.strata:<volume>`,
 /// with the volume name lower-cased and characters an IQN cannot hold

@@ -22,8 +22,11 @@ use crate::frontend::Backend;
 pub const MAX_CONNECTIONS: usize = 256;
 /// A client must finish its handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long shutdown waits for connections to finish in-flight requests.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long shutdown waits for connections to finish in-flight requests: the
+/// replicas bound their unflushed data to about a second of disk time, and
+/// the final flush and the whole stop must fit a pod's grace period
+/// (`crate::run::STOP_BUDGET`).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Serves `backend` to every client of `listener` until `shutdown` turns
 /// true (or its sender is dropped); then stops accepting, lets each
