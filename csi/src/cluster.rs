@@ -183,6 +183,32 @@ impl Cluster {
         }
     }
 
+    /// The volume controller's status if it answers within 2 s (and
+    /// serves this volume); None otherwise. For reports, never for
+    /// decisions.
+    pub async fn quick_status(
+        &self,
+        volume_id: &str,
+    ) -> Option<strata_proto::controller::VolumeStatus> {
+        let addr = self
+            .service_addr(volume_id, objects::CONTROL_PORT)
+            .await
+            .ok()?;
+        let ask = async {
+            let mut c = VolumeControlClient::connect(format!("http://{addr}"))
+                .await
+                .ok()?;
+            c.status(StatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        let s = tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()??;
+        (s.volume == volume_id).then_some(s)
+    }
+
     /// Creates the volume's Service (or keeps the one there).
     pub async fn ensure_service(&self, sv: &StrataVolume, volume_id: &str) -> CsiResult<()> {
         let svc = objects::service(sv, volume_id, &self.namespace);

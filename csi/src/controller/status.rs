@@ -7,17 +7,12 @@
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
-use strata_proto::controller::volume_control_client::VolumeControlClient;
-use strata_proto::controller::StatusRequest;
 
 use crate::cluster::Cluster;
 use crate::crd::{phase, StrataVolume, StrataVolumeStatus};
-use crate::objects;
 
 /// How often the statuses are refreshed.
 pub const INTERVAL: Duration = Duration::from_secs(10);
-/// Bound on one volume controller's answer.
-const ASK: Duration = Duration::from_secs(2);
 
 /// Runs until the process ends.
 pub async fn keep_current(cluster: Cluster) {
@@ -46,7 +41,7 @@ async fn refresh(cluster: &Cluster, sv: &StrataVolume) {
         return;
     }
     let node = cluster.controller_node(&id).await.unwrap_or_default();
-    let new = match ask(cluster, &id).await {
+    let new = match cluster.quick_status(&id).await {
         Some(s) => super::condition::to_resource_status(&s, &node),
         None => StrataVolumeStatus {
             phase: phase::UNAVAILABLE.into(),
@@ -66,19 +61,4 @@ async fn refresh(cluster: &Cluster, sv: &StrataVolume) {
     {
         tracing::debug!(volume = %id, error = %e, "status patch failed");
     }
-}
-
-async fn ask(cluster: &Cluster, id: &str) -> Option<strata_proto::controller::VolumeStatus> {
-    let addr = cluster.service_addr(id, objects::CONTROL_PORT).await.ok()?;
-    let fut = async {
-        let mut c = VolumeControlClient::connect(format!("http://{addr}"))
-            .await
-            .ok()?;
-        c.status(StatusRequest {})
-            .await
-            .ok()
-            .map(|r| r.into_inner())
-    };
-    let s = tokio::time::timeout(ASK, fut).await.ok()??;
-    (s.volume == id).then_some(s)
 }

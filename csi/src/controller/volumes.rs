@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use strata_proto::controller::{CloneRequest, ExpandRequest, SnapshotRef, StatusRequest};
+use strata_proto::controller::{CloneRequest, ExpandRequest, SnapshotRef};
 use strata_proto::csi::volume_content_source::{
     SnapshotSource, Type as SourceType, VolumeSource as CsiVolumeSource,
 };
@@ -574,21 +574,9 @@ pub async fn get(cluster: &Cluster, id: &str) -> CsiResult<ControllerGetVolumeRe
         .ok_or_else(|| CsiError::NotFound(format!("no volume {id:?}")))?;
     // The controller's own report when it answers quickly, else the last
     // one recorded.
-    let live = async {
-        let addr = cluster.service_addr(id, objects::CONTROL_PORT).await.ok()?;
-        let mut c = strata_proto::controller::volume_control_client::VolumeControlClient::connect(
-            format!("http://{addr}"),
-        )
-        .await
-        .ok()?;
-        c.status(StatusRequest {})
-            .await
-            .ok()
-            .map(|r| r.into_inner())
-    };
-    let condition = match tokio::time::timeout(Duration::from_secs(2), live).await {
-        Ok(Some(s)) if s.volume == id => super::condition::from_status(&s),
-        _ => resource_condition(&sv),
+    let condition = match cluster.quick_status(id).await {
+        Some(s) => super::condition::from_status(&s),
+        None => resource_condition(&sv),
     };
     Ok(ControllerGetVolumeResponse {
         volume: Some(Volume {
