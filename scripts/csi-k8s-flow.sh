@@ -5,7 +5,7 @@
 #
 #   bash scripts/csi-k8s-flow.sh
 #
-# Checked, in order: a PVC is provisioned and bound; its StrataVolume, Deployment and Service
+# Checked, in order: deploy/base passes a server-side dry run; a PVC is provisioned and bound; its StrataVolume, Deployment and Service
 # appear and the StrataVolume's status turns Ready; data written to the volume (qemu-io over
 # NBD to its Service address) is in a VolumeSnapshot restored into a new PVC and in a clone
 # PVC; a PVC resize completes (volumeMode Block: the node step is not needed, so the resize
@@ -28,6 +28,11 @@ trap 'k8s_env_down "$dir"' EXIT
 k8s_env_up "$dir"
 ns="$K8S_ENV_NS"
 sa="$K8S_SA_KUBECONFIG"
+
+echo "== deploy/base against the API server (kubectl apply --dry-run=server -k)"
+kubectl apply --dry-run=server -k deploy/base >"$dir/deploy-dry-run.txt" ||
+    { cat "$dir/deploy-dry-run.txt" >&2; echo "FAIL: deploy/base does not validate" >&2; exit 1; }
+echo "   $(grep -c . "$dir/deploy-dry-run.txt") objects accepted"
 
 # All of them: without the group snapshot CRDs the snapshot-controller waits 30 s at start.
 kubectl apply -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \

@@ -134,3 +134,16 @@ pub fn crd_json() -> String {
         .map(|v| serde_json::to_string_pretty(&v).expect("json"))
         .expect("the CRD serializes")
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deploy_has_the_crd_this_code_reads() {
+        let shipped = include_str!("../../deploy/base/crd.yaml");
+        assert_eq!(
+            shipped.trim_end(),
+            super::crd_json(),
+            "deploy/base/crd.yaml is stale: run `strata csi crd > deploy/base/crd.yaml`"
+        );
+    }
+}
