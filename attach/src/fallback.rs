@@ -19,8 +19,14 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `tool args` with a deadline; returns stdout.
-pub fn run_tool(tool: &str, args: &[&str], secs: u64) -> Result<String, AttachError> {
+/// Runs `tool args`, killing it after `secs`; returns how it ended,
+/// whatever its exit status (callers that read the status, like `blkid`'s
+/// 2 for "nothing found", use this).
+pub fn run_with_deadline(
+    tool: &str,
+    args: &[&str],
+    secs: u64,
+) -> Result<std::process::Output, AttachError> {
     let mut child = Command::new(tool)
         .args(args)
         .stdin(Stdio::null())
@@ -46,12 +52,18 @@ pub fn run_tool(tool: &str, args: &[&str], secs: u64) -> Result<String, AttachEr
             }
         }
     }
-    let out = child
+    child
         .wait_with_output()
         .map_err(|source| AttachError::Spawn {
             tool: tool.to_string(),
             source,
-        })?;
+        })
+}
+
+/// Runs `tool args` with a deadline; returns stdout, or an error when it
+/// failed.
+pub fn run_tool(tool: &str, args: &[&str], secs: u64) -> Result<String, AttachError> {
+    let out = run_with_deadline(tool, args, secs)?;
     if !out.status.success() {
         return Err(AttachError::Tool {
             tool: format!("{tool} {}", args.join(" ")),

@@ -2,8 +2,6 @@
 //! a deadline.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::error::CsiError;
 
@@ -17,32 +15,13 @@ pub struct Ran {
 /// Runs `tool args`, killing it after `secs`.
 pub fn run(tool: &str, args: &[&str], secs: u64) -> Result<Ran, CsiError> {
     let what = || format!("{tool} {}", args.join(" "));
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| CsiError::Internal(format!("cannot run {}: {e}", what())))?;
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while child
-        .try_wait()
-        .map_err(|e| CsiError::Internal(format!("{}: {e}", what())))?
-        .is_none()
-    {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(CsiError::Unavailable(format!(
-                "{} did not finish within {secs} s",
-                what()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| CsiError::Internal(format!("{}: {e}", what())))?;
+    let out =
+        strata_attach::fallback::run_with_deadline(tool, args, secs).map_err(|e| match e {
+            strata_attach::AttachError::ToolTimeout { .. } => {
+                CsiError::Unavailable(format!("{} did not finish within {secs} s", what()))
+            }
+            e => CsiError::Internal(format!("cannot run {}: {e}", what())),
+        })?;
     Ok(Ran {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
