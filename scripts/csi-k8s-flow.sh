@@ -29,9 +29,9 @@ k8s_env_up "$dir"
 ns="$K8S_ENV_NS"
 sa="$K8S_SA_KUBECONFIG"
 
-echo "== deploy/base against the API server (kubectl apply --dry-run=server -k)"
-kubectl apply --dry-run=server -k deploy/base >"$dir/deploy-dry-run.txt" ||
-    { cat "$dir/deploy-dry-run.txt" >&2; echo "FAIL: deploy/base does not validate" >&2; exit 1; }
+echo "== deploy/ against the API server (kubectl apply --dry-run=server -k deploy/)"
+kubectl apply --dry-run=server -k deploy/ >"$dir/deploy-dry-run.txt" ||
+    { cat "$dir/deploy-dry-run.txt" >&2; echo "FAIL: deploy/ does not validate" >&2; exit 1; }
 echo "   $(grep -c . "$dir/deploy-dry-run.txt") objects accepted"
 
 # All of them: without the group snapshot CRDs the snapshot-controller waits 30 s at start.

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use strata_proto::controller::volume_control_client::VolumeControlClient;
-use strata_proto::controller::StatusRequest;
+use strata_proto::controller::{StatusRequest, VolumeStatus};
 use strata_proto::replica::replica_control_client::ReplicaControlClient;
 use strata_proto::replica::Empty;
 use tonic::transport::Channel;
@@ -170,7 +170,7 @@ impl Cluster {
         let mut last;
         loop {
             match try_controller(addr, volume_id).await {
-                Ok(c) => return Ok(c),
+                Ok((c, _)) => return Ok(c),
                 Err(e) => last = e,
             }
             if tokio::time::Instant::now() >= deadline {
@@ -186,27 +186,17 @@ impl Cluster {
     /// The volume controller's status if it answers within 2 s (and
     /// serves this volume); None otherwise. For reports, never for
     /// decisions.
-    pub async fn quick_status(
-        &self,
-        volume_id: &str,
-    ) -> Option<strata_proto::controller::VolumeStatus> {
+    pub async fn quick_status(&self, volume_id: &str) -> Option<VolumeStatus> {
         let addr = self
             .service_addr(volume_id, objects::CONTROL_PORT)
             .await
             .ok()?;
-        let ask = async {
-            let mut c = VolumeControlClient::connect(format!("http://{addr}"))
-                .await
-                .ok()?;
-            c.status(StatusRequest {})
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        };
-        let s = tokio::time::timeout(Duration::from_secs(2), ask)
+        let ask = try_controller(addr, volume_id);
+        let (_, status) = tokio::time::timeout(Duration::from_secs(2), ask)
             .await
-            .ok()??;
-        (s.volume == volume_id).then_some(s)
+            .ok()?
+            .ok()?;
+        Some(status)
     }
 
     /// Creates the volume's Service (or keeps the one there).
@@ -286,10 +276,12 @@ impl Cluster {
     }
 }
 
+/// Dials a volume's controller and asks its status; an error when it does
+/// not answer or serves another volume.
 async fn try_controller(
     addr: SocketAddr,
     volume_id: &str,
-) -> Result<VolumeControlClient<Channel>, String> {
+) -> Result<(VolumeControlClient<Channel>, VolumeStatus), String> {
     let endpoint = Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
@@ -307,7 +299,7 @@ async fn try_controller(
             status.volume
         ));
     }
-    Ok(client)
+    Ok((client, status))
 }
 
 /// A client of a replica server.

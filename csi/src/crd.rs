@@ -124,6 +124,7 @@ pub mod phase {
     pub const DEGRADED: &str = "Degraded";
     pub const REBUILDING: &str = "Rebuilding";
     pub const UNAVAILABLE: &str = "Unavailable";
+    pub const DELETING: &str = "Deleting";
 }
 
 /// The CRD as JSON (which `kubectl apply -f` takes), for `deploy/` and

@@ -85,65 +85,61 @@ pub async fn serve(
     let mut router = Server::builder().add_service(identity);
     let mut supervisor_stop = None;
     if mode.controller() {
-        {
-            let s = controller.expect("controller settings");
-            // The binary links two rustls providers (ring through kube,
-            // aws-lc-rs through the S3 client): choose one for the process.
-            // An error means one is installed already, which is as good.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = kube::Client::try_default().await?;
-            let cluster = Cluster {
-                client,
-                namespace: s.namespace.clone(),
-                replica_port: s.replica_port,
-                pod: PodSettings {
-                    namespace: s.namespace,
-                    image: s.image,
-                    image_pull_policy: s.image_pull_policy,
-                    service_account: None,
-                },
-                controller_wait: s.controller_wait,
-            };
-            tokio::spawn(crate::controller::status::keep_current(cluster.clone()));
-            router = router.add_service(ControllerServer::new(ControllerService { cluster }));
-        }
+        let s = controller.expect("controller settings");
+        // The binary links two rustls providers (ring through kube,
+        // aws-lc-rs through the S3 client): choose one for the process.
+        // An error means one is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = kube::Client::try_default().await?;
+        let cluster = Cluster {
+            client,
+            namespace: s.namespace.clone(),
+            replica_port: s.replica_port,
+            pod: PodSettings {
+                namespace: s.namespace,
+                image: s.image,
+                image_pull_policy: s.image_pull_policy,
+                service_account: None,
+            },
+            controller_wait: s.controller_wait,
+        };
+        tokio::spawn(crate::controller::status::keep_current(cluster.clone()));
+        router = router.add_service(ControllerServer::new(ControllerService { cluster }));
     }
     if mode.node() {
-        {
-            let s = node.expect("node settings");
-            let attach = AttachOptions {
+        let s = node.expect("node settings");
+        let attach = AttachOptions {
+            state_dir: s.attach_state_dir.clone(),
+            ..Default::default()
+        };
+        // Kernel NBD devices reconnect after a controller restart only
+        // with a supervisor: run one for every attachment of this node.
+        if strata_attach::kernel_nbd_unavailable().is_none() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let opts = SupervisorOptions {
                 state_dir: s.attach_state_dir.clone(),
-                ..Default::default()
+                probe_interval: Duration::from_secs(2),
+                connect_timeout: Duration::from_secs(10),
+                only: None,
+                exit_when_detached: false,
+                max_backoff: Duration::from_secs(5),
             };
-            // Kernel NBD devices reconnect after a controller restart only
-            // with a supervisor: run one for every attachment of this node.
-            if strata_attach::kernel_nbd_unavailable().is_none() {
-                let stop = Arc::new(AtomicBool::new(false));
-                let opts = SupervisorOptions {
-                    state_dir: s.attach_state_dir.clone(),
-                    probe_interval: Duration::from_secs(2),
-                    connect_timeout: Duration::from_secs(10),
-                    only: None,
-                    exit_when_detached: false,
-                    max_backoff: Duration::from_secs(5),
-                };
-                let flag = stop.clone();
-                std::thread::Builder::new()
-                    .name("nbd-supervisor".into())
-                    .spawn(move || {
-                        if let Err(e) = strata_attach::supervisor::supervise(&opts, &flag) {
-                            tracing::error!(error = %e, "the NBD supervisor stopped");
-                        }
-                    })
-                    .ok();
-                supervisor_stop = Some(stop);
-            }
-            router = router.add_service(NodeServer::new(NodeService {
-                node_id: s.node_id,
-                attach,
-                controller_wait: s.controller_wait,
-            }));
+            let flag = stop.clone();
+            std::thread::Builder::new()
+                .name("nbd-supervisor".into())
+                .spawn(move || {
+                    if let Err(e) = strata_attach::supervisor::supervise(&opts, &flag) {
+                        tracing::error!(error = %e, "the NBD supervisor stopped");
+                    }
+                })
+                .ok();
+            supervisor_stop = Some(stop);
         }
+        router = router.add_service(NodeServer::new(NodeService {
+            node_id: s.node_id,
+            attach,
+            controller_wait: s.controller_wait,
+        }));
     }
     tracing::info!(?endpoint, ?mode, "strata csi serving");
     let result = match &endpoint {

@@ -37,7 +37,7 @@ async fn refresh(cluster: &Cluster, sv: &StrataVolume) {
         return;
     };
     let old = sv.status.clone().unwrap_or_default();
-    if old.phase == phase::CREATING || old.phase == "Deleting" {
+    if old.phase == phase::CREATING || old.phase == phase::DELETING {
         return;
     }
     let node = cluster.controller_node(&id).await.unwrap_or_default();

@@ -420,7 +420,7 @@ pub async fn delete(cluster: &Cluster, id: &str) -> CsiResult<()> {
                 .join(", ")
         )));
     }
-    set_phase(cluster, id, "Deleting", "").await.ok();
+    set_phase(cluster, id, phase::DELETING, "").await.ok();
     cluster.remove_controller(id).await?;
     let deadline = tokio::time::Instant::now() + POD_GONE_WAIT;
     while cluster.deployment_exists(id).await? {
@@ -498,6 +498,14 @@ async fn delete_replica(addr: SocketAddr, id: &str) -> CsiResult<()> {
     }
 }
 
+/// The volume `id`, or NOT_FOUND.
+async fn existing(cluster: &Cluster, id: &str) -> CsiResult<StrataVolume> {
+    cluster
+        .get_volume(id)
+        .await?
+        .ok_or_else(|| CsiError::NotFound(format!("no volume {id:?}")))
+}
+
 pub async fn validate(
     cluster: &Cluster,
     req: ValidateVolumeCapabilitiesRequest,
@@ -508,9 +516,7 @@ pub async fn validate(
     if req.volume_capabilities.is_empty() {
         return Err(CsiError::Invalid("volume capabilities are missing".into()));
     }
-    if cluster.get_volume(&req.volume_id).await?.is_none() {
-        return Err(CsiError::NotFound(format!("no volume {:?}", req.volume_id)));
-    }
+    existing(cluster, &req.volume_id).await?;
     Ok(match check_capabilities(&req.volume_capabilities) {
         Ok(_) => ValidateVolumeCapabilitiesResponse {
             confirmed: Some(validate_volume_capabilities_response::Confirmed {
@@ -568,10 +574,7 @@ pub async fn get(cluster: &Cluster, id: &str) -> CsiResult<ControllerGetVolumeRe
     if id.is_empty() {
         return Err(CsiError::Invalid("a volume ID is needed".into()));
     }
-    let sv = cluster
-        .get_volume(id)
-        .await?
-        .ok_or_else(|| CsiError::NotFound(format!("no volume {id:?}")))?;
+    let sv = existing(cluster, id).await?;
     // The controller's own report when it answers quickly, else the last
     // one recorded.
     let condition = match cluster.quick_status(id).await {
@@ -630,10 +633,7 @@ pub async fn expand(
     }
     let size = size_for(req.capacity_range.as_ref())?;
     let id = req.volume_id;
-    let sv = cluster
-        .get_volume(&id)
-        .await?
-        .ok_or_else(|| CsiError::NotFound(format!("no volume {id:?}")))?;
+    let sv = existing(cluster, &id).await?;
     let node_expansion_required = match &req.volume_capability {
         Some(c) => matches!(
             crate::request::check_capability(c)?,
