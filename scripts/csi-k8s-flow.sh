@@ -27,7 +27,6 @@ echo "== work directory: $dir"
 trap 'k8s_env_down "$dir"' EXIT
 k8s_env_up "$dir"
 ns="$K8S_ENV_NS"
-sa="$K8S_SA_KUBECONFIG"
 
 echo "== deploy/ against the API server (kubectl apply --dry-run=server -k deploy/)"
 kubectl apply --dry-run=server -k deploy/ >"$dir/deploy-dry-run.txt" ||
@@ -49,20 +48,7 @@ kubectl apply -f deploy/base/rbac-sidecars.yaml -f deploy/base/csidriver.yaml \
 # The test's StorageClass: deploy/'s, but Immediate (no scheduler here picks a node).
 sed -e 's/WaitForFirstConsumer/Immediate/' deploy/base/storageclass.yaml | kubectl apply -f - >/dev/null
 
-sock="$dir/controller.sock"
-KUBECONFIG="$sa" "$STRATA_BIN" csi --mode controller --namespace "$ns" --endpoint "unix://$sock" \
-    --image strata:test --controller-wait-secs 60 >"$dir/csi-controller.log" 2>&1 &
-K8S_ENV_PIDS+=($!)
-k8s_env_wait_socket "$dir" controller
-"$CSI_PROVISIONER" --csi-address "$sock" --kubeconfig "$sa" --extra-create-metadata --timeout 90s \
-    --v 2 >"$dir/csi-provisioner.log" 2>&1 &
-K8S_ENV_PIDS+=($!)
-"$CSI_SNAPSHOTTER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 >"$dir/csi-snapshotter.log" 2>&1 &
-K8S_ENV_PIDS+=($!)
-"$CSI_RESIZER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 >"$dir/csi-resizer.log" 2>&1 &
-K8S_ENV_PIDS+=($!)
-"$SNAPSHOT_CONTROLLER" --kubeconfig "$K8S_ADMIN_KUBECONFIG" --v 2 >"$dir/snapshot-controller.log" 2>&1 &
-K8S_ENV_PIDS+=($!)
+k8s_env_csi_controller "$dir" snapshotter resizer snapshot-controller
 
 k="kubectl -n default"
 fail() { echo "FAIL: $*" >&2; kubectl -n default get pvc,volumesnapshot -o wide >&2 || true; exit 1; }

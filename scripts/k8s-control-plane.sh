@@ -22,7 +22,7 @@
 # Knobs (environment): K8S_PORT_BASE (default 21000: etcd client +79, etcd peer +80,
 # apiserver +443, controller-manager +257; the next free block of 10 ports is taken
 # when one is in use, up to 20 tries), K8S_START_TIMEOUT (seconds, default 90),
-# K8S_CONTROLLER_MANAGER=0|1, K8S_KCM_CONTROLLERS, K8S_APISERVER_EXTRA_ARGS,
+# K8S_CONTROLLER_MANAGER=0|1, K8S_KCM_CONTROLLERS, K8S_KCM_EXTRA_ARGS, K8S_APISERVER_EXTRA_ARGS,
 # K8S_KEEP_DATA=1 (k8s_stop keeps etcd's data).
 # Cleanup: k8s_start adds k8s_stop to the caller's EXIT trap (keeping an existing trap; not
 # when called in a subshell), and a watchdog stops the processes within 2 s once the calling
@@ -276,7 +276,7 @@ EOF
             --leader-elect=false --use-service-account-credentials=true \
             --service-account-private-key-file "$dir/pki/sa.key" \
             --root-ca-file "$dir/pki/ca.crt" \
-            --controllers "$controllers" --profiling=false
+            --controllers "$controllers" --profiling=false ${K8S_KCM_EXTRA_ARGS:-}
         _k8s_wait "$timeout" "kube-controller-manager /healthz" "$dir" kube-controller-manager \
             curl -skf "https://127.0.0.1:$K8S_KCM_PORT/healthz" ||
             { k8s_stop "$dir"; return 1; }

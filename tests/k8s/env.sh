@@ -65,12 +65,52 @@ spec:
       nodeID: node-$i
       topologyKeys: [kubernetes.io/arch, kubernetes.io/hostname]
 YAML
-        mkdir -p "$dir/replica-$i"
-        "$STRATA_BIN" replica serve --dir "$dir/replica-$i" --listen "$ip:10900" >"$dir/replica-$i.log" 2>&1 &
+        k8s_env_replica_start "$dir" "$i"
+    done
+    python3 tests/k8s/pod-runner.py ${K8S_ENV_POD_RUNNER_ARGS:-} "$K8S_ENV_NS" "$dir/pods" \
+        >"$dir/pod-runner.log" 2>&1 &
+    K8S_ENV_PIDS+=($!)
+}
+
+# k8s_env_replica_start DIR I: node-I's replica server (the replica DaemonSet's pod) on
+# 127.0.0.1I:10900, data in DIR/replica-I; its pid in K8S_ENV_REPLICA_PIDS[I].
+K8S_ENV_REPLICA_PIDS=()
+k8s_env_replica_start() {
+    local dir="$1" i="$2"
+    mkdir -p "$dir/replica-$i"
+    "$STRATA_BIN" replica serve --dir "$dir/replica-$i" --listen "127.0.0.1$i:10900" \
+        >>"$dir/replica-$i.log" 2>&1 &
+    K8S_ENV_PIDS+=($!)
+    K8S_ENV_REPLICA_PIDS[i]=$!
+}
+
+# k8s_env_csi_controller DIR [SIDECAR...]: `strata csi --mode controller` on DIR/controller.sock
+# with the strata-csi-controller ServiceAccount's kubeconfig, and external-provisioner, plus
+# each SIDECAR named (snapshotter, resizer, snapshot-controller).
+k8s_env_csi_controller() {
+    local dir="$1" sock="$1/controller.sock" sa="$K8S_SA_KUBECONFIG" s
+    shift
+    KUBECONFIG="$sa" "$STRATA_BIN" csi --mode controller --namespace "$K8S_ENV_NS" \
+        --endpoint "unix://$sock" --image strata:test --controller-wait-secs 60 \
+        >"$dir/csi-controller.log" 2>&1 &
+    K8S_ENV_PIDS+=($!)
+    k8s_env_wait_socket "$dir" controller
+    "$CSI_PROVISIONER" --csi-address "$sock" --kubeconfig "$sa" --extra-create-metadata \
+        --timeout 90s --v 2 >"$dir/csi-provisioner.log" 2>&1 &
+    K8S_ENV_PIDS+=($!)
+    for s in "$@"; do
+        case "$s" in
+        snapshotter) "$CSI_SNAPSHOTTER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 \
+            >"$dir/csi-snapshotter.log" 2>&1 & ;;
+        resizer) "$CSI_RESIZER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 \
+            >"$dir/csi-resizer.log" 2>&1 & ;;
+        # a cluster component: runs as admin
+        snapshot-controller) "$SNAPSHOT_CONTROLLER" --kubeconfig "$K8S_ADMIN_KUBECONFIG" --v 2 \
+            >"$dir/snapshot-controller.log" 2>&1 & ;;
+        *) echo "k8s_env_csi_controller: unknown sidecar $s" >&2; return 1 ;;
+        esac
         K8S_ENV_PIDS+=($!)
     done
-    python3 tests/k8s/pod-runner.py "$K8S_ENV_NS" "$dir/pods" >"$dir/pod-runner.log" 2>&1 &
-    K8S_ENV_PIDS+=($!)
 }
 
 # k8s_env_wait_socket DIR NAME: wait for strata csi's socket DIR/NAME.sock

@@ -2,23 +2,48 @@
 """Runs the per-volume controller pods of strata's Deployments, in place of a
 kubelet, for the CSI tests on a control plane without nodes.
 
-What it does, and how that differs from a kubelet:
+Two modes.
+
+Deployment mode (default; scripts/csi-sanity.sh, scripts/csi-k8s-flow.sh):
 - Every 0.3 s it lists the Deployments labelled
   app.kubernetes.io/managed-by=strata-csi in the namespace. For each one that
   is not being deleted it runs the first container's exact command and
   arguments, with `strata` replaced by $STRATA_BIN (the binary the image
   would hold), and `$(VAR)` references expanded as the kubelet expands them.
-- POD_IP (the Downward API's status.podIP) is the volume's Service cluster
-  IP: the test runs in its own network namespace where the Service range is
-  routed to `lo`, so the pod listens on the address clients dial, standing in
-  for kube-proxy. Plain `value` env entries and envFrom Secrets are passed.
-- A pod whose process exits is restarted after 1 s (restartPolicy Always).
 - A Deployment that is gone or being deleted gets SIGTERM, then SIGKILL after
   its terminationGracePeriodSeconds.
 - No Pod objects are written to the API; the Deployment's status is not
-  updated.
+  updated (no ReplicaSet controller runs in these tests).
 
-Usage: pod-runner.py NAMESPACE LOG_DIR   (KUBECONFIG and STRATA_BIN set)
+Pod mode (--pods; scripts/csi-failover.sh, where kube-controller-manager runs
+the deployment, replicaset, node-lifecycle, taint-eviction and pod-gc
+controllers, so the Pods are the real ones those controllers make):
+- Scheduler stand-in: a strata Pod without a node is bound (pods/binding) to
+  a live node that is Ready and has no NoSchedule/NoExecute taint, the one
+  scoring highest on the pod's preferred node affinity (matchExpressions with
+  In on node labels), ties by name.
+- Kubelet stand-in, per live node: renews the node's Lease in kube-node-lease
+  every 2 s and sets its Ready condition back to True when it is not; runs
+  the Pods bound to it as above and patches their status (Running, podIP,
+  Ready); a Pod being deleted is stopped and then removed from the API (the
+  kubelet's final delete).
+- A node named in LOG_DIR/dead-nodes (one per line, written by the test) has
+  lost power: its pods' processes are SIGKILLed at once, its Lease is no
+  longer renewed and nothing on it answers the API any more; Pods bound to
+  it stay as the control plane leaves them. Removing the name brings the
+  node back (an empty node: its old pods are not restarted, and their
+  objects, when still there and being deleted, are removed).
+
+In both modes:
+- POD_IP (the Downward API's status.podIP) is the volume's Service cluster
+  IP: the test runs in its own network namespace where the Service range is
+  routed to `lo`, so the pod listens on the address clients dial, standing in
+  for kube-proxy. (A volume has one controller pod at a time: Recreate, and
+  a new pod after a node's death starts only once the old one's processes are
+  gone.) Plain `value` env entries and envFrom Secrets are passed.
+- A pod whose process exits is restarted after 1 s (restartPolicy Always).
+
+Usage: pod-runner.py [--pods] NAMESPACE LOG_DIR   (KUBECONFIG and STRATA_BIN set)
 Stops when its parent exits, stopping every pod it started.
 """
 import base64
@@ -30,7 +55,9 @@ import subprocess
 import sys
 import time
 
-NS, LOG_DIR = sys.argv[1], sys.argv[2]
+ARGS = [a for a in sys.argv[1:] if a != "--pods"]
+POD_MODE = "--pods" in sys.argv[1:]
+NS, LOG_DIR = ARGS[0], ARGS[1]
 STRATA_BIN = os.environ["STRATA_BIN"]
 PARENT = os.getppid()
 SELECTOR = "app.kubernetes.io/managed-by=strata-csi"
@@ -52,10 +79,9 @@ def expand(s, env):
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
 
 
-def start(d, cluster_ip):
-    name = d["metadata"]["name"]
-    spec = d["spec"]["template"]["spec"]
-    c = spec["containers"][0]
+def start(name, pod_spec, cluster_ip):
+    """Runs the pod's first container; returns its Popen or None."""
+    c = pod_spec["containers"][0]
     env = {"POD_IP": cluster_ip}
     for e in c.get("env", []):
         if "value" in e:
@@ -66,7 +92,7 @@ def start(d, cluster_ip):
             sec = kubectl_json("-n", NS, "get", "secret", ref["name"])
             if sec is None:
                 print(f"pod-runner: {name}: secret {ref['name']} missing", flush=True)
-                return
+                return None
             for k, v in (sec.get("data") or {}).items():
                 env[k] = base64.b64decode(v).decode()
     argv = [expand(a, env) for a in c.get("command", []) + c.get("args", [])]
@@ -76,14 +102,18 @@ def start(d, cluster_ip):
     log.write(f"== pod-runner starts: {' '.join(argv)}\n")
     log.flush()
     p = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    running[name] = (p, spec.get("terminationGracePeriodSeconds", 30), log)
+    running[name] = (p, pod_spec.get("terminationGracePeriodSeconds", 30), log)
     print(f"pod-runner: started {name} (pid {p.pid}) on {cluster_ip}", flush=True)
+    return p
 
 
-def stop(name):
+def stop(name, kill=False):
     p, grace, log = running.pop(name)
     if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+        if kill:
+            p.kill()
+        else:
+            p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -93,10 +123,188 @@ def stop(name):
     print(f"pod-runner: stopped {name} (exit {p.returncode})", flush=True)
 
 
+def reap(name):
+    """Forgets a pod whose process exited, to be restarted after 1 s."""
+    p, _, log = running.pop(name)
+    log.close()
+    print(f"pod-runner: {name} exited ({p.returncode}); restarting", flush=True)
+    restart_after[name] = time.time() + 1
+
+
 def stop_all(*_):
     for name in list(running):
         stop(name)
     sys.exit(0)
+
+
+def deployment_mode():
+    deps = kubectl_json("-n", NS, "get", "deployments", "-l", SELECTOR)
+    svcs = kubectl_json("-n", NS, "get", "services", "-l", SELECTOR)
+    if deps is None or svcs is None:
+        return
+    ips = {s["metadata"]["name"]: s["spec"].get("clusterIP") for s in svcs["items"]}
+    wanted = {}
+    for d in deps["items"]:
+        if not d["metadata"].get("deletionTimestamp"):
+            wanted[d["metadata"]["name"]] = d
+    for name in list(running):
+        if name not in wanted:
+            stop(name)
+        elif running[name][0].poll() is not None:
+            reap(name)
+    for name, d in wanted.items():
+        if name not in running and ips.get(name) and time.time() >= restart_after.get(name, 0):
+            # A kubelet only runs pods that exist: look again right before starting.
+            now = kubectl_json("-n", NS, "get", "deployment", name)
+            if now is not None and not now["metadata"].get("deletionTimestamp"):
+                start(name, now["spec"]["template"]["spec"], ips[name])
+
+
+def kubectl(*args, stdin=None):
+    r = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        print(f"pod-runner: kubectl {' '.join(args[:4])}...: {r.stderr.strip()}", flush=True)
+    return r.returncode == 0
+
+
+def dead_nodes():
+    try:
+        with open(os.path.join(LOG_DIR, "dead-nodes")) as f:
+            return {line.strip() for line in f if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def now_rfc3339(micro=False):
+    t = time.time()
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+    return f"{base}.{int(t % 1 * 1e6):06d}Z" if micro else f"{base}Z"
+
+
+def is_ready(node):
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in node.get("status", {}).get("conditions", []))
+
+
+def heartbeat(nodes, dead):
+    """The kubelet's Lease renewal and Ready condition, for live nodes."""
+    leases = []
+    for n in nodes:
+        name = n["metadata"]["name"]
+        if name in dead:
+            continue
+        leases.append({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                     "renewTime": now_rfc3339(micro=True)},
+        })
+        if not is_ready(n):
+            now = now_rfc3339()
+            kubectl("patch", "node", name, "--subresource=status", "--type=strategic", "-p", json.dumps({
+                "status": {"conditions": [{
+                    "type": "Ready", "status": "True", "reason": "KubeletReady",
+                    "message": "pod-runner: the node is back", "lastHeartbeatTime": now,
+                    "lastTransitionTime": now}]}}))
+    if leases:
+        kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": leases}))
+
+
+def schedulable(node, dead):
+    if node["metadata"]["name"] in dead or not is_ready(node):
+        return False
+    return not any(t.get("effect") in ("NoSchedule", "NoExecute")
+                   for t in node.get("spec", {}).get("taints", []) or [])
+
+
+def affinity_score(pod, node):
+    labels = node["metadata"].get("labels", {})
+    aff = (pod["spec"].get("affinity") or {}).get("nodeAffinity") or {}
+    score = 0
+    for term in aff.get("preferredDuringSchedulingIgnoredDuringExecution", []):
+        exprs = term["preference"].get("matchExpressions", [])
+        if exprs and all(e["operator"] == "In" and labels.get(e["key"]) in e.get("values", [])
+                         for e in exprs):
+            score += term["weight"]
+    return score
+
+
+def schedule(pod, nodes, dead):
+    fit = [n for n in nodes if schedulable(n, dead)]
+    if not fit:
+        return
+    best = max(sorted(fit, key=lambda n: n["metadata"]["name"]),
+               key=lambda n: affinity_score(pod, n))
+    name, node = pod["metadata"]["name"], best["metadata"]["name"]
+    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+               "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+    if kubectl("create", "--raw", f"/api/v1/namespaces/{NS}/pods/{name}/binding", "-f", "-",
+               stdin=json.dumps(binding)):
+        print(f"pod-runner: bound {name} to {node}", flush=True)
+
+
+def service_ip(pod, svcs):
+    labels = pod["metadata"].get("labels", {})
+    for s in svcs:
+        sel = s["spec"].get("selector") or {}
+        if sel and all(labels.get(k) == v for k, v in sel.items()):
+            return s["spec"].get("clusterIP")
+    return None
+
+
+node_of = {}  # pod name -> node it runs on
+last_heartbeat = 0.0
+
+
+def pod_mode():
+    global last_heartbeat
+    nodes = kubectl_json("get", "nodes")
+    pods = kubectl_json("-n", NS, "get", "pods", "-l", SELECTOR)
+    svcs = kubectl_json("-n", NS, "get", "services", "-l", SELECTOR)
+    if nodes is None or pods is None or svcs is None:
+        return
+    nodes, pods, svcs = nodes["items"], pods["items"], svcs["items"]
+    dead = dead_nodes()
+    if time.time() - last_heartbeat >= 2:
+        heartbeat(nodes, dead)
+        last_heartbeat = time.time()
+    # A node that lost power: everything on it stops at once.
+    for name in list(running):
+        if node_of.get(name) in dead:
+            stop(name, kill=True)
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    for name in list(running):
+        p = by_name.get(name)
+        if p is None or p["metadata"].get("deletionTimestamp"):
+            stop(name)
+        elif running[name][0].poll() is not None:
+            reap(name)
+    for p in pods:
+        name, node = p["metadata"]["name"], p["spec"].get("nodeName")
+        if node in dead:
+            continue
+        if p["metadata"].get("deletionTimestamp"):
+            if node and name not in running:
+                # the kubelet's final delete once the containers are gone
+                kubectl("-n", NS, "delete", "pod", name, "--grace-period=0", "--force", "--wait=false")
+            continue
+        if not node:
+            schedule(p, nodes, dead)
+            continue
+        ip = service_ip(p, svcs)
+        if name in running or not ip or time.time() < restart_after.get(name, 0):
+            continue
+        if start(name, p["spec"], ip) is not None:
+            node_of[name] = node
+            now = now_rfc3339()
+            kubectl("-n", NS, "patch", "pod", name, "--subresource=status", "--type=merge", "-p", json.dumps({
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "startTime": now,
+                           "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                                          for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+                           "containerStatuses": [{
+                               "name": p["spec"]["containers"][0]["name"], "ready": True, "started": True,
+                               "restartCount": 0, "image": p["spec"]["containers"][0]["image"], "imageID": "",
+                               "state": {"running": {"startedAt": now}}}]}}))
 
 
 signal.signal(signal.SIGTERM, stop_all)
@@ -105,26 +313,8 @@ os.makedirs(LOG_DIR, exist_ok=True)
 while True:
     if os.getppid() != PARENT:
         stop_all()
-    deps = kubectl_json("-n", NS, "get", "deployments", "-l", SELECTOR)
-    svcs = kubectl_json("-n", NS, "get", "services", "-l", SELECTOR)
-    if deps is not None and svcs is not None:
-        ips = {s["metadata"]["name"]: s["spec"].get("clusterIP") for s in svcs["items"]}
-        wanted = {}
-        for d in deps["items"]:
-            if not d["metadata"].get("deletionTimestamp"):
-                wanted[d["metadata"]["name"]] = d
-        for name in list(running):
-            if name not in wanted:
-                stop(name)
-            elif running[name][0].poll() is not None:
-                p, _, log = running.pop(name)
-                log.close()
-                print(f"pod-runner: {name} exited ({p.returncode}); restarting", flush=True)
-                restart_after[name] = time.time() + 1
-        for name, d in wanted.items():
-            if name not in running and ips.get(name) and time.time() >= restart_after.get(name, 0):
-                # A kubelet only runs pods that exist: look again right before starting.
-                now = kubectl_json("-n", NS, "get", "deployment", name)
-                if now is not None and not now["metadata"].get("deletionTimestamp"):
-                    start(now, ips[name])
+    if POD_MODE:
+        pod_mode()
+    else:
+        deployment_mode()
     time.sleep(0.3)
