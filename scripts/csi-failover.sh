@@ -22,7 +22,12 @@
 # 4. The node comes back (replica server restarted, Lease renewed, taint removed): its stale
 #    replica catches up and the StrataVolume reports 3 healthy replicas; every byte written
 #    before and after the failover reads back.
-# 5. Deleting the PVC leaves no StrataVolume, Deployment, Service or replica data.
+# 5. With no fourth node, node-1's replica could not be replaced (the CSI controller says so).
+#    Then node-4 joins and another node dies for good: after 20 s NotReady
+#    (--replace-replica-after-secs; 600 s by default) its replica is replaced on node-4 and
+#    rebuilt while the volume serves; the StrataVolume, the replica ConfigMap and a restarted
+#    controller pod all use node-4; when the dead node returns, its left-over replica is deleted.
+# 6. Deleting the PVC leaves no StrataVolume, Deployment, Service, ConfigMap or replica data.
 #
 # Nothing here runs a kubelet or a scheduler: tests/k8s/pod-runner.py --pods binds the strata
 # Pods to nodes, runs their exact command, renews the live nodes' Leases and stands for a dead
@@ -40,6 +45,8 @@ trap 'k8s_env_down "$dir"' EXIT
 export K8S_KCM_CONTROLLERS="persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller"
 export K8S_KCM_EXTRA_ARGS="--node-monitor-grace-period=10s --node-monitor-period=1s"
 export K8S_ENV_POD_RUNNER_ARGS="--pods"
+# Replace a replica whose node is NotReady for 20 s (600 s by default).
+export K8S_ENV_CSI_ARGS="--replace-replica-after-secs 20"
 k8s_env_up "$dir"
 ns="$K8S_ENV_NS"
 kubectl apply -f deploy/base/csidriver.yaml >/dev/null
@@ -152,8 +159,48 @@ echo "   3 healthy replicas $(elapsed "$t2") after the node came back"
 qemu-io -f raw -c "read -P 0x11 0 1M" -c "read -P 0x33 8M 1M" -c "read -P 0x22 32M 1M" "$uri" |
     grep -c "read 1048576" | grep -qx 3 || fail "data differs after the node came back"
 
+# node-1 was NotReady longer than 20 s with no fourth node to move its replica to.
+grep -q "no other node can take its place" "$dir/csi-controller.log" ||
+    fail "no word in the CSI controller's log about the replica it could not replace"
+
+victim=node-1; [ "$node2" = node-1 ] && victim=node-3
+echo "== $victim is lost for good; node-4 joins"
+k8s_env_node_add "$dir" 4
+t3=$(date +%s.%N)
+v="${victim#node-}"
+echo "$victim" >>"$dir/pods/dead-nodes"
+{ kill -KILL "${K8S_ENV_REPLICA_PIDS[$v]}" && wait "${K8S_ENV_REPLICA_PIDS[$v]}"; } 2>/dev/null || true
+replica_nodes() { kubectl -n "$ns" get stratavolume "$vol" -o jsonpath='{.spec.replicaNodes[*]}'; }
+wait_for 120 "the replica on $victim was not replaced by one on node-4" \
+    'replica_nodes | grep -qw node-4 && ! replica_nodes | grep -qw "$victim"'
+wait_for 120 "the volume never had 3 healthy replicas with node-4" \
+    '[ "$(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath={.status.healthyReplicas}/{.status.phase})" = 3/Ready ]'
+echo "   replaced and rebuilt: 3 healthy replicas $(elapsed "$t3") after $victim died" \
+    "(replicas on $(replica_nodes))"
+kubectl -n "$ns" get configmap "strata-$vol" -o jsonpath='{.data.replicas}' | grep -q "127.0.0.14:10900" ||
+    fail "the ConfigMap does not list node-4's replica"
+qemu-io -f raw -c "read -P 0x11 0 1M" -c "read -P 0x33 8M 1M" -c "read -P 0x22 32M 1M" "$uri" |
+    grep -c "read 1048576" | grep -qx 3 || fail "data differs after the replacement"
+
+echo "== the controller pod restarts: it reads the new replica list"
+read -r pod3 _ <<<"$(controller_pod)"
+kubectl -n "$ns" delete pod "$pod3" --wait=false >/dev/null
+wait_for 60 "no new controller pod after deleting $pod3" \
+    '[ -n "$(controller_pod)" ] && [ "$(controller_pod | cut -d" " -f1)" != "$pod3" ]'
+serving "$uri" 60 || fail "the volume does not serve after the restart"
+wait_for 60 "not 3 healthy replicas after the restart" \
+    '[ "$(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath={.status.healthyReplicas}/{.status.phase})" = 3/Ready ]'
+qemu-io -f raw -c "read -P 0x11 0 1M" -c "read -P 0x33 8M 1M" -c "read -P 0x22 32M 1M" "$uri" |
+    grep -c "read 1048576" | grep -qx 3 || fail "data differs after the restart"
+
+echo "== $victim comes back: its left-over replica is deleted"
+sed -i "/^$victim\$/d" "$dir/pods/dead-nodes"
+k8s_env_replica_start "$dir" "$v"
+wait_for 60 "the left-over replica on $victim is still there" \
+    '[ "$(find "$dir/replica-$v" -mindepth 1 -maxdepth 1 -type d | wc -l)" = 0 ]'
+
 echo "== delete"
 $k delete pvc data --wait=false >/dev/null
 wait_for 120 "objects or replica data left" \
-    '[ "$(k8s_env_leftovers "$dir")" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ]'
+    '[ "$(k8s_env_leftovers "$dir")" = "$K8S_ENV_CLEAN" ]'
 echo "== failover: all checks passed"

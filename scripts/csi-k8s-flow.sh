@@ -191,10 +191,10 @@ $k delete volumesnapshot snap-1 --timeout 120s >/dev/null
 $k delete pvc restore-1 clone-1 data-1 --timeout 120s >/dev/null
 for _ in $(seq 240); do
     [ "$(kubectl get pv --no-headers 2>/dev/null | wc -l)" = 0 ] &&
-        [ "$(k8s_env_leftovers "$dir")" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] && break
+        [ "$(k8s_env_leftovers "$dir")" = "$K8S_ENV_CLEAN" ] && break
     sleep 0.5
 done
 left="$(k8s_env_leftovers "$dir") PVs=$(kubectl get pv --no-headers 2>/dev/null | wc -l)"
 echo "   after $(lap): $left"
-[ "$left" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0 PVs=0" ] || fail "left behind: $left"
+[ "$left" = "$K8S_ENV_CLEAN PVs=0" ] || fail "left behind: $left"
 echo "== flow passed"

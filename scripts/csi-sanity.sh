@@ -96,5 +96,5 @@ echo "== strata csi RSS (KiB): controller idle $idle_controller, peak $(kib "$cs
     "node idle $idle_node, peak $(kib "$csi_node_pid" VmHWM)"
 left="$(k8s_env_leftovers "$dir")"
 echo "== left behind: $left"
-[ "$left" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] || rc=1
+[ "$left" = "$K8S_ENV_CLEAN" ] || rc=1
 exit $rc

@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use strata_proto::controller::volume_control_client::VolumeControlClient;
 use strata_proto::controller::{StatusRequest, VolumeStatus};
 use strata_proto::replica::replica_control_client::ReplicaControlClient;
@@ -51,6 +51,10 @@ impl Cluster {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
     pub async fn get_volume(&self, id: &str) -> CsiResult<Option<StrataVolume>> {
         if !crate::names::is_volume_id(id) {
             return Ok(None);
@@ -88,7 +92,7 @@ impl Cluster {
                 .count();
             let mut n = StorageNode {
                 name,
-                replica_addr: self.replica_addr(&node),
+                replica_addr: self.replica_addr_of_node(&node),
                 unusable: node_unusable(&node),
                 replicas,
                 filesystem_bytes: 0,
@@ -108,7 +112,8 @@ impl Cluster {
         Ok(out)
     }
 
-    fn replica_addr(&self, node: &Node) -> Option<SocketAddr> {
+    /// A node's replica server (its InternalIP, the replica port).
+    pub fn replica_addr_of_node(&self, node: &Node) -> Option<SocketAddr> {
         let ip: IpAddr = node
             .status
             .as_ref()?
@@ -132,7 +137,7 @@ impl Cluster {
         else {
             return Ok(None);
         };
-        self.replica_addr(&n)
+        self.replica_addr_of_node(&n)
             .map(Some)
             .ok_or_else(|| CsiError::Unavailable(format!("node {node} has no InternalIP")))
     }
@@ -187,16 +192,23 @@ impl Cluster {
     /// serves this volume); None otherwise. For reports, never for
     /// decisions.
     pub async fn quick_status(&self, volume_id: &str) -> Option<VolumeStatus> {
+        self.quick_controller(volume_id).await.map(|(_, s)| s)
+    }
+
+    /// A client of the volume's controller and its status, if it answers
+    /// within 2 s (and serves this volume).
+    pub async fn quick_controller(
+        &self,
+        volume_id: &str,
+    ) -> Option<(VolumeControlClient<Channel>, VolumeStatus)> {
         let addr = self
             .service_addr(volume_id, objects::CONTROL_PORT)
             .await
             .ok()?;
-        let ask = try_controller(addr, volume_id);
-        let (_, status) = tokio::time::timeout(Duration::from_secs(2), ask)
+        tokio::time::timeout(Duration::from_secs(2), try_controller(addr, volume_id))
             .await
             .ok()?
-            .ok()?;
-        Some(status)
+            .ok()
     }
 
     /// Creates the volume's Service (or keeps the one there).
@@ -209,14 +221,42 @@ impl Cluster {
         }
     }
 
-    /// Creates the volume's controller Deployment (or keeps the one there).
-    pub async fn ensure_deployment(
+    /// Writes the volume's replica list (its ConfigMap), creating it or
+    /// replacing the list there.
+    pub async fn set_replica_list(
         &self,
         sv: &StrataVolume,
         volume_id: &str,
         replicas: &[SocketAddr],
     ) -> CsiResult<()> {
-        let d = objects::deployment(sv, volume_id, replicas, &self.pod);
+        let cm = objects::replicas_config_map(sv, volume_id, replicas, &self.namespace);
+        let name = objects::object_name(volume_id);
+        self.config_maps()
+            .patch(
+                &name,
+                &PatchParams::apply("strata-csi").force(),
+                &Patch::Apply(&cm),
+            )
+            .await
+            .map_err(|e| CsiError::kube(&format!("writing ConfigMap {name}"), e))?;
+        Ok(())
+    }
+
+    /// The volume's replica list as its ConfigMap holds it (None: no
+    /// ConfigMap yet).
+    pub async fn replica_list(&self, volume_id: &str) -> CsiResult<Option<String>> {
+        let name = objects::object_name(volume_id);
+        Ok(self
+            .config_maps()
+            .get_opt(&name)
+            .await
+            .map_err(|e| CsiError::kube(&format!("reading ConfigMap {name}"), e))?
+            .and_then(|cm| cm.data?.remove(objects::REPLICAS_KEY)))
+    }
+
+    /// Creates the volume's controller Deployment (or keeps the one there).
+    pub async fn ensure_deployment(&self, sv: &StrataVolume, volume_id: &str) -> CsiResult<()> {
+        let d = objects::deployment(sv, volume_id, &self.pod);
         match self.deployments().create(&PostParams::default(), &d).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
@@ -245,6 +285,15 @@ impl Cluster {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(CsiError::kube(&format!("deleting Service {name}"), e)),
+        }
+        match self
+            .config_maps()
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(CsiError::kube(&format!("deleting ConfigMap {name}"), e)),
         }
         Ok(())
     }

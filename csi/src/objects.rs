@@ -1,11 +1,16 @@
-//! The per-volume controller's Deployment and Service, as CreateVolume
-//! makes them.
+//! The per-volume controller's Deployment, Service and replica list, as
+//! CreateVolume makes them.
 //!
 //! The Deployment runs `strata controller serve` for one volume (one
 //! replica, `Recreate`), listening on its pod IP; the Service gives it a
 //! stable address, which the node plugin attaches to and the CSI
-//! controller calls for snapshots, clones and expansion. Both are owned by
-//! the volume's StrataVolume, so deleting that removes them too.
+//! controller calls for snapshots, clones and expansion. The replicas'
+//! addresses reach the pod as `STRATA_REPLICAS` from a ConfigMap (key
+//! [`REPLICAS_KEY`]), not as arguments: when a replica is replaced
+//! (`controller/repair.rs`) the ConfigMap changes and the running
+//! controller is told, and no rollout restarts the pod (a rollout would
+//! also wait forever for an old pod stuck on a dead node). All three are
+//! owned by the volume's StrataVolume, so deleting that removes them too.
 //!
 //! Failover: the pod tolerates an unreachable or not-ready node for
 //! [`FAILOVER_TOLERATION_SECS`] (not Kubernetes' default 300 s); then the
@@ -20,10 +25,10 @@ use std::net::SocketAddr;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource, NodeAffinity,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    PreferredSchedulingTerm, Probe, ResourceRequirements, SecretEnvSource, Service, ServicePort,
-    ServiceSpec, TCPSocketAction, Toleration,
+    Affinity, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvFromSource, EnvVar,
+    EnvVarSource, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PodSpec, PodTemplateSpec, PreferredSchedulingTerm, Probe, ResourceRequirements,
+    SecretEnvSource, Service, ServicePort, ServiceSpec, TCPSocketAction, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -40,6 +45,10 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "strata-cs
 pub const NBD_PORT: u16 = 10809;
 pub const CONTROL_PORT: u16 = 10810;
 pub const METRICS_PORT: u16 = 10811;
+/// The replica list's key in the volume's ConfigMap.
+pub const REPLICAS_KEY: &str = "replicas";
+/// The environment variable `strata controller serve` reads replicas from.
+pub const REPLICAS_ENV: &str = "STRATA_REPLICAS";
 /// How long the controller pod stays on an unreachable node before it is
 /// replaced.
 pub const FAILOVER_TOLERATION_SECS: i64 = 15;
@@ -95,16 +104,39 @@ fn meta(sv: &StrataVolume, volume_id: &str, namespace: &str) -> ObjectMeta {
     }
 }
 
-/// The controller's command line: `strata controller serve ...`.
-pub fn controller_args(sv: &StrataVolume, volume_id: &str, replicas: &[SocketAddr]) -> Vec<String> {
+/// The replica addresses as the ConfigMap holds them (`A,B,C`).
+pub fn replica_list(replicas: &[SocketAddr]) -> String {
+    replicas
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The volume's replica list, read by its controller pod at start.
+pub fn replicas_config_map(
+    sv: &StrataVolume,
+    volume_id: &str,
+    replicas: &[SocketAddr],
+    namespace: &str,
+) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(sv, volume_id, namespace),
+        data: Some(BTreeMap::from([(
+            REPLICAS_KEY.to_string(),
+            replica_list(replicas),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The controller's command line: `strata controller serve ...` (the
+/// replicas come from [`REPLICAS_ENV`]).
+pub fn controller_args(sv: &StrataVolume, volume_id: &str) -> Vec<String> {
     let mut args: Vec<String> = ["controller", "serve", "--volume", volume_id]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    for r in replicas {
-        args.push("--replica".into());
-        args.push(r.to_string());
-    }
     for (flag, port) in [
         ("--nbd", NBD_PORT),
         ("--control", CONTROL_PORT),
@@ -125,12 +157,7 @@ pub fn controller_args(sv: &StrataVolume, volume_id: &str, replicas: &[SocketAdd
 }
 
 /// The volume's controller Deployment.
-pub fn deployment(
-    sv: &StrataVolume,
-    volume_id: &str,
-    replicas: &[SocketAddr],
-    pod: &PodSettings,
-) -> Deployment {
+pub fn deployment(sv: &StrataVolume, volume_id: &str, pod: &PodSettings) -> Deployment {
     let labels = labels(volume_id);
     let tcp = |port: u16| TCPSocketAction {
         port: IntOrString::Int(port.into()),
@@ -166,18 +193,32 @@ pub fn deployment(
         image: Some(pod.image.clone()),
         image_pull_policy: pod.image_pull_policy.clone(),
         command: Some(vec!["strata".into()]),
-        args: Some(controller_args(sv, volume_id, replicas)),
-        env: Some(vec![EnvVar {
-            name: "POD_IP".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.podIP".into(),
+        args: Some(controller_args(sv, volume_id)),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_IP".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "status.podIP".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+            },
+            EnvVar {
+                name: REPLICAS_ENV.into(),
+                value_from: Some(EnvVarSource {
+                    config_map_key_ref: Some(ConfigMapKeySelector {
+                        name: object_name(volume_id),
+                        key: REPLICAS_KEY.into(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]),
         env_from: sv.spec.backup_secret.as_ref().map(|name| {
             vec![EnvFromSource {
                 secret_ref: Some(SecretEnvSource {

@@ -48,6 +48,9 @@ pub struct ControllerSettings {
     pub image_pull_policy: Option<String>,
     pub replica_port: u16,
     pub controller_wait: Duration,
+    /// Replace a replica whose node has been gone or NotReady this long
+    /// (None: never).
+    pub replace_replica_after: Option<Duration>,
 }
 
 /// Settings of the node mode.
@@ -103,7 +106,10 @@ pub async fn serve(
             },
             controller_wait: s.controller_wait,
         };
-        tokio::spawn(crate::controller::status::keep_current(cluster.clone()));
+        tokio::spawn(crate::controller::status::keep_current(
+            cluster.clone(),
+            s.replace_replica_after,
+        ));
         router = router.add_service(ControllerServer::new(ControllerService { cluster }));
     }
     if mode.node() {

@@ -64,6 +64,11 @@ pub struct CsiServeArgs {
     /// in seconds (controller: snapshots, expansion; node: NodeStage).
     #[arg(long, default_value_t = 60)]
     pub controller_wait_secs: u64,
+    /// Controller mode: replace a replica whose node has been gone or
+    /// NotReady this many seconds (0: never replace). A node back sooner
+    /// catches up by delta resync; a replacement is a full copy.
+    #[arg(long, default_value_t = 600)]
+    pub replace_replica_after_secs: u64,
     /// Node mode: where attachments are recorded.
     #[arg(long, default_value = strata_attach::state::DEFAULT_STATE_DIR)]
     pub attach_state_dir: PathBuf,
@@ -99,6 +104,8 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         image_pull_policy: a.image_pull_policy,
         replica_port: a.replica_port,
         controller_wait: Duration::from_secs(a.controller_wait_secs),
+        replace_replica_after: (a.replace_replica_after_secs > 0)
+            .then(|| Duration::from_secs(a.replace_replica_after_secs)),
     });
     serve::serve(endpoint, mode, controller, node, super::shutdown_signal()).await?;
     Ok(())

@@ -142,8 +142,15 @@ pub struct ControllerArgs {
     /// Volume name.
     #[arg(long)]
     pub volume: String,
-    /// A replica server address; repeat for each replica (1 to 5).
-    #[arg(long = "replica", required = true)]
+    /// A replica server address; repeat for each replica (1 to 5). Or
+    /// STRATA_REPLICAS, the addresses separated by commas (what the CSI
+    /// driver's controller pods use).
+    #[arg(
+        long = "replica",
+        required = true,
+        env = "STRATA_REPLICAS",
+        value_delimiter = ','
+    )]
     pub replicas: Vec<SocketAddr>,
     /// NBD listen address.
     #[arg(long, default_value = "127.0.0.1:10809")]

@@ -1,11 +1,12 @@
-# Shared set-up of strata's Kubernetes tests (scripts/csi-sanity.sh, scripts/csi-k8s-flow.sh),
+# Shared set-up of strata's Kubernetes tests (scripts/csi-sanity.sh, csi-k8s-flow.sh, csi-failover.sh),
 # sourced. The caller runs in a network namespace of its own (k8s_env_netns re-executes it
 # there) and calls k8s_env_up DIR, which starts:
 # - etcd, kube-apiserver and kube-controller-manager (scripts/k8s-control-plane.sh);
 # - the StrataVolume CRD, namespace strata-system, deploy/base/rbac-controller.yaml, and a
 #   kubeconfig for the strata-csi-controller ServiceAccount (TokenRequest) in
 #   $K8S_SA_KUBECONFIG, so strata runs with deploy/'s RBAC, not as an admin;
-# - Node objects node-1..3 (InternalIP 127.0.0.11..13, Ready: set by the test, no kubelet),
+# - Node objects node-1..N (N: K8S_ENV_NODES, 3 by default; InternalIP 127.0.0.11..1N,
+#   Ready: set by the test, no kubelet; k8s_env_node_add adds one later),
 #   their CSINode objects (what the kubelet writes when strata's node plugin registers),
 #   and a `strata replica serve` for each on IP:10900 (the replica DaemonSet's pods);
 # - tests/k8s/pod-runner.py, which runs the volume controller Deployments' commands
@@ -27,7 +28,7 @@ k8s_env_netns() {
 }
 
 k8s_env_up() {
-    local dir="$1" i ip now
+    local dir="$1" i
     : "${STRATA_BIN:=$PWD/target/release/strata}"
     export STRATA_BIN
     [ -x "$STRATA_BIN" ] || { echo "no $STRATA_BIN: cargo build --release --bin strata" >&2; return 1; }
@@ -41,21 +42,29 @@ k8s_env_up() {
     kubectl apply -f deploy/base/rbac-controller.yaml >/dev/null
     export K8S_SA_KUBECONFIG="$dir/controller.kubeconfig"
     k8s_sa_kubeconfig "$dir/k8s" "$K8S_ENV_NS" strata-csi-controller >"$K8S_SA_KUBECONFIG"
+    for i in $(seq "${K8S_ENV_NODES:-3}"); do k8s_env_node_add "$dir" "$i"; done
+    python3 tests/k8s/pod-runner.py ${K8S_ENV_POD_RUNNER_ARGS:-} "$K8S_ENV_NS" "$dir/pods" \
+        >"$dir/pod-runner.log" 2>&1 &
+    K8S_ENV_PIDS+=($!)
+}
+
+# k8s_env_node_add DIR I: Node node-I (InternalIP 127.0.0.1I, Ready), its CSINode, and its
+# replica server.
+k8s_env_node_add() {
+    local dir="$1" i="$2" ip="127.0.0.1$2" now
     now="$(date -u +%FT%TZ)"
-    for i in 1 2 3; do
-        ip="127.0.0.1$i"
-        kubectl apply -f - >/dev/null <<YAML
+    kubectl apply -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Node
 metadata:
   name: node-$i
   labels: {kubernetes.io/hostname: node-$i, kubernetes.io/arch: amd64, kubernetes.io/os: linux}
 YAML
-        kubectl patch node "node-$i" --subresource=status --type=merge -p \
-            "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"Test\",\"message\":\"no kubelet: set by the test\",\"lastHeartbeatTime\":\"$now\",\"lastTransitionTime\":\"$now\"}]}}" >/dev/null
-        # What the kubelet writes once the node plugin registered (NodeGetInfo's ID and
-        # topology keys): the provisioner reads it for accessibility requirements.
-        kubectl apply -f - >/dev/null <<YAML
+    kubectl patch node "node-$i" --subresource=status --type=merge -p \
+        "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"Test\",\"message\":\"no kubelet: set by the test\",\"lastHeartbeatTime\":\"$now\",\"lastTransitionTime\":\"$now\"}]}}" >/dev/null
+    # What the kubelet writes once the node plugin registered (NodeGetInfo's ID and
+    # topology keys): the provisioner reads it for accessibility requirements.
+    kubectl apply -f - >/dev/null <<YAML
 apiVersion: storage.k8s.io/v1
 kind: CSINode
 metadata: {name: node-$i}
@@ -65,11 +74,7 @@ spec:
       nodeID: node-$i
       topologyKeys: [kubernetes.io/arch, kubernetes.io/hostname]
 YAML
-        k8s_env_replica_start "$dir" "$i"
-    done
-    python3 tests/k8s/pod-runner.py ${K8S_ENV_POD_RUNNER_ARGS:-} "$K8S_ENV_NS" "$dir/pods" \
-        >"$dir/pod-runner.log" 2>&1 &
-    K8S_ENV_PIDS+=($!)
+    k8s_env_replica_start "$dir" "$i"
 }
 
 # k8s_env_replica_start DIR I: node-I's replica server (the replica DaemonSet's pod) on
@@ -85,14 +90,14 @@ k8s_env_replica_start() {
 }
 
 # k8s_env_csi_controller DIR [SIDECAR...]: `strata csi --mode controller` on DIR/controller.sock
-# with the strata-csi-controller ServiceAccount's kubeconfig, and external-provisioner, plus
-# each SIDECAR named (snapshotter, resizer, snapshot-controller).
+# with the strata-csi-controller ServiceAccount's kubeconfig (and K8S_ENV_CSI_ARGS), and
+# external-provisioner, plus each SIDECAR named (snapshotter, resizer, snapshot-controller).
 k8s_env_csi_controller() {
     local dir="$1" sock="$1/controller.sock" sa="$K8S_SA_KUBECONFIG" s
     shift
     KUBECONFIG="$sa" "$STRATA_BIN" csi --mode controller --namespace "$K8S_ENV_NS" \
         --endpoint "unix://$sock" --image strata:test --controller-wait-secs 60 \
-        >"$dir/csi-controller.log" 2>&1 &
+        ${K8S_ENV_CSI_ARGS:-} >"$dir/csi-controller.log" 2>&1 &
     K8S_ENV_PIDS+=($!)
     k8s_env_wait_socket "$dir" controller
     "$CSI_PROVISIONER" --csi-address "$sock" --kubeconfig "$sa" --extra-create-metadata \
@@ -122,12 +127,15 @@ k8s_env_wait_socket() {
     return 1
 }
 
-# k8s_env_leftovers DIR: StrataVolumes, Deployments, Services and replica directories left
+# What k8s_env_leftovers prints when nothing is left.
+K8S_ENV_CLEAN="StrataVolumes=0 Deployments=0 Services=0 ConfigMaps=0 replica-dirs=0"
+# k8s_env_leftovers DIR: StrataVolumes, Deployments, Services, ConfigMaps and replica directories left
 k8s_env_leftovers() {
     local k="kubectl --kubeconfig $K8S_ADMIN_KUBECONFIG -n $K8S_ENV_NS"
     echo "StrataVolumes=$($k get stratavolumes --no-headers 2>/dev/null | wc -l)" \
         "Deployments=$($k get deployments --no-headers 2>/dev/null | wc -l)" \
         "Services=$($k get services --no-headers 2>/dev/null | wc -l)" \
+        "ConfigMaps=$($k get configmaps -l app.kubernetes.io/managed-by=strata-csi --no-headers 2>/dev/null | wc -l)" \
         "replica-dirs=$(find "$1"/replica-* -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)"
 }
 

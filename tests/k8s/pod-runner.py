@@ -40,7 +40,8 @@ In both modes:
   routed to `lo`, so the pod listens on the address clients dial, standing in
   for kube-proxy. (A volume has one controller pod at a time: Recreate, and
   a new pod after a node's death starts only once the old one's processes are
-  gone.) Plain `value` env entries and envFrom Secrets are passed.
+  gone.) Plain `value` env entries, configMapKeyRef entries (read when the
+  pod starts, as the kubelet does) and envFrom Secrets are passed.
 - A pod whose process exits is restarted after 1 s (restartPolicy Always).
 
 Usage: pod-runner.py [--pods] NAMESPACE LOG_DIR   (KUBECONFIG and STRATA_BIN set)
@@ -86,6 +87,14 @@ def start(name, pod_spec, cluster_ip):
     for e in c.get("env", []):
         if "value" in e:
             env[e["name"]] = expand(e["value"], env)
+        ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+        if ref:
+            cm = kubectl_json("-n", NS, "get", "configmap", ref["name"])
+            value = ((cm or {}).get("data") or {}).get(ref["key"])
+            if value is None:
+                print(f"pod-runner: {name}: configmap {ref['name']} key {ref['key']} missing", flush=True)
+                return None
+            env[e["name"]] = value
     for ef in c.get("envFrom", []):
         ref = ef.get("secretRef")
         if ref:

@@ -5,12 +5,14 @@
 //! - [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots.
 //! - [`condition`]: a volume's health as VOLUME_CONDITION reports it.
 //! - [`status`]: the StrataVolume statuses, kept current.
+//! - [`repair`]: lost replicas replaced, left-over ones removed.
 //!
 //! No ControllerPublish: the node plugin attaches at NodeStage, and two
 //! controllers or two writers are kept apart by epochs in the replicas,
 //! not by a VolumeAttachment (ARCHITECTURE.md says why).
 
 pub mod condition;
+pub mod repair;
 pub mod snapshots;
 pub mod status;
 pub mod volumes;

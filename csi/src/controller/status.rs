@@ -2,7 +2,8 @@
 //! controller asks each volume's controller for its status and writes
 //! phase, healthy/total replicas, rebuild progress, epoch and last backup
 //! into the resource (only when something changed), so `kubectl get
-//! stratavolumes` reads like `strata volume status`.
+//! stratavolumes` reads like `strata volume status`. The same loop runs
+//! [`super::repair`], which replaces replicas lost with their nodes.
 
 use std::time::Duration;
 
@@ -14,11 +15,15 @@ use crate::crd::{phase, StrataVolume, StrataVolumeStatus};
 /// How often the statuses are refreshed.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
-/// Runs until the process ends.
-pub async fn keep_current(cluster: Cluster) {
+/// Runs until the process ends; replaces lost replicas after
+/// `replace_after` (None: never).
+pub async fn keep_current(cluster: Cluster, replace_after: Option<Duration>) {
     loop {
         if let Err(e) = refresh_all(&cluster).await {
             tracing::warn!(error = %e, "refreshing StrataVolume statuses");
+        }
+        if let Err(e) = super::repair::repair_all(&cluster, replace_after).await {
+            tracing::warn!(error = %e, "repairing volumes");
         }
         tokio::time::sleep(INTERVAL).await;
     }

@@ -123,7 +123,10 @@ async fn finish(cluster: &Cluster, sv: &StrataVolume, id: &str) -> CsiResult<()>
         }
     }
     cluster.ensure_service(sv, id).await?;
-    cluster.ensure_deployment(sv, id, &addrs).await?;
+    if creating || cluster.replica_list(id).await?.is_none() {
+        cluster.set_replica_list(sv, id, &addrs).await?;
+    }
+    cluster.ensure_deployment(sv, id).await?;
     if creating {
         set_phase(
             cluster,
@@ -149,7 +152,7 @@ async fn replica_addrs(cluster: &Cluster, sv: &StrataVolume) -> CsiResult<Vec<So
     Ok(v)
 }
 
-async fn create_replica(addr: SocketAddr, id: &str, size: u64) -> CsiResult<()> {
+pub(crate) async fn create_replica(addr: SocketAddr, id: &str, size: u64) -> CsiResult<()> {
     let mut c = replica_client(addr).await?;
     match c
         .create_replica(CreateReplicaRequest {
@@ -469,7 +472,7 @@ pub async fn delete(cluster: &Cluster, id: &str) -> CsiResult<()> {
     }
 }
 
-async fn delete_replica(addr: SocketAddr, id: &str) -> CsiResult<()> {
+pub(crate) async fn delete_replica(addr: SocketAddr, id: &str) -> CsiResult<()> {
     let deadline = tokio::time::Instant::now() + POD_GONE_WAIT;
     loop {
         let mut c = replica_client(addr).await?;
