@@ -13,7 +13,7 @@ for tool in fio:fio nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin nbd
             nbd-server:nbd-server fusermount3:fuse3 qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
-for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl kubectl:kubectl openssl:openssl; do
+for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl kubectl:kubectl openssl:openssl mkfs.xfs:xfsprogs; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
 # moto (the S3 server of the backup tests) goes into a Python venv.

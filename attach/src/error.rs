@@ -68,6 +68,22 @@ pub enum AttachError {
         device_size: u64,
         export_size: u64,
     },
+    #[error(
+        "{device} shows {device_size} bytes, the export {export_size}: the nbdfuse + loop fallback \
+         cannot grow an attached device; detach and attach it again (for the CSI driver: restart the \
+         pod so the volume is unstaged and staged) and it comes up at the new size"
+    )]
+    FallbackCannotGrow {
+        device: String,
+        device_size: u64,
+        export_size: u64,
+    },
+    #[error("Cannot read the size of {device}")]
+    DeviceSize {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0} is not a device strata attached")]
     NotAttached(String),
     #[error("Cannot use the attach state file {path}")]

@@ -353,12 +353,33 @@ pub fn refresh_size(
         }
         Method::NbdfuseLoop => {
             fallback::run_tool("losetup", &["-c", &a.device], 30)?;
+            // nbdfuse's file keeps the size it had at connect: the loop
+            // device cannot grow past it.
+            let device_size = device_bytes(&a.device)?;
+            if device_size < size {
+                return Err(AttachError::FallbackCannotGrow {
+                    device: device.into(),
+                    device_size,
+                    export_size: size,
+                });
+            }
         }
     }
     drop(conn);
     a.size = size;
     state::save(&opts.state_dir, &a)?;
     Ok(size)
+}
+
+/// A block device's size in bytes (its end, as a seek finds it).
+fn device_bytes(device: &str) -> Result<u64, AttachError> {
+    use std::io::{Seek, SeekFrom};
+    std::fs::File::open(device)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|source| AttachError::DeviceSize {
+            device: device.into(),
+            source,
+        })
 }
 
 #[cfg(test)]

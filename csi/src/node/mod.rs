@@ -375,8 +375,15 @@ impl NodeService {
                 CsiError::NotFound(format!("volume {} is not attached here", req.volume_id))
             })?;
         let device = a.attachment.device.clone();
-        let size = strata_attach::refresh_size(&device, &self.attach, true)
-            .map_err(|e| CsiError::Internal(format!("refreshing the size of {device}: {e}")))?;
+        let size =
+            strata_attach::refresh_size(&device, &self.attach, true).map_err(|e| match e {
+                // The volume is fine and grown; this attachment cannot
+                // show it until it is made again.
+                strata_attach::AttachError::FallbackCannotGrow { .. } => {
+                    CsiError::Precondition(e.to_string())
+                }
+                e => CsiError::Internal(format!("refreshing the size of {device}: {e}")),
+            })?;
         // A filesystem volume is published as a directory, a block volume
         // as the device node itself.
         let path = Path::new(&req.volume_path);
