@@ -42,7 +42,7 @@ impl Lookups {
             return true;
         }
         let n = self.seen_skipping.fetch_add(1, Ordering::Relaxed);
-        if n % PROBE_EVERY == 0 {
+        if n.is_multiple_of(PROBE_EVERY) {
             return true;
         }
         self.skipped.fetch_add(1, Ordering::Relaxed);
@@ -87,9 +87,9 @@ mod tests {
     #[test]
     fn hits_keep_every_lookup() {
         let l = Lookups::default();
-        for i in 0..1000 {
+        for i in 0..1000u64 {
             assert!(l.should_look());
-            l.record(i % 10 == 0);
+            l.record(i.is_multiple_of(10));
         }
         assert_eq!(l.skipped(), 0);
     }
