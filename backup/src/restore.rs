@@ -171,10 +171,11 @@ async fn restore_inner<K: RestoreSink>(
     };
     progress.start(&format!("restore {}", m.volume), m.stats.data_bytes, true);
     // One pipeline over the whole backup: chunks of the next page join the
-    // `parallel` slots as soon as slots free up, so they do not drain at a
-    // page boundary. Each slot holds one chunk from its download to the end
-    // of its write: the sealed object, decrypted in place, never more than
-    // `parallel` of them (the memory bound).
+    // `parallel` slots as soon as slots free up, so the slots do not drain
+    // at a page boundary (they are only not polled while the next page, one
+    // small object per GiB, loads). Each slot holds one chunk from its
+    // download to the end of its write: the sealed object, decrypted in
+    // place, never more than `parallel` of them (the memory bound).
     let parallel = target.opts.parallel;
     let mut in_flight = FuturesUnordered::new();
     for (p, pid) in m.pages.iter().enumerate() {
