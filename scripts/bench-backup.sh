@@ -12,10 +12,18 @@
 # restic backs up the same volume as one raw image file and must re-read it.
 #
 # A second strata run backs up the same data written into a live volume
-# (`strata up`, 3 replicas) through the controller, as users do.
+# (`strata up`, 3 replicas) through the controller, as users do, restores
+# it to a file and into a second, new 3-replica volume (`backup restore --to`,
+# checked by reading the volume back over NBD).
+#
+# Every row is run STRATA_BENCH_RUNS times (default 3), strata and restic
+# alternating within each round, each round to fresh S3 prefixes; the table
+# gives the median with the min and max in brackets, and ratios of medians.
 #
 # Usage: bash scripts/bench-backup.sh [WORKDIR]   (default bench-out/backup)
-# Needs: python3, curl, restic (apt-get install restic), cargo.
+# Needs: python3, curl, restic (apt-get install restic), nbdcopy (libnbd-bin), cargo.
+# STRATA_BIN and STRATA_BENCH_BIN (bench_backup) skip the build and run
+# those binaries instead (e.g. an older build, for before/after figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,15 +32,20 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 command -v restic >/dev/null || { echo "restic is not installed (apt-get install restic)" >&2; exit 1; }
 
 . scripts/s3-servers.sh
-export STRATA_MOTO_PORT=${STRATA_MOTO_PORT:-9400} STRATA_S3SFS_PORT=${STRATA_S3SFS_PORT:-9401}
-s3_start "$WORK/servers" >/dev/null
+export STRATA_MOTO_PORT=${STRATA_MOTO_PORT:-9400}
+s3_start_moto "$WORK/servers"
 trap 's3_stop "$WORK/servers"' EXIT
 EP=$STRATA_S3_MOTO_ENDPOINT
 curl -s -o /dev/null -X PUT "$EP/bench"
 
-echo "== building"
-cargo build --release --quiet -p strata-backup --example bench_backup
-BENCH=$ROOT/target/release/examples/bench_backup
+RUNS=${STRATA_BENCH_RUNS:-3}
+if [ -z "${STRATA_BIN:-}" ] || [ -z "${STRATA_BENCH_BIN:-}" ]; then
+    echo "== building"
+    cargo build --release --quiet -p strata-backup --example bench_backup
+    cargo build --release --quiet --bin strata
+fi
+BENCH=${STRATA_BENCH_BIN:-$ROOT/target/release/examples/bench_backup}
+STRATA=${STRATA_BIN:-$ROOT/target/release/strata}
 
 echo "== making the data"
 python3 - "$WORK" <<'PY'
@@ -64,6 +77,7 @@ export AWS_ACCESS_KEY_ID=k AWS_SECRET_ACCESS_KEY=s AWS_REGION=us-east-1
 export STRATA_BACKUP_KEY=benchmark-key-0123456789abcdef RESTIC_PASSWORD=benchmark-password
 export STRATA_S3_ENDPOINT=$EP STRATA_LOG=warn
 RES=$WORK/results.txt; : >"$RES"
+ROWS=$WORK/rows.tsv; : >"$ROWS"     # round, row, seconds, peak RSS MiB, uploaded bytes
 
 # run NAME CMD...: wall seconds and peak RSS into $WORK/NAME.time, stdout into $WORK/NAME.out
 run() {
@@ -71,85 +85,145 @@ run() {
     /usr/bin/time -f "%e %M" -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
         echo "$name failed:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
 }
-secs() { cut -d' ' -f1 "$WORK/$1.time"; }
-rss() { echo $(( $(cut -d' ' -f2 "$WORK/$1.time") / 1024 )); }
+# record ROUND ROW NAME [UPLOADED]: one line of rows.tsv from NAME.time
+record() {
+    printf "%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$(cut -d' ' -f1 "$WORK/$3.time")" \
+        "$(( $(cut -d' ' -f2 "$WORK/$3.time") / 1024 ))" "${4:-}" >>"$ROWS"
+}
 json() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])[sys.argv[2]])" "$WORK/$1.out" "$2"; }
-
-echo "== strata"
-T=s3://bench/strata
-run s_full "$BENCH" backup $T vol "$WORK/layer1.img"
-run s_inc "$BENCH" backup $T vol "$WORK/layer1.img,$WORK/layer2.img"
-ID=$(json s_inc id)
-run s_restore "$BENCH" restore $T "$ID" "$WORK/strata-restored.img"
-cmp "$WORK/strata-restored.img" "$WORK/full2.img" && echo "strata restore matches the image"
-S_FULL_UP=$(json s_full bytes_uploaded); S_INC_UP=$(json s_inc bytes_uploaded)
-
-echo "== strata, live volume: strata up (3 replicas), backups through the controller"
-cargo build --release --quiet --bin strata
-STRATA=$ROOT/target/release/strata
-CTL=127.0.0.1:${STRATA_BENCH_CONTROL_PORT:-10920}
-NBD=nbd://127.0.0.1:${STRATA_BENCH_NBD_PORT:-10919}/strata
-"$STRATA" up --size 4G --data-dir "$WORK/up" --nbd "127.0.0.1:${STRATA_BENCH_NBD_PORT:-10919}" \
-    --control "$CTL" --metrics "127.0.0.1:${STRATA_BENCH_METRICS_PORT:-10921}" >"$WORK/up.log" 2>&1 &
-UP_PID=$!
-trap 'kill $UP_PID 2>/dev/null || true; s3_stop "$WORK/servers"' EXIT
-for _ in $(seq 1 100); do "$STRATA" volume status --controller "$CTL" >/dev/null 2>&1 && break; sleep 0.2; done
-# Only the allocated parts of the images are written (the volume starts zeroed).
-nbdcopy --destination-is-zero "$WORK/full1.img" "$NBD"
-hwm() { echo $(( $(awk '/VmHWM/{print $2}' /proc/$UP_PID/status) / 1024 )); }
-UP_RSS_WRITE=$(hwm)
-L=s3://bench/live
-run l_full "$STRATA" backup create strata --target $L --controller "$CTL" --json
-nbdcopy --destination-is-zero "$WORK/layer2.img" "$NBD"
-run l_inc "$STRATA" backup create strata --target $L --controller "$CTL" --json
 jget() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$WORK/$1.out" "$2"; }
-LID=$(jget l_inc id)
-run l_restore "$STRATA" backup restore "$LID" --to-file "$WORK/live-restored.img" --target $L --json
-cmp "$WORK/live-restored.img" "$WORK/full2.img" && echo "live restore matches the image"
-L_FULL_UP=$(jget l_full bytes_uploaded); L_INC_UP=$(jget l_inc bytes_uploaded)
-UP_RSS=$(hwm)
-kill -INT $UP_PID; wait $UP_PID || true
-
-echo "== restic"
-R=s3:$EP/bench/restic
-cp --sparse=always "$WORK/full1.img" "$WORK/disk.img"
-run r_init restic -r $R init
-run r_full restic -r $R backup --json "$WORK/disk.img"
-cp --sparse=always "$WORK/full2.img" "$WORK/disk.img"
-run r_inc restic -r $R backup --json "$WORK/disk.img"
-mkdir -p "$WORK/restic-restore"
-run r_restore restic -r $R restore latest --target "$WORK/restic-restore"
-cmp "$WORK/restic-restore$WORK/disk.img" "$WORK/full2.img" && echo "restic restore matches the image"
 rsum() { python3 -c "
 import json,sys
 for l in open(sys.argv[1]):
     try: m = json.loads(l)
     except ValueError: continue
     if m.get('message_type') == 'summary': print(m['data_added'])" "$WORK/$1.out"; }
-R_FULL_UP=$(rsum r_full); R_INC_UP=$(rsum r_inc)
 
-mib() { python3 -c "print(f'{int(\"$1\")/1048576:.1f}')"; }
-{
-printf "%-22s %12s %12s %10s\n" "" "strata" "restic" "ratio"
-row() { printf "%-22s %12s %12s %10s\n" "$1" "$2" "$3" "$(python3 -c "print(f'{float(\"$3\")/max(float(\"$2\"),1e-9):.1f}x')")"; }
-row "full backup (s)" "$(secs s_full)" "$(secs r_full)"
-row "full uploaded (MiB)" "$(mib $S_FULL_UP)" "$(mib $R_FULL_UP)"
-row "full peak RSS (MiB)" "$(rss s_full)" "$(rss r_full)"
-row "incr backup (s)" "$(secs s_inc)" "$(secs r_inc)"
-row "incr uploaded (MiB)" "$(mib $S_INC_UP)" "$(mib $R_INC_UP)"
-row "incr peak RSS (MiB)" "$(rss s_inc)" "$(rss r_inc)"
-row "restore (s)" "$(secs s_restore)" "$(secs r_restore)"
-row "restore peak RSS (MiB)" "$(rss s_restore)" "$(rss r_restore)"
-echo "(ratio = restic / strata; uploaded = bytes after compression and encryption; restic's = data_added)"
-echo
-echo "live volume through the controller (strata up, 3 replicas; CLI process RSS, and the"
-echo "strata up process's peak RSS over the whole run including writing the data):"
-printf "%-22s %12s %12s %10s\n" "" "strata live" "restic" "ratio"
-row "full backup (s)" "$(secs l_full)" "$(secs r_full)"
-row "full uploaded (MiB)" "$(mib $L_FULL_UP)" "$(mib $R_FULL_UP)"
-row "incr backup (s)" "$(secs l_inc)" "$(secs r_inc)"
-row "incr uploaded (MiB)" "$(mib $L_INC_UP)" "$(mib $R_INC_UP)"
-row "restore (s)" "$(secs l_restore)" "$(secs r_restore)"
-row "restore peak RSS (MiB)" "$(rss l_restore)" "$(rss r_restore)"
-echo "strata up peak RSS: $UP_RSS_WRITE MiB after writing the data, $UP_RSS MiB after the backups (controller + 3 replicas, one process)"
-} | tee "$RES"
+# up DIR NBD_PORT CONTROL_PORT METRICS_PORT: a fresh 3-replica `strata up` volume in the background
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done; s3_stop "$WORK/servers"' EXIT
+up() {
+    rm -rf "$1"
+    "$STRATA" up --size 4G --data-dir "$1" --nbd "127.0.0.1:$2" --control "127.0.0.1:$3" \
+        --metrics "127.0.0.1:$4" >"$1.log" 2>&1 &
+    UP=$!; PIDS+=("$UP")
+    for _ in $(seq 1 100); do "$STRATA" volume status --controller "127.0.0.1:$3" >/dev/null 2>&1 && return 0; sleep 0.2; done
+    echo "strata up in $1 did not start" >&2; cat "$1.log" >&2; exit 1
+}
+down() { kill -INT "$1"; wait "$1" || true; }
+hwm() { echo $(( $(awk '/VmHWM/{print $2}' /proc/$1/status) / 1024 )); }
+
+P=${STRATA_BENCH_NBD_PORT:-10919}
+for r in $(seq 1 "$RUNS"); do
+    echo "== round $r of $RUNS: strata (layer files)"
+    T=s3://bench/strata-$r
+    run s_full "$BENCH" backup $T vol "$WORK/layer1.img"
+    record $r s_full s_full "$(json s_full bytes_uploaded)"
+    run s_inc "$BENCH" backup $T vol "$WORK/layer1.img,$WORK/layer2.img"
+    record $r s_inc s_inc "$(json s_inc bytes_uploaded)"
+    ID=$(json s_inc id)
+    rm -f "$WORK/strata-restored.img"
+    run s_restore "$BENCH" restore $T "$ID" "$WORK/strata-restored.img"
+    record $r s_restore s_restore
+    cmp "$WORK/strata-restored.img" "$WORK/full2.img" && echo "strata restore matches the image"
+    rm -f "$WORK/strata-restored.img"
+    for f in s_full s_inc s_restore; do cp "$WORK/$f.out" "$WORK/$f.$r.out"; done
+
+    echo "== round $r: strata live volume (strata up, 3 replicas), backups through the controller"
+    up "$WORK/up" $P $((P + 1)) $((P + 2)); UP_A=$UP
+    CTL=127.0.0.1:$((P + 1)); NBD=nbd://127.0.0.1:$P/strata
+    # Only the allocated parts of the images are written (the volume starts zeroed).
+    nbdcopy --destination-is-zero "$WORK/full1.img" "$NBD"
+    UP_RSS_WRITE=$(hwm $UP_A)
+    L=s3://bench/live-$r
+    run l_full "$STRATA" backup create strata --target $L --controller "$CTL" --json
+    record $r l_full l_full "$(jget l_full bytes_uploaded)"
+    nbdcopy --destination-is-zero "$WORK/layer2.img" "$NBD"
+    run l_inc "$STRATA" backup create strata --target $L --controller "$CTL" --json
+    record $r l_inc l_inc "$(jget l_inc bytes_uploaded)"
+    LID=$(jget l_inc id)
+    rm -f "$WORK/live-restored.img"
+    run l_restore "$STRATA" backup restore "$LID" --to-file "$WORK/live-restored.img" --target $L --json
+    record $r l_restore l_restore
+    cmp "$WORK/live-restored.img" "$WORK/full2.img" && echo "live restore to a file matches the image"
+    rm -f "$WORK/live-restored.img"
+    UP_RSS=$(hwm $UP_A)
+    down $UP_A
+    rm -rf "$WORK/up"
+    # Into a second, new 3-replica volume, through its controller.
+    up "$WORK/up2" $((P + 10)) $((P + 11)) $((P + 12)); UP_B=$UP
+    run l_restore_vol "$STRATA" backup restore "$LID" --to strata --controller 127.0.0.1:$((P + 11)) --target $L --json
+    record $r l_restore_vol l_restore_vol
+    UP2_RSS=$(hwm $UP_B)
+    nbdcopy "nbd://127.0.0.1:$((P + 10))/strata" "$WORK/volume-read.img"
+    cmp "$WORK/volume-read.img" "$WORK/full2.img" && echo "restore into the volume matches the image"
+    rm -f "$WORK/volume-read.img"
+    down $UP_B
+    rm -rf "$WORK/up2"
+    printf "%s\tup_rss\t%s\t%s\t%s\n" $r "$UP_RSS_WRITE" "$UP_RSS" "$UP2_RSS" >>"$ROWS"
+    for f in l_full l_inc l_restore l_restore_vol; do cp "$WORK/$f.out" "$WORK/$f.$r.out"; done
+
+    echo "== round $r: restic"
+    R=s3:$EP/bench/restic-$r
+    cp --sparse=always "$WORK/full1.img" "$WORK/disk.img"
+    run r_init restic -r $R init
+    run r_full restic -r $R backup --json "$WORK/disk.img"
+    record $r r_full r_full "$(rsum r_full)"
+    cp --sparse=always "$WORK/full2.img" "$WORK/disk.img"
+    run r_inc restic -r $R backup --json "$WORK/disk.img"
+    record $r r_inc r_inc "$(rsum r_inc)"
+    rm -rf "$WORK/restic-restore"; mkdir -p "$WORK/restic-restore"
+    run r_restore restic -r $R restore latest --target "$WORK/restic-restore"
+    record $r r_restore r_restore
+    cmp "$WORK/restic-restore$WORK/disk.img" "$WORK/full2.img" && echo "restic restore matches the image"
+    rm -rf "$WORK/restic-restore" "$WORK/disk.img"
+done
+
+python3 - "$ROWS" "$RUNS" <<'PY' | tee "$RES"
+import statistics, sys
+rows, runs = sys.argv[1], int(sys.argv[2])
+t, rss, up, uprss = {}, {}, {}, []
+for line in open(rows):
+    r, name, a, b, c = line.rstrip("\n").split("\t")
+    if name == "up_rss":
+        uprss.append((int(a), int(b), int(c)))
+        continue
+    t.setdefault(name, []).append(float(a)); rss.setdefault(name, []).append(int(b))
+    if c:
+        up.setdefault(name, []).append(int(c))
+med = lambda v: statistics.median(v)
+def cell(v, fmt):
+    return f"{fmt(med(v))} ({fmt(min(v))}-{fmt(max(v))})" if len(v) > 1 else fmt(v[0])
+sec = lambda x: f"{x:.2f}"
+mib = lambda x: f"{x / 1048576:.1f}"
+whole = lambda x: f"{x:.0f}"
+W = 24
+def row(label, s, r, vals, fmt, ratio=True):
+    a, b = cell(vals[s], fmt), cell(vals[r], fmt)
+    q = f"{med(vals[r]) / max(med(vals[s]), 1e-9):.2f}x" if ratio else ""
+    print(f"{label:<24} {a:>{W}} {b:>{W}} {q:>8}")
+print(f"median of {runs} runs (min-max); ratio = restic / strata (medians)")
+print(f"{'':<24} {'strata':>{W}} {'restic':>{W}} {'ratio':>8}")
+row("full backup (s)", "s_full", "r_full", t, sec)
+row("full uploaded (MiB)", "s_full", "r_full", up, mib, False)
+row("full peak RSS (MiB)", "s_full", "r_full", rss, whole, False)
+row("incr backup (s)", "s_inc", "r_inc", t, sec)
+row("incr uploaded (MiB)", "s_inc", "r_inc", up, mib, False)
+row("incr peak RSS (MiB)", "s_inc", "r_inc", rss, whole, False)
+row("restore to file (s)", "s_restore", "r_restore", t, sec)
+row("restore peak RSS (MiB)", "s_restore", "r_restore", rss, whole, False)
+print("(uploaded = bytes after compression and encryption; restic's = data_added)")
+print()
+print("live volume through the controller (strata up, 3 replicas; CLI process RSS):")
+print(f"{'':<24} {'strata live':>{W}} {'restic':>{W}} {'ratio':>8}")
+row("full backup (s)", "l_full", "r_full", t, sec)
+row("full uploaded (MiB)", "l_full", "r_full", up, mib, False)
+row("incr backup (s)", "l_inc", "r_inc", t, sec)
+row("incr uploaded (MiB)", "l_inc", "r_inc", up, mib, False)
+row("restore to file (s)", "l_restore", "r_restore", t, sec)
+row("restore peak RSS (MiB)", "l_restore", "r_restore", rss, whole, False)
+row("restore to volume (s)", "l_restore_vol", "r_restore", t, sec)
+w, a, b = zip(*uprss)
+print(f"strata up peak RSS (controller + 3 replicas, one process): {cell(list(w), whole)} MiB after writing")
+print(f"the data, {cell(list(a), whole)} MiB after the backups; the volume restored into: {cell(list(b), whole)} MiB")
+PY

@@ -19,12 +19,17 @@ S3_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 S3_ACCESS_KEY=strata-test-key
 S3_SECRET_KEY=strata-test-secret
 
-s3_install() {
+s3_install_moto() {
     if [ ! -x "$S3_ROOT/.ci-venv/bin/moto_server" ]; then
         echo "== installing moto into .ci-venv" >&2
         python3 -m venv "$S3_ROOT/.ci-venv" || return 1
         "$S3_ROOT/.ci-venv/bin/pip" install -q 'moto[s3]==5.2.5' 'flask>=3,<4' 'flask-cors>=6,<7' || return 1
     fi
+    export STRATA_MOTO_BIN="$S3_ROOT/.ci-venv/bin/moto_server"
+}
+
+s3_install() {
+    s3_install_moto || return 1
     if [ ! -x "$S3_ROOT/.ci-tools/bin/s3s-fs" ]; then
         echo "== installing s3s-fs into .ci-tools" >&2
         cargo install s3s-fs@0.14.1 --features binary --locked --root "$S3_ROOT/.ci-tools" --quiet || return 1
@@ -63,6 +68,19 @@ s3_start() {
     export AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY" AWS_REGION=us-east-1
     echo "moto    $STRATA_S3_MOTO_ENDPOINT   (bucket strata, any credentials)"
     echo "s3s-fs  $STRATA_S3_S3SFS_ENDPOINT   (bucket strata, key $S3_ACCESS_KEY / $S3_SECRET_KEY, data in $dir/s3s-fs)"
+}
+
+# Only moto (the backup benchmark needs no second server), on STRATA_MOTO_PORT;
+# exports STRATA_S3_MOTO_ENDPOINT.
+s3_start_moto() {
+    local dir=${1:?usage: s3_start_moto DIR}
+    local mport=${STRATA_MOTO_PORT:-9000}
+    s3_install_moto || return 1
+    mkdir -p "$dir"
+    "$STRATA_MOTO_BIN" -H 127.0.0.1 -p "$mport" >"$dir/moto.log" 2>&1 &
+    echo $! >"$dir/moto.pid"
+    _s3_wait "$mport" "200" || { s3_stop "$dir"; return 1; }
+    export STRATA_S3_MOTO_ENDPOINT="http://127.0.0.1:$mport"
 }
 
 s3_stop() {

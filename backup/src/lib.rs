@@ -46,12 +46,14 @@ mod error;
 mod file;
 pub mod format;
 mod locks;
+mod lookup;
 pub mod progress;
 mod restore;
 mod schedule;
 pub mod source;
 pub mod store;
 mod target;
+pub mod timing;
 
 pub use admin::{forget, gc, list, remove, show, BackupInfo, ForgetReport, GcOptions, GcReport};
 pub use backup::{create_backup, BackupOptions, BackupSummary};

@@ -1,11 +1,15 @@
 //! `restore` and `verify`: read a backup back.
 //!
-//! Restore walks the manifest one index page at a time, downloads at most
-//! `parallel` chunks at once, checks each one (authentication tag or
-//! checksum, then the keyed hash against its name) before writing it, and
-//! stops at the first missing or corrupt object with an error naming it.
-//! Zero chunks and all-zero 4 KiB blocks inside data chunks are not written
-//! to a sink that starts zeroed, so a restored file stays sparse.
+//! Restore runs one pipeline over the manifest's index pages: at most
+//! `parallel` chunks are in flight at once across page boundaries, each
+//! downloaded, checked (authentication tag or checksum, then the keyed hash
+//! against its name) and only then written, so memory stays at `parallel`
+//! sealed objects decrypted in place. It stops at the first missing or
+//! corrupt object with an error naming it. Zero chunks and all-zero 4 KiB
+//! blocks inside data chunks are not written to a sink that starts zeroed,
+//! so a restored file stays sparse; on any other sink zero chunks become
+//! `write_zeroes` runs (trims on a volume). `timing.rs` reports the busy
+//! time of each stage.
 //!
 //! Verify checks that every object a backup needs exists (one HEAD each,
 //! shared chunks once per page), or with `read` downloads and checks them
@@ -13,11 +17,14 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 
+use crate::backup::is_zero;
 use crate::envelope::ObjectId;
 use crate::error::{BackupError, Result};
 use crate::format::{Entry, IndexPage, Manifest};
@@ -25,6 +32,7 @@ use crate::locks::Lock;
 use crate::progress::Progress;
 use crate::source::{RestoreSink, SourceError};
 use crate::target::{chunk_key, page_key, Loaded, Target};
+use crate::timing::{Stage, StageSeconds, Timings};
 
 /// What a restore did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -38,6 +46,8 @@ pub struct RestoreSummary {
     /// Bytes written to the sink (zero blocks skipped on a zeroed sink).
     pub bytes_written: u64,
     pub duration_ms: u64,
+    /// Busy seconds per stage, summed over the chunks (see `timing.rs`).
+    pub timings: StageSeconds,
 }
 
 /// What verify checked.
@@ -95,9 +105,16 @@ pub async fn restore<K: RestoreSink>(
         )));
     }
     let lock = Lock::acquire(target, "restore", &m.volume, &crate::backup::new_id()).await?;
-    let res = restore_inner(target, &l, &m, sink, progress).await;
+    let timings = Arc::new(Timings::default());
+    let res = restore_inner(target, &l, &m, sink, progress, &timings).await;
     lock.release().await;
     let (bytes_read, bytes_written) = res?;
+    let timings = timings.report();
+    tracing::info!(
+        "volume {}: restore of {} busy time per stage: {timings}",
+        m.volume,
+        m.id
+    );
     Ok(RestoreSummary {
         id: m.id.clone(),
         volume: m.volume.clone(),
@@ -106,135 +123,181 @@ pub async fn restore<K: RestoreSink>(
         bytes_read,
         bytes_written,
         duration_ms: t0.elapsed().as_millis() as u64,
+        timings,
     })
+}
+
+/// What every chunk of one restore shares.
+struct RestoreCtx<'a, K> {
+    target: &'a Target,
+    l: &'a Arc<Loaded>,
+    m: &'a Manifest,
+    sink: &'a K,
+    progress: &'a dyn Progress,
+    timings: &'a Arc<Timings>,
+    zeroed: bool,
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+fn sink_error(m: &Manifest, op: &'static str, source: SourceError) -> BackupError {
+    BackupError::Source {
+        volume: m.volume.clone(),
+        op,
+        source,
+    }
 }
 
 async fn restore_inner<K: RestoreSink>(
     target: &Target,
-    l: &std::sync::Arc<Loaded>,
+    l: &Arc<Loaded>,
     m: &Manifest,
     sink: &K,
     progress: &dyn Progress,
+    timings: &Arc<Timings>,
 ) -> Result<(u64, u64)> {
     let cs = m.chunk_size as u64;
     let window = cs * m.page_chunks as u64;
-    let zeroed = sink.starts_zeroed();
-    let sink_err = |op: &'static str| {
-        let volume = m.volume.clone();
-        move |source: SourceError| BackupError::Source {
-            volume: volume.clone(),
-            op,
-            source,
-        }
+    let ctx = RestoreCtx {
+        target,
+        l,
+        m,
+        sink,
+        progress,
+        timings,
+        zeroed: sink.starts_zeroed(),
+        read: AtomicU64::new(0),
+        written: AtomicU64::new(0),
     };
-    let read = AtomicU64::new(0);
-    let written = AtomicU64::new(0);
     progress.start(&format!("restore {}", m.volume), m.stats.data_bytes, true);
+    // One pipeline over the whole backup: chunks of the next page join the
+    // `parallel` slots as soon as slots free up, so the slots do not drain
+    // at a page boundary (they are only not polled while the next page, one
+    // small object per GiB, loads). Each slot holds one chunk from its
+    // download to the end of its write: the sealed object, decrypted in
+    // place, never more than `parallel` of them (the memory bound).
+    let parallel = target.opts.parallel;
+    let mut in_flight = FuturesUnordered::new();
     for (p, pid) in m.pages.iter().enumerate() {
         let off = p as u64 * window;
         let len = window.min(m.size - off);
         let Some(pid) = pid else {
-            if !zeroed {
-                sink.write_zeroes(off, len)
+            if !ctx.zeroed {
+                timings
+                    .time_async(Stage::Write, sink.write_zeroes(off, len))
                     .await
-                    .map_err(sink_err("write zeroes"))?;
+                    .map_err(|e| sink_error(m, "write zeroes", e))?;
             }
             continue;
         };
         let page = load_page(target, l, m, p, *pid).await?;
-        // Zero runs (only on a sink that does not start zeroed).
-        if !zeroed {
-            let mut run: Option<(u64, u64)> = None;
-            for (i, e) in page.entries.iter().enumerate() {
-                let c_off = off + i as u64 * cs;
-                let c_len = cs.min(m.size - c_off);
-                if *e == Entry::Zero {
-                    run = Some(match run {
-                        Some((s, n)) => (s, n + c_len),
-                        None => (c_off, c_len),
-                    });
-                } else if let Some((s, n)) = run.take() {
-                    sink.write_zeroes(s, n)
-                        .await
-                        .map_err(sink_err("write zeroes"))?;
-                }
-            }
-            if let Some((s, n)) = run {
-                sink.write_zeroes(s, n)
+        if !ctx.zeroed {
+            for (s, n) in zero_runs(&page.entries, off, cs, m.size) {
+                timings
+                    .time_async(Stage::Write, sink.write_zeroes(s, n))
                     .await
-                    .map_err(sink_err("write zeroes"))?;
+                    .map_err(|e| sink_error(m, "write zeroes", e))?;
             }
         }
-        // Collected rather than a lazy iterator: a closure over borrowed
-        // entries held across awaits makes the future not provably Send
-        // (rust-lang/rust#64552), and callers spawn restores.
-        let jobs: Vec<(u64, ObjectId)> = page
-            .entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| match e {
-                Entry::Data(id) => Some((off + i as u64 * cs, *id)),
-                Entry::Zero => None,
-            })
-            .collect();
-        futures::stream::iter(jobs)
-            .map(|(c_off, id)| {
-                let (read, written) = (&read, &written);
-                let sink_err = &sink_err;
-                async move {
-                    let c_len = cs.min(m.size - c_off) as usize;
-                    let data = target.get_chunk(l, id).await?;
-                    if data.len() != c_len {
-                        return Err(BackupError::Corrupt {
-                            target: target.url().to_string(),
-                            key: chunk_key(&id),
-                            reason: format!(
-                                "holds {} bytes, the volume needs {c_len} at offset {c_off}",
-                                data.len()
-                            ),
-                        });
-                    }
-                    read.fetch_add(c_len as u64, Ordering::Relaxed);
-                    let data = Bytes::from(data);
-                    if zeroed {
-                        // Write only the runs of non-zero 4 KiB blocks.
-                        let mut i = 0;
-                        while i < data.len() {
-                            let is_zero = |j: usize| {
-                                data[j..(j + BLOCK).min(data.len())].iter().all(|&b| b == 0)
-                            };
-                            if is_zero(i) {
-                                i += BLOCK;
-                                continue;
-                            }
-                            let s = i;
-                            while i < data.len() && !is_zero(i) {
-                                i += BLOCK;
-                            }
-                            let e = i.min(data.len());
-                            sink.write(c_off + s as u64, data.slice(s..e))
-                                .await
-                                .map_err(sink_err("write"))?;
-                            written.fetch_add((e - s) as u64, Ordering::Relaxed);
-                        }
-                    } else {
-                        sink.write(c_off, data).await.map_err(sink_err("write"))?;
-                        written.fetch_add(c_len as u64, Ordering::Relaxed);
-                    }
-                    progress.advance(c_len as u64);
-                    Ok::<(), BackupError>(())
+        for (i, e) in page.entries.iter().enumerate() {
+            let Entry::Data(id) = e else { continue };
+            while in_flight.len() >= parallel {
+                if let Some(r) = in_flight.next().await {
+                    r?;
                 }
-            })
-            .buffer_unordered(target.opts.parallel)
-            .try_collect::<()>()
-            .await?;
+            }
+            in_flight.push(restore_chunk(&ctx, off + i as u64 * cs, *id));
+        }
     }
-    sink.flush().await.map_err(sink_err("flush"))?;
+    while let Some(r) = in_flight.next().await {
+        r?;
+    }
+    timings
+        .time_async(Stage::Write, sink.flush())
+        .await
+        .map_err(|e| sink_error(m, "flush", e))?;
     progress.finish();
     Ok((
-        read.load(Ordering::Relaxed),
-        written.load(Ordering::Relaxed),
+        ctx.read.load(Ordering::Relaxed),
+        ctx.written.load(Ordering::Relaxed),
     ))
+}
+
+/// Downloads, checks and writes the chunk `id` at volume offset `c_off`.
+async fn restore_chunk<K: RestoreSink>(
+    ctx: &RestoreCtx<'_, K>,
+    c_off: u64,
+    id: ObjectId,
+) -> Result<()> {
+    let m = ctx.m;
+    let c_len = (m.chunk_size as u64).min(m.size - c_off) as usize;
+    let data = ctx.target.get_chunk(ctx.l, id, ctx.timings).await?;
+    if data.len() != c_len {
+        return Err(BackupError::Corrupt {
+            target: ctx.target.url().to_string(),
+            key: chunk_key(&id),
+            reason: format!(
+                "holds {} bytes, the volume needs {c_len} at offset {c_off}",
+                data.len()
+            ),
+        });
+    }
+    ctx.read.fetch_add(c_len as u64, Ordering::Relaxed);
+    let data = Bytes::from(data);
+    // On a zeroed sink only the runs of non-zero 4 KiB blocks are written
+    // (usually the whole chunk, in one request).
+    let runs = if ctx.zeroed {
+        nonzero_runs(&data)
+    } else {
+        vec![(0, data.len())]
+    };
+    for (s, e) in runs {
+        ctx.timings
+            .time_async(
+                Stage::Write,
+                ctx.sink.write(c_off + s as u64, data.slice(s..e)),
+            )
+            .await
+            .map_err(|e| sink_error(m, "write", e))?;
+        ctx.written.fetch_add((e - s) as u64, Ordering::Relaxed);
+    }
+    ctx.progress.advance(c_len as u64);
+    Ok(())
+}
+
+/// The runs of zero entries of a page starting at volume offset `off`, as
+/// (offset, length) ranges of the volume.
+fn zero_runs(entries: &[Entry], off: u64, cs: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if *e != Entry::Zero {
+            continue;
+        }
+        let c_off = off + i as u64 * cs;
+        let c_len = cs.min(size - c_off);
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == c_off => *n += c_len,
+            _ => runs.push((c_off, c_len)),
+        }
+    }
+    runs
+}
+
+/// The runs of `data` made of 4 KiB blocks that are not all zero, as byte
+/// ranges (the last block may be short).
+fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (b, block) in data.chunks(BLOCK).enumerate() {
+        if is_zero(block) {
+            continue;
+        }
+        let (s, e) = (b * BLOCK, b * BLOCK + block.len());
+        match runs.last_mut() {
+            Some((_, end)) if *end == s => *end = e,
+            _ => runs.push((s, e)),
+        }
+    }
+    runs
 }
 
 /// Most problems listed by verify.
@@ -261,6 +324,7 @@ pub async fn verify(
         bytes_read: 0,
     };
     let bytes_read = AtomicU64::new(0);
+    let timings = Arc::new(Timings::default());
     progress.start(
         &format!("verify {}", m.id),
         if read {
@@ -291,12 +355,12 @@ pub async fn verify(
         report.chunks += ids.len() as u64;
         let found: Vec<Option<String>> = futures::stream::iter(ids)
             .map(|id| {
-                let l = &l;
+                let (l, timings) = (&l, &timings);
                 let bytes_read = &bytes_read;
                 async move {
                     let key = chunk_key(&id);
                     if read {
-                        match target.get_chunk(l, id).await {
+                        match target.get_chunk(l, id, timings).await {
                             Ok(d) => {
                                 bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
                                 progress.advance(d.len() as u64);

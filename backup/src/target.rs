@@ -17,6 +17,7 @@
 //! salt derive, with BLAKE3's key derivation, the encryption key, the hash
 //! key and the check, so chunk names reveal nothing without the key.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,7 @@ use crate::envelope::{Keys, Kind, ObjectId};
 use crate::error::{BackupError, Result};
 use crate::format::{self, IndexPage, Manifest};
 use crate::store::{FileStore, S3Options, S3Store, Store};
+use crate::timing::{Stage, Timings};
 
 /// The environment variable holding the key when no key file is given.
 pub const KEY_ENV: &str = "STRATA_BACKUP_KEY";
@@ -339,15 +341,26 @@ impl Target {
     }
 
     /// Reads a chunk and checks its plaintext hashes to its name.
-    pub(crate) async fn get_chunk(&self, l: &Arc<Loaded>, id: ObjectId) -> Result<Vec<u8>> {
+    pub(crate) async fn get_chunk(
+        &self,
+        l: &Arc<Loaded>,
+        id: ObjectId,
+        timings: &Arc<Timings>,
+    ) -> Result<Vec<u8>> {
         let key = chunk_key(&id);
-        let obj = self.store.get_required(&key).await?;
-        let l2 = l.clone();
+        let obj = timings
+            .time_async(Stage::Download, self.store.get_required(&key))
+            .await?;
+        let (l2, t2) = (l.clone(), timings.clone());
         let key2 = key.clone();
         let max = l.config.chunk_size as usize;
         let res = tokio::task::spawn_blocking(move || {
-            let plain = l2.keys.open(Kind::Chunk, &key2, &obj, max)?;
-            if l2.keys.chunk_id(&plain) != id {
+            let opened = t2.time(Stage::Decrypt, || {
+                l2.keys
+                    .authenticate(Kind::Chunk, &key2, Cow::Owned(Vec::from(obj)), max)
+            })?;
+            let plain = t2.time(Stage::Decompress, || Keys::decompress(opened))?;
+            if t2.time(Stage::Verify, || l2.keys.chunk_id(&plain)) != id {
                 return Err("content does not hash to the object's name".to_string());
             }
             Ok(plain)
