@@ -7,18 +7,20 @@
 #   bash scripts/csi-failover.sh
 #
 # Checked, in order:
-# 1. A PVC (3 replicas) is provisioned; the Deployment's ReplicaSet makes the controller Pod,
-#    which runs on a node; data is written and flushed through NBD at the Service address.
-#    An application Pod using the PVC is bound to the same node.
+# 1. deploy/examples/mariadb.yaml is applied: the StatefulSet controller makes the PVC (3
+#    replicas), strata provisions it, the Deployment's ReplicaSet makes the volume's controller
+#    Pod, which runs on a node; mariadb-0 is bound to the same node (its container does not
+#    run: no kubelet). Data is written and flushed through NBD at the Service address.
 # 2. That node loses power: its Lease stops, the controller pod's process and the node's
 #    replica server are killed. The node lifecycle controller marks it NotReady and taints it,
 #    the taint-eviction controller evicts the controller pod after its 15 s toleration, the
 #    ReplicaSet makes a new Pod, it starts on another node and assembles from the two other
 #    replicas with a new epoch. The flushed data reads back; new writes are acknowledged.
 #    The time from power loss to the volume serving again is printed.
-# 3. What the user does about the application Pod stuck on the dead node (README, "When a
-#    node dies"): `kubectl taint node NODE node.kubernetes.io/out-of-service=...:NoExecute`.
-#    The pod-gc controller then removes the stuck Pods, so a StatefulSet can start them again.
+# 3. mariadb-0 stays on the dead node (the StatefulSet waits: it cannot know the pod stopped)
+#    until the user does what README, "When a node dies", says: `kubectl taint node NODE
+#    node.kubernetes.io/out-of-service=...:NoExecute`. The pod-gc controller removes the stuck
+#    Pods and the StatefulSet makes mariadb-0 again, bound to a live node.
 # 4. The node comes back (replica server restarted, Lease renewed, taint removed): its stale
 #    replica catches up and the StrataVolume reports 3 healthy replicas; every byte written
 #    before and after the failover reads back.
@@ -42,7 +44,7 @@ k8s_env_netns "$0" "$@"
 dir="$(mktemp -d /tmp/strata-csi-failover.XXXXXX)"
 echo "== work directory: $dir"
 trap 'k8s_env_down "$dir"' EXIT
-export K8S_KCM_CONTROLLERS="persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller"
+export K8S_KCM_CONTROLLERS="persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,statefulset-controller"
 export K8S_KCM_EXTRA_ARGS="--node-monitor-grace-period=10s --node-monitor-period=1s"
 export K8S_ENV_POD_RUNNER_ARGS="--pods"
 # Replace a replica whose node is NotReady for 20 s (600 s by default).
@@ -80,19 +82,11 @@ wait_for() { # SECONDS WHAT 'CONDITION' (shell code, evaluated every 0.5 s)
     fail "$what (after $secs s)"
 }
 
-echo "== provision"
-$k apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: data}
-spec:
-  storageClassName: strata
-  volumeMode: Block
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
-YAML
-$k wait --for jsonpath='{.status.phase}'=Bound --timeout 120s pvc/data >/dev/null || fail "pvc/data not bound"
-vol="$($k get pvc data -o jsonpath='{.spec.volumeName}')"
+echo "== MariaDB (deploy/examples/mariadb.yaml)"
+kubectl apply -f deploy/examples/mariadb.yaml >/dev/null
+wait_for 120 "pvc/data-mariadb-0 not bound" \
+    '[ "$($k get pvc data-mariadb-0 -o jsonpath={.status.phase})" = Bound ]'
+vol="$($k get pvc data-mariadb-0 -o jsonpath='{.spec.volumeName}')"
 uri="$(kubectl get pv "$vol" -o jsonpath='{.spec.csi.volumeAttributes.strata\.io/nbd-uri}')"
 wait_for 60 "no controller Pod runs" '[ -n "$(controller_pod)" ]'
 read -r pod1 node1 <<<"$(controller_pod)"
@@ -103,16 +97,11 @@ qemu-io -f raw -c "write -P 0x11 0 1M" -c "write -P 0x22 32M 1M" -c flush "$uri"
 wait_for 60 "the StrataVolume never turned Ready" \
     '[ "$(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath={.status.phase})" = Ready ]'
 epoch1="$(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath='{.status.epoch}')"
-# The application: a Pod on the same node using the PVC (its container never runs here).
-$k apply -f - >/dev/null <<YAML
-apiVersion: v1
-kind: Pod
-metadata: {name: app}
-spec:
-  nodeName: $node1
-  containers: [{name: app, image: mariadb:11, volumeDevices: [{name: data, devicePath: /dev/data}]}]
-  volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]
-YAML
+app_node() { $k get pod mariadb-0 -o jsonpath='{.spec.nodeName}' 2>/dev/null; }
+wait_for 30 "mariadb-0 was not scheduled" '[ -n "$(app_node)" ]'
+[ "$(app_node)" = "$node1" ] || fail "mariadb-0 is on $(app_node), not with its volume's controller on $node1"
+app_uid="$($k get pod mariadb-0 -o jsonpath='{.metadata.uid}')"
+echo "   mariadb-0 is on $node1 too"
 
 echo "== $node1 loses power"
 i="${node1#node-}"
@@ -141,12 +130,14 @@ epoch2="$(kubectl -n "$ns" get stratavolume "$vol" -o jsonpath='{.status.epoch}'
 echo "   epoch $epoch1 -> $epoch2; $(kubectl -n "$ns" get stratavolume "$vol" --no-headers)"
 
 echo "== the user marks $node1 out of service"
-$k get pod app -o jsonpath='{.metadata.name}' >/dev/null || fail "the app pod is already gone"
+[ "$($k get pod mariadb-0 -o jsonpath='{.metadata.uid}')" = "$app_uid" ] ||
+    fail "mariadb-0 was replaced before the node was marked out of service"
 t1=$(date +%s.%N)
 kubectl taint node "$node1" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute >/dev/null
-wait_for 90 "the app pod on $node1 was not removed" '! $k get pod app'
+wait_for 90 "mariadb-0 was not started again on another node" \
+    '[ "$($k get pod mariadb-0 -o jsonpath={.metadata.uid})" != "$app_uid" ] && [ -n "$(app_node)" ] && [ "$(app_node)" != "$node1" ]'
+echo "   mariadb-0 removed from $node1 and bound to $(app_node) $(elapsed "$t1") after the taint"
 wait_for 30 "the old controller pod was not removed" '! kubectl -n "$ns" get pod "$pod1"'
-echo "   app and old controller pods removed $(elapsed "$t1") after the taint"
 
 echo "== $node1 comes back"
 t2=$(date +%s.%N)
@@ -200,7 +191,8 @@ wait_for 60 "the left-over replica on $victim is still there" \
     '[ "$(find "$dir/replica-$v" -mindepth 1 -maxdepth 1 -type d | wc -l)" = 0 ]'
 
 echo "== delete"
-$k delete pvc data --wait=false >/dev/null
+kubectl delete -f deploy/examples/mariadb.yaml --wait=false >/dev/null
+$k delete pvc data-mariadb-0 --wait=false >/dev/null
 wait_for 120 "objects or replica data left" \
     '[ "$(k8s_env_leftovers "$dir")" = "$K8S_ENV_CLEAN" ]'
 echo "== failover: all checks passed"

@@ -18,15 +18,16 @@ Deployment mode (default; scripts/csi-sanity.sh, scripts/csi-k8s-flow.sh):
 Pod mode (--pods; scripts/csi-failover.sh, where kube-controller-manager runs
 the deployment, replicaset, node-lifecycle, taint-eviction and pod-gc
 controllers, so the Pods are the real ones those controllers make):
-- Scheduler stand-in: a strata Pod without a node is bound (pods/binding) to
+- Scheduler stand-in: a Pod without a node (any namespace) is bound (pods/binding) to
   a live node that is Ready and has no NoSchedule/NoExecute taint, the one
   scoring highest on the pod's preferred node affinity (matchExpressions with
   In on node labels), ties by name.
 - Kubelet stand-in, per live node: renews the node's Lease in kube-node-lease
   every 2 s and sets its Ready condition back to True when it is not; runs
-  the Pods bound to it as above and patches their status (Running, podIP,
-  Ready); a Pod being deleted is stopped and then removed from the API (the
-  kubelet's final delete).
+  strata's Pods bound to it as above and patches their status (Running,
+  podIP, Ready); a Pod being deleted is stopped and then removed from the
+  API (the kubelet's final delete). Other Pods (an application's) are bound
+  and, when deleted, removed, but never run.
 - A node named in LOG_DIR/dead-nodes (one per line, written by the test) has
   lost power: its pods' processes are SIGKILLed at once, its Lease is no
   longer renewed and nothing on it answers the API any more; Pods bound to
@@ -245,9 +246,10 @@ def schedule(pod, nodes, dead):
     best = max(sorted(fit, key=lambda n: n["metadata"]["name"]),
                key=lambda n: affinity_score(pod, n))
     name, node = pod["metadata"]["name"], best["metadata"]["name"]
+    ns = pod["metadata"]["namespace"]
     binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
-    if kubectl("create", "--raw", f"/api/v1/namespaces/{NS}/pods/{name}/binding", "-f", "-",
+    if kubectl("create", "--raw", f"/api/v1/namespaces/{ns}/pods/{name}/binding", "-f", "-",
                stdin=json.dumps(binding)):
         print(f"pod-runner: bound {name} to {node}", flush=True)
 
@@ -267,13 +269,30 @@ last_heartbeat = 0.0
 
 def pod_mode():
     global last_heartbeat
-    nodes = kubectl_json("get", "nodes")
-    pods = kubectl_json("-n", NS, "get", "pods", "-l", SELECTOR)
-    svcs = kubectl_json("-n", NS, "get", "services", "-l", SELECTOR)
-    if nodes is None or pods is None or svcs is None:
-        return
-    nodes, pods, svcs = nodes["items"], pods["items"], svcs["items"]
     dead = dead_nodes()
+    nodes = kubectl_json("get", "nodes")
+    every_pod = kubectl_json("get", "pods", "--all-namespaces")
+    svcs = kubectl_json("-n", NS, "get", "services", "-l", SELECTOR)
+    if nodes is None or every_pod is None or svcs is None:
+        return
+    nodes, svcs = nodes["items"], svcs["items"]
+    key, value = SELECTOR.split("=")
+    pods = [p for p in every_pod["items"] if p["metadata"]["namespace"] == NS
+            and p["metadata"].get("labels", {}).get(key) == value]
+    # Other pods (an application's) are bound and, once deleted on a live
+    # node, removed; they are never run.
+    for p in every_pod["items"]:
+        if p in pods:
+            continue
+        node = p["spec"].get("nodeName")
+        if node in dead:
+            continue
+        if p["metadata"].get("deletionTimestamp"):
+            if node:
+                kubectl("-n", p["metadata"]["namespace"], "delete", "pod", p["metadata"]["name"],
+                        "--grace-period=0", "--force", "--wait=false")
+        elif not node:
+            schedule(p, nodes, dead)
     if time.time() - last_heartbeat >= 2:
         heartbeat(nodes, dead)
         last_heartbeat = time.time()
