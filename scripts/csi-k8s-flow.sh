@@ -5,7 +5,9 @@
 #
 #   bash scripts/csi-k8s-flow.sh
 #
-# Checked, in order: deploy/base passes a server-side dry run; a PVC is provisioned and bound; its StrataVolume, Deployment and Service
+# Checked, in order: deploy/base and deploy/examples pass a server-side dry run; a PVC is
+# provisioned and bound; a StorageClass with backup schedules gives a volume controller that
+# runs them with the backup Secret; its StrataVolume, Deployment and Service
 # appear and the StrataVolume's status turns Ready; data written to the volume (qemu-io over
 # NBD to its Service address) is in a VolumeSnapshot restored into a new PVC and in a clone
 # PVC; a PVC resize completes (volumeMode Block: the node step is not needed, so the resize
@@ -45,6 +47,10 @@ kubectl wait --for condition=established --timeout 60s \
     crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
 kubectl apply -f deploy/base/rbac-sidecars.yaml -f deploy/base/csidriver.yaml \
     -f deploy/base/snapshotclass.yaml >/dev/null
+echo "== deploy/examples/ against the API server (kubectl apply --dry-run=server)"
+kubectl apply --dry-run=server -f deploy/examples/ >"$dir/examples-dry-run.txt" ||
+    { cat "$dir/examples-dry-run.txt" >&2; echo "FAIL: deploy/examples/ does not validate" >&2; exit 1; }
+echo "   $(grep -c . "$dir/examples-dry-run.txt") objects accepted"
 # The test's StorageClass: deploy/'s, but Immediate (no scheduler here picks a node).
 sed -e 's/WaitForFirstConsumer/Immediate/' deploy/base/storageclass.yaml | kubectl apply -f - >/dev/null
 
@@ -98,6 +104,19 @@ uri="$(nbd_of data-1)"
 serving "$uri"
 qemu-io -f raw -c "write -P 0x5a 0 1M" -c "write -P 0xa5 63M 1M" -c flush "$uri" >/dev/null ||
     fail "cannot write to $uri"
+
+echo "== backup schedules from a StorageClass (deploy/examples/backup-schedule.yaml)"
+timed
+sed -e 's/WaitForFirstConsumer/Immediate/' deploy/examples/backup-schedule.yaml | kubectl apply -f - >/dev/null
+SC=strata-backed-up pvc sched-1 64Mi; bound sched-1
+sched_ctl="$(kubectl -n "$ns" get service "strata-$(volume_of sched-1)" -o jsonpath='{.spec.clusterIP}'):10810"
+serving "$(nbd_of sched-1)"
+"$STRATA_BIN" volume status --controller "$sched_ctl" --json |
+    python3 -c 'import json,sys; s=json.load(sys.stdin)["schedules"]; assert [(x["cron"], x["target"], x["retention"]["keep_daily"], x["retention"]["keep_weekly"]) for x in s] == [("0 3 * * *", "s3://my-bucket/strata", 7, 4)], s' ||
+    fail "the volume controller does not run the StorageClass's backup schedule"
+kubectl -n "$ns" get deployment "strata-$(volume_of sched-1)" -o jsonpath='{.spec.template.spec.containers[0].envFrom[0].secretRef.name}' | grep -qx strata-s3 ||
+    fail "the volume controller does not get the backup Secret"
+echo "   sched-1 bound and its controller runs the schedule ($(lap))"
 
 echo "== snapshot"
 timed
@@ -181,14 +200,14 @@ $k get events --field-selector involvedObject.name=bad-typo -o jsonpath='{.items
     grep -q 'unknown parameter "replica"' || fail "no clear event for an unknown parameter"
 $k get events --field-selector involvedObject.name=bad-toomany -o jsonpath='{.items[*].message}' |
     grep -q '4 replicas need 4 nodes' || fail "no clear event for 4 replicas on 3 nodes"
-echo "   refused with clear events; StrataVolumes now: $(kubectl -n "$ns" get stratavolumes --no-headers | wc -l) (expected 3: data-1, restore-1, clone-1)"
-[ "$(kubectl -n "$ns" get stratavolumes --no-headers | wc -l)" = 3 ] || fail "a refused PVC left a StrataVolume"
+echo "   refused with clear events; StrataVolumes now: $(kubectl -n "$ns" get stratavolumes --no-headers | wc -l) (expected 4: data-1, sched-1, restore-1, clone-1)"
+[ "$(kubectl -n "$ns" get stratavolumes --no-headers | wc -l)" = 4 ] || fail "a refused PVC left a StrataVolume"
 
 echo "== delete everything"
 timed
 $k delete pvc bad-typo bad-toomany --wait=false >/dev/null
 $k delete volumesnapshot snap-1 --timeout 120s >/dev/null
-$k delete pvc restore-1 clone-1 data-1 --timeout 120s >/dev/null
+$k delete pvc restore-1 clone-1 data-1 sched-1 --timeout 120s >/dev/null
 for _ in $(seq 240); do
     [ "$(kubectl get pv --no-headers 2>/dev/null | wc -l)" = 0 ] &&
         [ "$(k8s_env_leftovers "$dir")" = "$K8S_ENV_CLEAN" ] && break
