@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# strata's footprint on an idle cluster: the processes of every strata pod, run as the tests
+# run them (tests/k8s/env.sh: 3 nodes, a real kube-apiserver, the CSI controller with the real
+# external-provisioner, csi-snapshotter and csi-resizer, a node plugin, 3 replica servers),
+# with 5 volumes of 256 MiB, 64 MiB written to each. After 20 s idle it reads each process's
+# RSS (/proc/PID/status VmRSS) and its CPU over 30 s (/proc/PID/stat utime+stime), and prints
+# a table: per process, and summed for the busiest node, the one that runs the CSI controller
+# pod, a node plugin, a replica server and all 5 volume controllers.
+#
+#   bash scripts/footprint.sh          # fails when that node's sum is 150 MiB or more
+#
+# Not measured (not buildable here): node-driver-registrar and livenessprobe (small Go
+# sidecars of the node and controller pods); the kubelet and containerd are not strata's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+. tests/k8s/env.sh
+k8s_env_netns "$0" "$@"
+dir="$(mktemp -d /tmp/strata-footprint.XXXXXX)"
+trap 'k8s_env_down "$dir"' EXIT
+k8s_env_up "$dir"
+ns="$K8S_ENV_NS"
+kubectl apply -f deploy/base/csidriver.yaml -f deploy/base/rbac-sidecars.yaml >/dev/null
+sed -e 's/WaitForFirstConsumer/Immediate/' deploy/base/storageclass.yaml | kubectl apply -f - >/dev/null
+k8s_env_csi_controller "$dir" snapshotter resizer
+"$STRATA_BIN" csi --mode node --node-id node-1 --endpoint "unix://$dir/node.sock" \
+    --attach-state-dir "$dir/attach" >"$dir/csi-node.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+k8s_env_wait_socket "$dir" node
+
+for i in 1 2 3 4 5; do
+    kubectl -n default apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: fp-$i}
+spec:
+  storageClassName: strata
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 256Mi}}
+YAML
+done
+for i in 1 2 3 4 5; do
+    kubectl -n default wait --for jsonpath='{.status.phase}'=Bound --timeout 120s "pvc/fp-$i" >/dev/null
+    vol="$(kubectl -n default get pvc "fp-$i" -o jsonpath='{.spec.volumeName}')"
+    uri="$(kubectl get pv "$vol" -o jsonpath='{.spec.csi.volumeAttributes.strata\.io/nbd-uri}')"
+    for _ in $(seq 120); do qemu-img info "$uri" >/dev/null 2>&1 && break; sleep 0.25; done
+    qemu-io -f raw -c "write -P 0x5$i 0 64M" -c flush "$uri" >/dev/null
+done
+echo "== 5 volumes written; idle 20 s"
+sleep 20
+
+# pid -> label, from the command lines of this test's processes
+declare -A label
+for p in $(pgrep -f "$STRATA_BIN|$CSI_PROVISIONER|$CSI_SNAPSHOTTER|$CSI_RESIZER"); do
+    cmd="$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" || continue
+    case "$cmd" in
+    *"csi --mode controller"*) label[$p]="strata csi (controller)" ;;
+    *"csi --mode node"*) label[$p]="strata csi (node)" ;;
+    *"replica serve"*) label[$p]="strata replica server" ;;
+    *"controller serve"*) label[$p]="strata volume controller" ;;
+    "$CSI_PROVISIONER"*) label[$p]="csi-provisioner" ;;
+    "$CSI_SNAPSHOTTER"*) label[$p]="csi-snapshotter" ;;
+    "$CSI_RESIZER"*) label[$p]="csi-resizer" ;;
+    esac
+done
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A t0
+for p in "${!label[@]}"; do t0[$p]=$(ticks "$p"); done
+sleep 30
+hz=$(getconf CLK_TCK)
+printf '%-28s %6s %10s %10s\n' process count "RSS MiB" "CPU %"
+for name in "strata replica server" "strata volume controller" "strata csi (node)" \
+    "strata csi (controller)" csi-provisioner csi-snapshotter csi-resizer; do
+    n=0 rss=0 cpu=0
+    for p in "${!label[@]}"; do
+        [ "${label[$p]}" = "$name" ] || continue
+        r=$(awk '/^VmRSS/{print $2}' "/proc/$p/status")
+        c=$(( $(ticks "$p") - ${t0[$p]} ))
+        n=$((n + 1)) rss=$((rss + r)) cpu=$((cpu + c))
+    done
+    [ "$n" -gt 0 ] || { echo "FAIL: no $name process found" >&2; exit 1; }
+    printf '%-28s %6d %10.1f %10.2f\n' "$name" "$n" "$(echo "$rss / 1024" | bc -l)" \
+        "$(echo "100 * $cpu / $hz / 30" | bc -l)"
+    # the busiest node: one replica server and one node plugin, everything else
+    case "$name" in
+    "strata replica server") per=$((rss / n)) ;;
+    *) per=$rss ;;
+    esac
+    node_kib=$(( ${node_kib:-0} + per ))
+done
+printf '%-28s %6s %10.1f\n' "busiest node (sum)" "" "$(echo "$node_kib / 1024" | bc -l)"
+[ "$node_kib" -lt $((150 * 1024)) ] || { echo "FAIL: over 150 MiB on one node" >&2; exit 1; }
+echo "== footprint: under 150 MiB on the busiest node"
