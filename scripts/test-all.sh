@@ -45,6 +45,20 @@ echo "== S3 servers for the backup tests (moto -> .ci-venv, s3s-fs -> .ci-tools)
 s3_install
 echo "== cargo test"
 STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+echo "== arm64: cross-build with Debian's rustc-web, unit and store tests and strata up under qemu-user (scripts/arm64.sh)"
+s0=$SECONDS
+bash scripts/arm64.sh 2>&1 | tee target/arm64-output.txt
+echo "   arm64 step: $((SECONDS - s0))s"
+echo "== the multi-arch OCI image, built twice and compared (scripts/build-image.sh)"
+s0=$SECONDS
+bash scripts/build-image.sh 2>&1 | tee target/build-image-output.txt
+echo "   image build: $((SECONDS - s0))s"
+echo "== the image checked with skopeo, umoci, chroot and qemu-user (scripts/image-test.sh)"
+s0=$SECONDS
+bash scripts/image-test.sh 2>&1 | tee target/image-test-output.txt
+echo "   image checks: $((SECONDS - s0))s"
+echo "== dashboard and alert rules (scripts/observability-check.sh)"
+bash scripts/observability-check.sh
 echo "== Kubernetes test tools: etcd, kube-apiserver, kube-controller-manager, CSI sidecars, csi-sanity"
 echo "   (built once from their Go modules into ~/.cache/strata-tools, keyed by version; scripts/k8s-tools.sh)"
 bash scripts/k8s-tools.sh >target/k8s-tools-output.txt 2>&1 || { tail -30 target/k8s-tools-output.txt; exit 1; }

@@ -51,8 +51,12 @@ pub struct CsiServeArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "strata-system")]
     pub namespace: String,
     /// Controller mode: the image the volume controller pods run (this
-    /// driver's own image).
-    #[arg(long, env = "STRATA_IMAGE", default_value = "strata:latest")]
+    /// driver's own image, as scripts/build-image.sh names it).
+    #[arg(
+        long,
+        env = "STRATA_IMAGE",
+        default_value = concat!("docker.io/strata/strata:", env!("CARGO_PKG_VERSION"))
+    )]
     pub image: String,
     /// Controller mode: imagePullPolicy of the volume controller pods.
     #[arg(long, env = "STRATA_IMAGE_PULL_POLICY")]
