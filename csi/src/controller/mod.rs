@@ -3,6 +3,8 @@
 //! - [`volumes`]: CreateVolume (empty, from a snapshot, from a volume),
 //!   DeleteVolume, ListVolumes, ControllerGetVolume, GetCapacity.
 //! - [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots.
+//! - [`backups`]: the same for `type: backup` classes (S3), and the
+//!   restore of CreateVolume from a backup handle.
 //! - [`condition`]: a volume's health as VOLUME_CONDITION reports it.
 //! - [`status`]: the StrataVolume statuses, kept current.
 //!
@@ -10,6 +12,7 @@
 //! controllers or two writers are kept apart by epochs in the replicas,
 //! not by a VolumeAttachment (ARCHITECTURE.md says why).
 
+pub mod backups;
 pub mod condition;
 pub mod snapshots;
 pub mod status;
@@ -170,7 +173,8 @@ impl Controller for ControllerService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        snapshots::delete(&self.cluster, &req.into_inner().snapshot_id).await?;
+        let req = req.into_inner();
+        snapshots::delete(&self.cluster, &req.snapshot_id, &req.secrets).await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
