@@ -65,6 +65,23 @@ s3_start() {
     echo "s3s-fs  $STRATA_S3_S3SFS_ENDPOINT   (bucket strata, key $S3_ACCESS_KEY / $S3_SECRET_KEY, data in $dir/s3s-fs)"
 }
 
+# s3_start_moto DIR: moto alone (what the CSI backup flow needs), installing only moto;
+# exports STRATA_S3_MOTO_ENDPOINT and test credentials (moto checks none).
+s3_start_moto() {
+    local dir=${1:?usage: s3_start_moto DIR} mport=${STRATA_MOTO_PORT:-9000}
+    if [ ! -x "$S3_ROOT/.ci-venv/bin/moto_server" ]; then
+        python3 -m venv "$S3_ROOT/.ci-venv" || return 1
+        "$S3_ROOT/.ci-venv/bin/pip" install -q 'moto[s3]==5.2.5' 'flask>=3,<4' 'flask-cors>=6,<7' || return 1
+    fi
+    export STRATA_MOTO_BIN="$S3_ROOT/.ci-venv/bin/moto_server"
+    "$STRATA_MOTO_BIN" -H 127.0.0.1 -p "$mport" >"$dir/moto.log" 2>&1 &
+    echo $! >"$dir/moto.pid"
+    _s3_wait "$mport" "200" || { s3_stop "$dir"; return 1; }
+    curl -s -o /dev/null -X PUT "http://127.0.0.1:$mport/strata"
+    export STRATA_S3_MOTO_ENDPOINT="http://127.0.0.1:$mport"
+    export AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY" AWS_REGION=us-east-1
+}
+
 s3_stop() {
     local dir=${1:?usage: s3_stop DIR} f
     for f in "$dir/moto.pid" "$dir/s3s-fs.pid"; do
