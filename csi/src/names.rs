@@ -136,7 +136,7 @@ impl BackupHandle {
         let size_bytes: u64 = size
             .parse()
             .ok()
-            .filter(|n: &u64| *n > 0 && *n % 4096 == 0)
+            .filter(|n: &u64| *n > 0 && n.is_multiple_of(4096))
             .ok_or_else(|| bad("the size is not a positive multiple of 4096"))?;
         let (backup, target) = rest
             .split_once('@')

@@ -298,10 +298,10 @@ fn from_handle(h: &BackupHandle) -> Snapshot {
 }
 
 /// The record of `name` or of `handle`, with its volume's ID.
-fn find<'a>(
-    volumes: &'a [StrataVolume],
+fn find(
+    volumes: &[StrataVolume],
     hit: impl Fn(&BackupRecord) -> bool,
-) -> Option<(&'a str, &'a BackupRecord)> {
+) -> Option<(&str, &BackupRecord)> {
     volumes.iter().find_map(|sv| {
         let id = sv.metadata.name.as_deref()?;
         sv.spec.backups.iter().find(|r| hit(r)).map(|r| (id, r))
