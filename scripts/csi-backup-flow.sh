@@ -6,8 +6,9 @@
 #   bash scripts/csi-backup-flow.sh      (moto is installed into .ci-venv if missing)
 #
 # Cluster A: a PVC of a StorageClass with backupSecret gets data (qemu-io over NBD to its
-# Service address); a VolumeSnapshot of a `type: backup` class (deploy/base/
-# snapshotclass-backup.yaml with this test's bucket) becomes readyToUse and its handle names a
+# Service address: patterns and 32 MiB of random bytes); a VolumeSnapshot of a `type: backup`
+# class (deploy/base/snapshotclass-backup.yaml with this test's bucket) becomes readyToUse,
+# one backup ran however often the snapshotter called CreateSnapshot, and its handle names a
 # manifest in S3; data written after it must not come back. Bad input: a class with a
 # file:// target, a backup of a volume whose class has no backupSecret, and a restore into a
 # StorageClass without backupSecret each fail with a clear error and create nothing.
@@ -126,15 +127,29 @@ kubectl -n "$ns" wait --for jsonpath='{.status.phase}'=Ready --timeout 60s "stra
     fail "StrataVolume $vol never Ready"
 uri="$(nbd_of data-1)"
 serving "$uri"
-qemu-io -f raw -c "write -P 0x5a 0 1M" -c "write -P 0xa5 63M 1M" -c flush "$uri" >/dev/null ||
-    fail "cannot write to $uri"
+head -c 32M /dev/urandom >"$dir/random"   # incompressible: the backup takes a moment
+qemu-io -f raw -c "write -P 0x5a 0 1M" -c "write -s $dir/random 8M 32M" -c "write -P 0xa5 63M 1M" \
+    -c flush "$uri" >/dev/null || fail "cannot write to $uri"
 
 echo "== backup VolumeSnapshot"
 timed; vsnap backup-1 strata-backup data-1
-$k wait --for jsonpath='{.status.readyToUse}'=true --timeout 180s volumesnapshot/backup-1 >/dev/null ||
+seen_false=no
+for _ in $(seq 360); do
+    case "$($k get volumesnapshot backup-1 -o jsonpath='{.status.readyToUse}')" in
+    true) break ;;
+    false) seen_false=yes ;;
+    esac
+    sleep 0.5
+done
+[ "$($k get volumesnapshot backup-1 -o jsonpath='{.status.readyToUse}')" = true ] ||
     fail "backup-1 not ready: $($k get volumesnapshot backup-1 -o jsonpath='{.status}')"
-echo "   backup-1 ready in $(lap)"
+echo "   backup-1 ready in $(lap) (readyToUse false seen while it ran: $seen_false)"
 content="$($k get volumesnapshot backup-1 -o jsonpath='{.status.boundVolumeSnapshotContentName}')"
+# However often the snapshotter asked (it asks again while readyToUse is false), one backup ran.
+calls="$(grep -c "Creating snapshot for content $content through the plugin" "$dir/a/csi-snapshotter.log" || true)"
+runs="$(grep -c 'backup ended' "$dir/a/csi-controller.log" || true)"
+echo "   CreateSnapshot calls for it: $calls; backups run: $runs"
+[ "$runs" = 1 ] || fail "$runs backups ran for one VolumeSnapshot"
 handle="$(kubectl get volumesnapshotcontent "$content" -o jsonpath='{.status.snapshotHandle}')"
 echo "   handle: $handle"
 case "$handle" in "backup:$((64 << 20)):$vol/"*"@$target") ;; *) fail "unexpected handle $handle" ;; esac
@@ -227,6 +242,10 @@ qemu-io -f raw -c "read -P 0x5a 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of dr-1)" 
     fail "dr-1 does not hold the backup's data"
 qemu-io -f raw -c "read -P 0x5a 0 1M" -c "read -P 0xa5 63M 1M" "$(nbd_of dr-1)" 2>&1 |
     grep -q "Pattern verification failed" && fail "dr-1 content differs from the backup"
+qemu-img convert -f raw -O raw "$(nbd_of dr-1)" "$dir/restored.raw"
+cmp <(dd if="$dir/restored.raw" bs=1M skip=8 count=32 2>/dev/null) "$dir/random" ||
+    fail "dr-1's 32 MiB of random data differ from what was backed up"
+rm -f "$dir/restored.raw" "$dir/random"
 echo "   dr-1 holds the data backed up in cluster A (and not what was written after)"
 
 echo "== deleting the VolumeSnapshot removes the backup from S3"
