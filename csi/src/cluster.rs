@@ -37,7 +37,7 @@ pub struct Cluster {
     /// (it may just have been created).
     pub controller_wait: Duration,
     /// Backups and restores running in the background.
-    pub jobs: crate::controller::backups::Jobs,
+    pub jobs: crate::controller::jobs::Jobs,
 }
 
 impl Cluster {

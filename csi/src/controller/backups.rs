@@ -1,6 +1,6 @@
 //! Backups as CSI snapshots: CreateSnapshot with a `type: backup`
 //! VolumeSnapshotClass, DeleteSnapshot, List/GetSnapshot of backup handles,
-//! and CreateVolume from one (a restore, also in another cluster).
+//! and CreateVolume from one (a restore, also in another cluster; `restore.rs`).
 //!
 //! The data never passes through the CSI controller: a backup is the
 //! source volume's controller's CreateBackup stream (it snapshots the
@@ -19,7 +19,7 @@
 //! like the engine's own, plus a hash of the CSI name) and passes it in
 //! CreateBackup. Before starting, it writes a [`BackupRecord`] (state
 //! Running, with the handle) into the source StrataVolume's spec, starts
-//! the CreateBackup stream as a background task it owns ([`Jobs`]) and
+//! the CreateBackup stream as a background task it owns ([`super::jobs::Jobs`]) and
 //! answers `ready_to_use: false`. A retry finds the record and answers
 //! from it; when the task ends it marks the record Ready or Failed. After a
 //! CSI controller restart the record says Running but no task runs: the
@@ -40,24 +40,18 @@
 //! rewrites the whole backup, so repeating it is safe).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use strata_backup::{BackupError, GcOptions, NoProgress, S3Options, Target, TargetOptions};
-use strata_proto::controller::{BackupEvent, BackupRequest, RestoreRequest, TargetSpec};
+use strata_proto::controller::BackupRequest;
 use strata_proto::csi::{
     list_snapshots_response, CreateSnapshotRequest, ListSnapshotsRequest, Snapshot,
 };
 
+use super::jobs::{drain, target_spec};
 use crate::cluster::Cluster;
-use crate::crd::{backup_state, BackupRecord, StrataVolume, VolumeSource};
+use crate::crd::{backup_state, BackupRecord, StrataVolume};
 use crate::error::{CsiError, CsiResult};
 use crate::names::{self, BackupHandle};
-use crate::params::VolumeParams;
-
-/// How long CreateVolume waits for a restore before answering ABORTED
-/// (the provisioner's own timeout is longer: `--timeout=90s`).
-const RESTORE_WAIT: Duration = Duration::from_secs(60);
 
 /// Secret keys DeleteSnapshot reads (the same names the volume controller
 /// reads from its environment).
@@ -65,200 +59,6 @@ pub const SECRET_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const SECRET_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const SECRET_REGION: &str = "AWS_REGION";
 pub const SECRET_ENDPOINT: &str = "STRATA_S3_ENDPOINT";
-
-/// A background job's state.
-enum JobState {
-    Running { progress: String },
-    Done(CsiResult<()>),
-}
-
-/// The backups and restores this CSI controller runs in the background, by
-/// key (`backup/HANDLE`, `restore/VOLUME`). In memory only: after a
-/// restart the StrataVolume records say what to start again.
-#[derive(Clone, Default)]
-pub struct Jobs(Arc<Mutex<HashMap<String, JobState>>>);
-
-impl Jobs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, JobState>> {
-        // A panic elsewhere with the lock held leaves the map usable.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn is_running(&self, key: &str) -> bool {
-        matches!(self.lock().get(key), Some(JobState::Running { .. }))
-    }
-
-    /// Starts `job` under `key` unless one runs; its result stays until
-    /// [`Self::take_done`] takes it.
-    fn start<F>(&self, key: &str, job: F) -> bool
-    where
-        F: FnOnce(Jobs, String),
-    {
-        {
-            let mut m = self.lock();
-            if m.contains_key(key) {
-                return false;
-            }
-            m.insert(
-                key.to_string(),
-                JobState::Running {
-                    progress: "starting".into(),
-                },
-            );
-        }
-        job(self.clone(), key.to_string());
-        true
-    }
-
-    fn progress(&self, key: &str, text: String) {
-        if let Some(JobState::Running { progress }) = self.lock().get_mut(key) {
-            *progress = text;
-        }
-    }
-
-    fn finish(&self, key: &str, result: CsiResult<()>) {
-        self.lock().insert(key.to_string(), JobState::Done(result));
-    }
-
-    fn forget(&self, key: &str) {
-        self.lock().remove(key);
-    }
-
-    /// Some(result) when the job ended (and forgets it); None while it
-    /// runs or when there is none; the progress text while running.
-    fn take_done(&self, key: &str) -> (Option<CsiResult<()>>, Option<String>) {
-        let mut m = self.lock();
-        match m.get(key) {
-            Some(JobState::Running { progress }) => (None, Some(progress.clone())),
-            Some(JobState::Done(_)) => match m.remove(key) {
-                Some(JobState::Done(r)) => (Some(r), None),
-                _ => (None, None),
-            },
-            None => (None, None),
-        }
-    }
-}
-
-/// The backup handle of a volume source, if it is one.
-pub fn restore_source(s: &VolumeSource) -> CsiResult<Option<BackupHandle>> {
-    match &s.snapshot {
-        Some(id) if BackupHandle::claims(id) => BackupHandle::parse(id)
-            .map(Some)
-            .map_err(|e| CsiError::Invalid(e.to_string())),
-        _ => Ok(None),
-    }
-}
-
-/// CreateVolume from a backup: the class must give the new volume's
-/// controller S3 credentials, and the volume must hold the backup.
-pub fn check_restore(h: &BackupHandle, size: u64, params: &VolumeParams) -> CsiResult<()> {
-    if params.backup_secret.is_none() {
-        return Err(CsiError::Invalid(format!(
-            "restoring backup {} from {} needs S3 credentials: give the StorageClass a \
-             backupSecret parameter (a Secret in strata's namespace with AWS_ACCESS_KEY_ID, \
-             AWS_SECRET_ACCESS_KEY, STRATA_S3_ENDPOINT and STRATA_BACKUP_KEY)",
-            h.backup_ref(),
-            h.target
-        )));
-    }
-    if size < h.size_bytes {
-        return Err(CsiError::OutOfRange(format!(
-            "backup {} holds {} bytes; the new volume asks for {size}",
-            h.backup_ref(),
-            h.size_bytes
-        )));
-    }
-    Ok(())
-}
-
-fn target_spec(url: &str) -> Option<TargetSpec> {
-    Some(TargetSpec {
-        url: url.to_string(),
-        ..Default::default()
-    })
-}
-
-/// Reads a CreateBackup/RestoreBackup stream to its end, reporting
-/// progress under `key`.
-async fn drain(
-    jobs: &Jobs,
-    key: &str,
-    what: &str,
-    mut stream: tonic::Streaming<BackupEvent>,
-) -> CsiResult<()> {
-    loop {
-        match stream.message().await {
-            Ok(Some(ev)) if !ev.result_json.is_empty() => return Ok(()),
-            Ok(Some(ev)) => {
-                let unit = if ev.bytes { " bytes" } else { " objects" };
-                jobs.progress(
-                    key,
-                    format!("{}: {} of {}{unit}", ev.phase, ev.done, ev.total),
-                );
-            }
-            Ok(None) => {
-                return Err(CsiError::Unavailable(format!(
-                    "{what}: the controller's stream ended without a result"
-                )))
-            }
-            Err(s) => return Err(CsiError::downstream(what, s)),
-        }
-    }
-}
-
-/// Restores `h` into the new volume `id` through its controller, waiting
-/// up to [`RESTORE_WAIT`]; ABORTED while it still runs (see module docs).
-pub async fn restore_into(cluster: &Cluster, id: &str, h: &BackupHandle) -> CsiResult<()> {
-    let key = format!("restore/{id}");
-    let jobs = cluster.jobs.clone();
-    let (c, vid, handle) = (cluster.clone(), id.to_string(), h.clone());
-    jobs.start(&key, move |jobs, key| {
-        drop(tokio::spawn(async move {
-            let what = format!(
-                "restoring backup {} from {} into {vid}",
-                handle.backup_ref(),
-                handle.target
-            );
-            let result = async {
-                let mut ctl = c.volume_controller(&vid).await?;
-                let stream = ctl
-                    .restore_backup(RestoreRequest {
-                        target: target_spec(&handle.target),
-                        backup: handle.backup_ref(),
-                        force: false,
-                    })
-                    .await
-                    .map_err(|s| CsiError::downstream(&what, s))?
-                    .into_inner();
-                drain(&jobs, &key, &what, stream).await
-            }
-            .await;
-            match &result {
-                Ok(()) => tracing::info!(volume = %vid, backup = %handle.backup_ref(), "restored"),
-                Err(e) => tracing::warn!(volume = %vid, error = %e, "restore failed"),
-            }
-            jobs.finish(&key, result);
-        }));
-    });
-    let deadline = tokio::time::Instant::now() + RESTORE_WAIT;
-    loop {
-        match jobs.take_done(&key) {
-            (Some(result), _) => return result,
-            (None, Some(progress)) if tokio::time::Instant::now() >= deadline => {
-                return Err(CsiError::Aborted(format!(
-                    "volume {id}: still restoring backup {} ({progress}); not ready until it is done",
-                    h.backup_ref()
-                )))
-            }
-            (None, Some(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
-            (None, None) => {
-                return Err(CsiError::Aborted(format!(
-                    "volume {id}: the restore job vanished; retry"
-                )))
-            }
-        }
-    }
-}
 
 fn creation(secs: i64) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp {
@@ -624,36 +424,6 @@ mod tests {
     }
 
     #[test]
-    fn restores_need_a_secret_and_room() {
-        let h = handle();
-        let with_secret = VolumeParams {
-            backup_secret: Some("s3".into()),
-            ..Default::default()
-        };
-        let e = check_restore(&h, 65536, &VolumeParams::default()).unwrap_err();
-        assert!(matches!(e, CsiError::Invalid(_)) && e.to_string().contains("backupSecret"));
-        let e = check_restore(&h, 61440, &with_secret).unwrap_err();
-        assert!(matches!(e, CsiError::OutOfRange(_)), "{e}");
-        assert!(check_restore(&h, 65536, &with_secret).is_ok());
-        assert!(check_restore(&h, 1 << 30, &with_secret).is_ok());
-    }
-
-    #[test]
-    fn restore_sources() {
-        let src = |s: &str| VolumeSource {
-            snapshot: Some(s.into()),
-            volume: None,
-        };
-        assert_eq!(restore_source(&src("pvc-1/snap")).unwrap(), None);
-        assert_eq!(
-            restore_source(&src(&handle().to_id())).unwrap(),
-            Some(handle())
-        );
-        let e = restore_source(&src("backup:12:x")).unwrap_err();
-        assert!(matches!(e, CsiError::Invalid(_)), "{e}");
-    }
-
-    #[test]
     fn a_handle_alone_answers_list_and_get() {
         let h = handle();
         let s = from_handle(&h);
@@ -708,24 +478,5 @@ mod tests {
         assert!(matches!(options_from(&s, &h), Err(CsiError::Invalid(_))));
         s.insert(strata_backup::KEY_ENV.into(), "0123456789abcdef\n".into());
         assert_eq!(options_from(&s, &h).unwrap().key.unwrap().len(), 16);
-    }
-
-    #[test]
-    fn jobs_run_once_and_report_once() {
-        let jobs = Jobs::default();
-        let mut ran = 0;
-        assert!(jobs.start("k", |_, _| ran += 1));
-        assert!(!jobs.start("k", |_, _| ran += 1));
-        assert_eq!(ran, 1);
-        assert!(jobs.is_running("k"));
-        jobs.progress("k", "half".into());
-        assert!(matches!(jobs.take_done("k"), (None, Some(p)) if p == "half"));
-        jobs.finish("k", Err(CsiError::Internal("boom".into())));
-        assert!(!jobs.is_running("k"));
-        assert!(matches!(
-            jobs.take_done("k").0,
-            Some(Err(CsiError::Internal(_)))
-        ));
-        assert!(matches!(jobs.take_done("k"), (None, None)));
     }
 }

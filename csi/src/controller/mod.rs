@@ -3,8 +3,9 @@
 //! - [`volumes`]: CreateVolume (empty, from a snapshot, from a volume),
 //!   DeleteVolume, ListVolumes, ControllerGetVolume, GetCapacity.
 //! - [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots.
-//! - [`backups`]: the same for `type: backup` classes (S3), and the
-//!   restore of CreateVolume from a backup handle.
+//! - [`backups`]: the same for `type: backup` classes (S3); [`restore`]:
+//!   CreateVolume from a backup handle; [`jobs`]: the backups and
+//!   restores running in the background.
 //! - [`condition`]: a volume's health as VOLUME_CONDITION reports it.
 //! - [`status`]: the StrataVolume statuses, kept current.
 //!
@@ -14,6 +15,8 @@
 
 pub mod backups;
 pub mod condition;
+pub mod jobs;
+pub mod restore;
 pub mod snapshots;
 pub mod status;
 pub mod volumes;

@@ -7,7 +7,7 @@
 //! finishes the remaining steps; a failure before the resource exists
 //! leaves nothing.
 //!
-//! From a backup handle (`backups.rs`), the replicas are made empty, and
+//! From a backup handle (`restore.rs`), the replicas are made empty, and
 //! the backup is restored through the new volume's controller once it
 //! runs; the phase stays Creating, and CreateVolume does not succeed,
 //! until the restore is done.
@@ -58,12 +58,12 @@ pub async fn create(cluster: &Cluster, req: CreateVolumeRequest) -> CsiResult<Vo
         }
         None => {
             let restore = match &source {
-                Some(s) => super::backups::restore_source(s)?,
+                Some(s) => super::restore::restore_source(s)?,
                 None => None,
             };
             let source_volume = match (&source, &restore) {
                 (Some(_), Some(h)) => {
-                    super::backups::check_restore(h, size, &params)?;
+                    super::restore::check_restore(h, size, &params)?;
                     None
                 }
                 (Some(s), None) => Some(check_source(cluster, s, size).await?),
@@ -128,7 +128,7 @@ async fn finish(cluster: &Cluster, sv: &StrataVolume, id: &str) -> CsiResult<()>
     let addrs = replica_addrs(cluster, sv).await?;
     // A backup is restored into an empty volume once its controller runs.
     let restore = match &sv.spec.source {
-        Some(s) => super::backups::restore_source(s)?,
+        Some(s) => super::restore::restore_source(s)?,
         None => None,
     };
     if creating {
@@ -151,7 +151,7 @@ async fn finish(cluster: &Cluster, sv: &StrataVolume, id: &str) -> CsiResult<()>
     if creating {
         if let Some(h) = &restore {
             // Phase Creating until it is done: a retry comes back here.
-            super::backups::restore_into(cluster, id, h).await?;
+            super::restore::restore_into(cluster, id, h).await?;
         }
         set_phase(
             cluster,
