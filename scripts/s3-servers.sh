@@ -70,8 +70,9 @@ s3_start() {
     echo "s3s-fs  $STRATA_S3_S3SFS_ENDPOINT   (bucket strata, key $S3_ACCESS_KEY / $S3_SECRET_KEY, data in $dir/s3s-fs)"
 }
 
-# Only moto (the backup benchmark needs no second server), on STRATA_MOTO_PORT;
-# exports STRATA_S3_MOTO_ENDPOINT.
+# s3_start_moto DIR: moto alone (the backup benchmark and the CSI backup flow need no second
+# server), on STRATA_MOTO_PORT, with the bucket `strata`; exports STRATA_S3_MOTO_ENDPOINT and
+# test credentials (moto checks none).
 s3_start_moto() {
     local dir=${1:?usage: s3_start_moto DIR}
     local mport=${STRATA_MOTO_PORT:-9000}
@@ -80,7 +81,9 @@ s3_start_moto() {
     "$STRATA_MOTO_BIN" -H 127.0.0.1 -p "$mport" >"$dir/moto.log" 2>&1 &
     echo $! >"$dir/moto.pid"
     _s3_wait "$mport" "200" || { s3_stop "$dir"; return 1; }
+    curl -s -o /dev/null -X PUT "http://127.0.0.1:$mport/strata"
     export STRATA_S3_MOTO_ENDPOINT="http://127.0.0.1:$mport"
+    export AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY" AWS_REGION=us-east-1
 }
 
 s3_stop() {

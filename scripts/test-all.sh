@@ -68,6 +68,8 @@ echo "== csi-sanity against strata csi (mount and block; scripts/csi-sanity.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-sanity.sh all 2>&1 | tee target/csi-sanity-output.txt
 echo "== a PVC's life through a real control plane and the CSI sidecars (scripts/csi-k8s-flow.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-k8s-flow.sh 2>&1 | tee target/csi-flow-output.txt
+echo "== backups as VolumeSnapshots and a restore in a new cluster (scripts/csi-backup-flow.sh)"
+STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-backup-flow.sh 2>&1 | tee target/csi-backup-flow-output.txt
 echo "== a node dies under a volume's controller pod (scripts/csi-failover.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-failover.sh 2>&1 | tee target/csi-failover-output.txt
 echo "== kernel attach test in a VM (Debian kernel under QEMU TCG; scripts/vm-attach-test.sh)"

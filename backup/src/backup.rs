@@ -42,6 +42,12 @@ pub struct BackupOptions {
     /// Read every allocated range even if an earlier backup could be the
     /// base.
     pub full: bool,
+    /// The new backup's id, chosen by the caller (so it can name the backup
+    /// before it exists, as the CSI driver's snapshot handles do); None: a
+    /// new [`new_id`]. A chosen id should sort by time like those (the
+    /// newest manifest is the next backup's parent). A backup with this id
+    /// already in the target is refused with [`BackupError::Exists`].
+    pub id: Option<String>,
 }
 
 /// What one backup did.
@@ -113,7 +119,19 @@ pub async fn create_backup<S: SnapshotSource>(
         .ok_or_else(|| BackupError::Invalid("target config vanished".into()))?;
     format::geometry(source.size(), l.config.chunk_size, l.config.page_chunks)
         .map_err(|e| BackupError::Invalid(format!("volume {volume:?}: {}", e.0)))?;
-    let id = new_id();
+    let id = match &opts.id {
+        Some(id) => {
+            check_name(id)?;
+            if target.store.exists(&manifest_key(&volume, id)).await? {
+                return Err(BackupError::Exists {
+                    target: target.url().to_string(),
+                    id: format!("{volume}/{id}"),
+                });
+            }
+            id.clone()
+        }
+        None => new_id(),
+    };
     let lock = Lock::acquire(target, "backup", &volume, &id).await?;
     let res = run(target, l, source, opts, progress, &id, &lock).await;
     lock.release().await;

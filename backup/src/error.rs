@@ -43,6 +43,9 @@ pub enum BackupError {
     /// No backup with this id.
     #[error("no backup {id:?} in {target}")]
     NoSuchBackup { target: String, id: String },
+    /// A backup with the id the caller chose is already there.
+    #[error("backup {id:?} already exists in {target}")]
+    Exists { target: String, id: String },
     /// The request itself is invalid (bad volume name, sink too small, ...).
     #[error("{0}")]
     Invalid(String),

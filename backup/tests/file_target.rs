@@ -495,3 +495,45 @@ async fn file_source_reads_only_allocated_ranges() {
     assert!(s2.parent.is_none());
     assert_eq!(s2.stats.chunks_new, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chosen_id_names_the_backup_and_is_never_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Target::open(&url(&tmp.path().join("t")), &TargetOptions::default())
+        .await
+        .unwrap();
+    let mut v = Volume::new(tmp.path(), "vol-a", 64 * MIB);
+    v.snapshot("s1", &scattered(3, 64 * MIB, 4, MIB));
+    let v = Arc::new(v);
+    let chosen = BackupOptions {
+        full: false,
+        id: Some("20261205T010203.456Z-1a2b3c4d".into()),
+    };
+    let s = create_backup(&target, &v.source(0), &chosen, &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(s.id, "20261205T010203.456Z-1a2b3c4d");
+    assert_eq!(
+        show(&target, "vol-a/20261205T010203.456Z-1a2b3c4d")
+            .await
+            .unwrap()
+            .id,
+        s.id
+    );
+    // The same id again (a retried request): refused, the backup kept.
+    let e = create_backup(&target, &v.source(0), &chosen, &NoProgress)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackupError::Exists { .. }), "{e}");
+    assert_eq!(list(&target, Some("vol-a")).await.unwrap().len(), 1);
+    for bad in ["", "a/b", ".hidden", "with space"] {
+        let opts = BackupOptions {
+            full: false,
+            id: Some(bad.into()),
+        };
+        let e = create_backup(&target, &v.source(0), &opts, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BackupError::Invalid(_)), "{bad:?}: {e}");
+    }
+}

@@ -36,6 +36,8 @@ pub struct Cluster {
     /// How long a call waits for a volume's controller pod to answer
     /// (it may just have been created).
     pub controller_wait: Duration,
+    /// Backups and restores running in the background.
+    pub jobs: crate::controller::jobs::Jobs,
 }
 
 impl Cluster {

@@ -62,6 +62,10 @@ pub struct StrataVolumeSpec {
     /// The snapshots CSI created in this volume.
     #[serde(default)]
     pub snapshots: Vec<SnapshotRecord>,
+    /// The backups CSI took of this volume (VolumeSnapshots of a
+    /// `type: backup` class), running or done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<BackupRecord>,
 }
 
 /// A volume's origin.
@@ -88,6 +92,31 @@ pub struct SnapshotRecord {
     pub created: i64,
     /// The volume's size when it was taken.
     pub size_bytes: u64,
+}
+
+/// A backup CSI took (or is taking) to S3. Written before the backup
+/// starts, so a retried CreateSnapshot finds it instead of starting another.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRecord {
+    /// The name CreateSnapshot was called with.
+    pub csi_name: String,
+    /// The snapshot ID (`backup:SIZE:VOLUME/ID@TARGET`, see `names.rs`).
+    pub handle: String,
+    /// Unix seconds when it was asked for.
+    pub created: i64,
+    /// Running, Ready or Failed ([`backup_state`]).
+    pub state: String,
+    /// Why it failed ("" otherwise).
+    #[serde(default)]
+    pub message: String,
+}
+
+/// States of a [`BackupRecord`].
+pub mod backup_state {
+    pub const RUNNING: &str = "Running";
+    pub const READY: &str = "Ready";
+    pub const FAILED: &str = "Failed";
 }
 
 /// What the volume's controller last reported.

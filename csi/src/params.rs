@@ -8,6 +8,14 @@
 //! | `backupSchedules` | none | JSON list of schedules, each as `strata controller serve --backup-schedule` takes it |
 //! | `backupSecret` | none | a Secret in strata's namespace whose keys become the volume controller's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `STRATA_S3_ENDPOINT`, `STRATA_BACKUP_KEY`) |
 //!
+//! VolumeSnapshotClass parameters (CreateSnapshot's `parameters`),
+//! [`SnapshotKind`]:
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `type` | `snapshot` | `snapshot`: in the volume's replicas; `backup`: to S3 |
+//! | `target` | none | `s3://bucket/prefix`, required with `type: backup` (and only then) |
+//!
 //! Keys starting with `csi.storage.k8s.io/` are the sidecars' own (the
 //! PVC's name and namespace with `--extra-create-metadata`) and are
 //! ignored; any other key is refused, so a typo is an error and not a
@@ -105,6 +113,56 @@ impl VolumeParams {
     }
 }
 
+pub const SNAPSHOT_TYPE: &str = "type";
+pub const SNAPSHOT_TARGET: &str = "target";
+
+/// What a CreateSnapshot makes, from its class's parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// A strata snapshot in the volume's replicas.
+    InCluster,
+    /// A backup to an S3 target (`s3://bucket/prefix`).
+    Backup { target: String },
+}
+
+impl SnapshotKind {
+    pub fn parse(params: &HashMap<String, String>) -> Result<SnapshotKind, CsiError> {
+        let mut kind = None;
+        let mut target = None;
+        for (key, value) in params.iter().collect::<BTreeMap<_, _>>() {
+            match key.as_str() {
+                SNAPSHOT_TYPE => kind = Some(value.as_str()),
+                SNAPSHOT_TARGET => target = Some(value.clone()),
+                k if k.starts_with(SIDECAR_PREFIX) => {}
+                _ => {
+                    return Err(CsiError::Invalid(format!(
+                        "unknown snapshot parameter {key:?}; strata takes {SNAPSHOT_TYPE} \
+                         (snapshot or backup) and {SNAPSHOT_TARGET} (for a backup)"
+                    )))
+                }
+            }
+        }
+        match (kind.unwrap_or("snapshot"), target) {
+            ("snapshot", None) => Ok(SnapshotKind::InCluster),
+            ("snapshot", Some(_)) => Err(CsiError::Invalid(format!(
+                "snapshot parameter {SNAPSHOT_TARGET} is for {SNAPSHOT_TYPE}: backup; \
+                 an in-cluster snapshot lives in the volume's replicas"
+            ))),
+            ("backup", Some(target)) => {
+                crate::names::check_target(&target)
+                    .map_err(|e| CsiError::Invalid(format!("snapshot parameter {e}")))?;
+                Ok(SnapshotKind::Backup { target })
+            }
+            ("backup", None) => Err(CsiError::Invalid(format!(
+                "{SNAPSHOT_TYPE}: backup needs {SNAPSHOT_TARGET}: s3://BUCKET/PREFIX"
+            ))),
+            (other, _) => Err(CsiError::Invalid(format!(
+                "snapshot parameter {SNAPSHOT_TYPE}={other:?}: snapshot or backup"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +217,55 @@ mod tests {
         let arg = &p.schedule_args()[0];
         let back: BackupSchedule = serde_json::from_str(arg).unwrap();
         assert_eq!(back, p.schedules[0]);
+    }
+
+    fn kind(pairs: &[(&str, &str)]) -> Result<SnapshotKind, CsiError> {
+        SnapshotKind::parse(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn snapshot_classes() {
+        assert_eq!(kind(&[]).unwrap(), SnapshotKind::InCluster);
+        assert_eq!(
+            kind(&[
+                ("type", "snapshot"),
+                ("csi.storage.k8s.io/volumesnapshot/name", "s")
+            ])
+            .unwrap(),
+            SnapshotKind::InCluster
+        );
+        assert_eq!(
+            kind(&[("type", "backup"), ("target", "s3://strata/dr")]).unwrap(),
+            SnapshotKind::Backup {
+                target: "s3://strata/dr".into()
+            }
+        );
+        for (bad, why) in [
+            (&[("type", "Backup")][..], "snapshot or backup"),
+            (&[("type", "backup")], "needs target"),
+            (
+                &[("type", "backup"), ("target", "file:///tmp/b")],
+                "only s3://",
+            ),
+            (&[("type", "backup"), ("target", "s3://x")], "bucket"),
+            (&[("target", "s3://strata/dr")], "is for type: backup"),
+            (
+                &[
+                    ("type", "backup"),
+                    ("target", "s3://strata/dr"),
+                    ("targt", "x"),
+                ],
+                "unknown",
+            ),
+        ] {
+            let e = kind(bad).unwrap_err();
+            assert!(matches!(e, CsiError::Invalid(_)), "{bad:?}: {e}");
+            assert!(e.to_string().contains(why), "{bad:?}: {e}");
+        }
     }
 }

@@ -105,6 +105,7 @@ pub async fn serve(
                 service_account: None,
             },
             controller_wait: s.controller_wait,
+            jobs: Default::default(),
         };
         tokio::spawn(crate::controller::status::keep_current(
             cluster.clone(),

@@ -253,7 +253,7 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
             let s = strata_backup::create_backup(
                 &target,
                 &src,
-                &BackupOptions { full },
+                &BackupOptions { full, id: None },
                 progress.as_ref(),
             )
             .await?;
@@ -516,6 +516,7 @@ mod through_controller {
                 target: Some(spec(t)?),
                 snapshot: snapshot.unwrap_or_default(),
                 full,
+                id: String::new(),
             })
             .await
             .map_err(|e| anyhow::anyhow!("volume {volume}: backup refused: {}", e.message()))?

@@ -38,7 +38,7 @@ pub async fn run_backup(
     opts: &TargetOptions,
     url: &str,
     snapshot: Option<&str>,
-    full: bool,
+    backup_opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupSummary, JobError> {
     let target = Target::open(url, opts)
@@ -58,7 +58,7 @@ pub async fn run_backup(
     };
     let result = async {
         let source = ReplicaSnapshotSource::open(volume, &name).await?;
-        Ok::<_, JobError>(create_backup(&target, &source, &BackupOptions { full }, progress).await?)
+        Ok::<_, JobError>(create_backup(&target, &source, backup_opts, progress).await?)
     }
     .await;
     if ours {

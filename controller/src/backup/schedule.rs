@@ -91,7 +91,7 @@ async fn run_once(volume: &Arc<Volume>, opts: &TargetOptions, s: &ScheduleState)
     let url = &s.schedule.target;
     tracing::info!(volume = %volume.name, target = %url, "scheduled backup starting");
     let progress = LogProgress::new(Duration::from_secs(10));
-    let result = run_backup(volume, opts, url, None, false, &progress).await;
+    let result = run_backup(volume, opts, url, None, &Default::default(), &progress).await;
     let mut run = LastRun {
         finished: 0,
         ok: result.is_ok(),

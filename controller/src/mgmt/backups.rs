@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use strata_backup::{LogProgress, Progress, S3Options, TargetOptions};
+use strata_backup::{BackupOptions, LogProgress, Progress, S3Options, TargetOptions};
 use strata_proto::controller::{BackupEvent, BackupRequest, RestoreRequest, TargetSpec};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -131,7 +131,10 @@ pub fn create(
             &opts,
             &spec.url,
             snapshot.as_deref(),
-            req.full,
+            &BackupOptions {
+                full: req.full,
+                id: (!req.id.is_empty()).then_some(req.id),
+            },
             progress.as_ref(),
         )
         .await

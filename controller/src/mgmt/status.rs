@@ -36,6 +36,7 @@ fn job_code(e: &JobError) -> Code {
         JobError::NoSnapshot { .. } => Code::NotFound,
         JobError::Target { .. } => Code::FailedPrecondition,
         JobError::Backup { source, .. } | JobError::Restore { source, .. } => job_code(source),
+        JobError::Engine(strata_backup::BackupError::Exists { .. }) => Code::AlreadyExists,
         JobError::Engine(_) => Code::Aborted,
     }
 }

@@ -3,6 +3,9 @@
 //! - [`volumes`]: CreateVolume (empty, from a snapshot, from a volume),
 //!   DeleteVolume, ListVolumes, ControllerGetVolume, GetCapacity.
 //! - [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots.
+//! - [`backups`]: the same for `type: backup` classes (S3); [`restore`]:
+//!   CreateVolume from a backup handle; [`jobs`]: the backups and
+//!   restores running in the background.
 //! - [`condition`]: a volume's health as VOLUME_CONDITION reports it.
 //! - [`status`]: the StrataVolume statuses, kept current.
 //! - [`repair`]: lost replicas replaced, left-over ones removed.
@@ -11,8 +14,11 @@
 //! controllers or two writers are kept apart by epochs in the replicas,
 //! not by a VolumeAttachment (ARCHITECTURE.md says why).
 
+pub mod backups;
 pub mod condition;
+pub mod jobs;
 pub mod repair;
+pub mod restore;
 pub mod snapshots;
 pub mod status;
 pub mod volumes;
@@ -172,7 +178,8 @@ impl Controller for ControllerService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        snapshots::delete(&self.cluster, &req.into_inner().snapshot_id).await?;
+        let req = req.into_inner();
+        snapshots::delete(&self.cluster, &req.snapshot_id, &req.secrets).await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
     }
 

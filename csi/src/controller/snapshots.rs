@@ -4,6 +4,10 @@
 //! volume's controller (crash-consistent across replicas), and a record in
 //! the volume's StrataVolume spec (its CSI name, for idempotency and
 //! listing without waking every controller).
+//!
+//! A VolumeSnapshotClass with `type: backup` makes a backup to S3 instead:
+//! those calls go to [`super::backups`], told apart by the class's
+//! parameters and by the snapshot ID's form (`names.rs`).
 
 use kube::api::PostParams;
 use strata_proto::controller::{SnapshotRef, StatusRequest};
@@ -13,7 +17,8 @@ use tonic::Code;
 use crate::cluster::Cluster;
 use crate::crd::{SnapshotRecord, StrataVolume};
 use crate::error::{CsiError, CsiResult};
-use crate::names;
+use crate::names::{self, BackupHandle};
+use crate::params::SnapshotKind;
 
 fn to_csi(volume_id: &str, r: &SnapshotRecord) -> Snapshot {
     Snapshot {
@@ -38,20 +43,18 @@ pub async fn create(cluster: &Cluster, req: CreateSnapshotRequest) -> CsiResult<
             "CreateSnapshot needs a source volume ID".into(),
         ));
     }
-    if !req.parameters.is_empty() {
-        let keys: Vec<_> = req
-            .parameters
-            .keys()
-            .filter(|k| !k.starts_with("csi.storage.k8s.io/"))
-            .collect();
-        if !keys.is_empty() {
-            return Err(CsiError::Invalid(format!(
-                "unknown snapshot parameters {keys:?}: in-cluster snapshots take none"
-            )));
-        }
+    if let SnapshotKind::Backup { target } = SnapshotKind::parse(&req.parameters)? {
+        return super::backups::create(cluster, &req, &target).await;
     }
     let volume_id = req.source_volume_id.clone();
     for sv in cluster.list_volumes().await? {
+        if sv.spec.backups.iter().any(|r| r.csi_name == req.name) {
+            return Err(CsiError::AlreadyExists(format!(
+                "snapshot {:?} exists as a backup of volume {}",
+                req.name,
+                sv.metadata.name.as_deref().unwrap_or_default()
+            )));
+        }
         if let Some(r) = sv.spec.snapshots.iter().find(|r| r.csi_name == req.name) {
             let id = sv.metadata.name.clone().unwrap_or_default();
             if id == volume_id {
@@ -113,7 +116,11 @@ pub async fn create(cluster: &Cluster, req: CreateSnapshotRequest) -> CsiResult<
 }
 
 /// Read, change, replace; again on a conflict.
-async fn update(cluster: &Cluster, id: &str, change: impl Fn(&mut StrataVolume)) -> CsiResult<()> {
+pub(crate) async fn update(
+    cluster: &Cluster,
+    id: &str,
+    change: impl Fn(&mut StrataVolume),
+) -> CsiResult<()> {
     for _ in 0..10 {
         let Some(mut sv) = cluster.get_volume(id).await? else {
             return Err(CsiError::NotFound(format!("volume {id} is gone")));
@@ -134,11 +141,18 @@ async fn update(cluster: &Cluster, id: &str, change: impl Fn(&mut StrataVolume))
     )))
 }
 
-pub async fn delete(cluster: &Cluster, snapshot_id: &str) -> CsiResult<()> {
+pub async fn delete(
+    cluster: &Cluster,
+    snapshot_id: &str,
+    secrets: &std::collections::HashMap<String, String>,
+) -> CsiResult<()> {
     if snapshot_id.is_empty() {
         return Err(CsiError::Invalid(
             "DeleteSnapshot needs a snapshot ID".into(),
         ));
+    }
+    if BackupHandle::claims(snapshot_id) {
+        return super::backups::delete(cluster, snapshot_id, secrets).await;
     }
     let Some((volume_id, name)) = names::parse_snapshot_id(snapshot_id) else {
         return Ok(());
@@ -176,7 +190,8 @@ pub async fn list(
     req: ListSnapshotsRequest,
 ) -> CsiResult<ListSnapshotsResponse> {
     let mut all = Vec::new();
-    for sv in cluster.list_volumes().await? {
+    let volumes = cluster.list_volumes().await?;
+    for sv in &volumes {
         let id = sv.metadata.name.clone().unwrap_or_default();
         if !req.source_volume_id.is_empty() && req.source_volume_id != id {
             continue;
@@ -188,12 +203,14 @@ pub async fn list(
             }
         }
     }
-    let (page, next_token) = super::page(&all, &req.starting_token, req.max_entries)?;
+    let mut all: Vec<_> = all
+        .into_iter()
+        .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
+        .collect();
+    all.extend(super::backups::list(&volumes, &req));
+    let (entries, next_token) = super::page(&all, &req.starting_token, req.max_entries)?;
     Ok(ListSnapshotsResponse {
-        entries: page
-            .into_iter()
-            .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
-            .collect(),
+        entries,
         next_token,
     })
 }
@@ -201,6 +218,9 @@ pub async fn list(
 pub async fn get(cluster: &Cluster, snapshot_id: &str) -> CsiResult<Snapshot> {
     if snapshot_id.is_empty() {
         return Err(CsiError::Invalid("GetSnapshot needs a snapshot ID".into()));
+    }
+    if BackupHandle::claims(snapshot_id) {
+        return super::backups::get(cluster, snapshot_id).await;
     }
     let missing = || CsiError::NotFound(format!("no snapshot {snapshot_id:?}"));
     let (volume_id, name) = names::parse_snapshot_id(snapshot_id).ok_or_else(missing)?;

@@ -6,6 +6,11 @@
 //! and the Deployment. A retry with the same name finds the resource and
 //! finishes the remaining steps; a failure before the resource exists
 //! leaves nothing.
+//!
+//! From a backup handle (`restore.rs`), the replicas are made empty, and
+//! the backup is restored through the new volume's controller once it
+//! runs; the phase stays Creating, and CreateVolume does not succeed,
+//! until the restore is done.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,9 +57,17 @@ pub async fn create(cluster: &Cluster, req: CreateVolumeRequest) -> CsiResult<Vo
             existing
         }
         None => {
-            let source_volume = match &source {
-                Some(s) => Some(check_source(cluster, s, size).await?),
+            let restore = match &source {
+                Some(s) => super::restore::restore_source(s)?,
                 None => None,
+            };
+            let source_volume = match (&source, &restore) {
+                (Some(_), Some(h)) => {
+                    super::restore::check_restore(h, size, &params)?;
+                    None
+                }
+                (Some(s), None) => Some(check_source(cluster, s, size).await?),
+                (None, _) => None,
             };
             let replica_nodes = match &source_volume {
                 // A clone's replicas are made by the source's replica
@@ -80,6 +93,7 @@ pub async fn create(cluster: &Cluster, req: CreateVolumeRequest) -> CsiResult<Vo
                 source: source.clone(),
                 preferred_nodes: preferred.clone(),
                 snapshots: Vec::new(),
+                backups: Vec::new(),
             };
             let mut sv = StrataVolume::new(&id, spec);
             sv.status = Some(StrataVolumeStatus {
@@ -112,8 +126,18 @@ async fn finish(cluster: &Cluster, sv: &StrataVolume, id: &str) -> CsiResult<()>
         .as_ref()
         .is_none_or(|s| s.phase == phase::CREATING);
     let addrs = replica_addrs(cluster, sv).await?;
+    // A backup is restored into an empty volume once its controller runs.
+    let restore = match &sv.spec.source {
+        Some(s) => super::restore::restore_source(s)?,
+        None => None,
+    };
     if creating {
         match &sv.spec.source {
+            _ if restore.is_some() => {
+                for addr in &addrs {
+                    create_replica(*addr, id, sv.spec.size_bytes).await?;
+                }
+            }
             None => {
                 for addr in &addrs {
                     create_replica(*addr, id, sv.spec.size_bytes).await?;
@@ -128,6 +152,10 @@ async fn finish(cluster: &Cluster, sv: &StrataVolume, id: &str) -> CsiResult<()>
     }
     cluster.ensure_deployment(sv, id).await?;
     if creating {
+        if let Some(h) = &restore {
+            // Phase Creating until it is done: a retry comes back here.
+            super::restore::restore_into(cluster, id, h).await?;
+        }
         set_phase(
             cluster,
             id,
