@@ -51,15 +51,7 @@ cluster() {
     local d="$1"
     mkdir -p "$d"
     k8s_env_up "$d"
-    kubectl apply -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
-        -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
-        -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshots.yaml" \
-        -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml" \
-        -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml" \
-        -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml" >/dev/null
-    kubectl wait --for condition=established --timeout 60s \
-        crd/volumesnapshots.snapshot.storage.k8s.io crd/volumesnapshotcontents.snapshot.storage.k8s.io \
-        crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+    k8s_env_snapshot_crds
     kubectl apply -f deploy/base/rbac-sidecars.yaml -f deploy/base/csidriver.yaml \
         -f deploy/base/snapshotclass.yaml >/dev/null
     sed -e "s|s3://my-bucket/strata|$target|" deploy/base/snapshotclass-backup.yaml | kubectl apply -f - >/dev/null
@@ -257,9 +249,9 @@ kubectl get volumesnapshotcontent dr-content >/dev/null 2>&1 && fail "dr-content
 echo "   backup removed in $(lap)"
 $k delete pvc dr-1 --timeout 120s >/dev/null
 for _ in $(seq 120); do
-    [ "$(k8s_env_leftovers "$dir/b")" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] && break
+    [ "$(k8s_env_leftovers "$dir/b")" = "$K8S_ENV_CLEAN" ] && break
     sleep 0.5
 done
 left="$(k8s_env_leftovers "$dir/b")"
-[ "$left" = "StrataVolumes=0 Deployments=0 Services=0 replica-dirs=0" ] || fail "left behind: $left"
+[ "$left" = "$K8S_ENV_CLEAN" ] || fail "left behind: $left"
 echo "== backup flow passed"

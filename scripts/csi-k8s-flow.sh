@@ -35,16 +35,7 @@ kubectl apply --dry-run=server -k deploy/ >"$dir/deploy-dry-run.txt" ||
     { cat "$dir/deploy-dry-run.txt" >&2; echo "FAIL: deploy/ does not validate" >&2; exit 1; }
 echo "   $(grep -c . "$dir/deploy-dry-run.txt") objects accepted"
 
-# All of them: without the group snapshot CRDs the snapshot-controller waits 30 s at start.
-kubectl apply -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
-    -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
-    -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshots.yaml" \
-    -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml" \
-    -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml" \
-    -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml" >/dev/null
-kubectl wait --for condition=established --timeout 60s \
-    crd/volumesnapshots.snapshot.storage.k8s.io crd/volumesnapshotcontents.snapshot.storage.k8s.io \
-    crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+k8s_env_snapshot_crds
 kubectl apply -f deploy/base/rbac-sidecars.yaml -f deploy/base/csidriver.yaml \
     -f deploy/base/snapshotclass.yaml >/dev/null
 echo "== deploy/examples/ against the API server (kubectl apply --dry-run=server)"

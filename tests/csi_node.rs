@@ -36,6 +36,37 @@ fn mount_cap(fs: &str) -> VolumeCapability {
     }
 }
 
+/// A node service attaching with state under `work`.
+fn node_service(work: &Path) -> NodeService {
+    NodeService {
+        node_id: "test-node".into(),
+        attach: AttachOptions {
+            state_dir: work.join("attach"),
+            ..Default::default()
+        },
+        controller_wait: Duration::from_secs(10),
+    }
+}
+
+/// NodeStage of the cluster's volume at `staging` as `fs`, with the context
+/// CreateVolume hands out.
+fn stage_request(c: &Cluster, volume: &str, staging: &Path, fs: &str) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(mount_cap(fs)),
+        volume_context: HashMap::from([("strata.io/nbd-uri".to_string(), c.uri())]),
+        ..Default::default()
+    }
+}
+
+fn unstage_request(volume: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+    }
+}
+
 fn mounted(path: &Path) -> bool {
     let p = path.to_string_lossy().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -51,28 +82,12 @@ async fn stage_formats_only_empty_devices() {
     }
     let c = Cluster::start(3, 64 * MIB);
     let work = tempfile::tempdir().unwrap();
-    let node = NodeService {
-        node_id: "test-node".into(),
-        attach: AttachOptions {
-            state_dir: work.path().join("attach"),
-            ..Default::default()
-        },
-        controller_wait: Duration::from_secs(10),
-    };
+    let node = node_service(work.path());
     // The volume name is the export name; the context is what CreateVolume hands out.
     let volume = c.uri().rsplit('/').next().unwrap().to_string();
     let staging = work.path().join("staging");
-    let stage = |fs: &str| NodeStageVolumeRequest {
-        volume_id: volume.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(mount_cap(fs)),
-        volume_context: HashMap::from([("strata.io/nbd-uri".to_string(), c.uri())]),
-        ..Default::default()
-    };
-    let unstage = || NodeUnstageVolumeRequest {
-        volume_id: volume.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-    };
+    let stage = |fs: &str| stage_request(&c, &volume, &staging, fs);
+    let unstage = || unstage_request(&volume, &staging);
 
     node.node_stage_volume(Request::new(stage("ext4")))
         .await
@@ -130,27 +145,11 @@ async fn xfs_is_made_kept_and_grown() {
     // mkfs.xfs wants at least 300 MiB.
     let c = Cluster::start(3, 320 * MIB);
     let work = tempfile::tempdir().unwrap();
-    let node = NodeService {
-        node_id: "test-node".into(),
-        attach: AttachOptions {
-            state_dir: work.path().join("attach"),
-            ..Default::default()
-        },
-        controller_wait: Duration::from_secs(10),
-    };
+    let node = node_service(work.path());
     let volume = c.uri().rsplit('/').next().unwrap().to_string();
     let staging = work.path().join("staging");
-    let stage = NodeStageVolumeRequest {
-        volume_id: volume.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(mount_cap("xfs")),
-        volume_context: HashMap::from([("strata.io/nbd-uri".to_string(), c.uri())]),
-        ..Default::default()
-    };
-    let unstage = NodeUnstageVolumeRequest {
-        volume_id: volume.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-    };
+    let stage = stage_request(&c, &volume, &staging, "xfs");
+    let unstage = unstage_request(&volume, &staging);
     node.node_stage_volume(Request::new(stage.clone()))
         .await
         .unwrap();

@@ -118,6 +118,20 @@ k8s_env_csi_controller() {
     done
 }
 
+# k8s_env_snapshot_crds: the VolumeSnapshot CRDs, all of them (without the group snapshot CRDs
+# the snapshot-controller waits 30 s at start), established.
+k8s_env_snapshot_crds() {
+    kubectl apply -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
+        -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
+        -f "$SNAPSHOT_CRDS/snapshot.storage.k8s.io_volumesnapshots.yaml" \
+        -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml" \
+        -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml" \
+        -f "$SNAPSHOT_CRDS/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml" >/dev/null
+    kubectl wait --for condition=established --timeout 60s \
+        crd/volumesnapshots.snapshot.storage.k8s.io crd/volumesnapshotcontents.snapshot.storage.k8s.io \
+        crd/volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null
+}
+
 # k8s_env_wait_socket DIR NAME: wait for strata csi's socket DIR/NAME.sock
 k8s_env_wait_socket() {
     local i
