@@ -34,6 +34,15 @@ echo "== deploy/ against the API server (kubectl apply --dry-run=server -k deplo
 kubectl apply --dry-run=server -k deploy/ >"$dir/deploy-dry-run.txt" ||
     { cat "$dir/deploy-dry-run.txt" >&2; echo "FAIL: deploy/ does not validate" >&2; exit 1; }
 echo "   $(grep -c . "$dir/deploy-dry-run.txt") objects accepted"
+for o in deploy/overlays/*/; do
+    kubectl apply --dry-run=server -k "$o" >/dev/null || { echo "FAIL: $o does not validate" >&2; exit 1; }
+done
+# The overlays patch by list index: they must still hit every path they mean to move.
+! kubectl kustomize deploy/overlays/kubelet-path | grep -q /var/lib/kubelet ||
+    { echo "FAIL: deploy/overlays/kubelet-path leaves a /var/lib/kubelet path" >&2; exit 1; }
+kubectl kustomize deploy/overlays/data-path | grep -A1 "hostPath:" | grep -q "path: /mnt/big-disk/strata" ||
+    { echo "FAIL: deploy/overlays/data-path does not move the replica data" >&2; exit 1; }
+echo "   deploy/overlays/*: accepted, and they move the paths they say"
 
 k8s_env_snapshot_crds
 kubectl apply -f deploy/base/rbac-sidecars.yaml -f deploy/base/csidriver.yaml \
