@@ -38,9 +38,13 @@ for o in deploy/overlays/*/; do
     kubectl apply --dry-run=server -k "$o" >/dev/null || { echo "FAIL: $o does not validate" >&2; exit 1; }
 done
 # The overlays patch by list index: they must still hit every path they mean to move.
-! kubectl kustomize deploy/overlays/kubelet-path | grep -q /var/lib/kubelet ||
-    { echo "FAIL: deploy/overlays/kubelet-path leaves a /var/lib/kubelet path" >&2; exit 1; }
-kubectl kustomize deploy/overlays/data-path | grep -A1 "hostPath:" | grep -q "path: /mnt/big-disk/strata" ||
+kubectl kustomize deploy/overlays/kubelet-path >"$dir/kubelet-path.yaml"
+kubectl kustomize deploy/overlays/data-path >"$dir/data-path.yaml"
+if grep -q /var/lib/kubelet "$dir/kubelet-path.yaml"; then
+    echo "FAIL: deploy/overlays/kubelet-path leaves a /var/lib/kubelet path" >&2; exit 1
+fi
+grep -A1 "hostPath:" "$dir/data-path.yaml" >"$dir/data-path-hostpaths.txt" || true
+grep -q "path: /mnt/big-disk/strata" "$dir/data-path-hostpaths.txt" ||
     { echo "FAIL: deploy/overlays/data-path does not move the replica data" >&2; exit 1; }
 echo "   deploy/overlays/*: accepted, and they move the paths they say"
 
