@@ -35,12 +35,13 @@ kubectl apply --dry-run=server -k deploy/ >"$dir/deploy-dry-run.txt" ||
     { cat "$dir/deploy-dry-run.txt" >&2; echo "FAIL: deploy/ does not validate" >&2; exit 1; }
 echo "   $(grep -c . "$dir/deploy-dry-run.txt") objects accepted"
 for o in deploy/overlays/*/; do
-    kubectl apply --dry-run=server -k "$o" >/dev/null || { echo "FAIL: $o does not validate" >&2; exit 1; }
+    kubectl apply --dry-run=server -k "$o" >/dev/null 2>"$dir/overlay-dry-run.err" ||
+        { cat "$dir/overlay-dry-run.err" >&2; echo "FAIL: $o does not validate" >&2; exit 1; }
 done
 # The overlays patch by list index: they must still hit every path they mean to move.
 kubectl kustomize deploy/overlays/kubelet-path >"$dir/kubelet-path.yaml"
 kubectl kustomize deploy/overlays/data-path >"$dir/data-path.yaml"
-if grep -q /var/lib/kubelet "$dir/kubelet-path.yaml"; then
+if grep -Eq '(^|[ :="])/var/lib/kubelet' "$dir/kubelet-path.yaml"; then
     echo "FAIL: deploy/overlays/kubelet-path leaves a /var/lib/kubelet path" >&2; exit 1
 fi
 grep -A1 "hostPath:" "$dir/data-path.yaml" >"$dir/data-path-hostpaths.txt" || true
