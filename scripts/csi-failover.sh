@@ -44,7 +44,7 @@ k8s_env_netns "$0" "$@"
 dir="$(mktemp -d /tmp/strata-csi-failover.XXXXXX)"
 echo "== work directory: $dir"
 trap 'k8s_env_down "$dir"' EXIT
-export K8S_KCM_CONTROLLERS="persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,deployment-controller,replicaset-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller,statefulset-controller"
+export K8S_KCM_MORE_CONTROLLERS="deployment-controller,replicaset-controller,statefulset-controller,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller"
 export K8S_KCM_EXTRA_ARGS="--node-monitor-grace-period=10s --node-monitor-period=1s"
 export K8S_ENV_POD_RUNNER_ARGS="--pods"
 # Replace a replica whose node is NotReady for 20 s (600 s by default).

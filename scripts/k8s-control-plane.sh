@@ -22,7 +22,8 @@
 # Knobs (environment): K8S_PORT_BASE (default 21000: etcd client +79, etcd peer +80,
 # apiserver +443, controller-manager +257; the next free block of 10 ports is taken
 # when one is in use, up to 20 tries), K8S_START_TIMEOUT (seconds, default 90),
-# K8S_CONTROLLER_MANAGER=0|1, K8S_KCM_CONTROLLERS, K8S_KCM_EXTRA_ARGS, K8S_APISERVER_EXTRA_ARGS,
+# K8S_CONTROLLER_MANAGER=0|1, K8S_KCM_CONTROLLERS (or K8S_KCM_MORE_CONTROLLERS, added to the
+# default list), K8S_KCM_EXTRA_ARGS, K8S_APISERVER_EXTRA_ARGS,
 # K8S_KEEP_DATA=1 (k8s_stop keeps etcd's data).
 # Cleanup: k8s_start adds k8s_stop to the caller's EXIT trap (keeping an existing trap; not
 # when called in a subshell), and a watchdog stops the processes within 2 s once the calling
@@ -267,7 +268,7 @@ EOF
         # the controllers a volume's life needs without a kubelet: PV binding and expansion,
         # the PVC/PV protection finalizers, garbage collection of owned objects, namespaces,
         # service accounts and their tokens
-        local controllers="${K8S_KCM_CONTROLLERS:-persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller}"
+        local controllers="${K8S_KCM_CONTROLLERS:-persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller}${K8S_KCM_MORE_CONTROLLERS:+,$K8S_KCM_MORE_CONTROLLERS}"
         _k8s_spawn "$dir" kube-controller-manager "$KUBE_CONTROLLER_MANAGER" \
             --kubeconfig "$dir/kcm.kubeconfig" \
             --authentication-kubeconfig "$dir/kcm.kubeconfig" \
