@@ -7,7 +7,7 @@
 //! management, target pings, logout and the capacity unit attention.
 //! Every step is bounded by a timeout.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +97,15 @@ fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
     v
 }
 
+/// A distinct ISID per client: two logins with the same initiator name and
+/// ISID are a session reinstatement, which closes the older session (a random
+/// byte collided often enough to fail a test that keeps one session open).
+fn next_isid() -> [u8; 6] {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    [0x80, 0, n[0], n[1], n[2], n[3]]
+}
+
 impl Client {
     async fn connect(s: &Server) -> Client {
         Client {
@@ -109,7 +118,7 @@ impl Client {
             statsn: 0,
             itt: 0,
             digests: Digests::default(),
-            isid: [0x80, 0, 0, 0, 0, rand::random()],
+            isid: next_isid(),
         }
     }
 
