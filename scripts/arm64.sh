@@ -10,17 +10,20 @@
 #     nbdinfo, qemu-io writing and reading back a pattern, `strata volume
 #     status` (arm64 too), Ctrl-C, a second `up` that reads the data back.
 # The release binary it builds is the one scripts/build-image.sh puts into the
-# arm64 image. Everything stays in target/arm64 (a clean clone starts bare).
+# arm64 image (copied to target/arm64/). The cross-build's cargo target
+# directory is kept outside the clone, keyed by the rustc-web version
+# (~/.cache/strata/arm64-target/<version>, or STRATA_ARM64_CACHE), so a rerun
+# on the same machine rebuilds only strata's own crates, not the dependencies.
 #
-# Usage: bash scripts/arm64.sh        (about 10 minutes on 2 cores, cold)
+# Usage: bash scripts/arm64.sh        (about 17 minutes on 2 cores cold, a few
+#                                      minutes with the dependency cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TARGET=aarch64-unknown-linux-gnu
-export CARGO_TARGET_DIR=$ROOT/target/arm64
+OUT=$ROOT/target/arm64
 export CARGO_INCREMENTAL=0
 CARGO_LOCK=${CARGO_LOCK:-/tmp/strata-cargo.lock}
-BIN=$CARGO_TARGET_DIR/$TARGET/release/strata
 die() { echo "arm64: $*" >&2; exit 1; }
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 t0=$(date +%s)
@@ -43,13 +46,19 @@ fi
 # Debian's cargo-web installs /usr/bin/cargo; its rustc is /usr/bin/rustc.
 [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ] || die "rustc-web/cargo-web did not install /usr/bin/rustc and /usr/bin/cargo"
 /usr/bin/rustc --print target-libdir --target $TARGET >/dev/null || die "no arm64 standard library for /usr/bin/rustc"
+RUSTC_VERSION=$(/usr/bin/rustc --version | awk '{print $2}')
+export CARGO_TARGET_DIR=${STRATA_ARM64_CACHE:-$HOME/.cache/strata/arm64-target}/$RUSTC_VERSION
+mkdir -p "$CARGO_TARGET_DIR" "$OUT/$TARGET/release"
+BUILT=$CARGO_TARGET_DIR/$TARGET/release/strata
+BIN=$OUT/$TARGET/release/strata
 # No debug info: the image strips it anyway, and it is a large part of the build time.
 dcargo() { CARGO_PROFILE_RELEASE_DEBUG=0 RUSTC=/usr/bin/rustc flock "$CARGO_LOCK" /usr/bin/cargo "$@"; }
-echo "== toolchain: $(/usr/bin/rustc --version), runner $(qemu-aarch64 --version | head -1)"
+echo "== toolchain: $(/usr/bin/rustc --version), runner $(qemu-aarch64 --version | head -1), build cache $CARGO_TARGET_DIR"
 
 echo "== cross-build: strata (release) and the test binaries for $TARGET"
 tb=$(date +%s)
 dcargo build --release --locked --quiet --target $TARGET --bin strata
+cp "$BUILT" "$BIN"
 readelf -h "$BIN" | grep -q 'Machine:.*AArch64' || die "$BIN is not an AArch64 binary"
 # Not run here: replica/tests/model.rs (qemu-user 7.2 implements neither
 # io_uring nor preadv2 with RWF_NOWAIT, so both engines' model tests fail for
@@ -66,11 +75,11 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m.get("profile", {}).get("test"):
         print(os.path.dirname(m["manifest_path"]), m["executable"])
-' > "$CARGO_TARGET_DIR/test-binaries"
-[ -s "$CARGO_TARGET_DIR/test-binaries" ] || die "cargo listed no test binaries"
+' > "$OUT/test-binaries"
+[ -s "$OUT/test-binaries" ] || die "cargo listed no test binaries"
 echo "   built in $(( $(date +%s) - tb ))s"
 
-echo "== tests under qemu-aarch64 ($(wc -l < "$CARGO_TARGET_DIR/test-binaries") test binaries)"
+echo "== tests under qemu-aarch64 ($(wc -l < "$OUT/test-binaries") test binaries)"
 tt=$(date +%s)
 LOG=$ROOT/target/arm64-test-output.txt
 : > "$LOG"
@@ -81,7 +90,7 @@ while read -r dir exe; do
         tail -40 "$LOG"
         die "$(basename "$exe") failed under qemu-aarch64 (full output: $LOG)"
     fi
-done < "$CARGO_TARGET_DIR/test-binaries"
+done < "$OUT/test-binaries"
 passed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($(i+1) ~ /^passed/) s+=$i} END {print s+0}' "$LOG")
 failed=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($(i+1) ~ /^failed/) s+=$i} END {print s+0}' "$LOG")
 ignored=$(awk '/^test result:/ {for (i=1;i<=NF;i++) if ($(i+1) ~ /^ignored/) s+=$i} END {print s+0}' "$LOG")
