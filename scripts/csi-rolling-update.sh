@@ -143,16 +143,19 @@ for n in node-1 node-2 node-3; do
     wait_for 60 "no new replica Pod Ready on $n" \
         'p="$(replica_pod "$n")"; [ -n "$p" ] && [ "$p" != "$old" ]'
     tready=$(now)
+    # When the volume's controller itself has the replica back and caught up (a figure only).
+    wait_for 60 "the controller never had 3 healthy replicas again after $n" live_healthy
+    tlive=$(now)
     # README: wait for a status written after the new Pod is Ready (every 10 s), showing every
     # replica healthy.
-    sleep 11
+    sleep "$(awk -v r="$tready" -v n="$(now)" 'BEGIN{d=r+11-n; print (d>0?d:0)}')"
     wait_for 120 "the StrataVolume never had 3 healthy replicas again after $n" sv_healthy
     live_healthy || fail "the StrataVolume said 3 healthy replicas, the controller did not"
     t2=$(now)
     a2="$(acked)"
     [ "$a2" -gt "$a1" ] || fail "the writer made no progress while $n's replica restarted"
     e2="$(live_epoch)"
-    line="replica on $n: new Pod Ready $(secs "$t" "$tready") s, healthy by $(secs "$t" "$t2") s; client's longest pause $(pause "$t" "$t2"); epoch $e1 -> $e2; $((a2 - a1)) writes acked"
+    line="replica on $n: new Pod Ready $(secs "$t" "$tready") s, resynced $(secs "$t" "$tlive") s, StrataVolume healthy $(secs "$t" "$t2") s; client's longest pause $(pause "$t" "$t2"); epoch $e1 -> $e2; $((a2 - a1)) writes acked"
     echo "   $line"
     report+=("$line")
 done
@@ -176,15 +179,15 @@ echo "== the volume's controller Deployment restarts (rollout restart, Recreate)
 t=$(now)
 e1="$(live_epoch)"
 a1="$(acked)"
-r1="$(grep -c . "$dir/writer/gaps" || true)"
 kubectl -n "$ns" rollout restart deployment "strata-$vol" >/dev/null
 wait_for 120 "the new controller pod does not serve with a higher epoch" \
     '[ "$(live_epoch)" -gt "$e1" ] && live_healthy'
+tserv=$(now)
 wait_for 60 "the writer did not continue after the restart" '[ "$(acked)" -gt "$a1" ]'
 sleep 12
 wait_for 60 "the StrataVolume never had 3 healthy replicas after the controller restart" sv_healthy
 e2="$(live_epoch)"
-line="volume controller pod: serving again by $(secs "$t") s; client's longest pause $(pause "$t"); epoch $e1 -> $e2"
+line="volume controller pod: serving again (3 healthy replicas) $(secs "$t" "$tserv") s; client's longest pause $(pause "$t"); epoch $e1 -> $e2"
 echo "   $line"; report+=("$line")
 [ "$(kubectl -n "$ns" get deployment "strata-$vol" -o jsonpath='{.status.updatedReplicas}')" = 1 ] ||
     fail "the Deployment's rollout did not finish"
