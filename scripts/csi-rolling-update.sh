@@ -23,8 +23,9 @@
 # 4. The volume's controller Deployment is restarted (`kubectl rollout restart`, Recreate): the
 #    deployment controller stops the old Pod, pod-runner SIGTERMs it, the new one assembles
 #    with a higher epoch, the writer reconnects.
-# 5. The writer stops and reads back every write a FLUSH acknowledged; it saw no failure it
-#    did not retry; the volume has 3 healthy replicas; the epoch rose. Printed: the longest
+# 5. The writer stops and reads back every write a FLUSH acknowledged; no request failed in
+#    steps 2 and 3, and what failed in step 4 (the connection closed) was retried; the volume
+#    has 3 healthy replicas; the epoch rose. Printed: the longest
 #    pause of the client's IO in each step, the epochs, the time of each step.
 #
 # Not here: the node plugin (its attach supervisor needs the kernel's nbd module; the VM test,
@@ -122,6 +123,7 @@ mkdir -p "$dir/writer"
 python3 tests/k8s/nbd-writer.py "$host" "$port" "$export_name" "$dir/writer" >"$dir/writer.out" 2>&1 &
 writer_pid=$!
 acked() { cat "$dir/writer/acked" 2>/dev/null || echo 0; }
+failures() { cat "$dir/writer/failures" 2>/dev/null || echo 0; }
 wait_for 20 "the writer does not write" '[ "$(acked)" -gt 100 ]'
 sleep 3
 epoch0="$(live_epoch)"
@@ -139,7 +141,9 @@ for n in node-1 node-2 node-3; do
     a1="$(acked)"
     old="$(replica_pod "$n")"
     [ -n "$old" ] || fail "no Ready replica Pod on $n"
-    kubectl -n "$ns" delete pod "$old" --wait=false >/dev/null
+    # README's command
+    kubectl -n "$ns" delete pod --field-selector "spec.nodeName=$n" -l app.kubernetes.io/name=strata-replica \
+        --wait=false >/dev/null
     wait_for 60 "no new replica Pod Ready on $n" \
         'p="$(replica_pod "$n")"; [ -n "$p" ] && [ "$p" != "$old" ]'
     tready=$(now)
@@ -154,6 +158,7 @@ for n in node-1 node-2 node-3; do
     t2=$(now)
     a2="$(acked)"
     [ "$a2" -gt "$a1" ] || fail "the writer made no progress while $n's replica restarted"
+    [ "$(failures)" = 0 ] || fail "a request failed while $n's replica restarted"
     e2="$(live_epoch)"
     line="replica on $n: new Pod Ready $(secs "$t" "$tready") s, resynced $(secs "$t" "$tlive") s, StrataVolume healthy $(secs "$t" "$t2") s; client's longest pause $(pause "$t" "$t2"); epoch $e1 -> $e2; $((a2 - a1)) writes acked"
     echo "   $line"
@@ -172,6 +177,7 @@ sleep 12
 wait_for 60 "not 3 healthy replicas after the CSI controller restart" sv_healthy
 a2="$(acked)"
 [ "$a2" -gt "$a1" ] || fail "the writer made no progress while the CSI controller restarted"
+[ "$(failures)" = 0 ] || fail "a request failed while the CSI controller restarted"
 line="CSI controller: client's longest pause $(pause "$t"); epoch $(live_epoch)"
 echo "   $line"; report+=("$line")
 

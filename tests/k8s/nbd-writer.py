@@ -15,7 +15,8 @@ write back over a new connection and prints one JSON line: writes acked,
 failures (each one retried), reconnects, the longest time between two
 successful requests, and whether every acknowledged block read back.
 While running, OUT_DIR/gaps holds one line per second with requests:
-"unix_time longest_gap_ms requests", and OUT_DIR/acked the count acknowledged.
+"unix_time longest_gap_ms requests", OUT_DIR/acked the count acknowledged and
+OUT_DIR/failures the count of failed requests.
 """
 import json
 import os
@@ -140,6 +141,8 @@ def main():
             i += 1
         except (OSError, ConnectionError, Failed) as e:
             stats["failures"] += 1
+            with open(os.path.join(OUT, "failures"), "w") as f:
+                f.write(f"{stats['failures']}\n")
             if len(stats["errors"]) < 20:
                 stats["errors"].append(f"{time.strftime('%H:%M:%S')} write {i}: {e}")
             try:
