@@ -116,8 +116,8 @@ hostport="${uri#nbd://}"; hostport="${hostport%%/*}"; host="${hostport%:*}"; por
 export_name="${uri##*/}"
 wait_for 90 "the volume's controller does not serve $uri" 'live_healthy'
 wait_for 60 "the StrataVolume is not Ready with 3 healthy replicas" sv_healthy
-echo "   $vol: $uri, epoch $(live_epoch); live status:"
-live | python3 -c 'import json,sys; s=json.load(sys.stdin); print("  ", json.dumps(s["replicas"])[:400])'
+echo "   $vol: $uri, epoch $(live_epoch), replicas:" \
+    "$(live | python3 -c 'import json,sys; print(" ".join(r["address"] + "=" + r["state"] for r in json.load(sys.stdin)["replicas"]))')"
 
 mkdir -p "$dir/writer"
 python3 tests/k8s/nbd-writer.py "$host" "$port" "$export_name" "$dir/writer" >"$dir/writer.out" 2>&1 &
