@@ -72,6 +72,8 @@ echo "== backups as VolumeSnapshots and a restore in a new cluster (scripts/csi-
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-backup-flow.sh 2>&1 | tee target/csi-backup-flow-output.txt
 echo "== a node dies under a volume's controller pod (scripts/csi-failover.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-failover.sh 2>&1 | tee target/csi-failover-output.txt
+echo "== the replica DaemonSet and a volume's controller upgraded under a writing client (scripts/csi-rolling-update.sh)"
+STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-rolling-update.sh 2>&1 | tee target/csi-rolling-update-output.txt
 echo "== strata's footprint on an idle cluster with 5 volumes (scripts/footprint.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/footprint.sh 2>&1 | tee target/footprint-output.txt
 echo "== kernel attach test in a VM (Debian kernel under QEMU TCG; scripts/vm-attach-test.sh)"

@@ -49,7 +49,7 @@ k8s_env_up() {
 }
 
 # k8s_env_node_add DIR I: Node node-I (InternalIP 127.0.0.1I, Ready), its CSINode, and its
-# replica server.
+# replica server (unless K8S_ENV_REPLICA_SERVERS=0).
 k8s_env_node_add() {
     local dir="$1" i="$2" ip="127.0.0.1$2" now
     now="$(date -u +%FT%TZ)"
@@ -74,7 +74,8 @@ spec:
       nodeID: node-$i
       topologyKeys: [kubernetes.io/arch, kubernetes.io/hostname]
 YAML
-    k8s_env_replica_start "$dir" "$i"
+    # K8S_ENV_REPLICA_SERVERS=0: the replica DaemonSet's pods (run by pod-runner) instead
+    [ "${K8S_ENV_REPLICA_SERVERS:-1}" = 0 ] || k8s_env_replica_start "$dir" "$i"
 }
 
 # k8s_env_replica_start DIR I: node-I's replica server (the replica DaemonSet's pod) on

@@ -45,6 +45,23 @@ In both modes:
   pod starts, as the kubelet does) and envFrom Secrets are passed.
 - A pod whose process exits is restarted after 1 s (restartPolicy Always).
 
+Pod mode also runs the replica DaemonSet's Pods (label
+app.kubernetes.io/name=strata-replica; scripts/csi-rolling-update.sh, where
+the daemonset controller makes them):
+- Scheduling honours nodeSelector and the required node affinity (the
+  daemonset controller pins each Pod to its node with matchFields
+  metadata.name; matchExpressions In/NotIn on labels).
+- hostNetwork: the Pod's IP is the node's InternalIP; the Downward API's
+  status.hostIP and status.podIP give it. A hostPath volume is the directory
+  HOST_ROOT/NODE/PATH (HOST_ROOT: $POD_RUNNER_HOST_ROOT, LOG_DIR/hosts by
+  default), and an argument under the volume's mountPath is rewritten to it.
+- A container with a tcpSocket readinessProbe is Ready only once its port
+  accepts a connection (checked every loop, 0.3 s), as the kubelet's probe
+  would say; without one it is Ready when started.
+- A Pod being deleted gets SIGTERM, SIGKILL after its
+  terminationGracePeriodSeconds, then is removed from the API; the
+  daemonset controller then makes the new one.
+
 Usage: pod-runner.py [--pods] NAMESPACE LOG_DIR   (KUBECONFIG and STRATA_BIN set)
 Stops when its parent exits, stopping every pod it started.
 """
@@ -53,6 +70,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +81,9 @@ NS, LOG_DIR = ARGS[0], ARGS[1]
 STRATA_BIN = os.environ["STRATA_BIN"]
 PARENT = os.getppid()
 SELECTOR = "app.kubernetes.io/managed-by=strata-csi"
+# Pods pod mode runs (label key, value): the volume controllers and the replica DaemonSet's.
+RUN_LABELS = [("app.kubernetes.io/managed-by", "strata-csi"), ("app.kubernetes.io/name", "strata-replica")]
+HOST_ROOT = os.environ.get("POD_RUNNER_HOST_ROOT") or os.path.join(LOG_DIR, "hosts")
 
 running = {}  # deployment name -> (Popen, grace seconds, log file)
 restart_after = {}
@@ -81,13 +102,17 @@ def expand(s, env):
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
 
 
-def start(name, pod_spec, cluster_ip):
+def start(name, pod_spec, cluster_ip, node=None, host_ip=None):
     """Runs the pod's first container; returns its Popen or None."""
     c = pod_spec["containers"][0]
     env = {"POD_IP": cluster_ip}
+    fields = {"status.podIP": cluster_ip, "status.hostIP": host_ip or cluster_ip, "spec.nodeName": node}
     for e in c.get("env", []):
         if "value" in e:
             env[e["name"]] = expand(e["value"], env)
+        fref = (e.get("valueFrom") or {}).get("fieldRef")
+        if fref and fields.get(fref["fieldPath"]):
+            env[e["name"]] = fields[fref["fieldPath"]]
         ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
         if ref:
             cm = kubectl_json("-n", NS, "get", "configmap", ref["name"])
@@ -108,6 +133,14 @@ def start(name, pod_spec, cluster_ip):
     argv = [expand(a, env) for a in c.get("command", []) + c.get("args", [])]
     if argv and argv[0] == "strata":
         argv[0] = STRATA_BIN
+    # hostPath volumes: a directory per node under HOST_ROOT
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod_spec.get("volumes", []) if "hostPath" in v}
+    for m in c.get("volumeMounts", []):
+        if m["name"] in host_paths and node:
+            host = os.path.join(HOST_ROOT, node) + host_paths[m["name"]]
+            os.makedirs(host, exist_ok=True)
+            mp = m["mountPath"].rstrip("/")
+            argv = [host + a[len(mp):] if a == mp or a.startswith(mp + "/") else a for a in argv]
     log = open(os.path.join(LOG_DIR, f"{name}.log"), "a")
     log.write(f"== pod-runner starts: {' '.join(argv)}\n")
     log.flush()
@@ -117,8 +150,26 @@ def start(name, pod_spec, cluster_ip):
     return p
 
 
+def readiness_port(pod_spec):
+    """The port of the first container's tcpSocket readinessProbe, or None."""
+    c = pod_spec["containers"][0]
+    port = ((c.get("readinessProbe") or {}).get("tcpSocket") or {}).get("port")
+    if isinstance(port, str):
+        port = next((p["containerPort"] for p in c.get("ports", []) if p.get("name") == port), None)
+    return port
+
+
+def answers(ip, port):
+    try:
+        with socket.create_connection((ip, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def stop(name, kill=False):
     p, grace, log = running.pop(name)
+    not_ready.discard(name)
     if p.poll() is None:
         if kill:
             p.kill()
@@ -136,6 +187,7 @@ def stop(name, kill=False):
 def reap(name):
     """Forgets a pod whose process exited, to be restarted after 1 s."""
     p, _, log = running.pop(name)
+    not_ready.discard(name)
     log.close()
     print(f"pod-runner: {name} exited ({p.returncode}); restarting", flush=True)
     restart_after[name] = time.time() + 1
@@ -239,8 +291,36 @@ def affinity_score(pod, node):
     return score
 
 
+def required_fit(pod, node):
+    """nodeSelector and the required node affinity (matchFields metadata.name,
+    matchExpressions In/NotIn): what the daemonset controller's Pods carry."""
+    labels = node["metadata"].get("labels", {})
+    if any(labels.get(k) != v for k, v in (pod["spec"].get("nodeSelector") or {}).items()):
+        return False
+    req = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
+           .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = req.get("nodeSelectorTerms") or []
+    if not terms:
+        return True
+
+    def ok(e, value):
+        if e["operator"] == "In":
+            return value in e.get("values", [])
+        if e["operator"] == "NotIn":
+            return value not in e.get("values", [])
+        if e["operator"] == "Exists":
+            return value is not None
+        if e["operator"] == "DoesNotExist":
+            return value is None
+        return False
+    return any(all(ok(e, labels.get(e["key"])) for e in t.get("matchExpressions", [])) and
+               all(ok(e, node["metadata"]["name"] if e["key"] == "metadata.name" else None)
+                   for e in t.get("matchFields", []))
+               for t in terms)
+
+
 def schedule(pod, nodes, dead):
-    fit = [n for n in nodes if schedulable(n, dead)]
+    fit = [n for n in nodes if schedulable(n, dead) and required_fit(pod, n)]
     if not fit:
         return
     best = max(sorted(fit, key=lambda n: n["metadata"]["name"]),
@@ -276,9 +356,10 @@ def pod_mode():
     if nodes is None or every_pod is None or svcs is None:
         return
     nodes, svcs = nodes["items"], svcs["items"]
-    key, value = SELECTOR.split("=")
     pods = [p for p in every_pod["items"] if p["metadata"]["namespace"] == NS
-            and p["metadata"].get("labels", {}).get(key) == value]
+            and any(p["metadata"].get("labels", {}).get(k) == v for k, v in RUN_LABELS)]
+    node_ip = {n["metadata"]["name"]: next((a["address"] for a in n.get("status", {}).get("addresses", [])
+                                            if a["type"] == "InternalIP"), None) for n in nodes}
     # Other pods (an application's) are bound and, once deleted on a live
     # node, removed; they are never run.
     for p in every_pod["items"]:
@@ -319,20 +400,42 @@ def pod_mode():
         if not node:
             schedule(p, nodes, dead)
             continue
-        ip = service_ip(p, svcs)
+        ip = node_ip.get(node) if p["spec"].get("hostNetwork") else service_ip(p, svcs)
+        if name in running and name in not_ready:
+            port = readiness_port(p["spec"])
+            if answers(ip, port) and set_status(p, ip, True):
+                not_ready.discard(name)
+                print(f"pod-runner: {name} is ready ({ip}:{port} answers)", flush=True)
         if name in running or not ip or time.time() < restart_after.get(name, 0):
             continue
-        if start(name, p["spec"], ip) is not None:
+        if start(name, p["spec"], ip, node, node_ip.get(node)) is not None:
             node_of[name] = node
-            now = now_rfc3339()
-            kubectl("-n", NS, "patch", "pod", name, "--subresource=status", "--type=merge", "-p", json.dumps({
-                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "startTime": now,
-                           "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
-                                          for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-                           "containerStatuses": [{
-                               "name": p["spec"]["containers"][0]["name"], "ready": True, "started": True,
-                               "restartCount": 0, "image": p["spec"]["containers"][0]["image"], "imageID": "",
-                               "state": {"running": {"startedAt": now}}}]}}))
+            ready = readiness_port(p["spec"]) is None
+            if not ready:
+                not_ready.add(name)
+            set_status(p, ip, ready)
+
+
+not_ready = set()  # started pods whose readiness probe has not passed yet
+
+
+def set_status(p, ip, ready):
+    now = now_rfc3339()
+    r = "True" if ready else "False"
+    host_ip = ip if p["spec"].get("hostNetwork") else None
+    status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "startTime": now,
+              "conditions": [{"type": t, "status": "True" if t in ("PodScheduled", "Initialized") else r,
+                              "lastTransitionTime": now}
+                             for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+              "containerStatuses": [{
+                  "name": p["spec"]["containers"][0]["name"], "ready": ready, "started": True,
+                  "restartCount": 0, "image": p["spec"]["containers"][0]["image"], "imageID": "",
+                  "state": {"running": {"startedAt": now}}}]}
+    if host_ip:
+        status["hostIP"] = host_ip
+        status["hostIPs"] = [{"ip": host_ip}]
+    return kubectl("-n", NS, "patch", "pod", p["metadata"]["name"], "--subresource=status", "--type=merge",
+                   "-p", json.dumps({"status": status}))
 
 
 signal.signal(signal.SIGTERM, stop_all)
