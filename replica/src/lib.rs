@@ -13,6 +13,7 @@
 //! - [`extent`]: the in-memory index (memory O(extents));
 //! - [`engine`]: pread/pwrite and io_uring behind one trait.
 
+pub mod auth;
 pub mod client;
 pub mod control;
 pub mod engine;
