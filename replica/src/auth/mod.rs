@@ -34,7 +34,7 @@ mod record;
 pub use handshake::refuse_keyed_client;
 pub use handshake::{
     client_handshake, server_handshake, AuthError, Purpose, Session, CLIENT_HELLO_LEN,
-    HANDSHAKE_TIMEOUT, MAGIC_CLIENT, MAGIC_SERVER,
+    HANDSHAKE_TIMEOUT, MAGIC_CLIENT, MAGIC_KEYLESS, MAGIC_SERVER,
 };
 pub use key::{ClusterKey, KeyError};
 pub use record::{
@@ -82,6 +82,70 @@ impl RateLimit {
     }
 }
 
+static PROCESS_KEY: std::sync::OnceLock<ClusterKey> = std::sync::OnceLock::new();
+
+/// Sets the key this process proves when it dials replicas (data wire and
+/// gRPC control): a process belongs to one cluster. Set once, at start,
+/// from `--key-file`; a second call is ignored and returns false.
+pub fn set_process_key(key: ClusterKey) -> bool {
+    PROCESS_KEY.set(key).is_ok()
+}
+
+/// The key set by [`set_process_key`], if any.
+pub fn process_key() -> Option<&'static ClusterKey> {
+    PROCESS_KEY.get()
+}
+
+/// A gRPC channel to the replica control API at `addr`. With `key`, each
+/// of the channel's connections first runs the handshake (purpose
+/// control) and HTTP/2 then travels in authenticated records.
+pub async fn control_channel(
+    endpoint: tonic::transport::Endpoint,
+    addr: std::net::SocketAddr,
+    key: Option<&ClusterKey>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let Some(key) = key.cloned() else {
+        return endpoint.connect().await;
+    };
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let key = key.clone();
+        async move {
+            let mut sock = tokio::net::TcpStream::connect(addr).await?;
+            let _ = sock.set_nodelay(true);
+            let session = client_handshake(&mut sock, &key, Purpose::Control)
+                .await
+                .map_err(std::io::Error::other)?;
+            let (rd, wr) = session.client();
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Sealed::Sealed(
+                sock,
+                Box::new(rd),
+                Box::new(wr),
+            )))
+        }
+    });
+    endpoint.connect_with_connector(connector).await
+}
+
+/// What a server with a key answers a keyless data-wire client.
+pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--key-file)";
+
+/// What a server needs to authenticate its peers: the key and the
+/// listener's refusal-log limit.
+#[derive(Debug)]
+pub struct ServerAuth {
+    pub key: ClusterKey,
+    pub refusals: RateLimit,
+}
+
+impl ServerAuth {
+    pub fn new(key: ClusterKey) -> Self {
+        ServerAuth {
+            key,
+            refusals: RateLimit::new(REFUSAL_LOG_PERIOD),
+        }
+    }
+}
+
 /// How often a listener logs refused authentications.
 pub const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 
@@ -91,6 +155,29 @@ pub fn log_refusal(limit: &RateLimit, listener: &str, peer: &str, why: &dyn std:
     if let Some(held) = limit.allow() {
         tracing::warn!(listener, %peer, suppressed = held, "refused a peer: {why}");
     }
+}
+
+/// Peeks until `buf` is full, the peer closes or [`HANDSHAKE_TIMEOUT`]
+/// passes; returns how many bytes were seen.
+pub async fn peek_up_to(sock: &tokio::net::TcpStream, buf: &mut [u8]) -> usize {
+    let mut seen = 0;
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            match sock.peek(buf).await {
+                Ok(n) if n > 0 && n < buf.len() => {
+                    seen = n;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Ok(n) => {
+                    seen = n;
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    seen
 }
 
 /// Warns when a server listens beyond loopback without a cluster key.
