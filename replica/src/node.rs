@@ -111,7 +111,7 @@ pub async fn serve_node_with(
                 .await
         })
     };
-    let data = tokio::spawn(crate::server::serve_streams(
+    let data = tokio::spawn(crate::server::serve_streams_with(
         data_rx,
         host.clone(),
         opts.auth.clone(),

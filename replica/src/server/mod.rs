@@ -81,6 +81,15 @@ pub async fn serve_with(
 pub async fn serve_streams(
     streams: mpsc::Receiver<(TcpStream, SocketAddr)>,
     host: Arc<ReplicaHost>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve_streams_with(streams, host, None, shutdown).await
+}
+
+/// [`serve_streams`], with `auth` requiring the cluster key.
+pub async fn serve_streams_with(
+    streams: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    host: Arc<ReplicaHost>,
     auth: Option<Arc<ServerAuth>>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
