@@ -35,9 +35,15 @@ pub struct Cli {
     pub threads: Option<u16>,
     /// The cluster key file (`strata key init`): replica servers then
     /// serve only peers that prove it, and controllers prove it to
-    /// replicas. Without it everything is keyless.
-    #[arg(long, global = true, env = "STRATA_KEY_FILE", value_name = "PATH")]
-    pub key_file: Option<PathBuf>,
+    /// replicas. Without it everything is keyless. (Not `--key-file`:
+    /// that is the backup encryption key of the backup commands.)
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_CLUSTER_KEY_FILE",
+        value_name = "PATH"
+    )]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 impl Cli {
@@ -293,7 +299,7 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let auth = match &cli.key_file {
+    let auth = match &cli.cluster_key_file {
         Some(path) => {
             let key = strata_replica::auth::ClusterKey::load(path)?;
             strata_replica::auth::set_process_key(key.clone());

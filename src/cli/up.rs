@@ -69,9 +69,9 @@ pub async fn run(
     let mut replica_tasks = Vec::new();
     let mut addrs = Vec::new();
     if auth.is_some() {
-        tracing::info!("replicas require the cluster key (--key-file)");
+        tracing::info!("replicas require the cluster key (--cluster-key-file)");
     } else {
-        tracing::info!("keyless: the replicas listen on loopback only and serve any local process (--key-file to require a cluster key)");
+        tracing::info!("keyless: the replicas listen on loopback only and serve any local process (--cluster-key-file to require a cluster key)");
     }
     for i in 0..args.replicas {
         let dir = args.data_dir.join(format!("replica-{i}"));

@@ -2,7 +2,7 @@
 //! control alike).
 //!
 //! Every strata process of a cluster may hold the same 32-byte
-//! [`ClusterKey`], read from a file (`--key-file`, `STRATA_KEY_FILE`). A
+//! [`ClusterKey`], read from a file (`--cluster-key-file`, `STRATA_CLUSTER_KEY_FILE`). A
 //! replica with a key serves only peers that prove they hold it, and the
 //! controller checks the replica the same way, so a rogue replica cannot
 //! join a volume. Without a key everything is exactly as before.
@@ -86,7 +86,7 @@ static PROCESS_KEY: std::sync::OnceLock<ClusterKey> = std::sync::OnceLock::new()
 
 /// Sets the key this process proves when it dials replicas (data wire and
 /// gRPC control): a process belongs to one cluster. Set once, at start,
-/// from `--key-file`; a second call is ignored and returns false.
+/// from `--cluster-key-file`; a second call is ignored and returns false.
 pub fn set_process_key(key: ClusterKey) -> bool {
     PROCESS_KEY.set(key).is_ok()
 }
@@ -127,7 +127,7 @@ pub async fn control_channel(
 }
 
 /// What a server with a key answers a keyless data-wire client.
-pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--key-file)";
+pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--cluster-key-file)";
 
 /// What a server needs to authenticate its peers: the key and the
 /// listener's refusal-log limit.
@@ -183,7 +183,7 @@ pub async fn peek_up_to(sock: &tokio::net::TcpStream, buf: &mut [u8]) -> usize {
 /// Warns when a server listens beyond loopback without a cluster key.
 pub fn warn_if_open(server: &str, addr: std::net::SocketAddr, key: Option<&ClusterKey>) {
     if key.is_none() && !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "{server} listens on a non-loopback address without a cluster key: anyone who can reach it can read and change volumes (see `strata key init` and --key-file)");
+        tracing::warn!(%addr, "{server} listens on a non-loopback address without a cluster key: anyone who can reach it can read and change volumes (see `strata key init` and --cluster-key-file)");
     }
 }
 
