@@ -124,7 +124,16 @@ async fn authenticate(
             let reply = Reply::error(id, 0, Status::Invalid, auth::KEY_REQUIRED);
             let mut batch = crate::wire::outbound::OutBatch::new();
             batch.push(&reply.header().encode(), reply.payload);
-            let _ = batch.write_to(sock).await;
+            if batch.write_to(sock).await.is_ok() {
+                // Drain what the client sent (its payload), so closing
+                // does not reset the connection before it read the reply.
+                let _ = sock.shutdown().await;
+                let mut sink = [0u8; 4096];
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            }
             auth::log_refusal(
                 &auth.refusals,
                 "replica data",
