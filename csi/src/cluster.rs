@@ -355,15 +355,16 @@ async fn try_controller(
 
 /// A client of a replica server.
 pub async fn replica_client(addr: SocketAddr) -> CsiResult<ReplicaControlClient<Channel>> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    let endpoint = Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| CsiError::Internal(e.to_string()))?
         .connect_timeout(REPLICA_CALL)
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .map_err(|e| {
-            CsiError::Unavailable(format!("replica server {addr}: cannot connect: {e}"))
-        })?;
+        .timeout(Duration::from_secs(60));
+    let channel =
+        strata_replica::auth::control_channel(endpoint, addr, strata_replica::auth::process_key())
+            .await
+            .map_err(|e| {
+                CsiError::Unavailable(format!("replica server {addr}: cannot connect: {e}"))
+            })?;
     Ok(ReplicaControlClient::new(channel))
 }
 

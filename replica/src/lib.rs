@@ -11,8 +11,12 @@
 //! - [`store`]: the operations (`data.rs` for IO, `chain.rs` for snapshots);
 //! - [`layer`]: the on-disk format of one layer; [`meta`]: `volume.meta`;
 //! - [`extent`]: the in-memory index (memory O(extents));
-//! - [`engine`]: pread/pwrite and io_uring behind one trait.
+//! - [`engine`]: pread/pwrite and io_uring behind one trait;
+//! - [`auth`]: the cluster key, the handshake and the authenticated
+//!   records that the replica port (data wire and gRPC) runs in when a key
+//!   is set.
 
+pub mod auth;
 pub mod client;
 pub mod control;
 pub mod engine;

@@ -2,6 +2,11 @@
 //! and the gRPC control API. The first bytes of a connection decide: an
 //! HTTP/2 preface (`PRI * HTTP/2.0`) goes to gRPC, anything else to the
 //! data server, which checks the data-wire magic itself.
+//!
+//! With a cluster key ([`crate::auth`]) every connection starts with the
+//! handshake, whose hello names the protocol: the data server runs it for
+//! data connections, this router for gRPC ones, whose HTTP/2 then runs
+//! inside the authenticated records. A plain HTTP/2 preface is refused.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +16,7 @@ use strata_proto::replica::replica_control_server::ReplicaControlServer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{self, Purpose, Sealed, ServerAuth};
 use crate::control::ReplicaControlService;
 use crate::host::ReplicaHost;
 use crate::WritebackConfig;
@@ -25,7 +31,7 @@ const ROUTE_GRACE: Duration = Duration::from_secs(1);
 const CONTROL_GRACE: Duration = Duration::from_secs(1);
 
 /// How a node serves and stops.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct NodeOptions {
     /// How every replica bounds its unflushed data.
     pub writeback: WritebackConfig,
@@ -34,6 +40,8 @@ pub struct NodeOptions {
     /// every replica closes within what is left ([`crate::Store::close_within`]).
     /// Below Kubernetes' 10 s stop expectations by default.
     pub stop_budget: Duration,
+    /// With a cluster key, every peer must prove it; `None` serves anyone.
+    pub auth: Option<Arc<ServerAuth>>,
 }
 
 impl Default for NodeOptions {
@@ -41,6 +49,7 @@ impl Default for NodeOptions {
         NodeOptions {
             writeback: WritebackConfig::default(),
             stop_budget: Duration::from_secs(8),
+            auth: None,
         }
     }
 }
@@ -74,7 +83,15 @@ pub async fn serve_node_with(
             std::time::Instant::now()
         })
     };
-    let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<TcpStream>>(16);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, keyed = opts.auth.is_some(), "replica node listening");
+        auth::warn_if_open(
+            "The replica server",
+            addr,
+            opts.auth.as_ref().map(|a| &a.key),
+        );
+    }
+    let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<Sealed<TcpStream>>>(16);
     let (data_tx, data_rx) = mpsc::channel::<(TcpStream, std::net::SocketAddr)>(16);
 
     let grpc = {
@@ -94,9 +111,10 @@ pub async fn serve_node_with(
                 .await
         })
     };
-    let data = tokio::spawn(crate::server::serve_streams(
+    let data = tokio::spawn(crate::server::serve_streams_with(
         data_rx,
         host.clone(),
+        opts.auth.clone(),
         shutdown.clone(),
     ));
 
@@ -106,29 +124,74 @@ pub async fn serve_node_with(
         // A connection still silent at shutdown is dropped.
         grace: ROUTE_GRACE,
     };
+    let server_auth = opts.auth.clone();
     strata_net::serve(listener, limits, shutdown.clone(), move |sock, peer| {
         let (grpc_tx, data_tx) = (grpc_tx.clone(), data_tx.clone());
+        let server_auth = server_auth.clone();
         async move {
-            let mut first = [0u8; 4];
+            let mut first = [0u8; 6];
+            // Keyless, 4 bytes route (as before keys existed); keyed, the
+            // hello's purpose byte is needed too.
+            let want = if server_auth.is_some() { 6 } else { 4 };
             // A client that sends nothing for PEEK_TIMEOUT is dropped.
             let peeked = tokio::time::timeout(PEEK_TIMEOUT, async {
                 loop {
-                    let n = sock.peek(&mut first).await?;
-                    if n == 0 || n >= 4 {
+                    let n = sock.peek(&mut first[..want]).await?;
+                    if n == 0 || n >= want {
                         return Ok::<usize, std::io::Error>(n);
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             })
             .await;
-            match peeked {
-                Ok(Ok(4)) if &first == PREFACE => {
-                    let _ = grpc_tx.send(Ok(sock)).await;
+            let n = match peeked {
+                Ok(Ok(n)) if n >= 4 => n,
+                // Keyed, fewer than 6 bytes then EOF: the data server refuses them.
+                Ok(Ok(n)) if n > 0 && server_auth.is_some() => n,
+                _ => {
+                    tracing::debug!(%peer, "connection closed before saying anything");
+                    return;
                 }
-                Ok(Ok(4)) => {
+            };
+            let hello = Purpose::of_hello(&first[..n])
+                .or((first[..4] == auth::MAGIC_CLIENT[..]).then_some(Purpose::Data));
+            match (server_auth, hello) {
+                (Some(a), Some(Purpose::Control)) => {
+                    let mut sock = sock;
+                    match auth::server_handshake(&mut sock, &a.key, Purpose::Control).await {
+                        Ok(session) => {
+                            let (rd, wr) = session.server();
+                            let _ = grpc_tx
+                                .send(Ok(Sealed::Sealed(sock, Box::new(rd), Box::new(wr))))
+                                .await;
+                        }
+                        Err(e) => auth::log_refusal(&a.refusals, "replica control", &peer.to_string(), &e),
+                    }
+                }
+                (Some(a), None) if first[..n.min(4)] == PREFACE[..n.min(4)] => {
+                    refuse_keyless_grpc(sock).await;
+                    auth::log_refusal(
+                        &a.refusals,
+                        "replica control",
+                        &peer.to_string(),
+                        &"a gRPC client without the cluster key",
+                    );
+                }
+                // The data server authenticates (or refuses) the rest.
+                (Some(_), _) => {
                     let _ = data_tx.send((sock, peer)).await;
                 }
-                _ => tracing::debug!(%peer, "connection closed before saying anything"),
+                (None, Some(_)) => {
+                    let mut sock = sock;
+                    tracing::warn!(%peer, "refused a peer with a cluster key: this replica has none");
+                    auth::refuse_keyed_client(&mut sock).await;
+                }
+                (None, None) if first[..4] == PREFACE[..] => {
+                    let _ = grpc_tx.send(Ok(Sealed::Plain(sock))).await;
+                }
+                (None, None) => {
+                    let _ = data_tx.send((sock, peer)).await;
+                }
             }
         }
     })
@@ -150,4 +213,39 @@ pub async fn serve_node_with(
         tracing::warn!(dir = %dir.display(), secs, unclean = failed.len(), "replica server stopped; some replicas were not closed cleanly (see above)");
     }
     Ok(())
+}
+
+/// Tells a gRPC client without the key why it is refused: an HTTP/2
+/// SETTINGS frame then GOAWAY (INADEQUATE_SECURITY) whose debug data the
+/// client's error shows; then closes after reading what it sent.
+async fn refuse_keyless_grpc(mut sock: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let reason = auth::KEY_REQUIRED.as_bytes();
+    let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0]; // empty SETTINGS
+    let len = (8 + reason.len()) as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]); // GOAWAY on stream 0
+    out.extend_from_slice(&0u32.to_be_bytes()); // last stream id
+    out.extend_from_slice(&0xcu32.to_be_bytes()); // INADEQUATE_SECURITY
+    out.extend_from_slice(reason);
+    if sock.write_all(&out).await.is_ok() {
+        let _ = sock.shutdown().await;
+        // Read (and drop) what the client sends, so that closing does not
+        // reset the connection before it read the GOAWAY.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+}
+
+impl tonic::transport::server::Connected for Sealed<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Sealed::Plain(s) | Sealed::Sealed(s, ..) => s.connect_info(),
+        }
+    }
 }

@@ -33,6 +33,17 @@ pub struct Cli {
     /// number of cores for everything else.
     #[arg(long, global = true, env = "STRATA_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
+    /// The cluster key file (`strata key init`): replica servers then
+    /// serve only peers that prove it, and controllers prove it to
+    /// replicas. Without it everything is keyless. (Not `--key-file`:
+    /// that is the backup encryption key of the backup commands.)
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_CLUSTER_KEY_FILE",
+        value_name = "PATH"
+    )]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 impl Cli {
@@ -69,6 +80,19 @@ pub enum Command {
     Backup(backup::BackupCommand),
     /// The Kubernetes CSI driver: `strata csi --mode controller|node`.
     Csi(csi::CsiArgs),
+    /// The cluster key.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new random cluster key (hex, mode 0600); never overwrites.
+    Init {
+        /// Where to write it.
+        #[arg(long, default_value = "strata.key")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,8 +299,24 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let auth = match &cli.cluster_key_file {
+        Some(path) => {
+            let key = strata_replica::auth::ClusterKey::load(path)?;
+            strata_replica::auth::set_process_key(key.clone());
+            tracing::info!(path = %path.display(), "cluster key loaded");
+            Some(std::sync::Arc::new(strata_replica::auth::ServerAuth::new(
+                key,
+            )))
+        }
+        None => None,
+    };
     match cli.command {
-        Command::Up(args) => up::run(args).await,
+        Command::Key(KeyCommand::Init { out }) => {
+            strata_replica::auth::ClusterKey::generate().write_new(&out)?;
+            println!("wrote a new cluster key to {}", out.display());
+            Ok(())
+        }
+        Command::Up(args) => up::run(args, auth).await,
         Command::Replica(ReplicaCommand::Serve {
             dir,
             listen,
@@ -293,6 +333,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(dir = %dir.display(), %listen, "replica server starting");
             let opts = strata_replica::node::NodeOptions {
                 writeback: writeback.config(),
+                auth,
                 ..Default::default()
             };
             strata_replica::node::serve_node_with(&dir, listener, rx, opts).await?;

@@ -49,7 +49,10 @@ pub struct UpArgs {
     pub chap_file: Option<PathBuf>,
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+pub async fn run(
+    args: UpArgs,
+    auth: Option<std::sync::Arc<strata_replica::auth::ServerAuth>>,
+) -> anyhow::Result<()> {
     if !(1..=5).contains(&args.replicas) {
         anyhow::bail!("--replicas must be between 1 and 5, not {}", args.replicas);
     }
@@ -65,6 +68,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (replicas_tx, replicas_rx) = tokio::sync::watch::channel(false);
     let mut replica_tasks = Vec::new();
     let mut addrs = Vec::new();
+    if auth.is_some() {
+        tracing::info!("replicas require the cluster key (--cluster-key-file)");
+    } else {
+        tracing::info!("keyless: the replicas listen on loopback only and serve any local process (--cluster-key-file to require a cluster key)");
+    }
     for i in 0..args.replicas {
         let dir = args.data_dir.join(format!("replica-{i}"));
         let port = if args.replica_port_base == 0 {
@@ -77,8 +85,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen for replica {i} on 127.0.0.1:{port}"))?;
         addrs.push(listener.local_addr()?);
         let rx = replicas_rx.clone();
+        let opts = strata_replica::node::NodeOptions {
+            auth: auth.clone(),
+            ..Default::default()
+        };
         replica_tasks.push(tokio::spawn(async move {
-            strata_replica::node::serve_node(&dir, listener, rx).await
+            strata_replica::node::serve_node_with(&dir, listener, rx, opts).await
         }));
     }
     let opts = strata_controller::run::ControllerOptions {

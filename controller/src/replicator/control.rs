@@ -89,7 +89,21 @@ impl ControlError {
     }
 }
 
-/// A gRPC client of the replica server at `addr`, for many calls.
+/// `e` and its sources, joined with ": " (a handshake failure is a
+/// source of the transport error).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// A gRPC client of the replica server at `addr`, for many calls. It
+/// proves the process's cluster key, if any ([`strata_replica::auth`]).
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
@@ -99,10 +113,10 @@ pub async fn connect(
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(timeout)
         .timeout(timeout);
-    let channel = endpoint
-        .connect()
+    let key = strata_replica::auth::process_key();
+    let channel = strata_replica::auth::control_channel(endpoint, addr, key)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(error_chain(&e)))?;
     Ok(ReplicaControlClient::new(channel))
 }
 

@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
+use crate::auth::{self, AuthError, AuthReader, AuthWriter, ClusterKey, Purpose};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{
     self, Command, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
@@ -55,6 +55,14 @@ pub enum ClientError {
 
     #[error("Replica request timed out; the connection is closed")]
     Timeout,
+
+    /// The cluster-key handshake failed (wrong key, keyless replica).
+    #[error("Replica {addr}: {source}")]
+    Auth {
+        addr: SocketAddr,
+        #[source]
+        source: AuthError,
+    },
 
     #[error("The connection to the replica is closed")]
     Disconnected,
@@ -202,12 +210,24 @@ impl Drop for ReplicaClient {
 impl ReplicaClient {
     /// Connects to the replica at `addr` and binds the connection to
     /// `volume` (HELLO). `epoch` is sent with every request; `timeout` is the
-    /// deadline of the connect and of every request.
+    /// deadline of the connect and of every request. The connection proves
+    /// the process's cluster key ([`auth::process_key`]) if it has one.
     pub async fn connect(
         addr: SocketAddr,
         volume: &str,
         epoch: u64,
         timeout: Duration,
+    ) -> Result<ReplicaClient, ClientError> {
+        Self::connect_with(addr, volume, epoch, timeout, auth::process_key()).await
+    }
+
+    /// [`ReplicaClient::connect`] with an explicit key (`None`: keyless).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        volume: &str,
+        epoch: u64,
+        timeout: Duration,
+        key: Option<&ClusterKey>,
     ) -> Result<ReplicaClient, ClientError> {
         if volume.len() > MAX_NAME_LEN {
             return Err(ClientError::Invalid("volume name longer than 255 bytes"));
@@ -221,7 +241,24 @@ impl ReplicaClient {
             tracing::warn!(%addr, "cannot set TCP keepalive on a replica connection: {e}");
         }
         let local = is_same_host(&sock);
-        let (rd, wr) = sock.into_split();
+        let mut sock = sock;
+        let (rd, wr) = match key {
+            None => {
+                let (rd, wr) = sock.into_split();
+                (AuthReader::Plain(rd), AuthWriter::Plain(wr))
+            }
+            Some(key) => {
+                let session = auth::client_handshake(&mut sock, key, Purpose::Data)
+                    .await
+                    .map_err(|source| ClientError::Auth { addr, source })?;
+                let (rst, wst) = session.client();
+                let (rd, wr) = sock.into_split();
+                (
+                    AuthReader::Sealed(rd, Box::new(rst)),
+                    AuthWriter::Sealed(wr, Box::new(wst)),
+                )
+            }
+        };
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             addr,
@@ -237,7 +274,11 @@ impl ReplicaClient {
             let tick = watchdog_tick(timeout);
             // Valid while `rd` and `wr` live, which is as long as the
             // watchdog runs (all three in this task).
-            let fd = std::os::fd::AsRawFd::as_raw_fd(rd.as_ref());
+            let fd = match &rd {
+                AuthReader::Plain(r) | AuthReader::Sealed(r, _) => {
+                    std::os::fd::AsRawFd::as_raw_fd(r.as_ref())
+                }
+            };
             async move {
                 tokio::join!(
                     read_loop(&shared, rd),
@@ -482,7 +523,11 @@ impl ReplicaClient {
     }
 }
 
-async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<OutFrame>, mut wr: OwnedWriteHalf) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut rx: mpsc::Receiver<OutFrame>,
+    mut wr: W,
+) {
     let mut batch = OutBatch::new();
     while let Some(frame) = rx.recv().await {
         batch.push(&frame.header, frame.payload);
@@ -499,7 +544,7 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<OutFrame>, mut wr: O
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop(shared: &Shared, mut rd: OwnedReadHalf) {
+async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, mut rd: R) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         loop {

@@ -15,12 +15,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::read_buffers;
+use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{self, Command, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
@@ -62,14 +62,33 @@ struct Conn {
 
 /// Serves one connection until the peer closes it, it breaks the framing,
 /// or shutdown is signalled; then lets the requests in flight finish.
+/// With `auth`, the peer must first pass the handshake ([`crate::auth`]);
+/// a peer that does not is refused before anything is read or changed.
 pub(super) async fn handle(
-    sock: TcpStream,
+    mut sock: TcpStream,
     host: Arc<ReplicaHost>,
+    auth: Option<Arc<ServerAuth>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = sock.set_nodelay(true);
     let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (rd, wr) = sock.into_split();
+    let (rd, wr) = match auth {
+        None => {
+            let (rd, wr) = sock.into_split();
+            (AuthReader::Plain(rd), AuthWriter::Plain(wr))
+        }
+        Some(auth) => match authenticate(&mut sock, &auth, &peer).await {
+            Some(session) => {
+                let (rst, wst) = session.server();
+                let (rd, wr) = sock.into_split();
+                (
+                    AuthReader::Sealed(rd, Box::new(rst)),
+                    AuthWriter::Sealed(wr, Box::new(wst)),
+                )
+            }
+            None => return,
+        },
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = Conn {
         host,
@@ -82,7 +101,65 @@ pub(super) async fn handle(
     tokio::join!(conn.run(rd, &mut shutdown), write_loop(rx, wr));
 }
 
-async fn write_loop(mut rx: mpsc::UnboundedReceiver<OutFrame>, mut wr: OwnedWriteHalf) {
+/// Runs the server handshake, or refuses a peer without the key: a
+/// keyless data-wire client gets an error reply to its first request (read
+/// only to learn its id, never run), anything else is closed.
+async fn authenticate(
+    sock: &mut TcpStream,
+    auth: &ServerAuth,
+    peer: &str,
+) -> Option<auth::Session> {
+    let mut first = [0u8; wire::REQUEST_HEADER_LEN];
+    let n = auth::peek_up_to(sock, &mut first[..6]).await;
+    let is_hello = n == 6 && Purpose::of_hello(&first[..6]).is_some();
+    if !is_hello {
+        let keyless = n >= 4 && wire::u32_at(&first, 0) == wire::REQUEST_MAGIC;
+        if keyless {
+            let header =
+                tokio::time::timeout(auth::HANDSHAKE_TIMEOUT, sock.read_exact(&mut first)).await;
+            let id = match header {
+                Ok(Ok(_)) => wire::u64_at(&first, 8),
+                _ => 0,
+            };
+            let reply = Reply::error(id, 0, Status::Invalid, auth::KEY_REQUIRED);
+            let mut batch = crate::wire::outbound::OutBatch::new();
+            batch.push(&reply.header().encode(), reply.payload);
+            if batch.write_to(sock).await.is_ok() {
+                // Drain what the client sent (its payload), so closing
+                // does not reset the connection before it read the reply.
+                let _ = sock.shutdown().await;
+                let mut sink = [0u8; 4096];
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                    while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            }
+            auth::log_refusal(
+                &auth.refusals,
+                "replica data",
+                peer,
+                &"a data-wire client without the cluster key",
+            );
+        } else {
+            auth::log_refusal(
+                &auth.refusals,
+                "replica data",
+                peer,
+                &"not an authentication handshake",
+            );
+        }
+        return None;
+    }
+    match auth::server_handshake(sock, &auth.key, Purpose::Data).await {
+        Ok(session) => Some(session),
+        Err(e) => {
+            auth::log_refusal(&auth.refusals, "replica data", peer, &e);
+            None
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<OutFrame>, mut wr: W) {
     let mut batch = OutBatch::new();
     let mut held = Vec::with_capacity(MAX_IN_FLIGHT as usize);
     while let Some(frame) = rx.recv().await {
@@ -103,7 +180,7 @@ async fn write_loop(mut rx: mpsc::UnboundedReceiver<OutFrame>, mut wr: OwnedWrit
 }
 
 impl Conn {
-    async fn run(mut self, mut rd: OwnedReadHalf, shutdown: &mut watch::Receiver<bool>) {
+    async fn run<R: AsyncRead + Unpin>(mut self, mut rd: R, shutdown: &mut watch::Receiver<bool>) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         'conn: loop {
             loop {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::ServerAuth;
 use crate::host::ReplicaHost;
 
 pub use conn::MAX_IN_FLIGHT;
@@ -50,10 +51,26 @@ pub async fn serve(
     host: Arc<ReplicaHost>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    serve_with(listener, host, None, shutdown).await
+}
+
+/// [`serve`], with `auth` requiring every peer to prove the cluster key
+/// ([`crate::auth`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    host: Arc<ReplicaHost>,
+    auth: Option<Arc<ServerAuth>>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "replica data server listening");
+        tracing::info!(%addr, keyed = auth.is_some(), "replica data server listening");
+        crate::auth::warn_if_open(
+            "The replica data server",
+            addr,
+            auth.as_ref().map(|a| &a.key),
+        );
     }
-    serve_from(listener, host, shutdown).await;
+    serve_from(listener, host, auth, shutdown).await;
     Ok(())
 }
 
@@ -66,18 +83,29 @@ pub async fn serve_streams(
     host: Arc<ReplicaHost>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    serve_from(streams, host, shutdown).await;
+    serve_streams_with(streams, host, None, shutdown).await
+}
+
+/// [`serve_streams`], with `auth` requiring the cluster key.
+pub async fn serve_streams_with(
+    streams: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    host: Arc<ReplicaHost>,
+    auth: Option<Arc<ServerAuth>>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve_from(streams, host, auth, shutdown).await;
     Ok(())
 }
 
 async fn serve_from(
     incoming: impl strata_net::Incoming,
     host: Arc<ReplicaHost>,
+    auth: Option<Arc<ServerAuth>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let rx = shutdown.clone();
     strata_net::serve(incoming, LIMITS, shutdown, move |sock, _peer| {
-        conn::handle(sock, host.clone(), rx.clone())
+        conn::handle(sock, host.clone(), auth.clone(), rx.clone())
     })
     .await;
 }

@@ -1,0 +1,416 @@
+//! The challenge-response at connect. Message building and checking are
+//! pure functions; [`client_handshake`] and [`server_handshake`] run them
+//! over a stream.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::key::ClusterKey;
+use super::record::{SealedRead, SealedWrite};
+
+/// First bytes of a client hello.
+pub const MAGIC_CLIENT: &[u8; 4] = b"STRA";
+/// First bytes of a server challenge or verdict.
+pub const MAGIC_SERVER: &[u8; 4] = b"STRS";
+/// What a server without a key answers to a hello, before closing.
+pub const MAGIC_KEYLESS: &[u8; 4] = b"STRN";
+const VERSION: u8 = 1;
+pub const CLIENT_HELLO_LEN: usize = 40;
+const SERVER_MSG_LEN: usize = 40;
+const PROOF_LEN: usize = 32;
+const CONTEXT: &[u8] = b"strata cluster-key handshake v1";
+/// How long either side waits for the other's next handshake message.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const STATUS_OK: u8 = 0;
+const STATUS_WRONG_KEY: u8 = 1;
+
+/// Which protocol runs after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Purpose {
+    /// The binary data wire.
+    Data = 0,
+    /// The gRPC control API.
+    Control = 1,
+}
+
+impl Purpose {
+    pub fn from_u8(v: u8) -> Option<Purpose> {
+        match v {
+            0 => Some(Purpose::Data),
+            1 => Some(Purpose::Control),
+            _ => None,
+        }
+    }
+
+    /// The purpose a client hello announces, from its first bytes (`None`
+    /// when they are not a hello).
+    pub fn of_hello(first: &[u8]) -> Option<Purpose> {
+        if first.len() < 6 || &first[..4] != MAGIC_CLIENT || first[4] != VERSION {
+            return None;
+        }
+        Purpose::from_u8(first[5])
+    }
+}
+
+/// Why a handshake failed. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("Authentication failed: wrong cluster key")]
+    WrongKey,
+    #[error("The replica has no cluster key; refusing to use a keyless replica")]
+    PeerKeyless,
+    #[error("The peer does not speak the authentication handshake")]
+    Malformed,
+    #[error("The peer asked for {0:?}, not what this port serves here")]
+    WrongPurpose(Purpose),
+    #[error("The authentication handshake timed out")]
+    Timeout,
+    #[error("The connection failed during authentication")]
+    Io(#[from] std::io::Error),
+}
+
+/// The keys of one authenticated connection.
+pub struct Session {
+    c2s: [u8; 32],
+    s2c: [u8; 32],
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Session(..)")
+    }
+}
+
+impl Session {
+    fn derive(key: &ClusterKey, purpose: Purpose, nc: &[u8; 32], ns: &[u8; 32]) -> Session {
+        let dir = |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, nc, ns).as_bytes() };
+        Session {
+            c2s: dir(b"session client-to-server"),
+            s2c: dir(b"session server-to-client"),
+        }
+    }
+
+    /// The client's (reader, writer) record states.
+    pub fn client(&self) -> (SealedRead, SealedWrite) {
+        (SealedRead::new(self.s2c), SealedWrite::new(self.c2s))
+    }
+
+    /// The server's (reader, writer) record states.
+    pub fn server(&self) -> (SealedRead, SealedWrite) {
+        (SealedRead::new(self.c2s), SealedWrite::new(self.s2c))
+    }
+}
+
+fn mac(
+    key: &ClusterKey,
+    label: &[u8],
+    purpose: Purpose,
+    nc: &[u8; 32],
+    ns: &[u8; 32],
+) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key.bytes());
+    h.update(CONTEXT);
+    h.update(&[label.len() as u8]);
+    h.update(label);
+    h.update(&[purpose as u8]);
+    h.update(nc);
+    h.update(ns);
+    h.finalize()
+}
+
+fn client_proof(key: &ClusterKey, purpose: Purpose, nc: &[u8; 32], ns: &[u8; 32]) -> blake3::Hash {
+    mac(key, b"proof client", purpose, nc, ns)
+}
+
+fn server_proof(key: &ClusterKey, purpose: Purpose, nc: &[u8; 32], ns: &[u8; 32]) -> blake3::Hash {
+    mac(key, b"proof server", purpose, nc, ns)
+}
+
+fn hello(purpose: Purpose, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
+    let mut m = [0u8; CLIENT_HELLO_LEN];
+    m[..4].copy_from_slice(MAGIC_CLIENT);
+    m[4] = VERSION;
+    m[5] = purpose as u8;
+    m[8..].copy_from_slice(nc);
+    m
+}
+
+fn server_msg(status: u8, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
+    let mut m = [0u8; SERVER_MSG_LEN];
+    m[..4].copy_from_slice(MAGIC_SERVER);
+    m[4] = VERSION;
+    m[5] = status;
+    m[8..].copy_from_slice(body);
+    m
+}
+
+/// Parses a server message: `(status, body)`.
+fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, [u8; 32]), AuthError> {
+    if &m[..4] != MAGIC_SERVER || m[4] != VERSION {
+        return Err(AuthError::Malformed);
+    }
+    Ok((m[5], m[8..].try_into().expect("32 bytes")))
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, AuthError>>,
+) -> Result<T, AuthError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .map_err(|_| AuthError::Timeout)?
+}
+
+/// The client side: proves the key and checks the server's proof. On
+/// success the stream carries records of the returned [`Session`].
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    key: &ClusterKey,
+    purpose: Purpose,
+) -> Result<Session, AuthError> {
+    timed(async {
+        let nc: [u8; 32] = rand::random();
+        sock.write_all(&hello(purpose, &nc)).await?;
+        sock.flush().await?;
+        let mut msg = [0u8; SERVER_MSG_LEN];
+        sock.read_exact(&mut msg[..4]).await?;
+        if &msg[..4] == MAGIC_KEYLESS {
+            return Err(AuthError::PeerKeyless);
+        }
+        sock.read_exact(&mut msg[4..]).await?;
+        let (status, ns) = parse_server_msg(&msg)?;
+        if status != STATUS_OK {
+            return Err(AuthError::Malformed);
+        }
+        sock.write_all(client_proof(key, purpose, &nc, &ns).as_bytes())
+            .await?;
+        sock.flush().await?;
+        let mut verdict = [0u8; SERVER_MSG_LEN];
+        sock.read_exact(&mut verdict).await?;
+        match parse_server_msg(&verdict)? {
+            (STATUS_OK, proof)
+                if blake3::Hash::from_bytes(proof) == server_proof(key, purpose, &nc, &ns) =>
+            {
+                Ok(Session::derive(key, purpose, &nc, &ns))
+            }
+            // A server that accepted our proof but cannot prove itself
+            // holds another key (or is an impostor).
+            _ => Err(AuthError::WrongKey),
+        }
+    })
+    .await
+}
+
+/// The server side: sends a fresh nonce, verifies the client's proof, and
+/// only then proves itself. `expect` is the purpose this path serves.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    key: &ClusterKey,
+    expect: Purpose,
+) -> Result<Session, AuthError> {
+    timed(async {
+        let mut hello = [0u8; CLIENT_HELLO_LEN];
+        sock.read_exact(&mut hello[..6]).await?;
+        let purpose = Purpose::of_hello(&hello[..6]).ok_or(AuthError::Malformed)?;
+        if purpose != expect {
+            return Err(AuthError::WrongPurpose(purpose));
+        }
+        sock.read_exact(&mut hello[6..]).await?;
+        let nc: [u8; 32] = hello[8..].try_into().expect("32 bytes");
+        let ns: [u8; 32] = rand::random();
+        sock.write_all(&server_msg(STATUS_OK, &ns)).await?;
+        sock.flush().await?;
+        let mut proof = [0u8; PROOF_LEN];
+        sock.read_exact(&mut proof).await?;
+        if blake3::Hash::from_bytes(proof) != client_proof(key, purpose, &nc, &ns) {
+            let _ = sock
+                .write_all(&server_msg(STATUS_WRONG_KEY, &[0; 32]))
+                .await;
+            let _ = sock.flush().await;
+            return Err(AuthError::WrongKey);
+        }
+        let proof = server_proof(key, purpose, &nc, &ns);
+        sock.write_all(&server_msg(STATUS_OK, proof.as_bytes()))
+            .await?;
+        sock.flush().await?;
+        Ok(Session::derive(key, purpose, &nc, &ns))
+    })
+    .await
+}
+
+/// What a server without a key answers to a client hello.
+pub async fn refuse_keyed_client<S: AsyncWrite + Unpin>(sock: &mut S) {
+    let _ = sock.write_all(MAGIC_KEYLESS).await;
+    let _ = sock.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn keys() -> (ClusterKey, ClusterKey) {
+        (
+            ClusterKey::from_bytes([7; 32]),
+            ClusterKey::from_bytes([8; 32]),
+        )
+    }
+
+    #[tokio::test]
+    async fn same_key_agrees_on_a_session() {
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        let server_key = key.clone();
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s, &server_key, Purpose::Data)
+                .await
+                .map(|x| (x, s))
+        });
+        let session = client_handshake(&mut c, &key, Purpose::Data).await.unwrap();
+        let (theirs, _s) = server.await.unwrap().unwrap();
+        assert_eq!(session.c2s, theirs.c2s);
+        assert_eq!(session.s2c, theirs.s2c);
+        assert_ne!(session.c2s, session.s2c);
+    }
+
+    #[tokio::test]
+    async fn wrong_key_fails_on_both_sides() {
+        let (key, other) = keys();
+        let (mut c, mut s) = duplex(1024);
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s, &other, Purpose::Data)
+                .await
+                .map(|_| ())
+        });
+        let client = client_handshake(&mut c, &key, Purpose::Data).await;
+        assert!(matches!(client, Err(AuthError::WrongKey)), "{client:?}");
+        assert!(matches!(server.await.unwrap(), Err(AuthError::WrongKey)));
+    }
+
+    #[tokio::test]
+    async fn a_server_without_the_key_never_proves_itself() {
+        // A rogue server that accepts any proof: its verdict cannot carry a
+        // valid proof, so the client refuses it.
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        let rogue = tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            s.read_exact(&mut hello).await.unwrap();
+            s.write_all(&server_msg(STATUS_OK, &[1; 32])).await.unwrap();
+            let mut proof = [0u8; PROOF_LEN];
+            s.read_exact(&mut proof).await.unwrap();
+            s.write_all(&server_msg(STATUS_OK, &[2; 32])).await.unwrap();
+            s
+        });
+        let client = client_handshake(&mut c, &key, Purpose::Data).await;
+        assert!(matches!(client, Err(AuthError::WrongKey)), "{client:?}");
+        drop(rogue.await);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_client_handshake_fails() {
+        let (key, _) = keys();
+        // Record a real client's bytes.
+        let (mut c, mut s) = duplex(4096);
+        let server_key = key.clone();
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s, &server_key, Purpose::Data)
+                .await
+                .unwrap();
+            s
+        });
+        client_handshake(&mut c, &key, Purpose::Data).await.unwrap();
+        drop(server.await.unwrap());
+        // The client wrote hello then proof; replay them to a new server
+        // with a recorder in the middle.
+        let (mut c1, mut s1) = duplex(4096);
+        let recorder = tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            s1.read_exact(&mut hello).await.unwrap();
+            s1.write_all(&server_msg(STATUS_OK, &[3; 32]))
+                .await
+                .unwrap();
+            let mut proof = [0u8; PROOF_LEN];
+            s1.read_exact(&mut proof).await.unwrap();
+            (hello, proof)
+        });
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            client_handshake(&mut c1, &key, Purpose::Data),
+        )
+        .await;
+        let (hello, proof) = recorder.await.unwrap();
+        let (mut c2, mut s2) = duplex(4096);
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s2, &key, Purpose::Data)
+                .await
+                .map(|_| ())
+        });
+        c2.write_all(&hello).await.unwrap();
+        let mut challenge = [0u8; SERVER_MSG_LEN];
+        c2.read_exact(&mut challenge).await.unwrap();
+        c2.write_all(&proof).await.unwrap();
+        assert!(matches!(server.await.unwrap(), Err(AuthError::WrongKey)));
+    }
+
+    #[tokio::test]
+    async fn truncated_or_garbage_handshakes_fail() {
+        let (key, _) = keys();
+        for bytes in [
+            &b"STRA"[..],
+            &hello(Purpose::Data, &[0; 32])[..20],
+            b"GET / HTTP/1.1\r\n\r\n",
+        ] {
+            let (mut c, mut s) = duplex(1024);
+            let k = key.clone();
+            let server = tokio::spawn(async move {
+                server_handshake(&mut s, &k, Purpose::Data)
+                    .await
+                    .map(|_| ())
+            });
+            c.write_all(bytes).await.unwrap();
+            drop(c);
+            assert!(server.await.unwrap().is_err(), "{bytes:?}");
+        }
+        // The client refuses a server that answers garbage or closes.
+        let (mut c, mut s) = duplex(1024);
+        tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            let _ = s.read_exact(&mut hello).await;
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n....").await;
+        });
+        assert!(client_handshake(&mut c, &key, Purpose::Data).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn keyless_servers_and_wrong_purposes_are_named() {
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            let _ = s.read_exact(&mut hello).await;
+            refuse_keyed_client(&mut s).await;
+        });
+        let r = client_handshake(&mut c, &key, Purpose::Data).await;
+        assert!(matches!(r, Err(AuthError::PeerKeyless)), "{r:?}");
+
+        let (mut c, mut s) = duplex(1024);
+        let k = key.clone();
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s, &k, Purpose::Data)
+                .await
+                .map(|_| ())
+        });
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            client_handshake(&mut c, &key, Purpose::Control),
+        )
+        .await;
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(AuthError::WrongPurpose(Purpose::Control))
+        ));
+    }
+}

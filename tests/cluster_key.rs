@@ -1,0 +1,179 @@
+//! The cluster key end to end: `strata key init`, three `replica serve`
+//! processes and a `controller serve` all given `--cluster-key-file`, used by
+//! qemu-io over NBD; a controller without the key cannot use the replicas.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::{free_addr, require, run, run_ok, strata_bin, wait_listening, Proc};
+
+fn key_init(path: &Path) -> std::process::Output {
+    run(
+        strata_bin().to_str().unwrap(),
+        &["key", "init", "--out", path.to_str().unwrap()],
+        30,
+    )
+}
+
+fn replica(dir: &Path, i: usize, addr: SocketAddr, key: &Path) -> Proc {
+    let args: Vec<String> = vec![
+        "replica".into(),
+        "serve".into(),
+        "--dir".into(),
+        dir.join(format!("replica-{i}")).display().to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--cluster-key-file".into(),
+        key.display().to_string(),
+    ];
+    let mut p = Proc::spawn(&format!("replica-{i}"), &args, dir);
+    wait_listening(addr, &mut p, 20);
+    p
+}
+
+fn controller(
+    dir: &Path,
+    name: &str,
+    replicas: &[SocketAddr],
+    nbd: SocketAddr,
+    key: Option<&Path>,
+) -> Proc {
+    let mut args: Vec<String> = vec![
+        "controller".into(),
+        "serve".into(),
+        "--volume".into(),
+        "vol".into(),
+        "--nbd".into(),
+        nbd.to_string(),
+        "--control".into(),
+        free_addr().to_string(),
+        "--metrics".into(),
+        free_addr().to_string(),
+        "--create-size".into(),
+        (64u64 << 20).to_string(),
+        "--io-timeout-secs".into(),
+        "5".into(),
+    ];
+    for a in replicas {
+        args.push("--replica".into());
+        args.push(a.to_string());
+    }
+    if let Some(key) = key {
+        args.push("--cluster-key-file".into());
+        args.push(key.display().to_string());
+    }
+    Proc::spawn(name, &args, dir)
+}
+
+#[test]
+fn key_init_writes_a_private_key_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.key");
+    let out = key_init(&path);
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.trim().len(), 64);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Never printed, never overwritten.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(text.trim()));
+    let again = key_init(&path);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    // A malformed key file stops a server at start with a clear error.
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not a key").unwrap();
+    let out = run(
+        strata_bin().to_str().unwrap(),
+        &[
+            "replica",
+            "serve",
+            "--dir",
+            dir.path().join("r").to_str().unwrap(),
+            "--listen",
+            &free_addr().to_string(),
+            "--cluster-key-file",
+            bad.to_str().unwrap(),
+        ],
+        30,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("malformed"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn keyed_replicas_serve_a_keyed_controller_and_refuse_a_keyless_one() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    assert!(key_init(&key).status.success());
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let _replicas: Vec<Proc> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| replica(dir.path(), i, *a, &key))
+        .collect();
+
+    let nbd = free_addr();
+    let mut c = controller(dir.path(), "controller", &addrs, nbd, Some(&key));
+    wait_listening(nbd, &mut c, 30);
+    let uri = format!("nbd://{nbd}/vol");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x6d 4096 1M", &uri],
+        60,
+    );
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x6d 4096 1M", &uri],
+        60,
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    assert!(
+        c.terminate(30),
+        "controller did not stop:\n{}",
+        c.log_text()
+    );
+
+    // Without the key, a controller cannot open the replicas: it never
+    // serves NBD, and the replicas log the refusal.
+    let nbd2 = free_addr();
+    let mut keyless = controller(dir.path(), "keyless-controller", &addrs, nbd2, None);
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert!(
+        std::net::TcpStream::connect(nbd2).is_err(),
+        "a keyless controller served the volume:\n{}",
+        keyless.log_text()
+    );
+    keyless.kill9();
+    let refused = (0..3).any(|i| {
+        std::fs::read_to_string(dir.path().join(format!("replica-{i}.log")))
+            .unwrap_or_default()
+            .contains("without the cluster key")
+    });
+    assert!(refused, "no replica logged the refusal");
+
+    // The keyed controller still sees the data.
+    let nbd3 = free_addr();
+    let mut c = controller(dir.path(), "controller-2", &addrs, nbd3, Some(&key));
+    wait_listening(nbd3, &mut c, 30);
+    let uri = format!("nbd://{nbd3}/vol");
+    let out = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x6d 4096 1M", &uri],
+        60,
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    assert!(
+        c.terminate(30),
+        "controller did not stop:\n{}",
+        c.log_text()
+    );
+}
