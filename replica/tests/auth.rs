@@ -223,7 +223,7 @@ async fn a_keyed_replica_serves_only_the_right_key() {
         "{wrong_data:?}"
     );
     let wrong_ctl = control(n.addr, Some(&wrong)).await;
-    let e = wrong_ctl.err().expect("a wrong-key gRPC client connected");
+    let e = wrong_ctl.expect_err("a wrong-key gRPC client connected");
     assert!(
         chain(&e).contains("wrong cluster key"),
         "the error names the wrong key: {e:?}"
@@ -275,7 +275,7 @@ async fn keyed_clients_refuse_keyless_replicas() {
         ),
         "{r:?}"
     );
-    let e = control(n.addr, Some(&key)).await.err().expect("connected");
+    let e = control(n.addr, Some(&key)).await.expect_err("connected");
     assert!(chain(&e).contains("no cluster key"), "{e:?}");
     // Keyless on both sides works as before.
     let mut ctl = control(n.addr, None).await.unwrap();
