@@ -33,7 +33,7 @@ pub mod store;
 pub mod testing;
 pub mod wire;
 
-pub use error::{Result, StoreError};
+pub use error::{error_chain, Result, StoreError};
 pub use store::{
     valid_snapshot_name, Allocation, AllocationExtent, CreateOptions, OpenReport, SnapshotInfo,
     Store, StoreInfo, View, WritebackConfig, WritebackStats,

@@ -12,6 +12,7 @@ use strata_proto::replica::replica_control_client::ReplicaControlClient;
 use strata_proto::replica::{CreateReplicaRequest, ReplicaRef, SetEpochRequest};
 use strata_replica::auth::{self, AuthError, ClusterKey, ServerAuth};
 use strata_replica::client::{ClientError, ReplicaClient};
+use strata_replica::error_chain;
 use strata_replica::node::{serve_node_with, NodeOptions};
 use strata_replica::wire::Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,18 +57,6 @@ async fn control(
     Ok(ReplicaControlClient::new(
         auth::control_channel(endpoint, addr, key).await?,
     ))
-}
-
-/// An error and its sources, as a user sees them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn pattern(byte: u8) -> Bytes {
@@ -204,8 +193,8 @@ async fn a_keyed_replica_serves_only_the_right_key() {
             })
             .await
             .map(|_| ())
-            .map_err(|e| chain(&e)),
-        Err(e) => Err(chain(&e)),
+            .map_err(|e| error_chain(&e)),
+        Err(e) => Err(error_chain(&e)),
     };
     let e = deleted.expect_err("a keyless gRPC client deleted the replica");
     assert!(e.contains("requires the cluster key"), "{e}");
@@ -225,7 +214,7 @@ async fn a_keyed_replica_serves_only_the_right_key() {
     let wrong_ctl = control(n.addr, Some(&wrong)).await;
     let e = wrong_ctl.expect_err("a wrong-key gRPC client connected");
     assert!(
-        chain(&e).contains("wrong cluster key"),
+        error_chain(&e).contains("wrong cluster key"),
         "the error names the wrong key: {e:?}"
     );
 
@@ -276,7 +265,7 @@ async fn keyed_clients_refuse_keyless_replicas() {
         "{r:?}"
     );
     let e = control(n.addr, Some(&key)).await.expect_err("connected");
-    assert!(chain(&e).contains("no cluster key"), "{e:?}");
+    assert!(error_chain(&e).contains("no cluster key"), "{e:?}");
     // Keyless on both sides works as before.
     let mut ctl = control(n.addr, None).await.unwrap();
     ctl.create_replica(CreateReplicaRequest {

@@ -11,6 +11,7 @@ use strata_proto::replica::{
     RegionDigestsRequest, ReplicaRef, ReplicaStatus, SetEpochRequest, SnapshotInfo,
     SnapshotRequest,
 };
+use strata_replica::error_chain;
 use tonic::Code;
 
 /// Why a call to a replica server's control API failed. The kind is told
@@ -87,19 +88,6 @@ impl ControlError {
             _ => None,
         }
     }
-}
-
-/// `e` and its sources, joined with ": " (a handshake failure is a
-/// source of the transport error).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// A gRPC client of the replica server at `addr`, for many calls. It

@@ -10,7 +10,6 @@
 //! memory: when the permits run out the reader stops reading and TCP pushes
 //! back on the client.
 
-use std::error::Error;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{self, Command, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
-use crate::{Store, StoreError, View};
+use crate::{error_chain, Store, StoreError, View};
 use strata_net::stopped;
 
 /// Requests per connection decoded but not yet answered on the socket.
@@ -337,7 +336,7 @@ impl Conn {
                     HostError::Store { source, .. } => store_status(source),
                     _ => Status::IoError,
                 };
-                Reply::error(id, 0, status, &message(&e))
+                Reply::error(id, 0, status, &error_chain(&e))
             }
             Err(_) => Reply::error(
                 id,
@@ -502,9 +501,9 @@ fn store_reply(store: &Store, id: u64, result: Result<Bytes, StoreError>) -> Rep
         Err(e) => {
             let status = store_status(&e);
             if matches!(status, Status::IoError | Status::Corrupt) {
-                tracing::warn!(dir = ?store.dir(), error = %message(&e), "replica request failed");
+                tracing::warn!(dir = ?store.dir(), error = %error_chain(&e), "replica request failed");
             }
-            Reply::error(id, store.epoch(), status, &message(&e))
+            Reply::error(id, store.epoch(), status, &error_chain(&e))
         }
     }
 }
@@ -524,16 +523,4 @@ pub(crate) fn store_status(e: &StoreError) -> Status {
         StoreError::Checksum { .. } | StoreError::CorruptMap { .. } => Status::Corrupt,
         _ => Status::IoError,
     }
-}
-
-/// The error and its sources, joined with ": ".
-fn message(e: &dyn Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
