@@ -1,6 +1,7 @@
 //! The cluster key end to end: `strata key init`, three `replica serve`
 //! processes and a `controller serve` all given `--cluster-key-file`, used by
-//! qemu-io over NBD; a controller without the key cannot use the replicas.
+//! qemu-io over NBD; a controller without the key cannot use the replicas;
+//! the controller's management API refuses clients without the key.
 
 mod common;
 
@@ -40,6 +41,17 @@ fn controller(
     nbd: SocketAddr,
     key: Option<&Path>,
 ) -> Proc {
+    controller_at(dir, name, replicas, nbd, free_addr(), key)
+}
+
+fn controller_at(
+    dir: &Path,
+    name: &str,
+    replicas: &[SocketAddr],
+    nbd: SocketAddr,
+    control: SocketAddr,
+    key: Option<&Path>,
+) -> Proc {
     let mut args: Vec<String> = vec![
         "controller".into(),
         "serve".into(),
@@ -48,7 +60,7 @@ fn controller(
         "--nbd".into(),
         nbd.to_string(),
         "--control".into(),
-        free_addr().to_string(),
+        control.to_string(),
         "--metrics".into(),
         free_addr().to_string(),
         "--create-size".into(),
@@ -171,6 +183,150 @@ fn keyed_replicas_serve_a_keyed_controller_and_refuse_a_keyless_one() {
         60,
     );
     assert!(!out.contains("verification failed"), "{out}");
+    assert!(
+        c.terminate(30),
+        "controller did not stop:\n{}",
+        c.log_text()
+    );
+}
+
+/// `strata [--cluster-key-file KEY] snapshot ARGS --controller ADDR`.
+fn snapshot_cmd(key: Option<&Path>, args: &[&str], controller: SocketAddr) -> std::process::Output {
+    let mut all: Vec<String> = Vec::new();
+    if let Some(k) = key {
+        all.push("--cluster-key-file".into());
+        all.push(k.display().to_string());
+    }
+    all.push("snapshot".into());
+    all.extend(args.iter().map(|s| s.to_string()));
+    all.push("--controller".into());
+    all.push(controller.to_string());
+    let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+    run(strata_bin().to_str().unwrap(), &refs, 60)
+}
+
+/// A one-connection TCP relay to `target` that records what the client
+/// sent; joined, it returns those bytes.
+fn recording_proxy(target: SocketAddr) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut server = std::net::TcpStream::connect(target).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(std::net::Shutdown::Write);
+        });
+        let mut recorded = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    recorded.extend_from_slice(&buf[..n]);
+                    if server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = server.shutdown(std::net::Shutdown::Write);
+        let _ = back.join();
+        recorded
+    });
+    (addr, handle)
+}
+
+/// Sends `bytes` on a new connection to `addr`; returns what came back
+/// before the server closed (or 5 s passed).
+fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut back = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        back.extend_from_slice(&buf[..n]);
+    }
+    back
+}
+
+#[test]
+fn keyed_controller_management_api_refuses_clients_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    let other = dir.path().join("other.key");
+    assert!(key_init(&key).status.success());
+    assert!(key_init(&other).status.success());
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let _replicas: Vec<Proc> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| replica(dir.path(), i, *a, &key))
+        .collect();
+    let (nbd, ctl) = (free_addr(), free_addr());
+    let mut c = controller_at(dir.path(), "controller", &addrs, nbd, ctl, Some(&key));
+    wait_listening(nbd, &mut c, 30);
+
+    // With the key, through a relay that records the session: a snapshot
+    // is taken. It is deleted again, so a replay that worked would show.
+    let (relay, recorded) = recording_proxy(ctl);
+    let out = snapshot_cmd(Some(&key), &["create", "vol", "recorded"], relay);
+    assert!(out.status.success(), "{out:?}");
+    let recorded = recorded.join().unwrap();
+    assert!(recorded.len() > 100, "{} bytes recorded", recorded.len());
+    let out = snapshot_cmd(Some(&key), &["rm", "vol", "recorded"], ctl);
+    assert!(out.status.success(), "{out:?}");
+
+    // Without the key: refused with the reason.
+    let out = snapshot_cmd(None, &["create", "vol", "keyless"], ctl);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires the cluster key"), "{err}");
+    // With another cluster's key: refused, named.
+    let out = snapshot_cmd(Some(&other), &["create", "vol", "wrong-key"], ctl);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong cluster key"), "{err}");
+    // The recorded session replayed on a new connection: the server's
+    // challenge and its refusal, nothing more.
+    let back = send_raw(ctl, &recorded);
+    assert!(back.len() <= 80, "{} bytes came back", back.len());
+    // Garbage before any handshake.
+    for junk in [
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        vec![0u8; 64],
+        b"STRA\x01".to_vec(),
+    ] {
+        let back = send_raw(ctl, &junk);
+        assert!(
+            !String::from_utf8_lossy(&back).contains("recorded"),
+            "junk got an answer"
+        );
+    }
+
+    // Nothing changed; the keyed client is still served.
+    let out = snapshot_cmd(Some(&key), &["ls", "vol", "--json"], ctl);
+    assert!(out.status.success(), "{out:?}");
+    let list = String::from_utf8_lossy(&out.stdout);
+    for name in ["recorded", "keyless", "wrong-key"] {
+        assert!(!list.contains(name), "snapshot {name} exists: {list}");
+    }
+    assert!(c.is_running(), "{}", c.log_text());
+    assert!(
+        c.log_text().contains("refused a peer"),
+        "the controller logged no refusal:\n{}",
+        c.log_text()
+    );
     assert!(
         c.terminate(30),
         "controller did not stop:\n{}",

@@ -29,6 +29,9 @@ pub struct ControllerOptions {
     pub iscsi: Option<SocketAddr>,
     /// iSCSI CHAP secrets; `None` accepts initiators without authentication.
     pub chap: Option<crate::frontend::iscsi::ChapConfig>,
+    /// With the cluster key, the management API serves only clients that
+    /// prove they hold it ([`strata_replica::auth`]); `None` serves anyone.
+    pub auth: Option<Arc<strata_replica::auth::ServerAuth>>,
 }
 
 /// Sent once the controller serves.
@@ -74,6 +77,69 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, RunEr
     TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Listen { addr, what, source })
+}
+
+/// The management API's limits: few clients (the operator CLI, the CSI
+/// controller), each idle connection dropped at shutdown.
+const MANAGEMENT_LIMITS: strata_net::Limits = strata_net::Limits {
+    name: "management API",
+    max_connections: 64,
+    grace: std::time::Duration::from_secs(1),
+};
+
+/// Serves the management API on `listener` until `shutdown`: every
+/// connection passes [`strata_replica::auth::accept_grpc`] (the cluster-key
+/// handshake when the controller has a key) before tonic sees it.
+async fn serve_management(
+    listener: TcpListener,
+    svc: VolumeService,
+    auth: Option<Arc<strata_replica::auth::ServerAuth>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    use strata_replica::auth::{self, Purpose, Sealed};
+    if let Ok(addr) = listener.local_addr() {
+        auth::warn_if_open(
+            "The controller's management API",
+            addr,
+            auth.as_ref().map(|a| &a.key),
+        );
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Sealed<tokio::net::TcpStream>>>(16);
+    let mut rx_stop = shutdown.clone();
+    let grpc = tokio::spawn(async move {
+        let incoming =
+            futures::stream::unfold(rx, |mut r| async move { r.recv().await.map(|s| (s, r)) });
+        tonic::transport::Server::builder()
+            .add_service(VolumeControlServer::new(svc))
+            .serve_with_incoming_shutdown(incoming, async move {
+                strata_net::stopped(&mut rx_stop).await;
+            })
+            .await
+    });
+    strata_net::serve(listener, MANAGEMENT_LIMITS, shutdown, move |sock, peer| {
+        let (tx, auth) = (tx.clone(), auth.clone());
+        async move {
+            let _ = sock.set_nodelay(true);
+            let accepted = auth::accept_grpc(
+                sock,
+                peer,
+                auth.as_deref(),
+                Purpose::Manage,
+                "management API",
+                auth::CONTROLLER_KEY_REQUIRED,
+            )
+            .await;
+            if let Some(stream) = accepted {
+                let _ = tx.send(Ok(stream)).await;
+            }
+        }
+    })
+    .await;
+    match grpc.await {
+        Ok(Err(e)) => tracing::error!("management API stopped: {e}"),
+        Err(e) => tracing::error!("management API stopped: {e}"),
+        Ok(Ok(())) => {}
+    }
 }
 
 /// Serves until `shutdown` turns true; see the module docs.
@@ -122,19 +188,12 @@ pub async fn run_controller(
             backup_defaults: opts.backup_defaults.clone(),
             schedules: schedules.clone(),
         };
-        let mut rx = shutdown.clone();
-        tokio::spawn(async move {
-            let incoming = tokio_incoming(listener);
-            let result = tonic::transport::Server::builder()
-                .add_service(VolumeControlServer::new(svc))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    strata_net::stopped(&mut rx).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!("management API stopped: {e}");
-            }
-        });
+        tokio::spawn(serve_management(
+            listener,
+            svc,
+            opts.auth.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(listener) = metrics_listener {
         tokio::spawn(serve_metrics(
@@ -201,17 +260,4 @@ pub async fn run_controller(
     }
     tracing::info!(volume = %volume.name, secs = began.elapsed().as_secs_f64(), "stopped cleanly");
     Ok(())
-}
-
-/// Accepted TCP connections as the stream tonic wants.
-pub fn tokio_incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    })
 }

@@ -337,7 +337,14 @@ async fn try_controller(
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(120));
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let channel = strata_replica::auth::grpc_channel(
+        endpoint,
+        addr,
+        strata_replica::auth::process_key(),
+        strata_replica::auth::Purpose::Manage,
+    )
+    .await
+    .map_err(|e| strata_replica::error_chain(&e))?;
     let mut client = VolumeControlClient::new(channel);
     let status = client
         .status(StatusRequest {})

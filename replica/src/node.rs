@@ -21,7 +21,7 @@ use crate::control::ReplicaControlService;
 use crate::host::ReplicaHost;
 use crate::WritebackConfig;
 
-const PREFACE: &[u8; 4] = b"PRI ";
+const PREFACE: &[u8; 4] = auth::HTTP2_PREFACE;
 /// How long a new connection may stay silent before it is dropped.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// At shutdown, how long a connection still being routed may take.
@@ -169,7 +169,7 @@ pub async fn serve_node_with(
                     }
                 }
                 (Some(a), None) if first[..n.min(4)] == PREFACE[..n.min(4)] => {
-                    refuse_keyless_grpc(sock).await;
+                    auth::refuse_keyless_grpc(sock, auth::KEY_REQUIRED).await;
                     auth::log_refusal(
                         &a.refusals,
                         "replica control",
@@ -213,39 +213,4 @@ pub async fn serve_node_with(
         tracing::warn!(dir = %dir.display(), secs, unclean = failed.len(), "replica server stopped; some replicas were not closed cleanly (see above)");
     }
     Ok(())
-}
-
-/// Tells a gRPC client without the key why it is refused: an HTTP/2
-/// SETTINGS frame then GOAWAY (INADEQUATE_SECURITY) whose debug data the
-/// client's error shows; then closes after reading what it sent.
-async fn refuse_keyless_grpc(mut sock: TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let reason = auth::KEY_REQUIRED.as_bytes();
-    let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0]; // empty SETTINGS
-    let len = (8 + reason.len()) as u32;
-    out.extend_from_slice(&len.to_be_bytes()[1..]);
-    out.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]); // GOAWAY on stream 0
-    out.extend_from_slice(&0u32.to_be_bytes()); // last stream id
-    out.extend_from_slice(&0xcu32.to_be_bytes()); // INADEQUATE_SECURITY
-    out.extend_from_slice(reason);
-    if sock.write_all(&out).await.is_ok() {
-        let _ = sock.shutdown().await;
-        // Read (and drop) what the client sends, so that closing does not
-        // reset the connection before it read the GOAWAY.
-        let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
-    }
-}
-
-impl tonic::transport::server::Connected for Sealed<TcpStream> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Sealed::Plain(s) | Sealed::Sealed(s, ..) => s.connect_info(),
-        }
-    }
 }

@@ -33,9 +33,10 @@ pub struct Cli {
     /// number of cores for everything else.
     #[arg(long, global = true, env = "STRATA_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
-    /// The cluster key file (`strata key init`): replica servers then
-    /// serve only peers that prove it, and controllers prove it to
-    /// replicas. Without it everything is keyless. (Not `--key-file`:
+    /// The cluster key file (`strata key init`): replica servers and
+    /// controllers' management APIs then serve only peers that prove it,
+    /// and clients prove it to them (and check them). Without it
+    /// everything is keyless. (Not `--key-file`:
     /// that is the backup encryption key of the backup commands.)
     #[arg(
         long,
@@ -222,6 +223,26 @@ pub struct ControllerArgs {
     pub chap_file: Option<PathBuf>,
 }
 
+/// A client of the controller's management API at `controller`, through
+/// the cluster-key handshake when this process has the key.
+pub async fn management_client(
+    controller: std::net::SocketAddr,
+) -> anyhow::Result<
+    strata_proto::controller::volume_control_client::VolumeControlClient<tonic::transport::Channel>,
+> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{controller}"))?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = strata_replica::auth::grpc_channel(
+        endpoint,
+        controller,
+        strata_replica::auth::process_key(),
+        strata_replica::auth::Purpose::Manage,
+    )
+    .await
+    .with_context(|| format!("cannot reach the controller at {controller}"))?;
+    Ok(strata_proto::controller::volume_control_client::VolumeControlClient::new(channel))
+}
+
 /// CHAP secrets from `--chap-file`, else from the environment.
 pub fn load_chap(
     file: Option<&std::path::Path>,
@@ -262,6 +283,8 @@ impl ControllerArgs {
             backup_schedules: self.backup.schedules.clone(),
             iscsi: self.iscsi,
             chap: load_chap(self.chap_file.as_deref())?,
+            auth: strata_replica::auth::process_key()
+                .map(|k| std::sync::Arc::new(strata_replica::auth::ServerAuth::new(k.clone()))),
         })
     }
 }

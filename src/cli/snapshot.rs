@@ -71,9 +71,9 @@ pub async fn connect_with_status(
     volume: &str,
     controller: SocketAddr,
 ) -> anyhow::Result<(VolumeControlClient<Channel>, VolumeStatus)> {
-    let mut client = VolumeControlClient::connect(format!("http://{controller}"))
+    let mut client = super::management_client(controller)
         .await
-        .with_context(|| format!("volume {volume}: cannot reach the controller at {controller}"))?;
+        .with_context(|| format!("volume {volume}"))?;
     let status = client
         .status(StatusRequest {})
         .await

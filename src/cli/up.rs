@@ -111,6 +111,7 @@ pub async fn run(
         backup_schedules: args.backup.schedules.clone(),
         iscsi: args.iscsi,
         chap: super::load_chap(args.chap_file.as_deref())?,
+        auth: auth.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(strata_controller::run::run_controller(

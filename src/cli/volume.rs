@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Subcommand;
-use strata_proto::controller::volume_control_client::VolumeControlClient;
 use strata_proto::controller::{ExpandRequest, ReplicaAddress, StatusRequest, VolumeStatus};
 
 #[derive(Debug, Subcommand)]
@@ -69,9 +68,7 @@ pub async fn run(cmd: VolumeCommand) -> anyhow::Result<()> {
             json,
         } => super::snapshot::clone(&source, &new, controller, json).await,
         VolumeCommand::Status { controller, json } => {
-            let mut client = VolumeControlClient::connect(format!("http://{controller}"))
-                .await
-                .with_context(|| format!("cannot reach the controller at {controller}"))?;
+            let mut client = super::management_client(controller).await?;
             let s = client
                 .status(StatusRequest {})
                 .await
@@ -232,9 +229,7 @@ pub async fn change_replicas(
     controller: SocketAddr,
     add: bool,
 ) -> anyhow::Result<()> {
-    let mut client = VolumeControlClient::connect(format!("http://{controller}"))
-        .await
-        .with_context(|| format!("cannot reach the controller at {controller}"))?;
+    let mut client = super::management_client(controller).await?;
     let current = client.status(StatusRequest {}).await?.into_inner();
     if current.volume != volume {
         anyhow::bail!(

@@ -32,8 +32,10 @@ const STATUS_WRONG_KEY: u8 = 1;
 pub enum Purpose {
     /// The binary data wire.
     Data = 0,
-    /// The gRPC control API.
+    /// The replica's gRPC control API.
     Control = 1,
+    /// The controller's gRPC management API.
+    Manage = 2,
 }
 
 impl Purpose {
@@ -41,6 +43,7 @@ impl Purpose {
         match v {
             0 => Some(Purpose::Data),
             1 => Some(Purpose::Control),
+            2 => Some(Purpose::Manage),
             _ => None,
         }
     }
@@ -60,7 +63,7 @@ impl Purpose {
 pub enum AuthError {
     #[error("Authentication failed: wrong cluster key")]
     WrongKey,
-    #[error("The replica has no cluster key; refusing to use a keyless replica")]
+    #[error("The server has no cluster key; refusing to use a keyless server")]
     PeerKeyless,
     #[error("The peer does not speak the authentication handshake")]
     Malformed,

@@ -1,5 +1,5 @@
 //! Cluster-key authentication of the replica's port (data wire and gRPC
-//! control alike).
+//! control alike) and of the controller's management API.
 //!
 //! Every strata process of a cluster may hold the same 32-byte
 //! [`ClusterKey`], read from a file (`--cluster-key-file`, `STRATA_CLUSTER_KEY_FILE`). A
@@ -25,11 +25,17 @@
 //! ```
 //!
 //! The data-wire frames inside records keep their own crc; the frame format
-//! is unchanged. gRPC (HTTP/2) runs inside the same records.
+//! is unchanged. gRPC (HTTP/2) runs inside the same records (grpc.rs).
 
+mod grpc;
 mod handshake;
 mod key;
 mod record;
+
+pub use grpc::{
+    accept_grpc, control_channel, grpc_channel, refuse_keyless_grpc, CONTROLLER_KEY_REQUIRED,
+    HTTP2_PREFACE,
+};
 
 pub use handshake::refuse_keyed_client;
 pub use handshake::{
@@ -94,36 +100,6 @@ pub fn set_process_key(key: ClusterKey) -> bool {
 /// The key set by [`set_process_key`], if any.
 pub fn process_key() -> Option<&'static ClusterKey> {
     PROCESS_KEY.get()
-}
-
-/// A gRPC channel to the replica control API at `addr`. With `key`, each
-/// of the channel's connections first runs the handshake (purpose
-/// control) and HTTP/2 then travels in authenticated records.
-pub async fn control_channel(
-    endpoint: tonic::transport::Endpoint,
-    addr: std::net::SocketAddr,
-    key: Option<&ClusterKey>,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let Some(key) = key.cloned() else {
-        return endpoint.connect().await;
-    };
-    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
-        let key = key.clone();
-        async move {
-            let mut sock = tokio::net::TcpStream::connect(addr).await?;
-            let _ = sock.set_nodelay(true);
-            let session = client_handshake(&mut sock, &key, Purpose::Control)
-                .await
-                .map_err(std::io::Error::other)?;
-            let (rd, wr) = session.client();
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Sealed::Sealed(
-                sock,
-                Box::new(rd),
-                Box::new(wr),
-            )))
-        }
-    });
-    endpoint.connect_with_connector(connector).await
 }
 
 /// What a server with a key answers a keyless data-wire client.
