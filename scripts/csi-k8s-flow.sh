@@ -110,6 +110,52 @@ serving "$uri"
 qemu-io -f raw -c "write -P 0x5a 0 1M" -c "write -P 0xa5 63M 1M" -c flush "$uri" >/dev/null ||
     fail "cannot write to $uri"
 
+echo "== deploy/base/networkpolicy.yaml selects this volume's pod and admits only the node plugin to NBD"
+# No network policy engine runs here (no CNI): this checks the policy's selectors and ports
+# against the real objects' labels, which is what decides whom k3s' policy controller admits.
+kubectl kustomize deploy/ >"$dir/deploy-rendered.yaml"
+kubectl -n "$ns" get deployment "strata-$vol" -o json >"$dir/volume-deployment.json"
+python3 - "$dir/deploy-rendered.yaml" "$dir/volume-deployment.json" deploy/examples/mariadb.yaml <<'PY' ||
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+vol = json.load(open(sys.argv[2]))
+apps = [d for d in yaml.safe_load_all(open(sys.argv[3])) if d and d.get("kind") == "StatefulSet"]
+pol = next(d for d in docs if d["kind"] == "NetworkPolicy")
+node_ds = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "strata-csi-node")
+csi_ctl = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "strata-csi-controller")
+def matches(sel, labels):
+    return all(labels.get(k) == v for k, v in sel.get("matchLabels", {}).items()) and not sel.get("matchExpressions")
+def labels(obj):
+    return obj["spec"]["template"]["metadata"]["labels"]
+spec = pol["spec"]
+assert pol["metadata"]["namespace"] == vol["metadata"]["namespace"], "policy in another namespace"
+assert matches(spec["podSelector"], labels(vol)), "the policy does not select the volume's pod"
+assert spec["policyTypes"] == ["Ingress"]
+def admitted(port, src_labels, same_ns=True):
+    for rule in spec["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        froms = rule.get("from")
+        if froms is None:
+            return True
+        if any("podSelector" in f and "namespaceSelector" not in f and same_ns
+               and matches(f["podSelector"], src_labels) for f in froms):
+            return True
+    return False
+ports = {p["name"]: p["containerPort"] for p in vol["spec"]["template"]["spec"]["containers"][0]["ports"]}
+nbd = ports["nbd"]
+assert admitted(nbd, labels(node_ds)), "the node plugin cannot reach NBD"
+assert not admitted(nbd, labels(csi_ctl)), "the CSI controller pod reaches NBD"
+for app in apps:
+    assert not admitted(nbd, labels(app), same_ns=False), "an application pod reaches NBD"
+    assert not admitted(nbd, labels(app)), "an application pod in strata-system reaches NBD"
+assert not admitted(nbd, {}), "an unlabelled pod reaches NBD"
+assert admitted(ports["control"], {}) and admitted(ports["metrics"], {}), "management or metrics closed"
+print(f"   NBD {nbd}: node plugin only; control {ports['control']} and metrics {ports['metrics']}: open")
+PY
+    fail "the NetworkPolicy does not do what deploy/README.md says"
+
 echo "== backup schedules from a StorageClass (deploy/examples/backup-schedule.yaml)"
 timed
 sed -e 's/WaitForFirstConsumer/Immediate/' deploy/examples/backup-schedule.yaml | kubectl apply -f - >/dev/null

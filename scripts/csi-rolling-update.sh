@@ -8,7 +8,8 @@
 #
 # 1. deploy/base/replica.yaml is applied: the daemonset controller makes one replica Pod per
 #    node (node-1..3) and tests/k8s/pod-runner.py runs them (their exact command, a data
-#    directory per node for the hostPath, Ready once port 10900 answers). A PVC of 3 replicas
+#    directory per node for the hostPath, the cluster key Secret the CSI controller made as a
+#    file, Ready once port 10900 answers). A PVC of 3 replicas
 #    is provisioned; its controller Pod runs. tests/k8s/nbd-writer.py writes to the volume's
 #    Service address without pause (200 distinct 4 KiB writes a second, a FLUSH every 8),
 #    reconnecting and writing again whatever no FLUSH covered when a request fails.
@@ -49,6 +50,9 @@ T0=$(date +%s.%N)
 export K8S_KCM_MORE_CONTROLLERS="daemonset-controller,deployment-controller,replicaset-controller,node-lifecycle-controller"
 export K8S_ENV_POD_RUNNER_ARGS="--pods"
 export K8S_ENV_REPLICA_SERVERS=0
+# deploy/'s key path: the CSI controller makes the strata-cluster-key Secret, the replica Pods
+# wait for it and mount it, and so does the volume's controller Pod.
+export K8S_ENV_KEY=csi
 export POD_RUNNER_HOST_ROOT="$dir/hosts"
 k8s_env_up "$dir"
 ns="$K8S_ENV_NS"
@@ -57,6 +61,7 @@ sed -e 's/WaitForFirstConsumer/Immediate/' deploy/base/storageclass.yaml | kubec
 kubectl apply -f deploy/base/replica.yaml >/dev/null
 k8s_env_csi_controller "$dir"
 csi_pids=("${K8S_ENV_PIDS[@]: -2}") # strata csi, external-provisioner
+k8s_env_key_fetch "$dir" # for this script's own `strata volume status`
 
 fail() {
     echo "FAIL: $*" >&2
@@ -216,6 +221,24 @@ PY
 sv_healthy || fail "the volume is not Ready with 3 healthy replicas at the end"
 epoch_end="$(live_epoch)"
 [ "$epoch_end" -gt "$epoch0" ] || fail "the epoch did not rise: $epoch0 -> $epoch_end"
+echo "== the key is in force: keyless clients are refused"
+nokey="$(env -u STRATA_CLUSTER_KEY_FILE "$STRATA_BIN" volume status --controller "$host:10810" 2>&1)" &&
+    fail "a keyless client read the volume controller's status"
+grep -q "requires the cluster key" <<<"$nokey" || fail "keyless status: $nokey"
+# a keyless gRPC client (an HTTP/2 preface) at a replica Pod's port: GOAWAY with the reason
+python3 - <<'PY' || fail "a replica server did not refuse a keyless gRPC client"
+import socket
+s = socket.create_connection(("127.0.0.11", 10900), timeout=5)
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+back = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    back += chunk
+assert b"requires the cluster key" in back, back
+PY
+echo "   volume controller and replica server refuse a client without the key"
 echo "== figures"
 for l in "${report[@]}"; do echo "   $l"; done
 echo "   epoch $epoch0 -> $epoch_end; total $(secs "$T0") s"

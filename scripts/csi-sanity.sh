@@ -36,7 +36,9 @@ echo "== csi-sanity work directory: $dir"
 trap 'k8s_env_down "$dir"' EXIT
 k8s_env_up "$dir"
 ns="$K8S_ENV_NS"
-KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode controller --namespace "$ns" \
+# shellcheck disable=SC2046
+env -u STRATA_CLUSTER_KEY_FILE KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode controller \
+    --namespace "$ns" $(k8s_env_csi_key_args) \
     --endpoint "unix://$dir/controller.sock" --image strata:test --controller-wait-secs 30 \
     >"$dir/csi-controller.log" 2>&1 &
 K8S_ENV_PIDS+=($!)
@@ -45,7 +47,9 @@ csi_controller_pid=$!
     --attach-state-dir "$dir/attach" >"$dir/csi-node.log" 2>&1 &
 K8S_ENV_PIDS+=($!)
 csi_node_pid=$!
-KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode all --namespace "$ns" --node-id node-1 \
+# shellcheck disable=SC2046
+env -u STRATA_CLUSTER_KEY_FILE KUBECONFIG="$K8S_SA_KUBECONFIG" "$STRATA_BIN" csi --mode all \
+    --namespace "$ns" --node-id node-1 $(k8s_env_csi_key_args) \
     --endpoint "unix://$dir/all.sock" --image strata:test --controller-wait-secs 30 \
     --attach-state-dir "$dir/attach-all" >"$dir/csi-all.log" 2>&1 &
 K8S_ENV_PIDS+=($!)

@@ -18,6 +18,8 @@ for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl kubectl:kubectl openss
 done
 # moto (the S3 server of the backup tests) goes into a Python venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# PyYAML: the Kubernetes scripts read rendered manifests.
+python3 -c 'import yaml' >/dev/null 2>&1 || need_apt+=(python3-yaml)
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"

@@ -291,6 +291,18 @@ fn keyed_controller_management_api_refuses_clients_without_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("requires the cluster key"), "{err}");
+    // Every client of the API tells the user why (the refusal must not
+    // race the first request into a bare "connection closed").
+    for _ in 0..5 {
+        let out = run(
+            strata_bin().to_str().unwrap(),
+            &["volume", "status", "--controller", &ctl.to_string()],
+            60,
+        );
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("requires the cluster key"), "{err}");
+    }
     // With another cluster's key: refused, named.
     let out = snapshot_cmd(Some(&other), &["create", "vol", "wrong-key"], ctl);
     assert!(!out.status.success());

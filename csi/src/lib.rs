@@ -17,6 +17,7 @@
 //! the CSI spec asks for.
 
 pub mod cluster;
+pub mod cluster_key;
 pub mod controller;
 pub mod crd;
 pub mod endpoint;

@@ -28,7 +28,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvFromSource, EnvVar,
     EnvVarSource, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
     PodSpec, PodTemplateSpec, PreferredSchedulingTerm, Probe, ResourceRequirements,
-    SecretEnvSource, Service, ServicePort, ServiceSpec, TCPSocketAction, Toleration,
+    SecretEnvSource, SecretVolumeSource, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -64,7 +65,14 @@ pub struct PodSettings {
     /// A ServiceAccount for the pod (none needed: it does not call the
     /// Kubernetes API).
     pub service_account: Option<String>,
+    /// The Secret holding the cluster key ([`crate::cluster_key`]), mounted
+    /// into the pod and given to `strata` as its key file; `None` runs the
+    /// controller keyless.
+    pub cluster_key_secret: Option<String>,
 }
+
+/// The pod volume holding the cluster key Secret.
+const CLUSTER_KEY_VOLUME: &str = "cluster-key";
 
 /// `strata-<volume id>`.
 pub fn object_name(volume_id: &str) -> String {
@@ -194,31 +202,48 @@ pub fn deployment(sv: &StrataVolume, volume_id: &str, pod: &PodSettings) -> Depl
         image_pull_policy: pod.image_pull_policy.clone(),
         command: Some(vec!["strata".into()]),
         args: Some(controller_args(sv, volume_id)),
-        env: Some(vec![
-            EnvVar {
-                name: "POD_IP".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "status.podIP".into(),
+        env: Some(
+            vec![
+                EnvVar {
+                    name: "POD_IP".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "status.podIP".into(),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            },
-            EnvVar {
-                name: REPLICAS_ENV.into(),
-                value_from: Some(EnvVarSource {
-                    config_map_key_ref: Some(ConfigMapKeySelector {
-                        name: object_name(volume_id),
-                        key: REPLICAS_KEY.into(),
-                        optional: Some(false),
+                },
+                EnvVar {
+                    name: REPLICAS_ENV.into(),
+                    value_from: Some(EnvVarSource {
+                        config_map_key_ref: Some(ConfigMapKeySelector {
+                            name: object_name(volume_id),
+                            key: REPLICAS_KEY.into(),
+                            optional: Some(false),
+                        }),
+                        ..Default::default()
                     }),
                     ..Default::default()
-                }),
+                },
+            ]
+            .into_iter()
+            .chain(pod.cluster_key_secret.as_ref().map(|_| EnvVar {
+                name: "STRATA_CLUSTER_KEY_FILE".into(),
+                value: Some(crate::cluster_key::key_file_in_pod()),
                 ..Default::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
+        volume_mounts: pod.cluster_key_secret.as_ref().map(|_| {
+            vec![VolumeMount {
+                name: CLUSTER_KEY_VOLUME.into(),
+                mount_path: crate::cluster_key::MOUNT_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }]
+        }),
         env_from: sv.spec.backup_secret.as_ref().map(|name| {
             vec![EnvFromSource {
                 secret_ref: Some(SecretEnvSource {
@@ -307,6 +332,18 @@ pub fn deployment(sv: &StrataVolume, volume_id: &str, pod: &PodSettings) -> Depl
                         toleration("node.kubernetes.io/unreachable"),
                         toleration("node.kubernetes.io/not-ready"),
                     ]),
+                    volumes: pod.cluster_key_secret.as_ref().map(|name| {
+                        vec![Volume {
+                            name: CLUSTER_KEY_VOLUME.into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(name.clone()),
+                                default_mode: Some(0o400),
+                                optional: Some(false),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]
+                    }),
                     ..Default::default()
                 }),
             },

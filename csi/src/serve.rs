@@ -51,6 +51,9 @@ pub struct ControllerSettings {
     /// Replace a replica whose node has been gone or NotReady this long
     /// (None: never).
     pub replace_replica_after: Option<Duration>,
+    /// The Secret holding the cluster key, created when missing
+    /// ([`crate::cluster_key`]); `None`: keyless.
+    pub cluster_key_secret: Option<String>,
 }
 
 /// Settings of the node mode.
@@ -72,6 +75,8 @@ pub enum ServeError {
     Kube(#[from] kube::Error),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    ClusterKey(#[from] crate::cluster_key::ClusterKeyError),
 }
 
 /// Serves until `shutdown` resolves.
@@ -94,6 +99,12 @@ pub async fn serve(
         // An error means one is installed already, which is as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = kube::Client::try_default().await?;
+        if let Some(name) = &s.cluster_key_secret {
+            let (key, source) =
+                crate::cluster_key::ensure_cluster_key(&client, &s.namespace, name).await?;
+            strata_replica::auth::set_process_key(key);
+            tracing::info!(secret = %format!("{}/{name}", s.namespace), ?source, "cluster key");
+        }
         let cluster = Cluster {
             client,
             namespace: s.namespace.clone(),
@@ -103,6 +114,7 @@ pub async fn serve(
                 image: s.image,
                 image_pull_policy: s.image_pull_policy,
                 service_account: None,
+                cluster_key_secret: s.cluster_key_secret.clone(),
             },
             controller_wait: s.controller_wait,
             jobs: Default::default(),

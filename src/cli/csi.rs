@@ -73,6 +73,11 @@ pub struct CsiServeArgs {
     /// catches up by delta resync; a replacement is a full copy.
     #[arg(long, default_value_t = 600)]
     pub replace_replica_after_secs: u64,
+    /// Controller mode: the Secret (in --namespace) holding the cluster key,
+    /// created with a new random key when missing; the volume controller
+    /// pods mount it. Without it the volume controller pods get no key.
+    #[arg(long, env = "STRATA_CLUSTER_KEY_SECRET")]
+    pub cluster_key_secret: Option<String>,
     /// Node mode: where attachments are recorded.
     #[arg(long, default_value = strata_attach::state::DEFAULT_STATE_DIR)]
     pub attach_state_dir: PathBuf,
@@ -102,6 +107,11 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         }),
         Mode::Controller => None,
     };
+    if a.cluster_key_secret.is_some() && strata_replica::auth::process_key().is_some() {
+        anyhow::bail!(
+            "give the cluster key either as --cluster-key-file or as --cluster-key-secret, not both"
+        );
+    }
     let controller = (mode != Mode::Node).then(|| ControllerSettings {
         namespace: a.namespace,
         image: a.image,
@@ -110,6 +120,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         controller_wait: Duration::from_secs(a.controller_wait_secs),
         replace_replica_after: (a.replace_replica_after_secs > 0)
             .then(|| Duration::from_secs(a.replace_replica_after_secs)),
+        cluster_key_secret: a.cluster_key_secret,
     });
     serve::serve(endpoint, mode, controller, node, super::shutdown_signal()).await?;
     Ok(())

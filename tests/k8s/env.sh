@@ -37,15 +37,65 @@ k8s_env_up() {
     k8s_start "$dir/k8s"
     export K8S_ADMIN_KUBECONFIG="$KUBECONFIG"
     kubectl create namespace "$K8S_ENV_NS" >/dev/null
+    k8s_env_key "$dir"
     "$STRATA_BIN" csi crd | kubectl apply -f - 2>/dev/null >/dev/null
     kubectl wait --for condition=established --timeout 60s crd/stratavolumes.strata.io >/dev/null
     kubectl apply -f deploy/base/rbac-controller.yaml >/dev/null
     export K8S_SA_KUBECONFIG="$dir/controller.kubeconfig"
     k8s_sa_kubeconfig "$dir/k8s" "$K8S_ENV_NS" strata-csi-controller >"$K8S_SA_KUBECONFIG"
     for i in $(seq "${K8S_ENV_NODES:-3}"); do k8s_env_node_add "$dir" "$i"; done
-    python3 tests/k8s/pod-runner.py ${K8S_ENV_POD_RUNNER_ARGS:-} "$K8S_ENV_NS" "$dir/pods" \
+    # The pods get the key from the Secret only, as on a real node.
+    env -u STRATA_CLUSTER_KEY_FILE python3 tests/k8s/pod-runner.py ${K8S_ENV_POD_RUNNER_ARGS:-} \
+        "$K8S_ENV_NS" "$dir/pods" \
         >"$dir/pod-runner.log" 2>&1 &
     K8S_ENV_PIDS+=($!)
+}
+
+# The cluster key (README, Security), by K8S_ENV_KEY:
+# - secret (default): a new key stored in the Secret strata-cluster-key before anything starts
+#   (as a user who brings their own key does); STRATA_CLUSTER_KEY_FILE is exported, so every
+#   strata process the test starts holds it: replica servers, node plugins, CLI calls. Volume
+#   controller pods get it only through their Secret volume (pod-runner does not pass it on).
+# - csi: the CSI controller makes the Secret (deploy/'s path); k8s_env_key_fetch DIR reads it
+#   into DIR/cluster.key and exports it once made.
+# - none: keyless.
+K8S_ENV_KEY_SECRET=strata-cluster-key
+k8s_env_key() {
+    local dir="$1"
+    unset STRATA_CLUSTER_KEY_FILE
+    case "${K8S_ENV_KEY:-secret}" in
+    secret)
+        "$STRATA_BIN" key init --out "$dir/cluster.key" >/dev/null
+        kubectl -n "$K8S_ENV_NS" create secret generic "$K8S_ENV_KEY_SECRET" \
+            --from-file=cluster.key="$dir/cluster.key" >/dev/null
+        export STRATA_CLUSTER_KEY_FILE="$dir/cluster.key"
+        ;;
+    csi | none) ;;
+    *) echo "K8S_ENV_KEY: secret, csi or none" >&2; return 1 ;;
+    esac
+}
+
+# k8s_env_key_fetch DIR: waits (60 s at most) for the key Secret and exports its file.
+k8s_env_key_fetch() {
+    local dir="$1" i
+    for i in $(seq 120); do
+        if kubectl --kubeconfig "$K8S_ADMIN_KUBECONFIG" -n "$K8S_ENV_NS" get secret \
+            "$K8S_ENV_KEY_SECRET" -o jsonpath='{.data.cluster\.key}' 2>/dev/null \
+            | base64 -d >"$dir/cluster.key.tmp" && [ -s "$dir/cluster.key.tmp" ]; then
+            chmod 600 "$dir/cluster.key.tmp"
+            mv "$dir/cluster.key.tmp" "$dir/cluster.key"
+            export STRATA_CLUSTER_KEY_FILE="$dir/cluster.key"
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "no Secret $K8S_ENV_KEY_SECRET after 60 s" >&2
+    return 1
+}
+
+# The arguments giving `strata csi` (controller or all) the key as deploy/ does.
+k8s_env_csi_key_args() {
+    [ "${K8S_ENV_KEY:-secret}" = none ] || echo "--cluster-key-secret $K8S_ENV_KEY_SECRET"
 }
 
 # k8s_env_node_add DIR I: Node node-I (InternalIP 127.0.0.1I, Ready), its CSINode, and its
@@ -96,9 +146,11 @@ k8s_env_replica_start() {
 k8s_env_csi_controller() {
     local dir="$1" sock="$1/controller.sock" sa="$K8S_SA_KUBECONFIG" s
     shift
-    KUBECONFIG="$sa" "$STRATA_BIN" csi --mode controller --namespace "$K8S_ENV_NS" \
-        --endpoint "unix://$sock" --image strata:test --controller-wait-secs 60 \
-        ${K8S_ENV_CSI_ARGS:-} >"$dir/csi-controller.log" 2>&1 &
+    # shellcheck disable=SC2046
+    env -u STRATA_CLUSTER_KEY_FILE KUBECONFIG="$sa" "$STRATA_BIN" csi --mode controller \
+        --namespace "$K8S_ENV_NS" --endpoint "unix://$sock" --image strata:test \
+        --controller-wait-secs 60 $(k8s_env_csi_key_args) ${K8S_ENV_CSI_ARGS:-} \
+        >"$dir/csi-controller.log" 2>&1 &
     K8S_ENV_PIDS+=($!)
     k8s_env_wait_socket "$dir" controller
     "$CSI_PROVISIONER" --csi-address "$sock" --kubeconfig "$sa" --extra-create-metadata \

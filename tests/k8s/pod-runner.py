@@ -42,7 +42,10 @@ In both modes:
   for kube-proxy. (A volume has one controller pod at a time: Recreate, and
   a new pod after a node's death starts only once the old one's processes are
   gone.) Plain `value` env entries, configMapKeyRef entries (read when the
-  pod starts, as the kubelet does) and envFrom Secrets are passed.
+  pod starts, as the kubelet does) and envFrom Secrets are passed. A Secret
+  volume is a directory of files written when the pod starts (a missing
+  Secret holds the pod back), and an argument or env value under its
+  mountPath is rewritten to it.
 - A pod whose process exits is restarted after 1 s (restartPolicy Always).
 
 Pod mode also runs the replica DaemonSet's Pods (label
@@ -133,6 +136,35 @@ def start(name, pod_spec, cluster_ip, node=None, host_ip=None):
     argv = [expand(a, env) for a in c.get("command", []) + c.get("args", [])]
     if argv and argv[0] == "strata":
         argv[0] = STRATA_BIN
+    # Secret volumes: the Secret's entries as files (mode defaultMode) in
+    # LOG_DIR/secrets/POD/VOLUME, read when the pod starts; a missing Secret
+    # holds the pod back (looked at again 2 s later), as the kubelet does.
+    secret_dirs = {}
+    for v in pod_spec.get("volumes", []):
+        src = v.get("secret")
+        if not src:
+            continue
+        sec = kubectl_json("-n", NS, "get", "secret", src["secretName"])
+        if sec is None:
+            if src.get("optional"):
+                continue
+            print(f"pod-runner: {name}: secret {src['secretName']} missing", flush=True)
+            restart_after[name] = time.time() + 2
+            return None
+        d = os.path.join(LOG_DIR, "secrets", name, v["name"])
+        os.makedirs(d, exist_ok=True)
+        for k, val in (sec.get("data") or {}).items():
+            path = os.path.join(d, k)
+            with open(path, "wb") as f:
+                f.write(base64.b64decode(val))
+            os.chmod(path, src.get("defaultMode", 0o644))
+        secret_dirs[v["name"]] = d
+    for m in c.get("volumeMounts", []):
+        if m["name"] in secret_dirs:
+            mp, d = m["mountPath"].rstrip("/"), secret_dirs[m["name"]]
+            under = lambda a, mp=mp, d=d: d + a[len(mp):] if a == mp or a.startswith(mp + "/") else a
+            argv = [under(a) for a in argv]
+            env = {k: under(v) for k, v in env.items()}
     # hostPath volumes: a directory per node under HOST_ROOT
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod_spec.get("volumes", []) if "hostPath" in v}
     for m in c.get("volumeMounts", []):

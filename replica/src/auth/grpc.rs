@@ -123,8 +123,11 @@ pub async fn accept_grpc(
 /// Tells a gRPC client without the key why it is refused: an HTTP/2
 /// SETTINGS frame then GOAWAY (INADEQUATE_SECURITY) whose debug data,
 /// `reason`, the client's error shows; then closes after reading what it
-/// sent.
+/// sent. The GOAWAY waits for the client's first request (a HEADERS
+/// frame, 2 s at most): a request refused by a GOAWAY fails with its
+/// debug data, while one sent after it would fail as "connection closed".
 pub async fn refuse_keyless_grpc(mut sock: TcpStream, reason: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), until_first_headers(&mut sock)).await;
     let reason = reason.as_bytes();
     let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0]; // empty SETTINGS
     let len = (8 + reason.len()) as u32;
@@ -142,6 +145,33 @@ pub async fn refuse_keyless_grpc(mut sock: TcpStream, reason: &str) {
             while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
         })
         .await;
+    }
+}
+
+/// Reads the client's preface and frames until a HEADERS frame (or EOF,
+/// or 64 KiB of anything else).
+async fn until_first_headers(sock: &mut TcpStream) {
+    const HEADERS: u8 = 0x1;
+    let mut preface = [0u8; 24];
+    if sock.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    let mut seen = 0usize;
+    let mut header = [0u8; 9];
+    let mut sink = [0u8; 4096];
+    while seen < 64 << 10 && sock.read_exact(&mut header).await.is_ok() {
+        if header[3] == HEADERS {
+            return;
+        }
+        let mut left = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        seen += 9 + left;
+        while left > 0 {
+            let n = left.min(sink.len());
+            if sock.read_exact(&mut sink[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
     }
 }
 

@@ -66,6 +66,12 @@ impl ClusterKey {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The key as its file holds it: 64 hex digits and a newline (also
+    /// the content of the Kubernetes Secret `deploy/` uses).
+    pub fn file_text(&self) -> String {
+        format!("{}\n", self.to_hex())
+    }
+
     /// Reads the key file at `path`.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
