@@ -345,3 +345,49 @@ fn keyed_controller_management_api_refuses_clients_without_the_key() {
         c.log_text()
     );
 }
+
+#[test]
+fn key_chap_prints_per_volume_credentials_only_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    assert!(key_init(&key).status.success());
+    let bin = strata_bin();
+    let chap = |volume: &str, key: Option<&Path>| {
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(k) = key {
+            args.extend(["--cluster-key-file", k.to_str().unwrap()]);
+        }
+        args.extend(["key", "chap", "--volume", volume]);
+        run(bin.to_str().unwrap(), &args, 30)
+    };
+    // Without a key: refused, saying what is missing.
+    let out = chap("vol", None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the cluster key"),
+        "{out:?}"
+    );
+    // With it: the --chap-file format, the same every time, per volume.
+    let a = chap("vol", Some(&key));
+    assert!(a.status.success(), "{a:?}");
+    let text = String::from_utf8_lossy(&a.stdout).into_owned();
+    assert!(text.contains("username = strata-vol\n"), "{text}");
+    assert!(
+        text.contains("mutual_username = iqn.2026-11.io.strata:vol\n"),
+        "{text}"
+    );
+    assert_eq!(chap("vol", Some(&key)).stdout, a.stdout);
+    let b = chap("vol2", Some(&key));
+    assert!(b.status.success());
+    let secret = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("secret = "))
+            .map(str::to_string)
+            .unwrap()
+    };
+    assert_ne!(secret(&text), secret(&String::from_utf8_lossy(&b.stdout)));
+    // A name no volume can have is refused.
+    let bad = chap("a b", Some(&key));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a volume name"));
+}

@@ -336,33 +336,66 @@ fn node_args(target: &str, portal: &str, rest: &[&str]) -> Vec<String> {
 }
 
 /// The `iscsiadm` argument lists that log in: discovery, CHAP settings on
-/// the node record, login.
+/// the node record, login. With CHAP the target also requires it of the
+/// discovery session, so discovery goes through a discovery record holding
+/// the same credentials (as Kubernetes' iSCSI volume plugin does it).
 pub fn iscsi_login_plan(target: &str, portal: &str, chap: Option<&Chap>) -> Vec<Vec<String>> {
-    let mut plan = vec![["-m", "discovery", "-t", "sendtargets", "-p", portal]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()];
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let disc = |rest: &[&str]| {
+        let mut a = strings(&["-m", "discoverydb", "-t", "sendtargets", "-p", portal]);
+        a.extend(strings(rest));
+        a
+    };
     let set = |name: &str, value: &str| {
         node_args(target, portal, &["-o", "update", "-n", name, "-v", value])
     };
-    if let Some(c) = chap {
-        plan.push(set("node.session.auth.authmethod", "CHAP"));
-        plan.push(set("node.session.auth.username", &c.user));
-        plan.push(set("node.session.auth.password", &c.secret));
-        if let Some((user, secret)) = &c.mutual {
-            plan.push(set("node.session.auth.username_in", user));
-            plan.push(set("node.session.auth.password_in", secret));
-        }
+    let Some(c) = chap else {
+        return vec![
+            strings(&["-m", "discovery", "-t", "sendtargets", "-p", portal]),
+            node_args(target, portal, &["--login"]),
+        ];
+    };
+    let mut auth = vec![
+        ("authmethod", "CHAP"),
+        ("username", c.user.as_str()),
+        ("password", c.secret.as_str()),
+    ];
+    if let Some((user, secret)) = &c.mutual {
+        auth.push(("username_in", user));
+        auth.push(("password_in", secret));
+    }
+    let mut plan = vec![disc(&["-o", "new"])];
+    for (name, value) in &auth {
+        let key = format!("discovery.sendtargets.auth.{name}");
+        plan.push(disc(&["-o", "update", "-n", &key, "-v", value]));
+    }
+    plan.push(disc(&["--discover"]));
+    for (name, value) in &auth {
+        plan.push(set(&format!("node.session.auth.{name}"), value));
     }
     plan.push(node_args(target, portal, &["--login"]));
     plan
 }
 
-/// The `iscsiadm` argument lists that log out and forget the node record.
+/// The `iscsiadm` argument lists that log out and forget the node record
+/// and the portal's discovery record (which may hold CHAP secrets).
 pub fn iscsi_logout_plan(target: &str, portal: &str) -> Vec<Vec<String>> {
     vec![
         node_args(target, portal, &["--logout"]),
         node_args(target, portal, &["-o", "delete"]),
+        [
+            "-m",
+            "discoverydb",
+            "-t",
+            "sendtargets",
+            "-p",
+            portal,
+            "-o",
+            "delete",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
     ]
 }
 
@@ -440,7 +473,9 @@ pub fn detach_iscsi(a: &Attachment) -> Result<(), AttachError> {
         .ok_or_else(|| AttachError::NotAttached(a.device.clone()))?;
     let plan = iscsi_logout_plan(&s.target, &s.portal);
     iscsiadm(&plan[0], 60)?;
-    let _ = iscsiadm(&plan[1], 30);
+    for args in &plan[1..] {
+        let _ = iscsiadm(args, 30);
+    }
     Ok(())
 }
 
@@ -500,19 +535,39 @@ mod tests {
             mutual: Some(("t".into(), "tsecret-tsecret".into())),
         };
         let plan = join(iscsi_login_plan(&t, "h:3260", Some(&chap)));
-        assert_eq!(plan.len(), 7);
+        assert_eq!(plan.len(), 13);
+        // Discovery with CHAP too: the target requires it of every session.
+        assert_eq!(plan[0], "-m discoverydb -t sendtargets -p h:3260 -o new");
         assert_eq!(
             plan[1],
+            "-m discoverydb -t sendtargets -p h:3260 -o update -n discovery.sendtargets.auth.authmethod -v CHAP"
+        );
+        assert!(plan[3].ends_with("-n discovery.sendtargets.auth.password -v s3cret-s3cret"));
+        assert!(plan[5].ends_with("-n discovery.sendtargets.auth.password_in -v tsecret-tsecret"));
+        assert_eq!(
+            plan[6],
+            "-m discoverydb -t sendtargets -p h:3260 --discover"
+        );
+        assert_eq!(
+            plan[7],
             "-m node -T iqn.2026-11.io.strata:pg -p h:3260 -o update -n node.session.auth.authmethod -v CHAP"
         );
-        assert!(plan[3].ends_with("-n node.session.auth.password -v s3cret-s3cret"));
-        assert!(plan[5].ends_with("-n node.session.auth.password_in -v tsecret-tsecret"));
-        assert!(plan[6].ends_with("--login"));
+        assert!(plan[9].ends_with("-n node.session.auth.password -v s3cret-s3cret"));
+        assert!(plan[11].ends_with("-n node.session.auth.password_in -v tsecret-tsecret"));
+        assert!(plan[12].ends_with("--login"));
+        let one_way = Chap {
+            mutual: None,
+            ..chap.clone()
+        };
+        let plan = join(iscsi_login_plan(&t, "h:3260", Some(&one_way)));
+        assert_eq!(plan.len(), 9);
+        assert!(!plan.iter().any(|a| a.contains("_in ")));
         assert_eq!(
             join(iscsi_logout_plan(&t, "h:3260")),
             [
                 "-m node -T iqn.2026-11.io.strata:pg -p h:3260 --logout",
                 "-m node -T iqn.2026-11.io.strata:pg -p h:3260 -o delete",
+                "-m discoverydb -t sendtargets -p h:3260 -o delete",
             ]
         );
         assert_eq!(

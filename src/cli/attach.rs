@@ -14,6 +14,7 @@ use clap::{Subcommand, ValueEnum};
 use strata_attach::fallback::Chap;
 use strata_attach::supervisor::{self, SupervisorOptions};
 use strata_attach::{AttachOptions, IscsiOptions, Method, MethodChoice};
+use strata_controller::frontend::iscsi::ChapConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
@@ -55,7 +56,9 @@ pub enum AttachCommand {
         #[arg(long)]
         iscsi_portal: Option<String>,
         /// CHAP secrets for the iSCSI fallback (`username = ...`,
-        /// `secret = ...`), the controller's --chap-file format.
+        /// `secret = ...`), the controller's --chap-file format. Default:
+        /// STRATA_ISCSI_CHAP_*, else with a cluster key (--cluster-key-file)
+        /// the volume's credentials derived from it.
         #[arg(long)]
         chap_file: Option<PathBuf>,
         /// The volume's controller (management address): when given, attach
@@ -169,7 +172,20 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
                 refuse_if_attached_elsewhere(&uri, ctl, force).await?;
             }
             let secret = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-            let chap = super::load_chap(chap_file.as_deref())?.map(|c| Chap {
+            // --chap-file, else STRATA_ISCSI_CHAP_*, else with a cluster
+            // key the volume's credentials derived from it (what its
+            // controller requires by default).
+            let chap = match super::load_chap(chap_file.as_deref())? {
+                Some(c) => Some(c),
+                None => match strata_replica::auth::process_key() {
+                    Some(key) => {
+                        let volume = strata_attach::NbdUri::parse(&uri)?.export;
+                        Some(ChapConfig::derived(key, &volume))
+                    }
+                    None => None,
+                },
+            };
+            let chap = chap.map(|c| Chap {
                 user: c.initiator.user.clone(),
                 secret: secret(&c.initiator.secret),
                 mutual: c

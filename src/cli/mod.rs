@@ -94,6 +94,14 @@ pub enum KeyCommand {
         #[arg(long, default_value = "strata.key")]
         out: PathBuf,
     },
+    /// Print a volume's iSCSI CHAP credentials derived from the cluster
+    /// key (--cluster-key-file), in the --chap-file format: what a
+    /// controller with the key requires of initiators (iscsiadm, libiscsi).
+    Chap {
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,9 +226,14 @@ pub struct ControllerArgs {
     pub iscsi: Option<SocketAddr>,
     /// iSCSI CHAP secrets file (`username = ...`, `secret = ...`, optional
     /// `mutual_username`/`mutual_secret`); else the STRATA_ISCSI_CHAP_*
-    /// environment variables; else no authentication.
+    /// environment variables; else, with a cluster key, CHAP credentials
+    /// derived from it for the volume (`strata key chap`); else none.
     #[arg(long)]
     pub chap_file: Option<PathBuf>,
+    /// Serve iSCSI without CHAP even with a cluster key: any initiator
+    /// that reaches the port can then read and change the volume.
+    #[arg(long, conflicts_with = "chap_file")]
+    pub iscsi_no_chap: bool,
 }
 
 /// A client of the controller's management API at `controller`, through
@@ -260,6 +273,106 @@ pub fn load_chap(
     }
 }
 
+/// Why CHAP settings cannot be worked out.
+#[derive(Debug, thiserror::Error)]
+pub enum ChapSetupError {
+    #[error("--iscsi-no-chap contradicts the STRATA_ISCSI_CHAP_* environment variables")]
+    NoChapWithEnv,
+    #[error("`strata key chap` needs the cluster key: --cluster-key-file PATH or STRATA_CLUSTER_KEY_FILE")]
+    NoKey,
+    #[error("{0:?} is not a volume name (1 to 64 of A-Z a-z 0-9 . _ -)")]
+    BadVolume(String),
+}
+
+/// Where the iSCSI target's CHAP settings come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChapSource {
+    File,
+    Env,
+    /// Derived from the cluster key for the volume.
+    ClusterKey,
+    /// `--iscsi-no-chap`.
+    OptedOut,
+    /// No key, nothing configured.
+    Off,
+}
+
+impl ChapSource {
+    fn describe(self) -> &'static str {
+        match self {
+            ChapSource::File => "required, from --chap-file",
+            ChapSource::Env => "required, from STRATA_ISCSI_CHAP_*",
+            ChapSource::ClusterKey => "required, credentials derived from the cluster key for this volume (`strata key chap --volume NAME` prints them)",
+            ChapSource::OptedOut => "off (--iscsi-no-chap): any initiator that reaches the port can read and change the volume",
+            ChapSource::Off => "off (no cluster key, no --chap-file)",
+        }
+    }
+}
+
+/// The iSCSI target's CHAP: `--chap-file`, else the STRATA_ISCSI_CHAP_*
+/// environment, else with a cluster key the credentials derived from it
+/// for `volume` (required, mutual offered) unless `no_chap`, else none.
+/// When `iscsi` is served, logs which (never a secret).
+pub fn target_chap(
+    file: Option<&std::path::Path>,
+    volume: &str,
+    no_chap: bool,
+    iscsi: Option<SocketAddr>,
+) -> anyhow::Result<(
+    Option<strata_controller::frontend::iscsi::ChapConfig>,
+    ChapSource,
+)> {
+    use strata_controller::frontend::iscsi::ChapConfig;
+    let given = load_chap(file)?;
+    let key = strata_replica::auth::process_key();
+    let (chap, source) = match (given, no_chap) {
+        (Some(_), true) => return Err(ChapSetupError::NoChapWithEnv.into()),
+        (Some(c), false) if file.is_some() => (Some(c), ChapSource::File),
+        (Some(c), false) => (Some(c), ChapSource::Env),
+        (None, true) => (None, ChapSource::OptedOut),
+        (None, false) => match key {
+            Some(key) => (
+                Some(ChapConfig::derived(key, volume)),
+                ChapSource::ClusterKey,
+            ),
+            None => (None, ChapSource::Off),
+        },
+    };
+    if let Some(addr) = iscsi {
+        let mode = match &chap {
+            Some(c) if c.mutual.is_some() => "one-way, mutual offered",
+            Some(_) => "one-way",
+            None => "none",
+        };
+        tracing::info!(%addr, volume, chap = mode, "iSCSI CHAP {}", source.describe());
+        if chap.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "iSCSI listens on a non-loopback address without CHAP: anyone who can reach it can read and change the volume");
+        }
+    }
+    Ok((chap, source))
+}
+
+/// `strata key chap`: the derived CHAP credentials of `volume` in the
+/// `--chap-file` format.
+fn print_derived_chap(volume: &str) -> anyhow::Result<()> {
+    use strata_controller::frontend::iscsi::{target_name, ChapConfig};
+    if !strata_replica::host::valid_volume_name(volume) {
+        return Err(ChapSetupError::BadVolume(volume.to_string()).into());
+    }
+    let key = strata_replica::auth::process_key().ok_or(ChapSetupError::NoKey)?;
+    let chap = ChapConfig::derived(key, volume);
+    println!(
+        "# iSCSI CHAP credentials of volume {volume} (target {}),",
+        target_name(volume)
+    );
+    println!("# derived from the cluster key. Keep them secret: they open the volume.");
+    println!("# strata volume attach --chap-file FILE reads this file; for iscsiadm set");
+    println!("# node.session.auth.username/password (and username_in/password_in to");
+    println!("# check the target: mutual CHAP).");
+    print!("{}", chap.file_text());
+    Ok(())
+}
+
 impl ControllerArgs {
     pub fn options(&self) -> anyhow::Result<strata_controller::run::ControllerOptions> {
         Ok(strata_controller::run::ControllerOptions {
@@ -282,7 +395,13 @@ impl ControllerArgs {
             backup_defaults: self.backup.target_options()?,
             backup_schedules: self.backup.schedules.clone(),
             iscsi: self.iscsi,
-            chap: load_chap(self.chap_file.as_deref())?,
+            chap: target_chap(
+                self.chap_file.as_deref(),
+                &self.volume,
+                self.iscsi_no_chap,
+                self.iscsi,
+            )?
+            .0,
             auth: strata_replica::auth::process_key()
                 .map(|k| std::sync::Arc::new(strata_replica::auth::ServerAuth::new(k.clone()))),
         })
@@ -339,6 +458,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote a new cluster key to {}", out.display());
             Ok(())
         }
+        Command::Key(KeyCommand::Chap { volume }) => print_derived_chap(&volume),
         Command::Up(args) => up::run(args, auth).await,
         Command::Replica(ReplicaCommand::Serve {
             dir,
@@ -395,6 +515,27 @@ mod tests {
     fn threads(args: &[&str]) -> Result<Option<usize>, clap::Error> {
         let args = std::iter::once("strata").chain(args.iter().copied());
         Cli::try_parse_from(args).map(|c| c.worker_threads())
+    }
+
+    #[test]
+    fn iscsi_no_chap_conflicts_with_a_chap_file() {
+        let base = [
+            "strata",
+            "controller",
+            "serve",
+            "--volume",
+            "v",
+            "--replica",
+            "127.0.0.1:1",
+        ];
+        let with = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra.iter()));
+        assert!(with(&["--iscsi-no-chap"]).is_ok());
+        assert!(with(&["--chap-file", "f"]).is_ok());
+        assert!(with(&["--chap-file", "f", "--iscsi-no-chap"]).is_err());
+        assert!(
+            Cli::try_parse_from(["strata", "up", "--chap-file", "f", "--iscsi-no-chap"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["strata", "key", "chap"]).is_err());
     }
 
     #[test]

@@ -44,9 +44,14 @@ pub struct UpArgs {
     /// Also serve iSCSI (default address 127.0.0.1:3260 when given without one).
     #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:3260")]
     pub iscsi: Option<SocketAddr>,
-    /// iSCSI CHAP secrets file (else STRATA_ISCSI_CHAP_* environment variables).
+    /// iSCSI CHAP secrets file (else STRATA_ISCSI_CHAP_* environment
+    /// variables; else, with a cluster key, CHAP credentials derived from
+    /// it for the volume: `strata key chap`).
     #[arg(long)]
     pub chap_file: Option<PathBuf>,
+    /// Serve iSCSI without CHAP even with a cluster key.
+    #[arg(long, conflicts_with = "chap_file")]
+    pub iscsi_no_chap: bool,
 }
 
 pub async fn run(
@@ -93,6 +98,12 @@ pub async fn run(
             strata_replica::node::serve_node_with(&dir, listener, rx, opts).await
         }));
     }
+    let (chap, chap_source) = super::target_chap(
+        args.chap_file.as_deref(),
+        &args.volume,
+        args.iscsi_no_chap,
+        args.iscsi,
+    )?;
     let opts = strata_controller::run::ControllerOptions {
         assemble: strata_controller::assemble::AssembleOptions {
             volume: args.volume.clone(),
@@ -110,7 +121,7 @@ pub async fn run(
         backup_defaults: args.backup.target_options()?,
         backup_schedules: args.backup.schedules.clone(),
         iscsi: args.iscsi,
-        chap: super::load_chap(args.chap_file.as_deref())?,
+        chap,
         auth: auth.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -160,6 +171,17 @@ pub async fn run(
         if let Some(a) = info.iscsi {
             let iqn = strata_controller::frontend::iscsi::target_name(&args.volume);
             println!("  iSCSI        iscsi://{a}/{iqn}/0   (iscsi-inq, qemu-io, iscsiadm -m discovery -t st -p {a})");
+            match chap_source {
+                super::ChapSource::ClusterKey => println!(
+                    "  iSCSI CHAP   required: iscsi://USER%SECRET@{a}/{iqn}/0 with what \
+                     `strata --cluster-key-file KEY key chap --volume {}` prints",
+                    args.volume
+                ),
+                super::ChapSource::File | super::ChapSource::Env => println!(
+                    "  iSCSI CHAP   required: iscsi://USER%SECRET@{a}/{iqn}/0 with the configured credentials"
+                ),
+                super::ChapSource::OptedOut | super::ChapSource::Off => {}
+            }
         }
         println!();
         println!("Ctrl-C stops it cleanly; running `strata up` again reopens the same data.");

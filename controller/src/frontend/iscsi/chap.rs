@@ -8,10 +8,13 @@
 //! answers with its user name and response over the mutual secret. The
 //! target refuses a mutual challenge equal to its own (a reflection).
 //!
-//! Secrets come from a file (`--chap-file`, see [`ChapConfig::parse`]) or
-//! from the environment ([`ChapConfig::from_env`]); they are never logged.
+//! Secrets come from a file (`--chap-file`, see [`ChapConfig::parse`]),
+//! from the environment ([`ChapConfig::from_env`]) or from the cluster key
+//! ([`ChapConfig::derived`]: per volume, so credentials handed out for one
+//! volume open no other); they are never logged.
 
 use md5::{Digest, Md5};
+use strata_replica::auth::ClusterKey;
 
 /// RFC 7143 §12.1.3: CHAP secrets must be at least 96 bits.
 pub const MIN_SECRET: usize = 12;
@@ -68,7 +71,61 @@ pub enum ChapConfigError {
     SameSecrets,
 }
 
+/// [`ClusterKey::derive`] contexts of the derived secrets: the one an
+/// initiator proves, and the one the target proves back (mutual CHAP).
+pub const DERIVE_INITIATOR: &str = "strata 2026-11 iSCSI CHAP initiator secret of a volume v1";
+pub const DERIVE_TARGET: &str = "strata 2026-11 iSCSI CHAP target (mutual) secret of a volume v1";
+/// Length of a derived secret: 16 characters of URL-safe base64 holding 96
+/// bits, RFC 7143's minimum, and the longest secret the Microsoft
+/// initiator accepts.
+pub const DERIVED_SECRET_LEN: usize = 16;
+
+/// The initiator user name of a volume's derived credentials.
+pub fn derived_user(volume: &str) -> String {
+    format!("strata-{volume}")
+}
+
 impl ChapConfig {
+    /// The CHAP credentials of `volume` derived from the cluster key:
+    /// initiator `strata-<volume>`, and mutual CHAP offered with the
+    /// target's name as user. The same key and volume always give the same
+    /// credentials; another volume or key gives unrelated ones.
+    pub fn derived(key: &ClusterKey, volume: &str) -> ChapConfig {
+        let secret = |context| {
+            let d = key.derive(context, volume.as_bytes());
+            encode_base64url(&d[..DERIVED_SECRET_LEN * 3 / 4]).into_bytes()
+        };
+        ChapConfig {
+            initiator: Credential {
+                user: derived_user(volume),
+                secret: secret(DERIVE_INITIATOR),
+            },
+            mutual: Some(Credential {
+                user: super::target_name(volume),
+                secret: secret(DERIVE_TARGET),
+            }),
+        }
+    }
+
+    /// These settings in the `--chap-file` format ([`ChapConfig::parse`]
+    /// reads it back). Holds the secrets: only for a user who asked.
+    pub fn file_text(&self) -> String {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let mut out = format!(
+            "username = {}\nsecret = {}\n",
+            self.initiator.user,
+            text(&self.initiator.secret)
+        );
+        if let Some(m) = &self.mutual {
+            out.push_str(&format!(
+                "mutual_username = {}\nmutual_secret = {}\n",
+                m.user,
+                text(&m.secret)
+            ));
+        }
+        out
+    }
+
     /// Parses a CHAP file:
     ///
     /// ```text
@@ -178,6 +235,22 @@ pub fn encode_hex(b: &[u8]) -> String {
     s
 }
 
+/// RFC 4648 §5 base64 (URL- and file-safe alphabet), no padding.
+fn encode_base64url(b: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, x)| acc | (*x as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
 /// Decodes a binary value: `0x`/`0X` hex or `0b`/`0B` base64; `None` if
 /// malformed or longer than `max` bytes.
 pub fn decode_binary(s: &str, max: usize) -> Option<Vec<u8>> {
@@ -267,6 +340,71 @@ mod tests {
         assert_eq!(decode_binary("", 16), None);
         assert_eq!(decode_binary("é", 16), None);
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn base64url() {
+        assert_eq!(encode_base64url(b""), "");
+        assert_eq!(encode_base64url(b"f"), "Zg");
+        assert_eq!(encode_base64url(b"fo"), "Zm8");
+        assert_eq!(encode_base64url(b"foo"), "Zm9v");
+        assert_eq!(encode_base64url(b"foobar"), "Zm9vYmFy");
+        assert_eq!(encode_base64url(&[0xfb, 0xff, 0xbf]), "-_-_");
+        // The standard alphabet agrees except for the last two characters.
+        let enc = encode_base64url(&[1, 2, 3, 4]);
+        assert_eq!(enc, "AQIDBA");
+        assert_eq!(
+            decode_binary(&format!("0b{enc}"), 16),
+            Some(vec![1, 2, 3, 4])
+        );
+    }
+
+    #[test]
+    fn derived_credentials() {
+        let key = ClusterKey::from_bytes([7; 32]);
+        let other = ClusterKey::from_bytes([8; 32]);
+        let c = ChapConfig::derived(&key, "pg-data");
+        // Deterministic: every process with the key derives the same.
+        assert_eq!(c, ChapConfig::derived(&key, "pg-data"));
+        assert_eq!(c.initiator.user, "strata-pg-data");
+        let m = c.mutual.clone().expect("mutual CHAP is offered");
+        assert_eq!(m.user, "iqn.2026-11.io.strata:pg-data");
+        for s in [&c.initiator.secret, &m.secret] {
+            assert_eq!(s.len(), DERIVED_SECRET_LEN);
+            assert!(s.len() >= MIN_SECRET);
+            assert!(s
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
+        }
+        assert_ne!(c.initiator.secret, m.secret);
+        // Per volume and per key.
+        for d in [
+            ChapConfig::derived(&key, "pg-data2"),
+            ChapConfig::derived(&key, "PG-data"),
+            ChapConfig::derived(&other, "pg-data"),
+        ] {
+            assert_ne!(d.initiator.secret, c.initiator.secret);
+            assert_ne!(d.mutual.unwrap().secret, m.secret);
+        }
+        // Valid by the file rules, and the file text reads back the same.
+        assert_eq!(ChapConfig::parse(&c.file_text()), Ok(c.clone()));
+        // Never in Debug.
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&String::from_utf8_lossy(&c.initiator.secret).into_owned()));
+        assert!(!shown.contains(&String::from_utf8_lossy(&m.secret).into_owned()));
+    }
+
+    #[test]
+    fn derived_secret_known_value() {
+        const PINNED: &str = "6BjM9UYayjHHY4rP";
+        // Pins the derivation: a change would lock out every initiator
+        // configured with printed credentials.
+        let key = ClusterKey::from_bytes([0x42; 32]);
+        let d = key.derive(DERIVE_INITIATOR, b"vol");
+        let want = encode_base64url(&d[..12]);
+        let c = ChapConfig::derived(&key, "vol");
+        assert_eq!(c.initiator.secret, want.as_bytes());
+        assert_eq!(String::from_utf8_lossy(&c.initiator.secret), PINNED);
     }
 
     #[test]
