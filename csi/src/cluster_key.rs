@@ -36,7 +36,7 @@ pub enum ClusterKeyError {
         namespace: String,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("the cluster key Secret {namespace}/{name} has no {SECRET_DATA_KEY:?} entry of 64 hex digits (see `strata key init`); fix or delete it (volumes made with it then need the old key)")]
     Malformed { namespace: String, name: String },
@@ -63,7 +63,7 @@ pub async fn ensure_cluster_key(
             what,
             namespace: namespace.to_string(),
             name: name.to_string(),
-            source,
+            source: Box::new(source),
         }
     };
     for _ in 0..2 {
