@@ -47,6 +47,14 @@ echo "== S3 servers for the backup tests (moto -> .ci-venv, s3s-fs -> .ci-tools)
 s3_install
 echo "== cargo test"
 STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+echo "== the process tests again with a cluster key: every strata process they start holds it"
+echo "   (replica servers, controllers, the CLI; iSCSI with CHAP from the key)"
+key_dir="$(mktemp -d)"
+target/release/strata key init --out "$key_dir/cluster.key" >/dev/null
+STRATA_CLUSTER_KEY_FILE="$key_dir/cluster.key" STRATA_BIN="$PWD/target/release/strata" \
+    cargo test --quiet --test nbd_volume --test snapshots --test recovery --test expand \
+    --test lagging --test error_mapping 2>&1 | tee target/test-keyed-output.txt
+rm -rf "$key_dir"
 echo "== arm64: cross-build with Debian's rustc-web, unit and store tests and strata up under qemu-user (scripts/arm64.sh)"
 s0=$SECONDS
 bash scripts/arm64.sh 2>&1 | tee target/arm64-output.txt

@@ -11,7 +11,6 @@ mod common;
 use common::*;
 
 const MIB: u64 = 1 << 20;
-const IQN: &str = "iqn.2026-11.io.strata:vol";
 
 /// qemu-io's output (stdout and stderr) for one command on `target`.
 fn qemu_io_text(target: &str, cmd: &str) -> String {
@@ -43,7 +42,7 @@ fn quorum_loss_is_eio_over_nbd_and_not_ready_over_iscsi() {
     let out = qemu_io_text(&nbd, "write -P 2 0 64k");
     assert!(out.contains("Input/output error"), "NBD: {out}");
     if qemu_has_iscsi() {
-        let url = format!("iscsi://{iscsi}/{IQN}/0");
+        let url = iscsi_url(iscsi, "vol");
         let out = qemu_io_text(&url, "write -P 2 0 64k");
         assert!(
             out.contains("Operation now in progress"),
@@ -80,7 +79,7 @@ fn a_fenced_controller_answers_eshutdown_and_never_writes_again() {
         "{out}"
     );
     if qemu_has_iscsi() {
-        let url = format!("iscsi://{old_iscsi}/{IQN}/0");
+        let url = iscsi_url(old_iscsi, "vol");
         let out = qemu_io_text(&url, "write -P 2 0 64k");
         assert!(out.contains("Input/output error"), "iSCSI: {out}");
     }

@@ -296,7 +296,7 @@ fn iscsi_reports_the_new_capacity_and_a_unit_attention() {
     require("iscsi-readcapacity16");
     require("qemu-io");
     let (mut c, iscsi) = Cluster::start_with_iscsi(3, 32 * MIB);
-    let url = format!("iscsi://{iscsi}/iqn.2026-11.io.strata:vol/0");
+    let url = iscsi_url(iscsi, "vol");
     let capacity = || {
         let out = run_ok("iscsi-readcapacity16", &["-s", &url], 30);
         out.trim()

@@ -49,6 +49,34 @@ pub fn run(prog: &str, args: &[&str], timeout_secs: u64) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
 }
 
+/// The libiscsi URL of LUN 0 of `volume`'s target at `addr`. When this
+/// process's environment gives a cluster key (`STRATA_CLUSTER_KEY_FILE`,
+/// as `.ci/run`'s keyed pass of the process tests does), the controllers
+/// the test starts inherit it and require CHAP from it: the URL then
+/// carries the credentials `strata key chap` derives.
+pub fn iscsi_url(addr: SocketAddr, volume: &str) -> String {
+    let iqn = format!("iqn.2026-11.io.strata:{volume}");
+    if std::env::var_os("STRATA_CLUSTER_KEY_FILE").is_none() {
+        return format!("iscsi://{addr}/{iqn}/0");
+    }
+    let text = run_ok(
+        strata_bin().to_str().unwrap(),
+        &["key", "chap", "--volume", volume],
+        30,
+    );
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("no {name} in `strata key chap`: {text}"))
+            .to_string()
+    };
+    format!(
+        "iscsi://{}%{}@{addr}/{iqn}/0",
+        field("username"),
+        field("secret")
+    )
+}
+
 /// Runs and asserts success, returning stdout.
 pub fn run_ok(prog: &str, args: &[&str], timeout_secs: u64) -> String {
     let out = run(prog, args, timeout_secs);
