@@ -34,6 +34,17 @@ fn replica(dir: &Path, i: usize, addr: SocketAddr, key: &Path) -> Proc {
     p
 }
 
+/// Three `replica serve` processes holding `key`.
+fn keyed_replicas(dir: &Path, key: &Path) -> (Vec<SocketAddr>, Vec<Proc>) {
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let procs = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| replica(dir, i, *a, key))
+        .collect();
+    (addrs, procs)
+}
+
 fn controller(
     dir: &Path,
     name: &str,
@@ -126,12 +137,7 @@ fn keyed_replicas_serve_a_keyed_controller_and_refuse_a_keyless_one() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
     assert!(key_init(&key).status.success());
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let _replicas: Vec<Proc> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| replica(dir.path(), i, *a, &key))
-        .collect();
+    let (addrs, _replicas) = keyed_replicas(dir.path(), &key);
 
     let nbd = free_addr();
     let mut c = controller(dir.path(), "controller", &addrs, nbd, Some(&key));
@@ -266,12 +272,7 @@ fn keyed_controller_management_api_refuses_clients_without_the_key() {
     let other = dir.path().join("other.key");
     assert!(key_init(&key).status.success());
     assert!(key_init(&other).status.success());
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let _replicas: Vec<Proc> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| replica(dir.path(), i, *a, &key))
-        .collect();
+    let (addrs, _replicas) = keyed_replicas(dir.path(), &key);
     let (nbd, ctl) = (free_addr(), free_addr());
     let mut c = controller_at(dir.path(), "controller", &addrs, nbd, ctl, Some(&key));
     wait_listening(nbd, &mut c, 30);
