@@ -158,6 +158,10 @@ async fn authenticate(
     }
 }
 
+/// The most spare capacity a connection's read buffer keeps between
+/// frames.
+const RETAINED_READ_BUFFER: usize = 1 << 20;
+
 async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<OutFrame>, mut wr: W) {
     let mut batch = OutBatch::new();
     let mut held = Vec::with_capacity(MAX_IN_FLIGHT as usize);
@@ -211,6 +215,12 @@ impl Conn {
                         break 'conn;
                     }
                 }
+            }
+            // A large frame grew `buf`; once it is consumed, let the big
+            // allocation go (it is freed when the frame's payload is) rather
+            // than keeping it for the connection's life.
+            if buf.is_empty() && buf.capacity() > RETAINED_READ_BUFFER {
+                buf = BytesMut::with_capacity(64 * 1024);
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(64 * 1024);
