@@ -155,27 +155,24 @@ pub async fn serve_node_with(
             };
             let hello = Purpose::of_hello(&first[..n])
                 .or((first[..4] == auth::MAGIC_CLIENT[..]).then_some(Purpose::Data));
+            // Keyed, gRPC (its hello, or a plain HTTP/2 preface to refuse)
+            // goes through the handshake as on the controller's API.
+            let grpc_bound = hello == Some(Purpose::Control)
+                || (hello.is_none() && n >= 4 && first[..4] == PREFACE[..]);
             match (server_auth, hello) {
-                (Some(a), Some(Purpose::Control)) => {
-                    let mut sock = sock;
-                    match auth::server_handshake(&mut sock, &a.key, Purpose::Control).await {
-                        Ok(session) => {
-                            let (rd, wr) = session.server();
-                            let _ = grpc_tx
-                                .send(Ok(Sealed::Sealed(sock, Box::new(rd), Box::new(wr))))
-                                .await;
-                        }
-                        Err(e) => auth::log_refusal(&a.refusals, "replica control", &peer.to_string(), &e),
-                    }
-                }
-                (Some(a), None) if first[..n.min(4)] == PREFACE[..n.min(4)] => {
-                    auth::refuse_keyless_grpc(sock, auth::KEY_REQUIRED).await;
-                    auth::log_refusal(
-                        &a.refusals,
+                (Some(a), _) if grpc_bound => {
+                    let accepted = auth::accept_grpc(
+                        sock,
+                        peer,
+                        Some(&a),
+                        Purpose::Control,
                         "replica control",
-                        &peer.to_string(),
-                        &"a gRPC client without the cluster key",
-                    );
+                        auth::KEY_REQUIRED,
+                    )
+                    .await;
+                    if let Some(stream) = accepted {
+                        let _ = grpc_tx.send(Ok(stream)).await;
+                    }
                 }
                 // The data server authenticates (or refuses) the rest.
                 (Some(_), _) => {

@@ -374,7 +374,12 @@ fn print_derived_chap(volume: &str) -> anyhow::Result<()> {
 }
 
 impl ControllerArgs {
-    pub fn options(&self) -> anyhow::Result<strata_controller::run::ControllerOptions> {
+    /// The controller's options; `auth` is the process's cluster key as
+    /// servers hold it (what `run` loaded from --cluster-key-file).
+    pub fn options(
+        &self,
+        auth: Option<std::sync::Arc<strata_replica::auth::ServerAuth>>,
+    ) -> anyhow::Result<strata_controller::run::ControllerOptions> {
         Ok(strata_controller::run::ControllerOptions {
             assemble: strata_controller::assemble::AssembleOptions {
                 volume: self.volume.clone(),
@@ -402,8 +407,7 @@ impl ControllerArgs {
                 self.iscsi,
             )?
             .0,
-            auth: strata_replica::auth::process_key()
-                .map(|k| std::sync::Arc::new(strata_replica::auth::ServerAuth::new(k.clone()))),
+            auth,
         })
     }
 }
@@ -498,7 +502,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_signal().await;
                 let _ = tx.send(true);
             });
-            strata_controller::run::run_controller(args.options()?, rx, None).await?;
+            strata_controller::run::run_controller(args.options(auth)?, rx, None).await?;
             Ok(())
         }
         Command::Volume(cmd) => volume::run(cmd).await,
