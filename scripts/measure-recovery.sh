@@ -25,6 +25,11 @@ sleep 1
 URI=nbd://127.0.0.1:$NBD/vol
 state() { "$BIN" volume status --json --controller 127.0.0.1:$CTL | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
 wait_healthy() { local t0=$(date +%s.%N); while [ "$(state)" != healthy ]; do sleep 0.1; done; python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')"; }
+# The controller's own time for the last sync (rejoin to healthy), without
+# the seconds it took to notice the replica was back (reconnect backoff).
+last_sync() { grep 'healthy again' "$W/ctl.log" | tail -1 | sed -E 's/\x1b\[[0-9;]*m//g'; }
+sync_secs() { last_sync | sed -E 's/.*seconds="?([0-9.]+).*/\1/'; }
+sync_mib() { last_sync | sed -E 's/.*mib_copied=([0-9]+).*/\1/'; }
 iops() { fio --name=m --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --iodepth=16 --size=4G --time_based --runtime=$1 --output-format=json 2>/dev/null \
   | sed -n '/^{/,$p' | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))'; }
 
@@ -35,23 +40,24 @@ base=$(iops 5)
 kill -9 ${PIDS[0]} 2>/dev/null; wait ${PIDS[0]} 2>/dev/null || true; sleep 0.5
 fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1M --iodepth=8 --size=1G --output-format=terse >/dev/null 2>&1
 start_replica 0
-delta=$(wait_healthy)
+delta=$(wait_healthy); delta_sync=$(sync_secs); delta_mib=$(sync_mib)
 wipe_and_start() { kill -9 ${PIDS[0]}; wait ${PIDS[0]} 2>/dev/null || true; rm -rf "$W/r0"; sleep 0.5; start_replica 0; }
 wipe_and_start
-quiet=$(wait_healthy)
+quiet=$(wait_healthy); quiet_sync=$(sync_secs); quiet_mib=$(sync_mib)
 wipe_and_start
 t0=$(date +%s.%N)
 fio --name=m --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --iodepth=16 --size=4G --time_based --runtime=600 \
   --output-format=json >"$W/during.json" 2>/dev/null &
 FIO=$!
-wait_healthy >/dev/null
+wait_healthy >/dev/null; full_sync=$(sync_secs); full_mib=$(sync_mib)
 full=$(python3 -c "print(f'{$(date +%s.%N)-$t0:.2f}')")
 kill -INT $FIO; wait $FIO 2>/dev/null || true
 during=$(sed -n '/^{/,$p' "$W/during.json" | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print(round(j["io_bytes"]/4096/max(j["runtime"],1)*1000))')
-rate() { python3 -c "print(round(1024/$1))"; }
-pct() { python3 -c "print(round(1024/$1/$disk*100))"; }
+rate() { python3 -c "print(round(${2:-1024}/$1))"; }
+pct() { python3 -c "print(round(${2:-1024}/$1/$disk*100))"; }
 echo "disk sequential write (fio, 1 MiB, end_fsync): ${disk} MiB/s"
-echo "delta resync after 1 GiB written while out: ${delta} s ($(rate $delta) MiB/s)"
-echo "full rebuild of 1 GiB allocated in a 4 GiB volume, no client: ${quiet} s ($(rate $quiet) MiB/s, $(pct $quiet)% of the disk's rate)"
-echo "full rebuild of 1 GiB allocated, client 4K randwrite QD16 all along: ${full} s ($(rate $full) MiB/s, $(pct $full)% of the disk's rate)"
+echo "Each row: the copy (the controller's rejoin-to-healthy time, the MiB it copied) and, in brackets, the replica's start to healthy (adds the controller's reconnect backoff) for 1 GiB."
+echo "delta resync after 1 GiB written while out: ${delta_sync} s for ${delta_mib} MiB ($(rate $delta_sync $delta_mib) MiB/s) [${delta} s]"
+echo "full rebuild of 1 GiB allocated in a 4 GiB volume, no client: ${quiet_sync} s for ${quiet_mib} MiB ($(rate $quiet_sync $quiet_mib) MiB/s, $(pct $quiet_sync $quiet_mib)% of the disk's rate) [${quiet} s, $(pct $quiet)%]"
+echo "full rebuild of 1 GiB allocated, client 4K randwrite QD16 all along: ${full_sync} s for ${full_mib} MiB ($(rate $full_sync $full_mib) MiB/s, $(pct $full_sync $full_mib)% of the disk's rate) [${full} s, $(pct $full)%]"
 echo "client 4K randwrite QD16: ${base} IOPS without a rebuild, ${during} IOPS during it ($(python3 -c "print(round($during/$base*100))")%)"

@@ -20,6 +20,7 @@
 mod chain_copy;
 mod compare;
 pub mod control;
+mod copy;
 pub mod disk;
 mod error;
 mod expand;

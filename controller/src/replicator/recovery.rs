@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_replica::client::ReplicaClient;
-use strata_replica::Allocation;
 use tokio::sync::watch;
 
 use std::sync::atomic::Ordering;
 
+use super::copy::{self, CopyError};
 use super::{chain_copy, compare, control, Health, Slot, SyncError, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -276,89 +276,6 @@ async fn mark_live_changes(
     Ok(())
 }
 
-/// A region copy that failed, by the side at fault.
-enum CopyError {
-    Source(SyncError),
-    Target(SyncError),
-}
-
-/// Copies `[start, end)` from a healthy replica to `target`: data where the
-/// source has data, a trim where it has holes. Returns bytes transferred.
-async fn copy_range(
-    volume: &Volume,
-    target: &ReplicaClient,
-    start: u64,
-    end: u64,
-) -> Result<u64, CopyError> {
-    let source_slot = volume
-        .slots()
-        .into_iter()
-        .find(|s| s.is_healthy())
-        .ok_or_else(|| CopyError::Source(SyncError::from(volume.below_quorum("resync", start))))?;
-    let source = source_slot
-        .healthy_client()
-        .ok_or_else(|| CopyError::Source(SyncError::from(volume.below_quorum("resync", start))))?;
-    let len = (end - start) as u32;
-    let extents = match source.block_status(start, len).await {
-        Ok(e) => e,
-        Err(e) => {
-            volume.fault(
-                &source_slot,
-                format!("block status for a resync failed: {e}"),
-            );
-            return Err(CopyError::Source(SyncError::data(
-                "block status on the source",
-                e,
-            )));
-        }
-    };
-    let mut copied = 0;
-    let mut cursor = start;
-    for ext in extents {
-        let s = ext.offset.max(start);
-        let e = (ext.offset + ext.len).min(end);
-        if s >= e {
-            continue;
-        }
-        if s > cursor {
-            target
-                .trim(cursor, (s - cursor) as u32)
-                .await
-                .map_err(|e| CopyError::Target(SyncError::data("resync write on the target", e)))?;
-        }
-        match ext.kind {
-            Allocation::Data => {
-                let data = match source.read(s, (e - s) as u32).await {
-                    Ok(d) => d,
-                    Err(err) => {
-                        volume.fault(&source_slot, format!("read for a resync failed: {err}"));
-                        return Err(CopyError::Source(SyncError::data(
-                            "read on the source",
-                            err,
-                        )));
-                    }
-                };
-                target.write(s, data, false).await.map_err(|e| {
-                    CopyError::Target(SyncError::data("resync write on the target", e))
-                })?;
-                copied += e - s;
-            }
-            Allocation::Hole => target
-                .trim(s, (e - s) as u32)
-                .await
-                .map_err(|e| CopyError::Target(SyncError::data("resync write on the target", e)))?,
-        }
-        cursor = e;
-    }
-    if cursor < end {
-        target
-            .trim(cursor, (end - cursor) as u32)
-            .await
-            .map_err(|e| CopyError::Target(SyncError::data("resync write on the target", e)))?;
-    }
-    Ok(copied)
-}
-
 /// Copies `count` contiguous regions from `region` under the gate (shared)
 /// and their range lock.
 async fn copy_region(
@@ -372,7 +289,16 @@ async fn copy_region(
     let _gate = volume.gate().read().await;
     let _range = volume.range_lock().lock(start, end).await;
     let result = match slot.health() {
-        Health::Syncing(target) => copy_range(volume, &target, start, end).await,
+        Health::Syncing(target) => match copy::pick_source(volume, start) {
+            Ok((source_slot, source)) => {
+                let result = copy::copy_range(&source, &target, start, end).await;
+                if let Err(CopyError::Source(e)) = &result {
+                    volume.fault(&source_slot, format!("resync from it failed: {e}"));
+                }
+                result
+            }
+            Err(e) => Err(e),
+        },
         other => Err(CopyError::Target(SyncError::NotSyncing(format!(
             "{other:?}"
         )))),

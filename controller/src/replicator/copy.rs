@@ -1,0 +1,510 @@
+//! Copying one range of the volume from a healthy replica to a syncing one:
+//! the inner step of a resync or rebuild (`recovery.rs` holds the range's
+//! lock around it).
+//!
+//! [`copy_steps`] turns the source's allocation map of the range into
+//! steps (data pieces of at most [`COPY_PIECE`] bytes, and trims covering
+//! the holes, merged); [`skip_needless_trims`] drops the trims where the
+//! target reads zeros already (all of them on a rebuilt, empty replica); [`copy_jobs`] reads neighbouring small pieces from
+//! the source in one request (the holes between them, at most
+//! [`READ_GAP`], read as zeros and are not written); [`copy_range`] runs
+//! up to [`COPY_DEPTH`] jobs at once. Jobs cover disjoint ranges, so their
+//! order does not matter; what does is that a range written by 4 KiB
+//! random writes (dozens of small extents per region) is not copied one
+//! round trip after another.
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use strata_replica::client::ReplicaClient;
+use strata_replica::{Allocation, AllocationExtent};
+
+use super::{SyncError, Volume};
+
+/// The largest read (and write) of a copy.
+pub const COPY_PIECE: u64 = 1 << 20;
+
+/// Steps of one range in flight at once. With the sync job's
+/// [`SYNC_PARALLEL`](super::recovery::SYNC_PARALLEL) ranges, at most
+/// `SYNC_PARALLEL × COPY_DEPTH × COPY_PIECE` bytes are held (32 MiB).
+pub const COPY_DEPTH: usize = 4;
+
+/// Data pieces this close together are read from the source in one request.
+pub const READ_GAP: u64 = 64 << 10;
+
+/// One piece of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyStep {
+    /// Read `[offset, offset + len)` from the source, write it to the target.
+    Data { offset: u64, len: u32 },
+    /// Trim `[offset, offset + len)` on the target (a hole on the source).
+    Trim { offset: u64, len: u32 },
+}
+
+/// One request's worth of a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyJob {
+    /// Read `[offset, offset + len)` from the source, write the `pieces`
+    /// (offset, length; inside the read, sorted) to the target.
+    Copy {
+        offset: u64,
+        len: u32,
+        pieces: Vec<(u64, u32)>,
+    },
+    /// Trim `[offset, offset + len)` on the target.
+    Trim { offset: u64, len: u32 },
+}
+
+/// Groups `steps` into jobs: consecutive data pieces less than
+/// [`READ_GAP`] apart share one read of at most [`COPY_PIECE`] bytes.
+pub fn copy_jobs(steps: &[CopyStep]) -> Vec<CopyJob> {
+    let mut jobs = Vec::new();
+    let mut read: Option<(u64, u64, Vec<(u64, u32)>)> = None;
+    let close = |jobs: &mut Vec<CopyJob>, read: Option<(u64, u64, Vec<(u64, u32)>)>| {
+        if let Some((offset, end, pieces)) = read {
+            jobs.push(CopyJob::Copy {
+                offset,
+                len: (end - offset) as u32,
+                pieces,
+            });
+        }
+    };
+    for step in steps {
+        match *step {
+            CopyStep::Trim { offset, len } => jobs.push(CopyJob::Trim { offset, len }),
+            CopyStep::Data { offset, len } => {
+                let end = offset + u64::from(len);
+                match &mut read {
+                    Some((from, to, pieces))
+                        if offset - *to <= READ_GAP && end - *from <= COPY_PIECE =>
+                    {
+                        *to = end;
+                        pieces.push((offset, len));
+                    }
+                    _ => {
+                        close(&mut jobs, read.take());
+                        read = Some((offset, end, vec![(offset, len)]));
+                    }
+                }
+            }
+        }
+    }
+    close(&mut jobs, read);
+    jobs
+}
+
+/// Which side of a copy failed: a source failure faults the source and the
+/// job carries on from another; a target failure ends the job.
+pub enum CopyError {
+    Source(SyncError),
+    Target(SyncError),
+}
+
+/// The steps that make `[start, end)` of the target equal to the source,
+/// given the source's allocation `extents` (as BLOCK_STATUS returns them:
+/// sorted, possibly starting before `start` or ending after `end`, possibly
+/// not covering the whole range, in which case the rest is a hole).
+/// Adjacent holes become one trim; data is cut into pieces of at most
+/// [`COPY_PIECE`] bytes. `end - start` must fit a u32.
+pub fn copy_steps(extents: &[AllocationExtent], start: u64, end: u64) -> Vec<CopyStep> {
+    debug_assert!(end - start <= u64::from(u32::MAX));
+    let mut steps = Vec::new();
+    let mut hole_from: Option<u64> = None;
+    let mut cursor = start;
+    for ext in extents {
+        let s = ext.offset.max(cursor);
+        let e = (ext.offset + ext.len).min(end);
+        if s >= e {
+            continue;
+        }
+        if s > cursor {
+            hole_from.get_or_insert(cursor);
+        }
+        match ext.kind {
+            Allocation::Hole => {
+                hole_from.get_or_insert(s);
+            }
+            Allocation::Data => {
+                close_hole(&mut steps, &mut hole_from, s);
+                let mut at = s;
+                while at < e {
+                    let len = (e - at).min(COPY_PIECE);
+                    steps.push(CopyStep::Data {
+                        offset: at,
+                        len: len as u32,
+                    });
+                    at += len;
+                }
+            }
+        }
+        cursor = e;
+    }
+    if cursor < end {
+        hole_from.get_or_insert(cursor);
+    }
+    close_hole(&mut steps, &mut hole_from, end);
+    steps
+}
+
+/// Keeps of `steps`' trims only what the target holds data in (its
+/// `target` allocation map of the same range): a trim where it reads
+/// zeros already is a wasted request (and on the replica a block-map write
+/// and a hole punch). Data steps are kept as they are.
+pub fn skip_needless_trims(steps: Vec<CopyStep>, target: &[AllocationExtent]) -> Vec<CopyStep> {
+    let mut out = Vec::with_capacity(steps.len());
+    for step in steps {
+        let CopyStep::Trim { offset, len } = step else {
+            out.push(step);
+            continue;
+        };
+        let end = offset + u64::from(len);
+        for ext in target.iter().filter(|e| e.kind == Allocation::Data) {
+            let s = ext.offset.max(offset);
+            let e = (ext.offset + ext.len).min(end);
+            if s < e {
+                out.push(CopyStep::Trim {
+                    offset: s,
+                    len: (e - s) as u32,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Ends the hole that began at `hole_from` (if any) at `at`.
+fn close_hole(steps: &mut Vec<CopyStep>, hole_from: &mut Option<u64>, at: u64) {
+    if let Some(from) = hole_from.take() {
+        if at > from {
+            steps.push(CopyStep::Trim {
+                offset: from,
+                len: (at - from) as u32,
+            });
+        }
+    }
+}
+
+/// Copies `[start, end)` from `source` to `target`: data where the source
+/// has data, a trim where it has holes. Returns the bytes of data copied.
+/// The caller holds the range's lock and names the source's slot in
+/// errors; a failed read or BLOCK_STATUS is a [`CopyError::Source`].
+pub async fn copy_range(
+    source: &ReplicaClient,
+    target: &ReplicaClient,
+    start: u64,
+    end: u64,
+) -> Result<u64, CopyError> {
+    let len = (end - start) as u32;
+    let (on_source, on_target) = tokio::join!(
+        source.block_status(start, len),
+        target.block_status(start, len)
+    );
+    let on_source = on_source
+        .map_err(|e| CopyError::Source(SyncError::data("block status on the source", e)))?;
+    let on_target = on_target
+        .map_err(|e| CopyError::Target(SyncError::data("block status on the target", e)))?;
+    let steps = skip_needless_trims(copy_steps(&on_source, start, end), &on_target);
+    let jobs = copy_jobs(&steps);
+    stream::iter(jobs)
+        .map(|job| copy_job(source, target, job))
+        .buffer_unordered(COPY_DEPTH)
+        .try_fold(0u64, |copied, bytes| async move { Ok(copied + bytes) })
+        .await
+}
+
+async fn copy_job(
+    source: &ReplicaClient,
+    target: &ReplicaClient,
+    job: CopyJob,
+) -> Result<u64, CopyError> {
+    let on_target = |e| CopyError::Target(SyncError::data("resync write on the target", e));
+    match job {
+        CopyJob::Copy {
+            offset,
+            len,
+            pieces,
+        } => {
+            let data = source
+                .read(offset, len)
+                .await
+                .map_err(|e| CopyError::Source(SyncError::data("read on the source", e)))?;
+            let writes = pieces.iter().map(|&(at, n)| {
+                let from = (at - offset) as usize;
+                target.write(at, data.slice(from..from + n as usize), false)
+            });
+            futures::future::try_join_all(writes)
+                .await
+                .map_err(on_target)?;
+            Ok(pieces.iter().map(|&(_, n)| u64::from(n)).sum())
+        }
+        CopyJob::Trim { offset, len } => {
+            target.trim(offset, len).await.map_err(on_target)?;
+            Ok(0)
+        }
+    }
+}
+
+/// The healthy replica a copy reads from, or why there is none.
+pub fn pick_source(
+    volume: &Volume,
+    at: u64,
+) -> Result<(std::sync::Arc<super::Slot>, std::sync::Arc<ReplicaClient>), CopyError> {
+    volume
+        .slots()
+        .into_iter()
+        .filter(|s| s.is_healthy())
+        .find_map(|s| s.healthy_client().map(|c| (s, c)))
+        .ok_or_else(|| CopyError::Source(SyncError::from(volume.below_quorum("resync", at))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn ext(offset: u64, len: u64, kind: Allocation) -> AllocationExtent {
+        AllocationExtent { offset, len, kind }
+    }
+
+    #[test]
+    fn data_is_cut_into_pieces_and_holes_merge() {
+        let extents = [
+            ext(0, 4096, Allocation::Hole),
+            ext(4096, 4096, Allocation::Hole),
+            ext(8192, 3 * MIB, Allocation::Data),
+        ];
+        let steps = copy_steps(&extents, 0, 4 * MIB);
+        assert_eq!(
+            steps,
+            vec![
+                CopyStep::Trim {
+                    offset: 0,
+                    len: 8192
+                },
+                CopyStep::Data {
+                    offset: 8192,
+                    len: MIB as u32
+                },
+                CopyStep::Data {
+                    offset: 8192 + MIB,
+                    len: MIB as u32
+                },
+                CopyStep::Data {
+                    offset: 8192 + 2 * MIB,
+                    len: MIB as u32
+                },
+                // The uncovered tail is a hole.
+                CopyStep::Trim {
+                    offset: 8192 + 3 * MIB,
+                    len: (MIB - 8192) as u32
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn extents_beyond_the_range_are_clipped() {
+        let extents = [
+            ext(0, 2 * MIB, Allocation::Data),
+            ext(2 * MIB, 2 * MIB, Allocation::Hole),
+        ];
+        let steps = copy_steps(&extents, MIB, 3 * MIB);
+        assert_eq!(
+            steps,
+            vec![
+                CopyStep::Data {
+                    offset: MIB,
+                    len: MIB as u32
+                },
+                CopyStep::Trim {
+                    offset: 2 * MIB,
+                    len: MIB as u32
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn no_extents_is_one_trim() {
+        assert_eq!(
+            copy_steps(&[], 0, 8 * MIB),
+            vec![CopyStep::Trim {
+                offset: 0,
+                len: 8 * MIB as u32
+            }]
+        );
+    }
+
+    /// Random allocation maps of a range of 4 KiB blocks.
+    fn maps() -> impl Strategy<Value = (Vec<AllocationExtent>, u64, u64)> {
+        proptest::collection::vec((1u64..64, any::<bool>()), 0..40).prop_flat_map(|runs| {
+            let mut extents = Vec::new();
+            let mut at = 0;
+            for (blocks, data) in runs {
+                let kind = if data {
+                    Allocation::Data
+                } else {
+                    Allocation::Hole
+                };
+                extents.push(ext(at * 4096, blocks * 4096, kind));
+                at += blocks;
+            }
+            let total = at.max(1) + 8;
+            (Just(extents), 0..total, 0..total).prop_map(|(e, a, b)| {
+                let (lo, hi) = (a.min(b) * 4096, (a.max(b) + 1) * 4096);
+                (e, lo, hi)
+            })
+        })
+    }
+
+    #[test]
+    fn trims_only_where_the_target_has_data() {
+        let steps = vec![
+            CopyStep::Trim {
+                offset: 0,
+                len: 4 * MIB as u32,
+            },
+            CopyStep::Data {
+                offset: 4 * MIB,
+                len: 4096,
+            },
+        ];
+        let target = [
+            ext(0, MIB, Allocation::Hole),
+            ext(MIB, 4096, Allocation::Data),
+            ext(MIB + 4096, MIB, Allocation::Hole),
+            ext(3 * MIB, 2 * MIB, Allocation::Data),
+        ];
+        assert_eq!(
+            skip_needless_trims(steps.clone(), &target),
+            vec![
+                CopyStep::Trim {
+                    offset: MIB,
+                    len: 4096
+                },
+                CopyStep::Trim {
+                    offset: 3 * MIB,
+                    len: MIB as u32
+                },
+                steps[1],
+            ]
+        );
+        // An empty target needs no trims at all.
+        assert_eq!(skip_needless_trims(steps.clone(), &[]), vec![steps[1]]);
+    }
+
+    #[test]
+    fn near_pieces_share_a_read() {
+        let k = 4096u32;
+        let steps = [
+            CopyStep::Data { offset: 0, len: k },
+            CopyStep::Trim {
+                offset: 4096,
+                len: 2 * k,
+            },
+            CopyStep::Data {
+                offset: 12288,
+                len: k,
+            },
+            // Too far from the one before: a read of its own.
+            CopyStep::Trim {
+                offset: 16384,
+                len: 1 << 20,
+            },
+            CopyStep::Data {
+                offset: 16384 + MIB,
+                len: k,
+            },
+        ];
+        assert_eq!(
+            copy_jobs(&steps),
+            vec![
+                CopyJob::Trim {
+                    offset: 4096,
+                    len: 2 * k
+                },
+                CopyJob::Trim {
+                    offset: 16384,
+                    len: 1 << 20
+                },
+                CopyJob::Copy {
+                    offset: 0,
+                    len: 4 * k,
+                    pieces: vec![(0, k), (12288, k)]
+                },
+                CopyJob::Copy {
+                    offset: 16384 + MIB,
+                    len: k,
+                    pieces: vec![(16384 + MIB, k)]
+                },
+            ]
+        );
+    }
+
+    proptest! {
+        /// Jobs write exactly the data pieces and trim exactly the trims;
+        /// a read holds its pieces and is at most a piece long.
+        #[test]
+        fn jobs_keep_every_piece((extents, start, end) in maps()) {
+            let steps = copy_steps(&extents, start, end);
+            let mut want_data = Vec::new();
+            let mut want_trims = Vec::new();
+            for step in &steps {
+                match *step {
+                    CopyStep::Data { offset, len } => want_data.push((offset, len)),
+                    CopyStep::Trim { offset, len } => want_trims.push((offset, len)),
+                }
+            }
+            let mut data = Vec::new();
+            let mut trims = Vec::new();
+            for job in copy_jobs(&steps) {
+                match job {
+                    CopyJob::Copy { offset, len, pieces } => {
+                        prop_assert!(u64::from(len) <= COPY_PIECE);
+                        for &(at, n) in &pieces {
+                            prop_assert!(at >= offset && at + u64::from(n) <= offset + u64::from(len));
+                        }
+                        prop_assert_eq!(pieces.first().map(|p| p.0), Some(offset));
+                        let last = pieces.last().expect("a read has pieces");
+                        prop_assert_eq!(last.0 + u64::from(last.1), offset + u64::from(len));
+                        data.extend(pieces);
+                    }
+                    CopyJob::Trim { offset, len } => trims.push((offset, len)),
+                }
+            }
+            prop_assert_eq!(data, want_data);
+            prop_assert_eq!(trims, want_trims);
+        }
+
+        /// The steps tile the range exactly once, in order; each block is
+        /// copied iff the source has data there; no piece exceeds the limit;
+        /// no two trims touch.
+        #[test]
+        fn steps_tile_the_range((extents, start, end) in maps()) {
+            let steps = copy_steps(&extents, start, end);
+            let is_data = |at: u64| extents.iter().any(|e| {
+                e.kind == Allocation::Data && e.offset <= at && at < e.offset + e.len
+            });
+            let mut at = start;
+            let mut last_trim = false;
+            for step in &steps {
+                let (offset, len, data) = match *step {
+                    CopyStep::Data { offset, len } => (offset, u64::from(len), true),
+                    CopyStep::Trim { offset, len } => (offset, u64::from(len), false),
+                };
+                prop_assert_eq!(offset, at);
+                prop_assert!(len > 0);
+                prop_assert!(!data || len <= COPY_PIECE);
+                prop_assert!(data || !last_trim, "adjacent trims were not merged");
+                let mut b = offset;
+                while b < offset + len {
+                    prop_assert_eq!(is_data(b), data, "block {}", b);
+                    b += 4096;
+                }
+                last_trim = !data;
+                at += len;
+            }
+            prop_assert_eq!(at, end);
+        }
+    }
+}
