@@ -1,10 +1,13 @@
 //! The fixed newstyle handshake of one connection: greeting, client flags,
 //! then options until the client enters transmission (`NBD_OPT_GO`,
-//! `NBD_OPT_EXPORT_NAME`) or leaves (`NBD_OPT_ABORT`, EOF).
+//! `NBD_OPT_EXPORT_NAME`), starts TLS (`NBD_OPT_STARTTLS`, after which
+//! option haggling goes on inside TLS) or leaves (`NBD_OPT_ABORT`, EOF).
 //!
 //! [`answer`] decides the reply to one option without IO (table-tested
-//! below); [`handshake`] moves bytes. Bytes the client sent after its
-//! final option stay in the buffer for the transmission phase.
+//! below), TLS policy included ([`TlsPhase`]); [`greet`] and [`negotiate`]
+//! move bytes ([`handshake`] is both, for a server without TLS). Bytes the
+//! client sent after its final option stay in the buffer for the
+//! transmission phase.
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,12 +47,28 @@ pub struct Session {
     pub flags: u16,
 }
 
+/// Where TLS stands on a connection (the NBD spec's server modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The server has no TLS (NOTLS): STARTTLS gets `NBD_REP_ERR_POLICY`.
+    #[default]
+    Unavailable,
+    /// TLS is offered and not started (SELECTIVETLS, no TLS-only export).
+    Offered,
+    /// TLS is required and not started (FORCEDTLS): every option but
+    /// STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD`.
+    Required,
+    /// STARTTLS was acknowledged: everything from here runs inside TLS.
+    Active,
+}
+
 /// Negotiation state while options go back and forth.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Negotiation {
     pub no_zeroes: bool,
     pub structured: bool,
     pub base_allocation: bool,
+    pub tls: TlsPhase,
 }
 
 /// What to do after an option's reply is sent.
@@ -62,6 +81,12 @@ pub enum Next {
     Close,
     /// The client must be disconnected.
     Fail(String),
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then the
+    /// options go on inside TLS.
+    StartTls,
+    /// `NBD_OPT_EXPORT_NAME` before TLS when TLS is required: it cannot be
+    /// answered with an error, so the connection closes.
+    TlsRequired,
 }
 
 /// Transmission flags for a session (`SEND_DF` only with structured
@@ -93,9 +118,18 @@ fn session(n: &Negotiation) -> Session {
     }
 }
 
+/// What a client that must start TLS first is told.
+pub const TLS_REQUIRED_MSG: &str = "TLS is required: start it with NBD_OPT_STARTTLS";
+
 /// Appends the reply to `opt` to `out` and says what comes next.
 pub fn answer(opt: &Opt, n: &mut Negotiation, export: &ExportFacts, out: &mut Vec<u8>) -> Next {
     let code = opt.code();
+    if n.tls == TlsPhase::Required && !matches!(opt, Opt::StartTls | Opt::Abort) {
+        if matches!(opt, Opt::ExportName(_)) {
+            return Next::TlsRequired;
+        }
+        return error(out, code, NBD_REP_ERR_TLS_REQD, TLS_REQUIRED_MSG);
+    }
     match opt {
         Opt::ExportName(name) => {
             if !export.matches(name) {
@@ -114,12 +148,26 @@ pub fn answer(opt: &Opt, n: &mut Negotiation, export: &ExportFacts, out: &mut Ve
             encode_option_reply(out, code, NBD_REP_ACK, &[]);
             Next::Continue
         }
-        Opt::StartTls => error(
-            out,
-            code,
-            NBD_REP_ERR_POLICY,
-            "TLS is not offered by this server",
-        ),
+        Opt::StartTls => match n.tls {
+            TlsPhase::Unavailable => error(
+                out,
+                code,
+                NBD_REP_ERR_POLICY,
+                "TLS is not offered by this server",
+            ),
+            TlsPhase::Active => error(out, code, NBD_REP_ERR_INVALID, "TLS is already active"),
+            TlsPhase::Offered | TlsPhase::Required => {
+                encode_option_reply(out, code, NBD_REP_ACK, &[]);
+                // Nothing agreed in plaintext carries over into TLS: a
+                // man in the middle could have sent it.
+                *n = Negotiation {
+                    no_zeroes: n.no_zeroes,
+                    tls: TlsPhase::Active,
+                    ..Negotiation::default()
+                };
+                Next::StartTls
+            }
+        },
         Opt::Info(req) | Opt::Go(req) => {
             if !export.matches(&req.name) {
                 let msg = format!("No export named {:?}", req.name);
@@ -188,35 +236,55 @@ pub(crate) async fn fill<R: AsyncRead + Unpin>(
     Ok(rd.read_buf(buf).await? > 0)
 }
 
-/// Runs the handshake on `stream`. `Ok(None)`: the client left before
-/// transmission (abort or EOF), nothing more to do.
-pub async fn handshake<S>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-    export: &ExportFacts,
-) -> Result<Option<Session>, ConnError>
+/// How option haggling ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Negotiated {
+    /// Enter transmission on the same stream.
+    Transmit(Session),
+    /// STARTTLS was acknowledged: run the TLS handshake, then
+    /// [`negotiate`] again inside TLS.
+    StartTls,
+    /// The client left (abort or EOF).
+    Closed,
+}
+
+/// Sends the greeting and reads the client flags: `Some(no_zeroes)`, or
+/// `None` when the client left.
+pub async fn greet<S>(stream: &mut S, buf: &mut BytesMut) -> Result<Option<bool>, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(GREETING_LEN);
     encode_greeting(&mut out, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     stream.write_all(&out).await?;
     stream.flush().await?;
-
-    let flags = loop {
+    loop {
         if let Some((flags, used)) = parse_client_flags(buf)? {
             buf.advance(used);
-            break flags;
+            return Ok(Some(flags & NBD_FLAG_C_NO_ZEROES != 0));
         }
         if !fill(stream, buf).await? {
             return Ok(None);
         }
-    };
-    let mut n = Negotiation {
-        no_zeroes: flags & NBD_FLAG_C_NO_ZEROES != 0,
-        ..Negotiation::default()
-    };
-    for _ in 0..MAX_OPTIONS {
+    }
+}
+
+/// Answers options on `stream` until the client enters transmission,
+/// starts TLS or leaves; `options_left` counts down over the whole
+/// connection (plaintext and TLS alike).
+pub async fn negotiate<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    n: &mut Negotiation,
+    export: &ExportFacts,
+    options_left: &mut usize,
+) -> Result<Negotiated, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    while *options_left > 0 {
+        *options_left -= 1;
         let opt = loop {
             if let Some((opt, used)) = parse_option(buf)? {
                 buf.advance(used);
@@ -224,14 +292,14 @@ where
             }
             if !fill(stream, buf).await? {
                 return if buf.is_empty() {
-                    Ok(None)
+                    Ok(Negotiated::Closed)
                 } else {
                     Err(ConnError::Truncated)
                 };
             }
         };
         out.clear();
-        let next = answer(&opt, &mut n, export, &mut out);
+        let next = answer(&opt, n, export, &mut out);
         if !out.is_empty() {
             // A client that hangs up right after NBD_OPT_ABORT is fine.
             let sent = stream.write_all(&out).await.and(stream.flush().await);
@@ -241,12 +309,40 @@ where
         }
         match next {
             Next::Continue => {}
-            Next::Transmit(s) => return Ok(Some(s)),
-            Next::Close => return Ok(None),
+            Next::Transmit(s) => return Ok(Negotiated::Transmit(s)),
+            Next::StartTls => return Ok(Negotiated::StartTls),
+            Next::Close => return Ok(Negotiated::Closed),
             Next::Fail(name) => return Err(ConnError::UnknownExport(name)),
+            Next::TlsRequired => return Err(ConnError::TlsRequired),
         }
     }
     Err(ConnError::TooManyOptions(MAX_OPTIONS))
+}
+
+/// Runs the whole handshake of a server without TLS on `stream`.
+/// `Ok(None)`: the client left before transmission (abort or EOF).
+pub async fn handshake<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    export: &ExportFacts,
+) -> Result<Option<Session>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(no_zeroes) = greet(stream, buf).await? else {
+        return Ok(None);
+    };
+    let mut n = Negotiation {
+        no_zeroes,
+        ..Negotiation::default()
+    };
+    let mut left = MAX_OPTIONS;
+    match negotiate(stream, buf, &mut n, export, &mut left).await? {
+        Negotiated::Transmit(s) => Ok(Some(s)),
+        Negotiated::Closed => Ok(None),
+        // Unreachable: without TLS, STARTTLS gets an error reply.
+        Negotiated::StartTls => Err(ConnError::TlsRequired),
+    }
 }
 
 #[cfg(test)]

@@ -29,9 +29,13 @@ pub mod error;
 pub mod handshake;
 pub mod ops;
 pub mod proto;
+pub mod psk;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use error::{nbd_errno, ConnError};
 pub use ops::Export;
+pub use psk::Psk;
 pub use server::{serve, serve_connection};
+pub use tls::{NbdTls, TlsMode};
