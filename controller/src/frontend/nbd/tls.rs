@@ -194,3 +194,6 @@ fn describe(e: &openssl::ssl::Error) -> String {
         None => format!("{:?}", e.code()),
     }
 }
+
+#[cfg(test)]
+mod tests;
