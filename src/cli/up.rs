@@ -63,6 +63,8 @@ pub async fn run(
     if !(1..=5).contains(&args.replicas) {
         anyhow::bail!("--replicas must be between 1 and 5, not {}", args.replicas);
     }
+    // Before anything starts: `--nbd-tls require` without a key fails here.
+    let nbd_tls = args.nbd_tls.setup(&args.volume)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -106,7 +108,6 @@ pub async fn run(
         args.iscsi_no_chap,
         args.iscsi,
     )?;
-    let nbd_tls = args.nbd_tls.setup(&args.volume)?;
     let opts = strata_controller::run::ControllerOptions {
         assemble: strata_controller::assemble::AssembleOptions {
             volume: args.volume.clone(),
