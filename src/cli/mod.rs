@@ -36,8 +36,9 @@ pub struct Cli {
     pub threads: Option<u16>,
     /// The cluster key file (`strata key init`): replica servers and
     /// controllers' management APIs then serve only peers that prove it,
-    /// and clients prove it to them (and check them). Without it
-    /// everything is keyless. (Not `--key-file`:
+    /// and clients prove it to them (and check them); controllers require
+    /// iSCSI CHAP and offer NBD TLS with secrets derived from it. Without
+    /// it everything is keyless. (Not `--key-file`:
     /// that is the backup encryption key of the backup commands.)
     #[arg(
         long,
@@ -82,7 +83,8 @@ pub enum Command {
     Backup(backup::BackupCommand),
     /// The Kubernetes CSI driver: `strata csi --mode controller|node`.
     Csi(csi::CsiArgs),
-    /// The cluster key.
+    /// The cluster key, and what is derived from it for clients: a
+    /// volume's iSCSI CHAP credentials, its NBD TLS pre-shared key.
     #[command(subcommand)]
     Key(KeyCommand),
 }
