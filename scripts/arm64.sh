@@ -23,6 +23,12 @@ ROOT=$PWD
 TARGET=aarch64-unknown-linux-gnu
 OUT=$ROOT/target/arm64
 export CARGO_INCREMENTAL=0
+# OpenSSL (NBD TLS) is built from source for arm64 with aarch64-linux-gnu-gcc
+# (the openssl crate's `vendored` feature; once, then cached with the other
+# dependencies in the target directory below) and linked statically. The
+# host's settings (scripts/test-all.sh points them at the amd64 libssl.a)
+# must not reach the cross-build.
+unset OPENSSL_NO_VENDOR OPENSSL_STATIC OPENSSL_LIB_DIR OPENSSL_INCLUDE_DIR OPENSSL_DIR
 CARGO_LOCK=${CARGO_LOCK:-/tmp/strata-cargo.lock}
 die() { echo "arm64: $*" >&2; exit 1; }
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -8,7 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::{free_addr, require, run, run_ok, strata_bin, wait_listening, Proc};
+use common::{
+    free_addr, recording_proxy, require, run, run_ok, send_raw, strata_bin, wait_listening, Proc,
+};
 
 fn key_init(path: &Path) -> std::process::Output {
     run(
@@ -209,60 +211,6 @@ fn snapshot_cmd(key: Option<&Path>, args: &[&str], controller: SocketAddr) -> st
     all.push(controller.to_string());
     let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
     run(strata_bin().to_str().unwrap(), &refs, 60)
-}
-
-/// A one-connection TCP relay to `target` that records what the client
-/// sent; joined, it returns those bytes.
-fn recording_proxy(target: SocketAddr) -> (SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = std::thread::spawn(move || {
-        let (mut client, _) = listener.accept().unwrap();
-        let mut server = std::net::TcpStream::connect(target).unwrap();
-        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        let back = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut s2, &mut c2);
-            let _ = c2.shutdown(std::net::Shutdown::Write);
-        });
-        let mut recorded = Vec::new();
-        let mut buf = [0u8; 16384];
-        loop {
-            match client.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    recorded.extend_from_slice(&buf[..n]);
-                    if server.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = server.shutdown(std::net::Shutdown::Write);
-        let _ = back.join();
-        recorded
-    });
-    (addr, handle)
-}
-
-/// Sends `bytes` on a new connection to `addr`; returns what came back
-/// before the server closed (or 5 s passed).
-fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    let _ = s.write_all(bytes);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut back = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        back.extend_from_slice(&buf[..n]);
-    }
-    back
 }
 
 #[test]

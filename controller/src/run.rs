@@ -29,6 +29,9 @@ pub struct ControllerOptions {
     pub iscsi: Option<SocketAddr>,
     /// iSCSI CHAP secrets; `None` accepts initiators without authentication.
     pub chap: Option<crate::frontend::iscsi::ChapConfig>,
+    /// NBD over TLS with a pre-shared key, offered or required; `None`
+    /// offers no TLS (STARTTLS gets `NBD_REP_ERR_POLICY`).
+    pub nbd_tls: Option<Arc<crate::frontend::nbd::NbdTls>>,
     /// With the cluster key, the management API serves only clients that
     /// prove they hold it ([`strata_replica::auth`]); `None` serves anyone.
     pub auth: Option<Arc<strata_replica::auth::ServerAuth>>,
@@ -233,7 +236,11 @@ pub async fn run_controller(
         tracing::info!(volume = %volume.name, iscsi = ?iscsi_addr, target = %crate::frontend::iscsi::target_name(&volume.name), "serving iSCSI");
         tokio::spawn(crate::frontend::iscsi::serve(l, backend.clone(), opts, shutdown.clone()))
     });
-    let served = crate::frontend::nbd::serve(nbd_listener, backend, shutdown).await;
+    if let Some(tls) = &opts.nbd_tls {
+        tracing::info!(volume = %volume.name, nbd = %nbd_addr, mode = %tls.mode(), identity = tls.identity(), "NBD TLS with the volume's pre-shared key");
+    }
+    let served =
+        crate::frontend::nbd::serve(nbd_listener, backend, opts.nbd_tls.clone(), shutdown).await;
     let iscsi_served = match iscsi {
         Some(t) => t.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
         None => Ok(()),

@@ -3,6 +3,7 @@
 mod attach;
 mod backup;
 mod csi;
+mod nbd_tls;
 mod schedule;
 mod size;
 mod snapshot;
@@ -35,8 +36,9 @@ pub struct Cli {
     pub threads: Option<u16>,
     /// The cluster key file (`strata key init`): replica servers and
     /// controllers' management APIs then serve only peers that prove it,
-    /// and clients prove it to them (and check them). Without it
-    /// everything is keyless. (Not `--key-file`:
+    /// and clients prove it to them (and check them); controllers require
+    /// iSCSI CHAP and offer NBD TLS with secrets derived from it. Without
+    /// it everything is keyless. (Not `--key-file`:
     /// that is the backup encryption key of the backup commands.)
     #[arg(
         long,
@@ -81,7 +83,8 @@ pub enum Command {
     Backup(backup::BackupCommand),
     /// The Kubernetes CSI driver: `strata csi --mode controller|node`.
     Csi(csi::CsiArgs),
-    /// The cluster key.
+    /// The cluster key, and what is derived from it for clients: a
+    /// volume's iSCSI CHAP credentials, its NBD TLS pre-shared key.
     #[command(subcommand)]
     Key(KeyCommand),
 }
@@ -101,6 +104,21 @@ pub enum KeyCommand {
         /// The volume.
         #[arg(long)]
         volume: String,
+    },
+    /// Print a volume's NBD TLS pre-shared key derived from the cluster
+    /// key (--cluster-key-file) as a psktool `username:hexkey` line: the
+    /// key a controller with the cluster key offers (or, with --nbd-tls
+    /// require, demands). Save it as the file of an `nbds://` URI's
+    /// tls-psk-file (nbdinfo, nbdcopy, libnbd), or as keys.psk in the dir
+    /// of qemu's tls-creds-psk object.
+    Psk {
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+        /// The user name (PSK identity) the line is for: the controller's
+        /// --nbd-tls-username.
+        #[arg(long, default_value = strata_controller::frontend::nbd::psk::DEFAULT_USERNAME)]
+        username: String,
     },
 }
 
@@ -234,6 +252,8 @@ pub struct ControllerArgs {
     /// that reaches the port can then read and change the volume.
     #[arg(long, conflicts_with = "chap_file")]
     pub iscsi_no_chap: bool,
+    #[command(flatten)]
+    pub nbd_tls: nbd_tls::NbdTlsArgs,
 }
 
 /// A client of the controller's management API at `controller`, through
@@ -407,6 +427,7 @@ impl ControllerArgs {
                 self.iscsi,
             )?
             .0,
+            nbd_tls: self.nbd_tls.setup(&self.volume)?,
             auth,
         })
     }
@@ -463,6 +484,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Key(KeyCommand::Chap { volume }) => print_derived_chap(&volume),
+        Command::Key(KeyCommand::Psk { volume, username }) => {
+            nbd_tls::print_psk(&volume, &username)
+        }
         Command::Up(args) => up::run(args, auth).await,
         Command::Replica(ReplicaCommand::Serve {
             dir,

@@ -52,6 +52,8 @@ pub struct UpArgs {
     /// Serve iSCSI without CHAP even with a cluster key.
     #[arg(long, conflicts_with = "chap_file")]
     pub iscsi_no_chap: bool,
+    #[command(flatten)]
+    pub nbd_tls: super::nbd_tls::NbdTlsArgs,
 }
 
 pub async fn run(
@@ -61,6 +63,8 @@ pub async fn run(
     if !(1..=5).contains(&args.replicas) {
         anyhow::bail!("--replicas must be between 1 and 5, not {}", args.replicas);
     }
+    // Before anything starts: `--nbd-tls require` without a key fails here.
+    let nbd_tls = args.nbd_tls.setup(&args.volume)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -122,6 +126,7 @@ pub async fn run(
         backup_schedules: args.backup.schedules.clone(),
         iscsi: args.iscsi,
         chap,
+        nbd_tls: nbd_tls.clone(),
         auth: auth.clone(),
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -158,6 +163,17 @@ pub async fn run(
         );
         println!();
         println!("  NBD URI      {uri}");
+        if let Some(t) = &nbd_tls {
+            println!(
+                "  NBD TLS      {}: nbds://{}@{}/{}?tls-psk-file=FILE with what \
+                 `strata --cluster-key-file KEY key psk --volume {}` prints",
+                t.mode(),
+                t.identity(),
+                info.nbd,
+                args.volume,
+                args.volume
+            );
+        }
         println!("  inspect      nbdinfo {uri}");
         println!(
             "  write+read   qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}"

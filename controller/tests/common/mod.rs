@@ -35,7 +35,7 @@ impl Server {
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(l.local_addr().unwrap()).unwrap();
-                serve(l, b, rx).await.unwrap();
+                serve(l, b, None, rx).await.unwrap();
             });
         });
         let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();

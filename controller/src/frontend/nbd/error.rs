@@ -44,6 +44,18 @@ pub enum ConnError {
     Truncated,
     #[error("Write of {len} bytes is larger than the {max} accepted")]
     PayloadTooLarge { len: u32, max: u32 },
+    #[error("Client asked for an export with NBD_OPT_EXPORT_NAME before starting the TLS this server requires")]
+    TlsRequired,
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsRefusal),
+}
+
+impl ConnError {
+    /// True when the client was refused for want of the key or of TLS
+    /// (logged as a refusal, rate-limited), not for a fault of its own.
+    pub fn is_tls_refusal(&self) -> bool {
+        matches!(self, ConnError::TlsRequired | ConnError::Tls(_))
+    }
 }
 
 #[cfg(test)]

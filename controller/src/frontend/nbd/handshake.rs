@@ -1,10 +1,13 @@
 //! The fixed newstyle handshake of one connection: greeting, client flags,
 //! then options until the client enters transmission (`NBD_OPT_GO`,
-//! `NBD_OPT_EXPORT_NAME`) or leaves (`NBD_OPT_ABORT`, EOF).
+//! `NBD_OPT_EXPORT_NAME`), starts TLS (`NBD_OPT_STARTTLS`, after which
+//! option haggling goes on inside TLS) or leaves (`NBD_OPT_ABORT`, EOF).
 //!
 //! [`answer`] decides the reply to one option without IO (table-tested
-//! below); [`handshake`] moves bytes. Bytes the client sent after its
-//! final option stay in the buffer for the transmission phase.
+//! below), TLS policy included ([`TlsPhase`]); [`greet`] and [`negotiate`]
+//! move bytes ([`handshake`] is both, for a server without TLS). Bytes the
+//! client sent after its final option stay in the buffer for the
+//! transmission phase.
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,12 +47,28 @@ pub struct Session {
     pub flags: u16,
 }
 
+/// Where TLS stands on a connection (the NBD spec's server modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The server has no TLS (NOTLS): STARTTLS gets `NBD_REP_ERR_POLICY`.
+    #[default]
+    Unavailable,
+    /// TLS is offered and not started (SELECTIVETLS, no TLS-only export).
+    Offered,
+    /// TLS is required and not started (FORCEDTLS): every option but
+    /// STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD`.
+    Required,
+    /// STARTTLS was acknowledged: everything from here runs inside TLS.
+    Active,
+}
+
 /// Negotiation state while options go back and forth.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Negotiation {
     pub no_zeroes: bool,
     pub structured: bool,
     pub base_allocation: bool,
+    pub tls: TlsPhase,
 }
 
 /// What to do after an option's reply is sent.
@@ -62,6 +81,12 @@ pub enum Next {
     Close,
     /// The client must be disconnected.
     Fail(String),
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then the
+    /// options go on inside TLS.
+    StartTls,
+    /// `NBD_OPT_EXPORT_NAME` before TLS when TLS is required: it cannot be
+    /// answered with an error, so the connection closes.
+    TlsRequired,
 }
 
 /// Transmission flags for a session (`SEND_DF` only with structured
@@ -93,9 +118,18 @@ fn session(n: &Negotiation) -> Session {
     }
 }
 
+/// What a client that must start TLS first is told.
+pub const TLS_REQUIRED_MSG: &str = "TLS is required: start it with NBD_OPT_STARTTLS";
+
 /// Appends the reply to `opt` to `out` and says what comes next.
 pub fn answer(opt: &Opt, n: &mut Negotiation, export: &ExportFacts, out: &mut Vec<u8>) -> Next {
     let code = opt.code();
+    if n.tls == TlsPhase::Required && !matches!(opt, Opt::StartTls | Opt::Abort) {
+        if matches!(opt, Opt::ExportName(_)) {
+            return Next::TlsRequired;
+        }
+        return error(out, code, NBD_REP_ERR_TLS_REQD, TLS_REQUIRED_MSG);
+    }
     match opt {
         Opt::ExportName(name) => {
             if !export.matches(name) {
@@ -114,12 +148,26 @@ pub fn answer(opt: &Opt, n: &mut Negotiation, export: &ExportFacts, out: &mut Ve
             encode_option_reply(out, code, NBD_REP_ACK, &[]);
             Next::Continue
         }
-        Opt::StartTls => error(
-            out,
-            code,
-            NBD_REP_ERR_POLICY,
-            "TLS is not offered by this server",
-        ),
+        Opt::StartTls => match n.tls {
+            TlsPhase::Unavailable => error(
+                out,
+                code,
+                NBD_REP_ERR_POLICY,
+                "TLS is not offered by this server",
+            ),
+            TlsPhase::Active => error(out, code, NBD_REP_ERR_INVALID, "TLS is already active"),
+            TlsPhase::Offered | TlsPhase::Required => {
+                encode_option_reply(out, code, NBD_REP_ACK, &[]);
+                // Nothing agreed in plaintext carries over into TLS: a
+                // man in the middle could have sent it.
+                *n = Negotiation {
+                    no_zeroes: n.no_zeroes,
+                    tls: TlsPhase::Active,
+                    ..Negotiation::default()
+                };
+                Next::StartTls
+            }
+        },
         Opt::Info(req) | Opt::Go(req) => {
             if !export.matches(&req.name) {
                 let msg = format!("No export named {:?}", req.name);
@@ -188,35 +236,55 @@ pub(crate) async fn fill<R: AsyncRead + Unpin>(
     Ok(rd.read_buf(buf).await? > 0)
 }
 
-/// Runs the handshake on `stream`. `Ok(None)`: the client left before
-/// transmission (abort or EOF), nothing more to do.
-pub async fn handshake<S>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-    export: &ExportFacts,
-) -> Result<Option<Session>, ConnError>
+/// How option haggling ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Negotiated {
+    /// Enter transmission on the same stream.
+    Transmit(Session),
+    /// STARTTLS was acknowledged: run the TLS handshake, then
+    /// [`negotiate`] again inside TLS.
+    StartTls,
+    /// The client left (abort or EOF).
+    Closed,
+}
+
+/// Sends the greeting and reads the client flags: `Some(no_zeroes)`, or
+/// `None` when the client left.
+pub async fn greet<S>(stream: &mut S, buf: &mut BytesMut) -> Result<Option<bool>, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(GREETING_LEN);
     encode_greeting(&mut out, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     stream.write_all(&out).await?;
     stream.flush().await?;
-
-    let flags = loop {
+    loop {
         if let Some((flags, used)) = parse_client_flags(buf)? {
             buf.advance(used);
-            break flags;
+            return Ok(Some(flags & NBD_FLAG_C_NO_ZEROES != 0));
         }
         if !fill(stream, buf).await? {
             return Ok(None);
         }
-    };
-    let mut n = Negotiation {
-        no_zeroes: flags & NBD_FLAG_C_NO_ZEROES != 0,
-        ..Negotiation::default()
-    };
-    for _ in 0..MAX_OPTIONS {
+    }
+}
+
+/// Answers options on `stream` until the client enters transmission,
+/// starts TLS or leaves; `options_left` counts down over the whole
+/// connection (plaintext and TLS alike).
+pub async fn negotiate<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    n: &mut Negotiation,
+    export: &ExportFacts,
+    options_left: &mut usize,
+) -> Result<Negotiated, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    while *options_left > 0 {
+        *options_left -= 1;
         let opt = loop {
             if let Some((opt, used)) = parse_option(buf)? {
                 buf.advance(used);
@@ -224,14 +292,14 @@ where
             }
             if !fill(stream, buf).await? {
                 return if buf.is_empty() {
-                    Ok(None)
+                    Ok(Negotiated::Closed)
                 } else {
                     Err(ConnError::Truncated)
                 };
             }
         };
         out.clear();
-        let next = answer(&opt, &mut n, export, &mut out);
+        let next = answer(&opt, n, export, &mut out);
         if !out.is_empty() {
             // A client that hangs up right after NBD_OPT_ABORT is fine.
             let sent = stream.write_all(&out).await.and(stream.flush().await);
@@ -241,250 +309,41 @@ where
         }
         match next {
             Next::Continue => {}
-            Next::Transmit(s) => return Ok(Some(s)),
-            Next::Close => return Ok(None),
+            Next::Transmit(s) => return Ok(Negotiated::Transmit(s)),
+            Next::StartTls => return Ok(Negotiated::StartTls),
+            Next::Close => return Ok(Negotiated::Closed),
             Next::Fail(name) => return Err(ConnError::UnknownExport(name)),
+            Next::TlsRequired => return Err(ConnError::TlsRequired),
         }
     }
     Err(ConnError::TooManyOptions(MAX_OPTIONS))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn facts() -> ExportFacts {
-        ExportFacts {
-            name: "test".into(),
-            size: 1 << 20,
-        }
-    }
-
-    /// Splits option replies into (option, type, data).
-    fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
-        let mut v = Vec::new();
-        while !b.is_empty() {
-            assert_eq!(&b[..8], &OPT_REPLY_MAGIC.to_be_bytes());
-            let opt = u32::from_be_bytes(b[8..12].try_into().unwrap());
-            let kind = u32::from_be_bytes(b[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
-            v.push((opt, kind, b[20..20 + len].to_vec()));
-            b = &b[20 + len..];
-        }
-        v
-    }
-
-    fn meta(export: &str, queries: &[&str]) -> MetaContextRequest {
-        MetaContextRequest {
-            export: export.into(),
-            queries: queries.iter().map(|q| q.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn go_sends_export_block_size_name_ack() {
-        let mut n = Negotiation::default();
-        let mut out = Vec::new();
-        let go = Opt::Go(InfoRequest {
-            name: "".into(),
-            infos: vec![NBD_INFO_NAME],
-        });
-        let next = answer(&go, &mut n, &facts(), &mut out);
-        let flags = transmission_flags(false);
-        assert_eq!(
-            next,
-            Next::Transmit(Session {
-                structured: false,
-                base_allocation: false,
-                flags
-            })
-        );
-        let r = replies(&out);
-        let kinds: Vec<u32> = r.iter().map(|x| x.1).collect();
-        assert_eq!(
-            kinds,
-            [NBD_REP_INFO, NBD_REP_INFO, NBD_REP_INFO, NBD_REP_ACK]
-        );
-        let mut export = vec![0, 0];
-        export.extend_from_slice(&(1u64 << 20).to_be_bytes());
-        export.extend_from_slice(&flags.to_be_bytes());
-        assert_eq!(r[0].2, export);
-        assert_eq!(r[1].2, [0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 2, 0, 0, 0]);
-        assert_eq!(r[2].2, b"\0\x01test");
-        assert!(r.iter().all(|x| x.0 == NBD_OPT_GO));
-    }
-
-    #[test]
-    fn flags_advertise_multi_conn_and_zeroes() {
-        let f = transmission_flags(false);
-        for bit in [
-            NBD_FLAG_HAS_FLAGS,
-            NBD_FLAG_SEND_FLUSH,
-            NBD_FLAG_SEND_FUA,
-            NBD_FLAG_SEND_TRIM,
-            NBD_FLAG_SEND_WRITE_ZEROES,
-            NBD_FLAG_SEND_FAST_ZERO,
-            NBD_FLAG_CAN_MULTI_CONN,
-        ] {
-            assert_ne!(f & bit, 0, "bit {bit:#x}");
-        }
-        assert_eq!(f & (NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_DF), 0);
-        assert_ne!(transmission_flags(true) & NBD_FLAG_SEND_DF, 0);
-    }
-
-    #[test]
-    fn unknown_export_is_an_error_reply_for_go_and_a_close_for_export_name() {
-        let mut n = Negotiation::default();
-        let mut out = Vec::new();
-        let info = Opt::Info(InfoRequest {
-            name: "nope".into(),
-            infos: vec![],
-        });
-        assert_eq!(answer(&info, &mut n, &facts(), &mut out), Next::Continue);
-        assert_eq!(replies(&out)[0].1, NBD_REP_ERR_UNKNOWN);
-        out.clear();
-        let next = answer(&Opt::ExportName("nope".into()), &mut n, &facts(), &mut out);
-        assert_eq!(next, Next::Fail("nope".into()));
-        assert!(out.is_empty());
-    }
-
-    #[test]
-    fn export_name_reply_honours_no_zeroes() {
-        for (no_zeroes, len) in [(true, 10), (false, 134)] {
-            let mut n = Negotiation {
-                no_zeroes,
-                ..Default::default()
-            };
-            let mut out = Vec::new();
-            let next = answer(&Opt::ExportName("test".into()), &mut n, &facts(), &mut out);
-            assert!(matches!(next, Next::Transmit(_)));
-            assert_eq!(out.len(), len);
-        }
-    }
-
-    #[test]
-    fn meta_context_needs_structured_replies_and_selects_base_allocation() {
-        let mut n = Negotiation::default();
-        let mut out = Vec::new();
-        let set = Opt::SetMetaContext(meta("test", &[BASE_ALLOCATION]));
-        answer(&set, &mut n, &facts(), &mut out);
-        assert_eq!(replies(&out)[0].1, NBD_REP_ERR_INVALID);
-        assert!(!n.base_allocation);
-
-        out.clear();
-        answer(&Opt::StructuredReply, &mut n, &facts(), &mut out);
-        assert_eq!(
-            replies(&out),
-            [(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, vec![])]
-        );
-
-        out.clear();
-        answer(&set, &mut n, &facts(), &mut out);
-        let r = replies(&out);
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[0].1, NBD_REP_META_CONTEXT);
-        assert_eq!(&r[0].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
-        assert_eq!(&r[0].2[4..], BASE_ALLOCATION.as_bytes());
-        assert_eq!(r[1].1, NBD_REP_ACK);
-        assert!(n.base_allocation);
-
-        // A later SET without base:allocation deselects it.
-        out.clear();
-        answer(
-            &Opt::SetMetaContext(meta("", &["qemu:dirty-bitmap:x"])),
-            &mut n,
-            &facts(),
-            &mut out,
-        );
-        assert_eq!(replies(&out).len(), 1);
-        assert!(!n.base_allocation);
-
-        // LIST with no query lists everything; with a foreign one, nothing.
-        for (queries, count) in [(&[][..], 2), (&["base:"][..], 2), (&["x-foo:"][..], 1)] {
-            out.clear();
-            answer(
-                &Opt::ListMetaContext(meta("test", queries)),
-                &mut n,
-                &facts(),
-                &mut out,
-            );
-            assert_eq!(replies(&out).len(), count, "{queries:?}");
-        }
-        assert!(!n.base_allocation, "LIST selects nothing");
-    }
-
-    #[test]
-    fn other_options() {
-        let mut n = Negotiation::default();
-        let cases = [
-            (Opt::List, vec![NBD_REP_SERVER, NBD_REP_ACK], Next::Continue),
-            (Opt::Abort, vec![NBD_REP_ACK], Next::Close),
-            (Opt::StartTls, vec![NBD_REP_ERR_POLICY], Next::Continue),
-            (
-                Opt::Unknown { code: 42 },
-                vec![NBD_REP_ERR_UNSUP],
-                Next::Continue,
-            ),
-            (
-                Opt::Invalid {
-                    code: 3,
-                    reason: "x",
-                },
-                vec![NBD_REP_ERR_INVALID],
-                Next::Continue,
-            ),
-        ];
-        for (opt, kinds, next) in cases {
-            let mut out = Vec::new();
-            assert_eq!(answer(&opt, &mut n, &facts(), &mut out), next);
-            let r = replies(&out);
-            assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), kinds, "{opt:?}");
-            assert!(r.iter().all(|x| x.0 == opt.code()));
-        }
-    }
-
-    #[tokio::test]
-    async fn handshake_over_a_pipe_leaves_trailing_bytes() {
-        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-        let mut wire = vec![0, 0, 0, 3];
-        encode_option(&mut wire, NBD_OPT_STRUCTURED_REPLY, &[]);
-        let mut go = Vec::new();
-        encode_info_request(
-            &mut go,
-            &InfoRequest {
-                name: "test".into(),
-                infos: vec![],
-            },
-        );
-        encode_option(&mut wire, NBD_OPT_GO, &go);
-        wire.extend_from_slice(b"next");
-        client.write_all(&wire).await.unwrap();
-        let mut buf = BytesMut::new();
-        let s = handshake(&mut server, &mut buf, &facts())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(s.structured && !s.base_allocation);
-        assert_eq!(&buf[..], b"next");
-        let mut greeting = [0u8; GREETING_LEN];
-        client.read_exact(&mut greeting).await.unwrap();
-        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
-    }
-
-    #[tokio::test]
-    async fn handshake_rejects_bad_flags_and_garbage() {
-        for wire in [
-            vec![0, 0, 0, 8],
-            [0, 0, 0, 1]
-                .into_iter()
-                .chain(*b"GARBAGE!GARBAGE!")
-                .collect(),
-        ] {
-            let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-            client.write_all(&wire).await.unwrap();
-            let mut buf = BytesMut::new();
-            let r = handshake(&mut server, &mut buf, &facts()).await;
-            assert!(matches!(r, Err(ConnError::Proto(_))), "{r:?}");
-        }
+/// Runs the whole handshake of a server without TLS on `stream`.
+/// `Ok(None)`: the client left before transmission (abort or EOF).
+pub async fn handshake<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    export: &ExportFacts,
+) -> Result<Option<Session>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(no_zeroes) = greet(stream, buf).await? else {
+        return Ok(None);
+    };
+    let mut n = Negotiation {
+        no_zeroes,
+        ..Negotiation::default()
+    };
+    let mut left = MAX_OPTIONS;
+    match negotiate(stream, buf, &mut n, export, &mut left).await? {
+        Negotiated::Transmit(s) => Ok(Some(s)),
+        Negotiated::Closed => Ok(None),
+        // Unreachable: without TLS, STARTTLS gets an error reply.
+        Negotiated::StartTls => Err(ConnError::TlsRequired),
     }
 }
+
+#[cfg(test)]
+mod tests;
