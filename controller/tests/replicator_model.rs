@@ -1,13 +1,14 @@
 //! Model-based test of the replicator's state machine, in one process with
 //! real replica servers on loopback: random sequences of writes, flushes,
-//! replica stops and returns, stalls (a proxy in front of each replica
+//! trims, replica stops and returns, stalls (a proxy in front of each replica
 //! stops forwarding for 1.5 s, as a hung host would: the lag rule faults it
 //! when the quorum does not need it) and controller restarts. Invariant:
 //! every acknowledged write (flushed or not) is what the volume reads
 //! back; a write that failed may read back as old or new data, never as
 //! anything else; a lag fault never leaves fewer healthy replicas than the
 //! write quorum; once every replica is back, the volume heals to fully
-//! healthy.
+//! healthy, and then every replica on its own reads the model (a resync
+//! that missed a write or a trim made while a replica was out shows here).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ enum Op {
         byte: u8,
     },
     Flush,
+    Trim {
+        region: u64,
+    },
     Stop {
         replica: usize,
     },
@@ -50,6 +54,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0..REGIONS, 1u8..255).prop_map(|(region, byte)| Op::Write { region, byte }),
         2 => Just(Op::Flush),
+        2 => (0..REGIONS).prop_map(|region| Op::Trim { region }),
         2 => (0usize..3).prop_map(|replica| Op::Stop { replica }),
         2 => (0usize..3).prop_map(|replica| Op::Return { replica }),
         2 => (0usize..3, 0..REGIONS, 1u8..255).prop_map(|(replica, region, byte)| Op::Stall { replica, region, byte }),
@@ -166,21 +171,42 @@ struct Allowed {
     failed: Vec<u8>,
 }
 
+/// Whether `data`, read from region `r`, is allowed by the model.
+fn check_region(r: usize, data: &[u8], allowed: &Allowed) -> Result<(), String> {
+    let first = data[0];
+    if data.iter().any(|&b| b != first) {
+        return Err(format!("region {r} is torn"));
+    }
+    if first != allowed.acked && !allowed.failed.contains(&first) {
+        return Err(format!(
+            "region {r} reads {first:#x}; acknowledged {:#x}, failed {:?}",
+            allowed.acked, allowed.failed
+        ));
+    }
+    Ok(())
+}
+
+/// Every healthy replica, read directly, holds what the model allows.
+async fn check_each_replica(volume: &Volume, model: &[Allowed]) -> Result<(), String> {
+    for slot in volume.slots() {
+        let client = slot
+            .healthy_client()
+            .ok_or_else(|| format!("replica {} is not healthy", slot.addr))?;
+        for (r, allowed) in model.iter().enumerate() {
+            let data = client
+                .read(r as u64 * REGION, REGION as u32)
+                .await
+                .map_err(|e| format!("reading replica {}: {e}", slot.addr))?;
+            check_region(r, &data, allowed).map_err(|e| format!("replica {}: {e}", slot.addr))?;
+        }
+    }
+    Ok(())
+}
+
 async fn check(volume: &Volume, model: &[Allowed]) -> Result<(), String> {
     for (r, allowed) in model.iter().enumerate() {
         match volume.read(r as u64 * REGION, REGION as u32).await {
-            Ok(data) => {
-                let first = data[0];
-                if data.iter().any(|&b| b != first) {
-                    return Err(format!("region {r} is torn"));
-                }
-                if first != allowed.acked && !allowed.failed.contains(&first) {
-                    return Err(format!(
-                        "region {r} reads {first:#x}; acknowledged {:#x}, failed {:?}",
-                        allowed.acked, allowed.failed
-                    ));
-                }
-            }
+            Ok(data) => check_region(r, &data, allowed)?,
             Err(e) if volume.healthy() == 0 => {
                 let _ = e; // nothing to read from: allowed
             }
@@ -240,6 +266,20 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
             Op::Flush => {
                 if let Some(c) = &ctl {
                     let _ = c.volume.flush().await;
+                }
+            }
+            Op::Trim { region } => {
+                if let Some(c) = &ctl {
+                    let r = region as usize;
+                    match c.volume.trim(region * REGION, REGION as u32).await {
+                        Ok(()) => {
+                            model[r] = Allowed {
+                                acked: 0,
+                                failed: Vec::new(),
+                            }
+                        }
+                        Err(_) => model[r].failed.push(0),
+                    }
                 }
             }
             Op::Stop { replica } => nodes[replica].stop().await,
@@ -331,6 +371,7 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     check(&c.volume, &model).await?;
+    check_each_replica(&c.volume, &model).await?;
     let _ = c.stop.send(true);
     for n in &mut nodes {
         n.stop().await;
