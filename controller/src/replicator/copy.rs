@@ -57,37 +57,35 @@ pub enum CopyJob {
 /// [`READ_GAP`] apart share one read of at most [`COPY_PIECE`] bytes.
 pub fn copy_jobs(steps: &[CopyStep]) -> Vec<CopyJob> {
     let mut jobs = Vec::new();
-    let mut read: Option<(u64, u64, Vec<(u64, u32)>)> = None;
-    let close = |jobs: &mut Vec<CopyJob>, read: Option<(u64, u64, Vec<(u64, u32)>)>| {
-        if let Some((offset, end, pieces)) = read {
-            jobs.push(CopyJob::Copy {
-                offset,
-                len: (end - offset) as u32,
-                pieces,
-            });
-        }
-    };
+    // The read being gathered: a `CopyJob::Copy`.
+    let mut read: Option<CopyJob> = None;
     for step in steps {
         match *step {
             CopyStep::Trim { offset, len } => jobs.push(CopyJob::Trim { offset, len }),
             CopyStep::Data { offset, len } => {
                 let end = offset + u64::from(len);
-                match &mut read {
-                    Some((from, to, pieces))
-                        if offset - *to <= READ_GAP && end - *from <= COPY_PIECE =>
-                    {
-                        *to = end;
+                if let Some(CopyJob::Copy {
+                    offset: from,
+                    len: span,
+                    pieces,
+                }) = &mut read
+                {
+                    let to = *from + u64::from(*span);
+                    if offset - to <= READ_GAP && end - *from <= COPY_PIECE {
+                        *span = (end - *from) as u32;
                         pieces.push((offset, len));
-                    }
-                    _ => {
-                        close(&mut jobs, read.take());
-                        read = Some((offset, end, vec![(offset, len)]));
+                        continue;
                     }
                 }
+                jobs.extend(read.replace(CopyJob::Copy {
+                    offset,
+                    len,
+                    pieces: vec![(offset, len)],
+                }));
             }
         }
     }
-    close(&mut jobs, read);
+    jobs.extend(read);
     jobs
 }
 
