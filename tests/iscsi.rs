@@ -382,37 +382,12 @@ fn keyed_iscsi_cluster(
     size: u64,
     extra: &[String],
 ) -> (Cluster, SocketAddr, String) {
-    let mut c = Cluster::without_processes(size);
-    let key = c.dir.path().join("cluster.key").display().to_string();
-    strata_ok(&["key", "init", "--out", &key]);
     let iscsi = free_addr();
-    c.controller_args = vec![
-        "--iscsi".into(),
-        iscsi.to_string(),
-        "--cluster-key-file".into(),
-        key.clone(),
-    ];
-    c.controller_args.extend(extra.iter().cloned());
-    for i in 0..replicas {
-        let addr = free_addr();
-        let args: Vec<String> = vec![
-            "replica".into(),
-            "serve".into(),
-            "--dir".into(),
-            c.replica_dir(i).display().to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--cluster-key-file".into(),
-            key.clone(),
-        ];
-        let mut p = Proc::spawn(&format!("replica-{i}"), &args, c.dir.path());
-        wait_listening(addr, &mut p, 20);
-        c.replica_addrs.push(addr);
-        c.replicas.push(p);
-    }
-    c.start_controller();
+    let mut args = vec!["--iscsi".to_string(), iscsi.to_string()];
+    args.extend(extra.iter().cloned());
+    let (mut c, key) = Cluster::start_keyed(replicas, size, &args);
     wait_listening(iscsi, c.controller.as_mut().unwrap(), 30);
-    (c, iscsi, key)
+    (c, iscsi, key.display().to_string())
 }
 
 /// `strata key chap`'s output, parsed as the --chap-file it is:

@@ -16,32 +16,8 @@ use common::*;
 /// A cluster whose replicas and controller hold a new cluster key;
 /// `extra` goes to `controller serve`. Returns the key file.
 fn keyed_cluster(replicas: usize, extra: &[&str]) -> (Cluster, PathBuf) {
-    let mut c = Cluster::without_processes(64 << 20);
-    let key = c.dir.path().join("cluster.key");
-    let k = key.display().to_string();
-    strata_ok(&["key", "init", "--out", &k]);
-    c.controller_args = vec!["--cluster-key-file".into(), k.clone()];
-    c.controller_args
-        .extend(extra.iter().map(|s| s.to_string()));
-    for i in 0..replicas {
-        let addr = free_addr();
-        let args: Vec<String> = vec![
-            "replica".into(),
-            "serve".into(),
-            "--dir".into(),
-            c.replica_dir(i).display().to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--cluster-key-file".into(),
-            k.clone(),
-        ];
-        let mut p = Proc::spawn(&format!("replica-{i}"), &args, c.dir.path());
-        wait_listening(addr, &mut p, 20);
-        c.replica_addrs.push(addr);
-        c.replicas.push(p);
-    }
-    c.start_controller();
-    (c, key)
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    Cluster::start_keyed(replicas, 64 << 20, &extra)
 }
 
 /// `strata key psk` for `user`, saved as `dir/keys.psk` (qemu's layout; the

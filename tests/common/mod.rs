@@ -245,18 +245,21 @@ impl Cluster {
     }
 
     pub fn spawn_replica(&self, i: usize, addr: SocketAddr) -> Proc {
-        let mut p = Proc::spawn(
-            &format!("replica-{i}"),
-            &[
-                "replica".into(),
-                "serve".into(),
-                "--dir".into(),
-                self.replica_dir(i).display().to_string(),
-                "--listen".into(),
-                addr.to_string(),
-            ],
-            self.dir.path(),
-        );
+        self.spawn_replica_with(i, addr, &[])
+    }
+
+    /// [`Cluster::spawn_replica`] with `extra` on its `replica serve` line.
+    pub fn spawn_replica_with(&self, i: usize, addr: SocketAddr, extra: &[String]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "replica".into(),
+            "serve".into(),
+            "--dir".into(),
+            self.replica_dir(i).display().to_string(),
+            "--listen".into(),
+            addr.to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut p = Proc::spawn(&format!("replica-{i}"), &args, self.dir.path());
         wait_listening(addr, &mut p, 20);
         p
     }
@@ -525,6 +528,31 @@ impl Cluster {
         c.start_controller();
         wait_listening(iscsi, c.controller.as_mut().unwrap(), 30);
         (c, iscsi)
+    }
+}
+
+impl Cluster {
+    /// A cluster whose replicas and controller all hold a new cluster key
+    /// (`strata key init`, `--cluster-key-file`); `controller_args` go to
+    /// `controller serve` after the key. Returns the key file.
+    pub fn start_keyed(
+        replicas: usize,
+        size: u64,
+        controller_args: &[String],
+    ) -> (Cluster, PathBuf) {
+        let mut c = Cluster::without_processes(size);
+        let key = c.dir.path().join("cluster.key");
+        let key_arg = ["--cluster-key-file".to_string(), key.display().to_string()];
+        strata_ok(&["key", "init", "--out", &key_arg[1]]);
+        c.controller_args = key_arg.to_vec();
+        c.controller_args.extend(controller_args.iter().cloned());
+        for i in 0..replicas {
+            let addr = free_addr();
+            c.replica_addrs.push(addr);
+            c.replicas.push(c.spawn_replica_with(i, addr, &key_arg));
+        }
+        c.start_controller();
+        (c, key)
     }
 }
 
