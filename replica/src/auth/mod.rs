@@ -44,8 +44,8 @@ pub use handshake::{
 };
 pub use key::{ClusterKey, KeyError};
 pub use record::{
-    open_record, seal_record, AuthReader, AuthWriter, RecordError, Sealed, SealedRead, SealedWrite,
-    MAX_RECORD, TAG_LEN,
+    open_record, seal_record, AuthReader, AuthWriter, RecordError, RecordKey, Sealed, SealedRead,
+    SealedWrite, WireMode, MAX_RECORD, TAG_LEN,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +102,25 @@ pub fn process_key() -> Option<&'static ClusterKey> {
     PROCESS_KEY.get()
 }
 
+static ENCRYPT_DATA_WIRE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this process ask for encrypted records ([`WireMode::Encrypted`])
+/// on every data-wire connection it dials with a key (the controller's
+/// `--encrypt-replica-wire`): replication, rebuild, resync and snapshot
+/// copies all dial through [`crate::client::ReplicaClient`]. Set at start.
+pub fn set_process_wire_encryption(on: bool) {
+    ENCRYPT_DATA_WIRE.store(on, Ordering::Relaxed);
+}
+
+/// The record mode this process asks for on the data wire.
+pub fn process_wire_mode() -> WireMode {
+    if ENCRYPT_DATA_WIRE.load(Ordering::Relaxed) {
+        WireMode::Encrypted
+    } else {
+        WireMode::Integrity
+    }
+}
+
 /// What a server with a key answers a keyless data-wire client.
 pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--cluster-key-file)";
 
@@ -111,6 +130,9 @@ pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--cluster-
 pub struct ServerAuth {
     pub key: ClusterKey,
     pub refusals: RateLimit,
+    /// Refuse data-wire clients that do not ask for encrypted records
+    /// (`replica serve --require-wire-encryption`).
+    pub require_encryption: bool,
 }
 
 impl ServerAuth {
@@ -118,7 +140,15 @@ impl ServerAuth {
         ServerAuth {
             key,
             refusals: RateLimit::new(REFUSAL_LOG_PERIOD),
+            require_encryption: false,
         }
+    }
+
+    /// The same, refusing data-wire clients without encryption when
+    /// `require` is set.
+    pub fn requiring_encryption(mut self, require: bool) -> Self {
+        self.require_encryption = require;
+        self
     }
 }
 

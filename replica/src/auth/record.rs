@@ -9,11 +9,28 @@
 //! [`seal_record`] and [`open_record`] are pure; [`SealedRead`] and
 //! [`SealedWrite`] run them under `AsyncRead`/`AsyncWrite`. A record that
 //! fails its tag is an `InvalidData` error: the connection must close.
+//!
+//! With [`WireMode::Encrypted`] (asked for by the client in its hello,
+//! bound into the handshake) the framing is the same but the payload is
+//! encrypted and the tag is the AEAD's:
+//!
+//! ```text
+//! len u32 LE | AES-256-GCM(direction key, nonce, aad = len u32 LE, payload) | tag (16)
+//! nonce = 0u32 | seq u64 LE
+//! ```
+//!
+//! The direction keys are fresh per connection (derived from both
+//! handshake nonces) and `seq` never repeats within a direction, so a
+//! (key, nonce) pair is never used twice. Sealing and opening work in
+//! place on the connection's buffers ([`RecordKey::seal`],
+//! [`RecordKey::open`]): the payload is copied into the output buffer once,
+//! as in integrity mode, and decrypted where it was read.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest payload of one record.
@@ -62,13 +79,108 @@ pub fn seal_record(key: &[u8; 32], seq: u64, parts: &[&[u8]], out: &mut Vec<u8>)
     out.extend_from_slice(&tag(key, seq, parts));
 }
 
-/// Checks the record at the start of `buf` against `seq`: `Ok(None)` when
-/// more bytes are needed, else `(record length, payload range)`.
-pub fn open_record(
-    key: &[u8; 32],
-    seq: u64,
-    buf: &[u8],
-) -> Result<Option<(usize, std::ops::Range<usize>)>, RecordError> {
+/// How a connection's records protect their payload. The client chooses
+/// in its hello; the choice is bound into the handshake's proofs and
+/// session keys, so it cannot be changed in transit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireMode {
+    /// Authenticated and integrity-checked (BLAKE3-keyed tag); the payload
+    /// is readable on the network.
+    #[default]
+    Integrity,
+    /// Authenticated and encrypted (AES-256-GCM).
+    Encrypted,
+}
+
+/// The key of one direction of a connection, in its mode.
+pub struct RecordKey(Cipher);
+
+enum Cipher {
+    Mac([u8; 32]),
+    Aead(LessSafeKey),
+}
+
+impl std::fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RecordKey({:?})", self.mode())
+    }
+}
+
+fn gcm_nonce(seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&seq.to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+impl RecordKey {
+    pub fn new(mode: WireMode, key: [u8; 32]) -> RecordKey {
+        match mode {
+            WireMode::Integrity => RecordKey(Cipher::Mac(key)),
+            WireMode::Encrypted => RecordKey(Cipher::Aead(LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, &key).expect("AES-256 takes a 32-byte key"),
+            ))),
+        }
+    }
+
+    pub fn mode(&self) -> WireMode {
+        match self.0 {
+            Cipher::Mac(_) => WireMode::Integrity,
+            Cipher::Aead(_) => WireMode::Encrypted,
+        }
+    }
+
+    /// Appends the record of `parts` (concatenated, at most [`MAX_RECORD`]
+    /// bytes) with sequence number `seq` to `out`; encrypted mode encrypts
+    /// the appended payload in place.
+    pub fn seal(&self, seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
+        let key = match &self.0 {
+            Cipher::Mac(key) => return seal_record(key, seq, parts, out),
+            Cipher::Aead(key) => key,
+        };
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(len <= MAX_RECORD);
+        let len_bytes = (len as u32).to_le_bytes();
+        out.reserve(LEN_LEN + len + TAG_LEN);
+        out.extend_from_slice(&len_bytes);
+        let start = out.len();
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        let tag = key
+            .seal_in_place_separate_tag(gcm_nonce(seq), Aad::from(len_bytes), &mut out[start..])
+            .expect("AES-GCM seals any record of at most MAX_RECORD bytes");
+        out.extend_from_slice(tag.as_ref());
+    }
+
+    /// Checks (and in encrypted mode decrypts in place) the record at the
+    /// start of `buf` against `seq`: `Ok(None)` when more bytes are needed,
+    /// else `(record length, payload range)`.
+    pub fn open(
+        &self,
+        seq: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<(usize, std::ops::Range<usize>)>, RecordError> {
+        let key = match &self.0 {
+            Cipher::Mac(key) => return open_record(key, seq, buf),
+            Cipher::Aead(key) => key,
+        };
+        let Some((len, total)) = record_len(buf)? else {
+            return Ok(None);
+        };
+        let len_bytes = (len as u32).to_le_bytes();
+        key.open_in_place(
+            gcm_nonce(seq),
+            Aad::from(len_bytes),
+            &mut buf[LEN_LEN..total],
+        )
+        .map_err(|_| RecordError::BadTag(seq))?;
+        Ok(Some((total, LEN_LEN..LEN_LEN + len)))
+    }
+}
+
+/// `(payload length, record length)` of the record at the start of `buf`,
+/// `None` when it is not all there yet.
+fn record_len(buf: &[u8]) -> Result<Option<(usize, usize)>, RecordError> {
     if buf.len() < LEN_LEN {
         return Ok(None);
     }
@@ -80,6 +192,19 @@ pub fn open_record(
     if buf.len() < total {
         return Ok(None);
     }
+    Ok(Some((len, total)))
+}
+
+/// Checks the record at the start of `buf` against `seq`: `Ok(None)` when
+/// more bytes are needed, else `(record length, payload range)`.
+pub fn open_record(
+    key: &[u8; 32],
+    seq: u64,
+    buf: &[u8],
+) -> Result<Option<(usize, std::ops::Range<usize>)>, RecordError> {
+    let Some((len, total)) = record_len(buf)? else {
+        return Ok(None);
+    };
     let payload = LEN_LEN..LEN_LEN + len;
     let expected = tag(key, seq, &[&buf[payload.clone()]]);
     let got = &buf[LEN_LEN + len..total];
@@ -96,7 +221,7 @@ pub fn open_record(
 
 /// The reading state of one direction.
 pub struct SealedRead {
-    key: [u8; 32],
+    key: RecordKey,
     seq: u64,
     raw: Vec<u8>,
     /// Bytes of `raw` not yet opened: `start..end`.
@@ -108,7 +233,13 @@ pub struct SealedRead {
 }
 
 impl SealedRead {
+    /// An integrity-only reader.
+    #[cfg(test)]
     pub(crate) fn new(key: [u8; 32]) -> Self {
+        Self::with_key(RecordKey::new(WireMode::Integrity, key))
+    }
+
+    pub(crate) fn with_key(key: RecordKey) -> Self {
         SealedRead {
             key,
             seq: 0,
@@ -139,7 +270,7 @@ impl SealedRead {
                     "the connection failed its integrity check",
                 )));
             }
-            match open_record(&self.key, self.seq, &self.raw[self.start..self.end]) {
+            match self.key.open(self.seq, &mut self.raw[self.start..self.end]) {
                 Ok(Some((total, payload))) => {
                     self.plain = self.start + payload.start..self.start + payload.end;
                     self.start += total;
@@ -184,14 +315,20 @@ impl SealedRead {
 /// at once and reported written; [`SealedWrite::poll_flush_to`] (or the
 /// next write) pushes it out.
 pub struct SealedWrite {
-    key: [u8; 32],
+    key: RecordKey,
     seq: u64,
     out: Vec<u8>,
     pos: usize,
 }
 
 impl SealedWrite {
+    /// An integrity-only writer.
+    #[cfg(test)]
     pub(crate) fn new(key: [u8; 32]) -> Self {
+        Self::with_key(RecordKey::new(WireMode::Integrity, key))
+    }
+
+    pub(crate) fn with_key(key: RecordKey) -> Self {
         SealedWrite {
             key,
             seq: 0,
@@ -240,7 +377,7 @@ impl SealedWrite {
         if taken == 0 {
             return Poll::Ready(Ok(0));
         }
-        seal_record(&self.key, self.seq, &parts, &mut self.out);
+        self.key.seal(self.seq, &parts, &mut self.out);
         self.seq += 1;
         if let Poll::Ready(Err(e)) = self.poll_drain(inner, cx) {
             return Poll::Ready(Err(e));
