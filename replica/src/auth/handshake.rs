@@ -518,4 +518,136 @@ mod tests {
             Err(AuthError::WrongPurpose(Purpose::Control))
         ));
     }
+    /// A man in the middle that rewrites byte 6 (the mode) of the hello
+    /// and, with `flip_challenge`, of the challenge too, then relays.
+    async fn tampered(
+        flip_challenge: bool,
+        require: bool,
+    ) -> (Result<Session, AuthError>, Result<Session, AuthError>) {
+        let (key, _) = keys();
+        let (mut c, mut m1) = duplex(4096);
+        let (mut m2, mut s) = duplex(4096);
+        let server_key = key.clone();
+        let server = tokio::spawn(async move {
+            let r = server_handshake(&mut s, &server_key, Purpose::Data, require).await;
+            (r, s)
+        });
+        let mitm = tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            m1.read_exact(&mut hello).await.unwrap();
+            hello[6] ^= FLAG_ENCRYPT;
+            m2.write_all(&hello).await.unwrap();
+            let mut challenge = [0u8; SERVER_MSG_LEN];
+            if m2.read_exact(&mut challenge).await.is_err() {
+                return;
+            }
+            if flip_challenge {
+                challenge[6] ^= FLAG_ENCRYPT;
+            }
+            m1.write_all(&challenge).await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut m1, &mut m2).await;
+        });
+        let client = tokio::time::timeout(
+            Duration::from_secs(5),
+            client_handshake(&mut c, &key, Purpose::Data, WireMode::Encrypted),
+        )
+        .await
+        .expect("the client finishes");
+        drop(c);
+        let (server, _s) = server.await.unwrap();
+        mitm.abort();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn both_sides_agree_on_encryption_when_the_client_asks() {
+        let (key, _) = keys();
+        for require in [false, true] {
+            let (mut c, mut s) = duplex(1024);
+            let server_key = key.clone();
+            let server = tokio::spawn(async move {
+                server_handshake(&mut s, &server_key, Purpose::Data, require)
+                    .await
+                    .map(|x| (x, s))
+            });
+            let ours = client_handshake(&mut c, &key, Purpose::Data, WireMode::Encrypted)
+                .await
+                .unwrap();
+            let (theirs, _s) = server.await.unwrap().unwrap();
+            assert_eq!(ours.mode(), WireMode::Encrypted);
+            assert_eq!(theirs.mode(), WireMode::Encrypted);
+            assert_eq!(ours.c2s, theirs.c2s);
+            // Other keys than the integrity mode's for the same nonces.
+            let plain =
+                Session::derive(&key, Purpose::Data, WireMode::Integrity, &[0; 32], &[0; 32]);
+            let enc = Session::derive(&key, Purpose::Data, WireMode::Encrypted, &[0; 32], &[0; 32]);
+            assert_ne!(plain.c2s, enc.c2s);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mode_flipped_in_transit_fails_the_handshake() {
+        // Hello flipped to "integrity": the server grants integrity, the
+        // client asked for encryption and refuses.
+        let (client, server) = tampered(false, false).await;
+        assert!(
+            matches!(client, Err(AuthError::EncryptionUnsupported)),
+            "{client:?}"
+        );
+        assert!(server.is_err(), "{server:?}");
+        // Both flipped, so each side sees what it expects: the proofs bind
+        // the mode, so they do not match and neither side gets a session.
+        let (client, server) = tampered(true, false).await;
+        assert!(matches!(server, Err(AuthError::WrongKey)), "{server:?}");
+        assert!(matches!(client, Err(AuthError::WrongKey)), "{client:?}");
+        // A server that requires encryption refuses the flipped hello.
+        let (client, server) = tampered(false, true).await;
+        assert!(
+            matches!(server, Err(AuthError::EncryptionRequired)),
+            "{server:?}"
+        );
+        assert!(
+            matches!(client, Err(AuthError::EncryptionRequired)),
+            "{client:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_requiring_encryption_refuses_a_plain_client() {
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        let k = key.clone();
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s, &k, Purpose::Data, true)
+                .await
+                .map(|_| ())
+        });
+        let client = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity).await;
+        assert!(
+            matches!(client, Err(AuthError::EncryptionRequired)),
+            "{client:?}"
+        );
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(AuthError::EncryptionRequired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_old_server_is_refused_by_a_client_that_wants_encryption() {
+        // A server from before wire encryption: ignores byte 6 of the hello
+        // and sends 0 there in its challenge (and proves in integrity mode).
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            s.read_exact(&mut hello).await.unwrap();
+            let old = server_msg(STATUS_OK, WireMode::Integrity, &[4; 32]);
+            s.write_all(&old).await.unwrap();
+            let mut proof = [0u8; PROOF_LEN];
+            let _ = s.read_exact(&mut proof).await;
+        });
+        let r = client_handshake(&mut c, &key, Purpose::Data, WireMode::Encrypted).await;
+        assert!(matches!(r, Err(AuthError::EncryptionUnsupported)), "{r:?}");
+    }
 }
