@@ -813,15 +813,15 @@ mod tests {
             let chacha = chacha20poly1305::ChaCha20Poly1305::new(&K.into());
             throughput("ChaCha20-Poly1305 (RustCrypto)", size, |buf| {
                 buf.clear();
-                buf.extend_from_slice(&(size as u32).to_le_bytes());
+                let aad = (size as u32).to_le_bytes();
+                buf.extend_from_slice(&aad);
                 buf.extend_from_slice(&payload);
                 let nonce = [0u8; 12];
                 let tag = chacha
-                    .encrypt_in_place_detached(&nonce.into(), &buf[..4].to_vec(), &mut buf[4..])
+                    .encrypt_in_place_detached(&nonce.into(), &aad, &mut buf[4..])
                     .unwrap();
                 buf.extend_from_slice(&tag);
                 let (body, tag) = buf.split_at_mut(4 + size);
-                let aad = body[..4].to_vec();
                 chacha
                     .decrypt_in_place_detached(&nonce.into(), &aad, &mut body[4..], (&*tag).into())
                     .unwrap();
