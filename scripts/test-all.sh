@@ -59,7 +59,7 @@ if readelf -dW target/release/strata | grep -E 'NEEDED.*lib(ssl|crypto)'; then
     echo "target/release/strata links OpenSSL dynamically (OPENSSL_STATIC not honoured)" >&2
     exit 1
 fi
-echo "== cargo test (tests/nbd_tls.rs: NBD over TLS with nbdinfo and qemu-io)"
+echo "== cargo test (tests/nbd_tls.rs: NBD over TLS with nbdinfo and qemu-io; tests/wire_encryption.rs: encrypted replica wire through a recording relay)"
 STRATA_BIN="$PWD/target/release/strata" cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
 echo "== the process tests again with a cluster key: every strata process they start holds it"
 echo "   (replica servers, controllers, the CLI; iSCSI with CHAP from the key)"

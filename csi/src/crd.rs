@@ -52,6 +52,10 @@ pub struct StrataVolumeSpec {
     /// Resync/rebuild bandwidth cap in MiB/s (0: none).
     #[serde(default)]
     pub sync_rate_mib: u32,
+    /// Encrypt the volume data on the wire to the replicas
+    /// (`--encrypt-replica-wire`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wire_encryption: bool,
     /// Where the data came from, if not empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,

@@ -161,6 +161,9 @@ pub fn controller_args(sv: &StrataVolume, volume_id: &str) -> Vec<String> {
         args.push("--backup-schedule".into());
         args.push(s.clone());
     }
+    if sv.spec.wire_encryption {
+        args.push("--encrypt-replica-wire".into());
+    }
     args
 }
 
@@ -381,5 +384,38 @@ pub fn service(sv: &StrataVolume, volume_id: &str, namespace: &str) -> Service {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::StrataVolumeSpec;
+
+    fn volume(wire_encryption: bool) -> StrataVolume {
+        StrataVolume::new(
+            "pvc-1",
+            StrataVolumeSpec {
+                csi_name: "pvc-1".into(),
+                size_bytes: 1 << 30,
+                replicas: 3,
+                replica_nodes: vec!["a".into(), "b".into(), "c".into()],
+                schedules: Vec::new(),
+                backup_secret: None,
+                sync_rate_mib: 0,
+                wire_encryption,
+                source: None,
+                preferred_nodes: Vec::new(),
+                snapshots: Vec::new(),
+                backups: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn wire_encryption_becomes_the_controller_flag() {
+        let flag = "--encrypt-replica-wire".to_string();
+        assert!(controller_args(&volume(true), "pvc-1").contains(&flag));
+        assert!(!controller_args(&volume(false), "pvc-1").contains(&flag));
     }
 }

@@ -7,6 +7,7 @@
 //! | `syncRateMiB` | 0 | cap on resync/rebuild bandwidth (0: none) |
 //! | `backupSchedules` | none | JSON list of schedules, each as `strata controller serve --backup-schedule` takes it |
 //! | `backupSecret` | none | a Secret in strata's namespace whose keys become the volume controller's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `STRATA_S3_ENDPOINT`, `STRATA_BACKUP_KEY`) |
+//! | `wireEncryption` | `"false"` | `"true"`: the volume's controller encrypts the volume data on the wire to its replicas (`controller serve --encrypt-replica-wire`); needs the driver's cluster key |
 //!
 //! VolumeSnapshotClass parameters (CreateSnapshot's `parameters`),
 //! [`SnapshotKind`]:
@@ -31,6 +32,7 @@ pub const REPLICAS: &str = "replicas";
 pub const SYNC_RATE_MIB: &str = "syncRateMiB";
 pub const BACKUP_SCHEDULES: &str = "backupSchedules";
 pub const BACKUP_SECRET: &str = "backupSecret";
+pub const WIRE_ENCRYPTION: &str = "wireEncryption";
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Most replicas a volume may have (the controller's limit).
@@ -43,6 +45,8 @@ pub struct VolumeParams {
     pub sync_rate_mib: u32,
     pub schedules: Vec<BackupSchedule>,
     pub backup_secret: Option<String>,
+    /// Encrypt the volume data between its controller and its replicas.
+    pub wire_encryption: bool,
 }
 
 impl Default for VolumeParams {
@@ -52,6 +56,7 @@ impl Default for VolumeParams {
             sync_rate_mib: 0,
             schedules: Vec::new(),
             backup_secret: None,
+            wire_encryption: false,
         }
     }
 }
@@ -92,11 +97,18 @@ impl VolumeParams {
                     }
                     p.backup_secret = Some(value.clone());
                 }
+                WIRE_ENCRYPTION => {
+                    p.wire_encryption = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad("\"true\" or \"false\"".into())),
+                    };
+                }
                 k if k.starts_with(SIDECAR_PREFIX) => {}
                 _ => {
                     return Err(CsiError::Invalid(format!(
                         "unknown parameter {key:?}; strata takes {REPLICAS}, {SYNC_RATE_MIB}, \
-                         {BACKUP_SCHEDULES}, {BACKUP_SECRET}"
+                         {BACKUP_SCHEDULES}, {BACKUP_SECRET}, {WIRE_ENCRYPTION}"
                     )))
                 }
             }
@@ -182,6 +194,29 @@ mod tests {
         assert_eq!(p, VolumeParams::default());
         let p = parse(&[("replicas", "2"), ("syncRateMiB", "40")]).unwrap();
         assert_eq!((p.replicas, p.sync_rate_mib), (2, 40));
+        assert!(!p.wire_encryption);
+        assert!(
+            parse(&[("wireEncryption", "true")])
+                .unwrap()
+                .wire_encryption
+        );
+        assert!(
+            !parse(&[("wireEncryption", "false")])
+                .unwrap()
+                .wire_encryption
+        );
+    }
+
+    #[test]
+    fn wire_encryption_takes_only_true_or_false() {
+        for bad in ["yes", "True", "1", "", "on"] {
+            let e = parse(&[("wireEncryption", bad)]).unwrap_err();
+            assert!(matches!(e, CsiError::Invalid(_)), "{bad:?}: {e}");
+            assert!(
+                e.to_string().contains("wireEncryption") && e.to_string().contains("\"true\""),
+                "{e}"
+            );
+        }
     }
 
     #[test]

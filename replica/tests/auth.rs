@@ -343,3 +343,66 @@ async fn cpu_cost_per_4k_write() {
         }
     }
 }
+
+/// A node that refuses data-wire clients without encrypted records.
+async fn node_requiring_encryption(key: &ClusterKey) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    let opts = NodeOptions {
+        auth: Some(Arc::new(
+            ServerAuth::new(key.clone()).requiring_encryption(true),
+        )),
+        ..Default::default()
+    };
+    let path = dir.path().to_path_buf();
+    tokio::spawn(async move { serve_node_with(&path, listener, rx, opts).await });
+    Node {
+        addr,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn encrypted_data_wire_works_and_a_requiring_node_refuses_plain_clients() {
+    use strata_replica::auth::WireMode;
+    let key = ClusterKey::generate();
+    for require in [false, true] {
+        let n = if require {
+            node_requiring_encryption(&key).await
+        } else {
+            node(Some(&key)).await
+        };
+        let mut ctl = control(n.addr, Some(&key)).await.unwrap();
+        ctl.create_replica(CreateReplicaRequest {
+            volume: "vol".into(),
+            size: SIZE,
+        })
+        .await
+        .unwrap();
+        let enc = Some((&key, WireMode::Encrypted));
+        let client = ReplicaClient::connect_with_mode(n.addr, "vol", 0, T, enc)
+            .await
+            .unwrap();
+        client.write(8192, pattern(0xd4), true).await.unwrap();
+        assert_eq!(client.read(8192, 4096).await.unwrap(), pattern(0xd4));
+        let plain = Some((&key, WireMode::Integrity));
+        let r = ReplicaClient::connect_with_mode(n.addr, "vol", 0, T, plain).await;
+        if require {
+            assert!(
+                matches!(
+                    r,
+                    Err(ClientError::Auth {
+                        source: AuthError::EncryptionRequired,
+                        ..
+                    })
+                ),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(r.unwrap().read(8192, 4096).await.unwrap(), pattern(0xd4));
+        }
+    }
+}

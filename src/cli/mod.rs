@@ -151,6 +151,11 @@ pub enum ReplicaCommand {
         listen: SocketAddr,
         #[command(flatten)]
         writeback: WritebackArgs,
+        /// Refuse data-wire clients (controllers) that do not ask for
+        /// encrypted records (`controller serve --encrypt-replica-wire`).
+        /// Needs the cluster key. Without it both modes are served.
+        #[arg(long, env = "STRATA_REQUIRE_WIRE_ENCRYPTION")]
+        require_wire_encryption: bool,
     },
 }
 
@@ -254,6 +259,32 @@ pub struct ControllerArgs {
     pub iscsi_no_chap: bool,
     #[command(flatten)]
     pub nbd_tls: nbd_tls::NbdTlsArgs,
+    /// Encrypt the volume data on the wire to the replicas (AES-256-GCM
+    /// records instead of integrity-only ones): replication, rebuild,
+    /// resync and snapshot copies. Needs the cluster key; a replica that
+    /// does not offer encryption is refused.
+    #[arg(long, env = "STRATA_ENCRYPT_REPLICA_WIRE")]
+    pub encrypt_replica_wire: bool,
+}
+
+/// Why wire-encryption settings cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum WireEncryptionSetupError {
+    #[error("{0} needs the cluster key: --cluster-key-file PATH or STRATA_CLUSTER_KEY_FILE (records are encrypted with keys derived from it)")]
+    NoKey(&'static str),
+}
+
+/// Makes this process ask for encrypted data-wire records when `on`
+/// (`--encrypt-replica-wire`); the cluster key must be loaded.
+pub fn set_wire_encryption(on: bool) -> Result<(), WireEncryptionSetupError> {
+    if on {
+        if strata_replica::auth::process_key().is_none() {
+            return Err(WireEncryptionSetupError::NoKey("--encrypt-replica-wire"));
+        }
+        strata_replica::auth::set_process_wire_encryption(true);
+        tracing::info!("replica wire: volume data encrypted (AES-256-GCM records)");
+    }
+    Ok(())
 }
 
 /// A client of the controller's management API at `controller`, through
@@ -466,14 +497,24 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let require_encryption = matches!(
+        cli.command,
+        Command::Replica(ReplicaCommand::Serve {
+            require_wire_encryption: true,
+            ..
+        })
+    );
     let auth = match &cli.cluster_key_file {
         Some(path) => {
             let key = strata_replica::auth::ClusterKey::load(path)?;
             strata_replica::auth::set_process_key(key.clone());
             tracing::info!(path = %path.display(), "cluster key loaded");
-            Some(std::sync::Arc::new(strata_replica::auth::ServerAuth::new(
-                key,
-            )))
+            Some(std::sync::Arc::new(
+                strata_replica::auth::ServerAuth::new(key).requiring_encryption(require_encryption),
+            ))
+        }
+        None if require_encryption => {
+            return Err(WireEncryptionSetupError::NoKey("--require-wire-encryption").into())
         }
         None => None,
     };
@@ -492,7 +533,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             listen,
             writeback,
+            require_wire_encryption,
         }) => {
+            if require_wire_encryption {
+                tracing::info!(
+                    "data wire: refusing clients that do not encrypt (--require-wire-encryption)"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -521,6 +568,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             controller,
         }) => volume::change_replicas(&volume, address, controller, false).await,
         Command::Controller(ControllerCommand::Serve(args)) => {
+            set_wire_encryption(args.encrypt_replica_wire)?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 shutdown_signal().await;

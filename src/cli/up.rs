@@ -54,6 +54,12 @@ pub struct UpArgs {
     pub iscsi_no_chap: bool,
     #[command(flatten)]
     pub nbd_tls: super::nbd_tls::NbdTlsArgs,
+    /// Encrypt the volume data between the controller and the replicas
+    /// (as `controller serve --encrypt-replica-wire`; needs
+    /// --cluster-key-file). Mostly to measure its cost: here both ends are
+    /// on loopback.
+    #[arg(long, env = "STRATA_ENCRYPT_REPLICA_WIRE")]
+    pub encrypt_replica_wire: bool,
 }
 
 pub async fn run(
@@ -65,6 +71,7 @@ pub async fn run(
     }
     // Before anything starts: `--nbd-tls require` without a key fails here.
     let nbd_tls = args.nbd_tls.setup(&args.volume)?;
+    super::set_wire_encryption(args.encrypt_replica_wire)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",

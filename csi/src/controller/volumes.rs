@@ -47,6 +47,14 @@ pub async fn create(cluster: &Cluster, req: CreateVolumeRequest) -> CsiResult<Vo
     check_capabilities(&req.volume_capabilities)?;
     let size = size_for(req.capacity_range.as_ref())?;
     let params = VolumeParams::parse(&req.parameters)?;
+    if params.wire_encryption && cluster.pod.cluster_key_secret.is_none() {
+        return Err(CsiError::Invalid(format!(
+            "parameter {}=\"true\" needs the cluster key: install the driver with a \
+             cluster key Secret (csi serve --cluster-key-secret), the records are \
+             encrypted with keys derived from it",
+            crate::params::WIRE_ENCRYPTION
+        )));
+    }
     let id = names::volume_id(&req.name);
     let source = content_source(req.volume_content_source.as_ref())?;
     let preferred = preferred_nodes(req.accessibility_requirements.as_ref());
@@ -90,6 +98,7 @@ pub async fn create(cluster: &Cluster, req: CreateVolumeRequest) -> CsiResult<Vo
                 schedules: params.schedule_args(),
                 backup_secret: params.backup_secret.clone(),
                 sync_rate_mib: params.sync_rate_mib,
+                wire_encryption: params.wire_encryption,
                 source: source.clone(),
                 preferred_nodes: preferred.clone(),
                 snapshots: Vec::new(),
@@ -408,6 +417,7 @@ fn check_same(
         || s.schedules != params.schedule_args()
         || s.sync_rate_mib != params.sync_rate_mib
         || s.backup_secret != params.backup_secret
+        || s.wire_encryption != params.wire_encryption
     {
         return Err(taken("other parameters".into()));
     }

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::{
     client_handshake, log_refusal, peek_up_to, refuse_keyed_client, server_handshake, ClusterKey,
-    Purpose, Sealed, ServerAuth, MAGIC_CLIENT,
+    Purpose, Sealed, ServerAuth, WireMode, MAGIC_CLIENT,
 };
 
 /// The first bytes of an HTTP/2 connection (`PRI * HTTP/2.0`).
@@ -43,7 +43,7 @@ pub async fn grpc_channel(
         async move {
             let mut sock = TcpStream::connect(addr).await?;
             let _ = sock.set_nodelay(true);
-            let session = client_handshake(&mut sock, &key, purpose)
+            let session = client_handshake(&mut sock, &key, purpose, WireMode::Integrity)
                 .await
                 .map_err(std::io::Error::other)?;
             let (rd, wr) = session.client();
@@ -85,7 +85,7 @@ pub async fn accept_grpc(
     match auth {
         Some(a) => {
             if hello == Some(purpose) {
-                match server_handshake(&mut sock, &a.key, purpose).await {
+                match server_handshake(&mut sock, &a.key, purpose, false).await {
                     Ok(session) => {
                         let (rd, wr) = session.server();
                         return Some(Sealed::Sealed(sock, Box::new(rd), Box::new(wr)));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::key::ClusterKey;
-use super::record::{SealedRead, SealedWrite};
+use super::record::{RecordKey, SealedRead, SealedWrite, WireMode};
 
 /// First bytes of a client hello.
 pub const MAGIC_CLIENT: &[u8; 4] = b"STRA";
@@ -25,6 +25,27 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const STATUS_OK: u8 = 0;
 const STATUS_WRONG_KEY: u8 = 1;
+const STATUS_ENCRYPTION_REQUIRED: u8 = 2;
+
+/// Byte 6 of a hello (the modes the client asks for) and of a challenge
+/// (the mode the server grants). Servers before wire encryption send 0
+/// and ignore the hello's byte.
+const FLAG_ENCRYPT: u8 = 1;
+
+fn flags(mode: WireMode) -> u8 {
+    match mode {
+        WireMode::Integrity => 0,
+        WireMode::Encrypted => FLAG_ENCRYPT,
+    }
+}
+
+fn mode_of(flags: u8) -> WireMode {
+    if flags & FLAG_ENCRYPT != 0 {
+        WireMode::Encrypted
+    } else {
+        WireMode::Integrity
+    }
+}
 
 /// Which protocol runs after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +90,10 @@ pub enum AuthError {
     Malformed,
     #[error("The peer asked for {0:?}, not what this port serves here")]
     WrongPurpose(Purpose),
+    #[error("The server does not offer wire encryption (a strata replica older than wire encryption, or the mode was changed in transit)")]
+    EncryptionUnsupported,
+    #[error("The server requires wire encryption (--require-wire-encryption); this client did not ask for it (--encrypt-replica-wire)")]
+    EncryptionRequired,
     #[error("The authentication handshake timed out")]
     Timeout,
     #[error("The connection failed during authentication")]
@@ -79,6 +104,7 @@ pub enum AuthError {
 pub struct Session {
     c2s: [u8; 32],
     s2c: [u8; 32],
+    mode: WireMode,
 }
 
 impl std::fmt::Debug for Session {
@@ -88,22 +114,40 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    fn derive(key: &ClusterKey, purpose: Purpose, nc: &[u8; 32], ns: &[u8; 32]) -> Session {
-        let dir = |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, nc, ns).as_bytes() };
+    fn derive(
+        key: &ClusterKey,
+        purpose: Purpose,
+        mode: WireMode,
+        nc: &[u8; 32],
+        ns: &[u8; 32],
+    ) -> Session {
+        let dir = |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, mode, nc, ns).as_bytes() };
         Session {
             c2s: dir(b"session client-to-server"),
             s2c: dir(b"session server-to-client"),
+            mode,
         }
+    }
+
+    /// The record mode both sides agreed on.
+    pub fn mode(&self) -> WireMode {
+        self.mode
     }
 
     /// The client's (reader, writer) record states.
     pub fn client(&self) -> (SealedRead, SealedWrite) {
-        (SealedRead::new(self.s2c), SealedWrite::new(self.c2s))
+        (
+            SealedRead::with_key(RecordKey::new(self.mode, self.s2c)),
+            SealedWrite::with_key(RecordKey::new(self.mode, self.c2s)),
+        )
     }
 
     /// The server's (reader, writer) record states.
     pub fn server(&self) -> (SealedRead, SealedWrite) {
-        (SealedRead::new(self.c2s), SealedWrite::new(self.s2c))
+        (
+            SealedRead::with_key(RecordKey::new(self.mode, self.c2s)),
+            SealedWrite::with_key(RecordKey::new(self.mode, self.s2c)),
+        )
     }
 }
 
@@ -111,6 +155,7 @@ fn mac(
     key: &ClusterKey,
     label: &[u8],
     purpose: Purpose,
+    mode: WireMode,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
@@ -119,43 +164,65 @@ fn mac(
     h.update(&[label.len() as u8]);
     h.update(label);
     h.update(&[purpose as u8]);
+    // The mode is in every proof and session key, so a hello or challenge
+    // whose mode byte was changed in transit fails the handshake. The
+    // integrity mode hashes nothing extra: its proofs are those of
+    // strata before wire encryption, which keeps old and new compatible.
+    // (Inputs of the two modes differ in length, nonces being fixed size.)
+    if mode == WireMode::Encrypted {
+        h.update(b"encrypted records");
+    }
     h.update(nc);
     h.update(ns);
     h.finalize()
 }
 
-fn client_proof(key: &ClusterKey, purpose: Purpose, nc: &[u8; 32], ns: &[u8; 32]) -> blake3::Hash {
-    mac(key, b"proof client", purpose, nc, ns)
+fn client_proof(
+    key: &ClusterKey,
+    purpose: Purpose,
+    mode: WireMode,
+    nc: &[u8; 32],
+    ns: &[u8; 32],
+) -> blake3::Hash {
+    mac(key, b"proof client", purpose, mode, nc, ns)
 }
 
-fn server_proof(key: &ClusterKey, purpose: Purpose, nc: &[u8; 32], ns: &[u8; 32]) -> blake3::Hash {
-    mac(key, b"proof server", purpose, nc, ns)
+fn server_proof(
+    key: &ClusterKey,
+    purpose: Purpose,
+    mode: WireMode,
+    nc: &[u8; 32],
+    ns: &[u8; 32],
+) -> blake3::Hash {
+    mac(key, b"proof server", purpose, mode, nc, ns)
 }
 
-fn hello(purpose: Purpose, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
+fn hello(purpose: Purpose, mode: WireMode, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
     let mut m = [0u8; CLIENT_HELLO_LEN];
     m[..4].copy_from_slice(MAGIC_CLIENT);
     m[4] = VERSION;
     m[5] = purpose as u8;
+    m[6] = flags(mode);
     m[8..].copy_from_slice(nc);
     m
 }
 
-fn server_msg(status: u8, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
+fn server_msg(status: u8, mode: WireMode, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
     let mut m = [0u8; SERVER_MSG_LEN];
     m[..4].copy_from_slice(MAGIC_SERVER);
     m[4] = VERSION;
     m[5] = status;
+    m[6] = flags(mode);
     m[8..].copy_from_slice(body);
     m
 }
 
-/// Parses a server message: `(status, body)`.
-fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, [u8; 32]), AuthError> {
+/// Parses a server message: `(status, granted mode, body)`.
+fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, WireMode, [u8; 32]), AuthError> {
     if &m[..4] != MAGIC_SERVER || m[4] != VERSION {
         return Err(AuthError::Malformed);
     }
-    Ok((m[5], m[8..].try_into().expect("32 bytes")))
+    Ok((m[5], mode_of(m[6]), m[8..].try_into().expect("32 bytes")))
 }
 
 async fn timed<T>(
@@ -166,16 +233,18 @@ async fn timed<T>(
         .map_err(|_| AuthError::Timeout)?
 }
 
-/// The client side: proves the key and checks the server's proof. On
-/// success the stream carries records of the returned [`Session`].
+/// The client side: asks for `mode`, proves the key and checks the
+/// server's proof. On success the stream carries records of the returned
+/// [`Session`], in `mode`: a server that does not grant it is refused.
 pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     key: &ClusterKey,
     purpose: Purpose,
+    mode: WireMode,
 ) -> Result<Session, AuthError> {
     timed(async {
         let nc: [u8; 32] = rand::random();
-        sock.write_all(&hello(purpose, &nc)).await?;
+        sock.write_all(&hello(purpose, mode, &nc)).await?;
         sock.flush().await?;
         let mut msg = [0u8; SERVER_MSG_LEN];
         sock.read_exact(&mut msg[..4]).await?;
@@ -183,20 +252,29 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(AuthError::PeerKeyless);
         }
         sock.read_exact(&mut msg[4..]).await?;
-        let (status, ns) = parse_server_msg(&msg)?;
-        if status != STATUS_OK {
-            return Err(AuthError::Malformed);
+        let (status, granted, ns) = parse_server_msg(&msg)?;
+        match status {
+            STATUS_OK => {}
+            STATUS_ENCRYPTION_REQUIRED => return Err(AuthError::EncryptionRequired),
+            _ => return Err(AuthError::Malformed),
         }
-        sock.write_all(client_proof(key, purpose, &nc, &ns).as_bytes())
+        if granted != mode {
+            return Err(match mode {
+                WireMode::Encrypted => AuthError::EncryptionUnsupported,
+                WireMode::Integrity => AuthError::Malformed,
+            });
+        }
+        sock.write_all(client_proof(key, purpose, mode, &nc, &ns).as_bytes())
             .await?;
         sock.flush().await?;
         let mut verdict = [0u8; SERVER_MSG_LEN];
         sock.read_exact(&mut verdict).await?;
         match parse_server_msg(&verdict)? {
-            (STATUS_OK, proof)
-                if blake3::Hash::from_bytes(proof) == server_proof(key, purpose, &nc, &ns) =>
+            (STATUS_OK, _, proof)
+                if blake3::Hash::from_bytes(proof)
+                    == server_proof(key, purpose, mode, &nc, &ns) =>
             {
-                Ok(Session::derive(key, purpose, &nc, &ns))
+                Ok(Session::derive(key, purpose, mode, &nc, &ns))
             }
             // A server that accepted our proof but cannot prove itself
             // holds another key (or is an impostor).
@@ -207,11 +285,15 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The server side: sends a fresh nonce, verifies the client's proof, and
-/// only then proves itself. `expect` is the purpose this path serves.
+/// only then proves itself. `expect` is the purpose this path serves. The
+/// session runs in the mode the client asked for; with
+/// `require_encryption` a client that did not ask for encryption is
+/// refused (before any proof).
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
     key: &ClusterKey,
     expect: Purpose,
+    require_encryption: bool,
 ) -> Result<Session, AuthError> {
     timed(async {
         let mut hello = [0u8; CLIENT_HELLO_LEN];
@@ -221,24 +303,32 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(AuthError::WrongPurpose(purpose));
         }
         sock.read_exact(&mut hello[6..]).await?;
+        let mode = mode_of(hello[6]);
+        if require_encryption && mode != WireMode::Encrypted {
+            let _ = sock
+                .write_all(&server_msg(STATUS_ENCRYPTION_REQUIRED, mode, &[0; 32]))
+                .await;
+            let _ = sock.flush().await;
+            return Err(AuthError::EncryptionRequired);
+        }
         let nc: [u8; 32] = hello[8..].try_into().expect("32 bytes");
         let ns: [u8; 32] = rand::random();
-        sock.write_all(&server_msg(STATUS_OK, &ns)).await?;
+        sock.write_all(&server_msg(STATUS_OK, mode, &ns)).await?;
         sock.flush().await?;
         let mut proof = [0u8; PROOF_LEN];
         sock.read_exact(&mut proof).await?;
-        if blake3::Hash::from_bytes(proof) != client_proof(key, purpose, &nc, &ns) {
+        if blake3::Hash::from_bytes(proof) != client_proof(key, purpose, mode, &nc, &ns) {
             let _ = sock
-                .write_all(&server_msg(STATUS_WRONG_KEY, &[0; 32]))
+                .write_all(&server_msg(STATUS_WRONG_KEY, mode, &[0; 32]))
                 .await;
             let _ = sock.flush().await;
             return Err(AuthError::WrongKey);
         }
-        let proof = server_proof(key, purpose, &nc, &ns);
-        sock.write_all(&server_msg(STATUS_OK, proof.as_bytes()))
+        let proof = server_proof(key, purpose, mode, &nc, &ns);
+        sock.write_all(&server_msg(STATUS_OK, mode, proof.as_bytes()))
             .await?;
         sock.flush().await?;
-        Ok(Session::derive(key, purpose, &nc, &ns))
+        Ok(Session::derive(key, purpose, mode, &nc, &ns))
     })
     .await
 }
@@ -267,11 +357,13 @@ mod tests {
         let (mut c, mut s) = duplex(1024);
         let server_key = key.clone();
         let server = tokio::spawn(async move {
-            server_handshake(&mut s, &server_key, Purpose::Data)
+            server_handshake(&mut s, &server_key, Purpose::Data, false)
                 .await
                 .map(|x| (x, s))
         });
-        let session = client_handshake(&mut c, &key, Purpose::Data).await.unwrap();
+        let session = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity)
+            .await
+            .unwrap();
         let (theirs, _s) = server.await.unwrap().unwrap();
         assert_eq!(session.c2s, theirs.c2s);
         assert_eq!(session.s2c, theirs.s2c);
@@ -283,11 +375,11 @@ mod tests {
         let (key, other) = keys();
         let (mut c, mut s) = duplex(1024);
         let server = tokio::spawn(async move {
-            server_handshake(&mut s, &other, Purpose::Data)
+            server_handshake(&mut s, &other, Purpose::Data, false)
                 .await
                 .map(|_| ())
         });
-        let client = client_handshake(&mut c, &key, Purpose::Data).await;
+        let client = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity).await;
         assert!(matches!(client, Err(AuthError::WrongKey)), "{client:?}");
         assert!(matches!(server.await.unwrap(), Err(AuthError::WrongKey)));
     }
@@ -301,13 +393,17 @@ mod tests {
         let rogue = tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             s.read_exact(&mut hello).await.unwrap();
-            s.write_all(&server_msg(STATUS_OK, &[1; 32])).await.unwrap();
+            s.write_all(&server_msg(STATUS_OK, WireMode::Integrity, &[1; 32]))
+                .await
+                .unwrap();
             let mut proof = [0u8; PROOF_LEN];
             s.read_exact(&mut proof).await.unwrap();
-            s.write_all(&server_msg(STATUS_OK, &[2; 32])).await.unwrap();
+            s.write_all(&server_msg(STATUS_OK, WireMode::Integrity, &[2; 32]))
+                .await
+                .unwrap();
             s
         });
-        let client = client_handshake(&mut c, &key, Purpose::Data).await;
+        let client = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity).await;
         assert!(matches!(client, Err(AuthError::WrongKey)), "{client:?}");
         drop(rogue.await);
     }
@@ -319,12 +415,14 @@ mod tests {
         let (mut c, mut s) = duplex(4096);
         let server_key = key.clone();
         let server = tokio::spawn(async move {
-            server_handshake(&mut s, &server_key, Purpose::Data)
+            server_handshake(&mut s, &server_key, Purpose::Data, false)
                 .await
                 .unwrap();
             s
         });
-        client_handshake(&mut c, &key, Purpose::Data).await.unwrap();
+        client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity)
+            .await
+            .unwrap();
         drop(server.await.unwrap());
         // The client wrote hello then proof; replay them to a new server
         // with a recorder in the middle.
@@ -332,7 +430,7 @@ mod tests {
         let recorder = tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             s1.read_exact(&mut hello).await.unwrap();
-            s1.write_all(&server_msg(STATUS_OK, &[3; 32]))
+            s1.write_all(&server_msg(STATUS_OK, WireMode::Integrity, &[3; 32]))
                 .await
                 .unwrap();
             let mut proof = [0u8; PROOF_LEN];
@@ -341,13 +439,13 @@ mod tests {
         });
         let _ = tokio::time::timeout(
             Duration::from_millis(200),
-            client_handshake(&mut c1, &key, Purpose::Data),
+            client_handshake(&mut c1, &key, Purpose::Data, WireMode::Integrity),
         )
         .await;
         let (hello, proof) = recorder.await.unwrap();
         let (mut c2, mut s2) = duplex(4096);
         let server = tokio::spawn(async move {
-            server_handshake(&mut s2, &key, Purpose::Data)
+            server_handshake(&mut s2, &key, Purpose::Data, false)
                 .await
                 .map(|_| ())
         });
@@ -363,13 +461,13 @@ mod tests {
         let (key, _) = keys();
         for bytes in [
             &b"STRA"[..],
-            &hello(Purpose::Data, &[0; 32])[..20],
+            &hello(Purpose::Data, WireMode::Integrity, &[0; 32])[..20],
             b"GET / HTTP/1.1\r\n\r\n",
         ] {
             let (mut c, mut s) = duplex(1024);
             let k = key.clone();
             let server = tokio::spawn(async move {
-                server_handshake(&mut s, &k, Purpose::Data)
+                server_handshake(&mut s, &k, Purpose::Data, false)
                     .await
                     .map(|_| ())
             });
@@ -384,7 +482,11 @@ mod tests {
             let _ = s.read_exact(&mut hello).await;
             let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n....").await;
         });
-        assert!(client_handshake(&mut c, &key, Purpose::Data).await.is_err());
+        assert!(
+            client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity)
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -396,24 +498,156 @@ mod tests {
             let _ = s.read_exact(&mut hello).await;
             refuse_keyed_client(&mut s).await;
         });
-        let r = client_handshake(&mut c, &key, Purpose::Data).await;
+        let r = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity).await;
         assert!(matches!(r, Err(AuthError::PeerKeyless)), "{r:?}");
 
         let (mut c, mut s) = duplex(1024);
         let k = key.clone();
         let server = tokio::spawn(async move {
-            server_handshake(&mut s, &k, Purpose::Data)
+            server_handshake(&mut s, &k, Purpose::Data, false)
                 .await
                 .map(|_| ())
         });
         let _ = tokio::time::timeout(
             Duration::from_millis(200),
-            client_handshake(&mut c, &key, Purpose::Control),
+            client_handshake(&mut c, &key, Purpose::Control, WireMode::Integrity),
         )
         .await;
         assert!(matches!(
             server.await.unwrap(),
             Err(AuthError::WrongPurpose(Purpose::Control))
         ));
+    }
+    /// A man in the middle that rewrites byte 6 (the mode) of the hello
+    /// and, with `flip_challenge`, of the challenge too, then relays.
+    async fn tampered(
+        flip_challenge: bool,
+        require: bool,
+    ) -> (Result<Session, AuthError>, Result<Session, AuthError>) {
+        let (key, _) = keys();
+        let (mut c, mut m1) = duplex(4096);
+        let (mut m2, mut s) = duplex(4096);
+        let server_key = key.clone();
+        let server = tokio::spawn(async move {
+            let r = server_handshake(&mut s, &server_key, Purpose::Data, require).await;
+            (r, s)
+        });
+        let mitm = tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            m1.read_exact(&mut hello).await.unwrap();
+            hello[6] ^= FLAG_ENCRYPT;
+            m2.write_all(&hello).await.unwrap();
+            let mut challenge = [0u8; SERVER_MSG_LEN];
+            if m2.read_exact(&mut challenge).await.is_err() {
+                return;
+            }
+            if flip_challenge {
+                challenge[6] ^= FLAG_ENCRYPT;
+            }
+            m1.write_all(&challenge).await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut m1, &mut m2).await;
+        });
+        let client = tokio::time::timeout(
+            Duration::from_secs(5),
+            client_handshake(&mut c, &key, Purpose::Data, WireMode::Encrypted),
+        )
+        .await
+        .expect("the client finishes");
+        drop(c);
+        let (server, _s) = server.await.unwrap();
+        mitm.abort();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn both_sides_agree_on_encryption_when_the_client_asks() {
+        let (key, _) = keys();
+        for require in [false, true] {
+            let (mut c, mut s) = duplex(1024);
+            let server_key = key.clone();
+            let server = tokio::spawn(async move {
+                server_handshake(&mut s, &server_key, Purpose::Data, require)
+                    .await
+                    .map(|x| (x, s))
+            });
+            let ours = client_handshake(&mut c, &key, Purpose::Data, WireMode::Encrypted)
+                .await
+                .unwrap();
+            let (theirs, _s) = server.await.unwrap().unwrap();
+            assert_eq!(ours.mode(), WireMode::Encrypted);
+            assert_eq!(theirs.mode(), WireMode::Encrypted);
+            assert_eq!(ours.c2s, theirs.c2s);
+            // Other keys than the integrity mode's for the same nonces.
+            let plain =
+                Session::derive(&key, Purpose::Data, WireMode::Integrity, &[0; 32], &[0; 32]);
+            let enc = Session::derive(&key, Purpose::Data, WireMode::Encrypted, &[0; 32], &[0; 32]);
+            assert_ne!(plain.c2s, enc.c2s);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mode_flipped_in_transit_fails_the_handshake() {
+        // Hello flipped to "integrity": the server grants integrity, the
+        // client asked for encryption and refuses.
+        let (client, server) = tampered(false, false).await;
+        assert!(
+            matches!(client, Err(AuthError::EncryptionUnsupported)),
+            "{client:?}"
+        );
+        assert!(server.is_err(), "{server:?}");
+        // Both flipped, so each side sees what it expects: the proofs bind
+        // the mode, so they do not match and neither side gets a session.
+        let (client, server) = tampered(true, false).await;
+        assert!(matches!(server, Err(AuthError::WrongKey)), "{server:?}");
+        assert!(matches!(client, Err(AuthError::WrongKey)), "{client:?}");
+        // A server that requires encryption refuses the flipped hello.
+        let (client, server) = tampered(false, true).await;
+        assert!(
+            matches!(server, Err(AuthError::EncryptionRequired)),
+            "{server:?}"
+        );
+        assert!(
+            matches!(client, Err(AuthError::EncryptionRequired)),
+            "{client:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_requiring_encryption_refuses_a_plain_client() {
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        let k = key.clone();
+        let server = tokio::spawn(async move {
+            server_handshake(&mut s, &k, Purpose::Data, true)
+                .await
+                .map(|_| ())
+        });
+        let client = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity).await;
+        assert!(
+            matches!(client, Err(AuthError::EncryptionRequired)),
+            "{client:?}"
+        );
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(AuthError::EncryptionRequired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_old_server_is_refused_by_a_client_that_wants_encryption() {
+        // A server from before wire encryption: ignores byte 6 of the hello
+        // and sends 0 there in its challenge (and proves in integrity mode).
+        let (key, _) = keys();
+        let (mut c, mut s) = duplex(1024);
+        tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            s.read_exact(&mut hello).await.unwrap();
+            let old = server_msg(STATUS_OK, WireMode::Integrity, &[4; 32]);
+            s.write_all(&old).await.unwrap();
+            let mut proof = [0u8; PROOF_LEN];
+            let _ = s.read_exact(&mut proof).await;
+        });
+        let r = client_handshake(&mut c, &key, Purpose::Data, WireMode::Encrypted).await;
+        assert!(matches!(r, Err(AuthError::EncryptionUnsupported)), "{r:?}");
     }
 }

@@ -9,8 +9,8 @@
 //!
 //! ```text
 //! handshake.rs   4 messages at connect, before any request:
-//!   C→S  hello     "STRA" v1 purpose 0 0 | client nonce (32)        40 bytes
-//!   S→C  challenge "STRS" v1 status=0 0 0 | server nonce (32)       40 bytes
+//!   C→S  hello     "STRA" v1 purpose modes 0 | client nonce (32)    40 bytes
+//!   S→C  challenge "STRS" v1 status=0 mode 0 | server nonce (32)    40 bytes
 //!   C→S  proof     MAC(key, ctx|"client"|purpose|nc|ns)             32 bytes
 //!   S→C  verdict   "STRS" v1 status 0 0 | MAC(key, ctx|"server"|…)  40 bytes
 //!   The server proves nothing until it has verified the client; a
@@ -22,10 +22,21 @@
 //!   reordered or dropped record fails. Direction keys are derived from the
 //!   cluster key and both nonces (fresh per connection): a recorded
 //!   handshake or record replayed on a new connection fails.
+//! optional encryption (data wire, `--encrypt-replica-wire`):
+//!   hello byte 6 bit 0 asks for encrypted records; challenge byte 6 says
+//!   what the server grants (0 from servers older than this, which an
+//!   encrypting client refuses: AuthError::EncryptionUnsupported); status 2
+//!   = the server requires encryption (AuthError::EncryptionRequired). An
+//!   encrypted session hashes the mode into both proofs and the direction
+//!   keys, so flipping it in transit fails the handshake. Its records are
+//!   len u32 | AES-256-GCM(direction key, nonce 0u32|seq u64, aad len) | tag.
 //! ```
 //!
 //! The data-wire frames inside records keep their own crc; the frame format
-//! is unchanged. gRPC (HTTP/2) runs inside the same records (grpc.rs).
+//! is unchanged. gRPC (HTTP/2) runs inside the same records (grpc.rs),
+//! always integrity-only: it carries no volume data. Only the data wire
+//! is ever encrypted; the choice is the client's ([`set_process_wire_encryption`]),
+//! a server may insist ([`ServerAuth::requiring_encryption`]).
 
 mod grpc;
 mod handshake;
@@ -44,8 +55,8 @@ pub use handshake::{
 };
 pub use key::{ClusterKey, KeyError};
 pub use record::{
-    open_record, seal_record, AuthReader, AuthWriter, RecordError, Sealed, SealedRead, SealedWrite,
-    MAX_RECORD, TAG_LEN,
+    open_record, seal_record, AuthReader, AuthWriter, RecordError, RecordKey, Sealed, SealedRead,
+    SealedWrite, WireMode, MAX_RECORD, TAG_LEN,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +113,25 @@ pub fn process_key() -> Option<&'static ClusterKey> {
     PROCESS_KEY.get()
 }
 
+static ENCRYPT_DATA_WIRE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this process ask for encrypted records ([`WireMode::Encrypted`])
+/// on every data-wire connection it dials with a key (the controller's
+/// `--encrypt-replica-wire`): replication, rebuild, resync and snapshot
+/// copies all dial through [`crate::client::ReplicaClient`]. Set at start.
+pub fn set_process_wire_encryption(on: bool) {
+    ENCRYPT_DATA_WIRE.store(on, Ordering::Relaxed);
+}
+
+/// The record mode this process asks for on the data wire.
+pub fn process_wire_mode() -> WireMode {
+    if ENCRYPT_DATA_WIRE.load(Ordering::Relaxed) {
+        WireMode::Encrypted
+    } else {
+        WireMode::Integrity
+    }
+}
+
 /// What a server with a key answers a keyless data-wire client.
 pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--cluster-key-file)";
 
@@ -111,6 +141,9 @@ pub const KEY_REQUIRED: &str = "The replica requires the cluster key (--cluster-
 pub struct ServerAuth {
     pub key: ClusterKey,
     pub refusals: RateLimit,
+    /// Refuse data-wire clients that do not ask for encrypted records
+    /// (`replica serve --require-wire-encryption`).
+    pub require_encryption: bool,
 }
 
 impl ServerAuth {
@@ -118,7 +151,15 @@ impl ServerAuth {
         ServerAuth {
             key,
             refusals: RateLimit::new(REFUSAL_LOG_PERIOD),
+            require_encryption: false,
         }
+    }
+
+    /// The same, refusing data-wire clients without encryption when
+    /// `require` is set.
+    pub fn requiring_encryption(mut self, require: bool) -> Self {
+        self.require_encryption = require;
+        self
     }
 }
 

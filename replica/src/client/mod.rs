@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::auth::{self, AuthError, AuthReader, AuthWriter, ClusterKey, Purpose};
+use crate::auth::{self, AuthError, AuthReader, AuthWriter, ClusterKey, Purpose, WireMode};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{
     self, Command, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
@@ -221,13 +221,29 @@ impl ReplicaClient {
         Self::connect_with(addr, volume, epoch, timeout, auth::process_key()).await
     }
 
-    /// [`ReplicaClient::connect`] with an explicit key (`None`: keyless).
+    /// [`ReplicaClient::connect`] with an explicit key (`None`: keyless);
+    /// a keyed connection asks for the process's record mode
+    /// ([`auth::process_wire_mode`]).
     pub async fn connect_with(
         addr: SocketAddr,
         volume: &str,
         epoch: u64,
         timeout: Duration,
         key: Option<&ClusterKey>,
+    ) -> Result<ReplicaClient, ClientError> {
+        let key = key.map(|k| (k, auth::process_wire_mode()));
+        Self::connect_with_mode(addr, volume, epoch, timeout, key).await
+    }
+
+    /// [`ReplicaClient::connect_with`] with an explicit record mode: with
+    /// [`WireMode::Encrypted`] a replica that does not grant it is refused
+    /// ([`auth::AuthError::EncryptionUnsupported`]).
+    pub async fn connect_with_mode(
+        addr: SocketAddr,
+        volume: &str,
+        epoch: u64,
+        timeout: Duration,
+        key: Option<(&ClusterKey, WireMode)>,
     ) -> Result<ReplicaClient, ClientError> {
         if volume.len() > MAX_NAME_LEN {
             return Err(ClientError::Invalid("volume name longer than 255 bytes"));
@@ -247,8 +263,8 @@ impl ReplicaClient {
                 let (rd, wr) = sock.into_split();
                 (AuthReader::Plain(rd), AuthWriter::Plain(wr))
             }
-            Some(key) => {
-                let session = auth::client_handshake(&mut sock, key, Purpose::Data)
+            Some((key, mode)) => {
+                let session = auth::client_handshake(&mut sock, key, Purpose::Data, mode)
                     .await
                     .map_err(|source| ClientError::Auth { addr, source })?;
                 let (rst, wst) = session.client();

@@ -149,7 +149,7 @@ async fn authenticate(
         }
         return None;
     }
-    match auth::server_handshake(sock, &auth.key, Purpose::Data).await {
+    match auth::server_handshake(sock, &auth.key, Purpose::Data, auth.require_encryption).await {
         Ok(session) => Some(session),
         Err(e) => {
             auth::log_refusal(&auth.refusals, "replica data", peer, &e);
