@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::key::ClusterKey;
-use super::record::{RecordKey, SealedRead, SealedWrite, WireMode};
+use super::record::{RecordFormat, RecordKey, SealedRead, SealedWrite, TagLayout, WireMode};
 
 /// First bytes of a client hello.
 pub const MAGIC_CLIENT: &[u8; 4] = b"STRA";
@@ -27,23 +27,38 @@ const STATUS_OK: u8 = 0;
 const STATUS_WRONG_KEY: u8 = 1;
 const STATUS_ENCRYPTION_REQUIRED: u8 = 2;
 
-/// Byte 6 of a hello (the modes the client asks for) and of a challenge
-/// (the mode the server grants). Servers before wire encryption send 0
-/// and ignore the hello's byte.
+/// Byte 6 of a hello (the record format the client asks for) and of a
+/// challenge (the format the server grants). strata's first keyed release
+/// ignores the hello's byte and grants 0: integrity records with the
+/// leading tag layout, which newer clients then speak.
 const FLAG_ENCRYPT: u8 = 1;
+/// Integrity records with the sequence number after the payload in the
+/// tag ([`TagLayout::Trailing`]).
+const FLAG_TRAILING_TAG: u8 = 2;
 
-fn flags(mode: WireMode) -> u8 {
-    match mode {
-        WireMode::Integrity => 0,
-        WireMode::Encrypted => FLAG_ENCRYPT,
+fn flags(format: RecordFormat) -> u8 {
+    match format {
+        RecordFormat::Mac(TagLayout::Leading) => 0,
+        RecordFormat::Mac(TagLayout::Trailing) => FLAG_TRAILING_TAG,
+        RecordFormat::AesGcm => FLAG_ENCRYPT,
     }
 }
 
-fn mode_of(flags: u8) -> WireMode {
+fn format_of(flags: u8) -> RecordFormat {
     if flags & FLAG_ENCRYPT != 0 {
-        WireMode::Encrypted
+        RecordFormat::AesGcm
+    } else if flags & FLAG_TRAILING_TAG != 0 {
+        RecordFormat::Mac(TagLayout::Trailing)
     } else {
-        WireMode::Integrity
+        RecordFormat::Mac(TagLayout::Leading)
+    }
+}
+
+/// The format a client asks for in `mode`: the newest it speaks.
+fn asked(mode: WireMode) -> RecordFormat {
+    match mode {
+        WireMode::Integrity => RecordFormat::Mac(TagLayout::Trailing),
+        WireMode::Encrypted => RecordFormat::AesGcm,
     }
 }
 
@@ -104,7 +119,7 @@ pub enum AuthError {
 pub struct Session {
     c2s: [u8; 32],
     s2c: [u8; 32],
-    mode: WireMode,
+    format: RecordFormat,
 }
 
 impl std::fmt::Debug for Session {
@@ -117,36 +132,42 @@ impl Session {
     fn derive(
         key: &ClusterKey,
         purpose: Purpose,
-        mode: WireMode,
+        format: RecordFormat,
         nc: &[u8; 32],
         ns: &[u8; 32],
     ) -> Session {
-        let dir = |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, mode, nc, ns).as_bytes() };
+        let dir =
+            |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, format, nc, ns).as_bytes() };
         Session {
             c2s: dir(b"session client-to-server"),
             s2c: dir(b"session server-to-client"),
-            mode,
+            format,
         }
     }
 
     /// The record mode both sides agreed on.
     pub fn mode(&self) -> WireMode {
-        self.mode
+        self.format.mode()
+    }
+
+    /// The record format both sides agreed on.
+    pub fn format(&self) -> RecordFormat {
+        self.format
     }
 
     /// The client's (reader, writer) record states.
     pub fn client(&self) -> (SealedRead, SealedWrite) {
         (
-            SealedRead::with_key(RecordKey::new(self.mode, self.s2c)),
-            SealedWrite::with_key(RecordKey::new(self.mode, self.c2s)),
+            SealedRead::with_key(RecordKey::new(self.format, self.s2c)),
+            SealedWrite::with_key(RecordKey::new(self.format, self.c2s)),
         )
     }
 
     /// The server's (reader, writer) record states.
     pub fn server(&self) -> (SealedRead, SealedWrite) {
         (
-            SealedRead::with_key(RecordKey::new(self.mode, self.c2s)),
-            SealedWrite::with_key(RecordKey::new(self.mode, self.s2c)),
+            SealedRead::with_key(RecordKey::new(self.format, self.c2s)),
+            SealedWrite::with_key(RecordKey::new(self.format, self.s2c)),
         )
     }
 }
@@ -155,7 +176,7 @@ fn mac(
     key: &ClusterKey,
     label: &[u8],
     purpose: Purpose,
-    mode: WireMode,
+    format: RecordFormat,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
@@ -164,13 +185,22 @@ fn mac(
     h.update(&[label.len() as u8]);
     h.update(label);
     h.update(&[purpose as u8]);
-    // The mode is in every proof and session key, so a hello or challenge
-    // whose mode byte was changed in transit fails the handshake. The
-    // integrity mode hashes nothing extra: its proofs are those of
-    // strata before wire encryption, which keeps old and new compatible.
-    // (Inputs of the two modes differ in length, nonces being fixed size.)
-    if mode == WireMode::Encrypted {
-        h.update(b"encrypted records");
+    // The granted format is in every proof and session key, so a challenge
+    // whose format byte was changed in transit fails the handshake. The
+    // leading-tag integrity format hashes nothing extra: its proofs are
+    // those of strata's first keyed release, which keeps old and new
+    // compatible. (Inputs of the formats differ in length, nonces being
+    // fixed size.) A hello whose byte is changed from trailing to leading
+    // looks like an old server's answer and is not detected: it costs
+    // speed, not integrity, both layouts being full-strength tags.
+    match format {
+        RecordFormat::Mac(TagLayout::Leading) => {}
+        RecordFormat::Mac(TagLayout::Trailing) => {
+            h.update(b"trailing record tags");
+        }
+        RecordFormat::AesGcm => {
+            h.update(b"encrypted records");
+        }
     }
     h.update(nc);
     h.update(ns);
@@ -180,49 +210,49 @@ fn mac(
 fn client_proof(
     key: &ClusterKey,
     purpose: Purpose,
-    mode: WireMode,
+    format: RecordFormat,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
-    mac(key, b"proof client", purpose, mode, nc, ns)
+    mac(key, b"proof client", purpose, format, nc, ns)
 }
 
 fn server_proof(
     key: &ClusterKey,
     purpose: Purpose,
-    mode: WireMode,
+    format: RecordFormat,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
-    mac(key, b"proof server", purpose, mode, nc, ns)
+    mac(key, b"proof server", purpose, format, nc, ns)
 }
 
-fn hello(purpose: Purpose, mode: WireMode, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
+fn hello(purpose: Purpose, format: RecordFormat, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
     let mut m = [0u8; CLIENT_HELLO_LEN];
     m[..4].copy_from_slice(MAGIC_CLIENT);
     m[4] = VERSION;
     m[5] = purpose as u8;
-    m[6] = flags(mode);
+    m[6] = flags(format);
     m[8..].copy_from_slice(nc);
     m
 }
 
-fn server_msg(status: u8, mode: WireMode, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
+fn server_msg(status: u8, format: RecordFormat, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
     let mut m = [0u8; SERVER_MSG_LEN];
     m[..4].copy_from_slice(MAGIC_SERVER);
     m[4] = VERSION;
     m[5] = status;
-    m[6] = flags(mode);
+    m[6] = flags(format);
     m[8..].copy_from_slice(body);
     m
 }
 
-/// Parses a server message: `(status, granted mode, body)`.
-fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, WireMode, [u8; 32]), AuthError> {
+/// Parses a server message: `(status, granted format, body)`.
+fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, RecordFormat, [u8; 32]), AuthError> {
     if &m[..4] != MAGIC_SERVER || m[4] != VERSION {
         return Err(AuthError::Malformed);
     }
-    Ok((m[5], mode_of(m[6]), m[8..].try_into().expect("32 bytes")))
+    Ok((m[5], format_of(m[6]), m[8..].try_into().expect("32 bytes")))
 }
 
 async fn timed<T>(
@@ -244,7 +274,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Session, AuthError> {
     timed(async {
         let nc: [u8; 32] = rand::random();
-        sock.write_all(&hello(purpose, mode, &nc)).await?;
+        sock.write_all(&hello(purpose, asked(mode), &nc)).await?;
         sock.flush().await?;
         let mut msg = [0u8; SERVER_MSG_LEN];
         sock.read_exact(&mut msg[..4]).await?;
@@ -258,13 +288,15 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             STATUS_ENCRYPTION_REQUIRED => return Err(AuthError::EncryptionRequired),
             _ => return Err(AuthError::Malformed),
         }
-        if granted != mode {
+        // An older server grants the leading tag layout; any other
+        // answer than the asked mode is refused.
+        if granted.mode() != mode {
             return Err(match mode {
                 WireMode::Encrypted => AuthError::EncryptionUnsupported,
                 WireMode::Integrity => AuthError::Malformed,
             });
         }
-        sock.write_all(client_proof(key, purpose, mode, &nc, &ns).as_bytes())
+        sock.write_all(client_proof(key, purpose, granted, &nc, &ns).as_bytes())
             .await?;
         sock.flush().await?;
         let mut verdict = [0u8; SERVER_MSG_LEN];
@@ -272,9 +304,9 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         match parse_server_msg(&verdict)? {
             (STATUS_OK, _, proof)
                 if blake3::Hash::from_bytes(proof)
-                    == server_proof(key, purpose, mode, &nc, &ns) =>
+                    == server_proof(key, purpose, granted, &nc, &ns) =>
             {
-                Ok(Session::derive(key, purpose, mode, &nc, &ns))
+                Ok(Session::derive(key, purpose, granted, &nc, &ns))
             }
             // A server that accepted our proof but cannot prove itself
             // holds another key (or is an impostor).
@@ -303,32 +335,32 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(AuthError::WrongPurpose(purpose));
         }
         sock.read_exact(&mut hello[6..]).await?;
-        let mode = mode_of(hello[6]);
-        if require_encryption && mode != WireMode::Encrypted {
+        let format = format_of(hello[6]);
+        if require_encryption && format.mode() != WireMode::Encrypted {
             let _ = sock
-                .write_all(&server_msg(STATUS_ENCRYPTION_REQUIRED, mode, &[0; 32]))
+                .write_all(&server_msg(STATUS_ENCRYPTION_REQUIRED, format, &[0; 32]))
                 .await;
             let _ = sock.flush().await;
             return Err(AuthError::EncryptionRequired);
         }
         let nc: [u8; 32] = hello[8..].try_into().expect("32 bytes");
         let ns: [u8; 32] = rand::random();
-        sock.write_all(&server_msg(STATUS_OK, mode, &ns)).await?;
+        sock.write_all(&server_msg(STATUS_OK, format, &ns)).await?;
         sock.flush().await?;
         let mut proof = [0u8; PROOF_LEN];
         sock.read_exact(&mut proof).await?;
-        if blake3::Hash::from_bytes(proof) != client_proof(key, purpose, mode, &nc, &ns) {
+        if blake3::Hash::from_bytes(proof) != client_proof(key, purpose, format, &nc, &ns) {
             let _ = sock
-                .write_all(&server_msg(STATUS_WRONG_KEY, mode, &[0; 32]))
+                .write_all(&server_msg(STATUS_WRONG_KEY, format, &[0; 32]))
                 .await;
             let _ = sock.flush().await;
             return Err(AuthError::WrongKey);
         }
-        let proof = server_proof(key, purpose, mode, &nc, &ns);
-        sock.write_all(&server_msg(STATUS_OK, mode, proof.as_bytes()))
+        let proof = server_proof(key, purpose, format, &nc, &ns);
+        sock.write_all(&server_msg(STATUS_OK, format, proof.as_bytes()))
             .await?;
         sock.flush().await?;
-        Ok(Session::derive(key, purpose, mode, &nc, &ns))
+        Ok(Session::derive(key, purpose, format, &nc, &ns))
     })
     .await
 }
@@ -342,6 +374,7 @@ pub async fn refuse_keyed_client<S: AsyncWrite + Unpin>(sock: &mut S) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Sealed;
     use tokio::io::duplex;
 
     fn keys() -> (ClusterKey, ClusterKey) {
@@ -368,6 +401,58 @@ mod tests {
         assert_eq!(session.c2s, theirs.c2s);
         assert_eq!(session.s2c, theirs.s2c);
         assert_ne!(session.c2s, session.s2c);
+        let trailing = RecordFormat::Mac(TagLayout::Trailing);
+        assert_eq!((session.format(), theirs.format()), (trailing, trailing));
+    }
+
+    /// strata's first keyed release ignores byte 6 of a hello and grants
+    /// 0, and its clients send 0: a relay that zeroes the byte makes each
+    /// side meet exactly that peer. Both fall back to the leading tag
+    /// layout and records flow both ways.
+    #[tokio::test]
+    async fn a_peer_of_the_first_keyed_release_gets_leading_tags_and_works() {
+        let (key, _) = keys();
+        let (mut c, mut m1) = duplex(4096);
+        let (mut m2, mut s) = duplex(4096);
+        let server_key = key.clone();
+        let server = tokio::spawn(async move {
+            let r = server_handshake(&mut s, &server_key, Purpose::Data, false).await;
+            (r, s)
+        });
+        let relay = tokio::spawn(async move {
+            let mut hello = [0u8; CLIENT_HELLO_LEN];
+            m1.read_exact(&mut hello).await.unwrap();
+            assert_eq!(hello[6], FLAG_TRAILING_TAG);
+            hello[6] = 0;
+            m2.write_all(&hello).await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut m1, &mut m2).await;
+        });
+        let ours = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity)
+            .await
+            .unwrap();
+        let (theirs, s) = server.await.unwrap();
+        let theirs = theirs.unwrap();
+        let leading = RecordFormat::Mac(TagLayout::Leading);
+        assert_eq!((ours.format(), theirs.format()), (leading, leading));
+        // The old layout's proofs are the first release's: nothing extra
+        // is hashed for it.
+        assert_eq!(ours.c2s, theirs.c2s);
+
+        let (cr, cw) = ours.client();
+        let (sr, sw) = theirs.server();
+        let mut c = Sealed::Sealed(c, Box::new(cr), Box::new(cw));
+        let mut s = Sealed::Sealed(s, Box::new(sr), Box::new(sw));
+        c.write_all(b"to the old server").await.unwrap();
+        c.flush().await.unwrap();
+        let mut got = [0u8; 17];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"to the old server");
+        s.write_all(b"and back").await.unwrap();
+        s.flush().await.unwrap();
+        let mut got = [0u8; 8];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"and back");
+        relay.abort();
     }
 
     #[tokio::test]
@@ -393,14 +478,22 @@ mod tests {
         let rogue = tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             s.read_exact(&mut hello).await.unwrap();
-            s.write_all(&server_msg(STATUS_OK, WireMode::Integrity, &[1; 32]))
-                .await
-                .unwrap();
+            s.write_all(&server_msg(
+                STATUS_OK,
+                RecordFormat::Mac(TagLayout::Leading),
+                &[1; 32],
+            ))
+            .await
+            .unwrap();
             let mut proof = [0u8; PROOF_LEN];
             s.read_exact(&mut proof).await.unwrap();
-            s.write_all(&server_msg(STATUS_OK, WireMode::Integrity, &[2; 32]))
-                .await
-                .unwrap();
+            s.write_all(&server_msg(
+                STATUS_OK,
+                RecordFormat::Mac(TagLayout::Leading),
+                &[2; 32],
+            ))
+            .await
+            .unwrap();
             s
         });
         let client = client_handshake(&mut c, &key, Purpose::Data, WireMode::Integrity).await;
@@ -430,9 +523,13 @@ mod tests {
         let recorder = tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             s1.read_exact(&mut hello).await.unwrap();
-            s1.write_all(&server_msg(STATUS_OK, WireMode::Integrity, &[3; 32]))
-                .await
-                .unwrap();
+            s1.write_all(&server_msg(
+                STATUS_OK,
+                RecordFormat::Mac(TagLayout::Leading),
+                &[3; 32],
+            ))
+            .await
+            .unwrap();
             let mut proof = [0u8; PROOF_LEN];
             s1.read_exact(&mut proof).await.unwrap();
             (hello, proof)
@@ -461,7 +558,7 @@ mod tests {
         let (key, _) = keys();
         for bytes in [
             &b"STRA"[..],
-            &hello(Purpose::Data, WireMode::Integrity, &[0; 32])[..20],
+            &hello(Purpose::Data, asked(WireMode::Integrity), &[0; 32])[..20],
             b"GET / HTTP/1.1\r\n\r\n",
         ] {
             let (mut c, mut s) = duplex(1024);
@@ -578,10 +675,11 @@ mod tests {
             assert_eq!(theirs.mode(), WireMode::Encrypted);
             assert_eq!(ours.c2s, theirs.c2s);
             // Other keys than the integrity mode's for the same nonces.
-            let plain =
-                Session::derive(&key, Purpose::Data, WireMode::Integrity, &[0; 32], &[0; 32]);
-            let enc = Session::derive(&key, Purpose::Data, WireMode::Encrypted, &[0; 32], &[0; 32]);
-            assert_ne!(plain.c2s, enc.c2s);
+            let derive = |f| Session::derive(&key, Purpose::Data, f, &[0; 32], &[0; 32]).c2s;
+            let leading = derive(RecordFormat::Mac(TagLayout::Leading));
+            let trailing = derive(RecordFormat::Mac(TagLayout::Trailing));
+            let enc = derive(RecordFormat::AesGcm);
+            assert!(leading != trailing && trailing != enc && enc != leading);
         }
     }
 
@@ -642,7 +740,7 @@ mod tests {
         tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             s.read_exact(&mut hello).await.unwrap();
-            let old = server_msg(STATUS_OK, WireMode::Integrity, &[4; 32]);
+            let old = server_msg(STATUS_OK, RecordFormat::Mac(TagLayout::Leading), &[4; 32]);
             s.write_all(&old).await.unwrap();
             let mut proof = [0u8; PROOF_LEN];
             let _ = s.read_exact(&mut proof).await;

@@ -55,8 +55,8 @@ pub use handshake::{
 };
 pub use key::{ClusterKey, KeyError};
 pub use record::{
-    open_record, seal_record, AuthReader, AuthWriter, RecordError, RecordKey, Sealed, SealedRead,
-    SealedWrite, WireMode, MAX_RECORD, TAG_LEN,
+    open_record, seal_record, AuthReader, AuthWriter, RecordError, RecordFormat, RecordKey, Sealed,
+    SealedRead, SealedWrite, TagLayout, WireMode, MAX_RECORD, TAG_LEN,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
