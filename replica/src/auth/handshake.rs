@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::key::ClusterKey;
-use super::record::{RecordFormat, RecordKey, SealedRead, SealedWrite, TagLayout, WireMode};
+use super::record::{
+    hardware_gmac, RecordFormat, RecordKey, SealedRead, SealedWrite, TagLayout, WireMode,
+};
 
 /// First bytes of a client hello.
 pub const MAGIC_CLIENT: &[u8; 4] = b"STRA";
@@ -35,18 +37,27 @@ const FLAG_ENCRYPT: u8 = 1;
 /// Integrity records with the sequence number after the payload in the
 /// tag ([`TagLayout::Trailing`]).
 const FLAG_TRAILING_TAG: u8 = 2;
+/// In a hello: the client computes GMAC in hardware and prefers it to
+/// BLAKE3. In a challenge: integrity records with GMAC tags.
+const FLAG_GMAC: u8 = 4;
 
+/// The byte a server grants, or a client whose hello asks for exactly
+/// one format sends.
 fn flags(format: RecordFormat) -> u8 {
     match format {
         RecordFormat::Mac(TagLayout::Leading) => 0,
         RecordFormat::Mac(TagLayout::Trailing) => FLAG_TRAILING_TAG,
+        RecordFormat::Gmac => FLAG_GMAC,
         RecordFormat::AesGcm => FLAG_ENCRYPT,
     }
 }
 
-fn format_of(flags: u8) -> RecordFormat {
+/// What a server's byte grants.
+fn granted_format(flags: u8) -> RecordFormat {
     if flags & FLAG_ENCRYPT != 0 {
         RecordFormat::AesGcm
+    } else if flags & FLAG_GMAC != 0 {
+        RecordFormat::Gmac
     } else if flags & FLAG_TRAILING_TAG != 0 {
         RecordFormat::Mac(TagLayout::Trailing)
     } else {
@@ -54,11 +65,40 @@ fn format_of(flags: u8) -> RecordFormat {
     }
 }
 
-/// The format a client asks for in `mode`: the newest it speaks.
-fn asked(mode: WireMode) -> RecordFormat {
+/// A client's hello byte for `mode`: every format it speaks, GMAC only
+/// when its CPU has the instructions for it (`gmac`).
+fn hello_flags(mode: WireMode, gmac: bool) -> u8 {
     match mode {
-        WireMode::Integrity => RecordFormat::Mac(TagLayout::Trailing),
-        WireMode::Encrypted => RecordFormat::AesGcm,
+        WireMode::Encrypted => FLAG_ENCRYPT,
+        WireMode::Integrity if gmac => FLAG_TRAILING_TAG | FLAG_GMAC,
+        WireMode::Integrity => FLAG_TRAILING_TAG,
+    }
+}
+
+/// The format a server grants for a hello byte: GMAC when both ends
+/// have the instructions for it (`gmac` is the server's side), then the
+/// trailing BLAKE3 tag, then the leading one for a client of the first
+/// keyed release (which sends 0).
+fn grant(hello: u8, gmac: bool) -> RecordFormat {
+    if hello & FLAG_ENCRYPT != 0 {
+        RecordFormat::AesGcm
+    } else if hello & FLAG_GMAC != 0 && gmac {
+        RecordFormat::Gmac
+    } else if hello & FLAG_TRAILING_TAG != 0 {
+        RecordFormat::Mac(TagLayout::Trailing)
+    } else {
+        RecordFormat::Mac(TagLayout::Leading)
+    }
+}
+
+/// Whether a client that sent `hello` accepts `granted`: one of the
+/// formats it asked for, or the leading tag layout of an older server.
+fn acceptable(hello: u8, granted: RecordFormat) -> bool {
+    match granted {
+        RecordFormat::AesGcm => hello & FLAG_ENCRYPT != 0,
+        RecordFormat::Gmac => hello & FLAG_GMAC != 0,
+        RecordFormat::Mac(TagLayout::Trailing) => hello & FLAG_TRAILING_TAG != 0,
+        RecordFormat::Mac(TagLayout::Leading) => hello & FLAG_ENCRYPT == 0,
     }
 }
 
@@ -198,6 +238,9 @@ fn mac(
         RecordFormat::Mac(TagLayout::Trailing) => {
             h.update(b"trailing record tags");
         }
+        RecordFormat::Gmac => {
+            h.update(b"gmac record tags");
+        }
         RecordFormat::AesGcm => {
             h.update(b"encrypted records");
         }
@@ -227,12 +270,12 @@ fn server_proof(
     mac(key, b"proof server", purpose, format, nc, ns)
 }
 
-fn hello(purpose: Purpose, format: RecordFormat, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
+fn hello(purpose: Purpose, flags: u8, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
     let mut m = [0u8; CLIENT_HELLO_LEN];
     m[..4].copy_from_slice(MAGIC_CLIENT);
     m[4] = VERSION;
     m[5] = purpose as u8;
-    m[6] = flags(format);
+    m[6] = flags;
     m[8..].copy_from_slice(nc);
     m
 }
@@ -252,7 +295,11 @@ fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, RecordFormat, [u8; 
     if &m[..4] != MAGIC_SERVER || m[4] != VERSION {
         return Err(AuthError::Malformed);
     }
-    Ok((m[5], format_of(m[6]), m[8..].try_into().expect("32 bytes")))
+    Ok((
+        m[5],
+        granted_format(m[6]),
+        m[8..].try_into().expect("32 bytes"),
+    ))
 }
 
 async fn timed<T>(
@@ -274,7 +321,8 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Session, AuthError> {
     timed(async {
         let nc: [u8; 32] = rand::random();
-        sock.write_all(&hello(purpose, asked(mode), &nc)).await?;
+        let asked = hello_flags(mode, hardware_gmac());
+        sock.write_all(&hello(purpose, asked, &nc)).await?;
         sock.flush().await?;
         let mut msg = [0u8; SERVER_MSG_LEN];
         sock.read_exact(&mut msg[..4]).await?;
@@ -288,9 +336,9 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             STATUS_ENCRYPTION_REQUIRED => return Err(AuthError::EncryptionRequired),
             _ => return Err(AuthError::Malformed),
         }
-        // An older server grants the leading tag layout; any other
-        // answer than the asked mode is refused.
-        if granted.mode() != mode {
+        // An older server grants the leading tag layout; a format not
+        // asked for is refused.
+        if granted.mode() != mode || !acceptable(asked, granted) {
             return Err(match mode {
                 WireMode::Encrypted => AuthError::EncryptionUnsupported,
                 WireMode::Integrity => AuthError::Malformed,
@@ -335,7 +383,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(AuthError::WrongPurpose(purpose));
         }
         sock.read_exact(&mut hello[6..]).await?;
-        let format = format_of(hello[6]);
+        let format = grant(hello[6], hardware_gmac());
         if require_encryption && format.mode() != WireMode::Encrypted {
             let _ = sock
                 .write_all(&server_msg(STATUS_ENCRYPTION_REQUIRED, format, &[0; 32]))
@@ -401,16 +449,51 @@ mod tests {
         assert_eq!(session.c2s, theirs.c2s);
         assert_eq!(session.s2c, theirs.s2c);
         assert_ne!(session.c2s, session.s2c);
-        let trailing = RecordFormat::Mac(TagLayout::Trailing);
-        assert_eq!((session.format(), theirs.format()), (trailing, trailing));
+        let best = if hardware_gmac() {
+            RecordFormat::Gmac
+        } else {
+            RecordFormat::Mac(TagLayout::Trailing)
+        };
+        assert_eq!((session.format(), theirs.format()), (best, best));
     }
 
-    /// strata's first keyed release ignores byte 6 of a hello and grants
-    /// 0, and its clients send 0: a relay that zeroes the byte makes each
-    /// side meet exactly that peer. Both fall back to the leading tag
-    /// layout and records flow both ways.
-    #[tokio::test]
-    async fn a_peer_of_the_first_keyed_release_gets_leading_tags_and_works() {
+    #[test]
+    fn servers_grant_the_fastest_format_both_ends_speak() {
+        use RecordFormat::*;
+        let (lead, trail) = (Mac(TagLayout::Leading), Mac(TagLayout::Trailing));
+        // (client's CPU has GMAC, server's has, mode) -> granted
+        for (client_hw, server_hw, want) in [
+            (true, true, Gmac),
+            (true, false, trail),
+            (false, true, trail),
+            (false, false, trail),
+        ] {
+            let hello = hello_flags(WireMode::Integrity, client_hw);
+            assert_eq!(grant(hello, server_hw), want, "{client_hw} {server_hw}");
+            assert!(acceptable(hello, want));
+        }
+        for hw in [false, true] {
+            let hello = hello_flags(WireMode::Encrypted, hw);
+            assert_eq!(grant(hello, hw), AesGcm);
+            assert!(acceptable(hello, AesGcm));
+            assert!(!acceptable(hello, lead) && !acceptable(hello, Gmac));
+            // A client of the first keyed release sends 0.
+            assert_eq!(grant(0, hw), lead);
+        }
+        // An older server's 0 is accepted by an integrity client; formats
+        // it did not ask for are not.
+        assert!(acceptable(hello_flags(WireMode::Integrity, true), lead));
+        assert!(!acceptable(hello_flags(WireMode::Integrity, false), Gmac));
+        assert!(!acceptable(hello_flags(WireMode::Integrity, true), AesGcm));
+        for f in [lead, trail, Gmac, AesGcm] {
+            assert_eq!(granted_format(flags(f)), f);
+        }
+    }
+
+    /// A client and a server whose hello byte 6 a relay rewrites with
+    /// `rewrite`: the sessions both sides agree on, after checking that
+    /// records flow both ways in them.
+    async fn relayed(rewrite: fn(u8) -> u8) -> (RecordFormat, RecordFormat) {
         let (key, _) = keys();
         let (mut c, mut m1) = duplex(4096);
         let (mut m2, mut s) = duplex(4096);
@@ -422,8 +505,7 @@ mod tests {
         let relay = tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             m1.read_exact(&mut hello).await.unwrap();
-            assert_eq!(hello[6], FLAG_TRAILING_TAG);
-            hello[6] = 0;
+            hello[6] = rewrite(hello[6]);
             m2.write_all(&hello).await.unwrap();
             let _ = tokio::io::copy_bidirectional(&mut m1, &mut m2).await;
         });
@@ -432,27 +514,43 @@ mod tests {
             .unwrap();
         let (theirs, s) = server.await.unwrap();
         let theirs = theirs.unwrap();
-        let leading = RecordFormat::Mac(TagLayout::Leading);
-        assert_eq!((ours.format(), theirs.format()), (leading, leading));
-        // The old layout's proofs are the first release's: nothing extra
-        // is hashed for it.
         assert_eq!(ours.c2s, theirs.c2s);
 
         let (cr, cw) = ours.client();
         let (sr, sw) = theirs.server();
         let mut c = Sealed::Sealed(c, Box::new(cr), Box::new(cw));
         let mut s = Sealed::Sealed(s, Box::new(sr), Box::new(sw));
-        c.write_all(b"to the old server").await.unwrap();
+        c.write_all(b"to the server").await.unwrap();
         c.flush().await.unwrap();
-        let mut got = [0u8; 17];
+        let mut got = [0u8; 13];
         s.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"to the old server");
+        assert_eq!(&got, b"to the server");
         s.write_all(b"and back").await.unwrap();
         s.flush().await.unwrap();
         let mut got = [0u8; 8];
         c.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"and back");
         relay.abort();
+        (ours.format(), theirs.format())
+    }
+
+    /// strata's first keyed release ignores byte 6 of a hello and grants
+    /// 0, and its clients send 0: a relay that zeroes the byte makes each
+    /// side meet exactly that peer. Both fall back to the leading tag
+    /// layout (whose proofs hash nothing extra, as the first release's)
+    /// and records flow both ways.
+    #[tokio::test]
+    async fn a_peer_of_the_first_keyed_release_gets_leading_tags_and_works() {
+        let leading = RecordFormat::Mac(TagLayout::Leading);
+        assert_eq!(relayed(|_| 0).await, (leading, leading));
+    }
+
+    /// A client whose CPU has no AES instructions does not offer GMAC: the
+    /// two sides agree on the trailing BLAKE3 tag.
+    #[tokio::test]
+    async fn a_client_without_gmac_gets_blake3_tags_and_works() {
+        let trailing = RecordFormat::Mac(TagLayout::Trailing);
+        assert_eq!(relayed(|b| b & !FLAG_GMAC).await, (trailing, trailing));
     }
 
     #[tokio::test]
@@ -558,7 +656,7 @@ mod tests {
         let (key, _) = keys();
         for bytes in [
             &b"STRA"[..],
-            &hello(Purpose::Data, asked(WireMode::Integrity), &[0; 32])[..20],
+            &hello(Purpose::Data, FLAG_TRAILING_TAG, &[0; 32])[..20],
             b"GET / HTTP/1.1\r\n\r\n",
         ] {
             let (mut c, mut s) = duplex(1024);
