@@ -345,7 +345,17 @@ async fn run(ops: Vec<Op>) -> Result<(), String> {
     let mut c = ctl.ok_or("no controller could start with every replica back")?;
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut restarted = false;
-    while c.volume.state() != "healthy" {
+    // Healthy, and no replica's connection closed unnoticed: the recovery
+    // loop finds a connection that dropped while the volume was idle (the
+    // last op may have stopped a replica) within its 200 ms poll, not at
+    // once, and until then the volume still counts that replica healthy.
+    let settled = |v: &Volume| {
+        v.state() == "healthy"
+            && v.slots()
+                .iter()
+                .all(|s| s.healthy_client().is_some_and(|c| !c.is_closed()))
+    };
+    while !settled(&c.volume) {
         if tokio::time::Instant::now() > deadline {
             // With no healthy replica left to copy from, a running
             // controller cannot heal (documented); a restart assembles the
