@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use strata_controller::frontend::iscsi::cdb;
+use strata_controller::frontend::scsi::cdb;
 use strata_controller::frontend::iscsi::dataout::PendingWrite;
 use strata_controller::frontend::iscsi::login::Params;
 use strata_controller::frontend::iscsi::pdu::{check_frame, parse_request, Digests, Request};
