@@ -52,17 +52,11 @@ fn flags(format: RecordFormat) -> u8 {
     }
 }
 
-/// What a server's byte grants.
+/// What a server's byte grants: the one format whose bit it carries (0
+/// from a server of the first keyed release), read as a hello would be by
+/// a server that speaks everything.
 fn granted_format(flags: u8) -> RecordFormat {
-    if flags & FLAG_ENCRYPT != 0 {
-        RecordFormat::AesGcm
-    } else if flags & FLAG_GMAC != 0 {
-        RecordFormat::Gmac
-    } else if flags & FLAG_TRAILING_TAG != 0 {
-        RecordFormat::Mac(TagLayout::Trailing)
-    } else {
-        RecordFormat::Mac(TagLayout::Leading)
-    }
+    grant(flags, true)
 }
 
 /// A client's hello byte for `mode`: every format it speaks, GMAC only
