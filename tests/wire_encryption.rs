@@ -2,8 +2,9 @@
 //! processes, a relay in front of one of them that records every byte both
 //! ways, and a keyed `controller serve` used by qemu-io over NBD. Without
 //! `--encrypt-replica-wire` the written pattern crosses the relay as it is;
-//! with it the pattern never appears, and the data reads back. A replica
-//! with `--require-wire-encryption` refuses a controller that does not
+//! with it the pattern never appears, and the data reads back, also in
+//! the copies that resync a returning replica. A replica with
+//! `--require-wire-encryption` refuses a controller that does not
 //! encrypt.
 
 mod common;
@@ -27,6 +28,11 @@ fn key_init(path: &Path) {
 
 fn replica(dir: &Path, i: usize, key: &Path, extra: &[&str]) -> (SocketAddr, Proc) {
     let addr = free_addr();
+    (addr, replica_at(addr, dir, i, key, extra))
+}
+
+/// Replica `i` (its directory under `dir`) serving on `addr`.
+fn replica_at(addr: SocketAddr, dir: &Path, i: usize, key: &Path, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "replica".into(),
         "serve".into(),
@@ -40,7 +46,7 @@ fn replica(dir: &Path, i: usize, key: &Path, extra: &[&str]) -> (SocketAddr, Pro
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = Proc::spawn(&format!("replica-{i}"), &args, dir);
     wait_listening(addr, &mut p, 20);
-    (addr, p)
+    p
 }
 
 fn controller(
@@ -50,7 +56,19 @@ fn controller(
     key: &Path,
     encrypt: bool,
 ) -> (SocketAddr, Proc) {
-    let nbd = free_addr();
+    let (nbd, _, p) = controller_with_control(dir, name, replicas, key, encrypt);
+    (nbd, p)
+}
+
+/// [`controller`], also returning its management address.
+fn controller_with_control(
+    dir: &Path,
+    name: &str,
+    replicas: &[SocketAddr],
+    key: &Path,
+    encrypt: bool,
+) -> (SocketAddr, SocketAddr, Proc) {
+    let (nbd, control) = (free_addr(), free_addr());
     let mut args: Vec<String> = vec![
         "controller".into(),
         "serve".into(),
@@ -59,7 +77,7 @@ fn controller(
         "--nbd".into(),
         nbd.to_string(),
         "--control".into(),
-        free_addr().to_string(),
+        control.to_string(),
         "--metrics".into(),
         free_addr().to_string(),
         "--create-size".into(),
@@ -76,7 +94,7 @@ fn controller(
     if encrypt {
         args.push("--encrypt-replica-wire".into());
     }
-    (nbd, Proc::spawn(name, &args, dir))
+    (nbd, control, Proc::spawn(name, &args, dir))
 }
 
 /// A TCP relay to `target` for any number of connections, recording the
@@ -259,6 +277,79 @@ fn a_replica_requiring_encryption_refuses_a_plain_controller() {
     wait_listening(nbd, &mut c, 30);
     qemu_io(nbd, "write -P 0x5a 0 64k");
     qemu_io(nbd, "read -P 0x5a 0 64k");
+    assert!(
+        c.terminate(30),
+        "controller did not stop:\n{}",
+        c.log_text()
+    );
+}
+
+/// The copies that bring a replica back (its resync after a restart) go
+/// through encrypted records too: the replica behind the relay is stopped,
+/// the volume written without it, and the relay, cleared, records its
+/// return until the volume is healthy.
+#[test]
+fn a_returning_replica_is_resynced_through_encrypted_records() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    key_init(&key);
+    let (r0, mut p0) = replica(dir.path(), 0, &key, &[]);
+    let (r1, _p1) = replica(dir.path(), 1, &key, &[]);
+    let (r2, _p2) = replica(dir.path(), 2, &key, &[]);
+    let (relay, recorded) = recording_relay(r0);
+    let (nbd, control, mut c) =
+        controller_with_control(dir.path(), "controller", &[relay, r1, r2], &key, true);
+    wait_listening(nbd, &mut c, 30);
+    qemu_io(nbd, "write -P 0x11 0 1M");
+
+    p0.kill9();
+    qemu_io(nbd, "write -P 0x77 4M 4M");
+    recorded.lock().unwrap().clear();
+    let _p0 = replica_at(r0, dir.path(), 0, &key, &[]);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = run(
+            strata_bin().to_str().unwrap(),
+            &[
+                "--cluster-key-file",
+                key.to_str().unwrap(),
+                "volume",
+                "status",
+                "--json",
+                "--controller",
+                &control.to_string(),
+            ],
+            30,
+        );
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if status["state"] == "healthy" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not healthy after 60 s: {status}\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let resync = std::mem::take(&mut *recorded.lock().unwrap());
+    eprintln!(
+        "resync: {} bytes relayed, longest run of 0x77 {}",
+        resync.len(),
+        longest_run(&resync, 0x77)
+    );
+    assert!(
+        resync.len() >= 4 << 20,
+        "the 4 MiB written without the replica did not cross the relay ({} bytes)",
+        resync.len()
+    );
+    let run = longest_run(&resync, 0x77);
+    assert!(run < 32, "a run of {run} bytes 0x77 crossed the wire");
+    qemu_io(nbd, "read -P 0x77 4M 4M");
+    qemu_io(nbd, "read -P 0x11 0 1M");
     assert!(
         c.terminate(30),
         "controller did not stop:\n{}",
