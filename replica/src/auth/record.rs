@@ -182,7 +182,7 @@ enum Cipher {
 
 impl std::fmt::Debug for RecordKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RecordKey({:?})", self.mode())
+        write!(f, "RecordKey({:?})", self.format())
     }
 }
 
@@ -205,10 +205,12 @@ impl RecordKey {
         }
     }
 
-    pub fn mode(&self) -> WireMode {
+    /// The format this key seals and opens.
+    pub fn format(&self) -> RecordFormat {
         match self.0 {
-            Cipher::Mac(..) | Cipher::Gmac(_) => WireMode::Integrity,
-            Cipher::Aead(_) => WireMode::Encrypted,
+            Cipher::Mac(_, layout) => RecordFormat::Mac(layout),
+            Cipher::Gmac(_) => RecordFormat::Gmac,
+            Cipher::Aead(_) => RecordFormat::AesGcm,
         }
     }
 
