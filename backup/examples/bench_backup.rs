@@ -129,6 +129,10 @@ fn options() -> anyhow::Result<TargetOptions> {
             Ok(v) => v.parse()?,
             Err(_) => strata_backup::TargetOptions::default().chunk_size,
         },
+        parallel: match std::env::var("STRATA_PARALLEL") {
+            Ok(v) => v.parse()?,
+            Err(_) => strata_backup::TargetOptions::default().parallel,
+        },
         ..Default::default()
     })
 }

@@ -25,14 +25,13 @@
 
 use std::borrow::Cow;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use bytes::Bytes;
+
+use crate::xchacha::{XChaCha20Poly1305, NONCE, TAG};
 
 pub const MAGIC: &[u8; 4] = b"STRB";
 const VERSION: u8 = 1;
 const HEADER: usize = 12;
-const NONCE: usize = 24;
-const TAG: usize = 16;
 const SUM: usize = 32;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 2;
@@ -88,7 +87,7 @@ impl Keys {
         Self {
             hash_key,
             sum_key: blake3::derive_key("strata-backup v1 object checksum", &hash_key),
-            aead: enc_key.map(|k| XChaCha20Poly1305::new(&k.into())),
+            aead: enc_key.map(XChaCha20Poly1305::new),
             level: 3,
         }
     }
@@ -174,9 +173,7 @@ impl Keys {
                 // buffer and no copy of the ciphertext.
                 let at = out.len();
                 out.extend_from_slice(payload);
-                let tag = aead
-                    .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut out[at..])
-                    .map_err(|_| "encryption failed".to_string())?;
+                let tag = aead.seal_in_place(&nonce, &aad, &mut out[at..]);
                 out.extend_from_slice(&tag);
             }
             None => {
@@ -200,7 +197,7 @@ impl Keys {
         name: &str,
         obj: &[u8],
         max_len: usize,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Bytes, String> {
         let opened = self.authenticate(kind, name, Cow::Borrowed(obj), max_len)?;
         Self::decompress(opened)
     }
@@ -247,9 +244,9 @@ impl Keys {
                 aad.extend_from_slice(name.as_bytes());
                 let mut buf = obj.into_owned();
                 let (start, end) = (HEADER + NONCE, buf.len() - TAG);
-                let nonce = *XNonce::from_slice(&buf[HEADER..start]);
-                let tag = *Tag::from_slice(&buf[end..]);
-                aead.decrypt_in_place_detached(&nonce, &aad, &mut buf[start..end], &tag)
+                let nonce: [u8; NONCE] = buf[HEADER..start].try_into().expect("NONCE bytes");
+                let tag: [u8; TAG] = buf[end..].try_into().expect("TAG bytes");
+                aead.open_in_place(&nonce, &aad, &mut buf[start..end], &tag)
                     .map_err(|_| "authentication tag mismatch (damaged or altered)".to_string())?;
                 (Cow::Owned(buf), start, end)
             }
@@ -277,22 +274,20 @@ impl Keys {
 
     /// The second half of [`Keys::open`]: the plaintext of an authenticated
     /// object.
-    pub fn decompress(opened: Opened<'_>) -> Result<Vec<u8>, String> {
+    pub fn decompress(opened: Opened<'_>) -> Result<Bytes, String> {
         let raw_len = opened.raw_len;
         let (start, end) = (opened.start, opened.end);
         let plain = if opened.zstd {
-            zstd::bulk::decompress(&opened.buf[start..end], raw_len)
-                .map_err(|e| format!("zstd decompression failed: {e}"))?
+            Bytes::from(
+                zstd::bulk::decompress(&opened.buf[start..end], raw_len)
+                    .map_err(|e| format!("zstd decompression failed: {e}"))?,
+            )
         } else {
             match opened.buf {
-                // Stored as is: the plaintext is the payload, moved to the
-                // front of the buffer it was decrypted in.
-                Cow::Owned(mut buf) => {
-                    buf.copy_within(start..end, 0);
-                    buf.truncate(end - start);
-                    buf
-                }
-                Cow::Borrowed(b) => b[start..end].to_vec(),
+                // Stored as is: the plaintext is the payload, a view of the
+                // buffer it was decrypted in (no copy).
+                Cow::Owned(buf) => Bytes::from(buf).slice(start..end),
+                Cow::Borrowed(b) => Bytes::copy_from_slice(&b[start..end]),
             }
         };
         if plain.len() != raw_len {
@@ -390,11 +385,12 @@ mod tests {
         assert!(k.compress(&[0u8; 4096]).unwrap().is_some());
     }
 
-    /// Objects sealed before issue 20 (ciphertext built by `Aead::encrypt`
-    /// in its own buffer, zstd without a probe) still open.
+    /// Objects sealed before issue 20 (by the `chacha20poly1305` crate's
+    /// `Aead::encrypt` in its own buffer, zstd without a probe) still open.
     #[test]
     fn opens_objects_sealed_the_old_way() {
-        use chacha20poly1305::aead::{Aead, Payload};
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        use chacha20poly1305::{XChaCha20Poly1305, XNonce};
         let (hash_key, enc_key) = ([7u8; 32], [9u8; 32]);
         let k = Keys::new(hash_key, Some(enc_key));
         let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();

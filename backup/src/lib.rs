@@ -22,7 +22,7 @@
 //!   a keyed BLAKE3 hash of its plaintext; the key is per target (random in
 //!   `config`, or derived from the user's key), so every volume backed up to
 //!   one target deduplicates against every other, and names reveal nothing.
-//! - **Objects** (`envelope.rs`): zstd, then XChaCha20-Poly1305 when a key
+//! - **Objects** (`envelope.rs`, `xchacha.rs`): zstd, then XChaCha20-Poly1305 when a key
 //!   is configured, or a keyed checksum when not; the object's name is
 //!   authenticated with it.
 //! - **Manifests and index pages** (`format.rs`): one content-addressed
@@ -54,6 +54,7 @@ pub mod source;
 pub mod store;
 mod target;
 pub mod timing;
+mod xchacha;
 
 pub use admin::{forget, gc, list, remove, show, BackupInfo, ForgetReport, GcOptions, GcReport};
 pub use backup::{create_backup, BackupOptions, BackupSummary};

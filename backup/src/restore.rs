@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
@@ -243,7 +242,6 @@ async fn restore_chunk<K: RestoreSink>(
         });
     }
     ctx.read.fetch_add(c_len as u64, Ordering::Relaxed);
-    let data = Bytes::from(data);
     // On a zeroed sink only the runs of non-zero 4 KiB blocks are written
     // (usually the whole chunk, in one request).
     let runs = if ctx.zeroed {

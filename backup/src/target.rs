@@ -330,7 +330,7 @@ impl Target {
         kind: Kind,
         key: &str,
         max_len: usize,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Bytes> {
         let obj = self.store.get_required(key).await?;
         keys.open(kind, key, &obj, max_len)
             .map_err(|reason| BackupError::Corrupt {
@@ -346,7 +346,7 @@ impl Target {
         l: &Arc<Loaded>,
         id: ObjectId,
         timings: &Arc<Timings>,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Bytes> {
         let key = chunk_key(&id);
         let obj = timings
             .time_async(Stage::Download, self.store.get_required(&key))
