@@ -77,22 +77,33 @@ export AWS_ACCESS_KEY_ID=k AWS_SECRET_ACCESS_KEY=s AWS_REGION=us-east-1
 export STRATA_BACKUP_KEY=benchmark-key-0123456789abcdef RESTIC_PASSWORD=benchmark-password
 export STRATA_S3_ENDPOINT=$EP STRATA_LOG=warn
 RES=$WORK/results.txt; : >"$RES"
-ROWS=$WORK/rows.tsv; : >"$ROWS"     # round, row, seconds, peak RSS MiB, uploaded bytes
+ROWS=$WORK/rows.tsv; : >"$ROWS"     # round, row, seconds, peak RSS MiB, uploaded bytes, S3 requests, moto CPU ticks
 
 # run NAME CMD...: wall seconds and peak RSS into $WORK/NAME.time, stdout into $WORK/NAME.out.
 # Every row starts with no dirty pages (`sync`): otherwise a row pays for the
 # writeback of the one before it (the live restore right after the live
 # backups waited for the 3 replicas' gigabytes of writes: 9.5 s against 5.6 s).
+# Also counted per row: the S3 requests (moto logs one line per request)
+# and moto's CPU time, into $WORK/NAME.s3. moto answers every request with
+# `Connection: close` and starts a thread per connection, so each request
+# costs it a few milliseconds whatever its size: the request count is what
+# limits a restore on this server (BENCHMARKS.md).
+MOTO_PID=$(cat "$WORK/servers/moto.pid")
+moto_cpu() { awk '{print $14 + $15}' "/proc/$MOTO_PID/stat"; }
 run() {
     local name=$1; shift
     sync
+    local n0 c0
+    n0=$(wc -l <"$WORK/servers/moto.log"); c0=$(moto_cpu)
     /usr/bin/time -f "%e %M" -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
         echo "$name failed:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
+    echo "$(( $(wc -l <"$WORK/servers/moto.log") - n0 )) $(( $(moto_cpu) - c0 ))" >"$WORK/$name.s3"
 }
-# record ROUND ROW NAME [UPLOADED]: one line of rows.tsv from NAME.time
+# record ROUND ROW NAME [UPLOADED]: one line of rows.tsv from NAME.time and NAME.s3
 record() {
-    printf "%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$(cut -d' ' -f1 "$WORK/$3.time")" \
-        "$(( $(cut -d' ' -f2 "$WORK/$3.time") / 1024 ))" "${4:-}" >>"$ROWS"
+    printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$1" "$2" "$(cut -d' ' -f1 "$WORK/$3.time")" \
+        "$(( $(cut -d' ' -f2 "$WORK/$3.time") / 1024 ))" "${4:-}" \
+        "$(cut -d' ' -f1 "$WORK/$3.s3")" "$(cut -d' ' -f2 "$WORK/$3.s3")" >>"$ROWS"
 }
 json() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])[sys.argv[2]])" "$WORK/$1.out" "$2"; }
 jget() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$WORK/$1.out" "$2"; }
@@ -146,14 +157,17 @@ for r in $(seq 1 "$RUNS"); do
     run l_inc "$STRATA" backup create strata --target $L --controller "$CTL" --json
     record $r l_inc l_inc "$(jget l_inc bytes_uploaded)"
     LID=$(jget l_inc id)
+    UP_RSS=$(hwm $UP_A)
+    down $UP_A
+    rm -rf "$WORK/up"
+    # The CLI's restore to a file runs after the volume stopped: run beside
+    # it, the 3 replicas, still busy after the backups, took the 2 cores from
+    # it (6.2-9.8 s against 5.6 s alone). In a cluster they are on other nodes.
     rm -f "$WORK/live-restored.img"
     run l_restore "$STRATA" backup restore "$LID" --to-file "$WORK/live-restored.img" --target $L --json
     record $r l_restore l_restore
     cmp "$WORK/live-restored.img" "$WORK/full2.img" && echo "live restore to a file matches the image"
     rm -f "$WORK/live-restored.img"
-    UP_RSS=$(hwm $UP_A)
-    down $UP_A
-    rm -rf "$WORK/up"
     # Into a second, new 3-replica volume, through its controller.
     up "$WORK/up2" $((P + 10)) $((P + 11)) $((P + 12)); UP_B=$UP
     run l_restore_vol "$STRATA" backup restore "$LID" --to strata --controller 127.0.0.1:$((P + 11)) --target $L --json
@@ -164,7 +178,7 @@ for r in $(seq 1 "$RUNS"); do
     rm -f "$WORK/volume-read.img"
     down $UP_B
     rm -rf "$WORK/up2"
-    printf "%s\tup_rss\t%s\t%s\t%s\n" $r "$UP_RSS_WRITE" "$UP_RSS" "$UP2_RSS" >>"$ROWS"
+    printf "%s\tup_rss\t%s\t%s\t%s\t\t\n" $r "$UP_RSS_WRITE" "$UP_RSS" "$UP2_RSS" >>"$ROWS"
     for f in l_full l_inc l_restore l_restore_vol; do cp "$WORK/$f.out" "$WORK/$f.$r.out"; done
 
     echo "== round $r: restic"
@@ -184,17 +198,19 @@ for r in $(seq 1 "$RUNS"); do
 done
 
 python3 - "$ROWS" "$RUNS" <<'PY' | tee "$RES"
-import statistics, sys
+import os, statistics, sys
 rows, runs = sys.argv[1], int(sys.argv[2])
-t, rss, up, uprss = {}, {}, {}, []
+t, rss, up, uprss, req, mcpu = {}, {}, {}, [], {}, {}
+hz = os.sysconf("SC_CLK_TCK")
 for line in open(rows):
-    r, name, a, b, c = line.rstrip("\n").split("\t")
+    r, name, a, b, c, n, m = line.rstrip("\n").split("\t")
     if name == "up_rss":
         uprss.append((int(a), int(b), int(c)))
         continue
     t.setdefault(name, []).append(float(a)); rss.setdefault(name, []).append(int(b))
     if c:
         up.setdefault(name, []).append(int(c))
+    req.setdefault(name, []).append(int(n)); mcpu.setdefault(name, []).append(int(m) / hz)
 med = lambda v: statistics.median(v)
 def cell(v, fmt):
     return f"{fmt(med(v))} ({fmt(min(v))}-{fmt(max(v))})" if len(v) > 1 else fmt(v[0])
@@ -211,12 +227,16 @@ print(f"{'':<24} {'strata':>{W}} {'restic':>{W}} {'ratio':>8}")
 row("full backup (s)", "s_full", "r_full", t, sec)
 row("full uploaded (MiB)", "s_full", "r_full", up, mib, False)
 row("full peak RSS (MiB)", "s_full", "r_full", rss, whole, False)
+row("full S3 requests", "s_full", "r_full", req, whole, False)
 row("incr backup (s)", "s_inc", "r_inc", t, sec)
 row("incr uploaded (MiB)", "s_inc", "r_inc", up, mib, False)
 row("incr peak RSS (MiB)", "s_inc", "r_inc", rss, whole, False)
 row("restore to file (s)", "s_restore", "r_restore", t, sec)
 row("restore peak RSS (MiB)", "s_restore", "r_restore", rss, whole, False)
-print("(uploaded = bytes after compression and encryption; restic's = data_added)")
+row("restore S3 requests", "s_restore", "r_restore", req, whole, False)
+row("restore moto CPU (s)", "s_restore", "r_restore", mcpu, sec, False)
+print("(uploaded = bytes after compression and encryption; restic's = data_added;")
+print(" S3 requests and moto CPU: what the server did for the row)")
 print()
 print("live volume through the controller (strata up, 3 replicas; CLI process RSS):")
 print(f"{'':<24} {'strata live':>{W}} {'restic':>{W}} {'ratio':>8}")
@@ -227,6 +247,7 @@ row("incr uploaded (MiB)", "l_inc", "r_inc", up, mib, False)
 row("restore to file (s)", "l_restore", "r_restore", t, sec)
 row("restore peak RSS (MiB)", "l_restore", "r_restore", rss, whole, False)
 row("restore to volume (s)", "l_restore_vol", "r_restore", t, sec)
+row("restore S3 requests", "l_restore_vol", "r_restore", req, whole, False)
 w, a, b = zip(*uprss)
 print(f"strata up peak RSS (controller + 3 replicas, one process): {cell(list(w), whole)} MiB after writing")
 print(f"the data, {cell(list(a), whole)} MiB after the backups; the volume restored into: {cell(list(b), whole)} MiB")
