@@ -4,7 +4,7 @@
 //!
 //! A client dials with [`grpc_channel`]: with a key, each connection runs
 //! the handshake for the API's [`Purpose`] and HTTP/2 then travels inside
-//! authenticated records. A server takes each accepted connection through
+//! encrypted records (integrity-only with a server older than them). A server takes each accepted connection through
 //! [`accept_grpc`], which hands tonic a [`Sealed`] stream or refuses the
 //! peer with a message its client shows.
 
@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{
-    client_handshake, log_refusal, peek_up_to, refuse_keyed_client, server_handshake, ClusterKey,
-    Purpose, Sealed, ServerAuth, WireMode, MAGIC_CLIENT,
+    client_handshake, log_refusal, peek_up_to, refuse_keyed_client, server_handshake, AuthError,
+    ClusterKey, Purpose, Sealed, ServerAuth, WireMode, MAGIC_CLIENT,
 };
 
 /// The first bytes of an HTTP/2 connection (`PRI * HTTP/2.0`).
@@ -28,7 +28,14 @@ pub const CONTROLLER_KEY_REQUIRED: &str =
 
 /// A gRPC channel to the API for `purpose` at `addr`. With `key`, each of
 /// the channel's connections first runs the handshake and HTTP/2 then
-/// travels in authenticated records; without, a plain channel.
+/// travels in encrypted records (AES-256-GCM: management calls carry
+/// backup keys and S3 credentials); without, a plain channel.
+///
+/// A server older than encrypted records (it grants integrity-only
+/// records, which the first handshake refuses) is dialled again for
+/// integrity-only records, with a warning: an update that reaches the
+/// clients before the servers keeps working, and a relay that strips the
+/// request gets what every session had before, not less.
 pub async fn grpc_channel(
     endpoint: tonic::transport::Endpoint,
     addr: SocketAddr,
@@ -41,10 +48,26 @@ pub async fn grpc_channel(
     let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
         let key = key.clone();
         async move {
-            let mut sock = TcpStream::connect(addr).await?;
-            let _ = sock.set_nodelay(true);
-            let session = client_handshake(&mut sock, &key, purpose, WireMode::Integrity)
-                .await
+            let dial = || async {
+                let sock = TcpStream::connect(addr).await?;
+                let _ = sock.set_nodelay(true);
+                Ok::<_, std::io::Error>(sock)
+            };
+            let mut sock = dial().await?;
+            let session =
+                match client_handshake(&mut sock, &key, purpose, WireMode::Encrypted).await {
+                    Err(AuthError::EncryptionUnsupported) => {
+                        tracing::warn!(
+                            %addr,
+                            ?purpose,
+                            "the server does not offer encrypted gRPC records (an older strata): \
+                             this connection is integrity-only, readable on the network"
+                        );
+                        sock = dial().await?;
+                        client_handshake(&mut sock, &key, purpose, WireMode::Integrity).await
+                    }
+                    other => other,
+                }
                 .map_err(std::io::Error::other)?;
             let (rd, wr) = session.client();
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Sealed::Sealed(
