@@ -26,6 +26,7 @@
 # those binaries instead (e.g. an older build, for before/after figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/openssl-env.sh
 ROOT=$PWD
 WORK=${1:-$ROOT/bench-out/backup}
 rm -rf "$WORK"; mkdir -p "$WORK"

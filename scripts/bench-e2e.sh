@@ -12,6 +12,7 @@
 # never on the performance numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/openssl-env.sh
 
 need_apt=()
 for tool in fio:fio qemu-nbd:qemu-utils qemu-io:qemu-utils nbd-server:nbd-server; do

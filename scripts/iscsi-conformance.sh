@@ -15,6 +15,7 @@
 # Needs: libiscsi-bin, tgt (tgtd, tgtadm). Listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/openssl-env.sh
 
 WHICH=${1:-both}
 SIZE_MB=${SIZE_MB:-128}

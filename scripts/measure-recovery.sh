@@ -8,6 +8,7 @@
 # Usage: bash scripts/measure-recovery.sh (needs fio; STRATA_BIN=path skips the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/openssl-env.sh
 if [ -z "${STRATA_BIN:-}" ]; then
     cargo build --release --quiet --bin strata
 fi

@@ -17,14 +17,9 @@ for tool in iscsi-test-cu:libiscsi-bin tgtd:tgt curl:curl kubectl:kubectl openss
             pkg-config:pkg-config; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
-# NBD TLS links OpenSSL (the openssl crate). Without these variables cargo
-# builds OpenSSL from source (the `vendored` feature, about 2 minutes on 2
-# cores); with them it links Debian's libssl.a and libcrypto.a statically:
-# seconds to build, and no libssl.so.3 needed where the binary runs.
+# NBD TLS links OpenSSL statically from Debian's libssl-dev (scripts/openssl-env.sh).
 dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
-export OPENSSL_NO_VENDOR=1 OPENSSL_STATIC=1
-OPENSSL_LIB_DIR="/usr/lib/$(gcc -dumpmachine)"
-export OPENSSL_LIB_DIR OPENSSL_INCLUDE_DIR=/usr/include
+. scripts/openssl-env.sh
 # moto (the S3 server of the backup tests) goes into a Python venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # PyYAML: the Kubernetes scripts read rendered manifests.
