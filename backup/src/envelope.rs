@@ -173,7 +173,7 @@ impl Keys {
                 // buffer and no copy of the ciphertext.
                 let at = out.len();
                 out.extend_from_slice(payload);
-                let tag = aead.seal_in_place(&nonce, &aad, &mut out[at..]);
+                let tag = aead.seal_in_place(&nonce, &aad, &mut out[at..])?;
                 out.extend_from_slice(&tag);
             }
             None => {
