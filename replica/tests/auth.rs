@@ -84,39 +84,6 @@ async fn snapshot_state(addr: SocketAddr, key: &ClusterKey) -> (Bytes, String) {
     (data, meta)
 }
 
-/// A TCP proxy that records what the client sent.
-async fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let record = sent.clone();
-    tokio::spawn(async move {
-        let (client, _) = listener.accept().await.unwrap();
-        let server = TcpStream::connect(target).await.unwrap();
-        let (mut cr, mut cw) = client.into_split();
-        let (mut sr, mut sw) = server.into_split();
-        let up = async {
-            let mut buf = [0u8; 65536];
-            loop {
-                let n = cr.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    let _ = sw.shutdown().await;
-                    return;
-                }
-                record.lock().await.extend_from_slice(&buf[..n]);
-                if sw.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        };
-        let down = async {
-            let _ = tokio::io::copy(&mut sr, &mut cw).await;
-        };
-        tokio::join!(up, down);
-    });
-    (addr, sent)
-}
-
 /// Sends `bytes` on a new connection and returns what came back before the
 /// server closed it.
 async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
@@ -158,7 +125,7 @@ async fn a_keyed_replica_serves_only_the_right_key() {
     assert_eq!(client.read(0, 4096).await.unwrap(), pattern(0xa1));
 
     // Record a real authenticated session that writes 0xb2 at 4096...
-    let (proxy, recorded) = recording_proxy(n.addr).await;
+    let (proxy, recorded) = relay(n.addr, false).await;
     let proxied = ReplicaClient::connect_with(proxy, "vol", 1, T, Some(&key))
         .await
         .unwrap();
