@@ -5,13 +5,21 @@
 //! depends on another backup's manifest after it has read its parent's
 //! pages, and the chunks stay until gc. `gc` is mark and sweep over object
 //! listings: it reads every manifest and every index page it names (small
-//! metadata, each page once), never a chunk; then it lists `chunks/` and
-//! `index/` and deletes what no manifest reaches. Its cost grows with the
-//! number of manifests, pages and listed objects. It coordinates with
-//! running backups and restores through `locks.rs`: with a live one it
-//! deletes nothing and says which lock deferred it.
+//! metadata, each page once) and every pack index; then it lists `packs/`,
+//! `chunks/` and `index/`. It deletes the packs and objects no manifest
+//! reaches, and repacks a pack whose unused share is
+//! [`GcOptions::repack_unused_percent`] or more: its chunks still in use
+//! are copied into new packs (the only data gc reads), and the old pack is
+//! deleted. Then it writes one merged pack index (split every 65536
+//! chunks) in place of the ones it read. The order keeps every chunk a
+//! manifest needs reachable at every step: new packs, then the new index,
+//! then the old indexes, then the packs. Its cost grows with the number of
+//! manifests, pages and listed objects. It coordinates with running
+//! backups and restores through `locks.rs`: with a live one it deletes
+//! nothing and says which lock deferred it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -19,11 +27,13 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::envelope::ObjectId;
 use crate::error::{BackupError, Result};
-use crate::format::{BackupStats, Entry, Manifest};
+use crate::format::{BackupStats, Entry, Manifest, PackEntry, PackIndex, MAX_PACK_INDEX_CHUNKS};
 use crate::locks::{list_locks, server_now};
 use crate::progress::Progress;
 use crate::schedule::Retention;
-use crate::target::{check_name, Loaded, Target, GC_LOCK};
+use crate::pack::{get_pack_index, list_pack_indexes, put_pack_index, PackWriter};
+use crate::target::{check_name, pack_key, Loaded, Target, GC_LOCK};
+use crate::timing::Timings;
 
 /// One backup as listed.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -171,10 +181,23 @@ pub async fn forget(
 }
 
 /// Choices for gc.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct GcOptions {
     /// Report what would be deleted, delete nothing.
     pub dry_run: bool,
+    /// Repack a pack once this share of its bytes (0-100) belongs to
+    /// chunks no backup uses; 100: never repack, only delete packs that
+    /// are wholly unused.
+    pub repack_unused_percent: u8,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            repack_unused_percent: 25,
+        }
+    }
 }
 
 /// What gc found and did.
@@ -184,9 +207,19 @@ pub struct GcReport {
     pub pages_referenced: u64,
     pub chunks_referenced: u64,
     pub objects_listed: u64,
-    /// Objects no manifest reaches.
+    /// Objects no manifest reaches (packs none of whose chunks is used,
+    /// packs no index lists, index pages, chunks stored on their own).
     pub unreferenced: u64,
     pub unreferenced_bytes: u64,
+    /// Bytes of unused chunks inside packs that are still in use.
+    pub unused_in_packs_bytes: u64,
+    /// Packs whose used chunks were copied into new packs.
+    pub packs_repacked: u64,
+    /// Bytes uploaded by repacking.
+    pub repacked_bytes: u64,
+    /// Pack index objects before and after.
+    pub pack_indexes_read: u64,
+    pub pack_indexes_written: u64,
     pub deleted: u64,
     pub deleted_bytes: u64,
     /// Stale locks of dead backups removed.
@@ -283,7 +316,7 @@ pub async fn gc(target: &Target, opts: &GcOptions, progress: &dyn Progress) -> R
 
 async fn sweep(
     target: &Target,
-    l: &Loaded,
+    l: &Arc<Loaded>,
     marks: &mut Marks,
     opts: &GcOptions,
     progress: &dyn Progress,
@@ -316,6 +349,11 @@ async fn sweep(
             }
         }
     }
+    let mut packs = plan_packs(target, l, marks, opts, &mut report).await?;
+    for key in &packs.doomed {
+        report.unreferenced += 1;
+        report.unreferenced_bytes += key.size;
+    }
     if opts.dry_run || !report.deferred_by.is_empty() {
         if !report.deferred_by.is_empty() {
             tracing::info!(
@@ -326,6 +364,23 @@ async fn sweep(
         }
         return Ok(report);
     }
+    let new_index = repack(target, l, &mut packs, &mut report, progress).await?;
+    // The merged index, then the old ones go, then the packs.
+    let mut written = HashSet::new();
+    for part in split_index(new_index) {
+        let (key, n) = put_pack_index(target, l, &part).await?;
+        if n > 0 {
+            report.pack_indexes_written += 1;
+        }
+        written.insert(key);
+    }
+    for key in &packs.index_keys {
+        if !written.contains(key) {
+            target.store.delete(key).await?;
+        }
+    }
+    doomed.extend(packs.doomed);
+    doomed.extend(packs.repacked);
     progress.start("gc: delete", doomed.len() as u64, false);
     let sizes: Vec<u64> = futures::stream::iter(doomed)
         .map(|o| async move {
@@ -340,4 +395,162 @@ async fn sweep(
     report.deleted = sizes.len() as u64;
     report.deleted_bytes = sizes.iter().sum();
     Ok(report)
+}
+
+/// What gc found in the packs.
+struct PackPlan {
+    /// The pack index objects read.
+    index_keys: Vec<String>,
+    /// Packs kept as they are, with every chunk they hold (used or not:
+    /// a later backup may use it again).
+    kept: BTreeMap<ObjectId, Vec<PackEntry>>,
+    /// Packs to repack, with the chunks still used in them.
+    to_repack: Vec<(crate::store::ObjectInfo, Vec<PackEntry>)>,
+    /// Packs no backup uses, or no index lists.
+    doomed: Vec<crate::store::ObjectInfo>,
+    /// Filled in by [`repack`]: the packs repacked, to delete last.
+    repacked: Vec<crate::store::ObjectInfo>,
+}
+
+/// Sorts every listed pack into kept, to repack, or doomed, from the pack
+/// indexes and the marked chunks.
+async fn plan_packs(
+    target: &Target,
+    l: &Loaded,
+    marks: &Marks,
+    opts: &GcOptions,
+    report: &mut GcReport,
+) -> Result<PackPlan> {
+    let index_keys = list_pack_indexes(target).await?;
+    report.pack_indexes_read = index_keys.len() as u64;
+    let indexes: Vec<PackIndex> = futures::stream::iter(index_keys.clone())
+        .map(|k| async move { get_pack_index(target, l, &k).await })
+        .buffered(target.opts.parallel)
+        .try_collect()
+        .await?;
+    let mut listed: HashMap<ObjectId, crate::store::ObjectInfo> = HashMap::new();
+    let mut doomed = Vec::new();
+    for o in target.store.list("packs/").await? {
+        report.objects_listed += 1;
+        match ObjectId::from_hex(o.key.rsplit('/').next().unwrap_or("")) {
+            Some(id) if o.key == pack_key(&id) => {
+                listed.insert(id, o);
+            }
+            _ => doomed.push(o),
+        }
+    }
+    // Every chunk each pack holds, each chunk counted in its first place
+    // only (where restore reads it).
+    let mut placed: HashSet<ObjectId> = HashSet::new();
+    let mut holds: BTreeMap<ObjectId, Vec<PackEntry>> = BTreeMap::new();
+    for (pack, entries) in indexes.into_iter().flat_map(|ix| ix.packs) {
+        let Some(info) = listed.get(&pack) else {
+            tracing::warn!("gc: a pack index lists {}, which does not exist", pack_key(&pack));
+            continue;
+        };
+        for e in entries {
+            if e.offset as u64 + e.len as u64 > info.size {
+                tracing::warn!(
+                    "gc: a pack index places chunk {} past the end of {}",
+                    e.chunk.hex(),
+                    pack_key(&pack)
+                );
+                continue;
+            }
+            if placed.insert(e.chunk) {
+                holds.entry(pack).or_default().push(e);
+            }
+        }
+    }
+    let mut plan = PackPlan {
+        index_keys,
+        kept: BTreeMap::new(),
+        to_repack: Vec::new(),
+        doomed,
+        repacked: Vec::new(),
+    };
+    for (pack, info) in listed {
+        let entries = holds.remove(&pack).unwrap_or_default();
+        let used: Vec<PackEntry> = entries
+            .iter()
+            .filter(|e| marks.chunks.contains(&e.chunk))
+            .copied()
+            .collect();
+        let used_bytes: u64 = used.iter().map(|e| e.len as u64).sum();
+        let unused = info.size.saturating_sub(used_bytes);
+        if used.is_empty() {
+            plan.doomed.push(info);
+        } else if unused * 100 >= info.size * opts.repack_unused_percent.min(100) as u64
+            && opts.repack_unused_percent < 100
+            && unused > 0
+        {
+            report.unused_in_packs_bytes += unused;
+            plan.to_repack.push((info, used));
+        } else {
+            report.unused_in_packs_bytes += unused;
+            plan.kept.insert(pack, entries);
+        }
+    }
+    Ok(plan)
+}
+
+/// Copies the used chunks of the packs to repack into new packs; returns
+/// the merged index of the kept and the new packs. The gc lock is
+/// rewritten before each pack so no backup takes it for stale.
+async fn repack(
+    target: &Target,
+    l: &Arc<Loaded>,
+    plan: &mut PackPlan,
+    report: &mut GcReport,
+    progress: &dyn Progress,
+) -> Result<PackIndex> {
+    let writer =
+        PackWriter::with_checkpoints(target, l.clone(), Arc::new(Timings::default()), false);
+    progress.start("gc: repack", plan.to_repack.len() as u64, false);
+    for (info, used) in std::mem::take(&mut plan.to_repack) {
+        target
+            .store
+            .put(GC_LOCK, bytes::Bytes::from_static(b"{}"))
+            .await?;
+        let data = target.store.get_required(&info.key).await?;
+        for e in &used {
+            let (s, t) = (e.offset as usize, e.offset as usize + e.len as usize);
+            let Some(blob) = data.get(s..t) else {
+                return Err(BackupError::Corrupt {
+                    target: target.url().to_string(),
+                    key: info.key.clone(),
+                    reason: format!("shorter than its index says ({} bytes)", data.len()),
+                });
+            };
+            writer.add(e.chunk, blob).await?;
+            report.repacked_bytes += blob.len() as u64;
+        }
+        report.packs_repacked += 1;
+        plan.repacked.push(info);
+        progress.advance(1);
+    }
+    writer.finish_packs().await?;
+    progress.finish();
+    let mut merged = PackIndex {
+        packs: std::mem::take(&mut plan.kept).into_iter().collect(),
+    };
+    merged.packs.extend(writer.take_unindexed().packs);
+    merged.packs.sort_by_key(|(p, _)| *p);
+    Ok(merged)
+}
+
+/// `index` cut into objects of at most [`MAX_PACK_INDEX_CHUNKS`] chunks,
+/// between packs.
+fn split_index(index: PackIndex) -> Vec<PackIndex> {
+    let mut parts = vec![PackIndex::default()];
+    for (pack, mut entries) in index.packs {
+        entries.sort_by_key(|e| e.offset);
+        let last = parts.last_mut().expect("one part");
+        if !last.packs.is_empty() && last.chunks() + entries.len() > MAX_PACK_INDEX_CHUNKS {
+            parts.push(PackIndex::default());
+        }
+        parts.last_mut().expect("one part").packs.push((pack, entries));
+    }
+    parts.retain(|p| !p.packs.is_empty());
+    parts
 }

@@ -7,16 +7,22 @@
 //!    allocated ranges are read and the holes are recorded as zero.
 //! 2. Walk the volume one window (one index page, 1 GiB by default) at a
 //!    time: ask the source what changed in the window, read each touched
-//!    chunk whole, hash it (keyed BLAKE3), and upload it only if the target
-//!    does not have it yet (whichever volume put it there; after a run of
-//!    misses only one chunk in 16 is asked about, `lookup.rs`). At most
+//!    chunk whole, hash it (keyed BLAKE3), and store it only if the target
+//!    does not have it yet (whichever volume put it there: the target's
+//!    pack indexes, read once at the start, say). New chunks are sealed and
+//!    gathered into packs of about 8 MiB, one PUT each (`pack.rs`). At most
 //!    `parallel` chunks are in flight; each holds its plaintext and its
-//!    sealed object, so memory is about `parallel × 2 × chunk_size` plus two
-//!    index pages (8 × 2 × 1 MiB + 2 × 34 KiB with the defaults), whatever
-//!    the volume size.
+//!    sealed object, so memory is about `parallel × 2 × chunk_size` plus
+//!    two packs and two index pages (8 × 2 × 1 MiB + 2 × 8 MiB + 2 × 34 KiB
+//!    with the defaults), plus the chunk index (`pack.rs`: about 60 bytes
+//!    per chunk stored in the target), whatever the volume size.
 //! 3. Write each window's index page (skipped when identical to the
-//!    parent's), then the manifest, last: until it exists the backup does
-//!    not list, and a retry re-uploads only the chunks still missing.
+//!    parent's), the last pack and a pack index naming this backup's
+//!    packs, then the manifest, last: until it exists the backup does not
+//!    list. A backup rewrites its pack index every 4 packs as it goes, and
+//!    one that fails writes it for every pack it did upload, so a retry
+//!    uploads only the chunks still missing (after a lost connection: and
+//!    those of the last few packs).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,7 +36,7 @@ use crate::envelope::{Kind, ObjectId};
 use crate::error::{BackupError, Result};
 use crate::format::{self, BackupStats, Entry, IndexPage, Manifest};
 use crate::locks::Lock;
-use crate::lookup::Lookups;
+use crate::pack::{ChunkIndex, PackWriter};
 use crate::progress::Progress;
 use crate::source::{ExtentKind, SnapshotSource, SourceError};
 use crate::target::{check_name, chunk_key, manifest_key, page_key, Loaded, Target};
@@ -63,27 +69,39 @@ pub struct BackupSummary {
     pub stats: BackupStats,
     /// Busy seconds per stage, summed over the chunks (see `timing.rs`).
     pub timings: StageSeconds,
-    /// New chunks uploaded without asking the target first (see
-    /// `lookup.rs`).
-    pub lookups_skipped: u64,
+    /// Chunks the target held (any volume's) when the backup started.
+    pub target_chunks: u64,
+    /// Packs uploaded.
+    pub packs: u64,
 }
 
-/// Most chunk ids remembered as present during one backup.
-const KNOWN_CAP: usize = 1 << 16;
+/// Which chunks the target has: its pack indexes as read at the start, and
+/// the chunks this backup stored since.
+struct Dedup {
+    index: ChunkIndex,
+    stored: HashSet<ObjectId>,
+}
+
+impl Dedup {
+    /// True if `id` is new (and from now on counts as stored).
+    fn claim(&mut self, id: ObjectId) -> bool {
+        !self.index.contains(&id) && self.stored.insert(id)
+    }
+}
 
 struct Ctx<'a, S> {
     target: &'a Target,
     l: Arc<Loaded>,
     source: &'a S,
     progress: &'a dyn Progress,
-    known: Mutex<HashSet<ObjectId>>,
+    dedup: Mutex<Dedup>,
+    packs: PackWriter<'a>,
     bytes_read: AtomicU64,
     bytes_uploaded: AtomicU64,
     chunks_new: AtomicU64,
     chunks_reused: AtomicU64,
     data_bytes: AtomicU64,
     timings: Arc<Timings>,
-    lookups: Lookups,
 }
 
 fn src_err<'a>(volume: &'a str, op: &'static str) -> impl Fn(SourceError) -> BackupError + 'a {
@@ -229,6 +247,11 @@ async fn run<S: SnapshotSource>(
             .map(|c| c.len)
             .sum::<u64>();
     }
+    let timings = Arc::new(Timings::default());
+    let index = timings
+        .time_async(Stage::Lookup, ChunkIndex::load(target, &l))
+        .await?;
+    let target_chunks = index.len() as u64;
     progress.start(&format!("backup {volume}"), to_read, true);
 
     let ctx = Ctx {
@@ -236,29 +259,116 @@ async fn run<S: SnapshotSource>(
         l: l.clone(),
         source,
         progress,
-        known: Mutex::new(HashSet::new()),
+        dedup: Mutex::new(Dedup {
+            index,
+            stored: HashSet::new(),
+        }),
+        packs: PackWriter::new(target, l.clone(), timings.clone()),
         bytes_read: AtomicU64::new(0),
         bytes_uploaded: AtomicU64::new(0),
         chunks_new: AtomicU64::new(0),
         chunks_reused: AtomicU64::new(0),
         data_bytes: AtomicU64::new(0),
-        timings: Arc::new(Timings::default()),
-        lookups: Lookups::default(),
+        timings,
     };
+    let pages = match write_pages(&ctx, parent.as_ref(), n_pages).await {
+        Ok(pages) => pages,
+        Err(e) => {
+            // The packs already uploaded are indexed, so a retry reuses them.
+            if let Err(ie) = ctx.packs.write_index(true).await {
+                tracing::warn!("volume {volume}: cannot index the packs of failed backup {id}: {ie}");
+            }
+            return Err(e);
+        }
+    };
+    progress.finish();
+
+    if !lock.still_held().await? {
+        return Err(BackupError::Invalid(format!(
+            "volume {volume}: backup {id} lost its lock (removed as stale by gc); run it again"
+        )));
+    }
+    let mut m = Manifest {
+        id: id.to_string(),
+        volume: volume.to_string(),
+        snapshot: source.snapshot().to_string(),
+        parent: parent.as_ref().map(|p| p.id.clone()),
+        created: chrono::Utc::now().timestamp_millis(),
+        size,
+        chunk_size: l.config.chunk_size,
+        page_chunks,
+        stats: BackupStats::default(),
+        pages,
+    };
+    let key = manifest_key(volume, id);
+    // The manifest's own size is counted in an estimate before sealing.
+    let stats = BackupStats {
+        data_bytes: ctx.data_bytes.load(Ordering::Relaxed),
+        bytes_read: ctx.bytes_read.load(Ordering::Relaxed),
+        bytes_uploaded: ctx.bytes_uploaded.load(Ordering::Relaxed),
+        chunks_new: ctx.chunks_new.load(Ordering::Relaxed),
+        chunks_reused: ctx.chunks_reused.load(Ordering::Relaxed),
+        duration_ms: t0.elapsed().as_millis() as u64,
+    };
+    m.stats = stats;
+    let plain = m.encode().map_err(|e| BackupError::Invalid(e.0))?;
+    let obj = l
+        .keys
+        .seal(Kind::Manifest, &key, &plain)
+        .map_err(BackupError::Invalid)?;
+    target.store.put(&key, Bytes::from(obj)).await?;
+    tracing::info!(
+        "volume {volume}: backup {id} done: read {} MiB, uploaded {} MiB in {} packs, {} new chunks, {} reused, {:.1}s",
+        m.stats.bytes_read >> 20,
+        m.stats.bytes_uploaded >> 20,
+        ctx.packs.uploaded(),
+        m.stats.chunks_new,
+        m.stats.chunks_reused,
+        t0.elapsed().as_secs_f64()
+    );
+    tracing::info!(
+        "volume {volume}: backup {id} busy time per stage: {}",
+        ctx.timings.report()
+    );
+    Ok(BackupSummary {
+        id: id.to_string(),
+        volume: volume.to_string(),
+        snapshot: m.snapshot,
+        parent: m.parent,
+        size,
+        stats: m.stats,
+        timings: ctx.timings.report(),
+        target_chunks,
+        packs: ctx.packs.uploaded(),
+    })
+}
+
+/// Stores every window's chunks and index page; returns the page list of
+/// the manifest. The packs are uploaded and indexed when it returns Ok.
+async fn write_pages<S: SnapshotSource>(
+    ctx: &Ctx<'_, S>,
+    parent: Option<&Manifest>,
+    n_pages: u64,
+) -> Result<Vec<Option<ObjectId>>> {
+    let (target, l, source) = (ctx.target, &ctx.l, ctx.source);
+    let volume = source.volume();
+    let size = source.size();
+    let chunk_size = l.config.chunk_size as u64;
+    let page_chunks = l.config.page_chunks;
+    let window = chunk_size * page_chunks as u64;
+    let base = parent.map(|m| m.snapshot.clone());
     let mut pages = Vec::with_capacity(n_pages as usize);
     for p in 0..n_pages {
         let off = p * window;
         let len = window.min(size - off);
         let first_chunk = p * page_chunks as u64;
         let n = len.div_ceil(chunk_size) as usize;
-        let parent_page = parent
-            .as_ref()
-            .and_then(|m| m.pages.get(p as usize).copied().flatten());
-        let mut entries = match (&parent, parent_page) {
+        let parent_page = parent.and_then(|m| m.pages.get(p as usize).copied().flatten());
+        let mut entries = match (parent, parent_page) {
             (Some(_), Some(pid)) => {
-                let mut page = target.get_page(&l, pid).await?;
+                let mut page = target.get_page(l, pid).await?;
                 // The parent's last page, shorter when the volume was smaller.
-                let parent_size = parent.as_ref().map_or(size, |m| m.size);
+                let parent_size = parent.map_or(size, |m| m.size);
                 if parent_size < size && page.entries.len() < n {
                     page.entries.resize(n, Entry::Zero);
                 }
@@ -287,7 +397,7 @@ async fn run<S: SnapshotSource>(
         let failed = AtomicBool::new(false);
         let results: Vec<Result<Option<(usize, Entry)>>> = futures::stream::iter(reads)
             .map(|(i, c)| {
-                let (ctx, failed) = (&ctx, &failed);
+                let failed = &failed;
                 async move {
                     if failed.load(Ordering::Acquire) {
                         return Ok(None);
@@ -338,64 +448,10 @@ async fn run<S: SnapshotSource>(
             Some(pid)
         });
     }
-    progress.finish();
-
-    if !lock.still_held().await? {
-        return Err(BackupError::Invalid(format!(
-            "volume {volume}: backup {id} lost its lock (removed as stale by gc); run it again"
-        )));
-    }
-    let mut m = Manifest {
-        id: id.to_string(),
-        volume: volume.to_string(),
-        snapshot: source.snapshot().to_string(),
-        parent: parent.as_ref().map(|p| p.id.clone()),
-        created: chrono::Utc::now().timestamp_millis(),
-        size,
-        chunk_size: l.config.chunk_size,
-        page_chunks,
-        stats: BackupStats::default(),
-        pages,
-    };
-    let key = manifest_key(volume, id);
-    // The manifest's own size is counted in an estimate before sealing.
-    let stats = BackupStats {
-        data_bytes: ctx.data_bytes.load(Ordering::Relaxed),
-        bytes_read: ctx.bytes_read.load(Ordering::Relaxed),
-        bytes_uploaded: ctx.bytes_uploaded.load(Ordering::Relaxed),
-        chunks_new: ctx.chunks_new.load(Ordering::Relaxed),
-        chunks_reused: ctx.chunks_reused.load(Ordering::Relaxed),
-        duration_ms: t0.elapsed().as_millis() as u64,
-    };
-    m.stats = stats;
-    let plain = m.encode().map_err(|e| BackupError::Invalid(e.0))?;
-    let obj = l
-        .keys
-        .seal(Kind::Manifest, &key, &plain)
-        .map_err(BackupError::Invalid)?;
-    target.store.put(&key, Bytes::from(obj)).await?;
-    tracing::info!(
-        "volume {volume}: backup {id} done: read {} MiB, uploaded {} MiB, {} new chunks, {} reused, {:.1}s",
-        m.stats.bytes_read >> 20,
-        m.stats.bytes_uploaded >> 20,
-        m.stats.chunks_new,
-        m.stats.chunks_reused,
-        t0.elapsed().as_secs_f64()
-    );
-    tracing::info!(
-        "volume {volume}: backup {id} busy time per stage: {}",
-        ctx.timings.report()
-    );
-    Ok(BackupSummary {
-        id: id.to_string(),
-        volume: volume.to_string(),
-        snapshot: m.snapshot,
-        parent: m.parent,
-        size,
-        stats: m.stats,
-        timings: ctx.timings.report(),
-        lookups_skipped: ctx.lookups.skipped(),
-    })
+    ctx.packs.finish().await?;
+    ctx.bytes_uploaded
+        .fetch_add(ctx.packs.index_bytes(), Ordering::Relaxed);
+    Ok(pages)
 }
 
 /// A chunk to read.
@@ -505,47 +561,30 @@ impl<S: SnapshotSource> Ctx<'_, S> {
         let Some(id) = id else {
             return Ok(Entry::Zero);
         };
-        let known = self.known.lock().map(|k| k.contains(&id)).unwrap_or(false);
-        let key = chunk_key(&id);
-        let present = if known {
-            true
-        } else if self.lookups.should_look() {
-            let found = self
-                .timings
-                .time_async(Stage::Lookup, self.target.store.exists(&key))
-                .await?;
-            self.lookups.record(found);
-            found
-        } else {
-            false
-        };
-        if present {
-            self.chunks_reused.fetch_add(1, Ordering::Relaxed);
-        } else {
+        let new = self
+            .dedup
+            .lock()
+            .map(|mut d| d.claim(id))
+            .unwrap_or(true);
+        if new {
             let (l, timings) = (self.l.clone(), self.timings.clone());
-            let k2 = key.clone();
+            let key = chunk_key(&id);
             let obj = tokio::task::spawn_blocking(move || {
                 let compressed = timings.time(Stage::Compress, || l.keys.compress(&data))?;
                 timings.time(Stage::Encrypt, || {
                     l.keys
-                        .seal_compressed(Kind::Chunk, &k2, &data, compressed.as_deref())
+                        .seal_compressed(Kind::Chunk, &key, &data, compressed.as_deref())
                 })
             })
             .await
             .map_err(|e| BackupError::Invalid(format!("seal task failed: {e}")))?
             .map_err(BackupError::Invalid)?;
-            let n = obj.len() as u64;
-            self.timings
-                .time_async(Stage::Upload, self.target.store.put(&key, Bytes::from(obj)))
-                .await?;
-            self.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
+            self.packs.add(id, &obj).await?;
+            self.bytes_uploaded
+                .fetch_add(obj.len() as u64, Ordering::Relaxed);
             self.chunks_new.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Ok(mut k) = self.known.lock() {
-            if k.len() >= KNOWN_CAP {
-                k.clear();
-            }
-            k.insert(id);
+        } else {
+            self.chunks_reused.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Entry::Data(id))
     }

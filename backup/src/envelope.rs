@@ -10,7 +10,7 @@
 //! ```text
 //! 0   4  magic "STRB"
 //! 4   1  version (1)
-//! 5   1  kind (1 chunk, 2 index page, 3 manifest)
+//! 5   1  kind (1 chunk, 2 index page, 3 manifest, 4 pack index)
 //! 6   1  flags (bit 0: zstd, bit 1: encrypted)
 //! 7   1  reserved (0)
 //! 8   4  plaintext length
@@ -49,6 +49,8 @@ pub enum Kind {
     Chunk = 1,
     IndexPage = 2,
     Manifest = 3,
+    /// A list of where chunks lie in packs (`pack.rs`).
+    PackIndex = 4,
 }
 
 /// A chunk's or index page's name: the keyed hash of its plaintext.
@@ -212,29 +214,36 @@ impl Keys {
         obj: Cow<'o, [u8]>,
         max_len: usize,
     ) -> Result<Opened<'o>, String> {
-        if obj.len() < HEADER {
-            return Err(format!("truncated: {} bytes", obj.len()));
-        }
-        if &obj[..4] != MAGIC {
-            return Err("bad magic".into());
-        }
-        if obj[4] != VERSION {
-            return Err(format!("unknown version {}", obj[4]));
-        }
-        if obj[5] != kind as u8 {
-            return Err(format!("holds kind {}, expected {}", obj[5], kind as u8));
-        }
-        let flags = obj[6];
-        if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || obj[7] != 0 {
-            return Err(format!("unknown flags {flags:#x}"));
-        }
-        let raw_len = u32::from_le_bytes([obj[8], obj[9], obj[10], obj[11]]) as usize;
-        if raw_len > max_len {
-            return Err(format!(
-                "declares {raw_len} bytes, more than the {max_len} allowed"
-            ));
-        }
-        let (buf, start, end) = match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
+        let (buf, payload) = match obj {
+            Cow::Owned(mut buf) => {
+                let payload = self.authenticate_in_place(kind, name, &mut buf, max_len)?;
+                (Cow::Owned(buf), payload)
+            }
+            Cow::Borrowed(b) => {
+                if self.aead.is_some() {
+                    // Decryption needs a buffer of its own.
+                    return self.authenticate(kind, name, Cow::Owned(b.to_vec()), max_len);
+                }
+                let payload = self.check_header_and_sum(kind, name, b, max_len)?;
+                (Cow::Borrowed(b), payload)
+            }
+        };
+        Ok(Opened { payload, buf })
+    }
+
+    /// [`Keys::authenticate`] for an object that is a part of a larger
+    /// buffer (one blob of a pack, `pack.rs`): `obj` is decrypted where it
+    /// lies, and the returned [`Payload`] says where in `obj` the (possibly
+    /// compressed) plaintext now is.
+    pub fn authenticate_in_place(
+        &self,
+        kind: Kind,
+        name: &str,
+        obj: &mut [u8],
+        max_len: usize,
+    ) -> Result<Payload, String> {
+        let (flags, raw_len) = check_header(kind, obj, max_len)?;
+        match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
             (Some(aead), true) => {
                 if obj.len() < HEADER + NONCE + TAG {
                     return Err(format!("truncated: {} bytes", obj.len()));
@@ -242,14 +251,33 @@ impl Keys {
                 let mut aad = Vec::with_capacity(HEADER + name.len());
                 aad.extend_from_slice(&obj[..HEADER]);
                 aad.extend_from_slice(name.as_bytes());
-                let mut buf = obj.into_owned();
-                let (start, end) = (HEADER + NONCE, buf.len() - TAG);
-                let nonce: [u8; NONCE] = buf[HEADER..start].try_into().expect("NONCE bytes");
-                let tag: [u8; TAG] = buf[end..].try_into().expect("TAG bytes");
-                aead.open_in_place(&nonce, &aad, &mut buf[start..end], &tag)
+                let (start, end) = (HEADER + NONCE, obj.len() - TAG);
+                let nonce: [u8; NONCE] = obj[HEADER..start].try_into().expect("NONCE bytes");
+                let tag: [u8; TAG] = obj[end..].try_into().expect("TAG bytes");
+                aead.open_in_place(&nonce, &aad, &mut obj[start..end], &tag)
                     .map_err(|_| "authentication tag mismatch (damaged or altered)".to_string())?;
-                (Cow::Owned(buf), start, end)
+                Ok(Payload {
+                    zstd: flags & FLAG_ZSTD != 0,
+                    raw_len,
+                    start,
+                    end,
+                })
             }
+            _ => self.check_header_and_sum(kind, name, obj, max_len),
+        }
+    }
+
+    /// The unencrypted case of [`Keys::authenticate_in_place`], which needs
+    /// no mutable buffer.
+    fn check_header_and_sum(
+        &self,
+        kind: Kind,
+        name: &str,
+        obj: &[u8],
+        max_len: usize,
+    ) -> Result<Payload, String> {
+        let (flags, raw_len) = check_header(kind, obj, max_len)?;
+        match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
             (None, false) => {
                 if obj.len() < HEADER + SUM {
                     return Err(format!("truncated: {} bytes", obj.len()));
@@ -258,56 +286,104 @@ impl Keys {
                 if self.checksum(name, &obj[..end]) != obj[end..] {
                     return Err("checksum mismatch (damaged or truncated)".into());
                 }
-                (obj, HEADER, end)
+                Ok(Payload {
+                    zstd: flags & FLAG_ZSTD != 0,
+                    raw_len,
+                    start: HEADER,
+                    end,
+                })
             }
-            (None, true) => return Err("is encrypted but the target is not".into()),
-            (Some(_), false) => return Err("is not encrypted but the target is".into()),
+            (None, true) => Err("is encrypted but the target is not".into()),
+            (Some(_), false) => Err("is not encrypted but the target is".into()),
+            (Some(_), true) => Err("is encrypted: it needs a buffer to decrypt in".into()),
+        }
+    }
+
+    /// The plaintext of an authenticated payload lying in `buf` (a view of
+    /// `buf` when stored as is, no copy).
+    pub fn plaintext(buf: &Bytes, p: &Payload) -> Result<Bytes, String> {
+        let plain = if p.zstd {
+            Bytes::from(
+                zstd::bulk::decompress(&buf[p.start..p.end], p.raw_len)
+                    .map_err(|e| format!("zstd decompression failed: {e}"))?,
+            )
+        } else {
+            buf.slice(p.start..p.end)
         };
-        Ok(Opened {
-            zstd: flags & FLAG_ZSTD != 0,
-            raw_len,
-            buf,
-            start,
-            end,
-        })
+        if plain.len() != p.raw_len {
+            return Err(format!(
+                "holds {} bytes, header says {}",
+                plain.len(),
+                p.raw_len
+            ));
+        }
+        Ok(plain)
     }
 
     /// The second half of [`Keys::open`]: the plaintext of an authenticated
     /// object.
     pub fn decompress(opened: Opened<'_>) -> Result<Bytes, String> {
-        let raw_len = opened.raw_len;
-        let (start, end) = (opened.start, opened.end);
-        let plain = if opened.zstd {
-            Bytes::from(
-                zstd::bulk::decompress(&opened.buf[start..end], raw_len)
-                    .map_err(|e| format!("zstd decompression failed: {e}"))?,
-            )
-        } else {
-            match opened.buf {
-                // Stored as is: the plaintext is the payload, a view of the
-                // buffer it was decrypted in (no copy).
-                Cow::Owned(buf) => Bytes::from(buf).slice(start..end),
-                Cow::Borrowed(b) => Bytes::copy_from_slice(&b[start..end]),
+        let buf = match opened.buf {
+            Cow::Owned(buf) => Bytes::from(buf),
+            // Only the payload is copied.
+            Cow::Borrowed(b) => {
+                let p = &opened.payload;
+                let part = Bytes::copy_from_slice(&b[p.start..p.end]);
+                let shifted = Payload {
+                    start: 0,
+                    end: p.end - p.start,
+                    ..*p
+                };
+                return Self::plaintext(&part, &shifted);
             }
         };
-        if plain.len() != raw_len {
-            return Err(format!(
-                "holds {} bytes, header says {raw_len}",
-                plain.len()
-            ));
-        }
-        Ok(plain)
+        Self::plaintext(&buf, &opened.payload)
     }
 }
 
-/// An authenticated (and decrypted) object: its payload is
-/// `buf[start..end]`, still compressed when `zstd`.
-pub struct Opened<'o> {
+/// Checks the fixed header of an object of `kind`; returns its flags and
+/// declared plaintext length.
+fn check_header(kind: Kind, obj: &[u8], max_len: usize) -> Result<(u8, usize), String> {
+    if obj.len() < HEADER {
+        return Err(format!("truncated: {} bytes", obj.len()));
+    }
+    if &obj[..4] != MAGIC {
+        return Err("bad magic".into());
+    }
+    if obj[4] != VERSION {
+        return Err(format!("unknown version {}", obj[4]));
+    }
+    if obj[5] != kind as u8 {
+        return Err(format!("holds kind {}, expected {}", obj[5], kind as u8));
+    }
+    let flags = obj[6];
+    if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || obj[7] != 0 {
+        return Err(format!("unknown flags {flags:#x}"));
+    }
+    let raw_len = u32::from_le_bytes([obj[8], obj[9], obj[10], obj[11]]) as usize;
+    if raw_len > max_len {
+        return Err(format!(
+            "declares {raw_len} bytes, more than the {max_len} allowed"
+        ));
+    }
+    Ok((flags, raw_len))
+}
+
+/// Where the payload of an authenticated object lies in its buffer, and
+/// how to turn it into plaintext.
+#[derive(Debug, Clone, Copy)]
+pub struct Payload {
     zstd: bool,
     raw_len: usize,
-    buf: Cow<'o, [u8]>,
     start: usize,
     end: usize,
+}
+
+/// An authenticated (and decrypted) object: its payload is where
+/// [`Payload`] says in `buf`.
+pub struct Opened<'o> {
+    payload: Payload,
+    buf: Cow<'o, [u8]>,
 }
 
 #[cfg(test)]

@@ -26,11 +26,17 @@
 //!
 //! Index page: `"STIX" version(1) u64 first_chunk u32 count`, then per
 //! chunk `u8 0` (zero) or `u8 1` + 32-byte id.
+//!
+//! Pack index (where chunks lie inside packs, `pack.rs`):
+//! `"STPX" version(1) u32 packs`, then per pack its 32-byte id, `u32
+//! count` and per chunk its 32-byte id, `u32 offset` and `u32 length` of
+//! its sealed blob in the pack.
 
 use crate::envelope::ObjectId;
 
 const MANIFEST_MAGIC: &[u8; 4] = b"STMF";
 const PAGE_MAGIC: &[u8; 4] = b"STIX";
+const PACK_INDEX_MAGIC: &[u8; 4] = b"STPX";
 const VERSION: u8 = 1;
 const MAX_STR: usize = 1024;
 /// Most chunks one index page may list.
@@ -42,6 +48,10 @@ pub const MAX_CHUNK: u32 = 16 << 20;
 pub const MAX_SIZE: u64 = 1 << 50;
 /// Largest encoded index page.
 pub const MAX_PAGE_BYTES: usize = 17 + MAX_PAGE_CHUNKS as usize * 33;
+/// Most chunks one pack index object may list.
+pub const MAX_PACK_INDEX_CHUNKS: usize = 1 << 16;
+/// Largest encoded pack index object.
+pub const MAX_PACK_INDEX_BYTES: usize = 9 + MAX_PACK_INDEX_CHUNKS * (36 + 40);
 /// Largest encoded manifest (a 1 PiB volume with 1 GiB pages is 33 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
 
@@ -60,6 +70,20 @@ pub struct IndexPage {
     /// Index (not offset) of the first chunk listed.
     pub first_chunk: u64,
     pub entries: Vec<Entry>,
+}
+
+/// Where one chunk's sealed blob lies in its pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub chunk: ObjectId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// A pack index object: for each pack it covers, where its chunks lie.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackIndex {
+    pub packs: Vec<(ObjectId, Vec<PackEntry>)>,
 }
 
 /// Counters kept with each backup.
@@ -260,6 +284,62 @@ impl IndexPage {
     }
 }
 
+impl PackIndex {
+    /// Chunks listed, over all packs.
+    pub fn chunks(&self) -> usize {
+        self.packs.iter().map(|(_, e)| e.len()).sum()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + self.packs.len() * 36 + self.chunks() * 40);
+        out.extend_from_slice(PACK_INDEX_MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        for (pack, entries) in &self.packs {
+            out.extend_from_slice(&pack.0);
+            out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for e in entries {
+                out.extend_from_slice(&e.chunk.0);
+                out.extend_from_slice(&e.offset.to_le_bytes());
+                out.extend_from_slice(&e.len.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader { buf };
+        r.magic(PACK_INDEX_MAGIC, "pack index")?;
+        let n_packs = r.u32()? as usize;
+        if n_packs > r.buf.len() / 36 {
+            return err(format!("lists {n_packs} packs, more than it can hold"));
+        }
+        let mut packs = Vec::with_capacity(n_packs);
+        let mut total = 0usize;
+        for _ in 0..n_packs {
+            let pack = r.id()?;
+            let n = r.u32()? as usize;
+            total += n;
+            if n > r.buf.len() / 40 || total > MAX_PACK_INDEX_CHUNKS {
+                return err(format!("pack lists {n} chunks, more than it can hold"));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let chunk = r.id()?;
+                let offset = r.u32()?;
+                let len = r.u32()?;
+                if offset.checked_add(len).is_none() {
+                    return err(format!("chunk at {offset}+{len} overflows the pack"));
+                }
+                entries.push(PackEntry { chunk, offset, len });
+            }
+            packs.push((pack, entries));
+        }
+        r.end()?;
+        Ok(Self { packs })
+    }
+}
+
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
         let (_, pages) = geometry(self.size, self.chunk_size, self.page_chunks)?;
@@ -437,6 +517,48 @@ mod tests {
         fn manifest_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = Manifest::decode(&bytes);
             let _ = IndexPage::decode(&bytes);
+        }
+    }
+
+    fn pack_index() -> impl Strategy<Value = PackIndex> {
+        proptest::collection::vec(
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec((any::<[u8; 32]>(), any::<u32>(), any::<u32>()), 0..20),
+            ),
+            0..8,
+        )
+        .prop_map(|packs| PackIndex {
+            packs: packs
+                .into_iter()
+                .map(|(p, es)| {
+                    let entries = es
+                        .into_iter()
+                        .map(|(c, o, l)| PackEntry {
+                            chunk: ObjectId(c),
+                            offset: o / 2,
+                            len: l / 2,
+                        })
+                        .collect();
+                    (ObjectId(p), entries)
+                })
+                .collect(),
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn pack_index_round_trip(ix in pack_index()) {
+            let enc = ix.encode();
+            prop_assert_eq!(PackIndex::decode(&enc).unwrap(), ix);
+            for n in [0, enc.len() / 2, enc.len() - 1] {
+                prop_assert!(PackIndex::decode(&enc[..n]).is_err());
+            }
+        }
+
+        #[test]
+        fn pack_index_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = PackIndex::decode(&bytes);
         }
     }
 

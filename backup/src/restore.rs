@@ -1,21 +1,25 @@
 //! `restore` and `verify`: read a backup back.
 //!
-//! Restore runs one pipeline over the manifest's index pages: at most
-//! `parallel` chunks are in flight at once across page boundaries, each
-//! downloaded, checked (authentication tag or checksum, then the keyed hash
-//! against its name) and only then written, so memory stays at `parallel`
-//! sealed objects decrypted in place. It stops at the first missing or
+//! Restore reads the target's pack indexes, then runs one pipeline over
+//! the manifest's index pages: each page's chunks are read pack by pack in
+//! ranges of up to 8 MiB (`pack.rs`), at most `parallel / 2` ranges in
+//! flight across page boundaries; every chunk is checked (authentication
+//! tag or checksum, then the keyed hash against its name) and only then
+//! written, so memory stays at those ranges, decrypted in place. Chunks of
+//! targets written before packs are read one object each. It stops at the
+//! first missing or
 //! corrupt object with an error naming it. Zero chunks and all-zero 4 KiB
 //! blocks inside data chunks are not written to a sink that starts zeroed,
 //! so a restored file stays sparse; on any other sink zero chunks become
 //! `write_zeroes` runs (trims on a volume). `timing.rs` reports the busy
 //! time of each stage.
 //!
-//! Verify checks that every object a backup needs exists (one HEAD each,
-//! shared chunks once per page), or with `read` downloads and checks them
-//! the way restore does, and reports every problem, not just the first.
+//! Verify checks that every object a backup needs exists (each pack a page
+//! uses once, a chunk outside packs with a HEAD), or with `read` downloads
+//! and checks them the way restore does, and reports every problem, not
+//! just the first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,9 +32,10 @@ use crate::envelope::ObjectId;
 use crate::error::{BackupError, Result};
 use crate::format::{Entry, IndexPage, Manifest};
 use crate::locks::Lock;
+use crate::pack::{plan_reads, read_blobs, Blob, ChunkIndex};
 use crate::progress::Progress;
 use crate::source::{RestoreSink, SourceError};
-use crate::target::{chunk_key, page_key, Loaded, Target};
+use crate::target::{chunk_key, pack_key, page_key, Loaded, Target};
 use crate::timing::{Stage, StageSeconds, Timings};
 
 /// What a restore did.
@@ -105,7 +110,13 @@ pub async fn restore<K: RestoreSink>(
     }
     let lock = Lock::acquire(target, "restore", &m.volume, &crate::backup::new_id()).await?;
     let timings = Arc::new(Timings::default());
-    let res = restore_inner(target, &l, &m, sink, progress, &timings).await;
+    let res = async {
+        let index = timings
+            .time_async(Stage::Lookup, ChunkIndex::load(target, &l))
+            .await?;
+        restore_inner(target, &l, &index, &m, sink, progress, &timings).await
+    }
+    .await;
     lock.release().await;
     let (bytes_read, bytes_written) = res?;
     let timings = timings.report();
@@ -130,6 +141,7 @@ pub async fn restore<K: RestoreSink>(
 struct RestoreCtx<'a, K> {
     target: &'a Target,
     l: &'a Arc<Loaded>,
+    index: &'a ChunkIndex,
     m: &'a Manifest,
     sink: &'a K,
     progress: &'a dyn Progress,
@@ -150,6 +162,7 @@ fn sink_error(m: &Manifest, op: &'static str, source: SourceError) -> BackupErro
 async fn restore_inner<K: RestoreSink>(
     target: &Target,
     l: &Arc<Loaded>,
+    index: &ChunkIndex,
     m: &Manifest,
     sink: &K,
     progress: &dyn Progress,
@@ -160,6 +173,7 @@ async fn restore_inner<K: RestoreSink>(
     let ctx = RestoreCtx {
         target,
         l,
+        index,
         m,
         sink,
         progress,
@@ -169,13 +183,15 @@ async fn restore_inner<K: RestoreSink>(
         written: AtomicU64::new(0),
     };
     progress.start(&format!("restore {}", m.volume), m.stats.data_bytes, true);
-    // One pipeline over the whole backup: chunks of the next page join the
-    // `parallel` slots as soon as slots free up, so the slots do not drain
-    // at a page boundary (they are only not polled while the next page, one
-    // small object per GiB, loads). Each slot holds one chunk from its
-    // download to the end of its write: the sealed object, decrypted in
-    // place, never more than `parallel` of them (the memory bound).
-    let parallel = target.opts.parallel;
+    // One pipeline over the whole backup: reads of the next page join the
+    // slots as soon as slots free up, so the slots do not drain at a page
+    // boundary (they are only not polled while the next page, one small
+    // object per GiB, loads). Each slot holds one read from its download
+    // to the end of its writes: a range of up to 8 MiB of a pack, or one
+    // chunk object, decrypted in place. `parallel / 2` slots of 8 MiB
+    // keep the memory bound of `parallel × 2 × chunk_size` with the
+    // defaults; more did not go faster (BENCHMARKS.md).
+    let parallel = (target.opts.parallel / 2).max(1);
     let mut in_flight = FuturesUnordered::new();
     for (p, pid) in m.pages.iter().enumerate() {
         let off = p as u64 * window;
@@ -198,14 +214,35 @@ async fn restore_inner<K: RestoreSink>(
                     .map_err(|e| sink_error(m, "write zeroes", e))?;
             }
         }
+        // Where each chunk goes (a chunk may fill several places).
+        let mut places: HashMap<ObjectId, Vec<u64>> = HashMap::new();
+        let mut order = Vec::new();
         for (i, e) in page.entries.iter().enumerate() {
             let Entry::Data(id) = e else { continue };
+            let at = places.entry(*id).or_default();
+            if at.is_empty() {
+                order.push(*id);
+            }
+            at.push(off + i as u64 * cs);
+        }
+        let places = Arc::new(places);
+        let mut reads: Vec<Read> = plan_reads(index, &order)
+            .into_iter()
+            .map(|(pack, blobs)| Read::Pack(pack, blobs))
+            .collect();
+        reads.extend(
+            order
+                .iter()
+                .filter(|id| !index.contains(id))
+                .map(|id| Read::Loose(*id)),
+        );
+        for read in reads {
             while in_flight.len() >= parallel {
                 if let Some(r) = in_flight.next().await {
                     r?;
                 }
             }
-            in_flight.push(restore_chunk(&ctx, off + i as u64 * cs, *id));
+            in_flight.push(restore_read(&ctx, read, places.clone()));
         }
     }
     while let Some(r) = in_flight.next().await {
@@ -222,19 +259,55 @@ async fn restore_inner<K: RestoreSink>(
     ))
 }
 
-/// Downloads, checks and writes the chunk `id` at volume offset `c_off`.
-async fn restore_chunk<K: RestoreSink>(
+/// One download of a restore.
+enum Read {
+    /// Blobs of one pack, read in one range.
+    Pack(ObjectId, Vec<Blob>),
+    /// A chunk stored as an object of its own (before packs).
+    Loose(ObjectId),
+}
+
+/// Downloads and checks one read, then writes each of its chunks to every
+/// place `places` gives for it.
+async fn restore_read<K: RestoreSink>(
+    ctx: &RestoreCtx<'_, K>,
+    read: Read,
+    places: Arc<HashMap<ObjectId, Vec<u64>>>,
+) -> Result<()> {
+    let chunks = match read {
+        Read::Pack(pack, blobs) => {
+            read_blobs(ctx.target, ctx.l, pack, blobs, ctx.timings).await?
+        }
+        Read::Loose(id) => vec![(
+            id,
+            ctx.target.get_loose_chunk(ctx.l, id, ctx.timings).await?,
+        )],
+    };
+    for (id, data) in chunks {
+        for &c_off in places.get(&id).map(Vec::as_slice).unwrap_or_default() {
+            write_chunk(ctx, c_off, id, data.clone()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the checked chunk `id` at volume offset `c_off`.
+async fn write_chunk<K: RestoreSink>(
     ctx: &RestoreCtx<'_, K>,
     c_off: u64,
     id: ObjectId,
+    data: bytes::Bytes,
 ) -> Result<()> {
     let m = ctx.m;
     let c_len = (m.chunk_size as u64).min(m.size - c_off) as usize;
-    let data = ctx.target.get_chunk(ctx.l, id, ctx.timings).await?;
     if data.len() != c_len {
+        let key = match ctx.index.get(&id) {
+            Some(loc) => format!("{} (chunk {})", pack_key(&loc.pack), id.hex()),
+            None => chunk_key(&id),
+        };
         return Err(BackupError::Corrupt {
             target: ctx.target.url().to_string(),
-            key: chunk_key(&id),
+            key,
             reason: format!(
                 "holds {} bytes, the volume needs {c_len} at offset {c_off}",
                 data.len()
@@ -298,6 +371,38 @@ fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
     runs
 }
 
+/// Downloads and checks one read for verify; returns the bytes checked,
+/// or every problem: a pack range that fails is read again blob by blob,
+/// so each bad chunk is named.
+async fn read_and_check(
+    target: &Target,
+    l: &Arc<Loaded>,
+    read: Read,
+    timings: &Arc<Timings>,
+) -> std::result::Result<u64, Vec<String>> {
+    let sum = |chunks: Vec<(ObjectId, bytes::Bytes)>| chunks.iter().map(|(_, d)| d.len() as u64).sum();
+    match read {
+        Read::Loose(id) => target
+            .get_loose_chunk(l, id, timings)
+            .await
+            .map(|d| d.len() as u64)
+            .map_err(|e| vec![e.to_string()]),
+        Read::Pack(pack, blobs) => match read_blobs(target, l, pack, blobs.clone(), timings).await {
+            Ok(chunks) => Ok(sum(chunks)),
+            Err(_) if blobs.len() > 1 => {
+                let mut problems = Vec::new();
+                for b in blobs {
+                    if let Err(e) = read_blobs(target, l, pack, vec![b], timings).await {
+                        problems.push(e.to_string());
+                    }
+                }
+                Err(problems)
+            }
+            Err(e) => Err(vec![e.to_string()]),
+        },
+    }
+}
+
 /// Most problems listed by verify.
 const MAX_PROBLEMS: usize = 100;
 
@@ -323,6 +428,9 @@ pub async fn verify(
     };
     let bytes_read = AtomicU64::new(0);
     let timings = Arc::new(Timings::default());
+    let index = ChunkIndex::load(target, &l).await?;
+    // Packs found present (each asked about once).
+    let packs_seen = std::sync::Mutex::new(HashSet::new());
     progress.start(
         &format!("verify {}", m.id),
         if read {
@@ -351,32 +459,49 @@ pub async fn verify(
             })
             .collect();
         report.chunks += ids.len() as u64;
-        let found: Vec<Option<String>> = futures::stream::iter(ids)
-            .map(|id| {
+        let order: Vec<ObjectId> = ids.into_iter().collect();
+        let mut reads: Vec<Read> = plan_reads(&index, &order)
+            .into_iter()
+            .map(|(pack, blobs)| Read::Pack(pack, blobs))
+            .collect();
+        reads.extend(
+            order
+                .iter()
+                .filter(|id| !index.contains(id))
+                .map(|id| Read::Loose(*id)),
+        );
+        let found: Vec<Vec<String>> = futures::stream::iter(reads)
+            .map(|r| {
                 let (l, timings) = (&l, &timings);
-                let bytes_read = &bytes_read;
+                let (bytes_read, packs_seen) = (&bytes_read, &packs_seen);
                 async move {
-                    let key = chunk_key(&id);
                     if read {
-                        match target.get_chunk(l, id, timings).await {
-                            Ok(d) => {
-                                bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
-                                progress.advance(d.len() as u64);
-                                None
-                            }
-                            Err(e) => Some(e.to_string()),
-                        }
+                        let n = read_and_check(target, l, r, timings).await;
+                        n.as_ref()
+                            .map(|&n| {
+                                bytes_read.fetch_add(n, Ordering::Relaxed);
+                                progress.advance(n);
+                            })
+                            .ok();
+                        n.err().unwrap_or_default()
                     } else {
-                        match target.store.exists(&key).await {
-                            Ok(true) => None,
-                            Ok(false) => Some(
-                                BackupError::Missing {
-                                    target: target.url().to_string(),
-                                    key,
+                        let key = match &r {
+                            Read::Pack(pack, _) => {
+                                if !packs_seen.lock().map(|mut s| s.insert(*pack)).unwrap_or(true) {
+                                    return Vec::new();
                                 }
-                                .to_string(),
-                            ),
-                            Err(e) => Some(e.to_string()),
+                                pack_key(pack)
+                            }
+                            Read::Loose(id) => chunk_key(id),
+                        };
+                        match target.store.exists(&key).await {
+                            Ok(true) => Vec::new(),
+                            Ok(false) => vec![BackupError::Missing {
+                                target: target.url().to_string(),
+                                key,
+                            }
+                            .to_string()],
+                            Err(e) => vec![e.to_string()],
                         }
                     }
                 }
@@ -401,5 +526,109 @@ pub async fn verify(
     } else {
         problems.sort();
         Err(BackupError::Verify { id: m.id, problems })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::{get_pack_index, list_pack_indexes};
+    use crate::{create_backup, gc, BackupOptions, FileSink, FileSource, GcOptions, NoProgress};
+    use crate::TargetOptions;
+
+    /// A target written before packs held each chunk as an object of its
+    /// own, byte for byte what a blob in a pack is now. Such a target
+    /// (made here by unpacking a new one) restores, verifies, takes a new
+    /// incremental backup that reuses its chunks, and gc keeps them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_of_single_chunk_objects_still_restores_and_gc_keeps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("disk.img");
+        let mut data = vec![0u8; 24 << 20];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for (i, b) in data.chunks_mut(8).enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Every third MiB compresses (a zstd blob), the rest does not.
+            let v = if ((i * 8) >> 20) % 3 == 0 { (i as u64) / 512 } else { x };
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(&img, &data).unwrap();
+        let root = tmp.path().join("t");
+        let url = format!("file://{}", root.display());
+        let opts = TargetOptions {
+            key: Some(b"legacy key of 16+ bytes".to_vec()),
+            ..Default::default()
+        };
+        let target = Target::open(&url, &opts).await.unwrap();
+        let src = FileSource::open(&img, "old", "s1").unwrap();
+        let s = create_backup(&target, &src, &BackupOptions::default(), &NoProgress)
+            .await
+            .unwrap();
+        // Unpack: every blob to chunks/<2 hex>/<64 hex>, packs and pack
+        // indexes gone.
+        let l = target.require().await.unwrap();
+        let mut n = 0;
+        for key in list_pack_indexes(&target).await.unwrap() {
+            for (pack, entries) in get_pack_index(&target, &l, &key).await.unwrap().packs {
+                let bytes = target
+                    .store
+                    .get_required(&crate::target::pack_key(&pack))
+                    .await
+                    .unwrap();
+                for e in entries {
+                    let blob = bytes.slice(e.offset as usize..(e.offset + e.len) as usize);
+                    target.store.put(&chunk_key(&e.chunk), blob).await.unwrap();
+                    n += 1;
+                }
+                target
+                    .store
+                    .delete(&crate::target::pack_key(&pack))
+                    .await
+                    .unwrap();
+            }
+            target.store.delete(&key).await.unwrap();
+        }
+        assert_eq!(n, 24);
+        let check = |name: &str| {
+            let out = tmp.path().join(name);
+            (out.clone(), FileSink::create(&out, 24 << 20).unwrap())
+        };
+        let (out, sink) = check("r1.img");
+        restore(&target, &s.id, &sink, &NoProgress).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        verify(&target, &s.id, true, &NoProgress).await.unwrap();
+        verify(&target, &s.id, false, &NoProgress).await.unwrap();
+
+        // gc keeps the chunks a backup references, deletes the others.
+        let l2 = l.clone();
+        let stray = l2.keys.chunk_id(b"stray");
+        target
+            .store
+            .put(&chunk_key(&stray), bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let g = gc(&target, &GcOptions::default(), &NoProgress).await.unwrap();
+        assert_eq!(g.deleted, 1, "{g:?}");
+        let (out, sink) = check("r2.img");
+        restore(&target, &s.id, &sink, &NoProgress).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+
+        // A new backup beside the old chunks. A file has no snapshots, so it
+        // is a full backup, and chunks stored on their own are not looked
+        // up: it stores all 24 again, in packs. (An incremental backup
+        // takes the unchanged chunks from its parent's pages instead.)
+        data[5 << 20..6 << 20].fill(7);
+        std::fs::write(&img, &data).unwrap();
+        let src = FileSource::open(&img, "old", "s2").unwrap();
+        let s2 = create_backup(&target, &src, &BackupOptions::default(), &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!(s2.stats.chunks_new, 24);
+        assert!(s2.packs >= 2, "{s2:?}");
+        let (out, sink) = check("r3.img");
+        restore(&target, &s2.id, &sink, &NoProgress).await.unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! config                              JSON, created by the first backup
-//! chunks/<2 hex>/<64 hex>             chunk objects, named by keyed hash
-//! index/<2 hex>/<64 hex>              chunk-index pages, named the same way
+//! packs/<2 hex>/<64 hex>              packs of sealed chunks (`pack.rs`)
+//! packidx/<64 hex>                    where chunks lie in packs
+//! chunks/<2 hex>/<64 hex>             chunk objects of targets written before packs
+//! index/<2 hex>/<64 hex>              chunk-index pages, named by keyed hash
 //! manifests/<volume>/<backup id>      one per complete backup, written last
 //! locks/backup/<volume>/<backup id>   a backup in progress (heartbeat)
 //! locks/gc                            a gc about to delete
@@ -340,8 +342,9 @@ impl Target {
             })
     }
 
-    /// Reads a chunk and checks its plaintext hashes to its name.
-    pub(crate) async fn get_chunk(
+    /// Reads a chunk stored as an object of its own (targets written
+    /// before packs) and checks its plaintext hashes to its name.
+    pub(crate) async fn get_loose_chunk(
         &self,
         l: &Arc<Loaded>,
         id: ObjectId,
@@ -457,6 +460,15 @@ pub fn check_name(name: &str) -> Result<()> {
 pub fn chunk_key(id: &ObjectId) -> String {
     let h = id.hex();
     format!("chunks/{}/{h}", &h[..2])
+}
+
+pub fn pack_key(id: &ObjectId) -> String {
+    let h = id.hex();
+    format!("packs/{}/{h}", &h[..2])
+}
+
+pub fn pack_index_key(id: &ObjectId) -> String {
+    format!("packidx/{}", id.hex())
 }
 
 pub fn page_key(id: &ObjectId) -> String {

@@ -110,8 +110,11 @@ async fn flipped_truncated_and_missing_objects_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (target, _v, id) = small_backup(tmp.path(), &TargetOptions::default()).await;
     let root = tmp.path().join("t");
-    let chunks = files(&root, "chunks");
-    assert!(chunks.len() >= 6);
+    // 6 writes of 2 MiB: about 16 chunks in 2 packs; the small volume's
+    // packs are the objects to damage.
+    let chunks = files(&root, "packs");
+    assert!(chunks.len() >= 2, "{chunks:?}");
+    assert_eq!(count_files(&root, "chunks"), 0, "chunks are stored in packs");
     let name = |p: &std::path::Path| p.strip_prefix(&root).unwrap().display().to_string();
 
     // A flipped byte: restore and verify --read fail naming the object.
@@ -143,14 +146,30 @@ async fn flipped_truncated_and_missing_objects_are_named() {
         e.to_string().contains(&name(&chunks[0])),
         "verify lists every problem: {e}"
     );
+    let e = restore(
+        &target,
+        &id,
+        &FileSink::create(&tmp.path().join("r2.img"), 64 * MIB).unwrap(),
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, BackupError::Corrupt { .. }), "{e}");
 
     // A missing object: plain verify names it.
-    std::fs::remove_file(&chunks[2]).unwrap();
+    std::fs::remove_file(&chunks[1]).unwrap();
     let e = verify(&target, &id, false, &NoProgress).await.unwrap_err();
     assert!(
-        e.to_string().contains(&name(&chunks[2])) && e.to_string().contains("missing"),
+        e.to_string().contains(&name(&chunks[1])) && e.to_string().contains("missing"),
         "{e}"
     );
+    // A damaged pack index is named.
+    let ix = files(&root, "packidx")[0].clone();
+    let mut b = std::fs::read(&ix).unwrap();
+    b[30] ^= 0x02;
+    std::fs::write(&ix, &b).unwrap();
+    let e = verify(&target, &id, false, &NoProgress).await.unwrap_err();
+    assert!(e.to_string().contains(&name(&ix)), "{e}");
 
     // A damaged manifest is named too.
     let m = files(&root, "manifests")[0].clone();
@@ -234,7 +253,9 @@ async fn keys_wrong_missing_and_unexpected() {
         .find(|c| c.iter().any(|&b| b != 0))
         .unwrap()
         .to_vec();
-    for f in files(&tmp.path().join("t"), "chunks") {
+    let packs = files(&tmp.path().join("t"), "packs");
+    assert!(!packs.is_empty());
+    for f in packs {
         let b = std::fs::read(&f).unwrap();
         assert!(!b.windows(64).any(|w| w == &nonzero[..64]));
     }
@@ -271,8 +292,10 @@ async fn interrupted_backup_lists_nothing_and_retry_uploads_only_missing() {
         0,
         "the lock is released on failure"
     );
-    let uploaded_before = count_files(&root, "chunks") as u64;
-    assert!(uploaded_before >= 30);
+    // 40 chunks read: the full packs (8 chunks each) were uploaded and
+    // indexed on the way out; the one being filled was not.
+    let packs_before = count_files(&root, "packs") as u64;
+    assert!(packs_before >= 3, "{packs_before} packs");
     let s = create_backup(
         &target,
         &v.source(0),
@@ -281,13 +304,15 @@ async fn interrupted_backup_lists_nothing_and_retry_uploads_only_missing() {
     )
     .await
     .unwrap();
+    assert!(s.target_chunks >= 8 * packs_before, "{s:?}");
     assert_eq!(
-        s.stats.chunks_reused, uploaded_before,
+        s.stats.chunks_reused, s.target_chunks,
         "retry reuses what the first try uploaded"
     );
     assert_eq!(
-        s.stats.chunks_new + uploaded_before,
-        count_files(&root, "chunks") as u64
+        s.packs + packs_before,
+        count_files(&root, "packs") as u64,
+        "the retry's packs hold only the rest"
     );
     let out = tmp.path().join("r.img");
     restore(

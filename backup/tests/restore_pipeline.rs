@@ -1,8 +1,9 @@
 //! The backup and restore pipelines' promises (issue 20): zero chunks and
 //! zero blocks come back as zeros on a sink that starts zeroed (kept sparse)
 //! and on one that does not (written over); a corrupt chunk never reaches
-//! the sink; a backup that stops asking the target about new chunks still
-//! restores byte for byte and still deduplicates once duplicates appear.
+//! the sink; chunks go to the target in packs, deduplicate across volumes
+//! through the pack index, and gc deletes and repacks packs without losing
+//! a chunk a backup needs.
 
 mod common;
 
@@ -12,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use common::*;
 use strata_backup::{
-    create_backup, restore, BackupError, BackupOptions, FileSink, NoProgress, RestoreSink,
-    SourceError, Target, TargetOptions,
+    create_backup, gc, remove, restore, verify, BackupError, BackupOptions, FileSink, GcOptions,
+    NoProgress, RestoreSink, SourceError, Target, TargetOptions,
 };
 
 fn url(dir: &std::path::Path) -> String {
@@ -132,9 +133,11 @@ async fn a_corrupt_chunk_is_refused_before_any_of_it_is_written() {
     .await
     .unwrap();
     let root = tmp.path().join("t");
-    let chunks = files(&root, "chunks");
-    assert_eq!(chunks.len(), 32);
-    for c in chunks.iter().step_by(4) {
+    let packs = files(&root, "packs");
+    assert_eq!(packs.len(), 4, "32 chunks in packs of 8");
+    // One flipped byte in every other pack: the 8 chunks of each of those
+    // are read in one range, and none of the range is written.
+    for c in packs.iter().step_by(2) {
         let mut b = std::fs::read(c).unwrap();
         let mid = b.len() / 2;
         b[mid] ^= 0x01;
@@ -155,16 +158,17 @@ async fn a_corrupt_chunk_is_refused_before_any_of_it_is_written() {
     );
     let written: usize = writes.iter().map(|w| w.1).sum();
     assert!(
-        written as u64 <= 24 * MIB,
-        "{written} bytes written from 24 MiB of good chunks"
+        written as u64 <= 16 * MIB,
+        "{written} bytes written from 16 MiB of good chunks"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skipped_lookups_restore_identically_and_dedup_resumes_on_a_hit() {
+async fn packs_deduplicate_across_volumes_and_gc_repacks_what_is_left() {
     let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("t");
     let target = Target::open(
-        &url(&tmp.path().join("t")),
+        &url(&root),
         &TargetOptions {
             key: Some(b"0123456789abcdef0123".to_vec()),
             ..Default::default()
@@ -172,7 +176,8 @@ async fn skipped_lookups_restore_identically_and_dedup_resumes_on_a_hit() {
     )
     .await
     .unwrap();
-    // Volume a: 48 new chunks, enough for the lookups to turn into probes.
+    // Volume a: 48 new chunks, 6 packs, one pack index (its checkpoints
+    // replaced as it went).
     let mut a = Volume::new(tmp.path(), "vol-a", 128 * MIB);
     a.snapshot("s1", &[(0, 48 * MIB, 21)]);
     let a = Arc::new(a);
@@ -185,22 +190,15 @@ async fn skipped_lookups_restore_identically_and_dedup_resumes_on_a_hit() {
     .await
     .unwrap();
     assert_eq!(sa.stats.chunks_new, 48);
-    assert!(sa.lookups_skipped > 0, "{sa:?}");
-    let out = tmp.path().join("a.img");
-    restore(
-        &target,
-        &sa.id,
-        &FileSink::create(&out, 128 * MIB).unwrap(),
-        &NoProgress,
-    )
-    .await
-    .unwrap();
-    assert_same(&a, 0, &out);
+    assert_eq!(sa.packs, 6);
+    assert_eq!(count_files(&root, "packs"), 6);
+    assert_eq!(count_files(&root, "packidx"), 1);
+    assert_eq!(count_files(&root, "chunks"), 0);
 
-    // Volume c: 48 new chunks (skipping again), then a's 48 chunks: a probe
-    // finds one and every later chunk is looked up, so most are not sent.
+    // Volume c: the first 24 MiB of a's data (the same bytes), then 24 MiB
+    // of its own: a's 24 chunks are found in a's packs, not stored again.
     let mut c = Volume::new(tmp.path(), "vol-c", 128 * MIB);
-    c.snapshot("s1", &[(0, 48 * MIB, 22), (48 * MIB, 48 * MIB, 21)]);
+    c.snapshot("s1", &[(0, 24 * MIB, 21), (24 * MIB, 24 * MIB, 22)]);
     let c = Arc::new(c);
     let sc = create_backup(
         &target,
@@ -210,12 +208,44 @@ async fn skipped_lookups_restore_identically_and_dedup_resumes_on_a_hit() {
     )
     .await
     .unwrap();
-    assert!(sc.lookups_skipped > 0, "{sc:?}");
+    assert_eq!(sc.target_chunks, 48);
+    assert_eq!((sc.stats.chunks_reused, sc.stats.chunks_new), (24, 24));
+    assert_eq!(sc.packs, 3);
+    for (v, id, name) in [(&a, &sa.id, "a.img"), (&c, &sc.id, "c.img")] {
+        let out = tmp.path().join(name);
+        restore(
+            &target,
+            id,
+            &FileSink::create(&out, 128 * MIB).unwrap(),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        assert_same(v, 0, &out);
+    }
+
+    // Without a: half of a's packs are still used by c, the rest are not.
+    // gc deletes the unused packs, repacks the partly used ones (chunks
+    // reach packs in completion order, so a pack may straddle chunk 24),
+    // merges the indexes into one, and c still restores and verifies.
+    remove(&target, &format!("vol-a/{}", sa.id)).await.unwrap();
+    let g = gc(&target, &GcOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    eprintln!("{g:?}");
+    assert!(g.deleted >= 2, "{g:?}");
+    assert_eq!(g.pack_indexes_read, 2);
+    assert_eq!(count_files(&root, "packidx"), 1);
+    let pack_bytes: u64 = files(&root, "packs")
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
     assert!(
-        sc.stats.chunks_reused >= 24,
-        "dedup did not resume after a probe hit: {sc:?}"
+        pack_bytes < 51 * MIB,
+        "{pack_bytes} bytes of packs for 48 MiB of used chunks"
     );
-    let out = tmp.path().join("c.img");
+    verify(&target, &sc.id, true, &NoProgress).await.unwrap();
+    let out = tmp.path().join("c2.img");
     restore(
         &target,
         &sc.id,
@@ -225,4 +255,20 @@ async fn skipped_lookups_restore_identically_and_dedup_resumes_on_a_hit() {
     .await
     .unwrap();
     assert_same(&c, 0, &out);
+    // A second gc finds nothing to do and rewrites nothing.
+    let g = gc(&target, &GcOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(
+        (g.unreferenced, g.packs_repacked, g.pack_indexes_written, g.deleted),
+        (0, 0, 0, 0),
+        "{g:?}"
+    );
+    // Without any backup, gc leaves no pack and no index.
+    remove(&target, &format!("vol-c/{}", sc.id)).await.unwrap();
+    gc(&target, &GcOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!(count_files(&root, "packs"), 0);
+    assert_eq!(count_files(&root, "packidx"), 0);
 }

@@ -78,6 +78,26 @@ impl FileStore {
         .await
     }
 
+    /// `len` bytes from `offset` (fewer where the file ends first), or None
+    /// if the object does not exist.
+    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>> {
+        let path = self.path(key)?;
+        self.blocking("get", key, move || {
+            use std::os::unix::fs::FileExt;
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let size = f.metadata()?.len();
+            let want = len.min(size.saturating_sub(offset));
+            let mut buf = vec![0u8; want as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(Some(Bytes::from(buf)))
+        })
+        .await
+    }
+
     pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
         self.blocking("put", key, move || {

@@ -1,7 +1,7 @@
 //! Object stores a target lives in: an S3 bucket (any S3-protocol server) or
 //! a directory. Both hold the same keys (`config`, `chunks/..`, `index/..`,
-//! `manifests/..`, `locks/..`, see `target.rs`) relative to the target's
-//! prefix, and offer the same five calls: get, put, exists, delete, list.
+//! `packs/..`, `packidx/..`, `manifests/..`, `locks/..`, see `target.rs`) relative to the target's
+//! prefix, and offer the same six calls: get, get_range, put, exists, delete, list.
 //! Nothing here knows about chunks or encryption.
 
 mod file;
@@ -56,6 +56,15 @@ impl Store {
             target: self.url().to_string(),
             key: key.to_string(),
         })
+    }
+
+    /// `len` bytes of the object from `offset`: fewer where the object
+    /// ends first, None if it does not exist.
+    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>> {
+        match self {
+            Store::File(s) => s.get_range(key, offset, len).await,
+            Store::S3(s) => s.get_range(key, offset, len).await,
+        }
     }
 
     /// Writes the whole object (atomically: readers see the old or the new

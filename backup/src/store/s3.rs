@@ -160,6 +160,43 @@ impl S3Store {
         }
     }
 
+    /// `len` bytes from `offset` (fewer where the object ends first; none
+    /// past its end), or None if the object does not exist.
+    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>> {
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let full = format!("{}{key}", self.prefix);
+        match self
+            .client
+            .get_object()
+            .bucket(&*self.bucket)
+            .key(&full)
+            .range(format!("bytes={offset}-{}", offset + len - 1))
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let data = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| self.err("get", key, e))?;
+                Ok(Some(data.into_bytes()))
+            }
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    Ok(None)
+                } else if e.raw_response().map(|r| r.status().as_u16()) == Some(416) {
+                    // The range starts past the object's end.
+                    Ok(Some(Bytes::new()))
+                } else {
+                    Err(self.err("get", key, e))
+                }
+            }
+        }
+    }
+
     pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let full = format!("{}{key}", self.prefix);
         self.client
