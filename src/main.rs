@@ -25,6 +25,8 @@ fn main() -> std::process::ExitCode {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+        // Backups and restores run in this process: see the function.
+        strata_backup::limit_malloc_arenas();
     }
     tracing_subscriber::fmt()
         .with_env_filter(

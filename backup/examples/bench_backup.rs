@@ -137,8 +137,16 @@ fn options() -> anyhow::Result<TargetOptions> {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // As `strata` does for its operator commands (src/main.rs).
+    strata_backup::limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let progress = strata_backup::progress::auto();
     match args.get(1).map(String::as_str) {

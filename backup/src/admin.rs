@@ -29,9 +29,9 @@ use crate::envelope::ObjectId;
 use crate::error::{BackupError, Result};
 use crate::format::{BackupStats, Entry, Manifest, PackEntry, PackIndex, MAX_PACK_INDEX_CHUNKS};
 use crate::locks::{list_locks, server_now};
+use crate::pack::{get_pack_index, list_pack_indexes, put_pack_index, PackWriter};
 use crate::progress::Progress;
 use crate::schedule::Retention;
-use crate::pack::{get_pack_index, list_pack_indexes, put_pack_index, PackWriter};
 use crate::target::{check_name, pack_key, Loaded, Target, GC_LOCK};
 use crate::timing::Timings;
 
@@ -211,7 +211,8 @@ pub struct GcReport {
     /// packs no index lists, index pages, chunks stored on their own).
     pub unreferenced: u64,
     pub unreferenced_bytes: u64,
-    /// Bytes of unused chunks inside packs that are still in use.
+    /// Bytes of unused chunks left inside packs that stay (below the
+    /// repack threshold).
     pub unused_in_packs_bytes: u64,
     /// Packs whose used chunks were copied into new packs.
     pub packs_repacked: u64,
@@ -445,7 +446,10 @@ async fn plan_packs(
     let mut holds: BTreeMap<ObjectId, Vec<PackEntry>> = BTreeMap::new();
     for (pack, entries) in indexes.into_iter().flat_map(|ix| ix.packs) {
         let Some(info) = listed.get(&pack) else {
-            tracing::warn!("gc: a pack index lists {}, which does not exist", pack_key(&pack));
+            tracing::warn!(
+                "gc: a pack index lists {}, which does not exist",
+                pack_key(&pack)
+            );
             continue;
         };
         for e in entries {
@@ -484,7 +488,6 @@ async fn plan_packs(
             && opts.repack_unused_percent < 100
             && unused > 0
         {
-            report.unused_in_packs_bytes += unused;
             plan.to_repack.push((info, used));
         } else {
             report.unused_in_packs_bytes += unused;
@@ -549,7 +552,11 @@ fn split_index(index: PackIndex) -> Vec<PackIndex> {
         if !last.packs.is_empty() && last.chunks() + entries.len() > MAX_PACK_INDEX_CHUNKS {
             parts.push(PackIndex::default());
         }
-        parts.last_mut().expect("one part").packs.push((pack, entries));
+        parts
+            .last_mut()
+            .expect("one part")
+            .packs
+            .push((pack, entries));
     }
     parts.retain(|p| !p.packs.is_empty());
     parts

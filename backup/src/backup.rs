@@ -276,7 +276,9 @@ async fn run<S: SnapshotSource>(
         Err(e) => {
             // The packs already uploaded are indexed, so a retry reuses them.
             if let Err(ie) = ctx.packs.write_index(true).await {
-                tracing::warn!("volume {volume}: cannot index the packs of failed backup {id}: {ie}");
+                tracing::warn!(
+                    "volume {volume}: cannot index the packs of failed backup {id}: {ie}"
+                );
             }
             return Err(e);
         }
@@ -561,11 +563,7 @@ impl<S: SnapshotSource> Ctx<'_, S> {
         let Some(id) = id else {
             return Ok(Entry::Zero);
         };
-        let new = self
-            .dedup
-            .lock()
-            .map(|mut d| d.claim(id))
-            .unwrap_or(true);
+        let new = self.dedup.lock().map(|mut d| d.claim(id)).unwrap_or(true);
         if new {
             let (l, timings) = (self.l.clone(), self.timings.clone());
             let key = chunk_key(&id);

@@ -214,36 +214,29 @@ impl Keys {
         obj: Cow<'o, [u8]>,
         max_len: usize,
     ) -> Result<Opened<'o>, String> {
-        let (buf, payload) = match obj {
-            Cow::Owned(mut buf) => {
-                let payload = self.authenticate_in_place(kind, name, &mut buf, max_len)?;
-                (Cow::Owned(buf), payload)
-            }
-            Cow::Borrowed(b) => {
-                if self.aead.is_some() {
-                    // Decryption needs a buffer of its own.
-                    return self.authenticate(kind, name, Cow::Owned(b.to_vec()), max_len);
-                }
-                let payload = self.check_header_and_sum(kind, name, b, max_len)?;
-                (Cow::Borrowed(b), payload)
-            }
-        };
-        Ok(Opened { payload, buf })
-    }
-
-    /// [`Keys::authenticate`] for an object that is a part of a larger
-    /// buffer (one blob of a pack, `pack.rs`): `obj` is decrypted where it
-    /// lies, and the returned [`Payload`] says where in `obj` the (possibly
-    /// compressed) plaintext now is.
-    pub fn authenticate_in_place(
-        &self,
-        kind: Kind,
-        name: &str,
-        obj: &mut [u8],
-        max_len: usize,
-    ) -> Result<Payload, String> {
-        let (flags, raw_len) = check_header(kind, obj, max_len)?;
-        match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
+        if obj.len() < HEADER {
+            return Err(format!("truncated: {} bytes", obj.len()));
+        }
+        if &obj[..4] != MAGIC {
+            return Err("bad magic".into());
+        }
+        if obj[4] != VERSION {
+            return Err(format!("unknown version {}", obj[4]));
+        }
+        if obj[5] != kind as u8 {
+            return Err(format!("holds kind {}, expected {}", obj[5], kind as u8));
+        }
+        let flags = obj[6];
+        if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || obj[7] != 0 {
+            return Err(format!("unknown flags {flags:#x}"));
+        }
+        let raw_len = u32::from_le_bytes([obj[8], obj[9], obj[10], obj[11]]) as usize;
+        if raw_len > max_len {
+            return Err(format!(
+                "declares {raw_len} bytes, more than the {max_len} allowed"
+            ));
+        }
+        let (buf, start, end) = match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
             (Some(aead), true) => {
                 if obj.len() < HEADER + NONCE + TAG {
                     return Err(format!("truncated: {} bytes", obj.len()));
@@ -251,33 +244,14 @@ impl Keys {
                 let mut aad = Vec::with_capacity(HEADER + name.len());
                 aad.extend_from_slice(&obj[..HEADER]);
                 aad.extend_from_slice(name.as_bytes());
-                let (start, end) = (HEADER + NONCE, obj.len() - TAG);
-                let nonce: [u8; NONCE] = obj[HEADER..start].try_into().expect("NONCE bytes");
-                let tag: [u8; TAG] = obj[end..].try_into().expect("TAG bytes");
-                aead.open_in_place(&nonce, &aad, &mut obj[start..end], &tag)
+                let mut buf = obj.into_owned();
+                let (start, end) = (HEADER + NONCE, buf.len() - TAG);
+                let nonce: [u8; NONCE] = buf[HEADER..start].try_into().expect("NONCE bytes");
+                let tag: [u8; TAG] = buf[end..].try_into().expect("TAG bytes");
+                aead.open_in_place(&nonce, &aad, &mut buf[start..end], &tag)
                     .map_err(|_| "authentication tag mismatch (damaged or altered)".to_string())?;
-                Ok(Payload {
-                    zstd: flags & FLAG_ZSTD != 0,
-                    raw_len,
-                    start,
-                    end,
-                })
+                (Cow::Owned(buf), start, end)
             }
-            _ => self.check_header_and_sum(kind, name, obj, max_len),
-        }
-    }
-
-    /// The unencrypted case of [`Keys::authenticate_in_place`], which needs
-    /// no mutable buffer.
-    fn check_header_and_sum(
-        &self,
-        kind: Kind,
-        name: &str,
-        obj: &[u8],
-        max_len: usize,
-    ) -> Result<Payload, String> {
-        let (flags, raw_len) = check_header(kind, obj, max_len)?;
-        match (&self.aead, flags & FLAG_ENCRYPTED != 0) {
             (None, false) => {
                 if obj.len() < HEADER + SUM {
                     return Err(format!("truncated: {} bytes", obj.len()));
@@ -286,104 +260,56 @@ impl Keys {
                 if self.checksum(name, &obj[..end]) != obj[end..] {
                     return Err("checksum mismatch (damaged or truncated)".into());
                 }
-                Ok(Payload {
-                    zstd: flags & FLAG_ZSTD != 0,
-                    raw_len,
-                    start: HEADER,
-                    end,
-                })
+                (obj, HEADER, end)
             }
-            (None, true) => Err("is encrypted but the target is not".into()),
-            (Some(_), false) => Err("is not encrypted but the target is".into()),
-            (Some(_), true) => Err("is encrypted: it needs a buffer to decrypt in".into()),
-        }
-    }
-
-    /// The plaintext of an authenticated payload lying in `buf` (a view of
-    /// `buf` when stored as is, no copy).
-    pub fn plaintext(buf: &Bytes, p: &Payload) -> Result<Bytes, String> {
-        let plain = if p.zstd {
-            Bytes::from(
-                zstd::bulk::decompress(&buf[p.start..p.end], p.raw_len)
-                    .map_err(|e| format!("zstd decompression failed: {e}"))?,
-            )
-        } else {
-            buf.slice(p.start..p.end)
+            (None, true) => return Err("is encrypted but the target is not".into()),
+            (Some(_), false) => return Err("is not encrypted but the target is".into()),
         };
-        if plain.len() != p.raw_len {
-            return Err(format!(
-                "holds {} bytes, header says {}",
-                plain.len(),
-                p.raw_len
-            ));
-        }
-        Ok(plain)
+        Ok(Opened {
+            zstd: flags & FLAG_ZSTD != 0,
+            raw_len,
+            buf,
+            start,
+            end,
+        })
     }
 
     /// The second half of [`Keys::open`]: the plaintext of an authenticated
     /// object.
     pub fn decompress(opened: Opened<'_>) -> Result<Bytes, String> {
-        let buf = match opened.buf {
-            Cow::Owned(buf) => Bytes::from(buf),
-            // Only the payload is copied.
-            Cow::Borrowed(b) => {
-                let p = &opened.payload;
-                let part = Bytes::copy_from_slice(&b[p.start..p.end]);
-                let shifted = Payload {
-                    start: 0,
-                    end: p.end - p.start,
-                    ..*p
-                };
-                return Self::plaintext(&part, &shifted);
+        let raw_len = opened.raw_len;
+        let (start, end) = (opened.start, opened.end);
+        let plain = if opened.zstd {
+            Bytes::from(
+                zstd::bulk::decompress(&opened.buf[start..end], raw_len)
+                    .map_err(|e| format!("zstd decompression failed: {e}"))?,
+            )
+        } else {
+            match opened.buf {
+                // Stored as is: the plaintext is the payload, a view of the
+                // buffer it was decrypted in (no copy).
+                Cow::Owned(buf) => Bytes::from(buf).slice(start..end),
+                Cow::Borrowed(b) => Bytes::copy_from_slice(&b[start..end]),
             }
         };
-        Self::plaintext(&buf, &opened.payload)
+        if plain.len() != raw_len {
+            return Err(format!(
+                "holds {} bytes, header says {raw_len}",
+                plain.len()
+            ));
+        }
+        Ok(plain)
     }
 }
 
-/// Checks the fixed header of an object of `kind`; returns its flags and
-/// declared plaintext length.
-fn check_header(kind: Kind, obj: &[u8], max_len: usize) -> Result<(u8, usize), String> {
-    if obj.len() < HEADER {
-        return Err(format!("truncated: {} bytes", obj.len()));
-    }
-    if &obj[..4] != MAGIC {
-        return Err("bad magic".into());
-    }
-    if obj[4] != VERSION {
-        return Err(format!("unknown version {}", obj[4]));
-    }
-    if obj[5] != kind as u8 {
-        return Err(format!("holds kind {}, expected {}", obj[5], kind as u8));
-    }
-    let flags = obj[6];
-    if flags & !(FLAG_ZSTD | FLAG_ENCRYPTED) != 0 || obj[7] != 0 {
-        return Err(format!("unknown flags {flags:#x}"));
-    }
-    let raw_len = u32::from_le_bytes([obj[8], obj[9], obj[10], obj[11]]) as usize;
-    if raw_len > max_len {
-        return Err(format!(
-            "declares {raw_len} bytes, more than the {max_len} allowed"
-        ));
-    }
-    Ok((flags, raw_len))
-}
-
-/// Where the payload of an authenticated object lies in its buffer, and
-/// how to turn it into plaintext.
-#[derive(Debug, Clone, Copy)]
-pub struct Payload {
+/// An authenticated (and decrypted) object: its payload is
+/// `buf[start..end]`, still compressed when `zstd`.
+pub struct Opened<'o> {
     zstd: bool,
     raw_len: usize,
+    buf: Cow<'o, [u8]>,
     start: usize,
     end: usize,
-}
-
-/// An authenticated (and decrypted) object: its payload is where
-/// [`Payload`] says in `buf`.
-pub struct Opened<'o> {
-    payload: Payload,
-    buf: Cow<'o, [u8]>,
 }
 
 #[cfg(test)]

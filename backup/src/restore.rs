@@ -275,9 +275,7 @@ async fn restore_read<K: RestoreSink>(
     places: Arc<HashMap<ObjectId, Vec<u64>>>,
 ) -> Result<()> {
     let chunks = match read {
-        Read::Pack(pack, blobs) => {
-            read_blobs(ctx.target, ctx.l, pack, blobs, ctx.timings).await?
-        }
+        Read::Pack(pack, blobs) => read_blobs(ctx.target, ctx.l, pack, blobs, ctx.timings).await?,
         Read::Loose(id) => vec![(
             id,
             ctx.target.get_loose_chunk(ctx.l, id, ctx.timings).await?,
@@ -380,26 +378,29 @@ async fn read_and_check(
     read: Read,
     timings: &Arc<Timings>,
 ) -> std::result::Result<u64, Vec<String>> {
-    let sum = |chunks: Vec<(ObjectId, bytes::Bytes)>| chunks.iter().map(|(_, d)| d.len() as u64).sum();
+    let sum =
+        |chunks: Vec<(ObjectId, bytes::Bytes)>| chunks.iter().map(|(_, d)| d.len() as u64).sum();
     match read {
         Read::Loose(id) => target
             .get_loose_chunk(l, id, timings)
             .await
             .map(|d| d.len() as u64)
             .map_err(|e| vec![e.to_string()]),
-        Read::Pack(pack, blobs) => match read_blobs(target, l, pack, blobs.clone(), timings).await {
-            Ok(chunks) => Ok(sum(chunks)),
-            Err(_) if blobs.len() > 1 => {
-                let mut problems = Vec::new();
-                for b in blobs {
-                    if let Err(e) = read_blobs(target, l, pack, vec![b], timings).await {
-                        problems.push(e.to_string());
+        Read::Pack(pack, blobs) => {
+            match read_blobs(target, l, pack, blobs.clone(), timings).await {
+                Ok(chunks) => Ok(sum(chunks)),
+                Err(_) if blobs.len() > 1 => {
+                    let mut problems = Vec::new();
+                    for b in blobs {
+                        if let Err(e) = read_blobs(target, l, pack, vec![b], timings).await {
+                            problems.push(e.to_string());
+                        }
                     }
+                    Err(problems)
                 }
-                Err(problems)
+                Err(e) => Err(vec![e.to_string()]),
             }
-            Err(e) => Err(vec![e.to_string()]),
-        },
+        }
     }
 }
 
@@ -487,7 +488,11 @@ pub async fn verify(
                     } else {
                         let key = match &r {
                             Read::Pack(pack, _) => {
-                                if !packs_seen.lock().map(|mut s| s.insert(*pack)).unwrap_or(true) {
+                                if !packs_seen
+                                    .lock()
+                                    .map(|mut s| s.insert(*pack))
+                                    .unwrap_or(true)
+                                {
                                     return Vec::new();
                                 }
                                 pack_key(pack)
@@ -533,8 +538,8 @@ pub async fn verify(
 mod tests {
     use super::*;
     use crate::pack::{get_pack_index, list_pack_indexes};
-    use crate::{create_backup, gc, BackupOptions, FileSink, FileSource, GcOptions, NoProgress};
     use crate::TargetOptions;
+    use crate::{create_backup, gc, BackupOptions, FileSink, FileSource, GcOptions, NoProgress};
 
     /// A target written before packs held each chunk as an object of its
     /// own, byte for byte what a blob in a pack is now. Such a target
@@ -551,7 +556,11 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             // Every third MiB compresses (a zstd blob), the rest does not.
-            let v = if ((i * 8) >> 20) % 3 == 0 { (i as u64) / 512 } else { x };
+            let v = if ((i * 8) >> 20) % 3 == 0 {
+                (i as u64) / 512
+            } else {
+                x
+            };
             b.copy_from_slice(&v.to_le_bytes());
         }
         std::fs::write(&img, &data).unwrap();
@@ -609,7 +618,9 @@ mod tests {
             .put(&chunk_key(&stray), bytes::Bytes::from_static(b"x"))
             .await
             .unwrap();
-        let g = gc(&target, &GcOptions::default(), &NoProgress).await.unwrap();
+        let g = gc(&target, &GcOptions::default(), &NoProgress)
+            .await
+            .unwrap();
         assert_eq!(g.deleted, 1, "{g:?}");
         let (out, sink) = check("r2.img");
         restore(&target, &s.id, &sink, &NoProgress).await.unwrap();

@@ -114,7 +114,11 @@ async fn flipped_truncated_and_missing_objects_are_named() {
     // packs are the objects to damage.
     let chunks = files(&root, "packs");
     assert!(chunks.len() >= 2, "{chunks:?}");
-    assert_eq!(count_files(&root, "chunks"), 0, "chunks are stored in packs");
+    assert_eq!(
+        count_files(&root, "chunks"),
+        0,
+        "chunks are stored in packs"
+    );
     let name = |p: &std::path::Path| p.strip_prefix(&root).unwrap().display().to_string();
 
     // A flipped byte: restore and verify --read fail naming the object.

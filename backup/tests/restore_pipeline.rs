@@ -260,7 +260,12 @@ async fn packs_deduplicate_across_volumes_and_gc_repacks_what_is_left() {
         .await
         .unwrap();
     assert_eq!(
-        (g.unreferenced, g.packs_repacked, g.pack_indexes_written, g.deleted),
+        (
+            g.unreferenced,
+            g.packs_repacked,
+            g.pack_indexes_written,
+            g.deleted
+        ),
         (0, 0, 0, 0),
         "{g:?}"
     );

@@ -130,11 +130,16 @@ pub enum BackupCommand {
         #[command(flatten)]
         t: TargetArgs,
     },
-    /// Delete chunks and index pages no backup references (safe beside
-    /// running backups: it then deletes nothing and says why).
+    /// Delete packs, chunks and index pages no backup references, and
+    /// repack packs that are partly unused (safe beside running backups:
+    /// it then deletes nothing and says why).
     Gc {
         #[arg(long)]
         dry_run: bool,
+        /// Repack a pack once this percentage of its bytes is unused
+        /// (100: never repack; only wholly unused packs are deleted).
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+        repack_unused_percent: u8,
         #[command(flatten)]
         t: TargetArgs,
     },
@@ -349,9 +354,17 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
             print_table(&r.removed);
             Ok(())
         }
-        BackupCommand::Gc { dry_run, t } => {
+        BackupCommand::Gc {
+            dry_run,
+            repack_unused_percent,
+            t,
+        } => {
             let target = t.open().await?;
-            let r = strata_backup::gc(&target, &GcOptions { dry_run }, progress.as_ref()).await?;
+            let opts = GcOptions {
+                dry_run,
+                repack_unused_percent,
+            };
+            let r = strata_backup::gc(&target, &opts, progress.as_ref()).await?;
             if t.json {
                 return json(&r);
             }
@@ -373,6 +386,19 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
                 println!("dry run: deleted nothing");
             } else {
                 println!("deleted {} objects ({})", r.deleted, size(r.deleted_bytes));
+                if r.packs_repacked > 0 {
+                    println!(
+                        "repacked {} packs ({} of chunks still in use copied)",
+                        r.packs_repacked,
+                        size(r.repacked_bytes)
+                    );
+                }
+            }
+            if r.unused_in_packs_bytes > 0 {
+                println!(
+                    "{} of unused chunks left in packs below the repack threshold",
+                    size(r.unused_in_packs_bytes)
+                );
             }
             if r.stale_locks_removed > 0 {
                 println!(

@@ -78,10 +78,10 @@ impl FileStore {
         .await
     }
 
-    /// `len` bytes from `offset` (fewer where the file ends first), or None
-    /// if the object does not exist.
-    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>> {
+    /// See [`super::Store::get_parts`].
+    pub async fn get_parts(&self, key: &str, parts: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>> {
         let path = self.path(key)?;
+        let parts = parts.to_vec();
         self.blocking("get", key, move || {
             use std::os::unix::fs::FileExt;
             let f = match std::fs::File::open(&path) {
@@ -90,10 +90,13 @@ impl FileStore {
                 Err(e) => return Err(e),
             };
             let size = f.metadata()?.len();
-            let want = len.min(size.saturating_sub(offset));
-            let mut buf = vec![0u8; want as usize];
-            f.read_exact_at(&mut buf, offset)?;
-            Ok(Some(Bytes::from(buf)))
+            let mut out = Vec::with_capacity(parts.len());
+            for (offset, len) in parts {
+                let mut buf = vec![0u8; len.min(size.saturating_sub(offset)) as usize];
+                f.read_exact_at(&mut buf, offset)?;
+                out.push(buf);
+            }
+            Ok(Some(out))
         })
         .await
     }

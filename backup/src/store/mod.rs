@@ -1,7 +1,7 @@
 //! Object stores a target lives in: an S3 bucket (any S3-protocol server) or
 //! a directory. Both hold the same keys (`config`, `chunks/..`, `index/..`,
 //! `packs/..`, `packidx/..`, `manifests/..`, `locks/..`, see `target.rs`) relative to the target's
-//! prefix, and offer the same six calls: get, get_range, put, exists, delete, list.
+//! prefix, and offer the same six calls: get, get_parts, put, exists, delete, list.
 //! Nothing here knows about chunks or encryption.
 
 mod file;
@@ -58,12 +58,20 @@ impl Store {
         })
     }
 
-    /// `len` bytes of the object from `offset`: fewer where the object
-    /// ends first, None if it does not exist.
-    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>> {
+    /// Parts of the object, each (offset, length), in offset order and
+    /// not overlapping, read with one request (the bytes between parts
+    /// are read and dropped), each into a buffer of its own; parts are
+    /// shorter or empty where the object ends first. None if the object
+    /// does not exist.
+    pub async fn get_parts(&self, key: &str, parts: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>> {
+        if parts.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(BackupError::Invalid(format!(
+                "parts of {key} overlap or are out of order"
+            )));
+        }
         match self {
-            Store::File(s) => s.get_range(key, offset, len).await,
-            Store::S3(s) => s.get_range(key, offset, len).await,
+            Store::File(s) => s.get_parts(key, parts).await,
+            Store::S3(s) => s.get_parts(key, parts).await,
         }
     }
 

@@ -160,41 +160,72 @@ impl S3Store {
         }
     }
 
-    /// `len` bytes from `offset` (fewer where the object ends first; none
-    /// past its end), or None if the object does not exist.
-    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Option<Bytes>> {
-        if len == 0 {
-            return Ok(Some(Bytes::new()));
+    /// See [`super::Store::get_parts`]: one ranged GET from the first
+    /// part's start to the last part's end, its body copied into each
+    /// part's buffer as it arrives.
+    pub async fn get_parts(&self, key: &str, parts: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>> {
+        let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+            return Ok(Some(Vec::new()));
+        };
+        let (start, end) = (first.0, last.0 + last.1);
+        if end == start {
+            return Ok(Some(vec![Vec::new(); parts.len()]));
         }
         let full = format!("{}{key}", self.prefix);
-        match self
+        let mut out = match self
             .client
             .get_object()
             .bucket(&*self.bucket)
             .key(&full)
-            .range(format!("bytes={offset}-{}", offset + len - 1))
+            .range(format!("bytes={start}-{}", end - 1))
             .send()
             .await
         {
-            Ok(out) => {
-                let data = out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| self.err("get", key, e))?;
-                Ok(Some(data.into_bytes()))
-            }
+            Ok(out) => out,
             Err(e) => {
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                return if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
                     Ok(None)
                 } else if e.raw_response().map(|r| r.status().as_u16()) == Some(416) {
                     // The range starts past the object's end.
-                    Ok(Some(Bytes::new()))
+                    Ok(Some(vec![Vec::new(); parts.len()]))
                 } else {
                     Err(self.err("get", key, e))
+                };
+            }
+        };
+        let mut bufs: Vec<Vec<u8>> = parts
+            .iter()
+            .map(|&(_, len)| Vec::with_capacity(len.min(64 << 20) as usize))
+            .collect();
+        // Where the next byte of the body lies in the object, and the part
+        // it may belong to.
+        let (mut at, mut i) = (start, 0);
+        while let Some(data) = out
+            .body
+            .try_next()
+            .await
+            .map_err(|e| self.err("get", key, e))?
+        {
+            let mut data = &data[..];
+            while !data.is_empty() && i < parts.len() {
+                let (p_off, p_len) = parts[i];
+                if at < p_off {
+                    // Between parts: dropped.
+                    let skip = ((p_off - at) as usize).min(data.len());
+                    data = &data[skip..];
+                    at += skip as u64;
+                    continue;
+                }
+                let take = ((p_off + p_len - at) as usize).min(data.len());
+                bufs[i].extend_from_slice(&data[..take]);
+                data = &data[take..];
+                at += take as u64;
+                if at == p_off + p_len {
+                    i += 1;
                 }
             }
         }
+        Ok(Some(bufs))
     }
 
     pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
