@@ -369,7 +369,7 @@ async fn sweep(
     // The merged index, then the old ones go, then the packs.
     let mut written = HashSet::new();
     for part in split_index(new_index) {
-        let (key, n) = put_pack_index(target, l, &part).await?;
+        let (key, n) = put_pack_index(target, l, &part, true).await?;
         if n > 0 {
             report.pack_indexes_written += 1;
         }

@@ -19,7 +19,7 @@
 //! 3. Write each window's index page (skipped when identical to the
 //!    parent's), the last pack and a pack index naming this backup's
 //!    packs, then the manifest, last: until it exists the backup does not
-//!    list. A backup rewrites its pack index every 4 packs as it goes, and
+//!    list. A backup rewrites its pack index every 8 packs as it goes, and
 //!    one that fails writes it for every pack it did upload, so a retry
 //!    uploads only the chunks still missing (after a lost connection: and
 //!    those of the last few packs).

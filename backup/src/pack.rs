@@ -60,7 +60,7 @@ pub(crate) const PACKS_IN_MEMORY: usize = 2;
 /// uploaded packs no index lists yet.
 pub(crate) const INDEX_FLUSH: usize = 4096;
 /// A running backup rewrites its index after this many new packs.
-pub(crate) const CHECKPOINT_PACKS: usize = 4;
+pub(crate) const CHECKPOINT_PACKS: usize = 8;
 /// Longest range restore reads from a pack in one request.
 pub(crate) const RANGE_MAX: u64 = 8 << 20;
 /// Restore reads across a gap this small between two blobs it needs
@@ -157,15 +157,18 @@ pub(crate) async fn get_pack_index(target: &Target, l: &Loaded, key: &str) -> Re
 }
 
 /// Seals and stores `index` under its content name; returns (key, bytes
-/// uploaded), 0 bytes when an identical object was there already.
+/// uploaded). With `skip_existing`, 0 bytes when an identical object was
+/// there already (gc's merged index, unchanged since the last gc); a
+/// backup's index lists new packs, so it does not ask.
 pub(crate) async fn put_pack_index(
     target: &Target,
     l: &Loaded,
     index: &PackIndex,
+    skip_existing: bool,
 ) -> Result<(String, u64)> {
     let plain = index.encode();
     let key = pack_index_key(&l.keys.chunk_id(&plain));
-    if target.store.exists(&key).await? {
+    if skip_existing && target.store.exists(&key).await? {
         return Ok((key, 0));
     }
     let obj = l
@@ -355,7 +358,7 @@ impl<'a> PackWriter<'a> {
             }
             (seg.index.clone(), seg.key.clone())
         };
-        let (key, n) = put_pack_index(self.target, &self.l, &index).await?;
+        let (key, n) = put_pack_index(self.target, &self.l, &index, false).await?;
         self.index_bytes
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         if let Some(old) = old.filter(|o| *o != key) {

@@ -2,12 +2,13 @@
 //!
 //! Restore reads the target's pack indexes, then runs one pipeline over
 //! the manifest's index pages: each page's chunks are read pack by pack in
-//! ranges of up to 8 MiB (`pack.rs`), at most `parallel / 2` ranges in
-//! flight across page boundaries; every chunk is checked (authentication
-//! tag or checksum, then the keyed hash against its name) and only then
-//! written, so memory stays at those ranges, decrypted in place. Chunks of
-//! targets written before packs are read one object each. It stops at the
-//! first missing or
+//! ranges of up to 8 MiB (`pack.rs`), at most `parallel × 2 × chunk_size`
+//! bytes of ranges in flight across page boundaries, each chunk into a
+//! buffer of its own; every chunk is checked (authentication tag or
+//! checksum, then the keyed hash against its name) and only then written,
+//! so memory stays at those ranges, decrypted in place. Chunks of targets
+//! written before packs are read one object each. It stops at the first
+//! missing or
 //! corrupt object with an error naming it. Zero chunks and all-zero 4 KiB
 //! blocks inside data chunks are not written to a sink that starts zeroed,
 //! so a restored file stays sparse; on any other sink zero chunks become
@@ -32,7 +33,7 @@ use crate::envelope::ObjectId;
 use crate::error::{BackupError, Result};
 use crate::format::{Entry, IndexPage, Manifest};
 use crate::locks::Lock;
-use crate::pack::{plan_reads, read_blobs, Blob, ChunkIndex};
+use crate::pack::{plan_reads, read_blobs, Blob, ChunkIndex, RANGE_MAX};
 use crate::progress::Progress;
 use crate::source::{RestoreSink, SourceError};
 use crate::target::{chunk_key, pack_key, page_key, Loaded, Target};
@@ -188,10 +189,12 @@ async fn restore_inner<K: RestoreSink>(
     // boundary (they are only not polled while the next page, one small
     // object per GiB, loads). Each slot holds one read from its download
     // to the end of its writes: a range of up to 8 MiB of a pack, or one
-    // chunk object, decrypted in place. `parallel / 2` slots of 8 MiB
-    // keep the memory bound of `parallel × 2 × chunk_size` with the
-    // defaults; more did not go faster (BENCHMARKS.md).
-    let parallel = (target.opts.parallel / 2).max(1);
+    // chunk object, decrypted in place: as many slots as keep the memory
+    // bound of `parallel × 2 × chunk_size` (2 with the defaults: 3.9-4.5 s
+    // and 38-40 MiB for the benchmark's restore; 4 slots took 3.9-4.1 s
+    // at 49-56 MiB).
+    let parallel =
+        (target.opts.parallel as u64 * 2 * m.chunk_size as u64 / RANGE_MAX).max(1) as usize;
     let mut in_flight = FuturesUnordered::new();
     for (p, pid) in m.pages.iter().enumerate() {
         let off = p as u64 * window;
