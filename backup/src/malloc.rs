@@ -8,8 +8,8 @@
 /// to 8 per core, and each arena keeps the 1 MiB chunk buffers freed in it
 /// (after the first such buffer is freed, glibc raises its mmap threshold
 /// above that size, so later ones come from the arenas). A full backup of
-/// 1 GiB to moto peaked at 71-74 MiB RSS by default and 53 MiB with two
-/// arenas, in 4.4 s against 4.7-4.9 s; a restore at 54-59 against 55 MiB
+/// 1 GiB to moto peaked at 70-72 MiB RSS by default and 52 MiB with two
+/// arenas, in 4.4 s against 4.7-4.9 s; a restore at 53-58 against 54 MiB
 /// (`BENCHMARKS.md`). Servers keep the default: in two rounds of fio
 /// against `strata up` (3 replicas in one process), two arenas served
 /// 11-20% fewer 4 KiB random reads and peaked at 108 and 51 MiB RSS
