@@ -229,17 +229,7 @@ async fn restore_inner<K: RestoreSink>(
             at.push(off + i as u64 * cs);
         }
         let places = Arc::new(places);
-        let mut reads: Vec<Read> = plan_reads(index, &order)
-            .into_iter()
-            .map(|(pack, blobs)| Read::Pack(pack, blobs))
-            .collect();
-        reads.extend(
-            order
-                .iter()
-                .filter(|id| !index.contains(id))
-                .map(|id| Read::Loose(*id)),
-        );
-        for read in reads {
+        for read in reads_for(index, &order) {
             while in_flight.len() >= parallel {
                 if let Some(r) = in_flight.next().await {
                     r?;
@@ -268,6 +258,22 @@ enum Read {
     Pack(ObjectId, Vec<Blob>),
     /// A chunk stored as an object of its own (before packs).
     Loose(ObjectId),
+}
+
+/// The downloads that fetch `chunks`: ranges of packs (`plan_reads`), then
+/// one object each for chunks no pack index lists.
+fn reads_for(index: &ChunkIndex, chunks: &[ObjectId]) -> Vec<Read> {
+    let mut reads: Vec<Read> = plan_reads(index, chunks)
+        .into_iter()
+        .map(|(pack, blobs)| Read::Pack(pack, blobs))
+        .collect();
+    reads.extend(
+        chunks
+            .iter()
+            .filter(|id| !index.contains(id))
+            .map(|id| Read::Loose(*id)),
+    );
+    reads
 }
 
 /// Downloads and checks one read, then writes each of its chunks to every
@@ -464,17 +470,7 @@ pub async fn verify(
             .collect();
         report.chunks += ids.len() as u64;
         let order: Vec<ObjectId> = ids.into_iter().collect();
-        let mut reads: Vec<Read> = plan_reads(&index, &order)
-            .into_iter()
-            .map(|(pack, blobs)| Read::Pack(pack, blobs))
-            .collect();
-        reads.extend(
-            order
-                .iter()
-                .filter(|id| !index.contains(id))
-                .map(|id| Read::Loose(*id)),
-        );
-        let found: Vec<Vec<String>> = futures::stream::iter(reads)
+        let found: Vec<Vec<String>> = futures::stream::iter(reads_for(&index, &order))
             .map(|r| {
                 let (l, timings) = (&l, &timings);
                 let (bytes_read, packs_seen) = (&bytes_read, &packs_seen);
