@@ -92,7 +92,7 @@ async fn small_backup(
 ) -> (Target, Arc<Volume>, String) {
     let target = Target::open(&url(&tmp.join("t")), opts).await.unwrap();
     let mut v = Volume::new(tmp, "small", 64 * MIB);
-    v.snapshot("s1", &scattered(3, 64 * MIB, 6, 2 * MIB));
+    v.snapshot("s1", &scattered(3, 64 * MIB, 12, 2 * MIB));
     let v = Arc::new(v);
     let s = create_backup(
         &target,
@@ -110,8 +110,9 @@ async fn flipped_truncated_and_missing_objects_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (target, _v, id) = small_backup(tmp.path(), &TargetOptions::default()).await;
     let root = tmp.path().join("t");
-    // 6 writes of 2 MiB: about 16 chunks in 2 packs; the small volume's
-    // packs are the objects to damage.
+    // 12 writes of 2 MiB: over 16 MiB of chunks, so at least 2 packs
+    // whatever order the chunks reach them in (a pack closes at 8 MiB);
+    // the small volume's packs are the objects to damage.
     let chunks = files(&root, "packs");
     assert!(chunks.len() >= 2, "{chunks:?}");
     assert_eq!(
