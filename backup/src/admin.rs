@@ -424,11 +424,21 @@ async fn plan_packs(
 ) -> Result<PackPlan> {
     let index_keys = list_pack_indexes(target).await?;
     report.pack_indexes_read = index_keys.len() as u64;
+    // A running backup (gc then deletes nothing) may replace its
+    // checkpoint index after the listing: a vanished index is skipped.
     let indexes: Vec<PackIndex> = futures::stream::iter(index_keys.clone())
-        .map(|k| async move { get_pack_index(target, l, &k).await })
+        .map(|k| async move {
+            match get_pack_index(target, l, &k).await {
+                Err(BackupError::Missing { .. }) => Ok(None),
+                r => r.map(Some),
+            }
+        })
         .buffered(target.opts.parallel)
-        .try_collect()
-        .await?;
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
     let mut listed: HashMap<ObjectId, crate::store::ObjectInfo> = HashMap::new();
     let mut doomed = Vec::new();
     for o in target.store.list("packs/").await? {

@@ -87,13 +87,30 @@ pub(crate) struct ChunkIndex {
 impl ChunkIndex {
     /// Reads every pack index of the target.
     pub async fn load(target: &Target, l: &Loaded) -> Result<Self> {
+        Self::load_keys(target, l, list_pack_indexes(target).await?).await
+    }
+
+    /// Reads the pack indexes `keys`. One that is gone by the time it is
+    /// read was a running backup's checkpoint, replaced by a newer one
+    /// (only gc deletes a complete backup's index, and not beside a backup
+    /// or restore): it is skipped. Its packs belong to no complete backup
+    /// yet, so a restore needs none of them, and a backup only misses the
+    /// chance to reuse them.
+    async fn load_keys(target: &Target, l: &Loaded, keys: Vec<String>) -> Result<Self> {
         let mut ix = Self::default();
-        let keys = list_pack_indexes(target).await?;
         let mut objects = futures::stream::iter(keys)
             .map(|key| async move { get_pack_index(target, l, &key).await })
             .buffer_unordered(target.opts.parallel);
         while let Some(pi) = objects.next().await {
-            for (pack, entries) in pi?.packs {
+            let pi = match pi {
+                Ok(pi) => pi,
+                Err(BackupError::Missing { key, .. }) => {
+                    tracing::debug!("pack index {key} was replaced while listed; skipped");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (pack, entries) in pi.packs {
                 ix.add(pack, &entries);
             }
         }
@@ -575,6 +592,46 @@ mod tests {
         assert_eq!(reads.len(), 1, "a 1 MiB gap is read across");
         let reads = plan_reads(&ix, &[id(1), id(4)]);
         assert_eq!(reads.len(), 2, "a 2 MiB gap is two reads");
+    }
+
+    /// A backup's checkpoint replaced between the listing and the read is
+    /// skipped; a damaged index is still an error naming it.
+    #[tokio::test]
+    async fn an_index_gone_since_the_listing_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", tmp.path().display());
+        let target = Target::open(&url, &Default::default()).await.unwrap();
+        let l = target.loaded(true).await.unwrap().unwrap();
+        let index = PackIndex {
+            packs: vec![(
+                id(1),
+                vec![PackEntry {
+                    chunk: id(2),
+                    offset: 0,
+                    len: 10,
+                }],
+            )],
+        };
+        let (key, _) = put_pack_index(&target, &l, &index, false).await.unwrap();
+        let gone = pack_index_key(&id(3));
+        let ix = ChunkIndex::load_keys(&target, &l, vec![gone.clone(), key.clone()])
+            .await
+            .unwrap();
+        assert_eq!(ix.len(), 1);
+        assert!(ix.contains(&id(2)));
+        target
+            .store
+            .put(&gone, Bytes::from_static(b"not an index"))
+            .await
+            .unwrap();
+        let e = ChunkIndex::load_keys(&target, &l, vec![gone.clone(), key])
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, BackupError::Corrupt { key, .. } if *key == gone),
+            "{e}"
+        );
     }
 
     #[test]
