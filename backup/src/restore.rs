@@ -290,11 +290,19 @@ async fn restore_read<K: RestoreSink>(
             ctx.target.get_loose_chunk(ctx.l, id, ctx.timings).await?,
         )],
     };
-    for (id, data) in chunks {
-        for &c_off in places.get(&id).map(Vec::as_slice).unwrap_or_default() {
-            write_chunk(ctx, c_off, id, data.clone()).await?;
-        }
-    }
+    // The chunks of a range are written at once, not one after another: a
+    // volume takes each write to 3 replicas, and with 2 ranges in flight
+    // one at a time would leave it 2 writes deep (8 before packs).
+    let writes = chunks.into_iter().flat_map(|(id, data)| {
+        places
+            .get(&id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(move |&c_off| write_chunk(ctx, c_off, id, data.clone()))
+            .collect::<Vec<_>>()
+    });
+    futures::future::try_join_all(writes).await?;
     Ok(())
 }
 
