@@ -4,7 +4,7 @@
 //! (`--json`) and logged at the end of each run.
 //!
 //! Backup stages: `read` (the snapshot source), `hash` (keyed BLAKE3 and the
-//! all-zero check), `lookup` (HEAD: is the chunk in the target already),
+//! all-zero check), `lookup` (reading the target's pack indexes: which chunks it holds),
 //! `compress` (zstd), `encrypt` (XChaCha20-Poly1305 or the keyed checksum),
 //! `upload` (PUT). Restore stages: `download` (GET), `decrypt`,
 //! `decompress`, `verify` (the chunk's hash against its name), `write`
