@@ -14,7 +14,7 @@ use strata_replica::auth::{self, AuthError, ClusterKey, ServerAuth};
 use strata_replica::client::{ClientError, ReplicaClient};
 use strata_replica::error_chain;
 use strata_replica::node::{serve_node_with, NodeOptions};
-use strata_replica::wire::Status;
+use strata_replica::wire::{self, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex};
@@ -372,6 +372,90 @@ async fn encrypted_data_wire_works_and_a_requiring_node_refuses_plain_clients() 
             assert_eq!(r.unwrap().read(8192, 4096).await.unwrap(), pattern(0xd4));
         }
     }
+}
+
+/// The payload crc field of the first WRITE frame (magic "STRQ", op 2) in
+/// what a relay recorded; integrity-only records carry frames as they
+/// are.
+fn first_write_crc(recorded: &[u8], payload: &[u8]) -> Option<u32> {
+    let magic = wire::REQUEST_MAGIC.to_le_bytes();
+    (0..recorded.len().saturating_sub(40)).find_map(|i| {
+        let h = &recorded[i..i + 40];
+        let is_write = h[..4] == magic && h[5] == wire::Op::Write as u8;
+        let followed = recorded[i + 40..].starts_with(&payload[..64]);
+        (is_write && followed).then(|| u32::from_le_bytes(h[36..40].try_into().unwrap()))
+    })
+}
+
+/// On a keyed connection both ends leave the frames' payload crc out
+/// (their records' tags cover every byte): the WRITE goes out with crc 0,
+/// a wrong crc is not refused, and the data arrives. A client that keeps
+/// crcs (its hello's flags zeroed in transit, as strata before this
+/// change sends them) still sends and has checked the real crc.
+#[tokio::test]
+async fn keyed_frames_leave_the_crc_to_the_records() {
+    let key = ClusterKey::generate();
+    let n = node(Some(&key)).await;
+    let mut ctl = control(n.addr, Some(&key)).await.unwrap();
+    ctl.create_replica(CreateReplicaRequest {
+        volume: "vol".into(),
+        size: SIZE,
+    })
+    .await
+    .unwrap();
+    ctl.set_epoch(SetEpochRequest {
+        volume: "vol".into(),
+        epoch: 1,
+        owner: "test".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let (proxy, recorded) = relay(n.addr, false).await;
+    let c = ReplicaClient::connect_with(proxy, "vol", 1, T, Some(&key))
+        .await
+        .unwrap();
+    c.write(0, pattern(0xc1), true).await.unwrap();
+    c.write_with_crc(4096, pattern(0xc2), 0xdead_beef, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.read(0, 8192).await.unwrap(),
+        [pattern(0xc1), pattern(0xc2)].concat()
+    );
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = recorded.lock().await.clone();
+    assert_eq!(first_write_crc(&sent, &pattern(0xc1)), Some(0));
+
+    let (proxy, recorded) = relay(n.addr, true).await;
+    let old = ReplicaClient::connect_with(proxy, "vol", 1, T, Some(&key))
+        .await
+        .unwrap();
+    old.write(8192, pattern(0xc3), true).await.unwrap();
+    let wrong = old
+        .write_with_crc(12288, pattern(0xc4), 0xdead_beef, true)
+        .await;
+    assert!(
+        matches!(
+            wrong,
+            Err(ClientError::Replica {
+                status: Status::BadPayload,
+                ..
+            })
+        ),
+        "{wrong:?}"
+    );
+    assert_eq!(
+        old.read(8192, 8192).await.unwrap(),
+        [pattern(0xc3), Bytes::from(vec![0u8; 4096])].concat()
+    );
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = recorded.lock().await.clone();
+    let crc = crc32fast::hash(&pattern(0xc3));
+    assert_eq!(first_write_crc(&sent, &pattern(0xc3)), Some(crc));
 }
 
 /// A TCP relay for every connection to `target` that records what clients

@@ -40,7 +40,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use parking_lot::RwLock;
 
 use bytes::Bytes;
-use strata_replica::client::{ClientError, ReplicaClient};
+use strata_replica::client::{ClientError, ReplicaClient, SharedCrc};
 use strata_replica::wire::Status;
 use strata_replica::AllocationExtent;
 
@@ -623,8 +623,9 @@ impl Volume {
             buf[at..at + len as usize].copy_from_slice(&data);
             buf.freeze()
         };
-        // One crc for every replica the write goes to.
-        let crc = crc32fast::hash(&data);
+        // One crc for every replica the write goes to (none when every
+        // connection's records carry a MAC instead).
+        let crc = SharedCrc::default();
         let class = if fua {
             LatencyClass::Durable
         } else {
@@ -632,7 +633,8 @@ impl Volume {
         };
         self.fan_out("write", class, start, end - start, |c| {
             let data = data.clone();
-            async move { c.write_with_crc(start, data, crc, fua).await }
+            let crc = crc.clone();
+            async move { c.write_shared(start, data, &crc, fua).await }
         })
         .await?;
         self.io.writes.fetch_add(1, Ordering::Relaxed);

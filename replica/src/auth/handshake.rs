@@ -7,9 +7,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::key::ClusterKey;
-use super::record::{
-    hardware_gmac, RecordFormat, RecordKey, SealedRead, SealedWrite, TagLayout, WireMode,
-};
+use super::record::{hardware_gmac, RecordFormat, RecordKey, TagLayout, WireMode};
+use super::stream::{SealedRead, SealedWrite};
 
 /// First bytes of a client hello.
 pub const MAGIC_CLIENT: &[u8; 4] = b"STRA";
@@ -40,6 +39,47 @@ const FLAG_TRAILING_TAG: u8 = 2;
 /// In a hello: the client computes GMAC in hardware and prefers it to
 /// BLAKE3. In a challenge: integrity records with GMAC tags.
 const FLAG_GMAC: u8 = 4;
+/// In a hello: the client also speaks GMAC over the payload alone
+/// ([`RecordFormat::PayloadGmac`]) and prefers it. In a challenge:
+/// integrity records with GMAC tags over the payload.
+const FLAG_PAYLOAD_GMAC: u8 = 8;
+/// In a hello: the client can leave the data wire's per-frame crc out,
+/// the records' tags covering every byte. In a challenge, beside the
+/// format's bit: both sides leave it out. Older peers neither send nor
+/// grant it and keep their crcs.
+const FLAG_NO_FRAME_CRC: u8 = 16;
+
+/// What a server grants: the record format, and whether the data wire's
+/// frames still carry their payload crc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Grant {
+    format: RecordFormat,
+    frame_crc: bool,
+}
+
+impl Grant {
+    /// The challenge's byte 6.
+    fn byte(self) -> u8 {
+        flags(self.format) | if self.frame_crc { 0 } else { FLAG_NO_FRAME_CRC }
+    }
+
+    /// What a challenge's byte 6 grants.
+    fn of_byte(b: u8) -> Grant {
+        Grant {
+            format: granted_format(b & !FLAG_NO_FRAME_CRC),
+            frame_crc: b & FLAG_NO_FRAME_CRC == 0,
+        }
+    }
+
+    /// What a server grants for a hello's byte 6 (`gmac`: the server's CPU
+    /// computes GMAC in hardware).
+    fn for_hello(hello: u8, gmac: bool) -> Grant {
+        Grant {
+            format: grant(hello & !FLAG_NO_FRAME_CRC, gmac),
+            frame_crc: hello & FLAG_NO_FRAME_CRC == 0,
+        }
+    }
+}
 
 /// The byte a server grants, or a client whose hello asks for exactly
 /// one format sends.
@@ -48,6 +88,7 @@ fn flags(format: RecordFormat) -> u8 {
         RecordFormat::Mac(TagLayout::Leading) => 0,
         RecordFormat::Mac(TagLayout::Trailing) => FLAG_TRAILING_TAG,
         RecordFormat::Gmac => FLAG_GMAC,
+        RecordFormat::PayloadGmac => FLAG_PAYLOAD_GMAC,
         RecordFormat::AesGcm => FLAG_ENCRYPT,
     }
 }
@@ -62,20 +103,24 @@ fn granted_format(flags: u8) -> RecordFormat {
 /// A client's hello byte for `mode`: every format it speaks, GMAC only
 /// when its CPU has the instructions for it (`gmac`).
 fn hello_flags(mode: WireMode, gmac: bool) -> u8 {
-    match mode {
-        WireMode::Encrypted => FLAG_ENCRYPT,
-        WireMode::Integrity if gmac => FLAG_TRAILING_TAG | FLAG_GMAC,
-        WireMode::Integrity => FLAG_TRAILING_TAG,
-    }
+    FLAG_NO_FRAME_CRC
+        | match mode {
+            WireMode::Encrypted => FLAG_ENCRYPT,
+            WireMode::Integrity if gmac => FLAG_TRAILING_TAG | FLAG_GMAC | FLAG_PAYLOAD_GMAC,
+            WireMode::Integrity => FLAG_TRAILING_TAG,
+        }
 }
 
 /// The format a server grants for a hello byte: GMAC when both ends
-/// have the instructions for it (`gmac` is the server's side), then the
+/// have the instructions for it (`gmac` is the server's side), over the
+/// payload alone unless the client is of the release before it, then the
 /// trailing BLAKE3 tag, then the leading one for a client of the first
 /// keyed release (which sends 0).
 fn grant(hello: u8, gmac: bool) -> RecordFormat {
     if hello & FLAG_ENCRYPT != 0 {
         RecordFormat::AesGcm
+    } else if hello & FLAG_PAYLOAD_GMAC != 0 && gmac {
+        RecordFormat::PayloadGmac
     } else if hello & FLAG_GMAC != 0 && gmac {
         RecordFormat::Gmac
     } else if hello & FLAG_TRAILING_TAG != 0 {
@@ -91,6 +136,7 @@ fn acceptable(hello: u8, granted: RecordFormat) -> bool {
     match granted {
         RecordFormat::AesGcm => hello & FLAG_ENCRYPT != 0,
         RecordFormat::Gmac => hello & FLAG_GMAC != 0,
+        RecordFormat::PayloadGmac => hello & FLAG_PAYLOAD_GMAC != 0,
         RecordFormat::Mac(TagLayout::Trailing) => hello & FLAG_TRAILING_TAG != 0,
         RecordFormat::Mac(TagLayout::Leading) => hello & FLAG_ENCRYPT == 0,
     }
@@ -154,6 +200,7 @@ pub struct Session {
     c2s: [u8; 32],
     s2c: [u8; 32],
     format: RecordFormat,
+    frame_crc: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -166,17 +213,25 @@ impl Session {
     fn derive(
         key: &ClusterKey,
         purpose: Purpose,
-        format: RecordFormat,
+        grant: Grant,
         nc: &[u8; 32],
         ns: &[u8; 32],
     ) -> Session {
         let dir =
-            |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, format, nc, ns).as_bytes() };
+            |label: &[u8]| -> [u8; 32] { *mac(key, label, purpose, grant, nc, ns).as_bytes() };
         Session {
             c2s: dir(b"session client-to-server"),
             s2c: dir(b"session server-to-client"),
-            format,
+            format: grant.format,
+            frame_crc: grant.frame_crc,
         }
+    }
+
+    /// Whether the data wire's frames carry their payload crc on this
+    /// connection. Without it the records' tags are the only check, and
+    /// they cover every byte.
+    pub fn frame_crc(&self) -> bool {
+        self.frame_crc
     }
 
     /// The record mode both sides agreed on.
@@ -210,7 +265,7 @@ fn mac(
     key: &ClusterKey,
     label: &[u8],
     purpose: Purpose,
-    format: RecordFormat,
+    grant: Grant,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
@@ -227,7 +282,7 @@ fn mac(
     // fixed size.) A hello whose byte is changed from trailing to leading
     // looks like an old server's answer and is not detected: it costs
     // speed, not integrity, both layouts being full-strength tags.
-    match format {
+    match grant.format {
         RecordFormat::Mac(TagLayout::Leading) => {}
         RecordFormat::Mac(TagLayout::Trailing) => {
             h.update(b"trailing record tags");
@@ -235,9 +290,17 @@ fn mac(
         RecordFormat::Gmac => {
             h.update(b"gmac record tags");
         }
+        RecordFormat::PayloadGmac => {
+            h.update(b"payload gmac record tags");
+        }
         RecordFormat::AesGcm => {
             h.update(b"encrypted records");
         }
+    }
+    // Likewise whether frames carry their crc: a peer that kept them and
+    // one that did not would refuse each other's frames.
+    if !grant.frame_crc {
+        h.update(b"frames without crc");
     }
     h.update(nc);
     h.update(ns);
@@ -247,21 +310,21 @@ fn mac(
 fn client_proof(
     key: &ClusterKey,
     purpose: Purpose,
-    format: RecordFormat,
+    grant: Grant,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
-    mac(key, b"proof client", purpose, format, nc, ns)
+    mac(key, b"proof client", purpose, grant, nc, ns)
 }
 
 fn server_proof(
     key: &ClusterKey,
     purpose: Purpose,
-    format: RecordFormat,
+    grant: Grant,
     nc: &[u8; 32],
     ns: &[u8; 32],
 ) -> blake3::Hash {
-    mac(key, b"proof server", purpose, format, nc, ns)
+    mac(key, b"proof server", purpose, grant, nc, ns)
 }
 
 fn hello(purpose: Purpose, flags: u8, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
@@ -274,24 +337,24 @@ fn hello(purpose: Purpose, flags: u8, nc: &[u8; 32]) -> [u8; CLIENT_HELLO_LEN] {
     m
 }
 
-fn server_msg(status: u8, format: RecordFormat, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
+fn server_msg(status: u8, grant: Grant, body: &[u8; 32]) -> [u8; SERVER_MSG_LEN] {
     let mut m = [0u8; SERVER_MSG_LEN];
     m[..4].copy_from_slice(MAGIC_SERVER);
     m[4] = VERSION;
     m[5] = status;
-    m[6] = flags(format);
+    m[6] = grant.byte();
     m[8..].copy_from_slice(body);
     m
 }
 
-/// Parses a server message: `(status, granted format, body)`.
-fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, RecordFormat, [u8; 32]), AuthError> {
+/// Parses a server message: `(status, grant, body)`.
+fn parse_server_msg(m: &[u8; SERVER_MSG_LEN]) -> Result<(u8, Grant, [u8; 32]), AuthError> {
     if &m[..4] != MAGIC_SERVER || m[4] != VERSION {
         return Err(AuthError::Malformed);
     }
     Ok((
         m[5],
-        granted_format(m[6]),
+        Grant::of_byte(m[6]),
         m[8..].try_into().expect("32 bytes"),
     ))
 }
@@ -331,8 +394,11 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             _ => return Err(AuthError::Malformed),
         }
         // An older server grants the leading tag layout; a format not
-        // asked for is refused.
-        if granted.mode() != mode || !acceptable(asked, granted) {
+        // asked for is refused (and frames without crc when not asked).
+        if granted.format.mode() != mode
+            || !acceptable(asked, granted.format)
+            || (!granted.frame_crc && asked & FLAG_NO_FRAME_CRC == 0)
+        {
             return Err(match mode {
                 WireMode::Encrypted => AuthError::EncryptionUnsupported,
                 WireMode::Integrity => AuthError::Malformed,
@@ -377,8 +443,8 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(AuthError::WrongPurpose(purpose));
         }
         sock.read_exact(&mut hello[6..]).await?;
-        let format = grant(hello[6], hardware_gmac());
-        if require_encryption && format.mode() != WireMode::Encrypted {
+        let format = Grant::for_hello(hello[6], hardware_gmac());
+        if require_encryption && format.format.mode() != WireMode::Encrypted {
             let _ = sock
                 .write_all(&server_msg(STATUS_ENCRYPTION_REQUIRED, format, &[0; 32]))
                 .await;
@@ -419,6 +485,16 @@ mod tests {
     use crate::auth::Sealed;
     use tokio::io::duplex;
 
+    impl Grant {
+        /// What a server older than frames without crc grants.
+        fn old(format: RecordFormat) -> Grant {
+            Grant {
+                format,
+                frame_crc: true,
+            }
+        }
+    }
+
     fn keys() -> (ClusterKey, ClusterKey) {
         (
             ClusterKey::from_bytes([7; 32]),
@@ -444,11 +520,12 @@ mod tests {
         assert_eq!(session.s2c, theirs.s2c);
         assert_ne!(session.c2s, session.s2c);
         let best = if hardware_gmac() {
-            RecordFormat::Gmac
+            RecordFormat::PayloadGmac
         } else {
             RecordFormat::Mac(TagLayout::Trailing)
         };
         assert_eq!((session.format(), theirs.format()), (best, best));
+        assert!(!session.frame_crc() && !theirs.frame_crc());
     }
 
     #[test]
@@ -457,7 +534,7 @@ mod tests {
         let (lead, trail) = (Mac(TagLayout::Leading), Mac(TagLayout::Trailing));
         // (client's CPU has GMAC, server's has, mode) -> granted
         for (client_hw, server_hw, want) in [
-            (true, true, Gmac),
+            (true, true, PayloadGmac),
             (true, false, trail),
             (false, true, trail),
             (false, false, trail),
@@ -478,8 +555,18 @@ mod tests {
         // it did not ask for are not.
         assert!(acceptable(hello_flags(WireMode::Integrity, true), lead));
         assert!(!acceptable(hello_flags(WireMode::Integrity, false), Gmac));
+        assert!(!acceptable(
+            hello_flags(WireMode::Integrity, false),
+            PayloadGmac
+        ));
         assert!(!acceptable(hello_flags(WireMode::Integrity, true), AesGcm));
-        for f in [lead, trail, Gmac, AesGcm] {
+        // A client of the release that introduced GMAC asks for it over
+        // `len | payload` and gets it from a server that speaks both; a
+        // server of that release grants it to a new client, which accepts.
+        let gmac_release_hello = FLAG_TRAILING_TAG | FLAG_GMAC;
+        assert_eq!(grant(gmac_release_hello, true), Gmac);
+        assert!(acceptable(hello_flags(WireMode::Integrity, true), Gmac));
+        for f in [lead, trail, Gmac, PayloadGmac, AesGcm] {
             assert_eq!(granted_format(flags(f)), f);
         }
     }
@@ -525,7 +612,23 @@ mod tests {
         c.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"and back");
         relay.abort();
+        // Both keep frame crcs exactly when the client did not offer to
+        // leave them out.
+        let kept = rewrite(FLAG_NO_FRAME_CRC) & FLAG_NO_FRAME_CRC == 0;
+        assert_eq!((ours.frame_crc(), theirs.frame_crc()), (kept, kept));
         (ours.format(), theirs.format())
+    }
+
+    /// A client that keeps its frames' crcs (strata before frames without
+    /// them) gets a session with crcs from a new server.
+    #[tokio::test]
+    async fn a_client_that_keeps_frame_crcs_gets_them() {
+        let best = if hardware_gmac() {
+            RecordFormat::PayloadGmac
+        } else {
+            RecordFormat::Mac(TagLayout::Trailing)
+        };
+        assert_eq!(relayed(|b| b & !FLAG_NO_FRAME_CRC).await, (best, best));
     }
 
     /// strata's first keyed release ignores byte 6 of a hello and grants
@@ -544,7 +647,22 @@ mod tests {
     #[tokio::test]
     async fn a_client_without_gmac_gets_blake3_tags_and_works() {
         let trailing = RecordFormat::Mac(TagLayout::Trailing);
-        assert_eq!(relayed(|b| b & !FLAG_GMAC).await, (trailing, trailing));
+        let no_gmac = |b| b & !(FLAG_GMAC | FLAG_PAYLOAD_GMAC);
+        assert_eq!(relayed(no_gmac).await, (trailing, trailing));
+    }
+
+    /// A client of the release that introduced GMAC tags (over `len |
+    /// payload`) does not offer them over the payload alone: the two sides
+    /// agree on its format. (On a CPU without AES instructions both fall
+    /// back to BLAKE3.)
+    #[tokio::test]
+    async fn a_client_of_the_first_gmac_release_gets_its_gmac_and_works() {
+        let want = if hardware_gmac() {
+            RecordFormat::Gmac
+        } else {
+            RecordFormat::Mac(TagLayout::Trailing)
+        };
+        assert_eq!(relayed(|b| b & !FLAG_PAYLOAD_GMAC).await, (want, want));
     }
 
     #[tokio::test]
@@ -572,7 +690,7 @@ mod tests {
             s.read_exact(&mut hello).await.unwrap();
             s.write_all(&server_msg(
                 STATUS_OK,
-                RecordFormat::Mac(TagLayout::Leading),
+                Grant::old(RecordFormat::Mac(TagLayout::Leading)),
                 &[1; 32],
             ))
             .await
@@ -581,7 +699,7 @@ mod tests {
             s.read_exact(&mut proof).await.unwrap();
             s.write_all(&server_msg(
                 STATUS_OK,
-                RecordFormat::Mac(TagLayout::Leading),
+                Grant::old(RecordFormat::Mac(TagLayout::Leading)),
                 &[2; 32],
             ))
             .await
@@ -617,7 +735,7 @@ mod tests {
             s1.read_exact(&mut hello).await.unwrap();
             s1.write_all(&server_msg(
                 STATUS_OK,
-                RecordFormat::Mac(TagLayout::Leading),
+                Grant::old(RecordFormat::Mac(TagLayout::Leading)),
                 &[3; 32],
             ))
             .await
@@ -767,11 +885,23 @@ mod tests {
             assert_eq!(theirs.mode(), WireMode::Encrypted);
             assert_eq!(ours.c2s, theirs.c2s);
             // Other keys than the integrity mode's for the same nonces.
-            let derive = |f| Session::derive(&key, Purpose::Data, f, &[0; 32], &[0; 32]).c2s;
-            let leading = derive(RecordFormat::Mac(TagLayout::Leading));
-            let trailing = derive(RecordFormat::Mac(TagLayout::Trailing));
-            let enc = derive(RecordFormat::AesGcm);
+            let derive = |f, frame_crc| {
+                let grant = Grant {
+                    format: f,
+                    frame_crc,
+                };
+                Session::derive(&key, Purpose::Data, grant, &[0; 32], &[0; 32]).c2s
+            };
+            let leading = derive(RecordFormat::Mac(TagLayout::Leading), true);
+            let trailing = derive(RecordFormat::Mac(TagLayout::Trailing), true);
+            let enc = derive(RecordFormat::AesGcm, true);
             assert!(leading != trailing && trailing != enc && enc != leading);
+            // And other keys again without frame crcs.
+            assert_ne!(derive(RecordFormat::AesGcm, false), enc);
+            assert_ne!(
+                derive(RecordFormat::Mac(TagLayout::Trailing), false),
+                trailing
+            );
         }
     }
 
@@ -832,7 +962,11 @@ mod tests {
         tokio::spawn(async move {
             let mut hello = [0u8; CLIENT_HELLO_LEN];
             s.read_exact(&mut hello).await.unwrap();
-            let old = server_msg(STATUS_OK, RecordFormat::Mac(TagLayout::Leading), &[4; 32]);
+            let old = server_msg(
+                STATUS_OK,
+                Grant::old(RecordFormat::Mac(TagLayout::Leading)),
+                &[4; 32],
+            );
             s.write_all(&old).await.unwrap();
             let mut proof = [0u8; PROOF_LEN];
             let _ = s.read_exact(&mut proof).await;

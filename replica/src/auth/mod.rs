@@ -16,12 +16,16 @@
 //!   The server proves nothing until it has verified the client; a
 //!   refusal is the verdict with status 1 (wrong key) and no proof.
 //! record.rs      after the handshake every byte in each direction travels in
-//!   records: len u32 | payload (≤ 256 KiB) | tag (16) where
-//!   tag = BLAKE3-keyed(direction key, seq u64 | len | payload)[..16] and
-//!   seq counts the direction's records from 0, so a forged, replayed,
-//!   reordered or dropped record fails. Direction keys are derived from the
-//!   cluster key and both nonces (fresh per connection): a recorded
-//!   handshake or record replayed on a new connection fails.
+//!   records: len u32 | payload (≤ 256 KiB) | tag (16). The tag is a keyed
+//!   MAC over the payload, the direction's record count `seq` and len:
+//!   GMAC when both CPUs have AES instructions, else BLAKE3 (record.rs
+//!   lists the formats and how the handshake picks one). A forged,
+//!   replayed, reordered or dropped record fails. Direction keys are
+//!   derived from the cluster key and both nonces (fresh per connection):
+//!   a recorded handshake or record replayed on a new connection fails.
+//! stream.rs      the records under AsyncRead/AsyncWrite; payloads of 16 KiB
+//!   or more are tagged where they lie and read into the caller's buffer,
+//!   not copied.
 //! optional encryption (data wire, `--encrypt-replica-wire`):
 //!   hello byte 6 bit 0 asks for encrypted records; challenge byte 6 says
 //!   what the server grants (0 from servers older than this, which an
@@ -32,9 +36,13 @@
 //!   len u32 | AES-256-GCM(direction key, nonce 0u32|seq u64, aad len) | tag.
 //! ```
 //!
-//! The data-wire frames inside records keep their own crc; the frame format
-//! is unchanged. gRPC (HTTP/2) runs inside the same records (grpc.rs),
-//! always integrity-only: it carries no volume data. Only the data wire
+//! The data-wire frames inside records have the same format. Their payload
+//! crc is left out (sent as 0, not checked) when both ends offer it in the
+//! handshake (hello and challenge byte 6, bit 4; [`Session::frame_crc`],
+//! [`crate::wire::FrameCrc`]): the records' tags cover every byte, and the
+//! crc cost as much CPU as the tag. Peers from before keep their crcs.
+//! gRPC (HTTP/2) runs inside the same records (grpc.rs), always
+//! integrity-only: it carries no volume data. Only the data wire
 //! is ever encrypted; the choice is the client's ([`set_process_wire_encryption`]),
 //! a server may insist ([`ServerAuth::requiring_encryption`]).
 
@@ -42,6 +50,7 @@ mod grpc;
 mod handshake;
 mod key;
 mod record;
+mod stream;
 
 pub use grpc::{
     accept_grpc, control_channel, grpc_channel, refuse_keyless_grpc, CONTROLLER_KEY_REQUIRED,
@@ -55,9 +64,10 @@ pub use handshake::{
 };
 pub use key::{ClusterKey, KeyError};
 pub use record::{
-    open_record, seal_record, AuthReader, AuthWriter, RecordError, RecordFormat, RecordKey, Sealed,
-    SealedRead, SealedWrite, TagLayout, WireMode, MAX_RECORD, TAG_LEN,
+    open_record, seal_record, RecordError, RecordFormat, RecordKey, TagLayout, WireMode,
+    MAX_RECORD, TAG_LEN,
 };
+pub use stream::{AuthReader, AuthWriter, Sealed, SealedRead, SealedWrite, DIRECT_MIN};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -7,6 +7,7 @@
 //! The tag depends on the [`RecordFormat`] the handshake agreed on:
 //!
 //! ```text
+//! PayloadGmac     tag = AES-256-GCM(direction key, nonce, aad = payload, plaintext = ∅)
 //! Gmac            tag = AES-256-GCM(direction key, nonce, aad = len | payload, plaintext = ∅)
 //! Mac(Trailing)   tag = BLAKE3-keyed(direction key, payload | seq u64 LE | len u32 LE)[..16]
 //! Mac(Leading)    tag = BLAKE3-keyed(direction key, seq u64 LE | len u32 LE | payload)[..16]
@@ -19,16 +20,18 @@
 //! every one it speaks in its hello and the server grants the fastest both
 //! ends have: GMAC when both CPUs have AES and carry-less multiply
 //! instructions (x86-64 since 2010, the arm64 servers, the Raspberry Pi
-//! 5; not the Pi 4), else the trailing BLAKE3 tag, whose payload-first
+//! 5; not the Pi 4), over the payload alone (`PayloadGmac`; GCM's own
+//! length block covers `len`) or, with a peer of the release before it,
+//! over `len | payload` (`Gmac`), else the trailing BLAKE3 tag, whose payload-first
 //! input lets BLAKE3 use its SIMD code (2-3 times faster on 4 KiB records
 //! than the leading layout, which strata's first keyed release speaks and
 //! still gets). With [`WireMode::Encrypted`] the payload is encrypted
 //! with AES-256-GCM.
 //!
 //! [`seal_record`] and [`open_record`] are the pure BLAKE3 functions;
-//! [`RecordKey`] seals and opens every format, [`SealedRead`] and
-//! [`SealedWrite`] run it under `AsyncRead`/`AsyncWrite`. A record that
-//! fails its tag is an `InvalidData` error: the connection must close.
+//! [`RecordKey`] seals and opens every format; `stream.rs` runs it under
+//! `AsyncRead`/`AsyncWrite`. A record that fails its tag is an
+//! `InvalidData` error: the connection must close.
 //!
 //! The direction keys are fresh per connection (derived from both
 //! handshake nonces and the format) and `seq` never repeats within a
@@ -36,18 +39,19 @@
 //! Sealing and opening work in place on the connection's buffers
 //! ([`RecordKey::seal`], [`RecordKey::open`]): the payload is copied into
 //! the output buffer once and checked (or decrypted) where it was read.
+//! Every format but `Gmac` and `AesGcm` can also tag a payload where it
+//! lies ([`RecordKey::tag_detached`]), and every format but `Gmac` open one
+//! that is not next to its length ([`RecordKey::open_detached`]): that is
+//! how big payloads travel without being copied.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest payload of one record.
 pub const MAX_RECORD: usize = 256 << 10;
 pub const TAG_LEN: usize = 16;
-const LEN_LEN: usize = 4;
+pub(crate) const LEN_LEN: usize = 4;
 
 /// Why bytes are not a valid record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,15 +141,23 @@ pub enum RecordFormat {
     /// encrypted. Several times faster than BLAKE3 on CPUs with AES and
     /// carry-less multiply instructions, and much slower on those without
     /// (the Raspberry Pi 4), so the handshake grants it only when both
-    /// ends have them ([`hardware_gmac`]).
+    /// ends have them ([`hardware_gmac`]). The release that introduced it
+    /// speaks only this layout.
     Gmac,
+    /// GMAC over the payload alone (GCM's final block holds the AAD's
+    /// length, so `len` is covered all the same): the tag is computed over
+    /// the payload where it lies, so big payloads are neither copied when
+    /// sent nor when received.
+    PayloadGmac,
     AesGcm,
 }
 
 impl RecordFormat {
     pub fn mode(self) -> WireMode {
         match self {
-            RecordFormat::Mac(_) | RecordFormat::Gmac => WireMode::Integrity,
+            RecordFormat::Mac(_) | RecordFormat::Gmac | RecordFormat::PayloadGmac => {
+                WireMode::Integrity
+            }
             RecordFormat::AesGcm => WireMode::Encrypted,
         }
     }
@@ -177,6 +189,7 @@ pub struct RecordKey(Cipher);
 enum Cipher {
     Mac([u8; 32], TagLayout),
     Gmac(LessSafeKey),
+    PayloadGmac(LessSafeKey),
     Aead(LessSafeKey),
 }
 
@@ -201,6 +214,7 @@ impl RecordKey {
         match format {
             RecordFormat::Mac(layout) => RecordKey(Cipher::Mac(key, layout)),
             RecordFormat::Gmac => RecordKey(Cipher::Gmac(aes_gcm(&key))),
+            RecordFormat::PayloadGmac => RecordKey(Cipher::PayloadGmac(aes_gcm(&key))),
             RecordFormat::AesGcm => RecordKey(Cipher::Aead(aes_gcm(&key))),
         }
     }
@@ -210,7 +224,70 @@ impl RecordKey {
         match self.0 {
             Cipher::Mac(_, layout) => RecordFormat::Mac(layout),
             Cipher::Gmac(_) => RecordFormat::Gmac,
+            Cipher::PayloadGmac(_) => RecordFormat::PayloadGmac,
             Cipher::Aead(_) => RecordFormat::AesGcm,
+        }
+    }
+
+    /// The tag of a record holding `payload` (at most [`MAX_RECORD`]
+    /// bytes), computed where the payload lies: the record is its length,
+    /// the payload as it is, then this tag. `None` when the format cannot
+    /// (the payload must be copied: `Gmac` tags it next to its length,
+    /// `AesGcm` encrypts it).
+    pub fn tag_detached(&self, seq: u64, payload: &[u8]) -> Option<[u8; TAG_LEN]> {
+        debug_assert!(payload.len() <= MAX_RECORD);
+        match &self.0 {
+            Cipher::Mac(key, layout) => Some(tag(key, *layout, seq, payload)),
+            Cipher::PayloadGmac(key) => {
+                let tag = key
+                    .seal_in_place_separate_tag(gcm_nonce(seq), Aad::from(payload), &mut [])
+                    .ok()?;
+                tag.as_ref().try_into().ok()
+            }
+            Cipher::Gmac(_) | Cipher::Aead(_) => None,
+        }
+    }
+
+    /// Whether [`RecordKey::tag_detached`] tags this format's records.
+    pub fn seals_detached(&self) -> bool {
+        matches!(self.0, Cipher::Mac(..) | Cipher::PayloadGmac(_))
+    }
+
+    /// Whether [`RecordKey::open_detached`] opens this format's records.
+    pub fn opens_detached(&self) -> bool {
+        !matches!(self.0, Cipher::Gmac(_))
+    }
+
+    /// Checks (and in encrypted mode decrypts in place) a record whose
+    /// payload and tag were read apart from its length: `payload_and_tag`
+    /// is the payload followed by the record's tag. Refused for `Gmac`
+    /// (see [`RecordKey::opens_detached`]).
+    pub fn open_detached(&self, seq: u64, payload_and_tag: &mut [u8]) -> Result<(), RecordError> {
+        let Some(len) = payload_and_tag.len().checked_sub(TAG_LEN) else {
+            return Err(RecordError::BadTag(seq));
+        };
+        if len > MAX_RECORD {
+            return Err(RecordError::TooLarge(len));
+        }
+        let (payload, got) = payload_and_tag.split_at_mut(len);
+        let ok = match &self.0 {
+            Cipher::Mac(key, layout) => tags_equal(&tag(key, *layout, seq, payload), got),
+            Cipher::PayloadGmac(key) => key
+                .open_in_place(gcm_nonce(seq), Aad::from(&*payload), got)
+                .is_ok(),
+            Cipher::Aead(key) => key
+                .open_in_place(
+                    gcm_nonce(seq),
+                    Aad::from((len as u32).to_le_bytes()),
+                    payload_and_tag,
+                )
+                .is_ok(),
+            Cipher::Gmac(_) => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(RecordError::BadTag(seq))
         }
     }
 
@@ -220,6 +297,20 @@ impl RecordKey {
     pub fn seal(&self, seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
         let (key, gmac) = match &self.0 {
             Cipher::Mac(key, layout) => return seal_record(key, *layout, seq, parts, out),
+            Cipher::PayloadGmac(_) => {
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                out.reserve(LEN_LEN + len + TAG_LEN);
+                out.extend_from_slice(&(len as u32).to_le_bytes());
+                let start = out.len();
+                for p in parts {
+                    out.extend_from_slice(p);
+                }
+                let tag = self
+                    .tag_detached(seq, &out[start..])
+                    .expect("GMAC tags any record of at most MAX_RECORD bytes");
+                out.extend_from_slice(&tag);
+                return;
+            }
             Cipher::Gmac(key) => (key, true),
             Cipher::Aead(key) => (key, false),
         };
@@ -258,6 +349,13 @@ impl RecordKey {
     ) -> Result<Option<(usize, std::ops::Range<usize>)>, RecordError> {
         let (key, gmac) = match &self.0 {
             Cipher::Mac(key, layout) => return open_record(key, *layout, seq, buf),
+            Cipher::PayloadGmac(_) => {
+                let Some((len, total)) = record_len(buf)? else {
+                    return Ok(None);
+                };
+                self.open_detached(seq, &mut buf[LEN_LEN..total])?;
+                return Ok(Some((total, LEN_LEN..LEN_LEN + len)));
+            }
             Cipher::Gmac(key) => (key, true),
             Cipher::Aead(key) => (key, false),
         };
@@ -281,16 +379,36 @@ impl RecordKey {
     }
 }
 
-/// `(payload length, record length)` of the record at the start of `buf`,
-/// `None` when it is not all there yet.
-fn record_len(buf: &[u8]) -> Result<Option<(usize, usize)>, RecordError> {
-    if buf.len() < LEN_LEN {
+/// Compares two tags in constant time: no early exit on the first
+/// differing byte.
+fn tags_equal(expected: &[u8; TAG_LEN], got: &[u8]) -> bool {
+    got.len() == TAG_LEN
+        && expected
+            .iter()
+            .zip(got)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The payload length a record's first bytes announce, `None` when fewer
+/// than its 4 length bytes are there.
+pub(crate) fn announced_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
+    let Some(len) = buf.get(..LEN_LEN) else {
         return Ok(None);
-    }
-    let len = u32::from_le_bytes(buf[..LEN_LEN].try_into().expect("4 bytes")) as usize;
+    };
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
     if len > MAX_RECORD {
         return Err(RecordError::TooLarge(len));
     }
+    Ok(Some(len))
+}
+
+/// `(payload length, record length)` of the record at the start of `buf`,
+/// `None` when it is not all there yet.
+fn record_len(buf: &[u8]) -> Result<Option<(usize, usize)>, RecordError> {
+    let Some(len) = announced_len(buf)? else {
+        return Ok(None);
+    };
     let total = LEN_LEN + len + TAG_LEN;
     if buf.len() < total {
         return Ok(None);
@@ -311,343 +429,15 @@ pub fn open_record(
     };
     let payload = LEN_LEN..LEN_LEN + len;
     let expected = tag(key, layout, seq, &buf[payload.clone()]);
-    let got = &buf[LEN_LEN + len..total];
-    // Constant time: no early exit on the first differing byte.
-    let diff = expected
-        .iter()
-        .zip(got)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if diff != 0 {
+    if !tags_equal(&expected, &buf[LEN_LEN + len..total]) {
         return Err(RecordError::BadTag(seq));
     }
     Ok(Some((total, payload)))
 }
 
-/// The reading state of one direction.
-pub struct SealedRead {
-    key: RecordKey,
-    seq: u64,
-    raw: Vec<u8>,
-    /// Bytes of `raw` not yet opened: `start..end`.
-    start: usize,
-    end: usize,
-    /// The opened payload not yet given to the reader.
-    plain: std::ops::Range<usize>,
-    failed: bool,
-}
-
-impl SealedRead {
-    /// An integrity-only reader.
-    #[cfg(test)]
-    pub(crate) fn new(key: [u8; 32]) -> Self {
-        Self::with_key(RecordKey::new(RecordFormat::Mac(TagLayout::Trailing), key))
-    }
-
-    pub(crate) fn with_key(key: RecordKey) -> Self {
-        SealedRead {
-            key,
-            seq: 0,
-            raw: vec![0; 64 << 10],
-            start: 0,
-            end: 0,
-            plain: 0..0,
-            failed: false,
-        }
-    }
-
-    pub fn poll_read_from<R: AsyncRead + Unpin>(
-        &mut self,
-        mut inner: Pin<&mut R>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.plain.is_empty() {
-                let n = self.plain.len().min(buf.remaining());
-                buf.put_slice(&self.raw[self.plain.start..self.plain.start + n]);
-                self.plain.start += n;
-                return Poll::Ready(Ok(()));
-            }
-            if self.failed {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the connection failed its integrity check",
-                )));
-            }
-            match self.key.open(self.seq, &mut self.raw[self.start..self.end]) {
-                Ok(Some((total, payload))) => {
-                    self.plain = self.start + payload.start..self.start + payload.end;
-                    self.start += total;
-                    self.seq += 1;
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.failed = true;
-                    return Poll::Ready(Err(e.into()));
-                }
-            }
-            // Make room: move the partial record to the front, grow if a
-            // whole record cannot fit.
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.end == self.raw.len() {
-                self.raw.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-                if self.end == self.raw.len() {
-                    let want = (self.raw.len() * 2).min(LEN_LEN + MAX_RECORD + TAG_LEN);
-                    self.raw.resize(want, 0);
-                }
-            }
-            let mut rb = ReadBuf::new(&mut self.raw[self.end..]);
-            ready!(inner.as_mut().poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
-                if self.start == self.end {
-                    return Poll::Ready(Ok(())); // a clean end of stream
-                }
-                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
-            }
-            self.end += n;
-        }
-    }
-}
-
-/// The writing state of one direction. A write is sealed into one record
-/// at once and reported written; [`SealedWrite::poll_flush_to`] (or the
-/// next write) pushes it out.
-pub struct SealedWrite {
-    key: RecordKey,
-    seq: u64,
-    out: Vec<u8>,
-    pos: usize,
-}
-
-impl SealedWrite {
-    /// An integrity-only writer.
-    #[cfg(test)]
-    pub(crate) fn new(key: [u8; 32]) -> Self {
-        Self::with_key(RecordKey::new(RecordFormat::Mac(TagLayout::Trailing), key))
-    }
-
-    pub(crate) fn with_key(key: RecordKey) -> Self {
-        SealedWrite {
-            key,
-            seq: 0,
-            out: Vec::with_capacity(64 << 10),
-            pos: 0,
-        }
-    }
-
-    fn poll_drain<W: AsyncWrite + Unpin>(
-        &mut self,
-        mut inner: Pin<&mut W>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.pos < self.out.len() {
-            let n = ready!(inner.as_mut().poll_write(cx, &self.out[self.pos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.pos += n;
-        }
-        self.out.clear();
-        self.pos = 0;
-        Poll::Ready(Ok(()))
-    }
-
-    pub fn poll_write_vectored_to<W: AsyncWrite + Unpin>(
-        &mut self,
-        mut inner: Pin<&mut W>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        ready!(self.poll_drain(inner.as_mut(), cx))?;
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(bufs.len());
-        let mut taken = 0;
-        for b in bufs {
-            let n = b.len().min(MAX_RECORD - taken);
-            if n == 0 {
-                continue;
-            }
-            parts.push(&b[..n]);
-            taken += n;
-            if taken == MAX_RECORD {
-                break;
-            }
-        }
-        if taken == 0 {
-            return Poll::Ready(Ok(0));
-        }
-        self.key.seal(self.seq, &parts, &mut self.out);
-        self.seq += 1;
-        if let Poll::Ready(Err(e)) = self.poll_drain(inner, cx) {
-            return Poll::Ready(Err(e));
-        }
-        Poll::Ready(Ok(taken))
-    }
-
-    pub fn poll_flush_to<W: AsyncWrite + Unpin>(
-        &mut self,
-        mut inner: Pin<&mut W>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(inner.as_mut(), cx))?;
-        inner.poll_flush(cx)
-    }
-
-    pub fn poll_shutdown_to<W: AsyncWrite + Unpin>(
-        &mut self,
-        mut inner: Pin<&mut W>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(inner.as_mut(), cx))?;
-        inner.poll_shutdown(cx)
-    }
-}
-
-/// The read half of a connection: plain (keyless) or sealed.
-pub enum AuthReader<R> {
-    Plain(R),
-    Sealed(R, Box<SealedRead>),
-}
-
-/// The write half of a connection: plain (keyless) or sealed.
-pub enum AuthWriter<W> {
-    Plain(W),
-    Sealed(W, Box<SealedWrite>),
-}
-
-/// A whole connection (both directions): plain (keyless) or sealed.
-pub enum Sealed<S> {
-    Plain(S),
-    Sealed(S, Box<SealedRead>, Box<SealedWrite>),
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for AuthReader<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AuthReader::Plain(r) => Pin::new(r).poll_read(cx, buf),
-            AuthReader::Sealed(r, st) => st.poll_read_from(Pin::new(r), cx, buf),
-        }
-    }
-}
-
-impl<W: AsyncWrite + Unpin> AsyncWrite for AuthWriter<W> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AuthWriter::Plain(w) => Pin::new(w).poll_write(cx, buf),
-            AuthWriter::Sealed(w, st) => {
-                st.poll_write_vectored_to(Pin::new(w), cx, &[io::IoSlice::new(buf)])
-            }
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AuthWriter::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            AuthWriter::Sealed(w, st) => st.poll_write_vectored_to(Pin::new(w), cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            AuthWriter::Plain(w) => w.is_write_vectored(),
-            AuthWriter::Sealed(..) => true,
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AuthWriter::Plain(w) => Pin::new(w).poll_flush(cx),
-            AuthWriter::Sealed(w, st) => st.poll_flush_to(Pin::new(w), cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AuthWriter::Plain(w) => Pin::new(w).poll_shutdown(cx),
-            AuthWriter::Sealed(w, st) => st.poll_shutdown_to(Pin::new(w), cx),
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Sealed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Sealed::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Sealed::Sealed(s, rd, _) => rd.poll_read_from(Pin::new(s), cx, buf),
-        }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Sealed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Sealed::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Sealed::Sealed(s, _, wr) => {
-                wr.poll_write_vectored_to(Pin::new(s), cx, &[io::IoSlice::new(buf)])
-            }
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Sealed::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Sealed::Sealed(s, _, wr) => wr.poll_write_vectored_to(Pin::new(s), cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Sealed::Plain(s) => s.is_write_vectored(),
-            Sealed::Sealed(..) => true,
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Sealed::Plain(s) => Pin::new(s).poll_flush(cx),
-            Sealed::Sealed(s, _, wr) => wr.poll_flush_to(Pin::new(s), cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Sealed::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Sealed::Sealed(s, _, wr) => wr.poll_shutdown_to(Pin::new(s), cx),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::stream::{AuthReader, AuthWriter, SealedRead, SealedWrite};
     use super::*;
     use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -33,7 +33,7 @@ use tokio::task::AbortHandle;
 use crate::auth::{self, AuthError, AuthReader, AuthWriter, ClusterKey, Purpose, WireMode};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{
-    self, Command, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
+    self, Command, FrameCrc, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
 };
 use crate::AllocationExtent;
 
@@ -122,6 +122,20 @@ struct Shared {
     closed: AtomicBool,
     replica_epoch: AtomicU64,
     task: OnceLock<AbortHandle>,
+    /// Whether this connection's frames carry their payload crc.
+    crc: FrameCrc,
+}
+
+/// A write's payload crc32, computed at most once for all the replicas
+/// the write goes to, and not at all when none of their connections
+/// carries crcs ([`FrameCrc`]).
+#[derive(Clone, Default)]
+pub struct SharedCrc(Arc<OnceLock<u32>>);
+
+impl SharedCrc {
+    fn get(&self, data: &[u8]) -> u32 {
+        *self.0.get_or_init(|| crc32fast::hash(data))
+    }
 }
 
 impl Shared {
@@ -258,10 +272,14 @@ impl ReplicaClient {
         }
         let local = is_same_host(&sock);
         let mut sock = sock;
-        let (rd, wr) = match key {
+        let (rd, wr, crc) = match key {
             None => {
                 let (rd, wr) = sock.into_split();
-                (AuthReader::Plain(rd), AuthWriter::Plain(wr))
+                (
+                    AuthReader::Plain(rd),
+                    AuthWriter::Plain(wr),
+                    FrameCrc::Checked,
+                )
             }
             Some((key, mode)) => {
                 let session = auth::client_handshake(&mut sock, key, Purpose::Data, mode)
@@ -272,6 +290,7 @@ impl ReplicaClient {
                 (
                     AuthReader::Sealed(rd, Box::new(rst)),
                     AuthWriter::Sealed(wr, Box::new(wst)),
+                    FrameCrc::of(session.frame_crc()),
                 )
             }
         };
@@ -283,6 +302,7 @@ impl ReplicaClient {
             closed: AtomicBool::new(false),
             replica_epoch: AtomicU64::new(0),
             task: OnceLock::new(),
+            crc,
         });
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn({
@@ -385,13 +405,30 @@ impl ReplicaClient {
 
     /// Writes `data` at `offset`; with `fua` it is durable before the reply.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
-        let crc = crc32fast::hash(&data);
+        let crc = self.shared.crc.compute(&data);
         self.write_with_crc(offset, data, crc, fua).await
     }
 
-    /// [`ReplicaClient::write`] with the payload's crc32 already computed:
-    /// a write that goes to several replicas hashes its data once. A wrong
-    /// `crc` makes the replica refuse the write as corrupt in transit.
+    /// [`ReplicaClient::write`] of a payload that goes to several replicas:
+    /// its crc is computed once, by the first whose connection carries
+    /// crcs.
+    pub async fn write_shared(
+        &self,
+        offset: u64,
+        data: Bytes,
+        crc: &SharedCrc,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let crc = match self.shared.crc {
+            FrameCrc::Checked => crc.get(&data),
+            FrameCrc::Absent => 0,
+        };
+        self.write_with_crc(offset, data, crc, fua).await
+    }
+
+    /// [`ReplicaClient::write`] with the payload's crc32 given. A wrong
+    /// `crc` makes the replica refuse the write as corrupt in transit
+    /// (unless the connection's frames carry no crc, [`FrameCrc`]).
     pub async fn write_with_crc(
         &self,
         offset: u64,
@@ -494,11 +531,8 @@ impl ReplicaClient {
         } else {
             self.timeout
         };
-        let header = match crc {
-            Some(crc) => request.header_with_crc(crc),
-            None => request.header(),
-        }
-        .encode();
+        let crc = crc.unwrap_or_else(|| self.shared.crc.compute(request.command.payload()));
+        let header = request.header_with_crc(crc).encode();
         let payload = match request.command {
             Command::Write { data, .. } => data,
             Command::Hello { volume: name } | Command::Snapshot { name } => Bytes::from(name),
@@ -560,11 +594,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, mut rd: R) {
+async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, mut rd: AuthReader<R>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         loop {
-            match Reply::decode_from(&mut buf) {
+            match Reply::decode_from_with(&mut buf, shared.crc) {
                 Ok(Some(reply)) => {
                     shared.replica_epoch.store(reply.epoch, Ordering::Relaxed);
                     let id = reply.id;
@@ -590,7 +624,7 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, mut rd: R) {
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(64 * 1024);
         }
-        match rd.read_buf(&mut buf).await {
+        match rd.read_into(&mut buf).await {
             Ok(0) => return shared.kill(),
             Ok(_) => {}
             Err(e) => {

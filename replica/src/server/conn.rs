@@ -22,7 +22,7 @@ use super::read_buffers;
 use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
-use crate::wire::{self, Command, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
+use crate::wire::{self, Command, FrameCrc, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
 use crate::{error_chain, Store, StoreError, View};
 use strata_net::stopped;
 
@@ -38,9 +38,9 @@ struct OutFrame {
 }
 
 impl OutFrame {
-    fn new(reply: Reply, permit: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(reply: Reply, crc: FrameCrc, permit: Option<OwnedSemaphorePermit>) -> Self {
         OutFrame {
-            header: reply.header().encode(),
+            header: reply.header_for(crc).encode(),
             payload: reply.payload,
             _permit: permit,
         }
@@ -50,6 +50,8 @@ impl OutFrame {
 struct Conn {
     host: Arc<ReplicaHost>,
     peer: String,
+    /// Whether this connection's frames carry their payload crc.
+    crc: FrameCrc,
     tx: mpsc::UnboundedSender<OutFrame>,
     permits: Arc<Semaphore>,
     /// The volume bound by HELLO.
@@ -71,10 +73,14 @@ pub(super) async fn handle(
 ) {
     let _ = sock.set_nodelay(true);
     let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (rd, wr) = match auth {
+    let (rd, wr, crc) = match auth {
         None => {
             let (rd, wr) = sock.into_split();
-            (AuthReader::Plain(rd), AuthWriter::Plain(wr))
+            (
+                AuthReader::Plain(rd),
+                AuthWriter::Plain(wr),
+                FrameCrc::Checked,
+            )
         }
         Some(auth) => match authenticate(&mut sock, &auth, &peer).await {
             Some(session) => {
@@ -83,6 +89,7 @@ pub(super) async fn handle(
                 (
                     AuthReader::Sealed(rd, Box::new(rst)),
                     AuthWriter::Sealed(wr, Box::new(wst)),
+                    FrameCrc::of(session.frame_crc()),
                 )
             }
             None => return,
@@ -92,6 +99,7 @@ pub(super) async fn handle(
     let conn = Conn {
         host,
         peer,
+        crc,
         tx,
         permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
         store: None,
@@ -183,7 +191,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<OutFr
 }
 
 impl Conn {
-    async fn run<R: AsyncRead + Unpin>(mut self, mut rd: R, shutdown: &mut watch::Receiver<bool>) {
+    async fn run<R: AsyncRead + Unpin>(
+        mut self,
+        mut rd: AuthReader<R>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         'conn: loop {
             loop {
@@ -191,7 +203,7 @@ impl Conn {
                 let Ok(permit) = self.permits.clone().acquire_owned().await else {
                     break 'conn;
                 };
-                match Request::decode_from(&mut buf) {
+                match Request::decode_from_with(&mut buf, self.crc) {
                     Ok(Some(req)) => self.dispatch(req, permit).await,
                     Ok(None) => break,
                     Err(e) if e.frame_len().is_some() => {
@@ -226,7 +238,7 @@ impl Conn {
                 buf.reserve(64 * 1024);
             }
             tokio::select! {
-                r = rd.read_buf(&mut buf) => match r {
+                r = rd.read_into(&mut buf) => match r {
                     Ok(0) => {
                         if !buf.is_empty() {
                             tracing::info!(peer = %self.peer, bytes = buf.len(), "data connection closed inside a frame");
@@ -253,7 +265,7 @@ impl Conn {
 
     fn reply_error(&self, id: u64, status: Status, message: &str, permit: OwnedSemaphorePermit) {
         let reply = Reply::error(id, self.epoch(), status, message);
-        let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
+        let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
     }
 
     async fn dispatch(&mut self, req: Request, permit: OwnedSemaphorePermit) {
@@ -264,9 +276,11 @@ impl Conn {
             // and not fenced; the reply carries the replica's epoch (0 before
             // HELLO).
             Command::Ping => {
-                let _ = self
-                    .tx
-                    .send(OutFrame::new(Reply::ok(id, self.epoch()), Some(permit)));
+                let _ = self.tx.send(OutFrame::new(
+                    Reply::ok(id, self.epoch()),
+                    self.crc,
+                    Some(permit),
+                ));
             }
             command => {
                 let Some(store) = self.store.clone() else {
@@ -283,23 +297,24 @@ impl Conn {
                 let command = match inline {
                     Ok(Inline::Blocking(command)) => command,
                     Ok(Inline::Done(reply)) => {
-                        let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
+                        let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
                         return;
                     }
                     Err(_) => {
                         let reply = panicked(&store, id);
-                        let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
+                        let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
                         return;
                     }
                 };
                 let tx = self.tx.clone();
                 let view = self.view.clone();
+                let crc = self.crc;
                 tokio::task::spawn_blocking(move || {
                     let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         execute(&store, view.as_deref(), id, epoch, command)
                     }))
                     .unwrap_or_else(|_| panicked(&store, id));
-                    let _ = tx.send(OutFrame::new(reply, Some(permit)));
+                    let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
                 });
             }
         }
@@ -355,7 +370,7 @@ impl Conn {
                 "Internal error: opening the volume panicked",
             ),
         };
-        let _ = self.tx.send(OutFrame::new(reply, Some(permit)));
+        let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
     }
 }
 

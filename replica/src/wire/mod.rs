@@ -26,7 +26,8 @@
 //! op, a payload above [`MAX_PAYLOAD`]) — the stream is then unusable and the
 //! connection must be closed. Then [`Request::decode`] (copying) or
 //! [`Request::decode_from`] (zero-copy out of a `BytesMut`) validate the whole
-//! frame. **The payload crc is verified at decode**: a mismatch is
+//! frame. **The payload crc is verified at decode** (unless the connection's
+//! records carry a MAC and both ends left the crc out: [`FrameCrc`]): a mismatch is
 //! [`WireError::BadPayloadCrc`], like every content error ([`WireError::Invalid`])
 //! it names the request id and the frame length so the caller can skip the
 //! frame, send an error reply and go on. The same holds for [`Reply`].
@@ -53,6 +54,52 @@ pub const FLAG_FUA: u16 = 1;
 pub const FLAG_NO_HOLE: u16 = 2;
 /// Bytes of one BLOCK_STATUS extent in a reply payload.
 pub const EXTENT_LEN: usize = 17;
+
+/// Whether the frames of a connection carry their payload crc. A keyed
+/// connection whose two ends agreed to ([`crate::auth::Session::frame_crc`])
+/// leaves it out: its records' tags already cover every byte, and the
+/// crc cost as much CPU as the tag. Such frames carry 0, and nothing
+/// checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FrameCrc {
+    #[default]
+    Checked,
+    Absent,
+}
+
+impl FrameCrc {
+    pub fn of(carried: bool) -> FrameCrc {
+        if carried {
+            FrameCrc::Checked
+        } else {
+            FrameCrc::Absent
+        }
+    }
+
+    /// The crc to put in a header for `payload`.
+    pub fn compute(self, payload: &[u8]) -> u32 {
+        match self {
+            FrameCrc::Checked => crc32fast::hash(payload),
+            FrameCrc::Absent => 0,
+        }
+    }
+
+    /// Checks a received payload against its header's crc: `Err(actual)`
+    /// on a mismatch.
+    pub fn check(self, payload: &[u8], expected: u32) -> Result<(), u32> {
+        match self {
+            FrameCrc::Checked => {
+                let actual = crc32fast::hash(payload);
+                if actual == expected {
+                    Ok(())
+                } else {
+                    Err(actual)
+                }
+            }
+            FrameCrc::Absent => Ok(()),
+        }
+    }
+}
 
 /// Request op codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -3,8 +3,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{
-    check_prefix, u32_at, u64_at, Status, WireError, EXTENT_LEN, MAX_PAYLOAD, REPLY_HEADER_LEN,
-    REPLY_MAGIC, VERSION,
+    check_prefix, u32_at, u64_at, FrameCrc, Status, WireError, EXTENT_LEN, MAX_PAYLOAD,
+    REPLY_HEADER_LEN, REPLY_MAGIC, VERSION,
 };
 use crate::{Allocation, AllocationExtent};
 
@@ -126,13 +126,21 @@ impl Reply {
             return Err(WireError::Incomplete);
         }
         let payload = &buf[REPLY_HEADER_LEN..len];
-        let reply = Self::validate(&h, unknown, payload, || Bytes::copy_from_slice(payload))?;
+        let reply = Self::validate(&h, unknown, FrameCrc::Checked, payload, || {
+            Bytes::copy_from_slice(payload)
+        })?;
         Ok((reply, len))
     }
 
     /// Decodes and removes the reply at the start of `buf` without copying
     /// its payload; see [`Request::decode_from`].
     pub fn decode_from(buf: &mut BytesMut) -> Result<Option<Reply>, WireError> {
+        Self::decode_from_with(buf, FrameCrc::Checked)
+    }
+
+    /// [`Reply::decode_from`] on a connection whose frames carry their crc
+    /// or not (`crc`).
+    pub fn decode_from_with(buf: &mut BytesMut, crc: FrameCrc) -> Result<Option<Reply>, WireError> {
         let Some((h, unknown)) = ReplyHeader::parse(buf)? else {
             return Ok(None);
         };
@@ -142,7 +150,7 @@ impl Reply {
             return Ok(None);
         }
         let frame = buf.split_to(len).freeze();
-        Self::validate(&h, unknown, &frame[REPLY_HEADER_LEN..], || {
+        Self::validate(&h, unknown, crc, &frame[REPLY_HEADER_LEN..], || {
             frame.slice(REPLY_HEADER_LEN..)
         })
         .map(Some)
@@ -151,6 +159,7 @@ impl Reply {
     fn validate(
         h: &ReplyHeader,
         unknown: Option<u8>,
+        crc: FrameCrc,
         payload: &[u8],
         data: impl FnOnce() -> Bytes,
     ) -> Result<Reply, WireError> {
@@ -161,8 +170,7 @@ impl Reply {
                 reason: "unknown reply status",
             });
         }
-        let actual = crc32fast::hash(payload);
-        if actual != h.payload_crc {
+        if let Err(actual) = crc.check(payload, h.payload_crc) {
             return Err(WireError::BadPayloadCrc {
                 request_id: h.request_id,
                 frame_len: h.frame_len(),
@@ -184,12 +192,18 @@ impl Reply {
 
     /// The header of this reply, with the payload crc computed.
     pub fn header(&self) -> ReplyHeader {
+        self.header_for(FrameCrc::Checked)
+    }
+
+    /// The header of this reply on a connection whose frames carry their
+    /// crc or not (`crc`).
+    pub fn header_for(&self, crc: FrameCrc) -> ReplyHeader {
         ReplyHeader {
             status: self.status,
             request_id: self.id,
             epoch: self.epoch,
             length: self.payload.len() as u32,
-            payload_crc: crc32fast::hash(&self.payload),
+            payload_crc: crc.compute(&self.payload),
         }
     }
 

@@ -3,8 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
-    check_prefix, u16_at, u32_at, u64_at, Op, WireError, FLAG_FUA, FLAG_NO_HOLE, MAX_NAME_LEN,
-    MAX_PAYLOAD, REQUEST_HEADER_LEN, REQUEST_MAGIC, VERSION,
+    check_prefix, u16_at, u32_at, u64_at, FrameCrc, Op, WireError, FLAG_FUA, FLAG_NO_HOLE,
+    MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN, REQUEST_MAGIC, VERSION,
 };
 
 /// The fixed part of a request, as on the wire.
@@ -167,7 +167,7 @@ impl Request {
         if buf.len() < len {
             return Err(WireError::Incomplete);
         }
-        let req = Self::validate(&h, &buf[REQUEST_HEADER_LEN..len], || {
+        let req = Self::validate(&h, FrameCrc::Checked, &buf[REQUEST_HEADER_LEN..len], || {
             Bytes::copy_from_slice(&buf[REQUEST_HEADER_LEN..len])
         })?;
         Ok((req, len))
@@ -178,6 +178,15 @@ impl Request {
     /// error (one with [`WireError::frame_len`]) removes the frame too. When
     /// the header is known but the frame incomplete, room for it is reserved.
     pub fn decode_from(buf: &mut BytesMut) -> Result<Option<Request>, WireError> {
+        Self::decode_from_with(buf, FrameCrc::Checked)
+    }
+
+    /// [`Request::decode_from`] on a connection whose frames carry their
+    /// crc or not (`crc`).
+    pub fn decode_from_with(
+        buf: &mut BytesMut,
+        crc: FrameCrc,
+    ) -> Result<Option<Request>, WireError> {
         let Some(h) = RequestHeader::parse(buf)? else {
             return Ok(None);
         };
@@ -188,11 +197,12 @@ impl Request {
         }
         let frame = buf.split_to(len).freeze();
         let payload = &frame[REQUEST_HEADER_LEN..];
-        Self::validate(&h, payload, || frame.slice(REQUEST_HEADER_LEN..)).map(Some)
+        Self::validate(&h, crc, payload, || frame.slice(REQUEST_HEADER_LEN..)).map(Some)
     }
 
     fn validate(
         h: &RequestHeader,
+        crc: FrameCrc,
         payload: &[u8],
         data: impl FnOnce() -> Bytes,
     ) -> Result<Request, WireError> {
@@ -204,8 +214,7 @@ impl Request {
         if h.flags & !h.op.allowed_flags() != 0 {
             return Err(invalid("flags not defined for this op"));
         }
-        let actual = crc32fast::hash(payload);
-        if actual != h.payload_crc {
+        if let Err(actual) = crc.check(payload, h.payload_crc) {
             return Err(WireError::BadPayloadCrc {
                 request_id: h.request_id,
                 frame_len: h.frame_len(),
