@@ -265,6 +265,14 @@ fn a_second_controller_fences_the_first() {
     let mut b = common::Proc::spawn("controller-b", &args, a.dir.path());
     common::wait_listening(nbd_b, &mut b, 30);
     let uri_b = format!("nbd://{nbd_b}/{}", a.volume);
+    // B's NBD port is bound before B has assembled the volume (and moved
+    // the replicas to its epoch); a connection is accepted by the kernel
+    // before that. B answers NBD only once it has: read through it first.
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x0a 0 1M", &uri_b],
+        60,
+    );
     // The fenced controller can neither write nor read.
     let out = run(
         "qemu-io",

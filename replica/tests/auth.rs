@@ -59,6 +59,24 @@ async fn control(
     ))
 }
 
+/// Creates the replica "vol" of [`SIZE`] bytes at epoch 1.
+async fn create_vol(ctl: &mut ReplicaControlClient<tonic::transport::Channel>) {
+    ctl.create_replica(CreateReplicaRequest {
+        volume: "vol".into(),
+        size: SIZE,
+    })
+    .await
+    .unwrap();
+    ctl.set_epoch(SetEpochRequest {
+        volume: "vol".into(),
+        epoch: 1,
+        owner: "test".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
 fn pattern(byte: u8) -> Bytes {
     Bytes::from(vec![byte; 4096])
 }
@@ -104,20 +122,7 @@ async fn a_keyed_replica_serves_only_the_right_key() {
 
     // The right key: create, bind, write and read back.
     let mut ctl = control(n.addr, Some(&key)).await.unwrap();
-    ctl.create_replica(CreateReplicaRequest {
-        volume: "vol".into(),
-        size: SIZE,
-    })
-    .await
-    .unwrap();
-    ctl.set_epoch(SetEpochRequest {
-        volume: "vol".into(),
-        epoch: 1,
-        owner: "test".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_vol(&mut ctl).await;
     let client = ReplicaClient::connect_with(n.addr, "vol", 1, T, Some(&key))
         .await
         .unwrap();
@@ -397,20 +402,7 @@ async fn keyed_frames_leave_the_crc_to_the_records() {
     let key = ClusterKey::generate();
     let n = node(Some(&key)).await;
     let mut ctl = control(n.addr, Some(&key)).await.unwrap();
-    ctl.create_replica(CreateReplicaRequest {
-        volume: "vol".into(),
-        size: SIZE,
-    })
-    .await
-    .unwrap();
-    ctl.set_epoch(SetEpochRequest {
-        volume: "vol".into(),
-        epoch: 1,
-        owner: "test".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_vol(&mut ctl).await;
 
     let (proxy, recorded) = relay(n.addr, false).await;
     let c = ReplicaClient::connect_with(proxy, "vol", 1, T, Some(&key))
