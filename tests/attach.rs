@@ -7,6 +7,11 @@
 //!   module): `strata volume attach` picks it and says so, ext4 on it
 //!   survives a write, detach, re-attach and `e2fsck -fn`, and nothing is
 //!   left attached afterwards.
+//! - NBD over TLS: a controller with `--nbd-tls require` is attached by a
+//!   key holder through nbdfuse over `nbds://` (data written through the
+//!   loop device reads back after a re-attach; the PSK file is private and
+//!   goes at detach), and refused with a message naming TLS and the key to
+//!   one without the key (or with another key), leaving nothing behind.
 //!
 //! The kernel nbd path needs a kernel with the nbd module: it is tested in a
 //! VM by scripts/vm-attach-test.sh.
@@ -245,6 +250,225 @@ fn nbdfuse_fallback_carries_ext4() {
     );
     let out = strata(&["volume", "detach", &dev2], state.path());
     assert!(!out.status.success(), "a second detach must fail");
+}
+
+/// `strata ARGS --state-dir STATE`, with the cluster key `key` or with no
+/// key at all (whatever this process's environment says).
+fn strata_with_key(args: &[&str], state: &Path, key: Option<&Path>) -> std::process::Output {
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args(["-k", "5", "60"])
+        .arg(common::strata_bin())
+        .env_remove("STRATA_CLUSTER_KEY_FILE")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(std::process::Stdio::null());
+    if let Some(k) = key {
+        cmd.arg("--cluster-key-file").arg(k);
+    }
+    cmd.output().unwrap()
+}
+
+/// The volume's PSK as hex, as `strata key psk` prints it.
+fn psk_hex(key: &Path, volume: &str) -> String {
+    let line = common::strata_ok(&[
+        "--cluster-key-file",
+        key.to_str().unwrap(),
+        "key",
+        "psk",
+        "--volume",
+        volume,
+    ]);
+    line.trim().split_once(':').unwrap().1.to_string()
+}
+
+/// Nothing of `state` is mounted or bound to a loop device.
+fn assert_nothing_attached_from(state: &Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(state.to_str().unwrap()), "{mounts}");
+    let loops = run_ok("losetup", &["-a"], 30);
+    assert!(!loops.contains(state.to_str().unwrap()), "{loops}");
+}
+
+fn require_nbdfuse_root() {
+    require("nbdfuse");
+    require("nbdkit");
+    require("losetup");
+    require("fusermount3");
+    assert!(
+        nix_is_root(),
+        "the nbdfuse fallback tests need root (loop devices, FUSE)"
+    );
+}
+
+#[test]
+fn nbdfuse_over_tls_attaches_a_controller_that_requires_tls() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::PermissionsExt;
+    require_nbdfuse_root();
+    let (c, key) = Cluster::start_keyed(1, 64 * MIB, &["--nbd-tls".into(), "require".into()]);
+    let state = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup {
+        mnt: mnt.path().to_path_buf(),
+        state: state.path().to_path_buf(),
+    };
+    let hex = psk_hex(&key, "vol");
+    // `auto` on this host (no nbd module) and `nbdfuse` elsewhere: either
+    // way the plaintext probe is refused and nbdfuse over TLS attaches.
+    let method = if Path::new("/sys/module/nbd").exists() {
+        "nbdfuse"
+    } else {
+        "auto"
+    };
+    let attach = ["volume", "attach", &c.uri(), "--method", method];
+    let out = strata_with_key(&attach, state.path(), Some(&key));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let dev = ok(out, "attach over TLS").trim().to_string();
+    assert!(dev.starts_with("/dev/loop"), "{dev}");
+    assert!(stderr.contains("via nbdfuse+loop"), "{stderr}");
+    assert!(stderr.contains("over TLS"), "{stderr}");
+    assert!(!stderr.contains(&hex), "the key is printed: {stderr}");
+
+    // Recorded as TLS; the key file is private and nbdfuse was told to
+    // use it (the key itself is on no command line).
+    let a = strata_attach::state::load(state.path(), &dev)
+        .unwrap()
+        .expect("state file");
+    assert_eq!(a.method, Method::NbdfuseLoop);
+    assert_eq!(a.size, 64 * MIB);
+    let tls = a.tls.clone().expect("TLS recorded");
+    assert_eq!(tls.username, "strata");
+    assert!(tls.psk_file.starts_with(state.path()), "{tls:?}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&tls.psk_file), 0o600);
+    assert_eq!(mode(tls.psk_file.parent().unwrap()), 0o700);
+    assert_eq!(
+        std::fs::read_to_string(&tls.psk_file).unwrap().trim(),
+        format!("strata:{hex}")
+    );
+    let pid = a.fuse.as_ref().unwrap().pid;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    // nbdfuse reads no PSK file itself: nbdkit's nbd plugin connects for
+    // it, with TLS required.
+    assert!(cmdline.contains("[ nbdkit "), "{cmdline}");
+    assert!(cmdline.contains(" tls=require "), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!(" tls-psk={} ", tls.psk_file.display())),
+        "{cmdline}"
+    );
+    assert!(!cmdline.contains(&hex), "{cmdline}");
+    let list = ok(
+        strata_with_key(&["volume", "attachments", "--json"], state.path(), None),
+        "attachments",
+    );
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v[0]["device"], dev.as_str(), "{list}");
+    assert_eq!(v[0]["tls"], true, "{list}");
+    assert_eq!(v[0]["attached"], true, "{list}");
+    let table = ok(
+        strata_with_key(&["volume", "attachments"], state.path(), None),
+        "attachments",
+    );
+    assert!(table.lines().next().unwrap().contains("TLS"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&dev) && l.contains(" yes ")),
+        "{table}"
+    );
+
+    // A data pattern through the loop device, then detach.
+    let data: Vec<u8> = (0..4 * MIB as usize)
+        .map(|i| (i * 13 % 251) as u8)
+        .collect();
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        f.seek(SeekFrom::Start(MIB)).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    ok(
+        strata_with_key(&["volume", "detach", &dev], state.path(), None),
+        "detach",
+    );
+    assert!(!tls.psk_file.exists(), "the PSK file outlived detach");
+    assert!(!tls.psk_file.parent().unwrap().exists());
+    assert!(strata_attach::state::load_all(state.path())
+        .unwrap()
+        .is_empty());
+    assert_nothing_attached_from(state.path());
+
+    // Attached again, the pattern reads back (it went to the volume).
+    let dev2 = ok(
+        strata_with_key(&attach, state.path(), Some(&key)),
+        "attach again",
+    )
+    .trim()
+    .to_string();
+    let mut back = vec![0u8; data.len()];
+    {
+        let mut f = std::fs::File::open(&dev2).unwrap();
+        f.seek(SeekFrom::Start(MIB)).unwrap();
+        f.read_exact(&mut back).unwrap();
+    }
+    assert!(back == data, "the pattern read back differs");
+    ok(
+        strata_with_key(&["volume", "detach", &dev2], state.path(), None),
+        "detach again",
+    );
+    assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
+    assert_nothing_attached_from(state.path());
+}
+
+#[test]
+fn a_controller_requiring_tls_refuses_attach_without_the_key() {
+    require_nbdfuse_root();
+    let (c, _key) = Cluster::start_keyed(1, 64 * MIB, &["--nbd-tls".into(), "require".into()]);
+    let state = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup {
+        mnt: mnt.path().to_path_buf(),
+        state: state.path().to_path_buf(),
+    };
+    for method in ["auto", "nbdfuse"] {
+        let out = strata_with_key(
+            &["volume", "attach", &c.uri(), "--method", method],
+            state.path(),
+            None,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "attached without the key: {err}");
+        assert!(err.contains("requires NBD over TLS"), "{err}");
+        assert!(err.contains("cluster key"), "{err}");
+        assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
+        assert_nothing_attached_from(state.path());
+    }
+
+    // Another cluster's key: nbdfuse's TLS handshake fails; the key file it
+    // was given is gone with everything else.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = other_dir.path().join("other.key");
+    common::strata_ok(&["key", "init", "--out", other.to_str().unwrap()]);
+    let out = strata_with_key(
+        &["volume", "attach", &c.uri(), "--method", "nbdfuse"],
+        state.path(),
+        Some(&other),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attached with another key: {err}");
+    assert!(err.contains("nbdfuse"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(state.path()).unwrap().count(),
+        0,
+        "left behind: {:?}",
+        std::fs::read_dir(state.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>()
+    );
+    assert_nothing_attached_from(state.path());
 }
 
 /// Unmounts and detaches everything a failed test left (on drop).

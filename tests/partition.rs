@@ -173,6 +173,13 @@ fn a_replica_cut_off_and_let_back_is_resynced_while_fio_verifies() {
     );
     let job = &common::fio_json(&out.stdout)["jobs"][0];
     assert_eq!(job["error"], 0);
+    // Inside its namespace the replica cannot reach its peers' loopback
+    // addresses: its PULLs failed and the controller relayed the copy.
+    let log = c.controller.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("the controller relays its copies from now on"),
+        "the resync did not fall back to relaying:\n{log}"
+    );
     // Faulted as lagging once its peers answered, not after the IO timeout
     // (issue 21).
     let longest = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e9;

@@ -105,7 +105,50 @@ fn wiped_replica_is_rebuilt_fully_while_fio_verifies() {
         log.contains("full rebuild"),
         "expected a full rebuild:\n{log}"
     );
+    // The rebuilt replica read its data from a peer itself; none of it
+    // crossed the controller.
+    let (pulled, relayed) = copied_mib(&log);
+    assert!(
+        pulled >= 16 && relayed == 0,
+        "pulled {pulled} MiB, relayed {relayed} MiB:\n{log}"
+    );
     c.stop_and_compare();
+}
+
+/// The MiB the last finished sync in a controller log had pulled by the
+/// replica and relayed by the controller.
+fn copied_mib(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("healthy again"))
+        .expect("no sync finished");
+    // Without the terminal colours (escape sequences hold digits too).
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(ch);
+        }
+    }
+    let line = plain.as_str();
+    let field = |name: &str| -> u64 {
+        let at = line
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} missing in {line}"));
+        line[at + name.len()..]
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    (
+        field("mib_pulled_by_the_replica"),
+        field("mib_relayed_by_the_controller"),
+    )
 }
 
 #[test]

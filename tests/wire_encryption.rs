@@ -285,9 +285,10 @@ fn a_replica_requiring_encryption_refuses_a_plain_controller() {
 }
 
 /// The copies that bring a replica back (its resync after a restart) go
-/// through encrypted records too: the replica behind the relay is stopped,
-/// the volume written without it, and the relay, cleared, records its
-/// return until the volume is healthy.
+/// through encrypted records too, including the returning replica's own
+/// connection to the peer it copies from (PULL): every replica is behind a
+/// relay, replica 0 is stopped, the volume written without it, and the
+/// relays, cleared, record its return until the volume is healthy.
 #[test]
 fn a_returning_replica_is_resynced_through_encrypted_records() {
     require("qemu-io");
@@ -297,15 +298,18 @@ fn a_returning_replica_is_resynced_through_encrypted_records() {
     let (r0, mut p0) = replica(dir.path(), 0, &key, &[]);
     let (r1, _p1) = replica(dir.path(), 1, &key, &[]);
     let (r2, _p2) = replica(dir.path(), 2, &key, &[]);
-    let (relay, recorded) = recording_relay(r0);
+    let relays: Vec<_> = [r0, r1, r2].into_iter().map(recording_relay).collect();
+    let addrs: Vec<_> = relays.iter().map(|r| r.0).collect();
     let (nbd, control, mut c) =
-        controller_with_control(dir.path(), "controller", &[relay, r1, r2], &key, true);
+        controller_with_control(dir.path(), "controller", &addrs, &key, true);
     wait_listening(nbd, &mut c, 30);
     qemu_io(nbd, "write -P 0x11 0 1M");
 
     p0.kill9();
     qemu_io(nbd, "write -P 0x77 4M 4M");
-    recorded.lock().unwrap().clear();
+    for (_, recorded) in &relays {
+        recorded.lock().unwrap().clear();
+    }
     let _p0 = replica_at(r0, dir.path(), 0, &key, &[]);
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -335,7 +339,10 @@ fn a_returning_replica_is_resynced_through_encrypted_records() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let resync = std::mem::take(&mut *recorded.lock().unwrap());
+    let resync: Vec<u8> = relays
+        .iter()
+        .flat_map(|(_, recorded)| std::mem::take(&mut *recorded.lock().unwrap()))
+        .collect();
     eprintln!(
         "resync: {} bytes relayed, longest run of 0x77 {}",
         resync.len(),
@@ -348,6 +355,11 @@ fn a_returning_replica_is_resynced_through_encrypted_records() {
     );
     let run = longest_run(&resync, 0x77);
     assert!(run < 32, "a run of {run} bytes 0x77 crossed the wire");
+    let log = c.log_text();
+    assert!(
+        !log.contains("relays its copies"),
+        "replica 0 did not copy from its peer itself:\n{log}"
+    );
     qemu_io(nbd, "read -P 0x77 4M 4M");
     qemu_io(nbd, "read -P 0x11 0 1M");
     assert!(

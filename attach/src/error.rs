@@ -23,6 +23,15 @@ pub enum AttachError {
         export: String,
         message: String,
     },
+    /// The controller answered `NBD_REP_ERR_TLS_REQD` (`--nbd-tls
+    /// require`) and no TLS key was given to attach with.
+    #[error(
+        "The controller at {uri} requires NBD over TLS (--nbd-tls require): attaching needs the \
+         cluster key (--cluster-key-file PATH or STRATA_CLUSTER_KEY_FILE), from which the volume's \
+         TLS pre-shared key is derived, and then goes through the nbdfuse fallback (the kernel's \
+         NBD client cannot speak TLS)"
+    )]
+    TlsRequired { uri: String },
     #[error("NBD handshake with {uri} failed")]
     Handshake {
         uri: String,
@@ -92,6 +101,12 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot write the TLS pre-shared key file {path}")]
+    PskFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("Bad attach state file {path}")]
     StateFormat {
         path: PathBuf,
@@ -112,6 +127,10 @@ impl From<ConnectError> for AttachError {
                 export,
                 message,
             },
+            ConnectError::Handshake {
+                uri,
+                source: HandshakeError::TlsRequired { .. },
+            } => AttachError::TlsRequired { uri },
             ConnectError::Handshake { uri, source } => AttachError::Handshake { uri, source },
         }
     }

@@ -2,14 +2,16 @@
 //! open-iscsi initiator (`iscsiadm`), then nbdfuse + a loop device. Both
 //! drive host tools with deadlines and undo what they did on any failure.
 
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::handshake::ExportInfo;
-use crate::state::{Attachment, FuseState, IscsiState, Method};
-use crate::uri::NbdUri;
+use crate::state::{Attachment, FuseState, IscsiState, Method, TlsState};
+use crate::uri::{Endpoint, NbdUri};
 use crate::AttachError;
 
 /// Whether `tool` is on PATH.
@@ -81,10 +83,18 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Why nbdfuse + loop cannot be used here, if it cannot.
-pub fn nbdfuse_unavailable() -> Option<String> {
+/// Why nbdfuse + loop cannot be used here, if it cannot; `tls`: over TLS
+/// (which also needs nbdkit, see [`nbdfuse_source_args`]).
+pub fn nbdfuse_unavailable(tls: bool) -> Option<String> {
     if !have("nbdfuse") {
         return Some("nbdfuse is not installed (Debian: libnbd-bin)".into());
+    }
+    if tls && !have("nbdkit") {
+        return Some(
+            "nbdkit is not installed (Debian: nbdkit): over TLS nbdfuse reaches the controller \
+             through nbdkit's nbd plugin"
+                .into(),
+        );
     }
     if !have("losetup") {
         return Some("losetup is not installed".into());
@@ -132,12 +142,165 @@ fn stop_nbdfuse(dir: &Path, pid: u32) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// NBD over TLS with a pre-shared key, for the nbdfuse fallback (libnbd
+/// speaks TLS-PSK; the kernel's NBD client cannot). The caller derives the
+/// key for the volume (strata: from the cluster key); this crate only
+/// writes it where nbdfuse reads it. `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsPsk {
+    /// The PSK identity the controller checks (its `--nbd-tls-username`,
+    /// `strata` by default).
+    pub username: String,
+    /// The GnuTLS psktool file's text: `username:hexkey` and a newline.
+    /// Holds the key.
+    pub psk_file_text: String,
+}
+
+impl std::fmt::Debug for TlsPsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TlsPsk {{ username: {:?}, key: <hidden> }}",
+            self.username
+        )
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (and `/` when
+/// `keep_slash`), for a libnbd URI.
+fn pct(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && b == b'/')
+        {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The libnbd URI that reaches `uri`'s export over TLS with the PSK in
+/// `psk_file` for `username`: `nbds://USER@HOST:PORT/EXPORT?tls-psk-file=
+/// PATH` (`nbds+unix://` for a unix socket). `nbds` makes TLS mandatory:
+/// libnbd fails rather than fall back to plaintext.
+pub fn nbds_uri(uri: &NbdUri, username: &str, psk_file: &Path) -> String {
+    let user = pct(username, false);
+    let export = pct(&uri.export, false);
+    let psk = pct(&psk_file.to_string_lossy(), true);
+    match &uri.endpoint {
+        Endpoint::Tcp { host, port } if host.contains(':') => {
+            format!("nbds://{user}@[{host}]:{port}/{export}?tls-psk-file={psk}")
+        }
+        Endpoint::Tcp { host, port } => {
+            format!("nbds://{user}@{host}:{port}/{export}?tls-psk-file={psk}")
+        }
+        Endpoint::Unix(p) => format!(
+            "nbds+unix://{user}@/{export}?socket={}&tls-psk-file={psk}",
+            pct(&p.to_string_lossy(), true)
+        ),
+    }
+}
+
+/// What nbdfuse is told to connect to (the arguments after its file).
+///
+/// Plaintext: the `nbd://` URI. Over TLS: nbdfuse cannot read a PSK file
+/// itself (libnbd refuses `tls-psk-file` in a URI unless the program
+/// allows local files, and nbdfuse does not, nor has it TLS options), so
+/// it runs nbdkit's nbd plugin as its server, socket-activated on a
+/// private unix socket (`[ nbdkit ... ]`), and nbdkit connects to the
+/// controller with TLS required (`tls=require`: no plaintext fallback)
+/// and the key file. nbdkit exits with nbdfuse (`--exit-with-parent`).
+pub fn nbdfuse_source_args(uri: &NbdUri, tls: Option<&TlsState>) -> Vec<String> {
+    let Some(t) = tls else {
+        return vec![uri.to_string()];
+    };
+    let mut a: Vec<String> = ["[", "nbdkit", "--exit-with-parent", "nbd"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    match &uri.endpoint {
+        Endpoint::Tcp { host, port } => {
+            a.push(format!("hostname={host}"));
+            a.push(format!("port={port}"));
+        }
+        Endpoint::Unix(p) => a.push(format!("socket={}", p.display())),
+    }
+    a.push(format!("export={}", uri.export));
+    a.push("tls=require".into());
+    a.push(format!("tls-psk={}", t.psk_file.display()));
+    a.push(format!("tls-username={}", t.username));
+    a.push("]".into());
+    a
+}
+
+/// Writes `text` as `dir/keys.psk`: `dir` made anew with mode 0700 (a
+/// stale one from a crashed attach is replaced), the file 0600. Returns
+/// the file.
+pub fn write_psk_file(dir: &Path, text: &str) -> Result<PathBuf, AttachError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AttachError::PskFile { path, source }
+    };
+    if std::fs::symlink_metadata(dir).is_ok() {
+        std::fs::remove_dir_all(dir).map_err(err(dir))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(err(dir))?;
+    let path = dir.join("keys.psk");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        remove_psk_dir(dir);
+        return Err(err(&path)(e));
+    }
+    Ok(path)
+}
+
+/// Removes a directory [`write_psk_file`] made, with the key in it.
+fn remove_psk_dir(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("keys.psk"));
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The export's size over TLS, as `nbdinfo --size` reads it.
+pub fn tls_export_size(uri: &NbdUri, tls: &TlsState) -> Result<u64, AttachError> {
+    let target = nbds_uri(uri, &tls.username, &tls.psk_file);
+    let out = run_tool("nbdinfo", &["--size", &target], 30)?;
+    out.trim().parse().map_err(|_| AttachError::Tool {
+        tool: "nbdinfo --size".into(),
+        status: "exit status: 0".into(),
+        stderr: format!("not a size: {:?}", out.trim()),
+    })
+}
+
 /// nbdfuse exposes the export as `DIR/disk`; a loop device with 4 KiB
 /// sectors and direct IO goes on top.
+///
+/// `size` is the export's size from the plaintext handshake; `None` when
+/// that was refused (a controller requiring TLS): the size is then what
+/// nbdfuse's file shows once it connected. With `tls`, the PSK goes to a
+/// psktool file in a 0700 directory of its own beside the mount point
+/// (`fuse-VOLUME-PID.tls/keys.psk`, 0600) and nbdfuse connects over TLS
+/// only ([`nbdfuse_source_args`]); the file stays for the attachment's
+/// life and goes at detach or on any failure here.
 pub fn attach_nbdfuse(
     uri: &NbdUri,
-    info: &ExportInfo,
+    size: Option<u64>,
     state_dir: &Path,
+    tls: Option<&TlsPsk>,
 ) -> Result<Attachment, AttachError> {
     let name: String = uri
         .export
@@ -150,25 +313,52 @@ pub fn attach_nbdfuse(
             }
         })
         .collect();
-    let dir = state_dir.join(format!("fuse-{name}-{}", std::process::id()));
+    let base = format!("fuse-{name}-{}", std::process::id());
+    let dir = state_dir.join(&base);
     std::fs::create_dir_all(&dir).map_err(|source| AttachError::State {
         path: dir.clone(),
         source,
     })?;
-    let log_path = state_dir.join(format!("fuse-{name}-{}.log", std::process::id()));
-    let log = std::fs::File::create(&log_path).map_err(|source| AttachError::State {
-        path: log_path.clone(),
-        source,
-    })?;
-    let log2 = log.try_clone().map_err(|source| AttachError::State {
-        path: log_path.clone(),
-        source,
-    })?;
+    let log_path = state_dir.join(format!("{base}.log"));
+    let tls_dir = state_dir.join(format!("{base}.tls"));
+    // Undoes the files made so far (the mount point, the log, the key).
+    let remove_files = |with_tls: bool| {
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_file(&log_path);
+        if with_tls {
+            remove_psk_dir(&tls_dir);
+        }
+    };
+    let tls_state = match tls {
+        None => None,
+        Some(t) => match write_psk_file(&tls_dir, &t.psk_file_text) {
+            Ok(psk_file) => Some(TlsState {
+                username: t.username.clone(),
+                psk_file,
+            }),
+            Err(e) => {
+                remove_files(false);
+                return Err(e);
+            }
+        },
+    };
+    let with_tls = tls_state.is_some();
+    let logs = std::fs::File::create(&log_path).and_then(|l| Ok((l.try_clone()?, l)));
+    let (log, log2) = match logs {
+        Ok(l) => l,
+        Err(source) => {
+            remove_files(with_tls);
+            return Err(AttachError::State {
+                path: log_path.clone(),
+                source,
+            });
+        }
+    };
     let file = dir.join("disk");
     let mut command = Command::new("nbdfuse");
     command
         .arg(&file)
-        .arg(uri.to_string())
+        .args(nbdfuse_source_args(uri, tls_state.as_ref()))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -189,46 +379,52 @@ pub fn attach_nbdfuse(
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|source| AttachError::Spawn {
-        tool: "nbdfuse".into(),
-        source,
-    })?;
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(source) => {
+            remove_files(with_tls);
+            return Err(AttachError::Spawn {
+                tool: "nbdfuse".into(),
+                source,
+            });
+        }
+    };
     let pid = child.id();
-    let fail = |e: AttachError, dir: &Path| {
-        stop_nbdfuse(dir, pid);
+    let fail = |e: AttachError| {
+        stop_nbdfuse(&dir, pid);
+        remove_files(with_tls);
         e
     };
-    // Wait for the file to show the export's size.
+    // Wait for the file to show the export's size (any size when the
+    // handshake could not tell it).
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if std::fs::metadata(&file)
-            .map(|m| m.len() == info.size)
-            .unwrap_or(false)
-        {
-            break;
+    let size = loop {
+        let shown = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        match size {
+            Some(s) if shown == s => break s,
+            None if shown > 0 => break shown,
+            _ => {}
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let _ = std::fs::remove_dir(&dir);
+            let stderr = std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            remove_files(with_tls);
             return Err(AttachError::Tool {
                 tool: "nbdfuse".into(),
                 status: status.to_string(),
-                stderr: std::fs::read_to_string(&log_path)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
+                stderr,
             });
         }
         if Instant::now() > deadline {
-            return Err(fail(
-                AttachError::NotReady {
-                    what: format!("nbdfuse file {}", file.display()),
-                    secs: 15,
-                },
-                &dir,
-            ));
+            return Err(fail(AttachError::NotReady {
+                what: format!("nbdfuse file {}", file.display()),
+                secs: 15,
+            }));
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
     let f = file.to_string_lossy();
     let loopdev = match run_tool(
         "losetup",
@@ -243,7 +439,7 @@ pub fn attach_nbdfuse(
         30,
     ) {
         Ok(out) => out.trim().to_string(),
-        Err(e) => return Err(fail(e, &dir)),
+        Err(e) => return Err(fail(e)),
     };
     // The child handle is dropped without waiting: nbdfuse outlives us and
     // is reaped by init (or by detach's waitpid in a long-lived process).
@@ -252,7 +448,7 @@ pub fn attach_nbdfuse(
         device: loopdev,
         uri: uri.to_string(),
         method: Method::NbdfuseLoop,
-        size: info.size,
+        size,
         block_size: 4096,
         dead_timeout_secs: 0,
         io_timeout_secs: 0,
@@ -260,6 +456,7 @@ pub fn attach_nbdfuse(
         nbd_index: None,
         fuse: Some(FuseState { dir, pid }),
         iscsi: None,
+        tls: tls_state,
     })
 }
 
@@ -274,6 +471,15 @@ pub fn detach_nbdfuse(a: &Attachment) -> Result<(), AttachError> {
     stop_nbdfuse(&fuse.dir, fuse.pid);
     let log = fuse.dir.with_extension("log");
     let _ = std::fs::remove_file(log);
+    if let Some(t) = &a.tls {
+        let _ = std::fs::remove_file(&t.psk_file);
+        // The key's own directory (fuse-VOLUME-PID.tls), nothing else.
+        if let Some(parent) = t.psk_file.parent() {
+            if parent.extension().is_some_and(|e| e == "tls") {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -463,6 +669,7 @@ pub fn attach_iscsi(
         nbd_index: None,
         fuse: None,
         iscsi: Some(IscsiState { target, portal }),
+        tls: None,
     })
 }
 
@@ -500,6 +707,105 @@ mod tests {
         ));
         assert!(have("sh"));
         assert!(!have("surely-not-a-tool-here"));
+    }
+
+    #[test]
+    fn nbds_uris_for_libnbd() {
+        let psk = Path::new("/run/strata/attach/fuse-pg-7.tls/keys.psk");
+        let tcp = NbdUri::parse("nbd://10.0.0.5:10809/pg").unwrap();
+        assert_eq!(
+            nbds_uri(&tcp, "strata", psk),
+            "nbds://strata@10.0.0.5:10809/pg?tls-psk-file=/run/strata/attach/fuse-pg-7.tls/keys.psk"
+        );
+        let v6 = NbdUri::parse("nbd://[fd00::5]:10809/pg").unwrap();
+        assert_eq!(
+            nbds_uri(&v6, "strata", Path::new("/k")),
+            "nbds://strata@[fd00::5]:10809/pg?tls-psk-file=/k"
+        );
+        let unix = NbdUri::parse("nbd+unix:///pg?socket=/s/nbd.sock").unwrap();
+        assert_eq!(
+            nbds_uri(&unix, "strata", Path::new("/k")),
+            "nbds+unix://strata@/pg?socket=/s/nbd.sock&tls-psk-file=/k"
+        );
+        // Characters that would end the query value are escaped.
+        assert_eq!(
+            nbds_uri(&tcp, "a b", Path::new("/x y&z=1/keys.psk")),
+            "nbds://a%20b@10.0.0.5:10809/pg?tls-psk-file=/x%20y%26z%3D1/keys.psk"
+        );
+    }
+
+    #[test]
+    fn nbdfuse_goes_through_nbdkit_with_tls_required() {
+        let tcp = NbdUri::parse("nbd://10.0.0.5:10809/pg").unwrap();
+        assert_eq!(nbdfuse_source_args(&tcp, None), ["nbd://10.0.0.5:10809/pg"]);
+        let t = TlsState {
+            username: "strata".into(),
+            psk_file: "/run/strata/attach/fuse-pg-7.tls/keys.psk".into(),
+        };
+        assert_eq!(
+            nbdfuse_source_args(&tcp, Some(&t)).join(" "),
+            "[ nbdkit --exit-with-parent nbd hostname=10.0.0.5 port=10809 export=pg \
+             tls=require tls-psk=/run/strata/attach/fuse-pg-7.tls/keys.psk tls-username=strata ]"
+        );
+        let unix = NbdUri::parse("nbd+unix:///pg?socket=/s/nbd.sock").unwrap();
+        let a = nbdfuse_source_args(&unix, Some(&t));
+        assert!(a.contains(&"socket=/s/nbd.sock".to_string()), "{a:?}");
+        assert!(!a.iter().any(|x| x.starts_with("hostname=")), "{a:?}");
+    }
+
+    #[test]
+    fn psk_files_are_private_and_the_key_is_not_printed() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("fuse-v-1.tls");
+        // A stale directory from a crashed attach is replaced.
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("keys.psk"), "old").unwrap();
+        let text = format!("strata:{}\n", "ab".repeat(32));
+        let file = write_psk_file(&dir, &text).unwrap();
+        assert_eq!(file, dir.join("keys.psk"));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        remove_psk_dir(&dir);
+        assert!(!dir.exists());
+        let t = TlsPsk {
+            username: "strata".into(),
+            psk_file_text: text.clone(),
+        };
+        assert!(!format!("{t:?}").contains(&"ab".repeat(32)));
+    }
+
+    #[test]
+    fn detach_removes_the_psk_file() {
+        let state = tempfile::tempdir().unwrap();
+        let tls_dir = state.path().join("fuse-v-1.tls");
+        let psk_file = write_psk_file(&tls_dir, "strata:00\n").unwrap();
+        let a = Attachment {
+            device: "/dev/strata-test-no-such-loop".into(),
+            uri: "nbd://127.0.0.1:1/v".into(),
+            method: Method::NbdfuseLoop,
+            size: 1,
+            block_size: 4096,
+            dead_timeout_secs: 0,
+            io_timeout_secs: 0,
+            attached_at: 0,
+            nbd_index: None,
+            // No such process: nothing to stop; the mount point is gone.
+            fuse: Some(FuseState {
+                dir: state.path().join("fuse-v-1"),
+                pid: u32::MAX / 2,
+            }),
+            iscsi: None,
+            tls: Some(TlsState {
+                username: "strata".into(),
+                psk_file: psk_file.clone(),
+            }),
+        };
+        detach_nbdfuse(&a).unwrap();
+        assert!(!psk_file.exists());
+        assert!(!tls_dir.exists());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 pub const NBD_OPT_GO: u32 = 7;
 pub const NBD_REP_ACK: u32 = 1;
 pub const NBD_REP_INFO: u32 = 3;
+/// The server requires TLS before this option (`--nbd-tls require`).
+pub const NBD_REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const NBD_REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const NBD_INFO_EXPORT: u16 = 0;
 pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
@@ -67,6 +69,10 @@ pub enum HandshakeError {
     NotFixedNewstyle(u16),
     #[error("The server has no export {export:?}: {message}")]
     ExportMissing { export: String, message: String },
+    /// `NBD_REP_ERR_TLS_REQD`: the server serves only clients that start
+    /// TLS (strata's `--nbd-tls require`); this plaintext handshake cannot.
+    #[error("The server requires TLS for export {export:?}: {message}")]
+    TlsRequired { export: String, message: String },
     #[error("The server refused export {export:?} (NBD error {code:#x}): {message}")]
     Refused {
         export: String,
@@ -187,6 +193,11 @@ pub fn reply_error(export: &str, code: u32, payload: &[u8]) -> HandshakeError {
     let message = String::from_utf8_lossy(payload).into_owned();
     if code == NBD_REP_ERR_UNKNOWN {
         HandshakeError::ExportMissing {
+            export: export.to_string(),
+            message,
+        }
+    } else if code == NBD_REP_ERR_TLS_REQD {
+        HandshakeError::TlsRequired {
             export: export.to_string(),
             message,
         }
@@ -321,6 +332,7 @@ impl ConnectError {
             self,
             ConnectError::Handshake {
                 source: HandshakeError::ExportMissing { .. }
+                    | HandshakeError::TlsRequired { .. }
                     | HandshakeError::Refused { .. }
                     | HandshakeError::NotNbd(_)
                     | HandshakeError::NotFixedNewstyle(_)
@@ -522,6 +534,15 @@ mod tests {
                     b"no such volume",
                 )]),
                 |e| matches!(e, HandshakeError::ExportMissing { message, .. } if message == "no such volume"),
+            ),
+            (
+                "TLS required",
+                with(vec![reply(
+                    NBD_OPT_GO,
+                    NBD_REP_ERR_TLS_REQD,
+                    b"TLS is required: start it with NBD_OPT_STARTTLS",
+                )]),
+                |e| matches!(e, HandshakeError::TlsRequired { export, .. } if export == "vol"),
             ),
             (
                 "policy",

@@ -11,7 +11,10 @@
 //!    a fresh socket, so a controller restart within the dead-connection
 //!    timeout is a pause for the application, not an IO error;
 //! 2. the host's open-iscsi initiator ([`fallback::attach_iscsi`]);
-//! 3. nbdfuse + a loop device ([`fallback::attach_nbdfuse`]), slow.
+//! 3. nbdfuse + a loop device ([`fallback::attach_nbdfuse`]), slow. Given
+//!    a pre-shared key ([`AttachOptions::tls`]) it connects over TLS, and it
+//!    is the only way to attach a controller that requires TLS (the kernel's
+//!    NBD client cannot speak it).
 //!
 //! Each attachment is recorded in a small JSON file ([`state`]) under
 //! `/run/strata/attach/`, read by `strata volume attachments`, `detach` and
@@ -34,8 +37,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::AttachError;
-pub use fallback::IscsiOptions;
-pub use state::{Attachment, Method};
+pub use fallback::{IscsiOptions, TlsPsk};
+pub use state::{Attachment, Method, TlsState};
 pub use uri::NbdUri;
 
 use crate::kernel::{Nbd, NetlinkError};
@@ -64,6 +67,13 @@ pub struct AttachOptions {
     pub index: Option<u32>,
     pub methods: MethodChoice,
     pub iscsi: IscsiOptions,
+    /// The volume's NBD TLS pre-shared key (strata: derived from the
+    /// cluster key for this volume). With it the nbdfuse fallback connects
+    /// over TLS only, and a controller that requires TLS is attached
+    /// through that fallback; without it such a controller is refused with
+    /// [`AttachError::TlsRequired`]. The kernel nbd path is plaintext
+    /// either way (the kernel cannot speak TLS).
+    pub tls: Option<TlsPsk>,
 }
 
 impl Default for AttachOptions {
@@ -76,6 +86,7 @@ impl Default for AttachOptions {
             index: None,
             methods: MethodChoice::Auto,
             iscsi: IscsiOptions::default(),
+            tls: None,
         }
     }
 }
@@ -120,38 +131,65 @@ pub fn attach(uri: &str, opts: &AttachOptions) -> Result<Attached, AttachError> 
             });
         }
     }
-    let conn = handshake::connect(&uri, opts.connect_timeout)?;
-    let info = conn.info;
+    // The probe: a controller requiring TLS refuses it with a typed error;
+    // with a key only the nbdfuse fallback (TLS) can attach it, without one
+    // the error says a key is needed.
+    let (conn, tls_required) = match handshake::connect(&uri, opts.connect_timeout) {
+        Ok(c) => (Some(c), false),
+        Err(e) => match AttachError::from(e) {
+            AttachError::TlsRequired { .. } if opts.tls.is_some() => (None, true),
+            e => return Err(e),
+        },
+    };
+    let info = conn.as_ref().map(|c| c.info);
     let mut skipped = Vec::new();
     let wants =
         |m: Method| opts.methods == MethodChoice::Auto || opts.methods == MethodChoice::Only(m);
 
-    let mut conn = Some(conn);
+    let mut conn = conn;
     let attachment = 'found: {
         if wants(Method::KernelNbd) {
-            match kernel_nbd_unavailable() {
-                None => {
-                    let c = conn.take().expect("first use");
-                    break 'found attach_kernel(&uri, c, opts)?;
+            if tls_required {
+                skipped.push(
+                    "kernel-nbd: the controller requires NBD over TLS (--nbd-tls require), \
+                     which the kernel's NBD client cannot speak"
+                        .to_string(),
+                );
+            } else {
+                match kernel_nbd_unavailable() {
+                    None => {
+                        let c = conn.take().expect("first use");
+                        break 'found attach_kernel(&uri, c, opts)?;
+                    }
+                    Some(why) => skipped.push(format!("kernel-nbd: {why}")),
                 }
-                Some(why) => skipped.push(format!("kernel-nbd: {why}")),
             }
         }
         drop(conn.take());
         if wants(Method::Iscsi) {
-            match fallback::iscsi_unavailable() {
-                None => match fallback::attach_iscsi(&uri, &info, &opts.iscsi) {
+            match (info, fallback::iscsi_unavailable()) {
+                (None, _) => skipped.push(
+                    "iscsi: not tried: the controller requires NBD over TLS, which only the \
+                     nbdfuse fallback speaks"
+                        .to_string(),
+                ),
+                (Some(info), None) => match fallback::attach_iscsi(&uri, &info, &opts.iscsi) {
                     Ok(a) => break 'found a,
                     Err(e) => skipped.push(format!("iscsi: {e}")),
                 },
-                Some(why) => skipped.push(format!("iscsi: {why}")),
+                (Some(_), Some(why)) => skipped.push(format!("iscsi: {why}")),
             }
         }
         if wants(Method::NbdfuseLoop) {
-            match fallback::nbdfuse_unavailable() {
-                None => match fallback::attach_nbdfuse(&uri, &info, &opts.state_dir) {
+            match fallback::nbdfuse_unavailable(opts.tls.is_some()) {
+                None => match fallback::attach_nbdfuse(
+                    &uri,
+                    info.map(|i| i.size),
+                    &opts.state_dir,
+                    opts.tls.as_ref(),
+                ) {
                     Ok(a) => break 'found a,
-                    Err(e) => skipped.push(format!("nbdfuse+loop: {e}")),
+                    Err(e) => skipped.push(format!("nbdfuse+loop: {}", error_chain(&e))),
                 },
                 Some(why) => skipped.push(format!("nbdfuse+loop: {why}")),
             }
@@ -167,6 +205,17 @@ pub fn attach(uri: &str, opts: &AttachOptions) -> Result<Attached, AttachError> 
         attachment,
         skipped,
     })
+}
+
+/// `e` and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
 }
 
 fn attach_kernel(
@@ -200,6 +249,7 @@ fn attach_kernel(
         nbd_index: Some(index),
         fuse: None,
         iscsi: None,
+        tls: None,
     })
 }
 
@@ -277,6 +327,7 @@ pub fn detach(device: &str, state_dir: &Path) -> Result<Attachment, AttachError>
                 nbd_index: Some(index),
                 fuse: None,
                 iscsi: None,
+                tls: None,
             }
         }
     };
@@ -324,8 +375,17 @@ pub fn refresh_size(
     let mut a = state::load(&opts.state_dir, device)?
         .ok_or_else(|| AttachError::NotAttached(device.into()))?;
     let uri = NbdUri::parse(&a.uri)?;
-    let conn = handshake::connect(&uri, opts.connect_timeout)?;
-    let size = conn.info.size;
+    // A TLS attachment asks over TLS with the key it attached with (its
+    // controller may refuse plaintext); the others handshake (kernel nbd
+    // needs the socket).
+    let (conn, size) = match (&a.method, &a.tls) {
+        (Method::NbdfuseLoop, Some(t)) => (None, fallback::tls_export_size(&uri, t)?),
+        _ => {
+            let c = handshake::connect(&uri, opts.connect_timeout)?;
+            let size = c.info.size;
+            (Some(c), size)
+        }
+    };
     if size == a.size {
         return Ok(size);
     }
@@ -340,6 +400,9 @@ pub fn refresh_size(
         Method::KernelNbd => {
             let index = a
                 .nbd_index
+                .ok_or_else(|| AttachError::NotAttached(device.into()))?;
+            let conn = conn
+                .as_ref()
                 .ok_or_else(|| AttachError::NotAttached(device.into()))?;
             let mut nbd = Nbd::open()?;
             nbd.reconfigure(&netlink::Reconfigure {
@@ -443,5 +506,74 @@ mod tests {
             detach("/dev/loop99", dir.path()),
             Err(AttachError::NotAttached(_))
         ));
+    }
+
+    /// A server that greets, reads the client flags and `NBD_OPT_GO`, and
+    /// answers `NBD_REP_ERR_TLS_REQD` as strata's controller does under
+    /// `--nbd-tls require`; serves `n` connections.
+    fn tls_requiring_server(n: usize) -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..n {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let mut g = handshake::NBDMAGIC.to_be_bytes().to_vec();
+                g.extend_from_slice(&handshake::IHAVEOPT.to_be_bytes());
+                g.extend_from_slice(&3u16.to_be_bytes());
+                s.write_all(&g).unwrap();
+                let mut head = [0u8; 4 + 16];
+                s.read_exact(&mut head).unwrap();
+                let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).unwrap();
+                let msg = b"TLS is required: start it with NBD_OPT_STARTTLS";
+                let mut r = handshake::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend_from_slice(&handshake::NBD_OPT_GO.to_be_bytes());
+                r.extend_from_slice(&handshake::NBD_REP_ERR_TLS_REQD.to_be_bytes());
+                r.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                r.extend_from_slice(msg);
+                s.write_all(&r).unwrap();
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_controller_requiring_tls_needs_a_key_and_takes_only_nbdfuse() {
+        let addr = tls_requiring_server(2);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = AttachOptions {
+            state_dir: dir.path().to_path_buf(),
+            connect_timeout: Duration::from_secs(5),
+            ..AttachOptions::default()
+        };
+        let uri = format!("nbd://{addr}/vol");
+        // No key: a typed error that says TLS and the key.
+        let e = attach(&uri, &opts).unwrap_err();
+        assert!(matches!(e, AttachError::TlsRequired { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("requires NBD over TLS"), "{msg}");
+        assert!(msg.contains("cluster key"), "{msg}");
+        // A key, but only the kernel path allowed: it cannot speak TLS.
+        let keyed = AttachOptions {
+            methods: MethodChoice::Only(Method::KernelNbd),
+            tls: Some(TlsPsk {
+                username: "strata".into(),
+                psk_file_text: format!("strata:{}\n", "00".repeat(32)),
+            }),
+            ..opts.clone()
+        };
+        match attach(&uri, &keyed).unwrap_err() {
+            AttachError::NoMethod(why) => {
+                assert!(
+                    why.contains("kernel-nbd: the controller requires NBD over TLS"),
+                    "{why}"
+                )
+            }
+            e => panic!("{e:?}"),
+        }
+        // Nothing left behind: no state, no key file.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

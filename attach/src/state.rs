@@ -66,6 +66,17 @@ pub struct IscsiState {
     pub portal: String,
 }
 
+/// NBD over TLS of an attachment (the nbdfuse fallback with a cluster
+/// key). Holds where the key is, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsState {
+    /// The PSK identity (user name) nbdfuse names.
+    pub username: String,
+    /// The psktool file nbdfuse reads: mode 0600 in a 0700 directory of its
+    /// own under the state directory; removed at detach.
+    pub psk_file: PathBuf,
+}
+
 /// One attached device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
@@ -87,6 +98,17 @@ pub struct Attachment {
     pub fuse: Option<FuseState>,
     #[serde(default)]
     pub iscsi: Option<IscsiState>,
+    /// Set when the data path runs over TLS (absent in state files written
+    /// before TLS: plaintext).
+    #[serde(default)]
+    pub tls: Option<TlsState>,
+}
+
+impl Attachment {
+    /// Whether the device's data path to the controller is TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
 }
 
 /// The state file name for a device: `/dev/nbd0` → `nbd0.json`.
@@ -218,6 +240,7 @@ mod tests {
             nbd_index: Some(0),
             fuse: None,
             iscsi: None,
+            tls: None,
         }
     }
 
@@ -243,6 +266,31 @@ mod tests {
             Err(AttachError::StateFormat { .. })
         ));
         assert_eq!(device_key("/dev/mapper/x"), "mapper_x");
+    }
+
+    #[test]
+    fn state_files_from_before_tls_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // A state file as strata wrote it before attachments recorded TLS.
+        let old = r#"{"device":"/dev/loop3","uri":"nbd://127.0.0.1:10809/vol",
+            "method":"nbdfuse-loop","size":67108864,"block_size":4096,
+            "dead_timeout_secs":0,"io_timeout_secs":0,"attached_at":1,
+            "fuse":{"dir":"/run/strata/attach/fuse-vol-1","pid":42}}"#;
+        std::fs::write(dir.path().join("loop3.json"), old).unwrap();
+        let a = load(dir.path(), "/dev/loop3").unwrap().unwrap();
+        assert_eq!(a.method, Method::NbdfuseLoop);
+        assert!(!a.uses_tls());
+        assert_eq!(a.fuse.as_ref().unwrap().pid, 42);
+        // And one with TLS round-trips.
+        let mut t = sample("/dev/loop4");
+        t.tls = Some(TlsState {
+            username: "strata".into(),
+            psk_file: "/run/strata/attach/fuse-vol-1.tls/keys.psk".into(),
+        });
+        save(dir.path(), &t).unwrap();
+        let back = load(dir.path(), "/dev/loop4").unwrap().unwrap();
+        assert!(back.uses_tls());
+        assert_eq!(back, t);
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn status_of(name: &str, store: &Store, report: OpenReport) -> ReplicaStatus {
         open: true,
         incomplete: info.incomplete,
         epoch_owner: info.epoch_owner.clone(),
+        copies_from_peers: true,
     }
 }
 

@@ -232,3 +232,82 @@ fn a_volume_written_every_other_block_costs_bits_per_block() {
         "{reopened} > {retained} after filling holes"
     );
 }
+
+/// A client that sends 64 READs of 1 MiB and reads no reply: the replica
+/// server holds at most its per-connection byte budget of replies
+/// (`server::MAX_IN_FLIGHT_BYTES`), not the 64 MiB the request count alone
+/// would let it (a replica that fell behind its peers held that much).
+#[test]
+fn a_connection_holds_no_more_than_its_byte_budget() {
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let host = Arc::new(strata_replica::host::ReplicaHost::new(
+        dir.path(),
+        Arc::new(PortableEngine),
+    ));
+    host.create("vol", 256 << 20).unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let addr = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(strata_replica::server::serve(listener, host.clone(), rx));
+        addr
+    });
+    let mut frames = bytes::BytesMut::new();
+    let request = |id, command| strata_replica::wire::Request {
+        id,
+        epoch: 0,
+        command,
+    };
+    request(
+        1,
+        strata_replica::wire::Command::Hello {
+            volume: "vol".into(),
+        },
+    )
+    .encode_into(&mut frames);
+    for id in 0..64u64 {
+        let command = strata_replica::wire::Command::Read {
+            offset: id << 20,
+            len: 1 << 20,
+        };
+        request(id + 2, command).encode_into(&mut frames);
+    }
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    // Small kernel buffers on our side, so little of the replies leaves
+    // the server's heap for the socket.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    let small: libc::c_int = 64 << 10;
+    // SAFETY: setsockopt on a socket we own with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    sock.write_all(&frames).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let held = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+    eprintln!(
+        "a connection with 64 unread 1 MiB replies: {} KiB held",
+        held >> 10
+    );
+    assert!(
+        held < 16 << 20,
+        "the server held {} MiB for one connection's unread replies",
+        held >> 20
+    );
+    drop(sock);
+    let _ = stop.send(true);
+}

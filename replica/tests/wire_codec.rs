@@ -4,8 +4,8 @@
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use strata_replica::wire::{
-    decode_extents, encode_extents, Command, Op, Reply, ReplyHeader, Request, RequestHeader,
-    Status, WireError, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+    decode_extents, encode_extents, Command, Op, PullPlan, Reply, ReplyHeader, Request,
+    RequestHeader, Status, WireError, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
 use strata_replica::{Allocation, AllocationExtent};
 
@@ -201,7 +201,7 @@ fn request_errors() {
         Request::check(&bad_version[..5]),
         Err(WireError::BadVersion(2))
     );
-    for op in [0u8, 10, 255] {
+    for op in [0u8, 11, 255] {
         let e = Request::decode(&raw_request(op, 0, 42, 0, 0, 0, 0, b"")).unwrap_err();
         assert_eq!(e, WireError::UnknownOp { op, request_id: 42 });
         assert!(e.is_fatal());
@@ -258,6 +258,14 @@ fn request_errors() {
         (
             raw_request(2, 0x8000, 60, 0, 0, 4096, 0, b""),
             "unknown flag",
+        ),
+        (
+            raw_request(3, 4, 60, 0, 0, 0, 0, b""),
+            "DROP_CACHE on WRITE",
+        ),
+        (
+            raw_request(10, 0, 60, 0, 0, 3, crc32fast::hash(b"abc"), b"abc"),
+            "a PULL plan too short",
         ),
         (
             raw_request(4, 0, 60, 0, 4096, 0, 0, b""),
@@ -338,6 +346,7 @@ fn reply_table_byte_by_byte() {
         (Status::Corrupt, 6),
         (Status::BadPayload, 7),
         (Status::NotBound, 8),
+        (Status::PeerFailed, 9),
     ];
     for (status, code) in statuses {
         let r = Reply::error(1, 2, status, "why");
@@ -430,6 +439,36 @@ fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         name().prop_map(|volume| Command::Hello { volume }),
         (any::<u64>(), 0..=MAX_PAYLOAD).prop_map(|(offset, len)| Command::Read { offset, len }),
+        (any::<u64>(), 0..=MAX_PAYLOAD)
+            .prop_map(|(offset, len)| Command::ReadForCopy { offset, len }),
+        (
+            0u64..1 << 30,
+            1u32..64,
+            any::<[bool; 2]>(),
+            any::<[u8; 4]>(),
+            1u16..
+        )
+            .prop_map(|(block, blocks, [drop_cache, encrypt], ip, port)| {
+                let offset = block * 4096;
+                let span = blocks * 4096;
+                // Every other block of the span.
+                let pieces = (0..blocks)
+                    .step_by(2)
+                    .map(|b| (offset + u64::from(b) * 4096, 4096))
+                    .collect();
+                let source = std::net::SocketAddr::from((ip.map(|b| b | 1), port));
+                let plan = PullPlan::new(
+                    offset,
+                    source,
+                    std::time::Duration::from_millis(u64::from(port)),
+                    drop_cache,
+                    encrypt,
+                    span,
+                    pieces,
+                )
+                .unwrap();
+                Command::Pull { offset, plan }
+            }),
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..3000),
@@ -456,7 +495,7 @@ fn command() -> impl Strategy<Value = Command> {
 }
 
 fn status() -> impl Strategy<Value = Status> {
-    (0u8..=8).prop_map(|s| Status::from_u8(s).unwrap())
+    (0u8..=9).prop_map(|s| Status::from_u8(s).unwrap())
 }
 
 proptest! {

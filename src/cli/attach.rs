@@ -13,8 +13,9 @@ use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use strata_attach::fallback::Chap;
 use strata_attach::supervisor::{self, SupervisorOptions};
-use strata_attach::{AttachOptions, IscsiOptions, Method, MethodChoice};
+use strata_attach::{AttachOptions, IscsiOptions, Method, MethodChoice, TlsPsk};
 use strata_controller::frontend::iscsi::ChapConfig;
+use strata_controller::frontend::nbd::Psk;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
@@ -69,6 +70,12 @@ pub enum AttachCommand {
         /// Attach even if the controller reports other clients.
         #[arg(long)]
         force: bool,
+        /// The PSK identity (user name) of NBD over TLS: the controller's
+        /// --nbd-tls-username. With a cluster key the nbdfuse fallback
+        /// connects over TLS with the volume's key derived from it (and is
+        /// the only way to attach a controller with --nbd-tls require).
+        #[arg(long, env = "STRATA_NBD_TLS_USERNAME", default_value = strata_controller::frontend::nbd::psk::DEFAULT_USERNAME, value_name = "NAME")]
+        nbd_tls_username: String,
         #[arg(long, env = "STRATA_ATTACH_DIR", default_value = strata_attach::state::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -166,6 +173,7 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
             chap_file,
             controller,
             force,
+            nbd_tls_username,
             state_dir,
         } => {
             if let Some(ctl) = controller {
@@ -193,6 +201,19 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
                     .as_ref()
                     .map(|m| (m.user.clone(), secret(&m.secret))),
             });
+            // With a cluster key: the volume's NBD TLS key, for the nbdfuse
+            // fallback (and a controller that requires TLS). Never printed.
+            let tls = match strata_replica::auth::process_key() {
+                Some(key) => {
+                    let volume = strata_attach::NbdUri::parse(&uri)?.export;
+                    let psk = Psk::derived(key, &volume, &nbd_tls_username)?;
+                    Some(TlsPsk {
+                        username: psk.identity.clone(),
+                        psk_file_text: psk.file_text(),
+                    })
+                }
+                None => None,
+            };
             let opts = AttachOptions {
                 state_dir: state_dir.clone(),
                 dead_timeout: Duration::from_secs(dead_timeout_secs),
@@ -208,6 +229,7 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
                     portal: iscsi_portal,
                     chap,
                 },
+                tls,
                 ..AttachOptions::default()
             };
             let target = uri.clone();
@@ -219,11 +241,16 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
                 eprintln!("skipped {s}");
             }
             eprintln!(
-                "attached {} at {} via {} ({}), {} bytes",
+                "attached {} at {} via {} ({}){}, {} bytes",
                 a.uri,
                 a.device,
                 a.method.name(),
                 a.method.note(),
+                if a.uses_tls() {
+                    ", over TLS (pre-shared key)"
+                } else {
+                    ""
+                },
                 a.size
             );
             if a.method == Method::KernelNbd && !stay {
@@ -272,23 +299,25 @@ pub async fn run(cmd: AttachCommand) -> anyhow::Result<()> {
                             "dead_timeout_secs": a.dead_timeout_secs,
                             "io_timeout_secs": a.io_timeout_secs,
                             "attached_at": a.attached_at, "note": a.method.note(),
+                            "tls": a.uses_tls(),
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<12} {:<13} {:<9} {:>12}  URI",
-                    "DEVICE", "METHOD", "STATE", "SIZE"
+                    "{:<12} {:<13} {:<9} {:>12} {:<4} URI",
+                    "DEVICE", "METHOD", "STATE", "SIZE", "TLS"
                 );
                 for s in &list {
                     let a = &s.attachment;
                     println!(
-                        "{:<12} {:<13} {:<9} {:>12}  {}",
+                        "{:<12} {:<13} {:<9} {:>12} {:<4} {}",
                         a.device,
                         a.method.name(),
                         if s.live { "attached" } else { "gone" },
                         a.size,
+                        if a.uses_tls() { "yes" } else { "no" },
                         a.uri
                     );
                 }
@@ -377,6 +406,14 @@ mod tests {
         assert!(matches!(
             parse(&["volume", "supervise"]).unwrap(),
             AttachCommand::Supervise { ref devices, probe_interval_secs: 5, .. } if devices.is_empty()
+        ));
+        assert!(matches!(
+            parse(&["volume", "attach", "nbd://h:1/v"]).unwrap(),
+            AttachCommand::Attach { ref nbd_tls_username, .. } if nbd_tls_username == "strata"
+        ));
+        assert!(matches!(
+            parse(&["volume", "attach", "nbd://h:1/v", "--nbd-tls-username", "alice"]).unwrap(),
+            AttachCommand::Attach { ref nbd_tls_username, .. } if nbd_tls_username == "alice"
         ));
         assert!(parse(&["volume", "attach"]).is_err(), "a URI is required");
         assert!(parse(&["volume", "attach", "u", "--method", "floppy"]).is_err());

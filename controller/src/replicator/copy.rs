@@ -12,12 +12,33 @@
 //! order does not matter; what does is that a range written by 4 KiB
 //! random writes (dozens of small extents per region) is not copied one
 //! round trip after another.
+//!
+//! A job's bytes go straight from the source to the target when the target
+//! can pull (PULL, [`strata_replica::wire::PullPlan`]): the controller
+//! sends the plan, the target reads the source and writes. Otherwise (a
+//! replica of an earlier release, or a target that cannot reach the
+//! source) the controller relays them: it reads the source and writes the
+//! target. Either way the source is asked to drop from its page cache what
+//! the copy's reads brought in, when it knows how.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
+use strata_replica::auth::{self, WireMode};
 use strata_replica::client::ReplicaClient;
+use strata_replica::wire::{PullPlan, Status};
 use strata_replica::{Allocation, AllocationExtent};
 
-use super::{SyncError, Volume};
+use super::{Slot, SyncError, Volume};
+
+/// The two replicas of a copy, each with its data connection, and the
+/// volume's IO timeout.
+pub struct Ends<'a> {
+    pub source: (&'a Slot, &'a ReplicaClient),
+    pub target: (&'a Slot, &'a ReplicaClient),
+    pub timeout: Duration,
+}
 
 /// The largest read (and write) of a copy.
 pub const COPY_PIECE: u64 = 1 << 20;
@@ -87,6 +108,28 @@ pub fn copy_jobs(steps: &[CopyStep]) -> Vec<CopyJob> {
     }
     jobs.extend(read);
     jobs
+}
+
+/// Bytes of data a copy moved, by the way they went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Read by the target from the source itself (PULL).
+    pub pulled: u64,
+    /// Read and written by the controller.
+    pub relayed: u64,
+}
+
+impl std::ops::AddAssign for Copied {
+    fn add_assign(&mut self, other: Copied) {
+        self.pulled += other.pulled;
+        self.relayed += other.relayed;
+    }
+}
+
+impl Copied {
+    pub fn total(&self) -> u64 {
+        self.pulled + self.relayed
+    }
 }
 
 /// Which side of a copy failed: a source failure faults the source and the
@@ -184,12 +227,8 @@ fn close_hole(steps: &mut Vec<CopyStep>, hole_from: &mut Option<u64>, at: u64) {
 /// has data, a trim where it has holes. Returns the bytes of data copied.
 /// The caller holds the range's lock and names the source's slot in
 /// errors; a failed read or BLOCK_STATUS is a [`CopyError::Source`].
-pub async fn copy_range(
-    source: &ReplicaClient,
-    target: &ReplicaClient,
-    start: u64,
-    end: u64,
-) -> Result<u64, CopyError> {
+pub async fn copy_range(ends: &Ends<'_>, start: u64, end: u64) -> Result<Copied, CopyError> {
+    let (source, target) = (ends.source.1, ends.target.1);
     let len = (end - start) as u32;
     let (on_source, on_target) = tokio::join!(
         source.block_status(start, len),
@@ -202,28 +241,69 @@ pub async fn copy_range(
     let steps = skip_needless_trims(copy_steps(&on_source, start, end), &on_target);
     let jobs = copy_jobs(&steps);
     stream::iter(jobs)
-        .map(|job| copy_job(source, target, job))
+        .map(|job| copy_job(ends, job))
         .buffer_unordered(COPY_DEPTH)
-        .try_fold(0u64, |copied, bytes| async move { Ok(copied + bytes) })
+        .try_fold(Copied::default(), |mut all, one| async move {
+            all += one;
+            Ok(all)
+        })
         .await
 }
 
-async fn copy_job(
-    source: &ReplicaClient,
-    target: &ReplicaClient,
-    job: CopyJob,
-) -> Result<u64, CopyError> {
+async fn copy_job(ends: &Ends<'_>, job: CopyJob) -> Result<Copied, CopyError> {
+    let ((source_slot, source), (target_slot, target)) = (ends.source, ends.target);
     let on_target = |e| CopyError::Target(SyncError::data("resync write on the target", e));
+    let drop_cache = source_slot.peer_copy.load(Ordering::Acquire);
     match job {
         CopyJob::Copy {
             offset,
             len,
             pieces,
         } => {
-            let data = source
-                .read(offset, len)
-                .await
-                .map_err(|e| CopyError::Source(SyncError::data("read on the source", e)))?;
+            let bytes = pieces.iter().map(|&(_, n)| u64::from(n)).sum();
+            if target_slot.peer_copy.load(Ordering::Acquire) {
+                // The target's steps against the source must end well
+                // before our deadline on the PULL does.
+                let plan = PullPlan::new(
+                    offset,
+                    source_slot.addr,
+                    ends.timeout / 3,
+                    drop_cache,
+                    auth::process_wire_mode() == WireMode::Encrypted,
+                    len,
+                    pieces.clone(),
+                );
+                match plan {
+                    Ok(plan) => match target.pull(offset, plan).await {
+                        Ok(()) => {
+                            return Ok(Copied {
+                                pulled: bytes,
+                                relayed: 0,
+                            })
+                        }
+                        Err(e) if e.status() == Some(Status::PeerFailed) => {
+                            if target_slot.peer_copy.swap(false, Ordering::AcqRel) {
+                                tracing::warn!(replica = %target_slot.addr, source = %source_slot.addr, "the replica could not copy from its peer itself, the controller relays its copies from now on: {}", strata_replica::error_chain(&e));
+                            }
+                        }
+                        Err(e) => return Err(on_target(e)),
+                    },
+                    Err(why) => {
+                        tracing::error!(
+                            offset,
+                            len,
+                            "a copy plan was refused before sending ({why}); relaying it"
+                        );
+                    }
+                }
+            }
+            let read = if drop_cache {
+                source.read_for_copy(offset, len).await
+            } else {
+                source.read(offset, len).await
+            };
+            let data =
+                read.map_err(|e| CopyError::Source(SyncError::data("read on the source", e)))?;
             let writes = pieces.iter().map(|&(at, n)| {
                 let from = (at - offset) as usize;
                 target.write(at, data.slice(from..from + n as usize), false)
@@ -231,11 +311,14 @@ async fn copy_job(
             futures::future::try_join_all(writes)
                 .await
                 .map_err(on_target)?;
-            Ok(pieces.iter().map(|&(_, n)| u64::from(n)).sum())
+            Ok(Copied {
+                pulled: 0,
+                relayed: bytes,
+            })
         }
         CopyJob::Trim { offset, len } => {
             target.trim(offset, len).await.map_err(on_target)?;
-            Ok(0)
+            Ok(Copied::default())
         }
     }
 }

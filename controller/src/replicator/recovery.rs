@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use std::sync::atomic::Ordering;
 
-use super::copy::{self, CopyError};
+use super::copy::{self, Copied, CopyError};
 use super::{chain_copy, compare, control, Health, Slot, SyncError, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -165,6 +165,8 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
             return Err(SyncError::NotRecreated);
         }
     }
+    slot.peer_copy
+        .store(status.copies_from_peers, Ordering::Release);
     let mut rounds = 0;
     let (_chain, chain) = loop {
         let have = control::status(slot.addr, &volume.name, timeout).await?;
@@ -283,7 +285,7 @@ async fn copy_region(
     slot: &Slot,
     region: u64,
     count: u64,
-) -> (u64, u64, Result<u64, CopyError>) {
+) -> (u64, u64, Result<Copied, CopyError>) {
     let start = region * REGION;
     let end = ((region + count) * REGION).min(volume.size());
     let _gate = volume.gate().read().await;
@@ -291,7 +293,12 @@ async fn copy_region(
     let result = match slot.health() {
         Health::Syncing(target) => match copy::pick_source(volume, start) {
             Ok((source_slot, source)) => {
-                let result = copy::copy_range(&source, &target, start, end).await;
+                let ends = copy::Ends {
+                    source: (&source_slot, &source),
+                    target: (slot, &target),
+                    timeout: volume.options.io_timeout,
+                };
+                let result = copy::copy_range(&ends, start, end).await;
                 if let Err(CopyError::Source(e)) = &result {
                     volume.fault(&source_slot, format!("resync from it failed: {e}"));
                 }
@@ -327,7 +334,7 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
         p.done_bytes = 0;
         p.started = Some(Instant::now());
     }
-    let mut transferred = 0u64;
+    let mut transferred = Copied::default();
     loop {
         let mut in_flight = FuturesUnordered::new();
         let mut source_trouble = None;
@@ -411,7 +418,9 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
         volume = %volume.name,
         replica = %slot.addr,
         seconds = format!("{secs:.2}"),
-        mib_copied = transferred >> 20,
+        mib_copied = transferred.total() >> 20,
+        mib_pulled_by_the_replica = transferred.pulled >> 20,
+        mib_relayed_by_the_controller = transferred.relayed >> 20,
         "replica in sync and healthy again"
     );
     Ok(())

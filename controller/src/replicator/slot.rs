@@ -111,6 +111,10 @@ pub struct Slot {
     /// How fast its disk answers: flush and write latency, throughput,
     /// slow or not (`disk.rs`).
     pub disk: DiskStats,
+    /// The replica copies from peers itself (PULL) and drops a copy's
+    /// reads from its cache, as its status said; cleared when a PULL to it
+    /// could not reach its source (the controller then relays).
+    pub peer_copy: AtomicBool,
 }
 
 /// Counts one request in flight on a slot for as long as it lives (a
@@ -166,6 +170,7 @@ impl Slot {
             last_lag: Mutex::new(None),
             counts_for_quorum: AtomicBool::new(false),
             disk: DiskStats::default(),
+            peer_copy: AtomicBool::new(false),
         }
     }
 

@@ -33,7 +33,8 @@ use tokio::task::AbortHandle;
 use crate::auth::{self, AuthError, AuthReader, AuthWriter, ClusterKey, Purpose, WireMode};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{
-    self, Command, FrameCrc, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
+    self, Command, FrameCrc, PullPlan, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD,
+    REQUEST_HEADER_LEN,
 };
 use crate::AllocationExtent;
 
@@ -403,6 +404,31 @@ impl ReplicaClient {
         Ok(reply.payload)
     }
 
+    /// [`ReplicaClient::read`] for a copy: the replica drops the pages the
+    /// read brought into its page cache ([`Command::ReadForCopy`]). A
+    /// replica older than the flag refuses it as INVALID.
+    pub async fn read_for_copy(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        if len > MAX_PAYLOAD {
+            return Err(ClientError::Invalid("READ longer than 32 MiB"));
+        }
+        let reply = self.call(Command::ReadForCopy { offset, len }).await?;
+        if reply.payload.len() != len as usize {
+            return Err(ClientError::BadReply(format!(
+                "READ of {len} bytes at offset {offset} returned {} bytes",
+                reply.payload.len()
+            )));
+        }
+        Ok(reply.payload)
+    }
+
+    /// Asks this (syncing) replica to copy a range from a peer itself
+    /// ([`PullPlan`]; `offset` is where the plan's span starts). Returns
+    /// when the pieces are written here. A source the replica could not
+    /// reach or read is [`Status::PeerFailed`], with nothing written.
+    pub async fn pull(&self, offset: u64, plan: PullPlan) -> Result<(), ClientError> {
+        self.call(Command::Pull { offset, plan }).await.map(drop)
+    }
+
     /// Writes `data` at `offset`; with `fua` it is durable before the reply.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
         let crc = self.shared.crc.compute(&data);
@@ -536,6 +562,7 @@ impl ReplicaClient {
         let payload = match request.command {
             Command::Write { data, .. } => data,
             Command::Hello { volume: name } | Command::Snapshot { name } => Bytes::from(name),
+            Command::Pull { plan, .. } => plan.encoded().clone(),
             _ => Bytes::new(),
         };
         let (waiter, done) = oneshot::channel();

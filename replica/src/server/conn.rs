@@ -4,11 +4,14 @@
 //! ([`run_inline`]); whatever may wait for the disk (flush, FUA, trim, a
 //! read that misses the cache) runs on the blocking pool.
 //!
-//! Every request holds a permit of the connection's semaphore from the moment
-//! it is decoded until its reply has been written to the socket, so a
-//! connection never has more than [`MAX_IN_FLIGHT`] requests or replies in
-//! memory: when the permits run out the reader stops reading and TCP pushes
-//! back on the client.
+//! Every request holds permits from the moment it is decoded until its
+//! reply has been written to the socket: one of [`MAX_IN_FLIGHT`], and a
+//! share of [`MAX_IN_FLIGHT_BYTES`] for its data (a WRITE's payload, a
+//! READ's reply, a PULL's span), so a connection never holds more than that
+//! many requests or bytes: when either runs out the reader stops reading
+//! and TCP pushes back on the client. (A replica that falls behind its
+//! peers keeps receiving the volume's writes; without the byte bound 64
+//! writes of 1 MiB each piled up in it.)
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::pull::{self, Peers};
 use super::read_buffers;
 use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::host::{HostError, ReplicaHost};
@@ -28,17 +32,36 @@ use strata_net::stopped;
 
 /// Requests per connection decoded but not yet answered on the socket.
 pub const MAX_IN_FLIGHT: u32 = 64;
+/// Data per connection held by requests not yet answered on the socket.
+pub const MAX_IN_FLIGHT_BYTES: usize = 8 << 20;
+/// Unit of the byte budget.
+const BUDGET_UNIT: usize = 4096;
+
+/// Budget units for `bytes` of data; a request larger than the whole budget
+/// takes all of it (and runs alone).
+pub(super) fn budget_units(bytes: usize) -> u32 {
+    bytes
+        .div_ceil(BUDGET_UNIT)
+        .min(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT) as u32
+}
+
+/// What a request holds until its reply is on the socket: its place among
+/// the requests in flight and its share of the byte budget.
+pub(super) struct Permit {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
 
 /// A reply ready for the writer: its header (crc computed by whoever built
 /// it, off the writer's task), its payload, and the request's permit.
 struct OutFrame {
     header: [u8; REPLY_HEADER_LEN],
     payload: Bytes,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
 }
 
 impl OutFrame {
-    fn new(reply: Reply, crc: FrameCrc, permit: Option<OwnedSemaphorePermit>) -> Self {
+    fn new(reply: Reply, crc: FrameCrc, permit: Option<Permit>) -> Self {
         OutFrame {
             header: reply.header_for(crc).encode(),
             payload: reply.payload,
@@ -54,11 +77,17 @@ struct Conn {
     crc: FrameCrc,
     tx: mpsc::UnboundedSender<OutFrame>,
     permits: Arc<Semaphore>,
+    /// The byte budget, in [`BUDGET_UNIT`]s.
+    bytes: Arc<Semaphore>,
     /// The volume bound by HELLO.
     store: Option<Arc<Store>>,
     /// The snapshot a `volume@snapshot` HELLO bound: the connection then
     /// reads that snapshot and refuses every change.
     view: Option<Arc<str>>,
+    /// The volume's name, once bound (a PULL's source is asked for it).
+    volume: String,
+    /// Connections to the sources of this connection's PULLs.
+    peers: Arc<Peers>,
 }
 
 /// Serves one connection until the peer closes it, it breaks the framing,
@@ -102,8 +131,11 @@ pub(super) async fn handle(
         crc,
         tx,
         permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+        bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT)),
         store: None,
         view: None,
+        volume: String::new(),
+        peers: Arc::default(),
     };
     tokio::join!(conn.run(rd, &mut shutdown), write_loop(rx, wr));
 }
@@ -199,9 +231,26 @@ impl Conn {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         'conn: loop {
             loop {
-                // A permit before decoding: a full pipeline stops the reading.
-                let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                // Permits before decoding: a full pipeline stops the reading.
+                // The data's share is known once the header is in.
+                let data = match wire::RequestHeader::parse(&buf) {
+                    Ok(Some(h)) if h.op == wire::Op::Read => h.length as usize,
+                    Ok(Some(h)) => h.payload_len(),
+                    _ => 0,
+                };
+                let Ok(request) = self.permits.clone().acquire_owned().await else {
                     break 'conn;
+                };
+                let bytes = match data {
+                    0 => None,
+                    n => match self.bytes.clone().acquire_many_owned(budget_units(n)).await {
+                        Ok(p) => Some(p),
+                        Err(_) => break 'conn,
+                    },
+                };
+                let permit = Permit {
+                    _request: request,
+                    _bytes: bytes,
                 };
                 match Request::decode_from_with(&mut buf, self.crc) {
                     Ok(Some(req)) => self.dispatch(req, permit).await,
@@ -263,12 +312,12 @@ impl Conn {
         self.store.as_ref().map_or(0, |s| s.epoch())
     }
 
-    fn reply_error(&self, id: u64, status: Status, message: &str, permit: OwnedSemaphorePermit) {
+    fn reply_error(&self, id: u64, status: Status, message: &str, permit: Permit) {
         let reply = Reply::error(id, self.epoch(), status, message);
         let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
     }
 
-    async fn dispatch(&mut self, req: Request, permit: OwnedSemaphorePermit) {
+    async fn dispatch(&mut self, req: Request, permit: Permit) {
         let Request { id, epoch, command } = req;
         match command {
             Command::Hello { volume } => self.hello(id, volume, permit).await,
@@ -281,6 +330,32 @@ impl Conn {
                     self.crc,
                     Some(permit),
                 ));
+            }
+            Command::Pull { offset, plan } => {
+                let Some(store) = self.store.clone().filter(|_| self.view.is_none()) else {
+                    return self.reply_error(
+                        id,
+                        Status::NotBound,
+                        "PULL needs a connection bound to a volume (not a snapshot)",
+                        permit,
+                    );
+                };
+                if let Err(reply) = fence(&store, id, epoch) {
+                    let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
+                    return;
+                }
+                let (tx, crc) = (self.tx.clone(), self.crc);
+                let (peers, volume) = (self.peers.clone(), self.volume.clone());
+                let budget = self.bytes.clone();
+                tokio::spawn(async move {
+                    // The span read from the source is this request's data.
+                    let span = budget
+                        .acquire_many_owned(budget_units(plan.span as usize))
+                        .await;
+                    let reply = pull::pull(store, peers, volume, id, epoch, offset, plan).await;
+                    drop(span);
+                    let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
+                });
             }
             command => {
                 let Some(store) = self.store.clone() else {
@@ -324,7 +399,7 @@ impl Conn {
     /// snapshot of it, read-only. HELLO is not fenced: it binds at any epoch
     /// and its reply tells the controller the replica's epoch; every later
     /// data request is fenced.
-    async fn hello(&mut self, id: u64, name: String, permit: OwnedSemaphorePermit) {
+    async fn hello(&mut self, id: u64, name: String, permit: Permit) {
         if self.store.is_some() {
             return self.reply_error(
                 id,
@@ -338,7 +413,10 @@ impl Conn {
             None => (name, None),
         };
         let host = self.host.clone();
-        let opened = tokio::task::spawn_blocking(move || host.open(&volume)).await;
+        let opened = {
+            let volume = volume.clone();
+            tokio::task::spawn_blocking(move || host.open(&volume)).await
+        };
         let reply = match opened {
             Ok(Ok(store)) => match &view {
                 Some(snap) if !store.has_snapshot(snap) => Reply::error(
@@ -350,6 +428,7 @@ impl Conn {
                 _ => {
                     let reply = Reply::ok(id, store.epoch());
                     self.store = Some(store);
+                    self.volume = volume;
                     self.view = view.map(Arc::from);
                     reply
                 }
@@ -375,7 +454,7 @@ impl Conn {
 }
 
 /// The reply to a request whose store call panicked.
-fn panicked(store: &Store, id: u64) -> Reply {
+pub(super) fn panicked(store: &Store, id: u64) -> Reply {
     tracing::error!(request = id, "replica request panicked");
     Reply::error(
         id,
@@ -446,7 +525,7 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
 const INLINE_READ_MAX: u32 = 128 << 10;
 
 /// The epoch fence: a request must carry the replica's epoch exactly.
-fn fence(store: &Store, id: u64, epoch: u64) -> Result<(), Reply> {
+pub(super) fn fence(store: &Store, id: u64, epoch: u64) -> Result<(), Reply> {
     let current = store.epoch();
     if epoch < current {
         let msg = format!("Request epoch {epoch} is older than the replica's epoch {current}");
@@ -477,6 +556,12 @@ fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Comm
                 .read(offset, &mut data)
                 .map(|()| read_buffers::into_bytes(data))
         }
+        Command::ReadForCopy { offset, len } => {
+            let mut data = read_buffers::take(len as usize);
+            store
+                .read_for_copy(offset, &mut data)
+                .map(|()| read_buffers::into_bytes(data))
+        }
         Command::Write { offset, data, fua } => store
             .write(offset, &data)
             .and_then(|()| if fua { store.flush() } else { Ok(()) })
@@ -494,7 +579,9 @@ fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Comm
             .allocation(offset, len.into())
             .map(|e| wire::encode_extents(&e)),
         Command::Snapshot { name } => store.snapshot(&name).map(|()| Bytes::new()),
-        Command::Hello { .. } | Command::Ping => unreachable!("answered by the reader"),
+        Command::Hello { .. } | Command::Ping | Command::Pull { .. } => {
+            unreachable!("answered by the reader")
+        }
     };
     store_reply(store, id, result)
 }
@@ -503,7 +590,7 @@ fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Comm
 fn execute_on_snapshot(store: &Store, snapshot: &str, id: u64, command: Command) -> Reply {
     let view = View::Snapshot(snapshot);
     let result = match command {
-        Command::Read { offset, len } => {
+        Command::Read { offset, len } | Command::ReadForCopy { offset, len } => {
             let mut data = read_buffers::take(len as usize);
             store
                 .read_view(view, offset, &mut data)
@@ -520,7 +607,7 @@ fn execute_on_snapshot(store: &Store, snapshot: &str, id: u64, command: Command)
     store_reply(store, id, result)
 }
 
-fn store_reply(store: &Store, id: u64, result: Result<Bytes, StoreError>) -> Reply {
+pub(super) fn store_reply(store: &Store, id: u64, result: Result<Bytes, StoreError>) -> Reply {
     match result {
         Ok(payload) => Reply::with_payload(id, store.epoch(), Status::Ok, payload),
         Err(e) => {

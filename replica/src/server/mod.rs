@@ -14,6 +14,7 @@
 //! ```
 
 mod conn;
+mod pull;
 mod read_buffers;
 
 use std::net::SocketAddr;

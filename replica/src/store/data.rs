@@ -75,6 +75,32 @@ impl Store {
         }
     }
 
+    /// [`Store::read`] for a copy (a rebuild's source): the pages the read
+    /// brought into the page cache are dropped after it, so copying a
+    /// whole replica does not push out what the applications' reads keep
+    /// cached. A range that was cached whole is read from the cache and
+    /// left there; one cached in part is read and then dropped whole.
+    pub fn read_for_copy(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.read_cached(offset, buf)? {
+            return Ok(());
+        }
+        self.read(offset, buf)?;
+        let st = self.state.read();
+        let b0 = offset / BLOCK_SIZE;
+        let b1 = b0 + buf.len() as u64 / BLOCK_SIZE;
+        let segments = {
+            let maps = st.maps.lock();
+            head_segments(&maps, b0, b1)
+        };
+        for (s, e, src) in segments {
+            if let Some(Source::Layer(pos)) = src {
+                let file = &st.layers[pos as usize].data;
+                drop_cached(file, s * BLOCK_SIZE, (e - s) * BLOCK_SIZE);
+            }
+        }
+        Ok(())
+    }
+
     /// [`Store::read`] if it can be done without waiting: every block it
     /// needs is in the page cache and no chain change holds the store.
     /// `Ok(false)` means "would block" and `buf` holds nothing useful; the
@@ -545,4 +571,21 @@ fn path_of(st: &State, op: &IoOp<'_>) -> std::path::PathBuf {
         }
     }
     std::path::PathBuf::from("<unknown file>")
+}
+
+/// Asks the kernel to drop `[offset, offset + len)` of `file` from the page
+/// cache (clean pages go at once; dirty ones are left to writeback). Only
+/// advice: a failure changes nothing but the cache, so it is ignored.
+fn drop_cached(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise on a descriptor the store keeps open; it reads
+    // no memory of ours.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
 }

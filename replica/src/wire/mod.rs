@@ -4,7 +4,7 @@
 //! Everything is little-endian.
 //!
 //! ```text
-//! request (40-byte header, then `length` payload bytes for HELLO, WRITE, SNAPSHOT)
+//! request (40-byte header, then `length` payload bytes for HELLO, WRITE, SNAPSHOT, PULL)
 //!   0  magic u32 = 0x5354_5251 "STRQ"   4 version u8 = 1   5 op u8   6 flags u16
 //!   8  request_id u64   16 epoch u64   24 offset u64   32 length u32   36 payload_crc u32
 //! reply (32-byte header, then `length` payload bytes)
@@ -12,6 +12,8 @@
 //!   8  request_id u64   16 epoch u64   24 length u32   28 payload_crc u32
 //! ```
 //!
+//! PULL (a syncing replica copies a range from a peer itself) carries a
+//! [`PullPlan`]; READ with [`FLAG_DROP_CACHE`] is a copy's read.
 //! HELLO's payload names the volume, or `volume@snapshot` to bind the
 //! connection to a snapshot read-only (READ and BLOCK_STATUS only).
 //! For READ, TRIM, WRITE_ZEROES and BLOCK_STATUS `length` is the length of
@@ -33,9 +35,11 @@
 //! frame, send an error reply and go on. The same holds for [`Reply`].
 
 pub(crate) mod outbound;
+mod pull;
 mod reply;
 mod request;
 
+pub use pull::{PullPlan, MAX_PIECES};
 pub use reply::{decode_extents, encode_extents, Reply, ReplyHeader};
 pub use request::{Command, Request, RequestHeader};
 
@@ -52,6 +56,9 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const FLAG_FUA: u16 = 1;
 /// WRITE_ZEROES flag: keep the range allocated (do not punch).
 pub const FLAG_NO_HOLE: u16 = 2;
+/// READ flag: a copy's read; the pages it brings into the replica's page
+/// cache are dropped after it (pages cached before stay).
+pub const FLAG_DROP_CACHE: u16 = 4;
 /// Bytes of one BLOCK_STATUS extent in a reply payload.
 pub const EXTENT_LEN: usize = 17;
 
@@ -114,6 +121,8 @@ pub enum Op {
     BlockStatus = 7,
     Snapshot = 8,
     Ping = 9,
+    /// Copy a range from a peer replica ([`PullPlan`]).
+    Pull = 10,
 }
 
 impl Op {
@@ -128,19 +137,21 @@ impl Op {
             7 => Op::BlockStatus,
             8 => Op::Snapshot,
             9 => Op::Ping,
+            10 => Op::Pull,
             _ => return None,
         })
     }
 
     /// True when `length` counts payload bytes that follow the header.
     pub fn has_payload(self) -> bool {
-        matches!(self, Op::Hello | Op::Write | Op::Snapshot)
+        matches!(self, Op::Hello | Op::Write | Op::Snapshot | Op::Pull)
     }
 
     pub(crate) fn allowed_flags(self) -> u16 {
         match self {
             Op::Write => FLAG_FUA,
             Op::WriteZeroes => FLAG_NO_HOLE,
+            Op::Read => FLAG_DROP_CACHE,
             _ => 0,
         }
     }
@@ -167,6 +178,8 @@ pub enum Status {
     BadPayload = 7,
     /// A data request before HELLO.
     NotBound = 8,
+    /// A PULL's source could not be reached or read; nothing was written.
+    PeerFailed = 9,
 }
 
 impl Status {
@@ -181,6 +194,7 @@ impl Status {
             6 => Status::Corrupt,
             7 => Status::BadPayload,
             8 => Status::NotBound,
+            9 => Status::PeerFailed,
             _ => return None,
         })
     }
@@ -196,6 +210,7 @@ impl Status {
             Status::Corrupt => "CORRUPT",
             Status::BadPayload => "BAD_PAYLOAD",
             Status::NotBound => "NOT_BOUND",
+            Status::PeerFailed => "PEER_FAILED",
         }
     }
 }

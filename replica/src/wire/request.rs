@@ -3,8 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
-    check_prefix, u16_at, u32_at, u64_at, FrameCrc, Op, WireError, FLAG_FUA, FLAG_NO_HOLE,
-    MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN, REQUEST_MAGIC, VERSION,
+    check_prefix, u16_at, u32_at, u64_at, FrameCrc, Op, PullPlan, WireError, FLAG_DROP_CACHE,
+    FLAG_FUA, FLAG_NO_HOLE, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN, REQUEST_MAGIC, VERSION,
 };
 
 /// The fixed part of a request, as on the wire.
@@ -90,6 +90,19 @@ pub enum Command {
         offset: u64,
         len: u32,
     },
+    /// A READ for a copy: the pages it brings into the replica's page
+    /// cache are dropped after it, so a rebuild does not evict what the
+    /// applications keep cached (READ with [`FLAG_DROP_CACHE`]).
+    ReadForCopy {
+        offset: u64,
+        len: u32,
+    },
+    /// Read a range from a peer replica and write the plan's pieces of it
+    /// here (a syncing replica's copy, [`PullPlan`]).
+    Pull {
+        offset: u64,
+        plan: PullPlan,
+    },
     Write {
         offset: u64,
         data: Bytes,
@@ -119,7 +132,8 @@ impl Command {
     pub fn op(&self) -> Op {
         match self {
             Command::Hello { .. } => Op::Hello,
-            Command::Read { .. } => Op::Read,
+            Command::Read { .. } | Command::ReadForCopy { .. } => Op::Read,
+            Command::Pull { .. } => Op::Pull,
             Command::Write { .. } => Op::Write,
             Command::Flush => Op::Flush,
             Command::Trim { .. } => Op::Trim,
@@ -136,6 +150,7 @@ impl Command {
             Command::Hello { volume } => volume.as_bytes(),
             Command::Write { data, .. } => data,
             Command::Snapshot { name } => name.as_bytes(),
+            Command::Pull { plan, .. } => plan.encoded(),
             _ => &[],
         }
     }
@@ -238,7 +253,12 @@ impl Request {
             Op::Hello => Command::Hello { volume: name()? },
             Op::Snapshot => Command::Snapshot { name: name()? },
             Op::Read if len > MAX_PAYLOAD => return Err(invalid("READ longer than 32 MiB")),
+            Op::Read if h.flags & FLAG_DROP_CACHE != 0 => Command::ReadForCopy { offset, len },
             Op::Read => Command::Read { offset, len },
+            Op::Pull => Command::Pull {
+                offset,
+                plan: PullPlan::decode(offset, data()).map_err(invalid)?,
+            },
             Op::Write => Command::Write {
                 offset,
                 data: data(),
@@ -281,6 +301,8 @@ impl Request {
                 ref data,
                 fua,
             } => (offset, data.len() as u32, if fua { FLAG_FUA } else { 0 }),
+            Command::ReadForCopy { offset, len } => (offset, len, FLAG_DROP_CACHE),
+            Command::Pull { offset, .. } => (offset, payload.len() as u32, 0),
             Command::Read { offset, len }
             | Command::Trim { offset, len }
             | Command::BlockStatus { offset, len } => (offset, len, 0),

@@ -1,0 +1,236 @@
+//! A syncing replica copying from its peer itself (PULL), over loopback
+//! TCP between two real replica servers: the pieces it is told land and
+//! nothing else; an unreachable source, one without the volume and one at
+//! another epoch write nothing and say PEER_FAILED; the target's own epoch
+//! fences the request; a snapshot connection cannot pull. And a copy's read
+//! (READ with the drop-cache flag) leaves the source's page cache as it
+//! found it.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use strata_replica::client::{ClientError, ReplicaClient};
+use strata_replica::host::ReplicaHost;
+use strata_replica::testing;
+use strata_replica::wire::{PullPlan, Status};
+use strata_replica::{Allocation, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(10);
+
+struct Server {
+    addr: SocketAddr,
+    host: Arc<ReplicaHost>,
+    _stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(volume: Option<&str>) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Arc::new(ReplicaHost::new(dir.path(), testing::portable()));
+    if let Some(v) = volume {
+        host.create(v, 64 * MIB).unwrap();
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    tokio::spawn(strata_replica::server::serve(listener, host.clone(), rx));
+    Server {
+        addr,
+        host,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+fn store(s: &Server) -> Arc<Store> {
+    s.host.get("vol").unwrap()
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    Bytes::from(v)
+}
+
+fn plan(source: SocketAddr, offset: u64, span: u64, pieces: &[(u64, u64)]) -> PullPlan {
+    PullPlan::new(
+        offset,
+        source,
+        Duration::from_secs(3),
+        true,
+        false,
+        span as u32,
+        pieces.iter().map(|&(a, n)| (a, n as u32)).collect(),
+    )
+    .unwrap()
+}
+
+fn status_of(r: Result<(), ClientError>) -> Status {
+    match r {
+        Err(ClientError::Replica { status, .. }) => status,
+        other => panic!("expected a replica error, got {other:?}"),
+    }
+}
+
+/// True when the target holds no data anywhere in the volume.
+async fn all_holes(target: &ReplicaClient) -> bool {
+    let extents = target.block_status(0, (64 * MIB) as u32).await.unwrap();
+    extents.iter().all(|e| e.kind == Allocation::Hole)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_pulls_the_pieces_it_is_told_from_its_peer() {
+    let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
+    let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+    let data = pattern(1, 4 * MIB as usize);
+    source.write(0, data.clone(), true).await.unwrap();
+    let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
+    // Two pieces of a 2 MiB span: the gap between them is read, not written.
+    target
+        .pull(0, plan(a.addr, 0, 2 * MIB, &[(0, 65536), (MIB, MIB)]))
+        .await
+        .unwrap();
+    let got = target.read(0, (2 * MIB) as u32).await.unwrap();
+    assert_eq!(&got[..65536], &data[..65536]);
+    assert!(got[65536..MIB as usize].iter().all(|&x| x == 0));
+    assert_eq!(&got[MIB as usize..], &data[MIB as usize..2 * MIB as usize]);
+    let extents = target.block_status(0, (4 * MIB) as u32).await.unwrap();
+    let data_bytes: u64 = extents
+        .iter()
+        .filter(|e| e.kind == Allocation::Data)
+        .map(|e| e.len)
+        .sum();
+    assert_eq!(data_bytes, 65536 + MIB, "{extents:?}");
+    // Many pulls at once over the one kept connection to the source.
+    let pulls = (2..4).map(|m| target.pull(m * MIB, plan(a.addr, m * MIB, MIB, &[(m * MIB, MIB)])));
+    futures::future::try_join_all(pulls).await.unwrap();
+    let got = target.read(2 * MIB, (2 * MIB) as u32).await.unwrap();
+    assert_eq!(&got[..], &data[2 * MIB as usize..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_from_a_source_it_cannot_use_writes_nothing() {
+    let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
+    let elsewhere = start(None).await;
+    let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+    source
+        .write(0, pattern(2, MIB as usize), true)
+        .await
+        .unwrap();
+    let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    // Nothing listens; the source does not host the volume; the source is
+    // at another epoch than the request.
+    assert_eq!(
+        status_of(target.pull(0, plan(closed, 0, MIB, &[(0, MIB)])).await),
+        Status::PeerFailed
+    );
+    assert_eq!(
+        status_of(
+            target
+                .pull(0, plan(elsewhere.addr, 0, MIB, &[(0, MIB)]))
+                .await
+        ),
+        Status::PeerFailed
+    );
+    store(&a).set_epoch(3).unwrap();
+    assert_eq!(
+        status_of(target.pull(0, plan(a.addr, 0, MIB, &[(0, MIB)])).await),
+        Status::PeerFailed
+    );
+    assert!(all_holes(&target).await, "a failed pull wrote");
+    // The connection still serves, and a pull at the right epoch works.
+    store(&b).set_epoch(3).unwrap();
+    target.set_epoch(3);
+    target
+        .pull(0, plan(a.addr, 0, MIB, &[(0, MIB)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        &target.read(0, MIB as u32).await.unwrap()[..],
+        &pattern(2, MIB as usize)[..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_targets_epoch_fences_a_pull() {
+    let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
+    let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+    source
+        .write(0, pattern(3, MIB as usize), true)
+        .await
+        .unwrap();
+    let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
+    store(&b).set_epoch(2).unwrap();
+    assert_eq!(
+        status_of(target.pull(0, plan(a.addr, 0, MIB, &[(0, MIB)])).await),
+        Status::StaleEpoch
+    );
+    let current = ReplicaClient::connect(b.addr, "vol", 2, T).await.unwrap();
+    assert!(all_holes(&current).await, "a fenced pull wrote");
+    // A read-only snapshot connection cannot pull.
+    store(&b).snapshot("s1").unwrap();
+    let snap = ReplicaClient::connect_snapshot(b.addr, "vol", "s1", 2, T)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_of(snap.pull(0, plan(a.addr, 0, MIB, &[(0, MIB)])).await),
+        Status::NotBound
+    );
+}
+
+/// Drops every file of `dir` from the page cache (written back first).
+fn evict(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let f = std::fs::File::open(&path).unwrap();
+            f.sync_all().unwrap();
+            // SAFETY: advice on a descriptor we own.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+/// On a disk-backed directory (the target dir, not a tmpfs /tmp): the page
+/// cache is what this test looks at.
+#[test]
+fn a_copy_read_leaves_the_page_cache_as_it_found_it() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let host = ReplicaHost::new(dir.path(), testing::portable());
+    let store = host.create("vol", 64 * MIB).unwrap();
+    let data = pattern(4, 8 * MIB as usize);
+    store.write(0, &data).unwrap();
+    store.flush().unwrap();
+    let vol_dir = store.dir().to_path_buf();
+    let len = 8 * MIB as usize;
+    let mut buf = vec![0u8; len];
+    let cached = |store: &Store, buf: &mut Vec<u8>| store.read_cached(0, buf).unwrap();
+    evict(&vol_dir);
+    assert!(!cached(&store, &mut buf), "eviction did not evict");
+    // A copy's read brings the pages in and drops them again.
+    store.read_for_copy(0, &mut buf).unwrap();
+    assert_eq!(&buf[..], &data[..]);
+    assert!(!cached(&store, &mut buf), "the copy's read stayed cached");
+    // A plain read keeps them; a copy's read of cached pages leaves them.
+    store.read(0, &mut buf).unwrap();
+    assert!(cached(&store, &mut buf), "a plain read did not cache");
+    buf.fill(0);
+    store.read_for_copy(0, &mut buf).unwrap();
+    assert_eq!(&buf[..], &data[..]);
+    assert!(
+        cached(&store, &mut buf),
+        "a copy's read dropped pages it found cached"
+    );
+}
