@@ -391,27 +391,25 @@ impl ReplicaClient {
     /// Reads `len` bytes at `offset` (both multiples of 4096; `len` at most
     /// 32 MiB). The reply's payload crc is verified.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
-        if len > MAX_PAYLOAD {
-            return Err(ClientError::Invalid("READ longer than 32 MiB"));
-        }
-        let reply = self.call(Command::Read { offset, len }).await?;
-        if reply.payload.len() != len as usize {
-            return Err(ClientError::BadReply(format!(
-                "READ of {len} bytes at offset {offset} returned {} bytes",
-                reply.payload.len()
-            )));
-        }
-        Ok(reply.payload)
+        self.read_as(Command::Read { offset, len }, offset, len)
+            .await
     }
 
     /// [`ReplicaClient::read`] for a copy: the replica drops the pages the
     /// read brought into its page cache ([`Command::ReadForCopy`]). A
     /// replica older than the flag refuses it as INVALID.
     pub async fn read_for_copy(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        self.read_as(Command::ReadForCopy { offset, len }, offset, len)
+            .await
+    }
+
+    /// Sends `command`, a read of `len` bytes at `offset`, and checks the
+    /// reply's length.
+    async fn read_as(&self, command: Command, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         if len > MAX_PAYLOAD {
             return Err(ClientError::Invalid("READ longer than 32 MiB"));
         }
-        let reply = self.call(Command::ReadForCopy { offset, len }).await?;
+        let reply = self.call(command).await?;
         if reply.payload.len() != len as usize {
             return Err(ClientError::BadReply(format!(
                 "READ of {len} bytes at offset {offset} returned {} bytes",
