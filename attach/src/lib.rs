@@ -30,6 +30,7 @@ pub mod kernel;
 pub mod netlink;
 pub mod state;
 pub mod supervisor;
+pub mod tls_psk;
 pub mod uri;
 
 use std::os::fd::AsRawFd;
