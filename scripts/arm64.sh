@@ -144,7 +144,10 @@ echo "$out" | grep -q 'Pattern verification failed' && die "read back the wrong 
 timeout 60 qemu-aarch64 "$BIN" volume status --controller 127.0.0.1:$CTL >"$DIR/status" 2>&1 || { cat "$DIR/status"; die "strata volume status (arm64) failed"; }
 grep -qE '^state +healthy' "$DIR/status" && [ "$(grep -cE '^127\.0\.0\.1:[0-9]+ +healthy' "$DIR/status")" = 3 ] \
     || { cat "$DIR/status"; die "volume status does not show a healthy volume with 3 healthy replicas"; }
-curl -sf "http://127.0.0.1:$MET/metrics" | grep -q '^strata_volume_size_bytes' || die "no strata_volume_size_bytes on /metrics"
+# Read the whole page before grep: `curl | grep -q` under pipefail fails when grep exits at the first
+# match while curl still writes (a SIGPIPE), which the slow emulated server makes likely.
+metrics=$(curl -sf "http://127.0.0.1:$MET/metrics") || die "GET /metrics failed"
+grep -q '^strata_volume_size_bytes' <<<"$metrics" || die "no strata_volume_size_bytes on /metrics: $(head -c 2000 <<<"$metrics")"
 stop
 up
 out=$(timeout 120 qemu-io -f raw -r -c 'read -P 0xa6 0 4M' -c 'read -P 0x5b 200M 1M' -c 'read -P 0 4M 1M' "$URI" 2>&1) \
