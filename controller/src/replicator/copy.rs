@@ -8,7 +8,7 @@
 //! target reads zeros already (all of them on a rebuilt, empty replica); [`copy_jobs`] reads neighbouring small pieces from
 //! the source in one request (the holes between them, at most
 //! [`READ_GAP`], read as zeros and are not written); [`copy_range`] runs
-//! up to [`COPY_DEPTH`] jobs at once. Jobs cover disjoint ranges, so their
+//! up to [`COPY_DEPTH`] jobs and [`COPY_BYTES`] at once. Jobs cover disjoint ranges, so their
 //! order does not matter; what does is that a range written by 4 KiB
 //! random writes (dozens of small extents per region) is not copied one
 //! round trip after another.
@@ -29,6 +29,7 @@ use strata_replica::auth::{self, WireMode};
 use strata_replica::client::ReplicaClient;
 use strata_replica::wire::{PullPlan, Status};
 use strata_replica::{Allocation, AllocationExtent};
+use tokio::sync::Semaphore;
 
 use super::{Slot, SyncError, Volume};
 
@@ -43,10 +44,18 @@ pub struct Ends<'a> {
 /// The largest read (and write) of a copy.
 pub const COPY_PIECE: u64 = 1 << 20;
 
-/// Steps of one range in flight at once. With the sync job's
-/// [`SYNC_PARALLEL`](super::recovery::SYNC_PARALLEL) ranges, at most
-/// `SYNC_PARALLEL × COPY_DEPTH × COPY_PIECE` bytes are held (32 MiB).
-pub const COPY_DEPTH: usize = 4;
+/// Bytes of one range's jobs in flight at once (their reads' spans). With
+/// the sync job's [`SYNC_PARALLEL`](super::recovery::SYNC_PARALLEL)
+/// ranges, at most `SYNC_PARALLEL × COPY_BYTES` are held (32 MiB) when the
+/// controller relays.
+pub const COPY_BYTES: u32 = 4 << 20;
+
+/// Jobs of one range in flight at once, however small: a range written by
+/// 4 KiB random writes is hundreds of small jobs, each a round trip or
+/// two, and four of them at a time (the bound by bytes alone for 1 MiB
+/// jobs) left the replicas waiting on each other (BENCHMARKS.md, "Small
+/// copies deeper").
+pub const COPY_DEPTH: usize = 16;
 
 /// Data pieces this close together are read from the source in one request.
 pub const READ_GAP: u64 = 64 << 10;
@@ -240,8 +249,18 @@ pub async fn copy_range(ends: &Ends<'_>, start: u64, end: u64) -> Result<Copied,
         .map_err(|e| CopyError::Target(SyncError::data("block status on the target", e)))?;
     let steps = skip_needless_trims(copy_steps(&on_source, start, end), &on_target);
     let jobs = copy_jobs(&steps);
+    let bytes = Semaphore::new(COPY_BYTES as usize);
+    let bytes = &bytes;
     stream::iter(jobs)
-        .map(|job| copy_job(ends, job))
+        .map(|job| async move {
+            let span = match &job {
+                CopyJob::Copy { len, .. } => (*len).min(COPY_BYTES),
+                CopyJob::Trim { .. } => 0,
+            };
+            // Never closed: the semaphore lives as long as the stream.
+            let _held = bytes.acquire_many(span).await.ok();
+            copy_job(ends, job).await
+        })
         .buffer_unordered(COPY_DEPTH)
         .try_fold(Copied::default(), |mut all, one| async move {
             all += one;
