@@ -8,8 +8,8 @@
 //! target reads zeros already (all of them on a rebuilt, empty replica); [`copy_jobs`] reads neighbouring small pieces from
 //! the source in one request (the holes between them, at most
 //! [`READ_GAP`], read as zeros and are not written); [`copy_range`] runs
-//! up to [`COPY_DEPTH`] jobs and [`COPY_BYTES`] at once. Jobs cover disjoint ranges, so their
-//! order does not matter; what does is that a range written by 4 KiB
+//! up to [`COPY_DEPTH`] jobs and [`COPY_BYTES`] at once. Jobs cover
+//! disjoint ranges, so their order does not matter; what does is that a range written by 4 KiB
 //! random writes (dozens of small extents per region) is not copied one
 //! round trip after another.
 //!
@@ -53,8 +53,8 @@ pub const COPY_BYTES: u32 = 4 << 20;
 /// Jobs of one range in flight at once, however small: a range written by
 /// 4 KiB random writes is hundreds of small jobs, each a round trip or
 /// two, and four of them at a time (the bound by bytes alone for 1 MiB
-/// jobs) left the replicas waiting on each other (BENCHMARKS.md, "Small
-/// copies deeper").
+/// jobs) left the replicas waiting on each other (BENCHMARKS.md,
+/// "Session 17", "Deeper small copies").
 pub const COPY_DEPTH: usize = 16;
 
 /// Data pieces this close together are read from the source in one request.
@@ -254,6 +254,7 @@ pub async fn copy_range(ends: &Ends<'_>, start: u64, end: u64) -> Result<Copied,
     stream::iter(jobs)
         .map(|job| async move {
             let span = match &job {
+                // A job larger than the whole budget would wait forever.
                 CopyJob::Copy { len, .. } => (*len).min(COPY_BYTES),
                 CopyJob::Trim { .. } => 0,
             };
