@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A PVC's life through a real Kubernetes control plane and the real CSI sidecars:
-# external-provisioner, csi-snapshotter + snapshot-controller (with the VolumeSnapshot CRDs)
-# and csi-resizer, talking to `strata csi --mode controller`, with three replica servers.
+# A PVC's life through a real Kubernetes control plane: the real external-provisioner
+# sidecar and snapshot-controller (with the VolumeSnapshot CRDs), and `strata csi --mode
+# controller` doing the resizer's and snapshotter's work itself, with three replica servers.
 #
 #   bash scripts/csi-k8s-flow.sh
 #
@@ -11,12 +11,14 @@
 # appear and the StrataVolume's status turns Ready; data written to the volume (qemu-io over
 # NBD to its Service address) is in a VolumeSnapshot restored into a new PVC and in a clone
 # PVC; a PVC resize completes (volumeMode Block: the node step is not needed, so the resize
-# finishes without a kubelet); StorageClass mistakes (an unknown parameter, more replicas
+# finishes without a kubelet), and a filesystem PVC's resize stops at the kubelet's step
+# (FileSystemResizePending) with the PV grown; a resize strata refuses is recorded on the
+# PVC (ControllerResizeInfeasible, an event) and a later valid one still completes; StorageClass mistakes (an unknown parameter, more replicas
 # than nodes) leave the PVC Pending with the reason in its events and nothing created;
 # deleting everything leaves no StrataVolume, Deployment, Service, PV or replica data.
 #
 # Nothing here runs a kubelet: the volume controller pods are run by tests/k8s/pod-runner.py
-# (the exact command of the Deployment strata created; see its header); the sidecars and
+# (the exact command of the Deployment strata created; see its header); the provisioner and
 # strata run with the strata-csi-controller ServiceAccount's token and deploy/base's RBAC
 # (the snapshot-controller, a cluster component, runs as admin). Timings are printed.
 set -euo pipefail
@@ -59,7 +61,7 @@ echo "   $(grep -c . "$dir/examples-dry-run.txt") objects accepted"
 # The test's StorageClass: deploy/'s, but Immediate (no scheduler here picks a node).
 sed -e 's/WaitForFirstConsumer/Immediate/' deploy/base/storageclass.yaml | kubectl apply -f - >/dev/null
 
-k8s_env_csi_controller "$dir" snapshotter resizer snapshot-controller
+k8s_env_csi_controller "$dir" snapshot-controller
 
 k="kubectl -n default"
 fail() { echo "FAIL: $*" >&2; kubectl -n default get pvc,volumesnapshot -o wide >&2 || true; exit 1; }
@@ -77,7 +79,7 @@ kind: PersistentVolumeClaim
 metadata: {name: $1}
 spec:
   storageClassName: ${SC:-strata}
-  volumeMode: Block
+  volumeMode: ${MODE:-Block}
   accessModes: [ReadWriteOnce]
   resources: {requests: {storage: $2}}
 $src
@@ -210,6 +212,51 @@ size="$(qemu-img info --output json "$uri" | python3 -c 'import json,sys; print(
 [ "$size" = $((128 << 20)) ] || fail "the volume serves $size bytes after the resize"
 qemu-io -f raw -c "write -P 0x77 127M 1M" -c "read -P 0x77 127M 1M" "$uri" >/dev/null || fail "cannot use the grown end"
 
+pvc_status() { $k get pvc "$1" -o jsonpath="{.status.$2}"; }
+echo "== expand a filesystem volume: strata's part, then the kubelet's"
+MODE=Filesystem pvc fs-1 64Mi; bound fs-1
+serving "$(nbd_of fs-1)"
+timed
+$k patch pvc fs-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"96Mi"}}}}' >/dev/null
+for _ in $(seq 240); do
+    [ "$(pvc_status fs-1 'allocatedResourceStatuses.storage')" = NodeResizePending ] && break; sleep 0.5
+done
+[ "$(pvc_status fs-1 'allocatedResourceStatuses.storage')" = NodeResizePending ] ||
+    fail "fs-1 is not waiting for the node: $($k get pvc fs-1 -o jsonpath='{.status}')"
+pvc_status fs-1 'conditions[*].type' | grep -qw FileSystemResizePending ||
+    fail "fs-1 has no FileSystemResizePending condition: $($k get pvc fs-1 -o jsonpath='{.status}')"
+[ "$(kubectl get pv "$(volume_of fs-1)" -o jsonpath='{.spec.capacity.storage}')" = 96Mi ] ||
+    fail "fs-1's PV was not grown"
+[ "$(pvc_status fs-1 'capacity.storage')" = 64Mi ] ||
+    fail "fs-1's capacity changed before the node grew its filesystem"
+size="$(qemu-img info --output json "$(nbd_of fs-1)" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')"
+[ "$size" = $((96 << 20)) ] || fail "fs-1 serves $size bytes after the resize"
+echo "   fs-1: volume and PV at 96Mi, waiting for the kubelet's NodeExpandVolume ($(lap))"
+
+echo "== a resize strata refuses is recorded, and a valid one after it completes"
+timed
+$k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"1Ei"}}}}' >/dev/null
+for _ in $(seq 240); do
+    [ "$(pvc_status data-1 'allocatedResourceStatuses.storage')" = ControllerResizeInfeasible ] && break; sleep 0.5
+done
+[ "$(pvc_status data-1 'allocatedResourceStatuses.storage')" = ControllerResizeInfeasible ] ||
+    fail "1Ei was not recorded as infeasible: $($k get pvc data-1 -o jsonpath='{.status}')"
+pvc_status data-1 'conditions[*].type' | grep -qw ControllerResizeError ||
+    fail "no ControllerResizeError condition: $($k get pvc data-1 -o jsonpath='{.status}')"
+$k get events --field-selector involvedObject.name=data-1,reason=VolumeResizeFailed \
+    -o jsonpath='{.items[*].message}' | grep -q . || fail "no VolumeResizeFailed event on data-1"
+echo "   1Ei refused: $($k get events --field-selector involvedObject.name=data-1,reason=VolumeResizeFailed -o jsonpath='{.items[0].message}' | cut -c1-160)"
+# Kubernetes lets a user lower a request that failed, down to above the capacity.
+$k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"160Mi"}}}}' >/dev/null ||
+    fail "the API server refused to lower the failed request"
+$k wait --for jsonpath='{.status.capacity.storage}'=160Mi --timeout 120s pvc/data-1 >/dev/null ||
+    fail "the resize after the refused one did not complete: $($k get pvc data-1 -o jsonpath='{.status}')"
+pvc_status data-1 'conditions[*].type' | grep -q Resize &&
+    fail "resize conditions left on data-1: $(pvc_status data-1 conditions)"
+size="$(qemu-img info --output json "$uri" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')"
+[ "$size" = $((160 << 20)) ] || fail "data-1 serves $size bytes after the second resize"
+echo "   data-1 at 160Mi in $(lap)"
+
 echo "== WaitForFirstConsumer: the consumer's node is preferred"
 # deploy/'s StorageClass as it is. No scheduler runs here: the test sets the annotation the
 # scheduler sets when it picks a node for the consuming pod.
@@ -251,14 +298,14 @@ $k get events --field-selector involvedObject.name=bad-typo -o jsonpath='{.items
     grep -q 'unknown parameter "replica"' || fail "no clear event for an unknown parameter"
 $k get events --field-selector involvedObject.name=bad-toomany -o jsonpath='{.items[*].message}' |
     grep -q '4 replicas need 4 nodes' || fail "no clear event for 4 replicas on 3 nodes"
-echo "   refused with clear events; StrataVolumes now: $(kubectl -n "$ns" get stratavolumes --no-headers | wc -l) (expected 4: data-1, sched-1, restore-1, clone-1)"
-[ "$(kubectl -n "$ns" get stratavolumes --no-headers | wc -l)" = 4 ] || fail "a refused PVC left a StrataVolume"
+echo "   refused with clear events; StrataVolumes now: $(kubectl -n "$ns" get stratavolumes --no-headers | wc -l) (expected 5: data-1, sched-1, restore-1, clone-1, fs-1)"
+[ "$(kubectl -n "$ns" get stratavolumes --no-headers | wc -l)" = 5 ] || fail "a refused PVC left a StrataVolume"
 
 echo "== delete everything"
 timed
 $k delete pvc bad-typo bad-toomany --wait=false >/dev/null
 $k delete volumesnapshot snap-1 --timeout 120s >/dev/null
-$k delete pvc restore-1 clone-1 data-1 sched-1 --timeout 120s >/dev/null
+$k delete pvc restore-1 clone-1 data-1 sched-1 fs-1 --timeout 120s >/dev/null
 for _ in $(seq 240); do
     [ "$(kubectl get pv --no-headers 2>/dev/null | wc -l)" = 0 ] &&
         [ "$(k8s_env_leftovers "$dir")" = "$K8S_ENV_CLEAN" ] && break

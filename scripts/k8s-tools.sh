@@ -26,15 +26,16 @@
 #   kube-controller-manager k8s.io/kubernetes (staging modules at v0.37.2)     v1.37.2
 #   etcd                    go.etcd.io/etcd/server/v3                          v3.6.17
 #   csi-provisioner         github.com/kubernetes-csi/external-provisioner/v6  v6.4.0
-#   csi-snapshotter,
 #   snapshot-controller     github.com/kubernetes-csi/external-snapshotter/v8  v8.7.0
 #     (+ the VolumeSnapshot CRDs from .../external-snapshotter/client/v8 config/crd/)
-#   csi-resizer             github.com/kubernetes-csi/external-resizer/v2      v2.3.0
-# Not buildable here: node-driver-registrar and livenessprobe. Their module paths have no
-# /v2 suffix while their releases are tagged v2.x, so Go can name a release only by a
-# pseudo-version, and the Go proxy reachable here serves no version of either module
-# (HTTP 403 for the list, for v1 tags and for the pseudo-versions of the v2.17.0 and
-# v2.19.0 release commits). Neither is needed without a kubelet; deploy/ pins their images.
+# Not built: the csi-snapshotter and csi-resizer sidecars. strata csi does their work
+# itself (csi/src/controller/snapshotter.rs, resizer.rs), and deploy/ does not run them.
+# Not buildable here: node-driver-registrar. Its module path has no /v2 suffix while its
+# releases are tagged v2.x, so Go can name a release only by a pseudo-version, and the Go
+# proxy reachable here serves no version of the module (HTTP 403 for the list, for v1 tags
+# and for pseudo-versions of release commits; livenessprobe's the same). It is not needed
+# without a kubelet; deploy/ pins its image. (strata csi serves /healthz itself, so deploy/
+# runs no livenessprobe.)
 
 _k8s_tools_main() {
     set -euo pipefail
@@ -73,10 +74,7 @@ _k8s_tools_main() {
     _k8s_tool external-provisioner v6.4.0 external-provisioner "-X main.version=v6.4.0" \
         csi-provisioner=github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
     _k8s_tool external-snapshotter v8.7.0 external-snapshotter "-X main.version=v8.7.0" \
-        csi-snapshotter=github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter \
         snapshot-controller=github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
-    _k8s_tool external-resizer v2.3.0 external-resizer "-X main.version=v2.3.0" \
-        csi-resizer=github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer
 
     local env="$cache/env.sh"
     cat >"$env.tmp" <<EOF
@@ -87,13 +85,10 @@ export ETCD='$cache/etcd-v3.6.17/etcd'
 export KUBE_APISERVER='$cache/kube-apiserver-$k8s/kube-apiserver'
 export KUBE_CONTROLLER_MANAGER='$cache/kube-controller-manager-$k8s/kube-controller-manager'
 export CSI_PROVISIONER='$cache/external-provisioner-v6.4.0/csi-provisioner'
-export CSI_SNAPSHOTTER='$cache/external-snapshotter-v8.7.0/csi-snapshotter'
 export SNAPSHOT_CONTROLLER='$cache/external-snapshotter-v8.7.0/snapshot-controller'
 export SNAPSHOT_CRDS='$cache/external-snapshotter-v8.7.0/crd'
 export SNAPSHOT_RBAC='$cache/external-snapshotter-v8.7.0/rbac'
 export CSI_PROVISIONER_RBAC='$cache/external-provisioner-v6.4.0/rbac'
-export CSI_RESIZER='$cache/external-resizer-v2.3.0/csi-resizer'
-export CSI_RESIZER_RBAC='$cache/external-resizer-v2.3.0/rbac'
 export KUBECTL='$(command -v kubectl || echo kubectl)'
 export K8S_VERSION='$k8s'
 EOF
@@ -172,10 +167,6 @@ _k8s_tool_extras() {
             ;;
         external-provisioner)
             dir="$(_modir github.com/kubernetes-csi/external-provisioner/v6)"
-            mkdir -p "$out/rbac"; cp "$dir"/deploy/kubernetes/rbac.yaml "$out/rbac/"; chmod -R u+w "$out/rbac"
-            ;;
-        external-resizer)
-            dir="$(_modir github.com/kubernetes-csi/external-resizer/v2)"
             mkdir -p "$out/rbac"; cp "$dir"/deploy/kubernetes/rbac.yaml "$out/rbac/"; chmod -R u+w "$out/rbac"
             ;;
     esac

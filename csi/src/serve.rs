@@ -77,16 +77,31 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error(transparent)]
     ClusterKey(#[from] crate::cluster_key::ClusterKeyError),
+    #[error("cannot listen for /healthz on {addr}: {source}")]
+    Health {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves; with `health`, also `/healthz` on
+/// that address ([`crate::health`]).
 pub async fn serve(
     endpoint: Endpoint,
     mode: Mode,
     controller: Option<ControllerSettings>,
     node: Option<NodeSettings>,
+    health: Option<std::net::SocketAddr>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let health = match health {
+        Some(addr) => Some(
+            crate::health::bind(addr)
+                .await
+                .map_err(|source| ServeError::Health { addr, source })?,
+        ),
+        None => None,
+    };
     let identity = IdentityServer::new(IdentityService {
         controller: mode.controller(),
     });
@@ -123,6 +138,8 @@ pub async fn serve(
             cluster.clone(),
             s.replace_replica_after,
         ));
+        tokio::spawn(crate::controller::resizer::run(cluster.clone()));
+        tokio::spawn(crate::controller::snapshotter::run(cluster.clone()));
         router = router.add_service(ControllerServer::new(ControllerService { cluster }));
     }
     if mode.node() {
@@ -160,6 +177,14 @@ pub async fn serve(
             controller_wait: s.controller_wait,
         }));
     }
+    let (health_stop, health_stopped) = tokio::sync::watch::channel(false);
+    if let Some(listener) = health {
+        tokio::spawn(crate::health::serve(
+            listener,
+            endpoint.clone(),
+            health_stopped,
+        ));
+    }
     tracing::info!(?endpoint, ?mode, "strata csi serving");
     let result = match &endpoint {
         Endpoint::Unix(path) => {
@@ -182,6 +207,7 @@ pub async fn serve(
         }
         Endpoint::Tcp(addr) => router.serve_with_shutdown(*addr, shutdown).await,
     };
+    let _ = health_stop.send(true);
     if let Some(stop) = supervisor_stop {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }

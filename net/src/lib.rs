@@ -10,10 +10,14 @@
 //!   on shutdown the loop stops accepting and gives the open connections
 //!   one grace period to finish what they have read before dropping them.
 //!
+//! - [`http::serve_get`]: the minimal HTTP/1.1 `GET` server on top of it
+//!   (`/metrics` of a volume controller, `/healthz` of `strata csi`).
+//!
 //! Connections come from a [`Incoming`] source: a `TcpListener`, or a
 //! channel of streams accepted elsewhere (the replica node routes one port
 //! to two protocols).
 
+pub mod http;
 mod listener;
 
 pub use listener::{serve, Incoming, Limits};

@@ -27,7 +27,8 @@ pub enum CsiCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CsiMode {
     /// Identity + Controller: provisioning, snapshots, expansion (one per
-    /// cluster, beside the provisioner, snapshotter and resizer sidecars).
+    /// cluster, beside the provisioner sidecar; it does the resizer's and
+    /// snapshotter's work itself).
     Controller,
     /// Identity + Node: attach, format, mount (one per node).
     Node,
@@ -78,6 +79,11 @@ pub struct CsiServeArgs {
     /// pods mount it. Without it the volume controller pods get no key.
     #[arg(long, env = "STRATA_CLUSTER_KEY_SECRET")]
     pub cluster_key_secret: Option<String>,
+    /// Serve `GET /healthz` on this address for the kubelet's liveness
+    /// probe (200 when this process's CSI endpoint answers Probe); none
+    /// when unset.
+    #[arg(long)]
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Node mode: where attachments are recorded.
     #[arg(long, default_value = strata_attach::state::DEFAULT_STATE_DIR)]
     pub attach_state_dir: PathBuf,
@@ -122,6 +128,14 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(a.replace_replica_after_secs)),
         cluster_key_secret: a.cluster_key_secret,
     });
-    serve::serve(endpoint, mode, controller, node, super::shutdown_signal()).await?;
+    serve::serve(
+        endpoint,
+        mode,
+        controller,
+        node,
+        a.health_listen,
+        super::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

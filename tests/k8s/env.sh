@@ -140,9 +140,11 @@ k8s_env_replica_start() {
     K8S_ENV_REPLICA_PIDS[i]=$!
 }
 
-# k8s_env_csi_controller DIR [SIDECAR...]: `strata csi --mode controller` on DIR/controller.sock
-# with the strata-csi-controller ServiceAccount's kubeconfig (and K8S_ENV_CSI_ARGS), and
-# external-provisioner, plus each SIDECAR named (snapshotter, resizer, snapshot-controller).
+# k8s_env_csi_controller DIR [snapshot-controller]: `strata csi --mode controller` on
+# DIR/controller.sock with the strata-csi-controller ServiceAccount's kubeconfig (and
+# K8S_ENV_CSI_ARGS), and the external-provisioner sidecar, as deploy/'s controller pod runs
+# them (strata csi does the resizer's and snapshotter's work itself); with
+# `snapshot-controller`, also the cluster's snapshot-controller (as admin).
 k8s_env_csi_controller() {
     local dir="$1" sock="$1/controller.sock" sa="$K8S_SA_KUBECONFIG" s
     shift
@@ -158,14 +160,10 @@ k8s_env_csi_controller() {
     K8S_ENV_PIDS+=($!)
     for s in "$@"; do
         case "$s" in
-        snapshotter) "$CSI_SNAPSHOTTER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 \
-            >"$dir/csi-snapshotter.log" 2>&1 & ;;
-        resizer) "$CSI_RESIZER" --csi-address "$sock" --kubeconfig "$sa" --timeout 90s --v 2 \
-            >"$dir/csi-resizer.log" 2>&1 & ;;
         # a cluster component: runs as admin
         snapshot-controller) "$SNAPSHOT_CONTROLLER" --kubeconfig "$K8S_ADMIN_KUBECONFIG" --v 2 \
             >"$dir/snapshot-controller.log" 2>&1 & ;;
-        *) echo "k8s_env_csi_controller: unknown sidecar $s" >&2; return 1 ;;
+        *) echo "k8s_env_csi_controller: unknown component $s" >&2; return 1 ;;
         esac
         K8S_ENV_PIDS+=($!)
     done

@@ -17,7 +17,6 @@ use strata_proto::controller::{
     ReplicaAddress, ReplicaInfo, RestoreRequest, RevertRequest, ScheduleStatus, SnapshotCreated,
     SnapshotList, SnapshotRef, StatusRequest, VolumeStatus,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -506,56 +505,34 @@ pub fn metrics_text(volume: &Volume, schedules: &[Arc<ScheduleState>]) -> String
     out
 }
 
-/// A minimal HTTP/1.1 server: `GET /metrics` returns [`metrics_text`],
-/// anything else 404. One request per connection.
+/// `GET /metrics` returns [`metrics_text`], anything else 404
+/// ([`strata_net::http::serve_get`]). One request per connection.
 pub async fn serve_metrics(
     listener: TcpListener,
     volume: Arc<Volume>,
     schedules: Arc<Vec<Arc<ScheduleState>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    use strata_net::http::Reply;
     let limits = strata_net::Limits {
         name: "metrics",
         max_connections: 16,
         grace: std::time::Duration::from_secs(1),
     };
-    strata_net::serve(listener, limits, shutdown, move |mut sock, _| {
+    strata_net::http::serve_get(listener, limits, shutdown, move |path: String| {
         let volume = volume.clone();
         let schedules = schedules.clone();
         async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded), with a deadline.
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while n < buf.len() {
-                    let m = sock.read(&mut buf[n..]).await?;
-                    if m == 0 {
-                        break;
-                    }
-                    n += m;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
+            if path == "/metrics" || path.starts_with("/metrics?") {
+                refresh_index_bytes(&volume).await;
+                Reply {
+                    status: "200 OK",
+                    content_type: "text/plain; version=0.0.4",
+                    body: metrics_text(&volume, &schedules),
                 }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
+            } else {
+                Reply::text("404 Not Found", "try /metrics\n")
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) =
-                if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                    refresh_index_bytes(&volume).await;
-                    ("200 OK", metrics_text(&volume, &schedules))
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
         }
     })
     .await;

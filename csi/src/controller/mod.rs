@@ -9,6 +9,10 @@
 //! - [`condition`]: a volume's health as VOLUME_CONDITION reports it.
 //! - [`status`]: the StrataVolume statuses, kept current.
 //! - [`repair`]: lost replicas replaced, left-over ones removed.
+//! - [`resizer`] and [`snapshotter`]: the work of the kubernetes-csi
+//!   resizer and snapshotter sidecars, done here over the Kubernetes API
+//!   ([`watch`] is the loop under both), so the controller pod needs only
+//!   the provisioner beside strata.
 //!
 //! No ControllerPublish: the node plugin attaches at NodeStage, and two
 //! controllers or two writers are kept apart by epochs in the replicas,
@@ -18,10 +22,13 @@ pub mod backups;
 pub mod condition;
 pub mod jobs;
 pub mod repair;
+pub mod resizer;
 pub mod restore;
 pub mod snapshots;
+pub mod snapshotter;
 pub mod status;
 pub mod volumes;
+pub mod watch;
 
 use strata_proto::csi::controller_server::Controller;
 use strata_proto::csi::controller_service_capability::{rpc, Rpc, Type};

@@ -1,4 +1,5 @@
-// Wrapper module: csi-snapshotter and snapshot-controller from external-snapshotter/v8,
+// Wrapper module: snapshot-controller from external-snapshotter/v8 (k8s-tools.sh builds only it;
+// the csi-snapshotter tool line stays so the pinned module graph, and the cache, stay as they were),
 // with the replace lines of its own go.mod at v8.7.0 repeated (its ./client path
 // replace becomes the published client/v8 module of the same version).
 module strata.test/k8s-tools/external-snapshotter
