@@ -235,17 +235,17 @@ echo "   fs-1: volume and PV at 96Mi, waiting for the kubelet's NodeExpandVolume
 
 echo "== a resize strata refuses is recorded, and a valid one after it completes"
 timed
-$k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"1Ei"}}}}' >/dev/null
+$k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"1Pi"}}}}' >/dev/null
 for _ in $(seq 240); do
     [ "$(pvc_status data-1 'allocatedResourceStatuses.storage')" = ControllerResizeInfeasible ] && break; sleep 0.5
 done
 [ "$(pvc_status data-1 'allocatedResourceStatuses.storage')" = ControllerResizeInfeasible ] ||
-    fail "1Ei was not recorded as infeasible: $($k get pvc data-1 -o jsonpath='{.status}')"
+    fail "1Pi was not recorded as infeasible: $($k get pvc data-1 -o jsonpath='{.status}')"
 pvc_status data-1 'conditions[*].type' | grep -qw ControllerResizeError ||
     fail "no ControllerResizeError condition: $($k get pvc data-1 -o jsonpath='{.status}')"
 $k get events --field-selector involvedObject.name=data-1,reason=VolumeResizeFailed \
     -o jsonpath='{.items[*].message}' | grep -q . || fail "no VolumeResizeFailed event on data-1"
-echo "   1Ei refused: $($k get events --field-selector involvedObject.name=data-1,reason=VolumeResizeFailed -o jsonpath='{.items[0].message}' | cut -c1-160)"
+echo "   1Pi refused: $($k get events --field-selector involvedObject.name=data-1,reason=VolumeResizeFailed -o jsonpath='{.items[0].message}' | cut -c1-160)"
 # Kubernetes lets a user lower a request that failed, down to above the capacity.
 $k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"160Mi"}}}}' >/dev/null ||
     fail "the API server refused to lower the failed request"
@@ -304,7 +304,10 @@ echo "   refused with clear events; StrataVolumes now: $(kubectl -n "$ns" get st
 echo "== delete everything"
 timed
 $k delete pvc bad-typo bad-toomany --wait=false >/dev/null
-$k delete volumesnapshot snap-1 --timeout 120s >/dev/null
+$k delete volumesnapshot snap-1 --timeout 120s >/dev/null || {
+    kubectl get volumesnapshot -A -o yaml >&2; kubectl get volumesnapshotcontent -o yaml >&2
+    fail "snap-1 was not deleted"
+}
 $k delete pvc restore-1 clone-1 data-1 sched-1 fs-1 --timeout 120s >/dev/null
 for _ in $(seq 240); do
     [ "$(kubectl get pv --no-headers 2>/dev/null | wc -l)" = 0 ] &&

@@ -100,7 +100,7 @@ for name in "strata replica server" "strata volume controller" "strata csi (node
     printf '%-28s %6d %10.1f %10.1f %10.1f %8.2f\n' "$name" "$n" "$(mib "$rss")" "$(mib "$anon")" \
         "$(mib "$file")" "$(echo "100 * $cpu / $hz / 30" | bc -l)"
     # the busiest node: one replica server, one node plugin, all 5 volume controllers, and
-    # (on the one node that runs it) the CSI controller pod with its sidecars
+    # (on the one node that runs it) the CSI controller pod (strata csi and the provisioner)
     case "$name" in
     "strata replica server") per=$((rss / n)) per_anon=$((anon / n)) ;;
     *) per=$rss per_anon=$anon ;;

@@ -78,14 +78,14 @@ bash scripts/image-test.sh 2>&1 | tee target/image-test-output.txt
 echo "   image checks: $((SECONDS - s0))s"
 echo "== dashboard and alert rules (scripts/observability-check.sh)"
 bash scripts/observability-check.sh
-echo "== Kubernetes test tools: etcd, kube-apiserver, kube-controller-manager, CSI sidecars, csi-sanity"
+echo "== Kubernetes test tools: etcd, kube-apiserver, kube-controller-manager, external-provisioner, snapshot-controller, csi-sanity"
 echo "   (built once from their Go modules into ~/.cache/strata-tools, keyed by version; scripts/k8s-tools.sh)"
 bash scripts/k8s-tools.sh >target/k8s-tools-output.txt 2>&1 || { tail -30 target/k8s-tools-output.txt; exit 1; }
 # shellcheck disable=SC1091
 . "${STRATA_TOOLS_CACHE:-$HOME/.cache/strata-tools}/env.sh"
 echo "== csi-sanity against strata csi (mount and block; scripts/csi-sanity.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-sanity.sh all 2>&1 | tee target/csi-sanity-output.txt
-echo "== a PVC's life through a real control plane and the CSI sidecars (scripts/csi-k8s-flow.sh)"
+echo "== a PVC's life through a real control plane with the provisioner and snapshot-controller (scripts/csi-k8s-flow.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-k8s-flow.sh 2>&1 | tee target/csi-flow-output.txt
 echo "== backups as VolumeSnapshots and a restore in a new cluster (scripts/csi-backup-flow.sh)"
 STRATA_BIN="$PWD/target/release/strata" bash scripts/csi-backup-flow.sh 2>&1 | tee target/csi-backup-flow-output.txt

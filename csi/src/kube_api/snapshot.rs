@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// The annotation the snapshotter keeps on a content while CreateSnapshot
 /// may be cutting it (the snapshot-controller then keeps the source PVC).
-pub const BEING_CREATED: &str = "snapshot.storage.k8s.io/volumesnapshot-being-created";
+pub const BEING_CREATED: &str = "snapshot.storage.kubernetes.io/volumesnapshot-being-created";
 /// Set by the snapshot-controller once the VolumeSnapshot is being deleted.
-pub const BEING_DELETED: &str = "snapshot.storage.k8s.io/volumesnapshot-being-deleted";
+pub const BEING_DELETED: &str = "snapshot.storage.kubernetes.io/volumesnapshot-being-deleted";
 /// The finalizer the snapshot-controller puts on a bound content; the
 /// snapshotter removes it once the snapshot is deleted (or retained).
 pub const CONTENT_FINALIZER: &str =
