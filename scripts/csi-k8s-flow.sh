@@ -218,10 +218,8 @@ MODE=Filesystem pvc fs-1 64Mi; bound fs-1
 serving "$(nbd_of fs-1)"
 timed
 $k patch pvc fs-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"96Mi"}}}}' >/dev/null
-for _ in $(seq 240); do
-    [ "$(pvc_status fs-1 'allocatedResourceStatuses.storage')" = NodeResizePending ] && break; sleep 0.5
-done
-[ "$(pvc_status fs-1 'allocatedResourceStatuses.storage')" = NodeResizePending ] ||
+$k wait --for jsonpath='{.status.allocatedResourceStatuses.storage}'=NodeResizePending \
+    --timeout 120s pvc/fs-1 >/dev/null ||
     fail "fs-1 is not waiting for the node: $($k get pvc fs-1 -o jsonpath='{.status}')"
 pvc_status fs-1 'conditions[*].type' | grep -qw FileSystemResizePending ||
     fail "fs-1 has no FileSystemResizePending condition: $($k get pvc fs-1 -o jsonpath='{.status}')"
@@ -236,10 +234,8 @@ echo "   fs-1: volume and PV at 96Mi, waiting for the kubelet's NodeExpandVolume
 echo "== a resize strata refuses is recorded, and a valid one after it completes"
 timed
 $k patch pvc data-1 --type merge -p '{"spec":{"resources":{"requests":{"storage":"1Pi"}}}}' >/dev/null
-for _ in $(seq 240); do
-    [ "$(pvc_status data-1 'allocatedResourceStatuses.storage')" = ControllerResizeInfeasible ] && break; sleep 0.5
-done
-[ "$(pvc_status data-1 'allocatedResourceStatuses.storage')" = ControllerResizeInfeasible ] ||
+$k wait --for jsonpath='{.status.allocatedResourceStatuses.storage}'=ControllerResizeInfeasible \
+    --timeout 120s pvc/data-1 >/dev/null ||
     fail "1Pi was not recorded as infeasible: $($k get pvc data-1 -o jsonpath='{.status}')"
 pvc_status data-1 'conditions[*].type' | grep -qw ControllerResizeError ||
     fail "no ControllerResizeError condition: $($k get pvc data-1 -o jsonpath='{.status}')"
