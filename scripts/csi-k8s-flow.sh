@@ -13,9 +13,11 @@
 # PVC; a PVC resize completes (volumeMode Block: the node step is not needed, so the resize
 # finishes without a kubelet), and a filesystem PVC's resize stops at the kubelet's step
 # (FileSystemResizePending) with the PV grown; a resize strata refuses is recorded on the
-# PVC (ControllerResizeInfeasible, an event) and a later valid one still completes; StorageClass mistakes (an unknown parameter, more replicas
-# than nodes) leave the PVC Pending with the reason in its events and nothing created;
-# deleting everything leaves no StrataVolume, Deployment, Service, PV or replica data.
+# PVC (ControllerResizeInfeasible, an event) and a later valid one still completes;
+# StorageClass mistakes (an unknown parameter, more replicas than nodes) leave the PVC
+# Pending with the reason in its events and nothing created;
+# deleting everything leaves no StrataVolume, Deployment, Service, PV or replica data; the
+# provisioner, run with deploy/'s flags, answers the liveness probe's path.
 #
 # Nothing here runs a kubelet: the volume controller pods are run by tests/k8s/pod-runner.py
 # (the exact command of the Deployment strata created; see its header); the provisioner and
@@ -313,4 +315,21 @@ done
 left="$(k8s_env_leftovers "$dir") PVs=$(kubectl get pv --no-headers 2>/dev/null | wc -l)"
 echo "   after $(lap): $left"
 [ "$left" = "$K8S_ENV_CLEAN PVs=0" ] || fail "left behind: $left"
+
+echo "== the provisioner's liveness endpoint, with deploy/'s flags"
+# deploy/base/csi-controller.yaml probes /healthz/leader-election, which the provisioner
+# serves only with --leader-election and --http-endpoint (as there, under deploy/'s RBAC).
+# A second provisioner, started after everything above, to leave the flow's own unchanged.
+"$CSI_PROVISIONER" --csi-address "$dir/controller.sock" --kubeconfig "$K8S_SA_KUBECONFIG" \
+    --extra-create-metadata --leader-election --leader-election-namespace "$ns" --timeout 90s \
+    --http-endpoint 127.0.0.1:8080 >"$dir/csi-provisioner-le.log" 2>&1 &
+K8S_ENV_PIDS+=($!)
+code=""
+for _ in $(seq 120); do
+    code="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/healthz/leader-election || true)"
+    [ "$code" = 200 ] && break
+    sleep 0.5
+done
+[ "$code" = 200 ] || { tail "$dir/csi-provisioner-le.log" >&2; fail "/healthz/leader-election answered ${code:-nothing}"; }
+echo "   /healthz/leader-election: 200"
 echo "== flow passed"

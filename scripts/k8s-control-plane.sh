@@ -174,7 +174,10 @@ _k8s_wait() {
     shift 4
     deadline=$(( $(date +%s) + secs ))
     until "$@" >/dev/null 2>&1; do
-        if ! _k8s_alive "$dir" "$name"; then
+        # Running is enough here: just after _k8s_spawn the child may not have exec'd the
+        # binary yet, and its cmdline is still this shell's (_k8s_alive would say "exited"
+        # and the caller would stop a healthy control plane; seen once on a loaded machine).
+        if ! _k8s_running "$(cat "$dir/$name.pid" 2>/dev/null)"; then
             _k8s_log "$name exited while waiting for $what; last lines of $dir/$name.log:"
             tail -n 20 "$dir/$name.log" >&2
             return 1
