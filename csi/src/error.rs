@@ -43,6 +43,17 @@ pub enum CsiError {
 }
 
 impl CsiError {
+    /// Worth trying again as it is (a part not reachable yet, a conflict,
+    /// no room now), as the kubernetes-csi sidecars class UNAVAILABLE,
+    /// ABORTED and RESOURCE_EXHAUSTED: the built-in resizer and snapshotter
+    /// record only the other errors on the object.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CsiError::Unavailable(_) | CsiError::Aborted(_) | CsiError::Exhausted(_)
+        )
+    }
+
     pub fn code(&self) -> Code {
         match self {
             CsiError::Invalid(_) | CsiError::Unsupported(_) => Code::InvalidArgument,

@@ -7,7 +7,6 @@
 //! gone from the host path, a wedged server), which after the probe's
 //! failureThreshold restarts the container.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use strata_net::http::Reply;
@@ -54,12 +53,6 @@ pub async fn serve(
         }
     })
     .await
-}
-
-/// Binds the health listener (before the CSI endpoint serves, so a wrong
-/// address fails the start).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 /// Calls Identity `Probe` on `endpoint`, as the kubelet's CSI client would.

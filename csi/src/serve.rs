@@ -94,9 +94,10 @@ pub async fn serve(
     health: Option<std::net::SocketAddr>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Bound before the CSI endpoint serves, so a wrong address fails the start.
     let health = match health {
         Some(addr) => Some(
-            crate::health::bind(addr)
+            tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Health { addr, source })?,
         ),

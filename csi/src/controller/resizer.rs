@@ -302,10 +302,7 @@ async fn failed(
             | CsiError::OutOfRange(_)
             | CsiError::NotFound(_)
     );
-    let transient = matches!(
-        e,
-        CsiError::Unavailable(_) | CsiError::Aborted(_) | CsiError::Exhausted(_)
-    );
+    let transient = e.is_transient();
     let message = format!("failed to expand pvc with {e}");
     if !transient {
         let mut conditions = kept.to_vec();

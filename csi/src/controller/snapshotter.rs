@@ -253,11 +253,7 @@ async fn create_failed(
     e: CsiError,
 ) -> Result<Next, SnapshotterError> {
     let name = c.name_any();
-    let transient = matches!(
-        e,
-        CsiError::Unavailable(_) | CsiError::Aborted(_) | CsiError::Exhausted(_)
-    );
-    if !transient {
+    if !e.is_transient() {
         remove_being_created(contents, &name).await?;
     }
     let message = format!("failed to take snapshot of the volume: {e}");
