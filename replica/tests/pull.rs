@@ -2,9 +2,10 @@
 //! TCP between two real replica servers: the pieces it is told land and
 //! nothing else; an unreachable source, one without the volume and one at
 //! another epoch write nothing and say PEER_FAILED; the target's own epoch
-//! fences the request; a snapshot connection cannot pull. And a copy's read
-//! (READ with the drop-cache flag) leaves the source's page cache as it
-//! found it.
+//! fences the request; a snapshot connection cannot pull; many small PULLs
+//! land whether written on the connection's task or on the blocking pool.
+//! And a copy's read (READ with the drop-cache flag), in the store and over
+//! the wire, leaves the source's page cache as it found it.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -32,7 +33,10 @@ struct Server {
 }
 
 async fn start(volume: Option<&str>) -> Server {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), volume).await
+}
+
+async fn start_in(dir: tempfile::TempDir, volume: Option<&str>) -> Server {
     let host = Arc::new(ReplicaHost::new(dir.path(), testing::portable()));
     if let Some(v) = volume {
         host.create(v, 64 * MIB).unwrap();
@@ -114,6 +118,54 @@ async fn a_replica_pulls_the_pieces_it_is_told_from_its_peer() {
     futures::future::try_join_all(pulls).await.unwrap();
     let got = target.read(2 * MIB, (2 * MIB) as u32).await.unwrap();
     assert_eq!(&got[..], &data[2 * MIB as usize..]);
+}
+
+/// A rebuild of scattered 4 KiB blocks: many small PULLs at once, each
+/// written on the connection's task unless the bound on unflushed data
+/// (here a tiny fixed one, so that many of them wait on the blocking pool
+/// instead) holds it. Every piece lands, and nothing between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_pulls_land_whether_written_inline_or_on_the_pool() {
+    for fixed_limit in [None, Some(16 << 10)] {
+        let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
+        b.host.set_writeback(strata_replica::WritebackConfig {
+            fixed_limit,
+            ..Default::default()
+        });
+        let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+        let data = pattern(5, 8 * MIB as usize);
+        source.write(0, data.clone(), true).await.unwrap();
+        let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
+        // Every other 4 KiB block of 8 MiB, one PULL each (span 4 KiB); then
+        // for every 64 KiB a PULL of the span naming its blocks 3 and 6-7.
+        let singles = (0..1024u64).map(|i| {
+            let at = i * 2 * 4096;
+            target.pull(at, plan(a.addr, at, 4096, &[(at, 4096)]))
+        });
+        futures::future::try_join_all(singles).await.unwrap();
+        let spans = (0..128u64).map(|i| {
+            let at = i * 65536;
+            let pieces = [(at + 3 * 4096, 4096), (at + 6 * 4096, 8192)];
+            target.pull(at, plan(a.addr, at, 65536, &pieces))
+        });
+        futures::future::try_join_all(spans).await.unwrap();
+        let got = target.read(0, (8 * MIB) as u32).await.unwrap();
+        for block in 0..(8 * MIB / 4096) as usize {
+            let written = block % 2 == 0 || matches!(block % 16, 3 | 7);
+            let (want, have) = (
+                &data[block * 4096..(block + 1) * 4096],
+                &got[block * 4096..(block + 1) * 4096],
+            );
+            if written {
+                assert_eq!(have, want, "block {block} (limit {fixed_limit:?})");
+            } else {
+                assert!(
+                    have.iter().all(|&x| x == 0),
+                    "block {block} written (limit {fixed_limit:?})"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +283,46 @@ fn a_copy_read_leaves_the_page_cache_as_it_found_it() {
     assert_eq!(&buf[..], &data[..]);
     assert!(
         cached(&store, &mut buf),
+        "a copy's read dropped pages it found cached"
+    );
+}
+
+/// The same over the wire, for reads short enough to be answered on the
+/// connection's task when cached: a copy's read of uncached pages drops
+/// them, of cached pages leaves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_copy_read_over_the_wire_leaves_the_page_cache_as_it_found_it() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let a = start_in(dir, Some("vol")).await;
+    let client = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+    let data = pattern(6, 65536);
+    client.write(0, data.clone(), true).await.unwrap();
+    let store = store(&a);
+    let mut buf = vec![0u8; 65536];
+    evict(store.dir());
+    assert!(
+        !store.read_cached(0, &mut buf).unwrap(),
+        "eviction did not evict"
+    );
+    assert_eq!(
+        &client.read_for_copy(0, 65536).await.unwrap()[..],
+        &data[..]
+    );
+    assert!(
+        !store.read_cached(0, &mut buf).unwrap(),
+        "the copy's read stayed cached"
+    );
+    assert_eq!(&client.read(0, 65536).await.unwrap()[..], &data[..]);
+    assert!(
+        store.read_cached(0, &mut buf).unwrap(),
+        "a plain read did not cache"
+    );
+    assert_eq!(
+        &client.read_for_copy(0, 65536).await.unwrap()[..],
+        &data[..]
+    );
+    assert!(
+        store.read_cached(0, &mut buf).unwrap(),
         "a copy's read dropped pages it found cached"
     );
 }

@@ -474,7 +474,7 @@ enum Inline {
 
 /// Runs on the connection's own task what does not wait for the disk or
 /// for another request: the epoch fence, writes into the page cache (not
-/// FUA) and reads whose pages are all cached. That saves a
+/// FUA) and reads (a copy's too) whose pages are all cached. That saves a
 /// thread hand-off per request, which cost more CPU than the IO itself.
 /// Flushes, FUA writes, trims, reads that miss the cache, snapshot reads
 /// and anything meeting a chain change go to the blocking pool.
@@ -499,7 +499,11 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
             }),
             Err(e) => Inline::Done(store_reply(store, id, Err(e))),
         },
-        Command::Read { offset, len } if len <= INLINE_READ_MAX => {
+        // A copy's read of cached pages is the same read: the source
+        // drops only what a copy brought into its cache.
+        Command::Read { offset, len } | Command::ReadForCopy { offset, len }
+            if len <= INLINE_READ_MAX =>
+        {
             let mut data = read_buffers::take(len as usize);
             match store.read_cached(offset, &mut data) {
                 Ok(true) => {
@@ -507,7 +511,7 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
                 }
                 Ok(false) => {
                     read_buffers::give_back(data);
-                    Inline::Blocking(Command::Read { offset, len })
+                    Inline::Blocking(command)
                 }
                 Err(e) => Inline::Done(store_reply(store, id, Err(e))),
             }
@@ -558,9 +562,13 @@ fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Comm
         }
         Command::ReadForCopy { offset, len } => {
             let mut data = read_buffers::take(len as usize);
-            store
-                .read_for_copy(offset, &mut data)
-                .map(|()| read_buffers::into_bytes(data))
+            // `run_inline` tried the cache for the short ones already.
+            if len <= INLINE_READ_MAX {
+                store.read_for_copy_uncached(offset, &mut data)
+            } else {
+                store.read_for_copy(offset, &mut data)
+            }
+            .map(|()| read_buffers::into_bytes(data))
         }
         Command::Write { offset, data, fua } => store
             .write(offset, &data)

@@ -70,6 +70,12 @@ impl Peers {
     }
 }
 
+/// PULLs whose span is at most this long try to write on the connection's
+/// task (as [`super::conn`]'s inline writes do) before the blocking pool:
+/// a rebuild of scattered 4 KiB blocks is tens of thousands of them, and
+/// the thread hand-off cost more than the write.
+const INLINE_WRITE_MAX: usize = 128 << 10;
+
 /// Runs one PULL for `volume` (the connection's store) at `epoch`; the
 /// caller fenced the epoch already.
 pub(super) async fn pull(
@@ -103,6 +109,43 @@ pub(super) async fn pull(
             ))
         }
     };
+    if data.len() != plan.span as usize {
+        return peer_failed(format!(
+            "the source replica {} sent {} bytes for a read of {}",
+            plan.source,
+            data.len(),
+            plan.span
+        ));
+    }
+    // Small copies go into the page cache on this task, as the
+    // connection's own writes do; whatever would wait (the bound on
+    // unflushed data, a chain change) goes to the blocking pool.
+    let piece = |&(at, len): &(u64, u32)| {
+        let from = (at - offset) as usize;
+        (at, data.slice(from..from + len as usize))
+    };
+    let mut pieces = plan.pieces.iter().map(piece).peekable();
+    if plan.span as usize <= INLINE_WRITE_MAX {
+        let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // The epoch may have moved while the source was read.
+            super::conn::fence(&store, id, epoch)?;
+            while let Some((at, bytes)) = pieces.peek() {
+                match store.write_unless_busy(*at, bytes) {
+                    Ok(true) => drop(pieces.next()),
+                    Ok(false) => return Ok(false),
+                    Err(e) => return Err(super::conn::store_reply(&store, id, Err(e))),
+                }
+            }
+            Ok(true)
+        }));
+        match inline {
+            Ok(Ok(true)) => return super::conn::store_reply(&store, id, Ok(Bytes::new())),
+            Ok(Ok(false)) => {}
+            Ok(Err(reply)) => return reply,
+            Err(_) => return super::conn::panicked(&store, id),
+        }
+    }
+    let rest: Vec<(u64, Bytes)> = pieces.collect();
     let written = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
@@ -111,10 +154,9 @@ pub(super) async fn pull(
                 if let Err(reply) = super::conn::fence(&store, id, epoch) {
                     return reply;
                 }
-                let result = plan.pieces.iter().try_for_each(|&(at, len)| {
-                    let from = (at - offset) as usize;
-                    store.write(at, &data[from..from + len as usize])
-                });
+                let result = rest
+                    .iter()
+                    .try_for_each(|(at, bytes)| store.write(*at, bytes));
                 super::conn::store_reply(&store, id, result.map(|()| Bytes::new()))
             }))
             .unwrap_or_else(|_| super::conn::panicked(&store, id))

@@ -84,6 +84,14 @@ impl Store {
         if self.read_cached(offset, buf)? {
             return Ok(());
         }
+        self.read_for_copy_uncached(offset, buf)
+    }
+
+    /// The second half of [`Store::read_for_copy`], for a caller whose own
+    /// [`Store::read_cached`] declined: reads, then drops the range from
+    /// the page cache. (Trying the cache again would find the pages the
+    /// declined try's readahead brought in, and keep them.)
+    pub fn read_for_copy_uncached(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read(offset, buf)?;
         let st = self.state.read();
         let b0 = offset / BLOCK_SIZE;
