@@ -26,9 +26,13 @@ fn psk(identity: &str, byte: u8) -> Psk {
 
 /// Starts a server with TLS in `mode` (key all 7s, identity "strata").
 fn server(mode: TlsMode) -> (DuplexStream, tokio::task::JoinHandle<Result<(), ConnError>>) {
+    serve_with(Arc::new(NbdTls::new(mode, &psk("strata", 7)).unwrap()))
+}
+
+/// Serves one connection with `tls`.
+fn serve_with(tls: Arc<NbdTls>) -> (DuplexStream, tokio::task::JoinHandle<Result<(), ConnError>>) {
     let (client, sock) = tokio::io::duplex(256 * 1024);
     let export = Export::new(Arc::new(MemBackend::new("test", 1 << 20)));
-    let tls = Arc::new(NbdTls::new(mode, &psk("strata", 7)).unwrap());
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         let _keep = _tx;
@@ -161,4 +165,40 @@ fn off_is_not_a_tls_mode() {
     let t = NbdTls::new(TlsMode::Offer, &psk("strata", 1)).unwrap();
     assert_eq!(t.phase(), TlsPhase::Offered);
     assert!(!format!("{t:?}").contains("0101"));
+}
+
+/// OpenSSL is set up at the first STARTTLS, not when the server starts: a
+/// controller whose clients are all plaintext (the kernel's) never maps
+/// its code.
+#[tokio::test]
+async fn the_openssl_context_is_built_at_the_first_starttls() {
+    let tls = Arc::new(NbdTls::new(TlsMode::Offer, &psk("strata", 7)).unwrap());
+    assert!(!tls.context_built());
+    // A plaintext client: its options are answered without TLS.
+    let (mut c, task) = serve_with(tls.clone());
+    let mut greeting = [0u8; GREETING_LEN];
+    c.read_exact(&mut greeting).await.unwrap();
+    let mut wire = NBD_FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    encode_option(&mut wire, NBD_OPT_ABORT, &[]);
+    c.write_all(&wire).await.unwrap();
+    let mut ack = [0u8; 20];
+    c.read_exact(&mut ack).await.unwrap();
+    assert_eq!(&ack[12..16], &NBD_REP_ACK.to_be_bytes());
+    task.await.unwrap().unwrap();
+    assert!(!tls.context_built(), "a plaintext client set OpenSSL up");
+    // The first STARTTLS builds it, and the handshake works.
+    let (mut c, task) = serve_with(tls.clone());
+    start_tls(&mut c, &[]).await;
+    let mut s = match connect(c, psk("strata", 7), None).await {
+        Ok(s) => s,
+        Err(e) => panic!("{e:?} server: {:?}", task.await),
+    };
+    assert!(tls.context_built());
+    let mut wire = Vec::new();
+    encode_option(&mut wire, NBD_OPT_ABORT, &[]);
+    s.write_all(&wire).await.unwrap();
+    let mut ack = [0u8; 20];
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(&ack[12..16], &NBD_REP_ACK.to_be_bytes());
+    task.await.unwrap().unwrap();
 }
