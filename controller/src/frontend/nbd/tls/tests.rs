@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use openssl::ssl::{Ssl, SslConnector, SslMethod, SslVersion};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio_openssl::SslStream;
 
 use super::*;
@@ -178,12 +178,10 @@ async fn the_openssl_context_is_built_at_the_first_starttls() {
     let (mut c, task) = serve_with(tls.clone());
     let mut greeting = [0u8; GREETING_LEN];
     c.read_exact(&mut greeting).await.unwrap();
-    let mut wire = NBD_FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
-    encode_option(&mut wire, NBD_OPT_ABORT, &[]);
-    c.write_all(&wire).await.unwrap();
-    let mut ack = [0u8; 20];
-    c.read_exact(&mut ack).await.unwrap();
-    assert_eq!(&ack[12..16], &NBD_REP_ACK.to_be_bytes());
+    c.write_all(&NBD_FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+        .await
+        .unwrap();
+    abort(&mut c).await;
     task.await.unwrap().unwrap();
     assert!(!tls.context_built(), "a plaintext client set OpenSSL up");
     // The first STARTTLS builds it, and the handshake works.
@@ -194,11 +192,16 @@ async fn the_openssl_context_is_built_at_the_first_starttls() {
         Err(e) => panic!("{e:?} server: {:?}", task.await),
     };
     assert!(tls.context_built());
+    abort(&mut s).await;
+    task.await.unwrap().unwrap();
+}
+
+/// Sends NBD_OPT_ABORT and expects its ACK.
+async fn abort(c: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
     let mut wire = Vec::new();
     encode_option(&mut wire, NBD_OPT_ABORT, &[]);
-    s.write_all(&wire).await.unwrap();
+    c.write_all(&wire).await.unwrap();
     let mut ack = [0u8; 20];
-    s.read_exact(&mut ack).await.unwrap();
+    c.read_exact(&mut ack).await.unwrap();
     assert_eq!(&ack[12..16], &NBD_REP_ACK.to_be_bytes());
-    task.await.unwrap().unwrap();
 }
