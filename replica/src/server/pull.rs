@@ -109,14 +109,8 @@ pub(super) async fn pull(
             ))
         }
     };
-    if data.len() != plan.span as usize {
-        return peer_failed(format!(
-            "the source replica {} sent {} bytes for a read of {}",
-            plan.source,
-            data.len(),
-            plan.span
-        ));
-    }
+    // The client checked the reply is `plan.span` long; the plan's pieces
+    // lie within the span (`PullPlan::decode`).
     // Small copies go into the page cache on this task, as the
     // connection's own writes do; whatever would wait (the bound on
     // unflushed data, a chain change) goes to the blocking pool.

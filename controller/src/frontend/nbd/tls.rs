@@ -4,8 +4,8 @@
 //!
 //! [`NbdTls`] holds the server's OpenSSL context, built at the first
 //! STARTTLS (setting OpenSSL up maps about 2.4 MiB of its code, which a
-//! controller whose clients are all the kernel's never needs): TLS 1.3 (PSK with an
-//! ephemeral (EC)DHE exchange, so a recorded session stays secret when the
+//! controller whose clients are all the kernel's never needs): TLS 1.3
+//! (PSK with an ephemeral (EC)DHE exchange, so a recorded session stays secret when the
 //! key leaks later; no session tickets, no resumption, no early data), and
 //! TLS 1.2 with `ECDHE-PSK-CHACHA20-POLY1305` because the NBD spec requires
 //! TLS 1.2 support. No certificate: the PSK authenticates both ends. The
@@ -138,38 +138,7 @@ impl NbdTls {
             .as_ref()
             .map_err(ErrorStack::clone)
     }
-}
 
-/// The OpenSSL context of TLS with `psk`.
-fn build_context(psk: &Psk) -> Result<Context, ErrorStack> {
-    let refused = Ssl::new_ex_index::<String>()?;
-    let mut b = SslContextBuilder::new(SslMethod::tls_server())?;
-    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
-    b.set_ciphersuites(TLS13_SUITES)?;
-    b.set_cipher_list(TLS12_CIPHERS)?;
-    b.set_options(
-        SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION | SslOptions::CIPHER_SERVER_PREFERENCE,
-    );
-    b.set_session_cache_mode(SslSessionCacheMode::OFF);
-    b.set_num_tickets(0)?;
-    let (identity, key) = (psk.identity.clone(), psk.key);
-    b.set_psk_server_callback(move |ssl, named, out| {
-        let named = named.unwrap_or_default();
-        if named != identity.as_bytes() || out.len() < key.len() {
-            let shown: String = String::from_utf8_lossy(named).chars().take(64).collect();
-            ssl.set_ex_data(refused, shown);
-            return Ok(0);
-        }
-        out[..key.len()].copy_from_slice(&key);
-        Ok(key.len())
-    });
-    Ok(Context {
-        ctx: b.build(),
-        refused,
-    })
-}
-
-impl NbdTls {
     pub fn mode(&self) -> TlsMode {
         self.mode
     }
@@ -205,6 +174,35 @@ impl NbdTls {
             },
         }
     }
+}
+
+/// The OpenSSL context of TLS with `psk`.
+fn build_context(psk: &Psk) -> Result<Context, ErrorStack> {
+    let refused = Ssl::new_ex_index::<String>()?;
+    let mut b = SslContextBuilder::new(SslMethod::tls_server())?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    b.set_ciphersuites(TLS13_SUITES)?;
+    b.set_cipher_list(TLS12_CIPHERS)?;
+    b.set_options(
+        SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION | SslOptions::CIPHER_SERVER_PREFERENCE,
+    );
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    b.set_num_tickets(0)?;
+    let (identity, key) = (psk.identity.clone(), psk.key);
+    b.set_psk_server_callback(move |ssl, named, out| {
+        let named = named.unwrap_or_default();
+        if named != identity.as_bytes() || out.len() < key.len() {
+            let shown: String = String::from_utf8_lossy(named).chars().take(64).collect();
+            ssl.set_ex_data(refused, shown);
+            return Ok(0);
+        }
+        out[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    Ok(Context {
+        ctx: b.build(),
+        refused,
+    })
 }
 
 /// A handshake failure in one line: OpenSSL's reason strings (e.g. "bad
