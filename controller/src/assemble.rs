@@ -240,6 +240,7 @@ pub async fn assemble(opts: &AssembleOptions) -> Result<Volume, AssembleError> {
                 };
                 let slot = Slot::new(addr, health, departure);
                 slot.peer_copy.store(s.copies_from_peers, Ordering::Release);
+                slot.reads_pieces.store(s.reads_pieces, Ordering::Release);
                 if verify {
                     slot.verify.store(true, Ordering::Release);
                     slot.counts_for_quorum

@@ -55,6 +55,7 @@ fn status_of(name: &str, store: &Store, report: OpenReport) -> ReplicaStatus {
         incomplete: info.incomplete,
         epoch_owner: info.epoch_owner.clone(),
         copies_from_peers: true,
+        reads_pieces: true,
     }
 }
 

@@ -3,8 +3,9 @@
 //! nothing else; an unreachable source, one without the volume and one at
 //! another epoch write nothing and say PEER_FAILED; the target's own epoch
 //! fences the request; a snapshot connection cannot pull; many small PULLs
-//! land whether written on the connection's task or on the blocking pool.
-//! And a copy's read (READ with the drop-cache flag), in the store and over
+//! land whether written on the connection's task or on the blocking pool;
+//! a piecewise PULL carries only its pieces from the source. READ_PIECES
+//! reads its pieces back to back. And a copy's read (READ with the drop-cache flag), in the store and over
 //! the wire, leaves the source's page cache as it found it.
 
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use strata_replica::client::{ClientError, ReplicaClient};
 use strata_replica::host::ReplicaHost;
 use strata_replica::testing;
-use strata_replica::wire::{PullPlan, Status};
+use strata_replica::wire::{PieceList, PullPlan, Status};
 use strata_replica::{Allocation, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -324,5 +325,166 @@ async fn a_short_copy_read_over_the_wire_leaves_the_page_cache_as_it_found_it() 
     assert!(
         store.read_cached(0, &mut buf).unwrap(),
         "a copy's read dropped pages it found cached"
+    );
+}
+
+/// A TCP relay to `to` that counts the bytes it carries back from it.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let back = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = back.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(to).await.unwrap();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let there = tokio::io::copy(&mut cr, &mut sw);
+                let back = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = tokio::io::AsyncReadExt::read(&mut sr, &mut buf).await?;
+                        if n == 0 {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        tokio::io::AsyncWriteExt::write_all(&mut cw, &buf[..n]).await?;
+                    }
+                };
+                let _ = tokio::join!(there, back);
+            });
+        }
+    });
+    (addr, back)
+}
+
+/// A piecewise PULL (the controller's plan when both replicas know
+/// READ_PIECES) writes exactly its pieces, short ones on the connection's
+/// task and long ones on the pool, and carries only their bytes from the
+/// source, not the holes between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piecewise_pull_moves_only_the_pieces() {
+    for fixed_limit in [None, Some(16 << 10)] {
+        let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
+        b.host.set_writeback(strata_replica::WritebackConfig {
+            fixed_limit,
+            ..Default::default()
+        });
+        let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+        let data = pattern(7, 16 * MIB as usize);
+        source.write(0, data.clone(), true).await.unwrap();
+        let (relay, carried) = counting_relay(a.addr).await;
+        let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
+        // 32 blocks of 4 KiB, 256 KiB apart, in one PULL of an 8 MiB span;
+        // then one PULL of two 1 MiB pieces 6 MiB apart.
+        let small: Vec<(u64, u64)> = (0..32).map(|i| (i * 256 * 1024, 4096)).collect();
+        let last = small.last().unwrap();
+        let span = last.0 + last.1;
+        target
+            .pull(0, plan(relay, 0, span, &small).read_as_pieces())
+            .await
+            .unwrap();
+        let large = [(8 * MIB, MIB), (15 * MIB, MIB)];
+        target
+            .pull(
+                8 * MIB,
+                plan(relay, 8 * MIB, 8 * MIB, &large).read_as_pieces(),
+            )
+            .await
+            .unwrap();
+        let moved = carried.load(std::sync::atomic::Ordering::Relaxed);
+        let pieces = 32 * 4096 + 2 * MIB;
+        assert!(
+            moved >= pieces && moved < pieces + 64 * 1024,
+            "{moved} bytes came from the source for {pieces} bytes of pieces"
+        );
+        let got = target.read(0, (16 * MIB) as u32).await.unwrap();
+        let written = |at: u64| {
+            small
+                .iter()
+                .chain(&large)
+                .any(|&(o, n)| o <= at && at < o + n)
+        };
+        for block in 0..16 * MIB / 4096 {
+            let range = (block * 4096) as usize..((block + 1) * 4096) as usize;
+            if written(block * 4096) {
+                assert_eq!(&got[range.clone()], &data[range], "block {block}");
+            } else {
+                assert!(got[range].iter().all(|&x| x == 0), "block {block} written");
+            }
+        }
+    }
+}
+
+/// READ_PIECES over the wire: the pieces' bytes back to back, from the
+/// volume or a snapshot of it; for a copy, pieces found cached stay
+/// cached and the ones it brought in are dropped, whether the read is
+/// short enough to start on the connection's task or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_pieces_reads_the_pieces_and_leaves_the_cache_as_it_found_it() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let a = start_in(dir, Some("vol")).await;
+    let client = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+    let data = pattern(8, 32 * MIB as usize);
+    for half in [0, 16 * MIB] {
+        let part = data.slice(half as usize..(half + 16 * MIB) as usize);
+        client.write(half, part, true).await.unwrap();
+    }
+    let store = store(&a);
+    let cached = |at: u64, len: u64| {
+        let mut buf = vec![0u8; len as usize];
+        store.read_cached(at, &mut buf).unwrap()
+    };
+    let want = |pieces: &[(u64, u32)]| -> Vec<u8> {
+        pieces
+            .iter()
+            .flat_map(|&(o, n)| data[o as usize..(o + u64::from(n)) as usize].to_vec())
+            .collect()
+    };
+    // Pieces 4 MiB apart (beyond any readahead): 16 KiB each (48 KiB, tried
+    // on the connection's task first) and 64 KiB each (192 KiB, on the pool).
+    for (base, len) in [(0, 16 << 10), (16 * MIB, 64 << 10)] {
+        let pieces: Vec<(u64, u32)> = (0..3).map(|i| (base + i * 4 * MIB, len)).collect();
+        evict(store.dir());
+        // The first piece is cached before the copy, the others are not.
+        client.read(pieces[0].0, len).await.unwrap();
+        let list = PieceList::new(pieces.clone()).unwrap();
+        let got = client.read_pieces(list, true).await.unwrap();
+        assert_eq!(&got[..], &want(&pieces)[..], "pieces of {len} bytes");
+        let len = u64::from(len);
+        assert!(
+            cached(pieces[0].0, len),
+            "a piece found cached was dropped ({len})"
+        );
+        assert!(
+            !cached(pieces[1].0, len),
+            "a piece the copy read stayed cached ({len})"
+        );
+        assert!(
+            !cached(pieces[2].0, len),
+            "a piece the copy read stayed cached ({len})"
+        );
+        // A plain READ_PIECES keeps what it reads.
+        let list = PieceList::new(pieces.clone()).unwrap();
+        let got = client.read_pieces(list, false).await.unwrap();
+        assert_eq!(&got[..], &want(&pieces)[..]);
+        assert!(cached(pieces[2].0, len), "a plain read did not cache");
+    }
+    // On a snapshot connection, the snapshot's bytes.
+    store.snapshot("s1").unwrap();
+    client
+        .write(0, pattern(9, MIB as usize), true)
+        .await
+        .unwrap();
+    let snap = ReplicaClient::connect_snapshot(a.addr, "vol", "s1", 0, T)
+        .await
+        .unwrap();
+    let pieces = vec![(4096, 4096), (MIB - 8192, 8192)];
+    let list = PieceList::new(pieces.clone()).unwrap();
+    assert_eq!(
+        &snap.read_pieces(list, true).await.unwrap()[..],
+        &want(&pieces)[..]
     );
 }

@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use strata_replica::wire::{
-    decode_extents, encode_extents, Command, Op, PullPlan, Reply, ReplyHeader, Request,
+    decode_extents, encode_extents, Command, Op, PieceList, PullPlan, Reply, ReplyHeader, Request,
     RequestHeader, Status, WireError, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
 use strata_replica::{Allocation, AllocationExtent};
@@ -201,7 +201,7 @@ fn request_errors() {
         Request::check(&bad_version[..5]),
         Err(WireError::BadVersion(2))
     );
-    for op in [0u8, 11, 255] {
+    for op in [0u8, 12, 255] {
         let e = Request::decode(&raw_request(op, 0, 42, 0, 0, 0, 0, b"")).unwrap_err();
         assert_eq!(e, WireError::UnknownOp { op, request_id: 42 });
         assert!(e.is_fatal());
@@ -425,6 +425,8 @@ fn op_codes_are_stable() {
         (Op::BlockStatus, 7),
         (Op::Snapshot, 8),
         (Op::Ping, 9),
+        (Op::Pull, 10),
+        (Op::ReadPieces, 11),
     ] {
         assert_eq!(op as u8, code);
         assert_eq!(Op::from_u8(code), Some(op));
@@ -444,30 +446,58 @@ fn command() -> impl Strategy<Value = Command> {
         (
             0u64..1 << 30,
             1u32..64,
-            any::<[bool; 2]>(),
+            any::<[bool; 3]>(),
             any::<[u8; 4]>(),
             1u16..
         )
-            .prop_map(|(block, blocks, [drop_cache, encrypt], ip, port)| {
-                let offset = block * 4096;
-                let span = blocks * 4096;
-                // Every other block of the span.
-                let pieces = (0..blocks)
-                    .step_by(2)
-                    .map(|b| (offset + u64::from(b) * 4096, 4096))
+            .prop_map(
+                |(block, blocks, [drop_cache, encrypt, piecewise], ip, port)| {
+                    let offset = block * 4096;
+                    let span = blocks * 4096;
+                    // Every other block of the span.
+                    let pieces = (0..blocks)
+                        .step_by(2)
+                        .map(|b| (offset + u64::from(b) * 4096, 4096))
+                        .collect();
+                    let source = std::net::SocketAddr::from((ip.map(|b| b | 1), port));
+                    let plan = PullPlan::new(
+                        offset,
+                        source,
+                        std::time::Duration::from_millis(u64::from(port)),
+                        drop_cache,
+                        encrypt,
+                        span,
+                        pieces,
+                    )
+                    .unwrap();
+                    let plan = if piecewise {
+                        plan.read_as_pieces()
+                    } else {
+                        plan
+                    };
+                    Command::Pull { offset, plan }
+                }
+            ),
+        (
+            proptest::collection::vec((1u64..64, 1u32..16), 1..40),
+            any::<bool>()
+        )
+            .prop_map(|(steps, for_copy)| {
+                // Each piece a few blocks past the end of the one before.
+                let mut at = 0u64;
+                let pieces = steps
+                    .into_iter()
+                    .map(|(gap, blocks)| {
+                        at += gap * 4096;
+                        let piece = (at, blocks * 4096);
+                        at += u64::from(blocks) * 4096;
+                        piece
+                    })
                     .collect();
-                let source = std::net::SocketAddr::from((ip.map(|b| b | 1), port));
-                let plan = PullPlan::new(
-                    offset,
-                    source,
-                    std::time::Duration::from_millis(u64::from(port)),
-                    drop_cache,
-                    encrypt,
-                    span,
-                    pieces,
-                )
-                .unwrap();
-                Command::Pull { offset, plan }
+                Command::ReadPieces {
+                    pieces: PieceList::new(pieces).unwrap(),
+                    for_copy,
+                }
             }),
         (
             any::<u64>(),

@@ -5,9 +5,13 @@
 //! [`copy_steps`] turns the source's allocation map of the range into
 //! steps (data pieces of at most [`COPY_PIECE`] bytes, and trims covering
 //! the holes, merged); [`skip_needless_trims`] drops the trims where the
-//! target reads zeros already (all of them on a rebuilt, empty replica); [`copy_jobs`] reads neighbouring small pieces from
-//! the source in one request (the holes between them, at most
-//! [`READ_GAP`], read as zeros and are not written); [`copy_range`] runs
+//! target reads zeros already (all of them on a rebuilt, empty replica);
+//! [`copy_jobs`] reads several small pieces from the source in one
+//! request: when both replicas know READ_PIECES ([`Reads::Pieces`]) up to
+//! [`PIECES_READ`] bytes of them however far apart, and only their bytes;
+//! otherwise ([`Reads::Spans`]) neighbours at most [`READ_GAP`] apart, in
+//! one read of the span around them (the holes read as zeros and are not
+//! written). [`copy_range`] runs
 //! up to [`COPY_DEPTH`] jobs and [`COPY_BYTES`] at once. Jobs cover
 //! disjoint ranges, so their order does not matter; what does is that a range written by 4 KiB
 //! random writes (dozens of small extents per region) is not copied one
@@ -27,7 +31,7 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use strata_replica::auth::{self, WireMode};
 use strata_replica::client::ReplicaClient;
-use strata_replica::wire::{PullPlan, Status};
+use strata_replica::wire::{PieceList, PullPlan, Status};
 use strata_replica::{Allocation, AllocationExtent};
 use tokio::sync::Semaphore;
 
@@ -57,8 +61,41 @@ pub const COPY_BYTES: u32 = 4 << 20;
 /// "Session 17", "Deeper small copies").
 pub const COPY_DEPTH: usize = 16;
 
-/// Data pieces this close together are read from the source in one request.
+/// Data pieces this close together are read from the source in one request
+/// ([`Reads::Spans`]).
 pub const READ_GAP: u64 = 64 << 10;
+
+/// Bytes of data pieces one READ_PIECES gathers ([`Reads::Pieces`]): what
+/// the source reads from its page cache and the target writes into its
+/// own on their connections' tasks, without a thread hand-off. A rebuild
+/// of 4 KiB random writes is then a request per 32 blocks rather than one
+/// per few.
+pub const PIECES_READ: u64 = 128 << 10;
+
+/// How a copy reads its data pieces from the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// The span around pieces at most [`READ_GAP`] apart, at most
+    /// [`COPY_PIECE`] long, holes and all.
+    Spans,
+    /// Up to [`PIECES_READ`] bytes of pieces, however far apart, in one
+    /// READ_PIECES: only their bytes cross the wire. Both replicas must
+    /// know it (their status says `reads_pieces`).
+    Pieces,
+}
+
+impl Reads {
+    /// How a copy from `source` to `target` reads.
+    pub fn between(source: &Slot, target: &Slot) -> Reads {
+        if source.reads_pieces.load(Ordering::Acquire)
+            && target.reads_pieces.load(Ordering::Acquire)
+        {
+            Reads::Pieces
+        } else {
+            Reads::Spans
+        }
+    }
+}
 
 /// One piece of a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,51 +109,79 @@ pub enum CopyStep {
 /// One request's worth of a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyJob {
-    /// Read `[offset, offset + len)` from the source, write the `pieces`
-    /// (offset, length; inside the read, sorted) to the target.
+    /// Write the `pieces` (offset, length; sorted, inside `[offset, offset
+    /// + len)`) to the target, read from the source as `reads` says: the
+    /// whole of `[offset, offset + len)`, or the pieces alone.
     Copy {
         offset: u64,
         len: u32,
         pieces: Vec<(u64, u32)>,
+        reads: Reads,
     },
     /// Trim `[offset, offset + len)` on the target.
     Trim { offset: u64, len: u32 },
 }
 
-/// Groups `steps` into jobs: consecutive data pieces less than
-/// [`READ_GAP`] apart share one read of at most [`COPY_PIECE`] bytes.
-pub fn copy_jobs(steps: &[CopyStep]) -> Vec<CopyJob> {
+/// Groups `steps` into jobs: consecutive data pieces share one read, as
+/// `reads` says (trims in between do not break it).
+pub fn copy_jobs(steps: &[CopyStep], reads: Reads) -> Vec<CopyJob> {
     let mut jobs = Vec::new();
-    // The read being gathered: a `CopyJob::Copy`.
-    let mut read: Option<CopyJob> = None;
+    // The read being gathered: a `CopyJob::Copy`, and its pieces' bytes.
+    let mut read: Option<(CopyJob, u64)> = None;
     for step in steps {
         match *step {
             CopyStep::Trim { offset, len } => jobs.push(CopyJob::Trim { offset, len }),
             CopyStep::Data { offset, len } => {
                 let end = offset + u64::from(len);
-                if let Some(CopyJob::Copy {
-                    offset: from,
-                    len: span,
-                    pieces,
-                }) = &mut read
+                if let Some((
+                    CopyJob::Copy {
+                        offset: from,
+                        len: span,
+                        pieces,
+                        ..
+                    },
+                    bytes,
+                )) = &mut read
                 {
                     let to = *from + u64::from(*span);
-                    if offset - to <= READ_GAP && end - *from <= COPY_PIECE {
+                    let joins = match reads {
+                        Reads::Spans => offset - to <= READ_GAP && end - *from <= COPY_PIECE,
+                        Reads::Pieces => *bytes + u64::from(len) <= PIECES_READ,
+                    };
+                    if joins {
                         *span = (end - *from) as u32;
+                        *bytes += u64::from(len);
                         pieces.push((offset, len));
                         continue;
                     }
                 }
-                jobs.extend(read.replace(CopyJob::Copy {
+                let job = CopyJob::Copy {
                     offset,
                     len,
                     pieces: vec![(offset, len)],
-                }));
+                    reads,
+                };
+                jobs.extend(read.replace((job, u64::from(len))).map(|(job, _)| job));
             }
         }
     }
-    jobs.extend(read);
+    jobs.extend(read.map(|(job, _)| job));
     jobs
+}
+
+impl CopyJob {
+    /// Bytes read from the source for this job.
+    fn read_len(&self) -> u64 {
+        match self {
+            CopyJob::Copy {
+                reads: Reads::Spans,
+                len,
+                ..
+            } => u64::from(*len),
+            CopyJob::Copy { pieces, .. } => pieces.iter().map(|&(_, n)| u64::from(n)).sum(),
+            CopyJob::Trim { .. } => 0,
+        }
+    }
 }
 
 /// Bytes of data a copy moved, by the way they went.
@@ -248,18 +313,15 @@ pub async fn copy_range(ends: &Ends<'_>, start: u64, end: u64) -> Result<Copied,
     let on_target = on_target
         .map_err(|e| CopyError::Target(SyncError::data("block status on the target", e)))?;
     let steps = skip_needless_trims(copy_steps(&on_source, start, end), &on_target);
-    let jobs = copy_jobs(&steps);
+    let jobs = copy_jobs(&steps, Reads::between(ends.source.0, ends.target.0));
     let bytes = Semaphore::new(COPY_BYTES as usize);
     let bytes = &bytes;
     stream::iter(jobs)
         .map(|job| async move {
-            let span = match &job {
-                // A job larger than the whole budget would wait forever.
-                CopyJob::Copy { len, .. } => (*len).min(COPY_BYTES),
-                CopyJob::Trim { .. } => 0,
-            };
+            // A job larger than the whole budget would wait forever.
+            let read = job.read_len().min(u64::from(COPY_BYTES)) as u32;
             // Never closed: the semaphore lives as long as the stream.
-            let _held = bytes.acquire_many(span).await.ok();
+            let _held = bytes.acquire_many(read).await.ok();
             copy_job(ends, job).await
         })
         .buffer_unordered(COPY_DEPTH)
@@ -279,6 +341,7 @@ async fn copy_job(ends: &Ends<'_>, job: CopyJob) -> Result<Copied, CopyError> {
             offset,
             len,
             pieces,
+            reads,
         } => {
             let bytes = pieces.iter().map(|&(_, n)| u64::from(n)).sum();
             if target_slot.peer_copy.load(Ordering::Acquire) {
@@ -292,7 +355,11 @@ async fn copy_job(ends: &Ends<'_>, job: CopyJob) -> Result<Copied, CopyError> {
                     auth::process_wire_mode() == WireMode::Encrypted,
                     len,
                     pieces.clone(),
-                );
+                )
+                .map(|plan| match reads {
+                    Reads::Pieces => plan.read_as_pieces(),
+                    Reads::Spans => plan,
+                });
                 match plan {
                     Ok(plan) => match target.pull(offset, plan).await {
                         Ok(()) => {
@@ -317,16 +384,28 @@ async fn copy_job(ends: &Ends<'_>, job: CopyJob) -> Result<Copied, CopyError> {
                     }
                 }
             }
-            let read = if drop_cache {
-                source.read_for_copy(offset, len).await
-            } else {
-                source.read(offset, len).await
+            // Pieces the checks refuse (a bug here) are read as a span.
+            let list = match reads {
+                Reads::Pieces => PieceList::new(pieces.clone()).ok(),
+                Reads::Spans => None,
+            };
+            let piecewise = list.is_some();
+            let read = match list {
+                Some(list) => source.read_pieces(list, drop_cache).await,
+                None if drop_cache => source.read_for_copy(offset, len).await,
+                None => source.read(offset, len).await,
             };
             let data =
                 read.map_err(|e| CopyError::Source(SyncError::data("read on the source", e)))?;
+            let mut next = 0usize;
             let writes = pieces.iter().map(|&(at, n)| {
-                let from = (at - offset) as usize;
-                target.write(at, data.slice(from..from + n as usize), false)
+                let from = if piecewise {
+                    next
+                } else {
+                    (at - offset) as usize
+                };
+                next = from + n as usize;
+                target.write(at, data.slice(from..next), false)
             });
             futures::future::try_join_all(writes)
                 .await
@@ -518,7 +597,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            copy_jobs(&steps),
+            copy_jobs(&steps, Reads::Spans),
             vec![
                 CopyJob::Trim {
                     offset: 4096,
@@ -531,22 +610,68 @@ mod tests {
                 CopyJob::Copy {
                     offset: 0,
                     len: 4 * k,
-                    pieces: vec![(0, k), (12288, k)]
+                    pieces: vec![(0, k), (12288, k)],
+                    reads: Reads::Spans,
                 },
                 CopyJob::Copy {
                     offset: 16384 + MIB,
                     len: k,
-                    pieces: vec![(16384 + MIB, k)]
+                    pieces: vec![(16384 + MIB, k)],
+                    reads: Reads::Spans,
                 },
             ]
+        );
+        // Read as pieces, distance does not matter: all three in one read,
+        // which reads their 12 KiB only.
+        let jobs = copy_jobs(&steps, Reads::Pieces);
+        let read = CopyJob::Copy {
+            offset: 0,
+            len: (16384 + MIB) as u32 + k,
+            pieces: vec![(0, k), (12288, k), (16384 + MIB, k)],
+            reads: Reads::Pieces,
+        };
+        assert_eq!(read.read_len(), 3 * u64::from(k));
+        assert_eq!(jobs.last(), Some(&read));
+    }
+
+    #[test]
+    fn a_pieces_read_holds_at_most_pieces_read_bytes() {
+        // 100 blocks 64 KiB apart, then one of 1 MiB.
+        let mut steps: Vec<CopyStep> = (0..100)
+            .map(|i| CopyStep::Data {
+                offset: i * 65536,
+                len: 4096,
+            })
+            .collect();
+        steps.push(CopyStep::Data {
+            offset: 100 * 65536,
+            len: MIB as u32,
+        });
+        let jobs = copy_jobs(&steps, Reads::Pieces);
+        let counts: Vec<usize> = jobs
+            .iter()
+            .map(|j| match j {
+                CopyJob::Copy { pieces, .. } => pieces.len(),
+                CopyJob::Trim { .. } => 0,
+            })
+            .collect();
+        assert_eq!(counts, vec![32, 32, 32, 4, 1]);
+        assert!(jobs[..4].iter().all(|j| j.read_len() <= PIECES_READ));
+        assert_eq!(
+            jobs[4].read_len(),
+            MIB,
+            "a large piece is a read of its own"
         );
     }
 
     proptest! {
         /// Jobs write exactly the data pieces and trim exactly the trims;
-        /// a read holds its pieces and is at most a piece long.
+        /// a span read holds its pieces and is at most a piece long; a
+        /// pieces read holds at most `PIECES_READ` bytes unless it is one
+        /// piece.
         #[test]
-        fn jobs_keep_every_piece((extents, start, end) in maps()) {
+        fn jobs_keep_every_piece((extents, start, end) in maps(), by_pieces in any::<bool>()) {
+            let reads = if by_pieces { Reads::Pieces } else { Reads::Spans };
             let steps = copy_steps(&extents, start, end);
             let mut want_data = Vec::new();
             let mut want_trims = Vec::new();
@@ -558,10 +683,15 @@ mod tests {
             }
             let mut data = Vec::new();
             let mut trims = Vec::new();
-            for job in copy_jobs(&steps) {
+            for job in copy_jobs(&steps, reads) {
+                let read = job.read_len();
                 match job {
-                    CopyJob::Copy { offset, len, pieces } => {
-                        prop_assert!(u64::from(len) <= COPY_PIECE);
+                    CopyJob::Copy { offset, len, pieces, reads: r } => {
+                        prop_assert_eq!(r, reads);
+                        match reads {
+                            Reads::Spans => prop_assert!(u64::from(len) <= COPY_PIECE),
+                            Reads::Pieces => prop_assert!(read <= PIECES_READ || pieces.len() == 1),
+                        }
                         for &(at, n) in &pieces {
                             prop_assert!(at >= offset && at + u64::from(n) <= offset + u64::from(len));
                         }

@@ -167,6 +167,8 @@ async fn rejoin(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
     }
     slot.peer_copy
         .store(status.copies_from_peers, Ordering::Release);
+    slot.reads_pieces
+        .store(status.reads_pieces, Ordering::Release);
     let mut rounds = 0;
     let (_chain, chain) = loop {
         let have = control::status(slot.addr, &volume.name, timeout).await?;

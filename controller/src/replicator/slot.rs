@@ -115,6 +115,10 @@ pub struct Slot {
     /// reads from its cache, as its status said; cleared when a PULL to it
     /// could not reach its source (the controller then relays).
     pub peer_copy: AtomicBool,
+    /// The replica serves READ_PIECES and takes piecewise PULLs, as its
+    /// status said: a copy between two such replicas reads only the data,
+    /// many pieces per request (`copy.rs`).
+    pub reads_pieces: AtomicBool,
 }
 
 /// Counts one request in flight on a slot for as long as it lives (a
@@ -171,6 +175,7 @@ impl Slot {
             counts_for_quorum: AtomicBool::new(false),
             disk: DiskStats::default(),
             peer_copy: AtomicBool::new(false),
+            reads_pieces: AtomicBool::new(false),
         }
     }
 

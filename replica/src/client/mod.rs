@@ -33,8 +33,8 @@ use tokio::task::AbortHandle;
 use crate::auth::{self, AuthError, AuthReader, AuthWriter, ClusterKey, Purpose, WireMode};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{
-    self, Command, FrameCrc, PullPlan, Reply, Request, Status, MAX_NAME_LEN, MAX_PAYLOAD,
-    REQUEST_HEADER_LEN,
+    self, Command, FrameCrc, PieceList, PullPlan, Reply, Request, Status, MAX_NAME_LEN,
+    MAX_PAYLOAD, REQUEST_HEADER_LEN,
 };
 use crate::AllocationExtent;
 
@@ -403,6 +403,21 @@ impl ReplicaClient {
             .await
     }
 
+    /// Reads several ranges in one request ([`Command::ReadPieces`]): their
+    /// bytes back to back, in the list's order. With `for_copy`, as
+    /// [`ReplicaClient::read_for_copy`]. A replica older than READ_PIECES
+    /// cannot frame the request and closes the connection; ask only one
+    /// whose status says `reads_pieces`.
+    pub async fn read_pieces(
+        &self,
+        pieces: PieceList,
+        for_copy: bool,
+    ) -> Result<Bytes, ClientError> {
+        let (offset, len) = (pieces.offset(), pieces.bytes());
+        self.read_as(Command::ReadPieces { pieces, for_copy }, offset, len)
+            .await
+    }
+
     /// Sends `command`, a read of `len` bytes at `offset`, and checks the
     /// reply's length.
     async fn read_as(&self, command: Command, offset: u64, len: u32) -> Result<Bytes, ClientError> {
@@ -561,6 +576,7 @@ impl ReplicaClient {
             Command::Write { data, .. } => data,
             Command::Hello { volume: name } | Command::Snapshot { name } => Bytes::from(name),
             Command::Pull { plan, .. } => plan.encoded().clone(),
+            Command::ReadPieces { pieces, .. } => pieces.encoded().clone(),
             _ => Bytes::new(),
         };
         let (waiter, done) = oneshot::channel();

@@ -7,7 +7,7 @@
 //! Every request holds permits from the moment it is decoded until its
 //! reply has been written to the socket: one of [`MAX_IN_FLIGHT`], and a
 //! share of [`MAX_IN_FLIGHT_BYTES`] for its data (a WRITE's payload, a
-//! READ's reply, a PULL's span), so a connection never holds more than that
+//! READ's or READ_PIECES' reply, what a PULL reads), so a connection never holds more than that
 //! many requests or bytes: when either runs out the reader stops reading
 //! and TCP pushes back on the client. (A replica that falls behind its
 //! peers keeps receiving the volume's writes; without the byte bound 64
@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::pull::{self, Peers};
-use super::read_buffers;
+use super::{read_buffers, read_pieces};
 use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
@@ -50,6 +50,16 @@ pub(super) fn budget_units(bytes: usize) -> u32 {
 pub(super) struct Permit {
     _request: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Permit {
+    /// Adds `bytes` to the share this request holds.
+    fn hold(&mut self, bytes: OwnedSemaphorePermit) {
+        match &mut self._bytes {
+            Some(held) => held.merge(bytes),
+            None => self._bytes = Some(bytes),
+        }
+    }
 }
 
 /// A reply ready for the writer: its header (crc computed by whoever built
@@ -348,9 +358,9 @@ impl Conn {
                 let (peers, volume) = (self.peers.clone(), self.volume.clone());
                 let budget = self.bytes.clone();
                 tokio::spawn(async move {
-                    // The span read from the source is this request's data.
+                    // What it reads from the source is this request's data.
                     let span = budget
-                        .acquire_many_owned(budget_units(plan.span as usize))
+                        .acquire_many_owned(budget_units(plan.read_len() as usize))
                         .await;
                     let reply = pull::pull(store, peers, volume, id, epoch, offset, plan).await;
                     drop(span);
@@ -366,11 +376,21 @@ impl Conn {
                         permit,
                     );
                 };
+                let mut permit = permit;
+                if let Command::ReadPieces { pieces, .. } = &command {
+                    // Its header told only the list's length; its reply
+                    // counts against the budget as a READ's does.
+                    let units = budget_units(pieces.bytes() as usize);
+                    match self.bytes.clone().acquire_many_owned(units).await {
+                        Ok(bytes) => permit.hold(bytes),
+                        Err(_) => return,
+                    }
+                }
                 let inline = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     run_inline(&store, self.view.as_deref(), id, epoch, command)
                 }));
-                let command = match inline {
-                    Ok(Inline::Blocking(command)) => command,
+                let (command, tried) = match inline {
+                    Ok(Inline::Blocking(command, tried)) => (command, tried),
                     Ok(Inline::Done(reply)) => {
                         let _ = self.tx.send(OutFrame::new(reply, self.crc, Some(permit)));
                         return;
@@ -386,7 +406,7 @@ impl Conn {
                 let crc = self.crc;
                 tokio::task::spawn_blocking(move || {
                     let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        execute(&store, view.as_deref(), id, epoch, command)
+                        execute(&store, view.as_deref(), id, epoch, command, tried)
                     }))
                     .unwrap_or_else(|_| panicked(&store, id));
                     let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
@@ -469,7 +489,20 @@ enum Inline {
     /// It ran on the connection's task; this is its reply.
     Done(Reply),
     /// It may wait for the disk: run it on the blocking pool.
-    Blocking(Command),
+    Blocking(Command, Tried),
+}
+
+/// What [`run_inline`] did with a read it passed on to the blocking pool.
+enum Tried {
+    /// Nothing that matters to the pool.
+    Nothing,
+    /// A copy's read tried the page cache and missed: its pages are read
+    /// and dropped, without trying the cache again (the miss's readahead
+    /// would be found there and kept).
+    CacheMissed,
+    /// READ_PIECES read `done` pieces from the cache into `data`, and
+    /// missed on the next one.
+    PiecesMissed { data: Vec<u8>, done: usize },
 }
 
 /// Runs on the connection's own task what does not wait for the disk or
@@ -483,7 +516,7 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
         return Inline::Done(reply);
     }
     if view.is_some() {
-        return Inline::Blocking(command);
+        return Inline::Blocking(command, Tried::Nothing);
     }
     match command {
         Command::Write {
@@ -492,11 +525,14 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
             fua: false,
         } => match store.write_unless_busy(offset, &data) {
             Ok(true) => Inline::Done(store_reply(store, id, Ok(Bytes::new()))),
-            Ok(false) => Inline::Blocking(Command::Write {
-                offset,
-                data,
-                fua: false,
-            }),
+            Ok(false) => Inline::Blocking(
+                Command::Write {
+                    offset,
+                    data,
+                    fua: false,
+                },
+                Tried::Nothing,
+            ),
             Err(e) => Inline::Done(store_reply(store, id, Err(e))),
         },
         // A copy's read of cached pages is the same read: the source
@@ -511,12 +547,22 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
                 }
                 Ok(false) => {
                     read_buffers::give_back(data);
-                    Inline::Blocking(command)
+                    Inline::Blocking(command, Tried::CacheMissed)
                 }
                 Err(e) => Inline::Done(store_reply(store, id, Err(e))),
             }
         }
-        command => Inline::Blocking(command),
+        Command::ReadPieces { ref pieces, .. } if pieces.bytes() <= INLINE_READ_MAX => {
+            let mut data = read_buffers::take(pieces.bytes() as usize);
+            match read_pieces::read_cached(store, pieces.pieces(), &mut data) {
+                Ok(None) => {
+                    Inline::Done(store_reply(store, id, Ok(read_buffers::into_bytes(data))))
+                }
+                Ok(Some(done)) => Inline::Blocking(command, Tried::PiecesMissed { data, done }),
+                Err(e) => Inline::Done(store_reply(store, id, Err(e))),
+            }
+        }
+        command => Inline::Blocking(command, Tried::Nothing),
     }
 }
 
@@ -545,8 +591,16 @@ pub(super) fn fence(store: &Store, id: u64, epoch: u64) -> Result<(), Reply> {
 }
 
 /// Runs one data request against the bound store, or against snapshot
-/// `view` of it (on a blocking thread).
-fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Command) -> Reply {
+/// `view` of it (on a blocking thread), carrying on from what `run_inline`
+/// `tried`.
+fn execute(
+    store: &Store,
+    view: Option<&str>,
+    id: u64,
+    epoch: u64,
+    command: Command,
+    tried: Tried,
+) -> Reply {
     if let Err(reply) = fence(store, id, epoch) {
         return reply;
     }
@@ -562,13 +616,20 @@ fn execute(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: Comm
         }
         Command::ReadForCopy { offset, len } => {
             let mut data = read_buffers::take(len as usize);
-            // `run_inline` tried the cache for the short ones already.
-            if len <= INLINE_READ_MAX {
+            if matches!(tried, Tried::CacheMissed) {
                 store.read_for_copy_uncached(offset, &mut data)
             } else {
                 store.read_for_copy(offset, &mut data)
             }
             .map(|()| read_buffers::into_bytes(data))
+        }
+        Command::ReadPieces { pieces, for_copy } => {
+            let (mut data, done, missed) = match tried {
+                Tried::PiecesMissed { data, done } => (data, done, true),
+                _ => (read_buffers::take(pieces.bytes() as usize), 0, false),
+            };
+            read_pieces::read_rest(store, pieces.pieces(), &mut data, done, for_copy, missed)
+                .map(|()| read_buffers::into_bytes(data))
         }
         Command::Write { offset, data, fua } => store
             .write(offset, &data)
@@ -602,6 +663,19 @@ fn execute_on_snapshot(store: &Store, snapshot: &str, id: u64, command: Command)
             let mut data = read_buffers::take(len as usize);
             store
                 .read_view(view, offset, &mut data)
+                .map(|()| read_buffers::into_bytes(data))
+        }
+        Command::ReadPieces { pieces, .. } => {
+            let mut data = read_buffers::take(pieces.bytes() as usize);
+            let mut at = 0;
+            pieces
+                .pieces()
+                .iter()
+                .try_for_each(|&(offset, len)| {
+                    let piece = &mut data[at..at + len as usize];
+                    at += len as usize;
+                    store.read_view(view, offset, piece)
+                })
                 .map(|()| read_buffers::into_bytes(data))
         }
         Command::BlockStatus { offset, len } => store

@@ -7,7 +7,9 @@
 //! that connection for the next PULLs of the same data connection, and
 //! reads with [`Command::ReadForCopy`](crate::wire::Command::ReadForCopy)
 //! when the plan asks, so the source's page cache keeps what the
-//! applications read. Anything that goes wrong on the source's side is
+//! applications read. A piecewise plan reads only its pieces, in one
+//! [`Command::ReadPieces`](crate::wire::Command::ReadPieces); otherwise
+//! the whole span is read and the holes between the pieces dropped. Anything that goes wrong on the source's side is
 //! [`Status::PeerFailed`] and writes nothing: the controller then copies
 //! the range itself. A failed write here is the target's own error.
 
@@ -20,7 +22,7 @@ use parking_lot::Mutex;
 
 use crate::auth::{self, WireMode};
 use crate::client::ReplicaClient;
-use crate::wire::{PullPlan, Reply, Status};
+use crate::wire::{PieceList, PullPlan, Reply, Status};
 use crate::{error_chain, Store};
 
 /// The connections to source replicas of one data connection's PULLs.
@@ -70,7 +72,7 @@ impl Peers {
     }
 }
 
-/// PULLs whose span is at most this long try to write on the connection's
+/// PULLs that write at most this many bytes try to write on the connection's
 /// task (as [`super::conn`]'s inline writes do) before the blocking pool:
 /// a rebuild of scattered 4 KiB blocks is tens of thousands of them, and
 /// the thread hand-off cost more than the write.
@@ -93,7 +95,13 @@ pub(super) async fn pull(
         Ok(c) => c,
         Err(message) => return peer_failed(message),
     };
-    let read = if plan.drop_cache {
+    let read = if plan.piecewise {
+        // The plan's pieces passed the same checks (`PullPlan::decode`).
+        match PieceList::new(plan.pieces.clone()) {
+            Ok(list) => client.read_pieces(list, plan.drop_cache).await,
+            Err(why) => return peer_failed(format!("the plan's pieces: {why}")),
+        }
+    } else if plan.drop_cache {
         client.read_for_copy(offset, plan.span).await
     } else {
         client.read(offset, plan.span).await
@@ -103,23 +111,29 @@ pub(super) async fn pull(
         Err(e) => {
             return peer_failed(format!(
                 "reading {} bytes at {offset} from the source replica {}: {}",
-                plan.span,
+                plan.read_len(),
                 plan.source,
                 error_chain(&e)
             ))
         }
     };
-    // The client checked the reply is `plan.span` long; the plan's pieces
-    // lie within the span (`PullPlan::decode`).
+    // The client checked the reply's length: the span, whose pieces lie
+    // within it (`PullPlan::decode`), or the pieces back to back.
+    let mut next = 0usize;
+    let piece = |&(at, len): &(u64, u32)| {
+        let from = if plan.piecewise {
+            next
+        } else {
+            (at - offset) as usize
+        };
+        next = from + len as usize;
+        (at, data.slice(from..next))
+    };
     // Small copies go into the page cache on this task, as the
     // connection's own writes do; whatever would wait (the bound on
     // unflushed data, a chain change) goes to the blocking pool.
-    let piece = |&(at, len): &(u64, u32)| {
-        let from = (at - offset) as usize;
-        (at, data.slice(from..from + len as usize))
-    };
     let mut pieces = plan.pieces.iter().map(piece).peekable();
-    if plan.span as usize <= INLINE_WRITE_MAX {
+    if plan.bytes() <= INLINE_WRITE_MAX as u64 {
         let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // The epoch may have moved while the source was read.
             super::conn::fence(&store, id, epoch)?;

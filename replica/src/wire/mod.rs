@@ -4,7 +4,8 @@
 //! Everything is little-endian.
 //!
 //! ```text
-//! request (40-byte header, then `length` payload bytes for HELLO, WRITE, SNAPSHOT, PULL)
+//! request (40-byte header, then `length` payload bytes for HELLO, WRITE, SNAPSHOT, PULL,
+//! READ_PIECES)
 //!   0  magic u32 = 0x5354_5251 "STRQ"   4 version u8 = 1   5 op u8   6 flags u16
 //!   8  request_id u64   16 epoch u64   24 offset u64   32 length u32   36 payload_crc u32
 //! reply (32-byte header, then `length` payload bytes)
@@ -14,6 +15,8 @@
 //!
 //! PULL (a syncing replica copies a range from a peer itself) carries a
 //! [`PullPlan`]; READ with [`FLAG_DROP_CACHE`] is a copy's read.
+//! READ_PIECES reads several ranges in one request ([`PieceList`]; its
+//! reply carries their bytes back to back), with or without that flag.
 //! HELLO's payload names the volume, or `volume@snapshot` to bind the
 //! connection to a snapshot read-only (READ and BLOCK_STATUS only).
 //! For READ, TRIM, WRITE_ZEROES and BLOCK_STATUS `length` is the length of
@@ -35,11 +38,13 @@
 //! frame, send an error reply and go on. The same holds for [`Reply`].
 
 pub(crate) mod outbound;
+mod pieces;
 mod pull;
 mod reply;
 mod request;
 
-pub use pull::{PullPlan, MAX_PIECES};
+pub use pieces::{PieceList, MAX_PIECES};
+pub use pull::PullPlan;
 pub use reply::{decode_extents, encode_extents, Reply, ReplyHeader};
 pub use request::{Command, Request, RequestHeader};
 
@@ -123,6 +128,8 @@ pub enum Op {
     Ping = 9,
     /// Copy a range from a peer replica ([`PullPlan`]).
     Pull = 10,
+    /// Read several ranges in one request ([`PieceList`]).
+    ReadPieces = 11,
 }
 
 impl Op {
@@ -138,20 +145,24 @@ impl Op {
             8 => Op::Snapshot,
             9 => Op::Ping,
             10 => Op::Pull,
+            11 => Op::ReadPieces,
             _ => return None,
         })
     }
 
     /// True when `length` counts payload bytes that follow the header.
     pub fn has_payload(self) -> bool {
-        matches!(self, Op::Hello | Op::Write | Op::Snapshot | Op::Pull)
+        matches!(
+            self,
+            Op::Hello | Op::Write | Op::Snapshot | Op::Pull | Op::ReadPieces
+        )
     }
 
     pub(crate) fn allowed_flags(self) -> u16 {
         match self {
             Op::Write => FLAG_FUA,
             Op::WriteZeroes => FLAG_NO_HOLE,
-            Op::Read => FLAG_DROP_CACHE,
+            Op::Read | Op::ReadPieces => FLAG_DROP_CACHE,
             _ => 0,
         }
     }

@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! 0  flags u8 (bit 0: the source drops what the read brought into its page cache;
-//!    bit 1: the target encrypts its connection to the source, as the controller's are)
+//!    bit 1: the target encrypts its connection to the source, as the controller's are;
+//!    bit 2: the target reads only the pieces, in one READ_PIECES, not the whole span)
 //! 1  family u8 (4 or 6)   2 address [u8; 16] (IPv4 in the first 4)   18 port u16
 //! 20 timeout_ms u32 (the target's deadline for connecting to and reading from the source)
 //! 24 span u32 (bytes read from the source at the header's offset)
@@ -22,17 +23,14 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::pieces::{check_pieces, MAX_PIECES, PIECE_LEN};
 use super::{u16_at, u32_at, u64_at, MAX_PAYLOAD};
 
 /// Bytes before the pieces.
 const FIXED_LEN: usize = 32;
-/// Bytes of one piece.
-const PIECE_LEN: usize = 12;
-/// The most pieces one PULL names (4 KiB pieces of a 32 MiB span would be
-/// 8192; the controller sends at most a few hundred).
-pub const MAX_PIECES: usize = 8192;
 const FLAG_DROP_CACHE: u8 = 1;
 const FLAG_ENCRYPT: u8 = 2;
+const FLAG_PIECEWISE: u8 = 4;
 const ALIGN: u64 = 4096;
 
 /// A validated PULL: where to read, what to write. Keeps its encoding, which
@@ -50,7 +48,13 @@ pub struct PullPlan {
     /// own: `--encrypt-replica-wire`); a target without the cluster key
     /// cannot, and says PEER_FAILED.
     pub encrypt: bool,
-    /// Bytes read from the source at the request's offset.
+    /// Read only the pieces from the source, in one
+    /// [`Command::ReadPieces`](super::Command::ReadPieces), rather than
+    /// the whole span with the holes between them (set by
+    /// [`PullPlan::read_as_pieces`]; both replicas must know READ_PIECES).
+    pub piecewise: bool,
+    /// Bytes from the request's offset to the end of the last piece: read
+    /// from the source whole unless `piecewise`.
     pub span: u32,
     /// (offset, len) written on the target.
     pub pieces: Vec<(u64, u32)>,
@@ -99,10 +103,20 @@ impl PullPlan {
             timeout,
             drop_cache,
             encrypt,
+            piecewise: false,
             span,
             pieces,
             encoded: b.freeze(),
         })
+    }
+
+    /// This plan, with the target reading only the pieces from the source.
+    pub fn read_as_pieces(mut self) -> PullPlan {
+        let mut b = BytesMut::from(&self.encoded[..]);
+        b[0] |= FLAG_PIECEWISE;
+        self.encoded = b.freeze();
+        self.piecewise = true;
+        self
     }
 
     /// Parses and checks a PULL payload for a request at `offset`.
@@ -111,7 +125,7 @@ impl PullPlan {
             return Err("PULL payload shorter than its fixed part");
         }
         let flags = payload[0];
-        if flags & !(FLAG_DROP_CACHE | FLAG_ENCRYPT) != 0 {
+        if flags & !(FLAG_DROP_CACHE | FLAG_ENCRYPT | FLAG_PIECEWISE) != 0 {
             return Err("PULL flags not defined");
         }
         let raw: [u8; 16] = payload[2..18].try_into().expect("16 bytes");
@@ -145,6 +159,7 @@ impl PullPlan {
             timeout,
             drop_cache: flags & FLAG_DROP_CACHE != 0,
             encrypt: flags & FLAG_ENCRYPT != 0,
+            piecewise: flags & FLAG_PIECEWISE != 0,
             span,
             pieces,
             encoded: payload,
@@ -160,6 +175,16 @@ impl PullPlan {
     pub fn bytes(&self) -> u64 {
         self.pieces.iter().map(|&(_, n)| u64::from(n)).sum()
     }
+
+    /// Bytes the target reads from the source: the pieces' if
+    /// `piecewise`, else the whole span.
+    pub fn read_len(&self) -> u64 {
+        if self.piecewise {
+            self.bytes()
+        } else {
+            u64::from(self.span)
+        }
+    }
 }
 
 fn check(offset: u64, span: u32, pieces: &[(u64, u32)]) -> Result<(), &'static str> {
@@ -169,23 +194,10 @@ fn check(offset: u64, span: u32, pieces: &[(u64, u32)]) -> Result<(), &'static s
     if !offset.is_multiple_of(ALIGN) || !u64::from(span).is_multiple_of(ALIGN) {
         return Err("PULL span is not 4 KiB aligned");
     }
-    if pieces.is_empty() || pieces.len() > MAX_PIECES {
-        return Err("PULL needs 1 to 8192 pieces");
-    }
     let end = offset
         .checked_add(u64::from(span))
         .ok_or("PULL span wraps")?;
-    let mut cursor = offset;
-    for &(at, len) in pieces {
-        if len == 0 || !at.is_multiple_of(ALIGN) || !u64::from(len).is_multiple_of(ALIGN) {
-            return Err("PULL piece is empty or not 4 KiB aligned");
-        }
-        if at < cursor || at + u64::from(len) > end {
-            return Err("PULL pieces overlap, are out of order or leave the span");
-        }
-        cursor = at + u64::from(len);
-    }
-    Ok(())
+    check_pieces(offset, end, pieces)
 }
 
 #[cfg(test)]
@@ -214,6 +226,13 @@ mod tests {
         assert_eq!(back, plan);
         assert_eq!(back.pieces, pieces);
         assert_eq!(back.bytes(), 12288);
+        assert!(!back.piecewise);
+        assert_eq!(back.read_len(), 69632, "the whole span is read");
+        let piecewise = plan.read_as_pieces();
+        let back = PullPlan::decode(1 << 20, piecewise.encoded().clone()).unwrap();
+        assert_eq!(back, piecewise);
+        assert!(back.piecewise && back.drop_cache && back.encrypt);
+        assert_eq!(back.read_len(), 12288, "only the pieces are read");
         let v6: SocketAddr = "[fd00::7]:10810".parse().unwrap();
         let plan = PullPlan::new(
             0,

@@ -3,8 +3,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{
-    check_prefix, u16_at, u32_at, u64_at, FrameCrc, Op, PullPlan, WireError, FLAG_DROP_CACHE,
-    FLAG_FUA, FLAG_NO_HOLE, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN, REQUEST_MAGIC, VERSION,
+    check_prefix, u16_at, u32_at, u64_at, FrameCrc, Op, PieceList, PullPlan, WireError,
+    FLAG_DROP_CACHE, FLAG_FUA, FLAG_NO_HOLE, MAX_NAME_LEN, MAX_PAYLOAD, REQUEST_HEADER_LEN,
+    REQUEST_MAGIC, VERSION,
 };
 
 /// The fixed part of a request, as on the wire.
@@ -97,6 +98,12 @@ pub enum Command {
         offset: u64,
         len: u32,
     },
+    /// Several ranges in one request; the reply carries their bytes back
+    /// to back. With `for_copy`, as [`Command::ReadForCopy`].
+    ReadPieces {
+        pieces: PieceList,
+        for_copy: bool,
+    },
     /// Read a range from a peer replica and write the plan's pieces of it
     /// here (a syncing replica's copy, [`PullPlan`]).
     Pull {
@@ -134,6 +141,7 @@ impl Command {
             Command::Hello { .. } => Op::Hello,
             Command::Read { .. } | Command::ReadForCopy { .. } => Op::Read,
             Command::Pull { .. } => Op::Pull,
+            Command::ReadPieces { .. } => Op::ReadPieces,
             Command::Write { .. } => Op::Write,
             Command::Flush => Op::Flush,
             Command::Trim { .. } => Op::Trim,
@@ -151,6 +159,7 @@ impl Command {
             Command::Write { data, .. } => data,
             Command::Snapshot { name } => name.as_bytes(),
             Command::Pull { plan, .. } => plan.encoded(),
+            Command::ReadPieces { pieces, .. } => pieces.encoded(),
             _ => &[],
         }
     }
@@ -259,6 +268,10 @@ impl Request {
                 offset,
                 plan: PullPlan::decode(offset, data()).map_err(invalid)?,
             },
+            Op::ReadPieces => Command::ReadPieces {
+                pieces: PieceList::decode(offset, data()).map_err(invalid)?,
+                for_copy: h.flags & FLAG_DROP_CACHE != 0,
+            },
             Op::Write => Command::Write {
                 offset,
                 data: data(),
@@ -303,6 +316,14 @@ impl Request {
             } => (offset, data.len() as u32, if fua { FLAG_FUA } else { 0 }),
             Command::ReadForCopy { offset, len } => (offset, len, FLAG_DROP_CACHE),
             Command::Pull { offset, .. } => (offset, payload.len() as u32, 0),
+            Command::ReadPieces {
+                ref pieces,
+                for_copy,
+            } => (
+                pieces.offset(),
+                payload.len() as u32,
+                if for_copy { FLAG_DROP_CACHE } else { 0 },
+            ),
             Command::Read { offset, len }
             | Command::Trim { offset, len }
             | Command::BlockStatus { offset, len } => (offset, len, 0),
