@@ -121,6 +121,25 @@ async fn a_replica_pulls_the_pieces_it_is_told_from_its_peer() {
     assert_eq!(&got[..], &data[2 * MIB as usize..]);
 }
 
+/// A source holding `len` bytes of pattern `seed` at offset 0, and a
+/// target whose bound on unflushed data is `fixed_limit` (the default's
+/// when `None`).
+async fn source_and_target(
+    fixed_limit: Option<u64>,
+    seed: u64,
+    len: u64,
+) -> (Server, Server, Bytes) {
+    let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
+    b.host.set_writeback(strata_replica::WritebackConfig {
+        fixed_limit,
+        ..Default::default()
+    });
+    let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
+    let data = pattern(seed, len as usize);
+    source.write(0, data.clone(), true).await.unwrap();
+    (a, b, data)
+}
+
 /// A rebuild of scattered 4 KiB blocks: many small PULLs at once, each
 /// written on the connection's task unless the bound on unflushed data
 /// (here a tiny fixed one, so that many of them wait on the blocking pool
@@ -128,14 +147,7 @@ async fn a_replica_pulls_the_pieces_it_is_told_from_its_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_pulls_land_whether_written_inline_or_on_the_pool() {
     for fixed_limit in [None, Some(16 << 10)] {
-        let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
-        b.host.set_writeback(strata_replica::WritebackConfig {
-            fixed_limit,
-            ..Default::default()
-        });
-        let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
-        let data = pattern(5, 8 * MIB as usize);
-        source.write(0, data.clone(), true).await.unwrap();
+        let (a, b, data) = source_and_target(fixed_limit, 5, 8 * MIB).await;
         let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
         // Every other 4 KiB block of 8 MiB, one PULL each (span 4 KiB); then
         // for every 64 KiB a PULL of the span naming its blocks 3 and 6-7.
@@ -367,14 +379,7 @@ async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::A
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_piecewise_pull_moves_only_the_pieces() {
     for fixed_limit in [None, Some(16 << 10)] {
-        let (a, b) = (start(Some("vol")).await, start(Some("vol")).await);
-        b.host.set_writeback(strata_replica::WritebackConfig {
-            fixed_limit,
-            ..Default::default()
-        });
-        let source = ReplicaClient::connect(a.addr, "vol", 0, T).await.unwrap();
-        let data = pattern(7, 16 * MIB as usize);
-        source.write(0, data.clone(), true).await.unwrap();
+        let (a, b, data) = source_and_target(fixed_limit, 7, 16 * MIB).await;
         let (relay, carried) = counting_relay(a.addr).await;
         let target = ReplicaClient::connect(b.addr, "vol", 0, T).await.unwrap();
         // 32 blocks of 4 KiB, 256 KiB apart, in one PULL of an 8 MiB span;
