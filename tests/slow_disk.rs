@@ -5,7 +5,9 @@
 //! pile up; that the controller and the replica stop within 10 s of SIGTERM
 //! in the middle of such a burst; that data acknowledged by a FLUSH survives
 //! kill -9; and that a replica whose stop ran out of time for its flush
-//! finishes it at its next start and is not compared with its peers.
+//! finishes it at its next start and is not compared with its peers. And
+//! that a full rebuild onto the slow disk runs once, without a request
+//! timing out and the rebuild starting over.
 //!
 //! Needs root (loop devices, mount), nbdkit, nbdfuse and fio.
 
@@ -229,8 +231,12 @@ fn stop_time(p: &mut Proc) -> (Duration, bool) {
     );
 }
 
+/// One slow disk at a time: two would share this machine's cores and disk.
+static ONE_DISK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_slow_disk_bounds_flushes_and_stops() {
+    let _one = ONE_DISK.lock().unwrap_or_else(|e| e.into_inner());
     let disk = SlowDisk::up();
 
     // 1. A burst, a FLUSH during it and one after it.
@@ -364,5 +370,53 @@ fn a_slow_disk_bounds_flushes_and_stops() {
     );
     let status = c.status();
     assert_eq!(status["state"], "healthy", "{status}");
+    c.stop_clean();
+}
+
+/// A full rebuild of 1 GiB onto the slow disk, from two replicas on the
+/// machine's disk: it runs once, with no request timing out. The disk
+/// stack takes its first ~64 MiB at memory speed (nbdkit behind FUSE),
+/// as an SD card's or a USB disk's cache does; a writeback bound that
+/// believed those first batches grew to a gigabyte, the rebuild's writes
+/// then waited longer than the controller's 10 s timeout, and each attempt
+/// was faulted and started over from an empty replica.
+#[test]
+fn a_rebuild_onto_a_slow_disk_runs_once() {
+    let _one = ONE_DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let disk = SlowDisk::up();
+    let mut c = Cluster::without_processes(2 << 30);
+    let on_disk = disk.mnt().join("rebuild");
+    std::fs::create_dir_all(&on_disk).unwrap();
+    std::os::unix::fs::symlink(&on_disk, c.replica_dir(0)).unwrap();
+    for i in 0..3 {
+        let addr = free_addr();
+        c.replica_addrs.push(addr);
+        let replica = spawn_replica_with(&c, i, addr, &[]);
+        c.replicas.push(replica);
+    }
+    c.start_controller();
+    c.wait_all_healthy(60);
+    // Replica 0 is lost with its disk's contents while 1 GiB is written.
+    c.replicas[0].kill9();
+    pattern(&c.uri(), 1024, false, true);
+    std::fs::remove_dir_all(&on_disk).unwrap();
+    std::fs::create_dir_all(&on_disk).unwrap();
+    let started = Instant::now();
+    c.replicas[0] = spawn_replica_with(&c, 0, c.replica_addrs[0], &[]);
+    // 1 GiB at 30 MiB/s is 35 s; a rebuild starting over takes minutes.
+    c.wait_all_healthy(180);
+    let took = started.elapsed();
+    let log = c.controller.as_ref().unwrap().log_text();
+    let attempts = log.matches("replica rejoined write-only").count();
+    eprintln!(
+        "slow disk: full rebuild of 1 GiB onto it in {took:?} ({:.1} MiB/s), {attempts} attempt(s)",
+        1024.0 / took.as_secs_f64()
+    );
+    assert!(
+        !log.contains("sync stopped") && !log.contains("timed out"),
+        "the rebuild was interrupted:\n{log}"
+    );
+    assert_eq!(attempts, 1, "the rebuild started over:\n{log}");
+    pattern(&c.uri(), 1024, true, false);
     c.stop_clean();
 }

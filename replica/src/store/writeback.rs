@@ -323,17 +323,37 @@ fn run(shared: &Shared) {
         // batch wrote its pages.
         let measured = quiet && g.flushes_running == 0 && g.flush_gen == gen;
         if head.is_some() && measured && batch >= MIN_LIMIT / 4 {
-            let per_byte = secs.max(1e-6) / batch as f64;
-            g.rate = if g.rate <= 0.0 {
-                1.0 / per_byte
-            } else {
-                1.0 / (0.7 / g.rate + 0.3 * per_byte)
-            };
+            g.rate = next_rate(g.rate, batch as f64 / secs.max(1e-6));
         }
         drop(g);
         shared.settled.notify_all();
     }
 }
+
+/// The writeback rate after a batch measured at `measured` bytes per
+/// second, from `rate` (0: none yet). A slower batch counts most: a disk
+/// that slows down (its own cache full, another volume's writes) must
+/// lower the bound within a batch or two. A faster one raises the rate by
+/// at most [`MAX_GROWTH`] per batch, from the rate the first bound stands
+/// for ([`MIN_LIMIT`] a second): a disk with a write cache (an SD card's,
+/// a USB disk's, a virtual disk's host) takes its first tens of MiB at
+/// memory speed, and believing that at once set a bound of a gigabyte
+/// that then took the disk half a minute to write, every write waiting
+/// behind it (a rebuild onto a 30 MiB/s disk timed out again and again,
+/// BENCHMARKS.md "Session 21"). One batch the kernel had already written,
+/// done in no time, likewise raises it by that factor at most.
+fn next_rate(rate: f64, measured: f64) -> f64 {
+    let current = if rate > 0.0 { rate } else { MIN_LIMIT as f64 };
+    if measured < current {
+        // Averaged as seconds per byte.
+        1.0 / (0.3 / current + 0.7 / measured)
+    } else {
+        measured.min(current * MAX_GROWTH)
+    }
+}
+
+/// How much one batch may raise the writeback rate (and so the bound).
+const MAX_GROWTH: f64 = 1.5;
 
 /// Writes back the dirty pages of `[offset, offset + len)` of the file at
 /// `path` (`len` 0: to the end) and waits for them, through a file
@@ -418,6 +438,57 @@ mod tests {
         assert_eq!(inner(1.0 * 1048576.0, None).limit(), MIN_LIMIT);
         assert_eq!(inner(10e9, None).limit(), MAX_LIMIT);
         assert_eq!(inner(10e9, Some(8 << 20)).limit(), 8 << 20);
+    }
+
+    /// A disk whose cache takes 64 MiB at 1.4 GB/s and then writes at
+    /// 30 MiB/s, in the writeback thread's batches (a quarter of the
+    /// bound): the bound never exceeds what the disk writes in a few
+    /// seconds, and is back near a second of it soon after the cache fills.
+    #[test]
+    fn a_disk_cache_does_not_inflate_the_bound() {
+        let mib = 1048576.0;
+        let mut g = inner(0.0, None);
+        let (mut cached, mut highest) = (64.0 * mib, 0u64);
+        let mut after_cache = Vec::new();
+        for _ in 0..40 {
+            let batch = g.step() as f64;
+            let measured = if cached > 0.0 {
+                1400.0 * mib
+            } else {
+                30.0 * mib
+            };
+            if cached <= 0.0 {
+                after_cache.push(g.limit());
+            }
+            cached -= batch;
+            g.rate = next_rate(g.rate, measured);
+            highest = highest.max(g.limit());
+        }
+        assert!(
+            highest <= 200 << 20,
+            "the bound reached {} MiB",
+            highest >> 20
+        );
+        // Within three batches of the cache filling, at most about 2 s of the disk.
+        assert!(after_cache[3] <= 64 << 20, "{:?}", after_cache);
+        assert!(
+            after_cache.last().unwrap().abs_diff(30 << 20) < 2 << 20,
+            "{:?}",
+            after_cache
+        );
+        // A steady fast disk still gets its second's worth, within a few batches.
+        let mut g = inner(0.0, None);
+        for _ in 0..12 {
+            g.rate = next_rate(g.rate, 900.0 * mib);
+        }
+        assert!(g.limit() > 800 << 20, "{}", g.limit() >> 20);
+        // One slow batch on a fast disk lowers the bound, a few fast ones restore it.
+        g.rate = next_rate(g.rate, 90.0 * mib);
+        assert!(g.limit() < 200 << 20, "{}", g.limit() >> 20);
+        for _ in 0..6 {
+            g.rate = next_rate(g.rate, 900.0 * mib);
+        }
+        assert!(g.limit() > 600 << 20, "{}", g.limit() >> 20);
     }
 
     #[test]
