@@ -401,6 +401,14 @@ async fn a_piecewise_pull_moves_only_the_pieces() {
             .unwrap();
         let moved = carried.load(std::sync::atomic::Ordering::Relaxed);
         let pieces = 32 * 4096 + 2 * MIB;
+        // A span read longer than the connection's byte budget (8 MiB)
+        // runs alone rather than waiting for budget its plan holds; its
+        // one piece, the last 4 KiB, was written above already.
+        let whole = plan(a.addr, 0, 16 * MIB, &[(16 * MIB - 4096, 4096)]);
+        tokio::time::timeout(T, target.pull(0, whole))
+            .await
+            .expect("a 16 MiB span did not finish")
+            .unwrap();
         assert!(
             moved >= pieces && moved < pieces + 64 * 1024,
             "{moved} bytes came from the source for {pieces} bytes of pieces"
@@ -477,6 +485,15 @@ async fn read_pieces_reads_the_pieces_and_leaves_the_cache_as_it_found_it() {
         assert_eq!(&got[..], &want(&pieces)[..]);
         assert!(cached(pieces[2].0, len), "a plain read did not cache");
     }
+    // Longer than the connection's whole byte budget (8 MiB): it runs
+    // alone rather than waiting forever for budget it holds itself.
+    let big: Vec<(u64, u32)> = (0..3).map(|i| (i * 8 * MIB, (4 * MIB) as u32)).collect();
+    let list = PieceList::new(big.clone()).unwrap();
+    let got = tokio::time::timeout(T, client.read_pieces(list, true))
+        .await
+        .expect("a 12 MiB READ_PIECES did not finish")
+        .unwrap();
+    assert_eq!(&got[..], &want(&big)[..]);
     // On a snapshot connection, the snapshot's bytes.
     store.snapshot("s1").unwrap();
     client

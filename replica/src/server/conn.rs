@@ -40,10 +40,11 @@ const BUDGET_UNIT: usize = 4096;
 /// Budget units for `bytes` of data; a request larger than the whole budget
 /// takes all of it (and runs alone).
 pub(super) fn budget_units(bytes: usize) -> u32 {
-    bytes
-        .div_ceil(BUDGET_UNIT)
-        .min(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT) as u32
+    bytes.div_ceil(BUDGET_UNIT).min(BUDGET_UNITS as usize) as u32
 }
+
+/// The whole budget, in units.
+const BUDGET_UNITS: u32 = (MAX_IN_FLIGHT_BYTES / BUDGET_UNIT) as u32;
 
 /// What a request holds until its reply is on the socket: its place among
 /// the requests in flight and its share of the byte budget.
@@ -358,10 +359,11 @@ impl Conn {
                 let (peers, volume) = (self.peers.clone(), self.volume.clone());
                 let budget = self.bytes.clone();
                 tokio::spawn(async move {
-                    // What it reads from the source is this request's data.
-                    let span = budget
-                        .acquire_many_owned(budget_units(plan.read_len() as usize))
-                        .await;
+                    // What it reads from the source is this request's data
+                    // (with its plan's, at most the whole budget).
+                    let held = budget_units(plan.encoded().len());
+                    let units = budget_units(plan.read_len() as usize).min(BUDGET_UNITS - held);
+                    let span = budget.acquire_many_owned(units).await;
                     let reply = pull::pull(store, peers, volume, id, epoch, offset, plan).await;
                     drop(span);
                     let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
@@ -379,8 +381,11 @@ impl Conn {
                 let mut permit = permit;
                 if let Command::ReadPieces { pieces, .. } = &command {
                     // Its header told only the list's length; its reply
-                    // counts against the budget as a READ's does.
-                    let units = budget_units(pieces.bytes() as usize);
+                    // counts against the budget as a READ's does. Together
+                    // with what the list holds, at most the whole budget,
+                    // or a read longer than it would wait forever.
+                    let held = budget_units(pieces.encoded().len());
+                    let units = budget_units(pieces.bytes() as usize).min(BUDGET_UNITS - held);
                     match self.bytes.clone().acquire_many_owned(units).await {
                         Ok(bytes) => permit.hold(bytes),
                         Err(_) => return,
