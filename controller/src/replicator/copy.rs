@@ -31,7 +31,7 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use strata_replica::auth::{self, WireMode};
 use strata_replica::client::ReplicaClient;
-use strata_replica::wire::{PieceList, PullPlan, Status};
+use strata_replica::wire::{piece_slices, PieceList, PullPlan, Status};
 use strata_replica::{Allocation, AllocationExtent};
 use tokio::sync::Semaphore;
 
@@ -397,16 +397,8 @@ async fn copy_job(ends: &Ends<'_>, job: CopyJob) -> Result<Copied, CopyError> {
             };
             let data =
                 read.map_err(|e| CopyError::Source(SyncError::data("read on the source", e)))?;
-            let mut next = 0usize;
-            let writes = pieces.iter().map(|&(at, n)| {
-                let from = if piecewise {
-                    next
-                } else {
-                    (at - offset) as usize
-                };
-                next = from + n as usize;
-                target.write(at, data.slice(from..next), false)
-            });
+            let writes = piece_slices(&data, offset, &pieces, piecewise)
+                .map(|(at, bytes)| target.write(at, bytes, false));
             futures::future::try_join_all(writes)
                 .await
                 .map_err(on_target)?;

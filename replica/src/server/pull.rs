@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use crate::auth::{self, WireMode};
 use crate::client::ReplicaClient;
-use crate::wire::{PieceList, PullPlan, Reply, Status};
+use crate::wire::{piece_slices, PieceList, PullPlan, Reply, Status};
 use crate::{error_chain, Store};
 
 /// The connections to source replicas of one data connection's PULLs.
@@ -119,20 +119,10 @@ pub(super) async fn pull(
     };
     // The client checked the reply's length: the span, whose pieces lie
     // within it (`PullPlan::decode`), or the pieces back to back.
-    let mut next = 0usize;
-    let piece = |&(at, len): &(u64, u32)| {
-        let from = if plan.piecewise {
-            next
-        } else {
-            (at - offset) as usize
-        };
-        next = from + len as usize;
-        (at, data.slice(from..next))
-    };
     // Small copies go into the page cache on this task, as the
     // connection's own writes do; whatever would wait (the bound on
     // unflushed data, a chain change) goes to the blocking pool.
-    let mut pieces = plan.pieces.iter().map(piece).peekable();
+    let mut pieces = piece_slices(&data, offset, &plan.pieces, plan.piecewise).peekable();
     if plan.bytes() <= INLINE_WRITE_MAX as u64 {
         let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // The epoch may have moved while the source was read.

@@ -43,7 +43,7 @@ mod pull;
 mod reply;
 mod request;
 
-pub use pieces::{PieceList, MAX_PIECES};
+pub use pieces::{piece_slices, PieceList, MAX_PIECES};
 pub use pull::PullPlan;
 pub use reply::{decode_extents, encode_extents, Reply, ReplyHeader};
 pub use request::{Command, Request, RequestHeader};

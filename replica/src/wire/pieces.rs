@@ -101,6 +101,27 @@ impl PieceList {
     }
 }
 
+/// Each of `pieces` with its bytes, cut from the reply `data` to a read
+/// at `offset`: the reply holds the span from `offset` (a READ), or the
+/// pieces back to back (`back_to_back`: a READ_PIECES). The caller checked
+/// the reply's length.
+pub fn piece_slices<'a>(
+    data: &'a Bytes,
+    offset: u64,
+    pieces: &'a [(u64, u32)],
+    back_to_back: bool,
+) -> impl Iterator<Item = (u64, Bytes)> + 'a {
+    pieces.iter().scan(0usize, move |next, &(at, len)| {
+        let from = if back_to_back {
+            *next
+        } else {
+            (at - offset) as usize
+        };
+        *next = from + len as usize;
+        Some((at, data.slice(from..*next)))
+    })
+}
+
 /// Checks that `pieces` are 1 to [`MAX_PIECES`] non-empty, 4 KiB aligned,
 /// sorted, disjoint ranges inside `[from, end)`.
 pub(super) fn check_pieces(from: u64, end: u64, pieces: &[(u64, u32)]) -> Result<(), &'static str> {
