@@ -25,6 +25,7 @@ pub mod disk;
 mod error;
 mod expand;
 pub mod lag;
+mod pace;
 mod range_lock;
 pub mod recovery;
 mod slot;

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use std::sync::atomic::Ordering;
 
 use super::copy::{self, Copied, CopyError};
+use super::pace::SyncPace;
 use super::{chain_copy, compare, control, Health, Slot, SyncError, Volume, REGION};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -325,7 +326,8 @@ fn ahead_of_cap(volume: &Volume, slot: &Slot) -> Option<Duration> {
 }
 
 /// Copies every pending region to a syncing replica ([`SYNC_PARALLEL`]
-/// runs of up to [`SYNC_RUN`] regions at a time), then makes it healthy.
+/// runs of up to [`SYNC_RUN`] regions at a time, fewer and shorter on a
+/// slow disk: `pace.rs`), then makes it healthy.
 pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
     use futures::stream::{FuturesUnordered, StreamExt};
     let started = Instant::now();
@@ -337,8 +339,11 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
         p.started = Some(Instant::now());
     }
     let mut transferred = Copied::default();
+    let mut pace = SyncPace::new(Instant::now());
     loop {
         let mut in_flight = FuturesUnordered::new();
+        // Bytes of the runs in flight, which hold their range locks.
+        let mut locked = 0;
         let mut source_trouble = None;
         let mut target_trouble = None;
         loop {
@@ -353,19 +358,27 @@ pub async fn sync(volume: &Volume, slot: &Slot) -> Result<(), SyncError> {
                         break;
                     }
                 }
-                let Some((region, count)) = slot.take_pending_run(SYNC_RUN) else {
+                let Some(regions) = pace.next_run(locked) else {
                     break;
                 };
-                in_flight.push(copy_region(volume, slot, region, count));
+                let Some((region, count)) = slot.take_pending_run(regions) else {
+                    break;
+                };
+                let run = count * REGION;
+                locked += run;
+                in_flight
+                    .push(async move { (run, copy_region(volume, slot, region, count).await) });
             }
             // Other copies hold the gate shared: nothing here may wait for
             // it exclusively until they are all done.
-            let Some((start, end, result)) = in_flight.next().await else {
+            let Some((run, (start, end, result))) = in_flight.next().await else {
                 break;
             };
+            locked -= run;
             match result {
                 Ok(bytes) => {
                     transferred += bytes;
+                    pace.completed(Instant::now(), run);
                     slot.progress.lock().done_bytes += end - start;
                 }
                 Err(CopyError::Source(e)) => {

@@ -25,6 +25,7 @@ use super::pull::{self, Peers};
 use super::{read_buffers, read_pieces};
 use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::host::{HostError, ReplicaHost};
+use crate::store::WriteClass;
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{self, Command, FrameCrc, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
 use crate::{error_chain, Store, StoreError, View};
@@ -528,7 +529,7 @@ fn run_inline(store: &Store, view: Option<&str>, id: u64, epoch: u64, command: C
             offset,
             data,
             fua: false,
-        } => match store.write_unless_busy(offset, &data) {
+        } => match store.write_unless_busy(WriteClass::Client, offset, &data) {
             Ok(true) => Inline::Done(store_reply(store, id, Ok(Bytes::new()))),
             Ok(false) => Inline::Blocking(
                 Command::Write {

@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 
 use crate::auth::{self, WireMode};
 use crate::client::ReplicaClient;
+use crate::store::WriteClass;
 use crate::wire::{piece_slices, PieceList, PullPlan, Reply, Status};
 use crate::{error_chain, Store};
 
@@ -128,7 +129,7 @@ pub(super) async fn pull(
             // The epoch may have moved while the source was read.
             super::conn::fence(&store, id, epoch)?;
             while let Some((at, bytes)) = pieces.peek() {
-                match store.write_unless_busy(*at, bytes) {
+                match store.write_unless_busy(WriteClass::Copy, *at, bytes) {
                     Ok(true) => drop(pieces.next()),
                     Ok(false) => return Ok(false),
                     Err(e) => return Err(super::conn::store_reply(&store, id, Err(e))),
@@ -154,7 +155,7 @@ pub(super) async fn pull(
                 }
                 let result = rest
                     .iter()
-                    .try_for_each(|(at, bytes)| store.write(*at, bytes));
+                    .try_for_each(|(at, bytes)| store.write_as(WriteClass::Copy, *at, bytes));
                 super::conn::store_reply(&store, id, result.map(|()| Bytes::new()))
             }))
             .unwrap_or_else(|_| super::conn::panicked(&store, id))

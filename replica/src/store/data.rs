@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{mark, Maps, Source, State, Store};
+use super::{mark, Maps, Source, State, Store, WriteClass};
 use crate::engine::IoOp;
 use crate::error::{Result, StoreError};
 use crate::layer::{BlockKind, MapEntry, ENTRY_LEN};
@@ -238,32 +238,38 @@ impl Store {
         Ok(true)
     }
 
-    /// Writes `buf` at `offset` into the head. Durable after [`Store::flush`].
-    /// Waits first while the store's unflushed bytes are at their bound
-    /// (`writeback.rs`).
+    /// Writes `buf` at `offset` into the head, as a client's write.
+    /// Durable after [`Store::flush`]. Waits first while the store's
+    /// unflushed bytes are at their bound (`writeback.rs`).
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_usable()?;
-        self.writeback.throttle();
-        let st = self.state.read();
-        self.write_locked(&st, offset, buf)
+        self.write_as(WriteClass::Client, offset, buf)
     }
 
-    /// [`Store::write`] unless a chain change holds the store or the write
-    /// would wait for the bound on unflushed bytes: `Ok(false)` then, and
-    /// nothing was written. A buffered write still waits for the kernel
-    /// (page cache, block allocation), never for another request.
-    pub fn write_unless_busy(&self, offset: u64, buf: &[u8]) -> Result<bool> {
+    /// [`Store::write`] for a write of `class`, which shares the bound on
+    /// unflushed bytes with the other class (`writeback.rs`).
+    pub fn write_as(&self, class: WriteClass, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_usable()?;
-        if self.writeback.would_throttle() {
+        self.writeback.throttle(class);
+        let st = self.state.read();
+        self.write_locked(&st, class, offset, buf)
+    }
+
+    /// [`Store::write_as`] unless a chain change holds the store or the
+    /// write would wait for the bound on unflushed bytes: `Ok(false)` then,
+    /// and nothing was written. A buffered write still waits for the kernel
+    /// (page cache, block allocation), never for another request.
+    pub fn write_unless_busy(&self, class: WriteClass, offset: u64, buf: &[u8]) -> Result<bool> {
+        self.check_usable()?;
+        if self.writeback.would_throttle(class) {
             return Ok(false);
         }
         let Some(st) = self.state.try_read() else {
             return Ok(false);
         };
-        self.write_locked(&st, offset, buf).map(|()| true)
+        self.write_locked(&st, class, offset, buf).map(|()| true)
     }
 
-    fn write_locked(&self, st: &State, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_locked(&self, st: &State, class: WriteClass, offset: u64, buf: &[u8]) -> Result<()> {
         let (b0, b1) = self.check_range(st.meta.size, offset, buf.len() as u64)?;
         if b0 == b1 {
             return Ok(());
@@ -296,8 +302,13 @@ impl Store {
             StoreError::io(op.name(), path_of(st, op), op.offset(), e.source)
         })?;
         mark(&self.head_dirty);
-        self.writeback
-            .note_write(head.id, &head.data_path, &head.map_path, buf.len() as u64);
+        self.writeback.note_write(
+            class,
+            head.id,
+            &head.data_path,
+            &head.map_path,
+            buf.len() as u64,
+        );
         let mut maps = st.maps.lock();
         maps.extents[head_pos].set(b0, b1, BlockKind::Data);
         maps.index.set(b0, b1, Source::layer(head_pos));

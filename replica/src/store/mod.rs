@@ -49,7 +49,7 @@ use crate::BLOCK_SIZE;
 
 pub use chain::{filesystem_space, valid_snapshot_name, FilesystemSpace, SnapshotInfo, View};
 pub use data::{Allocation, AllocationExtent};
-pub use writeback::{WritebackConfig, WritebackStats};
+pub use writeback::{WriteClass, WritebackConfig, WritebackStats};
 
 const LOCK_FILE: &str = "volume.lock";
 

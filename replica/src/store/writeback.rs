@@ -18,6 +18,15 @@
 //! disk takes this volume's writes (random 4 KiB writes back slower than
 //! sequential ones, and the limit follows).
 //!
+//! Two kinds of write share the bound ([`WriteClass`]): the volume's
+//! clients' and a rebuild's copies (PULL). While both are writing, each
+//! may hold at most half of it unflushed, so each gets about half of the
+//! disk: a rebuild onto a slow disk left the clients' writes waiting behind
+//! its copies for a whole batch at a time (they kept 5% of their IOPS,
+//! their 99th percentile near a second; BENCHMARKS.md, "Session 22"), and
+//! a client writing as fast as it can must not starve the rebuild either.
+//! Either kind alone may use all of it.
+//!
 //! The thread opens the head's files anew by path instead of sharing the
 //! store's descriptors: `sync_file_range` reports (and consumes, per open
 //! file description) writeback errors, and the store's own `fdatasync` must
@@ -61,6 +70,31 @@ pub const MIN_LIMIT: u64 = 16 << 20;
 pub const MAX_LIMIT: u64 = 1 << 30;
 /// Bytes counted for the block-map page a write dirties.
 const MAP_PAGE: u64 = 4096;
+/// A kind of write counts as writing for this long after its last write
+/// (or while one waits): the other kind then leaves it half the bound.
+const ACTIVE: Duration = Duration::from_secs(1);
+
+/// Whose write it is, for sharing the bound (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteClass {
+    /// The volume's clients' writes (through the controller).
+    Client,
+    /// A rebuild's or resync's copy into this replica (PULL).
+    Copy,
+}
+
+impl WriteClass {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn other(self) -> WriteClass {
+        match self {
+            WriteClass::Client => WriteClass::Copy,
+            WriteClass::Copy => WriteClass::Client,
+        }
+    }
+}
 
 /// What [`Writeback`] measured, for status and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -89,6 +123,12 @@ struct Inner {
     head: Option<(u64, Arc<HeadPaths>)>,
     pending: u64,
     in_flight: u64,
+    /// The copies' part of `pending` and `in_flight`.
+    copy_pending: u64,
+    copy_in_flight: u64,
+    /// Per [`WriteClass`]: its last write, and its writes waiting now.
+    last_write: [Option<Instant>; 2],
+    waiting: [u32; 2],
     /// Bytes per second, from a moving average of the batches' seconds
     /// per byte (an average of rates would let one batch the kernel had
     /// already written, done in no time, inflate it wildly).
@@ -120,6 +160,38 @@ impl Inner {
     fn step(&self) -> u64 {
         self.limit() / 4
     }
+
+    /// Bytes of `class` written and not yet known to be on disk.
+    fn unflushed(&self, class: WriteClass) -> u64 {
+        let copy = self.copy_pending + self.copy_in_flight;
+        match class {
+            WriteClass::Copy => copy,
+            WriteClass::Client => (self.pending + self.in_flight).saturating_sub(copy),
+        }
+    }
+
+    fn active(&self, class: WriteClass, now: Instant) -> bool {
+        self.waiting[class.index()] > 0
+            || self.last_write[class.index()].is_some_and(|t| now.duration_since(t) < ACTIVE)
+    }
+
+    /// True if a write of `class` must wait now: the bound is reached, or
+    /// the other class is writing too and this one holds its half.
+    fn must_wait(&self, class: WriteClass, now: Instant) -> bool {
+        if self.config.disabled || self.stop {
+            return false;
+        }
+        let limit = self.limit();
+        self.pending + self.in_flight >= limit
+            || (self.active(class.other(), now) && self.unflushed(class) >= limit / 2)
+    }
+}
+
+/// What [`Writeback::before_flush`] saw; given back to [`Writeback::flushed`].
+pub(crate) struct FlushStart {
+    pending: u64,
+    copy_pending: u64,
+    started: Instant,
 }
 
 struct Shared {
@@ -143,6 +215,10 @@ impl Writeback {
                 head: None,
                 pending: 0,
                 in_flight: 0,
+                copy_pending: 0,
+                copy_in_flight: 0,
+                last_write: [None; 2],
+                waiting: [0; 2],
                 rate: 0.0,
                 flushes_running: 0,
                 flush_gen: 0,
@@ -178,38 +254,48 @@ impl Writeback {
         self.shared.work.notify_one();
     }
 
-    /// True if a write now would wait for the bound.
-    pub(crate) fn would_throttle(&self) -> bool {
-        let g = self.shared.inner.lock();
-        !g.config.disabled && !g.stop && g.pending + g.in_flight >= g.limit()
+    /// True if a write of `class` now would wait for the bound.
+    pub(crate) fn would_throttle(&self, class: WriteClass) -> bool {
+        self.shared.inner.lock().must_wait(class, Instant::now())
     }
 
-    /// Waits while the unflushed bytes are at the bound. Call before taking
-    /// any store lock: the writeback thread takes none, but a chain change
-    /// waiting for the state lock must not wait behind a throttled write.
-    pub(crate) fn throttle(&self) {
+    /// Waits while a write of `class` must (the bound, or its share of
+    /// it). Call before taking any store lock: the writeback thread takes
+    /// none, but a chain change waiting for the state lock must not wait
+    /// behind a throttled write.
+    pub(crate) fn throttle(&self, class: WriteClass) {
         let mut g = self.shared.inner.lock();
-        if g.config.disabled || g.pending + g.in_flight < g.limit() {
+        if !g.must_wait(class, Instant::now()) {
             return;
         }
         let started = Instant::now();
-        while !g.config.disabled && !g.stop && g.pending + g.in_flight >= g.limit() {
+        g.waiting[class.index()] += 1;
+        while g.must_wait(class, Instant::now()) {
             self.shared.work.notify_one();
             self.shared
                 .settled
                 .wait_for(&mut g, Duration::from_millis(100));
         }
+        g.waiting[class.index()] -= 1;
         g.stats.throttled_writes += 1;
         g.stats.throttled_secs += started.elapsed().as_secs_f64();
     }
 
-    /// Counts `bytes` written into head `head_id` (whose files are at
-    /// `data` and `map`) and wakes the thread when a batch is due.
-    pub(crate) fn note_write(&self, head_id: u64, data: &Path, map: &Path, bytes: u64) {
+    /// Counts `bytes` of `class` written into head `head_id` (whose files
+    /// are at `data` and `map`) and wakes the thread when a batch is due.
+    pub(crate) fn note_write(
+        &self,
+        class: WriteClass,
+        head_id: u64,
+        data: &Path,
+        map: &Path,
+        bytes: u64,
+    ) {
         let mut g = self.shared.inner.lock();
         if g.config.disabled {
             return;
         }
+        g.last_write[class.index()] = Some(Instant::now());
         if g.head.as_ref().map(|h| h.0) != Some(head_id) {
             // A new head (snapshot, revert): the old one was flushed.
             g.head = Some((
@@ -220,8 +306,12 @@ impl Writeback {
                 }),
             ));
             g.pending = 0;
+            g.copy_pending = 0;
         }
         g.pending += bytes + MAP_PAGE;
+        if class == WriteClass::Copy {
+            g.copy_pending += bytes + MAP_PAGE;
+        }
         if g.pending >= g.step() {
             self.shared.work.notify_one();
         }
@@ -229,16 +319,24 @@ impl Writeback {
 
     /// The count of unflushed bytes before a flush starts; pass it to
     /// [`Writeback::flushed`] when the flush ends.
-    pub(crate) fn before_flush(&self) -> (u64, Instant) {
+    pub(crate) fn before_flush(&self) -> FlushStart {
         let mut g = self.shared.inner.lock();
         g.flushes_running += 1;
         g.flush_gen += 1;
-        (g.pending, Instant::now())
+        FlushStart {
+            pending: g.pending,
+            copy_pending: g.copy_pending,
+            started: Instant::now(),
+        }
     }
 
-    /// A flush that started with `pending` unflushed bytes ended (`ok`:
-    /// it succeeded).
-    pub(crate) fn flushed(&self, (pending, started): (u64, Instant), ok: bool) {
+    /// A flush that started as `start` says ended (`ok`: it succeeded).
+    pub(crate) fn flushed(&self, start: FlushStart, ok: bool) {
+        let FlushStart {
+            pending,
+            copy_pending,
+            started,
+        } = start;
         let secs = started.elapsed().as_secs_f64();
         let mut g = self.shared.inner.lock();
         g.flushes_running = g.flushes_running.saturating_sub(1);
@@ -255,6 +353,7 @@ impl Writeback {
             );
         }
         g.pending = g.pending.saturating_sub(pending);
+        g.copy_pending = g.copy_pending.saturating_sub(copy_pending).min(g.pending);
         g.stats.flushes += 1;
         g.stats.last_flush_secs = secs;
         g.stats.max_flush_secs = g.stats.max_flush_secs.max(secs);
@@ -286,7 +385,7 @@ impl Drop for Writeback {
 
 fn run(shared: &Shared) {
     loop {
-        let (head, batch, quiet, gen) = {
+        let (head, batch, copy_batch, quiet, gen) = {
             let mut g = shared.inner.lock();
             while !g.stop && (g.config.disabled || g.pending < g.step().max(1)) {
                 shared.work.wait(&mut g);
@@ -295,12 +394,16 @@ fn run(shared: &Shared) {
                 return;
             }
             let batch = g.pending;
+            let copy_batch = g.copy_pending;
             g.pending = 0;
+            g.copy_pending = 0;
             g.in_flight += batch;
+            g.copy_in_flight += copy_batch;
             let quiet = g.flushes_running == 0;
             (
                 g.head.as_ref().map(|h| h.1.clone()),
                 batch,
+                copy_batch,
                 quiet,
                 g.flush_gen,
             )
@@ -318,6 +421,7 @@ fn run(shared: &Shared) {
         let secs = started.elapsed().as_secs_f64();
         let mut g = shared.inner.lock();
         g.in_flight = g.in_flight.saturating_sub(batch);
+        g.copy_in_flight = g.copy_in_flight.saturating_sub(copy_batch);
         g.stats.written_back_bytes += batch;
         // Small batches measure latency more than rate; a flush during the
         // batch wrote its pages.
@@ -423,6 +527,10 @@ mod tests {
             head: None,
             pending: 0,
             in_flight: 0,
+            copy_pending: 0,
+            copy_in_flight: 0,
+            last_write: [None; 2],
+            waiting: [0; 2],
             rate,
             flushes_running: 0,
             flush_gen: 0,
@@ -492,6 +600,48 @@ mod tests {
     }
 
     #[test]
+    fn a_client_and_a_copy_each_keep_half_of_the_bound() {
+        use WriteClass::{Client, Copy};
+        let limit = 32 << 20;
+        let mut g = inner(0.0, Some(limit));
+        let now = Instant::now();
+        // A copy alone may use all of it.
+        g.copy_pending = limit - 1;
+        g.pending = limit - 1;
+        assert!(!g.must_wait(Copy, now));
+        g.last_write[Client.index()] = Some(now);
+        // A client writing: the copy, over its half, waits; the client
+        // waits only for the bound itself.
+        assert!(g.must_wait(Copy, now));
+        assert!(!g.must_wait(Client, now));
+        g.pending += 1;
+        assert!(g.must_wait(Client, now), "the bound holds for both");
+        // Each at its half: both wait; under it, neither.
+        g.last_write[Copy.index()] = Some(now);
+        g.pending = limit / 2;
+        g.copy_pending = 0;
+        g.copy_in_flight = limit / 2;
+        g.in_flight = limit / 2;
+        assert_eq!(g.unflushed(Client), limit / 2);
+        assert!(g.must_wait(Client, now) && g.must_wait(Copy, now));
+        g.pending = limit / 2;
+        g.in_flight = limit / 2 - (1 << 20);
+        g.copy_in_flight = limit / 2 - (1 << 20);
+        assert!(g.must_wait(Client, now), "the client still holds its half");
+        assert!(!g.must_wait(Copy, now));
+        // A client gone quiet for longer than ACTIVE (and none waiting)
+        // leaves the copy the whole bound again.
+        let later = now + ACTIVE + Duration::from_millis(1);
+        g.last_write[Client.index()] = Some(now);
+        g.pending = 0;
+        g.in_flight = limit - (1 << 20);
+        g.copy_in_flight = limit - (1 << 20);
+        assert!(!g.must_wait(Copy, later));
+        g.waiting[Client.index()] = 1;
+        assert!(g.must_wait(Copy, later), "a waiting client is writing");
+    }
+
+    #[test]
     fn writes_past_the_limit_wait_until_written_back() {
         let dir = tempfile::tempdir().unwrap();
         let (data, map) = (dir.path().join("d"), dir.path().join("m"));
@@ -502,8 +652,8 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..64 {
-            wb.throttle();
-            wb.note_write(1, &data, &map, 64 << 10);
+            wb.throttle(WriteClass::Client);
+            wb.note_write(WriteClass::Client, 1, &data, &map, 64 << 10);
         }
         let stats = wb.stats();
         assert!(stats.unflushed_bytes <= 2 << 20, "{stats:?}");
