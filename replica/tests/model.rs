@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use strata_replica::engine::{IoEngine, PortableEngine, UringEngine};
+use strata_replica::store::WriteClass;
 use strata_replica::{Allocation, CreateOptions, Store, View, BLOCK_SIZE};
 
 const BS: usize = BLOCK_SIZE as usize;
@@ -186,11 +187,16 @@ fn run(engine: Arc<dyn IoEngine>, dir: &Path, ops: Vec<Op>) -> Result<(), TestCa
                     let data: Vec<u8> = (b..b + n).flat_map(|x| pattern(x, seed)).collect();
                     // Both write paths: the server's non-waiting one (nothing
                     // holds the store here, so it must not decline) and the
-                    // blocking one.
-                    if seed % 2 == 0 {
-                        assert!(s.write_unless_busy(b * BLOCK_SIZE, &data).unwrap());
+                    // blocking one, as a client's write and as a copy's.
+                    let class = if seed % 4 < 2 {
+                        WriteClass::Client
                     } else {
-                        s.write(b * BLOCK_SIZE, &data).unwrap();
+                        WriteClass::Copy
+                    };
+                    if seed % 2 == 0 {
+                        assert!(s.write_unless_busy(class, b * BLOCK_SIZE, &data).unwrap());
+                    } else {
+                        s.write_as(class, b * BLOCK_SIZE, &data).unwrap();
                     }
                     model.head[(b as usize) * BS..((b + n) as usize) * BS].copy_from_slice(&data);
                 }
