@@ -46,6 +46,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if args.command.is_server() {
+        // A burst's freed buffers go back to the system (`strata-net`'s
+        // `memory` module); the task ends with the runtime.
+        runtime.spawn(strata_net::memory::return_freed_memory());
+    }
     match runtime.block_on(cli::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -10,6 +10,8 @@
 //!   on shutdown the loop stops accepting and gives the open connections
 //!   one grace period to finish what they have read before dropping them.
 //!
+//! - [`memory::return_freed_memory`]: gives the heap memory a burst freed
+//!   back to the system every few seconds (glibc keeps it otherwise).
 //! - [`http::serve_get`]: the minimal HTTP/1.1 `GET` server on top of it
 //!   (`/metrics` of a volume controller, `/healthz` of `strata csi`).
 //!
@@ -19,6 +21,7 @@
 
 pub mod http;
 mod listener;
+pub mod memory;
 
 pub use listener::{serve, Incoming, Limits};
 
