@@ -11,7 +11,7 @@
 //!   one grace period to finish what they have read before dropping them.
 //!
 //! - [`memory::return_freed_memory`]: gives the heap memory a burst freed
-//!   back to the system every few seconds (glibc keeps it otherwise).
+//!   back to the system every 10 s (glibc keeps it otherwise).
 //! - [`http::serve_get`]: the minimal HTTP/1.1 `GET` server on top of it
 //!   (`/metrics` of a volume controller, `/healthz` of `strata csi`).
 //!

@@ -6,17 +6,18 @@
 //! volume controller that had just taken 4 GiB of 1 MiB writes held 15 MiB
 //! of anonymous memory afterwards, against 2.4 MiB before them, and kept it
 //! while idle; `malloc_trim(0)` gave back 8 MiB of it (BENCHMARKS.md,
-//! "Session 22"). [`return_freed_memory`] calls it every few seconds, so a
+//! "Session 22"). [`return_freed_memory`] calls it every 10 s, so a
 //! server's resident memory follows what it holds, not its last burst.
 //! Elsewhere than glibc it does nothing.
 
 use std::time::Duration;
 
-/// How often freed memory is given back: soon enough that a burst's
-/// buffers are gone before the next workload is measured against its
-/// node's memory, rare enough to cost nothing (one call takes tens of
-/// microseconds for a server's heap).
-pub const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// How often freed memory is given back: soon after a burst, and rarely
+/// enough to cost nothing measurable. Every 2 s, a controller taking 1 MiB
+/// writes at 2 GB/s may have lost a few percent (1477-2120 MiB/s against
+/// 2010-2160 without, six rounds each: the pages a trim gives back are
+/// faulted in again by the next buffers).
+pub const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Gives freed heap memory back every [`TRIM_EVERY`], until dropped.
 /// Spawn it once per server process.
