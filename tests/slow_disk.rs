@@ -83,14 +83,20 @@ impl Drop for SlowDisk {
     }
 }
 
+/// Puts replica 0's directory of `c` on `disk` (in `name`); returns where.
+fn replica_0_on(c: &Cluster, disk: &SlowDisk, name: &str) -> PathBuf {
+    let on_disk = disk.mnt().join(name);
+    std::fs::create_dir_all(&on_disk).unwrap();
+    std::os::unix::fs::symlink(&on_disk, c.replica_dir(0)).unwrap();
+    on_disk
+}
+
 /// A one-replica cluster whose replica keeps its data on `disk`, started
 /// with `replica_args` on its `replica serve` line. One replica: the flush
 /// latency measured is that disk's, not a faster peer's.
 fn cluster_on(disk: &SlowDisk, name: &str, replica_args: &[&str]) -> Cluster {
     let mut c = Cluster::without_processes(1 << 30);
-    let on_disk = disk.mnt().join(name);
-    std::fs::create_dir_all(&on_disk).unwrap();
-    std::os::unix::fs::symlink(&on_disk, c.replica_dir(0)).unwrap();
+    replica_0_on(&c, disk, name);
     let addr = free_addr();
     c.replica_addrs.push(addr);
     c.replicas
@@ -373,6 +379,27 @@ fn a_slow_disk_bounds_flushes_and_stops() {
     c.stop_clean();
 }
 
+/// A 2 GiB volume on three replicas, replica 0's data on `disk` (in
+/// `name`): replica 0 is killed, `mib` MiB of the pattern are written
+/// without it, and its data is wiped. Start it again to rebuild it.
+fn lost_replica_0(disk: &SlowDisk, name: &str, mib: u64) -> Cluster {
+    let mut c = Cluster::without_processes(2 << 30);
+    let on_disk = replica_0_on(&c, disk, name);
+    for i in 0..3 {
+        let addr = free_addr();
+        c.replica_addrs.push(addr);
+        let replica = spawn_replica_with(&c, i, addr, &[]);
+        c.replicas.push(replica);
+    }
+    c.start_controller();
+    c.wait_all_healthy(60);
+    c.replicas[0].kill9();
+    pattern(&c.uri(), mib, false, true);
+    std::fs::remove_dir_all(&on_disk).unwrap();
+    std::fs::create_dir_all(&on_disk).unwrap();
+    c
+}
+
 /// A full rebuild of 1 GiB onto the slow disk, from two replicas on the
 /// machine's disk: it runs once, with no request timing out. The disk
 /// stack takes its first ~64 MiB at memory speed (nbdkit behind FUSE),
@@ -384,23 +411,8 @@ fn a_slow_disk_bounds_flushes_and_stops() {
 fn a_rebuild_onto_a_slow_disk_runs_once() {
     let _one = ONE_DISK.lock().unwrap_or_else(|e| e.into_inner());
     let disk = SlowDisk::up();
-    let mut c = Cluster::without_processes(2 << 30);
-    let on_disk = disk.mnt().join("rebuild");
-    std::fs::create_dir_all(&on_disk).unwrap();
-    std::os::unix::fs::symlink(&on_disk, c.replica_dir(0)).unwrap();
-    for i in 0..3 {
-        let addr = free_addr();
-        c.replica_addrs.push(addr);
-        let replica = spawn_replica_with(&c, i, addr, &[]);
-        c.replicas.push(replica);
-    }
-    c.start_controller();
-    c.wait_all_healthy(60);
     // Replica 0 is lost with its disk's contents while 1 GiB is written.
-    c.replicas[0].kill9();
-    pattern(&c.uri(), 1024, false, true);
-    std::fs::remove_dir_all(&on_disk).unwrap();
-    std::fs::create_dir_all(&on_disk).unwrap();
+    let mut c = lost_replica_0(&disk, "rebuild", 1024);
     let started = Instant::now();
     c.replicas[0] = spawn_replica_with(&c, 0, c.replica_addrs[0], &[]);
     // 1 GiB at 30 MiB/s is 35 s; a rebuild starting over takes minutes.
@@ -433,22 +445,7 @@ fn a_rebuild_onto_a_slow_disk_runs_once() {
 fn a_client_and_a_rebuild_share_a_slow_disk() {
     let _one = ONE_DISK.lock().unwrap_or_else(|e| e.into_inner());
     let disk = SlowDisk::up();
-    let mut c = Cluster::without_processes(2 << 30);
-    let on_disk = disk.mnt().join("shared");
-    std::fs::create_dir_all(&on_disk).unwrap();
-    std::os::unix::fs::symlink(&on_disk, c.replica_dir(0)).unwrap();
-    for i in 0..3 {
-        let addr = free_addr();
-        c.replica_addrs.push(addr);
-        let replica = spawn_replica_with(&c, i, addr, &[]);
-        c.replicas.push(replica);
-    }
-    c.start_controller();
-    c.wait_all_healthy(60);
-    c.replicas[0].kill9();
-    pattern(&c.uri(), 512, false, true);
-    std::fs::remove_dir_all(&on_disk).unwrap();
-    std::fs::create_dir_all(&on_disk).unwrap();
+    let mut c = lost_replica_0(&disk, "shared", 512);
     c.replicas[0] = spawn_replica_with(&c, 0, c.replica_addrs[0], &[]);
     // The client writes beside the pattern, for less time than the
     // rebuild takes to copy the pattern (512 MiB, over 20 s at the
