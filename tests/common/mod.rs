@@ -317,14 +317,24 @@ impl Cluster {
     }
 
     /// Opens replica `i`'s store directly (its server must be stopped).
+    /// A store this process just closed may still be locked for a moment:
+    /// a process another test is spawning holds a copy of the lock's file
+    /// descriptor between its fork and its exec (CI saw this once).
     pub fn open_store(&self, i: usize) -> strata_replica::Store {
         let dir = self.replica_dir(i).join(&self.volume);
-        strata_replica::Store::open(
-            &dir,
-            std::sync::Arc::new(strata_replica::engine::PortableEngine),
-        )
-        .unwrap_or_else(|e| panic!("cannot open replica {i} at {}: {e}", dir.display()))
-        .0
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match strata_replica::Store::open(
+                &dir,
+                std::sync::Arc::new(strata_replica::engine::PortableEngine),
+            ) {
+                Ok((store, _)) => return store,
+                Err(strata_replica::StoreError::Locked(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot open replica {i} at {}: {e}", dir.display()),
+            }
+        }
     }
 }
 
