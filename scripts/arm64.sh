@@ -92,7 +92,10 @@ LOG=$ROOT/target/arm64-test-output.txt
 # Run directly under qemu-aarch64 (no cargo, so no build lock held meanwhile).
 while read -r dir exe; do
     echo "--- $exe" >> "$LOG"
-    if ! (cd "$dir" && timeout 600 qemu-aarch64 "$exe" >> "$LOG" 2>&1); then
+    # Skipped here, run natively: strata-net's trim test reads the process's
+    # resident memory, which under qemu-user is the emulator's (there the
+    # guest's frees already gave the pages back, so it cannot tell).
+    if ! (cd "$dir" && timeout 600 qemu-aarch64 "$exe" --skip memory::tests::a_trim_gives_back_what_a_burst_freed >> "$LOG" 2>&1); then
         tail -40 "$LOG"
         die "$(basename "$exe") failed under qemu-aarch64 (full output: $LOG)"
     fi
