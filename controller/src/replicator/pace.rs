@@ -38,20 +38,19 @@ pub struct SyncPace {
     /// (when, region bytes copied by then), oldest first; the first entry
     /// is the job's start until [`WINDOW`] completions have pushed it out.
     points: VecDeque<(Instant, u64)>,
-    copied: u64,
 }
 
 impl SyncPace {
     pub fn new(started: Instant) -> SyncPace {
         let mut points = VecDeque::with_capacity(WINDOW + 1);
         points.push_back((started, 0));
-        SyncPace { points, copied: 0 }
+        SyncPace { points }
     }
 
     /// A run of `bytes` (its regions' length) finished copying at `at`.
     pub fn completed(&mut self, at: Instant, bytes: u64) {
-        self.copied += bytes;
-        self.points.push_back((at, self.copied));
+        let copied = self.points.back().map_or(0, |p| p.1) + bytes;
+        self.points.push_back((at, copied));
         while self.points.len() > WINDOW + 1 {
             self.points.pop_front();
         }
