@@ -250,6 +250,7 @@ impl Store {
     pub fn write_as(&self, class: WriteClass, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_usable()?;
         self.writeback.throttle(class);
+        let _one_copy = (class == WriteClass::Copy).then(|| self.copy_writes.lock());
         let st = self.state.read();
         self.write_locked(&st, class, offset, buf)
     }
@@ -263,10 +264,19 @@ impl Store {
         if self.writeback.would_throttle(class) {
             return Ok(false);
         }
+        let one_copy = match class {
+            WriteClass::Copy => match self.copy_writes.try_lock() {
+                Some(guard) => Some(guard),
+                None => return Ok(false),
+            },
+            WriteClass::Client => None,
+        };
         let Some(st) = self.state.try_read() else {
             return Ok(false);
         };
-        self.write_locked(&st, class, offset, buf).map(|()| true)
+        let written = self.write_locked(&st, class, offset, buf).map(|()| true);
+        drop(one_copy);
+        written
     }
 
     fn write_locked(&self, st: &State, class: WriteClass, offset: u64, buf: &[u8]) -> Result<()> {

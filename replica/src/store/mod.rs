@@ -149,6 +149,10 @@ pub struct Store {
     engine: Arc<dyn IoEngine>,
     state: RwLock<State>,
     control: Mutex<()>,
+    /// Held by a copy's write (a rebuild's PULL): one at a time, so copies
+    /// queue here rather than spin on the data file's inode lock in the
+    /// kernel, which burned a tenth of a rebuilding replica's CPU.
+    copy_writes: Mutex<()>,
     head_dirty: AtomicBool,
     /// Bounds the head's unflushed bytes (`writeback.rs`).
     writeback: writeback::Writeback,
@@ -233,6 +237,7 @@ impl Store {
                 maps: Mutex::new(Maps::rebuild(vec![RangeMap::new()])),
             }),
             control: Mutex::new(()),
+            copy_writes: Mutex::new(()),
             head_dirty: AtomicBool::new(false),
             writeback: writeback::Writeback::new(WritebackConfig::default()),
             poisoned: Mutex::new(None),
@@ -295,6 +300,7 @@ impl Store {
                 maps: Mutex::new(Maps::rebuild(extents)),
             }),
             control: Mutex::new(()),
+            copy_writes: Mutex::new(()),
             head_dirty: AtomicBool::new(false),
             writeback: writeback::Writeback::new(WritebackConfig::default()),
             poisoned: Mutex::new(None),
@@ -518,7 +524,49 @@ pub(crate) fn mark(flag: &AtomicBool) {
 
 #[cfg(test)]
 mod tests {
-    use super::Source;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{CreateOptions, Source, Store, WriteClass};
+    use crate::engine::PortableEngine;
+
+    fn store(dir: &std::path::Path) -> Arc<Store> {
+        let opts = CreateOptions {
+            volume_id: "v".into(),
+            size: 1 << 20,
+        };
+        Arc::new(Store::create(dir, &opts, Arc::new(PortableEngine)).unwrap())
+    }
+
+    #[test]
+    fn copies_write_one_at_a_time_and_clients_never_wait_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let block = vec![7u8; 4096];
+        let held = store.copy_writes.lock();
+        // Another copy's write is under way: a copy that must not wait is
+        // refused, a client's write goes through.
+        assert!(!store
+            .write_unless_busy(WriteClass::Copy, 0, &block)
+            .unwrap());
+        assert!(store
+            .write_unless_busy(WriteClass::Client, 4096, &block)
+            .unwrap());
+        // A copy that may wait waits for it.
+        let copier = {
+            let store = store.clone();
+            let block = block.clone();
+            std::thread::spawn(move || store.write_as(WriteClass::Copy, 8192, &block))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!copier.is_finished(), "two copies wrote at once");
+        drop(held);
+        copier.join().unwrap().unwrap();
+        let mut back = vec![0u8; 3 * 4096];
+        store.read(0, &mut back).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..].iter().all(|&b| b == 7));
+    }
 
     #[test]
     fn a_read_index_value_is_eight_bytes() {
