@@ -74,7 +74,8 @@ pub struct SealedRead {
 struct Direct {
     /// The payload's length.
     len: usize,
-    /// Payload bytes already there.
+    /// Bytes already there: the payload's, then the tag's, then at most
+    /// [`LEN_LEN`] of the next record (its length).
     got: usize,
     /// The address of the spare capacity: the caller must hand the same
     /// buffer back until the record is complete.
@@ -224,13 +225,18 @@ impl SealedRead {
         loop {
             if let Some(d) = &mut self.direct {
                 let spare = buf.spare_capacity_mut();
-                if spare.as_ptr() as usize != d.at || spare.len() < d.len + TAG_LEN {
+                if spare.as_ptr() as usize != d.at || spare.len() < d.got.max(d.len + TAG_LEN) {
                     return self.fail(io::Error::other(
                         "a read of the connection was abandoned inside a record",
                     ));
                 }
-                if d.got < d.len {
-                    let mut rb = ReadBuf::uninit(&mut spare[d.got..d.len]);
+                let record_end = d.len + TAG_LEN;
+                if d.got < record_end {
+                    // The payload, its tag and, where the caller's room
+                    // allows, the next record's length, in one read: the
+                    // tag and the length cost a read of their own before.
+                    let to = (record_end + LEN_LEN).min(spare.len());
+                    let mut rb = ReadBuf::uninit(&mut spare[d.got..to]);
                     ready!(inner.as_mut().poll_read(cx, &mut rb))?;
                     let n = rb.filled().len();
                     if n == 0 {
@@ -239,39 +245,28 @@ impl SealedRead {
                     d.got += n;
                     continue;
                 }
-                if self.end - self.start >= TAG_LEN {
-                    let (len, seq) = (d.len, self.seq);
-                    let tag = &self.raw[self.start..self.start + TAG_LEN];
-                    write_uninit(&mut spare[len..len + TAG_LEN], tag);
-                    // SAFETY: the payload's `len` bytes were read into this
-                    // spare capacity (`got == len`) and the tag was just
-                    // written after them: all `len + TAG_LEN` bytes are
-                    // initialized.
-                    let region = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            spare.as_mut_ptr().cast::<u8>(),
-                            len + TAG_LEN,
-                        )
-                    };
-                    if let Err(e) = self.key.open_detached(seq, region) {
-                        return self.fail(e);
-                    }
-                    // SAFETY: the first `len` spare bytes are initialized
-                    // (above) and now checked.
-                    unsafe { buf.advance_mut(len) };
-                    self.start += TAG_LEN;
-                    self.seq += 1;
-                    self.direct = None;
-                    self.exact_reads = EXACT_READS_AFTER_DIRECT;
-                    return Poll::Ready(Ok(len));
+                let (len, got, seq) = (d.len, d.got, self.seq);
+                // SAFETY: the first `got` spare bytes were read into
+                // (above; the payload's first bytes at the record's
+                // start), so they are initialized.
+                let region =
+                    unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), got) };
+                // Bytes read past the tag begin the next record: to `raw`
+                // (empty while a record is read directly).
+                let next = &region[record_end..];
+                self.raw[..next.len()].copy_from_slice(next);
+                self.start = 0;
+                self.end = next.len();
+                if let Err(e) = self.key.open_detached(seq, &mut region[..record_end]) {
+                    return self.fail(e);
                 }
-                // The tag, and the next record's length if it is there:
-                // the next big payload goes straight to the caller too.
-                let want = TAG_LEN + LEN_LEN - (self.end - self.start);
-                if !ready!(self.fill_raw(inner.as_mut(), cx, want))? {
-                    return self.fail(io::ErrorKind::UnexpectedEof);
-                }
-                continue;
+                // SAFETY: the first `len` spare bytes are initialized
+                // (above) and now checked.
+                unsafe { buf.advance_mut(len) };
+                self.seq += 1;
+                self.direct = None;
+                self.exact_reads = EXACT_READS_AFTER_DIRECT;
+                return Poll::Ready(Ok(len));
             }
             if !self.plain.is_empty() {
                 // No more than the room the caller made (as `read_buf`):
@@ -832,6 +827,67 @@ mod tests {
             assert!(got == want, "{format:?}");
             assert_eq!(st.copied_bytes(), 4, "{format:?}");
         }
+    }
+
+    /// Counts the reads that returned bytes.
+    struct CountReads<R> {
+        inner: R,
+        reads: usize,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for CountReads<R> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let me = self.get_mut();
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut me.inner).poll_read(cx, buf);
+            me.reads += usize::from(buf.filled().len() > before);
+            polled
+        }
+    }
+
+    /// A big record read in place costs one read when the connection has
+    /// it all: its payload, its tag and the next record's length come
+    /// together (the tag and the length took a read of their own before).
+    #[tokio::test]
+    async fn a_big_record_is_one_read() {
+        let key = RecordKey::new(PayloadGmac, K);
+        let (frames, records_per_frame) = (3, 4);
+        let payload = vec![5u8; records_per_frame * MAX_RECORD];
+        let mut stream = Vec::new();
+        let mut seq = 0;
+        for _ in 0..frames {
+            key.seal(seq, &[&[1u8; 40]], &mut stream);
+            seq += 1;
+            for record in payload.chunks(MAX_RECORD) {
+                key.seal(seq, &[record], &mut stream);
+                seq += 1;
+            }
+        }
+        let counted = CountReads {
+            inner: &stream[..],
+            reads: 0,
+        };
+        let mut r = AuthReader::Sealed(
+            counted,
+            Box::new(SealedRead::with_key(RecordKey::new(PayloadGmac, K))),
+        );
+        let got = read_all(&mut r, payload.len() + 64).await.unwrap();
+        assert_eq!(got.len(), frames * (40 + payload.len()));
+        let AuthReader::Sealed(counted, st) = &r else {
+            unreachable!()
+        };
+        assert!(st.copied_bytes() < 96 << 10, "read in place");
+        let big = frames * records_per_frame;
+        // Each big record, each header's record, and the first read.
+        assert!(
+            counted.reads <= big + frames + 1,
+            "{} reads for {big} big records in {frames} frames",
+            counted.reads
+        );
     }
 
     /// A big record with one bit flipped anywhere is refused and nothing
