@@ -38,6 +38,10 @@ pub const DIRECT_MIN: usize = 16 << 10;
 /// one after.
 const EXACT_READS_AFTER_DIRECT: u8 = 2;
 
+/// Records of one big slice that a single `writev` sends at most (a MiB
+/// in four records: one system call where there were four).
+const RECORDS_PER_WRITE: usize = 4;
+
 fn integrity_failed() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -349,6 +353,8 @@ pub struct SealedWrite {
     /// Payload bytes copied into `out` (the rest went from the caller's
     /// buffers to the socket).
     copied: u64,
+    /// The last `writev` of a big slice left some of it unsent.
+    socket_full: bool,
 }
 
 impl SealedWrite {
@@ -365,6 +371,7 @@ impl SealedWrite {
             out: Vec::with_capacity(64 << 10),
             pos: 0,
             copied: 0,
+            socket_full: false,
         }
     }
 
@@ -431,31 +438,59 @@ impl SealedWrite {
             }
             return Poll::Ready(Ok(taken));
         };
-        let payload = &big[..big.len().min(MAX_RECORD)];
-        let Some(tag) = self.key.tag_detached(self.seq, payload) else {
-            return Poll::Ready(Err(io::Error::other("record tag failed")));
+        // Up to RECORDS_PER_WRITE records of the big slice in one `writev`;
+        // one while the socket refuses some (the tags of records it would
+        // not take are work thrown away).
+        let batch = if self.socket_full {
+            1
+        } else {
+            RECORDS_PER_WRITE
         };
-        self.seq += 1;
-        let len = (payload.len() as u32).to_le_bytes();
-        let record: [&[u8]; 3] = [&len, payload, &tag];
-        let slices = [
-            io::IoSlice::new(&self.out[self.pos..]),
-            io::IoSlice::new(&len),
-            io::IoSlice::new(payload),
-            io::IoSlice::new(&tag),
-        ];
-        let written = match inner.as_mut().poll_write_vectored(cx, &slices) {
+        let mut records: [[&[u8]; 3]; RECORDS_PER_WRITE] = [[&[]; 3]; RECORDS_PER_WRITE];
+        let mut lens = [[0u8; LEN_LEN]; RECORDS_PER_WRITE];
+        let mut tags = [[0u8; TAG_LEN]; RECORDS_PER_WRITE];
+        let payloads: Vec<&[u8]> = big.chunks(MAX_RECORD).take(batch).collect();
+        for (i, payload) in payloads.iter().enumerate() {
+            let Some(tag) = self.key.tag_detached(self.seq + i as u64, payload) else {
+                return Poll::Ready(Err(io::Error::other("record tag failed")));
+            };
+            tags[i] = tag;
+            lens[i] = (payload.len() as u32).to_le_bytes();
+        }
+        let count = payloads.len();
+        for (i, payload) in payloads.iter().enumerate() {
+            records[i] = [&lens[i], payload, &tags[i]];
+        }
+        let mut slices = [io::IoSlice::new(&[]); 1 + 3 * RECORDS_PER_WRITE];
+        slices[0] = io::IoSlice::new(&self.out[self.pos..]);
+        for (i, record) in records[..count].iter().enumerate() {
+            for (j, piece) in record.iter().enumerate() {
+                slices[1 + 3 * i + j] = io::IoSlice::new(piece);
+            }
+        }
+        let written = match inner
+            .as_mut()
+            .poll_write_vectored(cx, &slices[..1 + 3 * count])
+        {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => 0,
         };
-        self.keep_unsent(written, &record);
-        Poll::Ready(Ok(taken + payload.len()))
+        let whole: usize = slices[..1 + 3 * count].iter().map(|s| s.len()).sum();
+        self.socket_full = written < whole;
+        let sealed = self.keep_unsent(written, &records[..count]);
+        self.seq += sealed as u64;
+        let sent: usize = payloads[..sealed].iter().map(|p| p.len()).sum();
+        Poll::Ready(Ok(taken + sent))
     }
 
-    /// After a `writev` of `out`'s unsent bytes and then `record` (length,
-    /// payload, tag) took `written` bytes: keeps the rest in `out`.
-    fn keep_unsent(&mut self, written: usize, record: &[&[u8]]) {
+    /// After a `writev` of `out`'s unsent bytes and then `records` (each a
+    /// length, a payload and a tag) took `written` bytes: keeps the rest of
+    /// the record it stopped in (or of the first, if it took none of them)
+    /// in `out`, to go out first. Returns how many records went out or
+    /// were kept: the ones after are not sent, and their sequence numbers
+    /// are the next records'.
+    fn keep_unsent(&mut self, written: usize, records: &[[&[u8]; 3]]) -> usize {
         let queued = self.out.len() - self.pos;
         let mut skip = if written <= queued {
             self.pos += written;
@@ -465,21 +500,36 @@ impl SealedWrite {
             self.pos = 0;
             written - queued
         };
-        for (i, piece) in record.iter().enumerate() {
-            if skip >= piece.len() {
-                skip -= piece.len();
+        let mut sealed = 0;
+        for record in records {
+            let size: usize = record.iter().map(|p| p.len()).sum();
+            if skip >= size {
+                skip -= size;
+                sealed += 1;
                 continue;
             }
-            self.out.extend_from_slice(&piece[skip..]);
-            if i == 1 {
-                self.copied += (piece.len() - skip) as u64;
+            if skip == 0 && sealed > 0 {
+                break;
             }
-            skip = 0;
+            for (i, piece) in record.iter().enumerate() {
+                if skip >= piece.len() {
+                    skip -= piece.len();
+                    continue;
+                }
+                self.out.extend_from_slice(&piece[skip..]);
+                if i == 1 {
+                    self.copied += (piece.len() - skip) as u64;
+                }
+                skip = 0;
+            }
+            sealed += 1;
+            break;
         }
         if self.pos == self.out.len() {
             self.out.clear();
             self.pos = 0;
         }
+        sealed
     }
     pub fn poll_flush_to<W: AsyncWrite + Unpin>(
         &mut self,
@@ -803,7 +853,8 @@ mod tests {
     }
 
     /// What the direct writer sends is byte for byte what sealing a copy
-    /// sends, so a peer that copies (an older release) reads it.
+    /// sends, so a peer that copies (an older release) reads it; a slice
+    /// of several records goes in one write.
     #[tokio::test]
     async fn direct_records_are_the_records_a_copy_makes() {
         for format in [
@@ -811,11 +862,15 @@ mod tests {
             Mac(TagLayout::Trailing),
             PayloadGmac,
         ] {
-            let payload: Vec<u8> = (0..(DIRECT_MIN * 3)).map(|i| i as u8).collect();
+            let payload: Vec<u8> = (0..(2 * MAX_RECORD + DIRECT_MIN * 3))
+                .map(|i| i as u8)
+                .collect();
             let key = RecordKey::new(format, K);
             let mut want = Vec::new();
             key.seal(0, &[b"head"], &mut want);
-            key.seal(1, &[&payload], &mut want);
+            for (seq, record) in (1..).zip(payload.chunks(MAX_RECORD)) {
+                key.seal(seq, &[record], &mut want);
+            }
             let mut w = AuthWriter::Sealed(Vec::new(), Box::new(SealedWrite::with_key(key)));
             let slices = [io::IoSlice::new(b"head"), io::IoSlice::new(&payload)];
             let n = w.write_vectored(&slices).await.unwrap();
