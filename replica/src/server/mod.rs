@@ -7,14 +7,16 @@
 //! serve_streams (the same, for connections accepted elsewhere)
 //!   └─ conn::handle, one per connection
 //!        reader: bytes → Request (wire.rs) → HELLO binds a Store via host.open
-//!                data requests → epoch fence → Store call: cached reads and
-//!                page-cache writes inline, the rest on the blocking pool
+//!                data requests → epoch fence → Store call (execute.rs):
+//!                cached reads and page-cache writes inline, the rest on
+//!                the blocking pool
 //!                (READ buffers recycled: read_buffers.rs; READ_PIECES:
 //!                read_pieces.rs; PULL, a copy from a peer: pull.rs)
 //!        writer: replies in completion order, batched (wire/outbound.rs)
 //! ```
 
 mod conn;
+mod execute;
 mod pull;
 mod read_buffers;
 mod read_pieces;

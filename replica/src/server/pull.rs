@@ -127,21 +127,21 @@ pub(super) async fn pull(
     if plan.bytes() <= INLINE_WRITE_MAX as u64 {
         let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // The epoch may have moved while the source was read.
-            super::conn::fence(&store, id, epoch)?;
+            super::execute::fence(&store, id, epoch)?;
             while let Some((at, bytes)) = pieces.peek() {
                 match store.write_unless_busy(WriteClass::Copy, *at, bytes) {
                     Ok(true) => drop(pieces.next()),
                     Ok(false) => return Ok(false),
-                    Err(e) => return Err(super::conn::store_reply(&store, id, Err(e))),
+                    Err(e) => return Err(super::execute::store_reply(&store, id, Err(e))),
                 }
             }
             Ok(true)
         }));
         match inline {
-            Ok(Ok(true)) => return super::conn::store_reply(&store, id, Ok(Bytes::new())),
+            Ok(Ok(true)) => return super::execute::store_reply(&store, id, Ok(Bytes::new())),
             Ok(Ok(false)) => {}
             Ok(Err(reply)) => return reply,
-            Err(_) => return super::conn::panicked(&store, id),
+            Err(_) => return super::execute::panicked(&store, id),
         }
     }
     let rest: Vec<(u64, Bytes)> = pieces.collect();
@@ -150,15 +150,15 @@ pub(super) async fn pull(
         tokio::task::spawn_blocking(move || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // The epoch may have moved while the source was read.
-                if let Err(reply) = super::conn::fence(&store, id, epoch) {
+                if let Err(reply) = super::execute::fence(&store, id, epoch) {
                     return reply;
                 }
                 let result = rest
                     .iter()
                     .try_for_each(|(at, bytes)| store.write_as(WriteClass::Copy, *at, bytes));
-                super::conn::store_reply(&store, id, result.map(|()| Bytes::new()))
+                super::execute::store_reply(&store, id, result.map(|()| Bytes::new()))
             }))
-            .unwrap_or_else(|_| super::conn::panicked(&store, id))
+            .unwrap_or_else(|_| super::execute::panicked(&store, id))
         })
         .await
     };
