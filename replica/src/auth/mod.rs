@@ -50,6 +50,7 @@ mod grpc;
 mod handshake;
 mod key;
 mod record;
+mod sealed_write;
 mod stream;
 
 pub use grpc::{
