@@ -127,16 +127,18 @@ impl SealedWrite {
         let mut records: [[&[u8]; 3]; RECORDS_PER_WRITE] = [[&[]; 3]; RECORDS_PER_WRITE];
         let mut lens = [[0u8; LEN_LEN]; RECORDS_PER_WRITE];
         let mut tags = [[0u8; TAG_LEN]; RECORDS_PER_WRITE];
-        let payloads: Vec<&[u8]> = big.chunks(MAX_RECORD).take(batch).collect();
-        for (i, payload) in payloads.iter().enumerate() {
+        let mut payloads: [&[u8]; RECORDS_PER_WRITE] = [&[]; RECORDS_PER_WRITE];
+        let mut count = 0;
+        for (i, payload) in big.chunks(MAX_RECORD).take(batch).enumerate() {
             let Some(tag) = self.key.tag_detached(self.seq + i as u64, payload) else {
                 return Poll::Ready(Err(io::Error::other("record tag failed")));
             };
+            payloads[i] = payload;
             tags[i] = tag;
             lens[i] = (payload.len() as u32).to_le_bytes();
+            count += 1;
         }
-        let count = payloads.len();
-        for (i, payload) in payloads.iter().enumerate() {
+        for (i, payload) in payloads[..count].iter().enumerate() {
             records[i] = [&lens[i], payload, &tags[i]];
         }
         let mut slices = [io::IoSlice::new(&[]); 1 + 3 * RECORDS_PER_WRITE];

@@ -264,7 +264,7 @@ impl Store {
         if self.writeback.would_throttle(class) {
             return Ok(false);
         }
-        let one_copy = match class {
+        let _one_copy = match class {
             WriteClass::Copy => match self.copy_writes.try_lock() {
                 Some(guard) => Some(guard),
                 None => return Ok(false),
@@ -274,9 +274,7 @@ impl Store {
         let Some(st) = self.state.try_read() else {
             return Ok(false);
         };
-        let written = self.write_locked(&st, class, offset, buf).map(|()| true);
-        drop(one_copy);
-        written
+        self.write_locked(&st, class, offset, buf).map(|()| true)
     }
 
     fn write_locked(&self, st: &State, class: WriteClass, offset: u64, buf: &[u8]) -> Result<()> {
