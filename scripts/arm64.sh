@@ -95,7 +95,8 @@ while read -r dir exe; do
     # Skipped here, run natively: strata-net's trim test reads the process's
     # resident memory, which under qemu-user is the emulator's (there the
     # guest's frees already gave the pages back, so it cannot tell).
-    if ! (cd "$dir" && timeout 600 qemu-aarch64 "$exe" --skip memory::tests::a_trim_gives_back_what_a_burst_freed >> "$LOG" 2>&1); then
+    # qemu-user has no io_uring: the tests of reads through it expect that.
+    if ! (cd "$dir" && STRATA_TEST_NO_IO_URING=1 timeout 600 qemu-aarch64 "$exe" --skip memory::tests::a_trim_gives_back_what_a_burst_freed >> "$LOG" 2>&1); then
         tail -40 "$LOG"
         die "$(basename "$exe") failed under qemu-aarch64 (full output: $LOG)"
     fi

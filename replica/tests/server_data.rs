@@ -861,3 +861,65 @@ async fn serve_streams_serves_handed_over_connections() {
         .unwrap();
     assert!(host.close_all().is_empty());
 }
+
+/// Reads that miss the page cache wait for the disk on the server's
+/// io_uring, not on a thread, and return the data that was written; a
+/// block corrupted on disk still reads as CORRUPT (the ring's read fails
+/// its checksum and the blocking read reports it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_that_miss_the_cache_go_through_the_ring() {
+    const SIZE: u64 = 16 * MIB;
+    let s = start(SIZE).await;
+    let c = Arc::new(client(&s, 0).await);
+    let data = pattern(11, SIZE as usize);
+    for off in (0..SIZE).step_by(MIB as usize) {
+        let chunk = data.slice(off as usize..(off + MIB) as usize);
+        c.write(off, chunk, false).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let path = s.dir.path().join("vol").join("layer-000001.data");
+    let file = std::fs::File::open(&path).unwrap();
+    let drop_cache = || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fadvise on a file this test opened.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    };
+    drop_cache();
+    let before = strata_replica::engine::reads_through_ring();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let offsets: Vec<u64> = (0..256)
+        .map(|_| rng.gen_range(0..SIZE / 4096) * 4096)
+        .collect();
+    let reads: Vec<_> = offsets
+        .iter()
+        .map(|&off| {
+            let c = c.clone();
+            tokio::spawn(async move { (off, c.read(off, 4096).await.unwrap()) })
+        })
+        .collect();
+    for r in reads {
+        let (off, got) = r.await.unwrap();
+        assert_eq!(
+            &got[..],
+            &data[off as usize..off as usize + 4096],
+            "at {off}"
+        );
+    }
+    let through_ring = strata_replica::engine::reads_through_ring() - before;
+    if std::env::var_os("STRATA_TEST_NO_IO_URING").is_none() {
+        assert!(through_ring > 0, "no read went through the ring");
+    }
+    // A block corrupted on disk, out of the cache: still CORRUPT.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0x5a; 16], 3 * MIB + 100).unwrap();
+    f.sync_all().unwrap();
+    drop_cache();
+    match c.read(3 * MIB, 4096).await {
+        Err(ClientError::Replica {
+            status: Status::Corrupt,
+            ..
+        }) => {}
+        other => panic!("expected CORRUPT, got {other:?}"),
+    }
+}

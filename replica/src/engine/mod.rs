@@ -16,7 +16,12 @@
 //! allocating buffered writes to io-wq threads), and 1.3 µs against 1.5 µs
 //! per cached read. io_uring pays off once the server submits asynchronously
 //! instead of from blocking threads; until then it stays opt-in.
+//!
+//! That asynchronous use exists for one path: [`AsyncReads`], the data
+//! server's reads that miss the page cache, on by default where io_uring
+//! works (`STRATA_IO_ENGINE=portable` turns it off too).
 
+mod async_reads;
 mod portable;
 mod uring;
 
@@ -24,6 +29,7 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
+pub use async_reads::{reads_through_ring, AsyncReads, Buffers, Outcome, ReadOp};
 pub use portable::PortableEngine;
 pub(crate) use portable::{read_full_at, read_nowait};
 pub use uring::UringEngine;

@@ -1,8 +1,11 @@
 //! One data connection: a reader that decodes requests and runs them, and a
 //! writer that sends replies in completion order. Writes into the page
 //! cache and reads of cached pages run right on the reader's task
-//! ([`execute::run_inline`](super::execute::run_inline)); whatever may wait for the disk (flush, FUA, trim, a
-//! read that misses the cache) runs on the blocking pool.
+//! ([`execute::run_inline`](super::execute::run_inline)); a read that misses
+//! the cache waits for the disk on the server's io_uring
+//! ([`AsyncReads`]) where the kernel offers one; whatever else may wait for
+//! the disk (flush, FUA, trim, reads without the ring) runs on the blocking
+//! pool.
 //!
 //! Every request holds permits from the moment it is decoded until its
 //! reply has been written to the socket: one of [`MAX_IN_FLIGHT`], and a
@@ -21,9 +24,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::execute::{execute, fence, panicked, run_inline, store_status, Inline};
+use super::execute::{
+    execute, fence, panicked, run_inline, store_reply, store_status, Inline, Tried,
+};
 use super::pull::{self, Peers};
+use super::read_buffers;
 use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
+use crate::engine::AsyncReads;
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{self, Command, FrameCrc, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
@@ -81,6 +88,34 @@ impl OutFrame {
     }
 }
 
+/// What a request needs to run on the blocking pool and send its reply.
+struct Blocking {
+    store: Arc<Store>,
+    view: Option<Arc<str>>,
+    tx: mpsc::UnboundedSender<OutFrame>,
+    crc: FrameCrc,
+}
+
+impl Blocking {
+    /// Runs `command` on the blocking pool, carrying on from what
+    /// [`run_inline`] `tried`, and sends its reply.
+    fn run(self, id: u64, epoch: u64, command: Command, tried: Tried, permit: Permit) {
+        let Blocking {
+            store,
+            view,
+            tx,
+            crc,
+        } = self;
+        tokio::task::spawn_blocking(move || {
+            let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                execute(&store, view.as_deref(), id, epoch, command, tried)
+            }))
+            .unwrap_or_else(|_| panicked(&store, id));
+            let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
+        });
+    }
+}
+
 struct Conn {
     host: Arc<ReplicaHost>,
     peer: String,
@@ -99,6 +134,9 @@ struct Conn {
     volume: String,
     /// Connections to the sources of this connection's PULLs.
     peers: Arc<Peers>,
+    /// The server's ring for reads that miss the page cache; `None`: they
+    /// run on the blocking pool.
+    reads: Option<Arc<AsyncReads>>,
 }
 
 /// Serves one connection until the peer closes it, it breaks the framing,
@@ -109,6 +147,7 @@ pub(super) async fn handle(
     mut sock: TcpStream,
     host: Arc<ReplicaHost>,
     auth: Option<Arc<ServerAuth>>,
+    reads: Option<Arc<AsyncReads>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = sock.set_nodelay(true);
@@ -147,6 +186,7 @@ pub(super) async fn handle(
         view: None,
         volume: String::new(),
         peers: Arc::default(),
+        reads,
     };
     tokio::join!(conn.run(rd, &mut shutdown), write_loop(rx, wr));
 }
@@ -406,16 +446,39 @@ impl Conn {
                         return;
                     }
                 };
-                let tx = self.tx.clone();
-                let view = self.view.clone();
-                let crc = self.crc;
-                tokio::task::spawn_blocking(move || {
-                    let reply = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        execute(&store, view.as_deref(), id, epoch, command, tried)
-                    }))
-                    .unwrap_or_else(|_| panicked(&store, id));
-                    let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
-                });
+                let (tx, crc) = (self.tx.clone(), self.crc);
+                if let (Some(reads), None, Command::Read { offset, len }, Tried::CacheMissed) =
+                    (&self.reads, &self.view, &command, &tried)
+                {
+                    // Waits for the disk on the ring, not on a thread.
+                    let (offset, len) = (*offset, *len);
+                    let data = read_buffers::take(len as usize);
+                    let reading = store.clone();
+                    reading.submit_read(reads, offset, data, move |outcome| match outcome {
+                        Ok(data) => {
+                            let reply = store_reply(&store, id, Ok(read_buffers::into_bytes(data)));
+                            let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
+                        }
+                        Err(data) => {
+                            read_buffers::give_back(data);
+                            let blocking = Blocking {
+                                store,
+                                view: None,
+                                tx,
+                                crc,
+                            };
+                            blocking.run(id, epoch, command, tried, permit);
+                        }
+                    });
+                    return;
+                }
+                let blocking = Blocking {
+                    store,
+                    view: self.view.clone(),
+                    tx,
+                    crc,
+                };
+                blocking.run(id, epoch, command, tried, permit);
             }
         }
     }

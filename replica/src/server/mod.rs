@@ -8,8 +8,9 @@
 //!   └─ conn::handle, one per connection
 //!        reader: bytes → Request (wire.rs) → HELLO binds a Store via host.open
 //!                data requests → epoch fence → Store call (execute.rs):
-//!                cached reads and page-cache writes inline, the rest on
-//!                the blocking pool
+//!                cached reads and page-cache writes inline, reads that
+//!                miss the cache on the server's io_uring (engine/
+//!                async_reads.rs), the rest on the blocking pool
 //!                (READ buffers recycled: read_buffers.rs; READ_PIECES:
 //!                read_pieces.rs; PULL, a copy from a peer: pull.rs)
 //!        writer: replies in completion order, batched (wire/outbound.rs)
@@ -29,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::ServerAuth;
+use crate::engine::AsyncReads;
 use crate::host::ReplicaHost;
 
 pub use conn::MAX_IN_FLIGHT;
@@ -109,8 +111,13 @@ async fn serve_from(
     shutdown: watch::Receiver<bool>,
 ) {
     let rx = shutdown.clone();
+    let reads = AsyncReads::start();
+    let ring = reads.clone();
     strata_net::serve(incoming, LIMITS, shutdown, move |sock, _peer| {
-        conn::handle(sock, host.clone(), auth.clone(), rx.clone())
+        conn::handle(sock, host.clone(), auth.clone(), ring.clone(), rx.clone())
     })
     .await;
+    if let Some(reads) = reads {
+        reads.stop();
+    }
 }
