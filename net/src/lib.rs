@@ -11,10 +11,7 @@
 //!   one grace period to finish what they have read before dropping them.
 //!
 //! - [`memory::return_freed_memory`]: gives the heap memory a burst freed
-//!   back to the system every 10 s (glibc keeps it otherwise), and empties
-//!   idle pools of recycled buffers every second.
-//! - [`buffers`]: recycled buffers for large payloads (a replica's READ
-//!   replies, a controller's NBD WRITE payloads).
+//!   back to the system every 10 s (glibc keeps it otherwise).
 //! - [`http::serve_get`]: the minimal HTTP/1.1 `GET` server on top of it
 //!   (`/metrics` of a volume controller, `/healthz` of `strata csi`).
 //!
@@ -22,7 +19,6 @@
 //! channel of streams accepted elsewhere (the replica node routes one port
 //! to two protocols).
 
-pub mod buffers;
 pub mod http;
 mod listener;
 pub mod memory;

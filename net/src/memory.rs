@@ -18,24 +18,16 @@ use std::time::Duration;
 /// 2010-2160 without, six rounds each: the pages a trim gives back are
 /// faulted in again by the next buffers).
 pub const TRIM_EVERY: Duration = Duration::from_secs(10);
-/// How often a pool of recycled buffers that served nothing since the last
-/// look is emptied: a burst's buffers are gone within two of these.
-pub const RELEASE_IDLE_EVERY: Duration = Duration::from_secs(1);
 
-/// Gives freed heap memory back every [`TRIM_EVERY`], and idle recycled
-/// buffers ([`crate::buffers`]) every [`RELEASE_IDLE_EVERY`], until
-/// dropped. Spawn it once per server process.
+/// Gives freed heap memory back every [`TRIM_EVERY`], until dropped.
+/// Spawn it once per server process.
 pub async fn return_freed_memory() {
-    let mut tick = tokio::time::interval(RELEASE_IDLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let trim_every = (TRIM_EVERY.as_millis() / RELEASE_IDLE_EVERY.as_millis()).max(1);
-    let mut ticks: u128 = 0;
-    loop {
-        tick.tick().await;
-        crate::buffers::release_idle();
-        ticks += 1;
-        if ticks.is_multiple_of(trim_every) {
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut tick = tokio::time::interval(TRIM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
             trim();
         }
     }

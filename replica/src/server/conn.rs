@@ -28,13 +28,13 @@ use super::execute::{
     execute, fence, panicked, run_inline, store_reply, store_status, Inline, Tried,
 };
 use super::pull::{self, Peers};
+use super::read_buffers;
 use crate::auth::{self, AuthReader, AuthWriter, Purpose, ServerAuth};
 use crate::engine::AsyncReads;
 use crate::host::{HostError, ReplicaHost};
 use crate::wire::outbound::{OutBatch, BATCH_BYTES};
 use crate::wire::{self, Command, FrameCrc, Reply, Request, Status, WireError, REPLY_HEADER_LEN};
 use crate::{error_chain, Store};
-use strata_net::buffers;
 use strata_net::stopped;
 
 /// Requests per connection decoded but not yet answered on the socket.
@@ -450,20 +450,17 @@ impl Conn {
                 if let (Some(reads), None, Command::Read { offset, len }, Tried::CacheMissed) =
                     (&self.reads, &self.view, &command, &tried)
                 {
-                    // Waits for the disk on the ring, not on a thread. Only
-                    // reads short enough to try the cache inline: 1 MiB
-                    // sequential reads measured 10% slower through the ring
-                    // than with a thread's `pread` (BENCHMARKS.md, session 24).
+                    // Waits for the disk on the ring, not on a thread.
                     let (offset, len) = (*offset, *len);
-                    let data = buffers::take(len as usize);
+                    let data = read_buffers::take(len as usize);
                     let reading = store.clone();
                     reading.submit_read(reads, offset, data, move |outcome| match outcome {
                         Ok(data) => {
-                            let reply = store_reply(&store, id, Ok(buffers::into_bytes(data)));
+                            let reply = store_reply(&store, id, Ok(read_buffers::into_bytes(data)));
                             let _ = tx.send(OutFrame::new(reply, crc, Some(permit)));
                         }
                         Err(data) => {
-                            buffers::give_back(data);
+                            read_buffers::give_back(data);
                             let blocking = Blocking {
                                 store,
                                 view: None,

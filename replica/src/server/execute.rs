@@ -6,11 +6,10 @@
 
 use bytes::Bytes;
 
-use super::read_pieces;
+use super::{read_buffers, read_pieces};
 use crate::store::WriteClass;
 use crate::wire::{self, Command, Reply, Status};
 use crate::{error_chain, Store, StoreError, View};
-use strata_net::buffers;
 
 /// The reply to a request whose store call panicked.
 pub(super) fn panicked(store: &Store, id: u64) -> Reply {
@@ -85,20 +84,24 @@ pub(super) fn run_inline(
         Command::Read { offset, len } | Command::ReadForCopy { offset, len }
             if len <= INLINE_READ_MAX =>
         {
-            let mut data = buffers::take(len as usize);
+            let mut data = read_buffers::take(len as usize);
             match store.read_cached(offset, &mut data) {
-                Ok(true) => Inline::Done(store_reply(store, id, Ok(buffers::into_bytes(data)))),
+                Ok(true) => {
+                    Inline::Done(store_reply(store, id, Ok(read_buffers::into_bytes(data))))
+                }
                 Ok(false) => {
-                    buffers::give_back(data);
+                    read_buffers::give_back(data);
                     Inline::Blocking(command, Tried::CacheMissed)
                 }
                 Err(e) => Inline::Done(store_reply(store, id, Err(e))),
             }
         }
         Command::ReadPieces { ref pieces, .. } if pieces.bytes() <= INLINE_READ_MAX => {
-            let mut data = buffers::take(pieces.bytes() as usize);
+            let mut data = read_buffers::take(pieces.bytes() as usize);
             match read_pieces::read_cached(store, pieces.pieces(), &mut data) {
-                Ok(None) => Inline::Done(store_reply(store, id, Ok(buffers::into_bytes(data)))),
+                Ok(None) => {
+                    Inline::Done(store_reply(store, id, Ok(read_buffers::into_bytes(data))))
+                }
                 Ok(Some(done)) => Inline::Blocking(command, Tried::PiecesMissed { data, done }),
                 Err(e) => Inline::Done(store_reply(store, id, Err(e))),
             }
@@ -150,27 +153,27 @@ pub(super) fn execute(
     }
     let result: Result<Bytes, StoreError> = match command {
         Command::Read { offset, len } => {
-            let mut data = buffers::take(len as usize);
+            let mut data = read_buffers::take(len as usize);
             store
                 .read(offset, &mut data)
-                .map(|()| buffers::into_bytes(data))
+                .map(|()| read_buffers::into_bytes(data))
         }
         Command::ReadForCopy { offset, len } => {
-            let mut data = buffers::take(len as usize);
+            let mut data = read_buffers::take(len as usize);
             if matches!(tried, Tried::CacheMissed) {
                 store.read_for_copy_uncached(offset, &mut data)
             } else {
                 store.read_for_copy(offset, &mut data)
             }
-            .map(|()| buffers::into_bytes(data))
+            .map(|()| read_buffers::into_bytes(data))
         }
         Command::ReadPieces { pieces, for_copy } => {
             let (mut data, done, missed) = match tried {
                 Tried::PiecesMissed { data, done } => (data, done, true),
-                _ => (buffers::take(pieces.bytes() as usize), 0, false),
+                _ => (read_buffers::take(pieces.bytes() as usize), 0, false),
             };
             read_pieces::read_rest(store, pieces.pieces(), &mut data, done, for_copy, missed)
-                .map(|()| buffers::into_bytes(data))
+                .map(|()| read_buffers::into_bytes(data))
         }
         Command::Write { offset, data, fua } => store
             .write(offset, &data)
@@ -201,13 +204,13 @@ fn execute_on_snapshot(store: &Store, snapshot: &str, id: u64, command: Command)
     let view = View::Snapshot(snapshot);
     let result = match command {
         Command::Read { offset, len } | Command::ReadForCopy { offset, len } => {
-            let mut data = buffers::take(len as usize);
+            let mut data = read_buffers::take(len as usize);
             store
                 .read_view(view, offset, &mut data)
-                .map(|()| buffers::into_bytes(data))
+                .map(|()| read_buffers::into_bytes(data))
         }
         Command::ReadPieces { pieces, .. } => {
-            let mut data = buffers::take(pieces.bytes() as usize);
+            let mut data = read_buffers::take(pieces.bytes() as usize);
             let mut at = 0;
             pieces
                 .pieces()
@@ -217,7 +220,7 @@ fn execute_on_snapshot(store: &Store, snapshot: &str, id: u64, command: Command)
                     at += len as usize;
                     store.read_view(view, offset, piece)
                 })
-                .map(|()| buffers::into_bytes(data))
+                .map(|()| read_buffers::into_bytes(data))
         }
         Command::BlockStatus { offset, len } => store
             .allocation_view(view, offset, len.into())

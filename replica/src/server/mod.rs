@@ -11,7 +11,7 @@
 //!                cached reads and page-cache writes inline, reads that
 //!                miss the cache on the server's io_uring (engine/
 //!                async_reads.rs), the rest on the blocking pool
-//!                (READ buffers recycled: strata-net's buffers.rs; READ_PIECES:
+//!                (READ buffers recycled: read_buffers.rs; READ_PIECES:
 //!                read_pieces.rs; PULL, a copy from a peer: pull.rs)
 //!        writer: replies in completion order, batched (wire/outbound.rs)
 //! ```
@@ -19,6 +19,7 @@
 mod conn;
 mod execute;
 mod pull;
+mod read_buffers;
 mod read_pieces;
 
 use std::net::SocketAddr;

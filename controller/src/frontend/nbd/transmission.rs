@@ -14,8 +14,7 @@
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use strata_net::buffers;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -232,32 +231,12 @@ async fn next_request<R: AsyncRead + Unpin>(
     }
 }
 
-/// Takes `len` payload bytes from `buf` and the socket. A large payload
-/// not yet in `buf` is read into a recycled buffer (`strata_net::buffers`):
-/// growing `buf` for it allocated fresh memory per write, and faulting its
-/// pages in cost a 3-replica controller 5% of its CPU at 1 MiB writes.
+/// Takes `len` payload bytes from `buf` and the socket.
 async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     len: usize,
 ) -> Result<Bytes, ConnError> {
-    if len >= buffers::MIN_POOLED && buf.len() < len {
-        let mut payload = buffers::take(len);
-        let have = buf.len();
-        payload[..have].copy_from_slice(buf);
-        buf.clear();
-        return match rd.read_exact(&mut payload[have..]).await {
-            Ok(_) => Ok(buffers::into_bytes(payload)),
-            Err(e) => {
-                buffers::give_back(payload);
-                Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    ConnError::Truncated
-                } else {
-                    e.into()
-                })
-            }
-        };
-    }
     while buf.len() < len {
         buf.reserve(len - buf.len());
         if !fill(rd, buf).await? {
@@ -469,39 +448,5 @@ mod tests {
             &structured.head[..8],
             &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]
         );
-    }
-
-    /// A large payload read into a recycled buffer: the part already read
-    /// with the header, then the socket's pieces, and the next request's
-    /// bytes left for the parser; one cut short is `Truncated`.
-    #[tokio::test]
-    async fn a_large_payload_is_read_whole_into_its_own_buffer() {
-        let len = 256 * 1024;
-        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        let (mut client, mut server) = tokio::io::duplex(4096);
-        let sent = payload.clone();
-        let writer = tokio::spawn(async move {
-            client.write_all(&sent[1000..]).await.unwrap();
-            client.write_all(b"next").await.unwrap();
-        });
-        let mut buf = BytesMut::from(&payload[..1000]);
-        let got = read_payload(&mut server, &mut buf, len).await.unwrap();
-        assert_eq!(&got[..], &payload[..]);
-        writer.await.unwrap();
-        let mut rest = [0u8; 4];
-        server.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"next");
-
-        let (mut client, mut server) = tokio::io::duplex(4096);
-        let half = payload[..len / 2].to_vec();
-        let writer = tokio::spawn(async move {
-            client.write_all(&half).await.unwrap();
-        });
-        let mut buf = BytesMut::new();
-        match read_payload(&mut server, &mut buf, len).await {
-            Err(ConnError::Truncated) => {}
-            other => panic!("expected Truncated, got {other:?}"),
-        }
-        writer.await.unwrap();
     }
 }

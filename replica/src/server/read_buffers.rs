@@ -1,28 +1,20 @@
-//! Recycled buffers for large payloads: a replica's READ replies, a
-//! controller's NBD WRITE payloads.
+//! Recycled buffers for READ replies.
 //!
 //! A 1 MiB READ used to allocate a fresh zeroed buffer: glibc serves that
 //! size with `mmap`, so every read paid a page fault per 4 KiB page, the
 //! zeroing, and an `munmap` when the reply had been sent (a quarter of the
-//! replica's CPU in a sequential-read profile). A controller taking 1 MiB
-//! writes for three replicas spent 5% of its CPU the same way, faulting in
-//! each payload's buffer as the socket filled it. Buffers of
-//! [`MIN_POOLED`] bytes and more now come back here when the last
-//! reference to them is dropped and serve the next payload of the same
-//! size class.
+//! replica's CPU in a sequential-read profile). Buffers of
+//! [`MIN_POOLED`] bytes and more now come back here when their reply is
+//! dropped and serve the next READ of the same size class.
 //!
 //! The pool keeps at most [`MAX_KEPT_BYTES`] of idle buffers, so it costs a
-//! bounded amount of memory on top of the requests in flight, and only
-//! while they keep coming: [`release_idle`] (every second, from
-//! [`crate::memory::return_freed_memory`]) empties a pool that served
-//! nothing since the last call. A recycled buffer still holds the previous
-//! payload's bytes: its taker overwrites every byte (the store's read fills
-//! data or zeros; a payload is read whole from the socket), and a READ that
-//! fails never sends its buffer.
+//! bounded amount of memory on top of the requests in flight. A recycled
+//! buffer still holds the previous reply's bytes: the store's read fills
+//! every byte of the buffer it is given (data, or zeros for holes), and a
+//! READ that fails never sends its buffer.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Smaller buffers come from the allocator, which serves them well.
 pub const MIN_POOLED: usize = 64 * 1024;
@@ -30,26 +22,11 @@ pub const MIN_POOLED: usize = 64 * 1024;
 pub const MAX_KEPT_BYTES: usize = 16 << 20;
 
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-/// Whether [`take`] was asked for a buffer the pool serves since the last
-/// [`release_idle`].
-static USED: AtomicBool = AtomicBool::new(false);
-
-/// Frees the pool's buffers if none of them served a payload since the
-/// last call, so a burst's buffers do not stay while the server idles or
-/// takes only small requests. Called every second by
-/// [`crate::memory::return_freed_memory`].
-pub fn release_idle() {
-    if !USED.swap(false, Ordering::Relaxed) {
-        let idle = std::mem::take(&mut *POOL.lock());
-        drop(idle);
-    }
-}
 
 /// A buffer of exactly `len` bytes whose contents are unspecified (zeros or
 /// an earlier read's data): the caller overwrites all of it.
 pub fn take(len: usize) -> Vec<u8> {
     if len >= MIN_POOLED {
-        USED.store(true, Ordering::Relaxed);
         let mut pool = POOL.lock();
         // Same size class: at least `len`, at most twice as large.
         if let Some(i) = pool
@@ -105,12 +82,8 @@ impl Drop for Recycled {
 mod tests {
     use super::*;
 
-    /// The pool is the process's: its tests take turns.
-    static TURN: Mutex<()> = Mutex::new(());
-
     #[test]
     fn a_dropped_reply_buffer_serves_the_next_read_of_its_size() {
-        let _turn = TURN.lock();
         let len = 1 << 20;
         let mut buf = take(len);
         buf.fill(7);
@@ -133,31 +106,11 @@ mod tests {
 
     #[test]
     fn small_buffers_are_not_pooled_and_the_pool_is_bounded() {
-        let _turn = TURN.lock();
         let small = into_bytes(vec![1u8; 4096]);
         assert_eq!(small.len(), 4096);
         let bufs: Vec<Bytes> = (0..40).map(|_| into_bytes(take(1 << 20))).collect();
         drop(bufs);
         let kept: usize = POOL.lock().iter().map(Vec::capacity).sum();
         assert!(kept <= MAX_KEPT_BYTES, "pool keeps {kept} bytes");
-    }
-
-    #[test]
-    fn an_idle_pool_is_emptied_and_a_used_one_kept() {
-        let _turn = TURN.lock();
-        let len = 1 << 20;
-        drop(into_bytes(take(len)));
-        // Asked for since the last call: kept.
-        release_idle();
-        assert!(POOL.lock().iter().any(|b| b.capacity() >= len));
-        // Nothing asked for since: emptied.
-        release_idle();
-        assert!(POOL.lock().is_empty());
-        // Small requests do not count as using it.
-        drop(into_bytes(take(len)));
-        release_idle();
-        let _small = take(4096);
-        release_idle();
-        assert!(POOL.lock().is_empty());
     }
 }
