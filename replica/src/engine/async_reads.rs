@@ -380,6 +380,17 @@ mod tests {
         ring
     }
 
+    /// A read into the first buffer.
+    fn op(fd: RawFd, offset: u64, at: usize, len: usize) -> ReadOp {
+        ReadOp {
+            fd,
+            offset,
+            buf: 0,
+            at,
+            len,
+        }
+    }
+
     async fn read(reads: &AsyncReads, bufs: Buffers, ops: &[ReadOp]) -> Outcome {
         let (tx, rx) = oneshot::channel();
         reads.submit(bufs, ops, move |outcome| {
@@ -396,20 +407,8 @@ mod tests {
         let fd_a = a.as_file().as_raw_fd();
         let fd_b = b.as_file().as_raw_fd();
         let ops = [
-            ReadOp {
-                fd: fd_a,
-                offset: 8192,
-                buf: 0,
-                at: 4096,
-                len: 8192,
-            },
-            ReadOp {
-                fd: fd_a,
-                offset: 0,
-                buf: 0,
-                at: 0,
-                len: 4096,
-            },
+            op(fd_a, 8192, 4096, 8192),
+            op(fd_a, 0, 0, 4096),
             ReadOp {
                 fd: fd_b,
                 offset: 100,
@@ -435,33 +434,15 @@ mod tests {
         let (f, _) = file_of(4096);
         let fd = f.as_file().as_raw_fd();
         // Past the end of the file: short, so the blocking read zero-fills.
-        let past_end = [ReadOp {
-            fd,
-            offset: 2048,
-            buf: 0,
-            at: 0,
-            len: 4096,
-        }];
+        let past_end = [op(fd, 2048, 0, 4096)];
         assert!(read(&reads, [vec![0; 4096], vec![]], &past_end)
             .await
             .is_err());
         // A closed descriptor: the kernel's error.
-        let bad = [ReadOp {
-            fd: -1,
-            offset: 0,
-            buf: 0,
-            at: 0,
-            len: 4096,
-        }];
+        let bad = [op(-1, 0, 0, 4096)];
         assert!(read(&reads, [vec![0; 4096], vec![]], &bad).await.is_err());
         // A range outside its buffer is refused before the kernel sees it.
-        let outside = [ReadOp {
-            fd,
-            offset: 0,
-            buf: 0,
-            at: 1,
-            len: 4096,
-        }];
+        let outside = [op(fd, 0, 1, 4096)];
         assert!(read(&reads, [vec![0; 4096], vec![]], &outside)
             .await
             .is_err());
@@ -488,13 +469,7 @@ mod tests {
         ];
         assert!(read(&reads, [vec![0; 4096], vec![]], &many).await.is_err());
         // The ring still works after all that.
-        let good = [ReadOp {
-            fd,
-            offset: 0,
-            buf: 0,
-            at: 0,
-            len: 4096,
-        }];
+        let good = [op(fd, 0, 0, 4096)];
         assert!(read(&reads, [vec![0; 4096], vec![]], &good).await.is_ok());
     }
 
@@ -509,13 +484,7 @@ mod tests {
                 let (reads, data) = (reads.clone(), data.clone());
                 tokio::spawn(async move {
                     let offset = (i * 4096 * 37) % (1 << 20);
-                    let ops = [ReadOp {
-                        fd,
-                        offset: offset as u64,
-                        buf: 0,
-                        at: 0,
-                        len: 4096,
-                    }];
+                    let ops = [op(fd, offset as u64, 0, 4096)];
                     // The ring may be full: a refusal is the caller's cue
                     // to read elsewhere, so try again.
                     loop {
@@ -541,13 +510,7 @@ mod tests {
         let fd = f.as_file().as_raw_fd();
         reads.stop();
         for i in 0..32u64 {
-            let ops = [ReadOp {
-                fd,
-                offset: i * 32768,
-                buf: 0,
-                at: 0,
-                len: 32768,
-            }];
+            let ops = [op(fd, i * 32768, 0, 32768)];
             reads.submit([vec![0; 32768], vec![]], &ops, |_| {});
         }
         // Its completion task is stopped: Drop must reap them itself.

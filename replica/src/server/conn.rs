@@ -450,7 +450,10 @@ impl Conn {
                 if let (Some(reads), None, Command::Read { offset, len }, Tried::CacheMissed) =
                     (&self.reads, &self.view, &command, &tried)
                 {
-                    // Waits for the disk on the ring, not on a thread.
+                    // Waits for the disk on the ring, not on a thread. Only
+                    // reads short enough to try the cache inline: 1 MiB
+                    // sequential reads measured 10% slower through the ring
+                    // than with a thread's `pread` (BENCHMARKS.md, session 24).
                     let (offset, len) = (*offset, *len);
                     let data = read_buffers::take(len as usize);
                     let reading = store.clone();
