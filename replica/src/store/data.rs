@@ -2,8 +2,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::verify::{check_blocks, BadBlock, BlockFault};
 use super::{mark, Maps, Source, State, Store, WriteClass};
-use crate::engine::{AsyncReads, IoOp, ReadOp};
+use crate::engine::IoOp;
 use crate::error::{Result, StoreError};
 use crate::layer::{BlockKind, MapEntry, ENTRY_LEN};
 use crate::BLOCK_SIZE;
@@ -128,76 +129,6 @@ impl Store {
             Err(StoreError::Checksum { .. }) => Ok(false),
             other => other,
         }
-    }
-
-    /// [`Store::read`] through `reads`, without a thread: the ranges are
-    /// resolved and submitted now, and `done` gets the filled `buf` once
-    /// the disk has answered and every block matched its checksum. `done`
-    /// gets `Err(buf)` when that is not possible: a chain change holds the
-    /// store, a read failed or came back short, a checksum disagreed (it may
-    /// have raced a write), or the ring is full. The caller then reads with
-    /// [`Store::read`], which retries and reports errors.
-    ///
-    /// The files stay right even if a chain change closes them meanwhile:
-    /// the kernel holds every file it reads from submission on, and a
-    /// submission happens under the state lock, as a blocking read does.
-    pub fn submit_read(
-        &self,
-        reads: &AsyncReads,
-        offset: u64,
-        mut buf: Vec<u8>,
-        done: impl FnOnce(std::result::Result<Vec<u8>, Vec<u8>>) + Send + 'static,
-    ) {
-        use std::os::fd::AsRawFd;
-        let Some(st) = self.state.try_read() else {
-            return done(Err(buf));
-        };
-        let Ok((b0, b1)) = self.check_range(st.meta.size, offset, buf.len() as u64) else {
-            return done(Err(buf));
-        };
-        let segments = {
-            let maps = st.maps.lock();
-            head_segments(&maps, b0, b1)
-        };
-        let mut ops = Vec::with_capacity(segments.len() * 2);
-        let mut entries_len = 0usize;
-        for &(s, e, src) in &segments {
-            let at = ((s - b0) as usize) * BS;
-            let len = ((e - s) as usize) * BS;
-            match src {
-                Some(Source::Layer(pos)) => {
-                    let layer = &st.layers[pos as usize];
-                    let ents = ((e - s) * ENTRY_LEN) as usize;
-                    ops.push(ReadOp {
-                        fd: layer.data.as_raw_fd(),
-                        offset: s * BLOCK_SIZE,
-                        buf: 0,
-                        at,
-                        len,
-                    });
-                    ops.push(ReadOp {
-                        fd: layer.map.as_raw_fd(),
-                        offset: s * ENTRY_LEN,
-                        buf: 1,
-                        at: entries_len,
-                        len: ents,
-                    });
-                    entries_len += ents;
-                }
-                _ => buf[at..at + len].fill(0),
-            }
-        }
-        if ops.is_empty() {
-            return done(Ok(buf));
-        }
-        let entries = vec![0u8; entries_len];
-        reads.submit([buf, entries], &ops, move |outcome| match outcome {
-            Ok([buf, entries]) if check_blocks(&segments, b0, &buf, &entries).is_none() => {
-                done(Ok(buf))
-            }
-            Ok([buf, _]) | Err([buf, _]) => done(Err(buf)),
-        });
-        drop(st);
     }
 
     /// Reads `segments` (covering `[b0, b0 + buf.len()/4096)` in order) into
@@ -626,59 +557,6 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-/// A block whose data does not match its block map.
-struct BadBlock {
-    /// The layer's position in the chain.
-    pos: usize,
-    block: u64,
-    fault: BlockFault,
-}
-
-enum BlockFault {
-    /// The map entry does not decode.
-    Corrupt(String),
-    /// The data's crc32 is not the one the map holds.
-    Mismatch { stored: u32, computed: u32 },
-}
-
-/// Checks every block read from a layer (`buf` covers `segments` from
-/// block `b0`) against its map entry (`entries`, the layers' entries for
-/// those blocks in order): the first that fails, or `None`.
-fn check_blocks(segments: &[Segment], b0: u64, buf: &[u8], entries: &[u8]) -> Option<BadBlock> {
-    let mut ent_off = 0usize;
-    for &(s, e, src) in segments {
-        let Some(Source::Layer(pos)) = src else {
-            continue;
-        };
-        let pos = pos as usize;
-        for block in s..e {
-            let raw = MapEntry::from_bytes(&entries[ent_off..ent_off + 8]);
-            ent_off += 8;
-            let at = ((block - b0) as usize) * BS;
-            let computed = crc32fast::hash(&buf[at..at + BS]);
-            let stored = match MapEntry::decode(raw) {
-                Ok(MapEntry::Data { crc }) => crc,
-                Ok(_) => !computed, // the map no longer says data: raced a trim
-                Err(reason) => {
-                    return Some(BadBlock {
-                        pos,
-                        block,
-                        fault: BlockFault::Corrupt(reason),
-                    })
-                }
-            };
-            if stored != computed {
-                return Some(BadBlock {
-                    pos,
-                    block,
-                    fault: BlockFault::Mismatch { stored, computed },
-                });
-            }
-        }
-    }
-    None
 }
 
 /// The head view of `[b0, b1)` as consecutive segments.

@@ -25,10 +25,15 @@
 //! either version.
 //!
 //! The code is split by concern: `data.rs` (read, write, trim, flush),
-//! `chain.rs` (snapshots, revert, delete, expand, views, changed ranges).
+//! `ring_read.rs` (a read through the data server's io_uring),
+//! `verify.rs` (the crc check every read makes), `chain.rs` (snapshots,
+//! revert, delete, expand, views, changed ranges), `writeback.rs` (the
+//! bound on unflushed data).
 
 mod chain;
 mod data;
+mod ring_read;
+mod verify;
 mod writeback;
 
 use std::fs::{self, File, OpenOptions};
