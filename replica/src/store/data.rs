@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::verify::{check_blocks, BadBlock, BlockFault};
+use super::verify::check_blocks;
 use super::{mark, Maps, Source, State, Store, WriteClass};
 use crate::engine::IoOp;
 use crate::error::{Result, StoreError};
@@ -204,31 +204,8 @@ impl Store {
                 return Ok(false);
             }
         }
-        match check_blocks(segments, b0, buf, &entries) {
-            None => {}
-            Some(BadBlock {
-                pos,
-                block,
-                fault: BlockFault::Corrupt(reason),
-            }) => {
-                return Err(StoreError::CorruptMap {
-                    path: st.layers[pos].map_path.clone(),
-                    block,
-                    reason,
-                })
-            }
-            Some(BadBlock {
-                pos,
-                block,
-                fault: BlockFault::Mismatch { stored, computed },
-            }) => {
-                return Err(StoreError::Checksum {
-                    layer: st.layers[pos].id,
-                    offset: block * BLOCK_SIZE,
-                    stored,
-                    computed,
-                })
-            }
+        if let Some(bad) = check_blocks(segments, b0, buf, &entries) {
+            return Err(bad.into_error(st));
         }
         Ok(true)
     }

@@ -2,7 +2,8 @@
 //! block read from a layer against the crc32 its block map holds.
 
 use super::data::Segment;
-use super::Source;
+use super::{Source, State};
+use crate::error::StoreError;
 use crate::layer::MapEntry;
 
 const BS: usize = crate::BLOCK_SIZE as usize;
@@ -13,6 +14,25 @@ pub(super) struct BadBlock {
     pub pos: usize,
     pub block: u64,
     pub fault: BlockFault,
+}
+
+impl BadBlock {
+    /// The error a read reports for it.
+    pub fn into_error(self, st: &State) -> StoreError {
+        match self.fault {
+            BlockFault::Corrupt(reason) => StoreError::CorruptMap {
+                path: st.layers[self.pos].map_path.clone(),
+                block: self.block,
+                reason,
+            },
+            BlockFault::Mismatch { stored, computed } => StoreError::Checksum {
+                layer: st.layers[self.pos].id,
+                offset: self.block * crate::BLOCK_SIZE,
+                stored,
+                computed,
+            },
+        }
+    }
 }
 
 pub(super) enum BlockFault {
